@@ -1,0 +1,120 @@
+"""Building NeuronPruningEnv instances for agents: picklable factories and vectorised envs.
+
+``EnvFactory`` is a plain dataclass holding the model's zoo artifact directory (or, for in-process
+use only, the bundle itself) and the env's keyword arguments, so that ``SubprocVecEnv`` can send it
+to a worker process, which then opens the bundle and builds its own env.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+
+class EndOnDeltaTruncation(gym.Wrapper):
+    """Report the env's delta truncation (clean accuracy fell too far) as a termination.
+
+    The episode really ends there (no later reward), so PPO must not bootstrap a value after it, which
+    SB3 does for truncations. ``info["delta_exceeded"]`` records it. ``action_masks`` is forwarded.
+    """
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if truncated:
+            info = {**info, "delta_exceeded": True}
+        return obs, reward, bool(terminated or truncated), False, info
+
+    def action_masks(self) -> np.ndarray:
+        return self.env.unwrapped.action_masks()
+
+
+@dataclass
+class EnvFactory:
+    """A picklable ``() -> env`` for ``DummyVecEnv`` / ``SubprocVecEnv``.
+
+    Args:
+        source: a zoo artifact directory (picklable; needed for subprocesses), or a bundle object
+            (in-process only).
+        env_kwargs: keyword arguments of :class:`envs.NeuronPruningEnv`.
+        seed: the env's seed (reward-batch and probe choices); the same for every worker so all
+            workers see the same reward batch.
+        rank: worker index (offsets the reset seed only).
+        threads: ``torch.set_num_threads`` in the worker (``None`` = leave it).
+        monitor: wrap in SB3's ``Monitor`` (episode returns in the logs).
+        end_on_truncation: wrap in :class:`EndOnDeltaTruncation`.
+    """
+
+    source: Any
+    env_kwargs: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    rank: int = 0
+    threads: Optional[int] = None
+    monitor: bool = True
+    end_on_truncation: bool = True
+
+    def __call__(self) -> gym.Env:
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        from envs import NeuronPruningEnv
+
+        source = self.source
+        if isinstance(source, (str, Path)):
+            from onp.zoo import open_bundle
+            source = open_bundle(source)
+        env: gym.Env = NeuronPruningEnv(source, seed=self.seed, **self.env_kwargs)
+        if self.end_on_truncation:
+            env = EndOnDeltaTruncation(env)
+        if self.monitor:
+            from stable_baselines3.common.monitor import Monitor
+            env = Monitor(env)
+        env.reset(seed=self.seed + self.rank)
+        return env
+
+    def for_subprocess(self) -> "EnvFactory":
+        """A copy whose source is the artifact path (bundles are not sent to workers)."""
+        src = self.source
+        if not isinstance(src, (str, Path)):
+            path = getattr(src, "path", None)
+            if path is None:
+                raise ValueError("SubprocVecEnv needs a model saved in the zoo (an artifact directory); "
+                                 "use vec_env='dummy' for an in-memory model")
+            src = str(path)
+        return EnvFactory(str(src), dict(self.env_kwargs), self.seed, self.rank, self.threads, self.monitor,
+                          self.end_on_truncation)
+
+
+def make_vec_env(factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy", start_method: Optional[str] = None):
+    """``DummyVecEnv`` or ``SubprocVecEnv`` of ``n_envs`` copies built by ``factory`` (one per rank)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    if n_envs < 1:
+        raise ValueError(f"n_envs must be >= 1; got {n_envs}")
+    if vec_env == "dummy":
+        fns = [EnvFactory(factory.source, dict(factory.env_kwargs), factory.seed, r, factory.threads,
+                          factory.monitor, factory.end_on_truncation) for r in range(n_envs)]
+        return DummyVecEnv(fns)
+    if vec_env == "subproc":
+        base = factory.for_subprocess()
+        threads = base.threads or max(1, torch.get_num_threads() // n_envs)
+        fns = [EnvFactory(base.source, dict(base.env_kwargs), base.seed, r, threads, base.monitor,
+                          base.end_on_truncation) for r in range(n_envs)]
+        return SubprocVecEnv(fns, start_method=start_method)
+    raise ValueError(f"unknown vec_env {vec_env!r}; valid choices: dummy, subproc")
+
+
+def env_kwargs_from_config(env_cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """NeuronPruningEnv keyword arguments from the ``env`` section of a training config."""
+    kw = {k: v for k, v in env_cfg.items() if v is not None or k in ("reward_batch", "top_k")}
+    for key in ("feature_providers", "exclude_layer_types"):
+        if key in kw:
+            kw[key] = tuple(kw[key])
+    if not kw.get("estimator_params"):
+        kw.pop("estimator_params", None)
+    if cache_dir is not None:
+        kw["cache_dir"] = Path(cache_dir)
+    return kw

@@ -1,0 +1,172 @@
+"""Non-learning agents: ``random``, ``greedy-gamma``, ``greedy-activation`` and ``ranked:<baseline>``.
+
+Each prunes valid neurons in a fixed priority order (``random``: uniformly at random) until the
+budget is spent, then STOPs. They only use the defender's data:
+
+* ``greedy-gamma``: lowest ``|BN gamma|`` first;
+* ``greedy-activation``: largest activation change under the env's ASR estimator first: per
+  neuron, the spatial mean of ``|mean BN output over the estimator's probe images - mean BN output
+  over the clean defense-validation images|`` (forward hooks on the unpruned model, computed once).
+  With the ``trigger`` estimator the probe images carry the real trigger (trigger-aware);
+* ``ranked:<baseline>``: highest score of a baseline defense first (``baselines.build_defense(name)
+  .fit`` on the bundle's ``defense_data``; its operating-point search is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import BaseAgent, register_agent
+
+
+def _bundle_of(env):
+    base = env.unwrapped
+    return base.bundles[base.target_index]
+
+
+class OrderedAgent(BaseAgent):
+    """Prune the first still-valid neuron of ``self.order`` (a priority list of node ids); STOP when
+    none is valid. Subclasses set ``self.order`` in ``__init__``."""
+
+    order: np.ndarray
+
+    def predict(self, obs, action_mask) -> int:
+        mask = np.asarray(action_mask, dtype=bool)
+        valid = mask[self.order]
+        if valid.any():
+            return int(self.order[int(np.argmax(valid))])
+        return len(mask) - 1
+
+
+@register_agent("random")
+class RandomAgent(BaseAgent):
+    """Uniformly random valid neurons (STOP only when nothing else is valid)."""
+
+    def __init__(self, env=None, seed: int = 0, **params: Any):
+        super().__init__(env, seed=seed, **params)
+        self.rng = np.random.default_rng(seed)
+
+    def predict(self, obs, action_mask) -> int:
+        mask = np.asarray(action_mask, dtype=bool)
+        valid = np.flatnonzero(mask[:-1])
+        return int(self.rng.choice(valid)) if len(valid) else len(mask) - 1
+
+
+@register_agent("greedy-gamma")
+class GreedyGammaAgent(OrderedAgent):
+    """Lowest ``|BN gamma|`` first."""
+
+    def __init__(self, env=None, **params: Any):
+        super().__init__(env, **params)
+        self.scores = bn_gamma_abs(self.env)
+        self.order = np.argsort(self.scores, kind="stable")
+
+
+@register_agent("greedy-activation")
+class GreedyActivationAgent(OrderedAgent):
+    """Largest BN-output change between the estimator's probe images and clean defense-val images first."""
+
+    def __init__(self, env=None, batch_size: int = 256, **params: Any):
+        super().__init__(env, batch_size=batch_size, **params)
+        self.scores = activation_change(self.env, batch_size=batch_size)
+        self.order = np.argsort(-self.scores, kind="stable")
+
+
+def bn_gamma_abs(env) -> np.ndarray:
+    """``|gamma|`` per node in the env's graph numbering."""
+    base = env.unwrapped
+    model = base.target.model
+    return torch.cat([model.get_submodule(l.bn_name).weight.detach().abs().flatten().cpu()
+                      for l in base.graph.layers]).numpy()
+
+
+@torch.no_grad()
+def _mean_bn_maps(model: nn.Module, names, x: torch.Tensor, batch_size: int) -> Dict[str, torch.Tensor]:
+    sums: Dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, inputs, out):
+            s = out.detach().float().sum(0)
+            sums[name] = s if name not in sums else sums[name] + s
+        return hook
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_hook(hook_for(name)))
+    was = model.training
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return {k: v / max(1, len(x)) for k, v in sums.items()}
+
+
+def activation_change(env, batch_size: int = 256) -> np.ndarray:
+    """Per node: spatial mean of ``|E_probe[BN out] - E_clean[BN out]|`` (unpruned model; see module doc)."""
+    import copy
+
+    base = env.unwrapped
+    model = copy.deepcopy(_bundle_of(env).model).cpu().float().eval()  # no mask hooks on this copy
+    names = [l.bn_name for l in base.graph.layers]
+    probe = base.target.probe.images
+    clean = _bundle_of(env).defense_data.val_x
+    mp = _mean_bn_maps(model, names, probe, batch_size)
+    mc = _mean_bn_maps(model, names, clean, batch_size)
+    per_layer = []
+    for name in names:
+        diff = (mp[name] - mc[name]).abs()
+        per_layer.append(diff.reshape(diff.shape[0], -1).mean(1))
+    return torch.cat(per_layer).numpy()
+
+
+_SCORE_CACHE: Dict[Tuple, np.ndarray] = {}
+
+
+def baseline_scores(source, baseline: str, params: Optional[Dict[str, Any]] = None, seed: int = 0,
+                    graph=None) -> np.ndarray:
+    """Per-neuron scores (graph numbering, higher = more suspicious) of baseline ``baseline`` on
+    ``source`` (a bundle: ``.model``, ``.defense_data``), cached per process."""
+    import baselines as bl
+    from onp.data.augment import Augment
+
+    cls = bl.DEFENSES.get(baseline)
+    params = dict(params or {})
+    if "operating_point" in cls.defaults() and "operating_point" not in params:
+        params.update(operating_point="number", n_prune=0)  # scores only; skip the operating-point sweep
+    key = (str(getattr(source, "path", id(source))), baseline, json.dumps(params, sort_keys=True, default=str), seed)
+    if key not in _SCORE_CACHE:
+        defense = bl.build_defense(baseline, **params)
+        spec = getattr(source, "spec", None)
+        augment = Augment.for_spec(spec) if spec is not None else None
+        result = defense.fit(source.model, source.defense_data, seed=seed, augment=augment)
+        if result.scores is None:
+            scoring = [n for n in bl.DEFENSES.names() if n not in ("ft",)]
+            raise ValueError(f"baseline {baseline!r} does not score neurons, so it cannot rank them; "
+                             f"use one of: {', '.join(scoring)}")
+        if graph is not None:
+            bl.check_layout_matches_graph(bl.neuron_layout(source.model), graph)
+        _SCORE_CACHE[key] = result.scores.detach().float().cpu().numpy()
+    return _SCORE_CACHE[key]
+
+
+@register_agent("ranked", parametric="baseline")
+class RankedAgent(OrderedAgent):
+    """``ranked:<baseline>``: prune in the order of a baseline defense's neuron scores (highest first).
+
+    Extra keyword arguments are the baseline's hyperparameters (e.g. ``unlearn_epochs=10`` for rnp).
+    """
+
+    def __init__(self, env=None, baseline: str = "rnp", seed: int = 0, **baseline_params: Any):
+        super().__init__(env, baseline=baseline, seed=seed, **baseline_params)
+        self.baseline = baseline
+        self.scores = baseline_scores(_bundle_of(env), baseline, baseline_params, seed=seed, graph=self.env.graph)
+        self.order = np.argsort(-self.scores, kind="stable")

@@ -1,0 +1,27 @@
+"""Baseline backdoor defenses behind one interface.
+
+>>> from baselines import build_defense, DEFENSES
+>>> result = build_defense("anp", iterations=200).fit(model, bundle.defense_data, seed=0)   # doctest: +SKIP
+>>> result.model, result.scores, result.pruned, result.info["operating_point"]               # doctest: +SKIP
+
+Methods (one module each): ``rnp`` (Li et al., ICML 2023), ``anp`` (Wu & Wang, NeurIPS 2021),
+``awm`` (Chai & Chen, NeurIPS 2022), ``ngf`` (Karim et al., 2023), ``fp`` (Liu et al., RAID 2018),
+``clp`` (Zheng et al., ECCV 2022), ``ft`` (fine-tuning), ``magnitude`` and ``random``. All are
+reimplemented from the papers; see ``docs/baselines.md``.
+"""
+
+from .base import (DEFENSES, Defense, DefenseError, DefenseParams, DefenseResult, NeuronLayout, PassCounter,
+                   PruningParams, build_defense, check_layout_matches_graph, neuron_layout, register_defense)
+from . import anp, awm, clp, fp, ft, magnitude, ngf, random_prune, rnp  # noqa: F401  (registration)
+from .operating_point import ORACLE_LABEL, choose_pruning, delta_rule, oracle_sweep, prune_model, pruning_grid
+
+try:  # node-feature providers for the neuron graph (needs onp.graph)
+    from .features import register_score_providers as _register
+
+    _register()
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["DEFENSES", "Defense", "DefenseError", "DefenseParams", "DefenseResult", "NeuronLayout", "PassCounter",
+           "PruningParams", "build_defense", "register_defense", "neuron_layout", "check_layout_matches_graph",
+           "ORACLE_LABEL", "choose_pruning", "delta_rule", "oracle_sweep", "prune_model", "pruning_grid"]

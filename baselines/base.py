@@ -1,0 +1,371 @@
+"""The interface every baseline defense implements, plus the helpers they share.
+
+A defense is a class registered in :data:`DEFENSES`. It is built with its hyperparameters
+(:func:`build_defense`) and run with :meth:`Defense.fit`, which sees **only** the defender's data
+(:class:`onp.data.defense.DefenseData`) and returns a :class:`DefenseResult`.
+
+Neuron numbering is the neuron graph's (:func:`onp.graph.build_neuron_graph`): BatchNorm2d layers
+in torch.fx topological order, channels in order inside a layer; node = layer offset + channel.
+:func:`neuron_layout` computes the same numbering without building the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from onp.data.augment import Augment
+from onp.data.defense import DefenseData
+from onp.registry import Registry
+
+#: Called by some defenses at interesting moments (e.g. RNP after unlearning) as
+#: ``report_fn(event, model)``; the CLI uses it to log test metrics. Its return value is ignored:
+#: nothing it computes can influence the defense.
+ReportFn = Callable[[str, nn.Module], Any]
+
+
+class DefenseError(ValueError):
+    """A defense cannot run on this model or data (the message says why and what is needed)."""
+
+
+@dataclass
+class DefenseResult:
+    """What a defense returns.
+
+    Attributes:
+        model: the repaired network (a new module; the input model is never modified).
+        scores: per-neuron suspiciousness in graph numbering (higher = more suspicious), or None for
+            methods that do not score neurons. Each method documents its score.
+        pruned: pruned neuron ids (graph numbering), or None for methods that do not prune.
+        wall_time: seconds spent in :meth:`Defense.fit`.
+        forward_passes / backward_passes: number of mini-batch forward / backward passes.
+        info: operating point, defense-validation sweep, method-specific diagnostics and notes.
+    """
+
+    model: nn.Module
+    scores: Optional[Tensor] = None
+    pruned: Optional[List[int]] = None
+    wall_time: float = 0.0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_pruned(self) -> int:
+        return len(self.pruned) if self.pruned is not None else 0
+
+
+class PassCounter:
+    """Counts mini-batch forward and backward passes.
+
+    Every forward pass of a defense goes through ``counter(model, x)`` and every backward pass through
+    ``counter.backward(loss)``, so the counts are exact (one per mini-batch, whatever its size).
+    """
+
+    def __init__(self):
+        self.forward = 0
+        self.backward_count = 0
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        self.forward += 1
+        return model(x)
+
+    def backward(self, loss: Tensor, **kwargs) -> None:
+        loss.backward(**kwargs)
+        self.backward_count += 1
+
+    def grad(self, loss: Tensor, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        """``torch.autograd.grad`` counted as one backward pass."""
+        self.backward_count += 1
+        return torch.autograd.grad(loss, list(inputs))
+
+
+# --------------------------------------------------------------------------------------------------
+# neurons
+
+
+@dataclass(frozen=True)
+class NeuronLayer:
+    bn_name: str
+    offset: int
+    num_channels: int
+    conv_name: Optional[str]  # the Conv2d feeding the BN directly, if any
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.num_channels)
+
+
+@dataclass(frozen=True)
+class NeuronLayout:
+    """BatchNorm2d layers in graph order with their global offsets."""
+
+    layers: Tuple[NeuronLayer, ...]
+
+    @property
+    def num_neurons(self) -> int:
+        return sum(layer.num_channels for layer in self.layers)
+
+    @property
+    def bn_names(self) -> List[str]:
+        return [layer.bn_name for layer in self.layers]
+
+    def locate(self, node: int) -> Tuple[str, int]:
+        """(bn_name, channel) of a global neuron id."""
+        for layer in self.layers:
+            if layer.offset <= node < layer.offset + layer.num_channels:
+                return layer.bn_name, node - layer.offset
+        raise IndexError(f"neuron {node} out of range (model has {self.num_neurons})")
+
+    def names(self, nodes: Sequence[int]) -> List[str]:
+        return ["{}[{}]".format(*self.locate(int(n))) for n in nodes]
+
+
+def _fx_bn_order(model: nn.Module) -> Optional[List[Tuple[str, Optional[str]]]]:
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:
+        return None
+    mods = dict(model.named_modules())
+    out, seen = [], set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        if node.target in seen:
+            continue
+        seen.add(node.target)
+        src = node.args[0] if node.args else None
+        conv = None
+        if getattr(src, "op", None) == "call_module" and isinstance(mods.get(src.target), nn.Conv2d):
+            conv = src.target
+        out.append((node.target, conv))
+    return out
+
+
+def neuron_layout(model: nn.Module) -> NeuronLayout:
+    """The graph's neuron numbering: BN layers in torch.fx topological order (named_modules order if
+    the model cannot be traced), with the Conv2d that feeds each BN directly (None for pre-activation BNs).
+
+    Raises :class:`DefenseError` for a model without BatchNorm2d.
+    """
+    mods = dict(model.named_modules())
+    order = _fx_bn_order(model)
+    if order is None or not order:
+        order = [(n, None) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if not order:
+        raise DefenseError(f"{type(model).__name__} has no BatchNorm2d layer; this defense masks or prunes BN "
+                           f"channels (neurons) and needs a model with BatchNorm2d after its convolutions")
+    layers, off = [], 0
+    for name, conv in order:
+        c = mods[name].num_features
+        layers.append(NeuronLayer(name, off, c, conv))
+        off += c
+    return NeuronLayout(tuple(layers))
+
+
+def check_layout_matches_graph(layout: NeuronLayout, graph) -> None:
+    """Raise if ``layout`` numbers neurons differently from a :class:`onp.graph.NeuronGraph`."""
+    ours = [(l.bn_name, l.offset, l.num_channels) for l in layout.layers]
+    theirs = [(l.bn_name, l.offset, l.num_channels) for l in graph.layers]
+    if ours != theirs:
+        raise DefenseError(f"neuron numbering differs from the graph's: {ours[:4]}... vs {theirs[:4]}...")
+
+
+def bn_gammas(model: nn.Module, layout: NeuronLayout) -> Tensor:
+    mods = dict(model.named_modules())
+    return torch.cat([mods[l.bn_name].weight.detach().flatten() for l in layout.layers])
+
+
+# --------------------------------------------------------------------------------------------------
+# data helpers
+
+
+def require_data(name: str, data: Optional[DefenseData]) -> DefenseData:
+    if data is None:
+        raise DefenseError(f"defense {name!r} needs the defender's clean data (a DefenseData); got None")
+    return data
+
+
+def require_images(name: str, n_have: int, n_need: int, what: str = "defense-train images",
+                   hint: str = "batch_size") -> None:
+    if n_have < n_need:
+        raise DefenseError(f"defense {name!r} needs at least {n_need} {what} for one batch of {n_need} "
+                           f"but got {n_have}; use more defense data or a smaller {hint} "
+                           f"(e.g. --set {hint}={max(1, n_have)})")
+
+
+def default_augment(x: Tensor, hflip: bool = False) -> Augment:
+    """Pad-and-crop augmentation scaled to the image size; flips only when the caller says they are safe
+    (DefenseData does not carry the dataset spec; the CLI passes ``Augment.for_spec(spec)``)."""
+    return Augment(padding=max(1, round(x.shape[-2] / 8)), hflip=hflip)
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = False) -> Iterator[Tensor]:
+    """Shuffled index batches covering ``range(n)`` once."""
+    perm = torch.randperm(n, generator=gen)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        yield perm[i:i + batch_size]
+
+
+def sample_batch(n: int, batch_size: int, gen: torch.Generator) -> Tensor:
+    """``batch_size`` indices drawn uniformly *with replacement* (ANP / NGF style)."""
+    return torch.randint(0, n, (batch_size,), generator=gen)
+
+
+@torch.no_grad()
+def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor, counter: Optional[PassCounter] = None,
+                  batch_size: int = 512) -> float:
+    """Clean accuracy in eval mode (restores the previous mode); counts forward passes."""
+    if len(y) == 0:
+        return 0.0
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        logits = counter(model, xb) if counter is not None else model(xb)
+        correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
+    model.train(was)
+    return correct / len(y)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# the interface
+
+
+@dataclass
+class DefenseParams:
+    """Base of every defense's hyperparameter dataclass."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+OPERATING_POINT_RULES = ("delta", "threshold", "number")
+
+
+@dataclass
+class PruningParams(DefenseParams):
+    """Operating-point hyperparameters shared by the pruning defenses (see :mod:`baselines.operating_point`)."""
+
+    operating_point: str = "delta"  # delta | threshold | number
+    delta: float = 0.05  # max clean-ACC drop on defense-val (absolute) for the delta rule
+    max_fraction: float = 0.5  # largest fraction of neurons the delta rule considers
+    grid_step: float = 0.01  # grid spacing (fraction of all neurons) for the delta rule
+    n_prune: Optional[int] = None  # for operating_point=number
+
+
+class Defense:
+    """A backdoor defense. Subclasses set ``name``, ``needs_bn``, ``needs_data``, ``Params`` and
+    implement :meth:`_fit`.
+
+    ``fit`` deep-copies the model first, so the caller's model is never modified.
+    """
+
+    name: str = "defense"
+    needs_bn: bool = True
+    needs_data: bool = True
+    prunes: bool = False
+    Params = DefenseParams
+
+    def __init__(self, **params: Any):
+        valid = [f.name for f in dataclasses.fields(self.Params)]
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise DefenseError(f"unknown hyperparameter(s) {unknown} for defense {self.name!r}; "
+                               f"valid: {', '.join(valid)}")
+        self.params = self.Params(**params)
+        if isinstance(self.params, PruningParams):
+            self._validate_operating_point()
+        self.validate()
+
+    def _validate_operating_point(self) -> None:
+        p = self.params
+        if p.operating_point not in OPERATING_POINT_RULES:
+            raise DefenseError(f"unknown operating_point {p.operating_point!r} for {self.name!r}; valid choices: "
+                               f"{', '.join(OPERATING_POINT_RULES)}")
+        if p.operating_point == "threshold" and not hasattr(p, "threshold"):
+            raise DefenseError(f"operating_point='threshold' needs a mask-based method (rnp, anp); {self.name!r} "
+                               f"supports delta or number")
+        if p.operating_point == "number" and (p.n_prune is None or p.n_prune < 0):
+            raise DefenseError("operating_point='number' needs n_prune >= 0 (e.g. --set n_prune=20)")
+        if p.delta < 0 or not 0 < p.max_fraction <= 1 or not 0 < p.grid_step <= 1:
+            raise DefenseError("need delta >= 0, 0 < max_fraction <= 1 and 0 < grid_step <= 1")
+
+    def validate(self) -> None:
+        """Check hyperparameter values (override to add checks)."""
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        return cls.Params().to_dict()
+
+    def fit(self, model: nn.Module, defense_data: Optional[DefenseData], *, seed: int = 0,
+            augment: Optional[Augment] = None, report_fn: Optional[ReportFn] = None) -> DefenseResult:
+        """Run the defense on a copy of ``model`` using only ``defense_data``.
+
+        Args:
+            model: the (possibly backdoored) network; not modified.
+            defense_data: the defender's clean data (None only for data-free methods).
+            seed: seeds every random choice of the defense (batch order, initialisations).
+            augment: training augmentation (crop/flip); default pad-and-crop without flips.
+            report_fn: optional ``report_fn(event, model)`` callback for logging (return value ignored).
+        """
+        if self.needs_data:
+            require_data(self.name, defense_data)
+        work = copy.deepcopy(model).cpu()
+        layout = neuron_layout(work) if self.needs_bn else None
+        counter = PassCounter()
+        t0 = time.perf_counter()
+        result = self._fit(work, defense_data, layout=layout, seed=seed, augment=augment,
+                           report_fn=report_fn, counter=counter)
+        result.wall_time = time.perf_counter() - t0
+        result.forward_passes = counter.forward
+        result.backward_passes = counter.backward_count
+        result.info.setdefault("method", self.name)
+        result.info.setdefault("params", self.params.to_dict())
+        result.model.eval()
+        return result
+
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"
+
+
+DEFENSES: Registry = Registry("defense")
+
+
+def register_defense(name: str):
+    """Class decorator: register a :class:`Defense` subclass under ``name`` (also sets ``cls.name``)."""
+
+    def deco(cls):
+        cls.name = name
+        DEFENSES.register(name, cls)
+        return cls
+
+    return deco
+
+
+def build_defense(name: str, **params: Any) -> Defense:
+    """Build a registered defense; unknown names or hyperparameters raise errors listing valid ones."""
+    return DEFENSES.get(name)(**params)
+
+
+def ce(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y)

@@ -1,0 +1,66 @@
+"""FT: plain fine-tuning of all weights on the defender's clean data.
+
+The standard "fine-tuning" baseline of the backdoor-defense literature (e.g. Liu et al., RAID 2018;
+Wu & Wang, NeurIPS 2021 use it as a comparison). Defaults: SGD lr 0.01, momentum 0.9, weight decay
+5e-4, batch 128, 10 epochs, crop/flip augmentation, model in train mode. The epoch (1..epochs) with the
+best defense-**validation** accuracy is returned (ties: the later epoch). No neuron scores.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .base import (Defense, DefenseError, DefenseParams, DefenseResult, default_augment, eval_accuracy,
+                   register_defense, require_images)
+from .training import run_epoch
+
+
+@dataclass
+class FTParams(DefenseParams):
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    batch_size: int = 128
+    augment: bool = True
+
+
+def finetune(model, data, p, *, seed, augment, counter, name="ft", after_step=None):
+    """Fine-tune ``model`` in place for ``p.epochs``; returns (best-val model, history)."""
+    require_images(name, len(data.train_y), p.batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    aug = (augment or default_augment(data.train_x)) if p.augment else None
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    history = [{"epoch": 0, "val_acc": eval_accuracy(model, data.val_x, data.val_y, counter)}]
+    best, best_acc = None, -1.0
+    for epoch in range(1, p.epochs + 1):
+        model.train()
+        loss, acc = run_epoch(model, data.train_x, data.train_y, opt, batch_size=p.batch_size, gen=gen,
+                              counter=counter, augment=aug, after_step=after_step)
+        val = eval_accuracy(model, data.val_x, data.val_y, counter)
+        history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val})
+        if val >= best_acc:
+            best_acc, best = val, (epoch, copy.deepcopy(model.state_dict()))
+    if best is not None:
+        model.load_state_dict(best[1])
+    model.eval()
+    return model, {"history": history, "best_epoch": best[0] if best else 0, "best_val_acc": best_acc}
+
+
+@register_defense("ft")
+class FineTuning(Defense):
+    needs_bn = False
+    needs_data = True
+    Params = FTParams
+
+    def validate(self):
+        if self.params.epochs < 1:
+            raise DefenseError("ft: epochs must be >= 1")
+
+    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+        model, info = finetune(model, data, self.params, seed=seed, augment=augment, counter=counter)
+        return DefenseResult(model, info=info)

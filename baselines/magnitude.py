@@ -1,0 +1,31 @@
+"""Magnitude pruning: the neurons with the smallest |BN gamma| go first (a classic, data-free ranking).
+
+Score = -|gamma_c| (higher = smaller scale = pruned earlier). The count is chosen by the
+operating-point rule (default: largest pruning with <= ``delta`` clean-ACC drop on defense-val).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Defense, DefenseResult, PruningParams, bn_gammas, register_defense
+from .operating_point import finalize_pruning
+
+
+@dataclass
+class MagnitudeParams(PruningParams):
+    pass
+
+
+@register_defense("magnitude")
+class MagnitudePruning(Defense):
+    needs_bn = True
+    needs_data = False  # only the "delta" operating-point rule reads defense-val
+    prunes = True
+    Params = MagnitudeParams
+
+    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+        scores = -bn_gammas(model, layout).abs()
+        pruned_model, pruned, info = finalize_pruning(model, layout, scores, data, self.params, counter)
+        return DefenseResult(pruned_model, scores=scores, pruned=pruned,
+                             info={"operating_point": info, "score": "-|gamma|"})

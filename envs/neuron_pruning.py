@@ -1,0 +1,211 @@
+"""The ``onp/NeuronPruning-v0`` Gymnasium environment: an agent prunes neurons of a backdoored CNN.
+
+* Observation (``Dict``): ``x`` node features ``Box(N, F)`` (static per model), ``pruned``
+  ``MultiBinary(N)``, ``budget`` the remaining fraction of the pruning budget ``Box(1)``. The fixed
+  topology is on the env: ``env.edge_index`` (2, E) and ``env.edge_weight`` (E,), read once.
+* Action: ``Discrete(N + 1)``: prune neuron ``i``, or STOP (= ``N``). :meth:`action_masks` hides
+  pruned neurons, excluded layers (the stem by default; the classifier has no BN neurons) and every
+  neuron once the budget is spent. A masked action is a no-op with a small penalty; it never raises.
+* Reward: ``dACC - lam * dASR`` on a fixed reward batch from defense-validation, so an episode
+  returns ``(ACC_T - ACC_0) - lam * (ASR_T - ASR_0)``.
+* Termination: STOP or the budget is spent. Truncation: the clean-accuracy drop exceeds ``delta``.
+* ``info``: ``acc``, ``asr``, ``n_pruned``, ``pruned`` (indices), ``asr_estimator``, ``trigger_aware``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from onp.data.defense import DefenseData
+from onp.zoo import BackdoorBundle, BackdoorConfig, load_bundle
+
+from .target import Evaluation, PruningTarget
+
+BackdoorSpec = Union[BackdoorBundle, "PruningSubject", BackdoorConfig, Dict[str, Any], str, Path]
+
+
+@dataclass
+class PruningSubject:
+    """A model to prune without the zoo: the model, its attack (or None) and the defender's data."""
+
+    model: torch.nn.Module
+    attack: Any
+    defense_data: DefenseData
+    name: str = "model"
+
+
+def _as_bundle(spec: BackdoorSpec, cache_dir: Optional[Path]):
+    if isinstance(spec, (BackdoorBundle, PruningSubject)):
+        return spec
+    if isinstance(spec, (str, Path)):
+        from onp.zoo import open_bundle
+        return open_bundle(spec)
+    return load_bundle(spec, cache_dir=cache_dir, progress=True)
+
+
+class NeuronPruningEnv(gym.Env):
+    """Prune BN-channel neurons of a backdoored model; reward = clean accuracy - lam * ASR (deltas).
+
+    Args:
+        backdoor: a :class:`~onp.zoo.BackdoorBundle`, a :class:`~onp.zoo.BackdoorConfig` (or dict; the
+            model is fetched from the zoo, training it if needed), an artifact directory, or a list of
+            them of one architecture (multi-model mode: one is sampled at each reset).
+        budget: the most neurons pruned per episode: a fraction of N in (0, 1) or a count >= 1.
+        lam: weight of the ASR term (>= 0).
+        delta: truncate once the clean-accuracy drop on the reward batch exceeds this.
+        reward_batch: clean defense-validation images per evaluation (None = all).
+        asr_estimator: ``"trigger"`` (trigger-aware) or ``"synthesized"`` (see ``envs.asr_estimators``).
+        exclude_layer_types: graph layer types whose neurons are never prunable.
+        mask_mode: ``"gamma"`` (zero gamma, keep beta; ANP/RNP) or ``"channel"``.
+        group_pruning: prune a neuron's whole residual coupling group at once.
+        invalid_action_penalty: reward for a masked action (a no-op).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, backdoor: Union[BackdoorSpec, Sequence[BackdoorSpec], None] = None, *,
+                 budget: float = 0.05, lam: float = 1.0, delta: float = 0.1, reward_batch: Optional[int] = None,
+                 asr_estimator: str = "trigger", estimator_params: Optional[Dict[str, Any]] = None,
+                 feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
+                 top_k: Optional[int] = 16, exclude_layer_types: Sequence[str] = ("stem",),
+                 mask_mode: str = "gamma", group_pruning: bool = False, invalid_action_penalty: float = 0.01,
+                 use_suffix_cache: bool = True, cache_dir: Optional[Path] = None, seed: int = 0):
+        super().__init__()
+        if budget <= 0:
+            raise ValueError(f"budget must be > 0 (a fraction in (0, 1) or a neuron count); got {budget}")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0; got {lam}")
+        if delta <= 0:
+            raise ValueError(f"delta must be > 0; got {delta}")
+        from .asr_estimators import ASR_ESTIMATORS
+        ASR_ESTIMATORS.check(asr_estimator)
+        specs = list(backdoor) if isinstance(backdoor, (list, tuple)) else [backdoor or BackdoorConfig()]
+        self.bundles = [_as_bundle(s, cache_dir) for s in specs]
+        self.targets: List[PruningTarget] = [
+            PruningTarget(b.model, b.attack, b.defense_data, reward_batch=reward_batch, asr_estimator=asr_estimator,
+                          estimator_params=estimator_params, feature_providers=feature_providers, top_k=top_k,
+                          mask_mode=mask_mode, seed=seed, cache_dir=cache_dir, use_suffix_cache=use_suffix_cache,
+                          name=getattr(b, "name", None) or b.path.name) for b in self.bundles]
+        sizes = {t.num_nodes for t in self.targets}
+        if len(sizes) != 1:
+            raise ValueError(f"multi-model mode needs models of one architecture; got neuron counts {sorted(sizes)}")
+        self.target = self.targets[0]
+        n, f = self.target.features.shape
+        self.num_nodes = n
+        self.budget = int(round(budget * n)) if budget < 1 else int(budget)
+        self.budget = max(1, min(self.budget, n))
+        self.lam, self.delta = float(lam), float(delta)
+        self.asr_estimator = asr_estimator
+        self.group_pruning = group_pruning
+        self.invalid_action_penalty = float(invalid_action_penalty)
+        self.exclude_layer_types = tuple(exclude_layer_types)
+        self.observation_space = spaces.Dict({
+            "x": spaces.Box(-np.inf, np.inf, shape=(n, f), dtype=np.float32),
+            "pruned": spaces.MultiBinary(n),
+            "budget": spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32),
+        })
+        self.action_space = spaces.Discrete(n + 1)
+        self.stop_action = n
+        self._select(0)
+        self._pruned = np.zeros(n, dtype=bool)
+        self._used = 0
+        self._done = True
+        self.current = self.target.initial
+
+    # -- topology and bookkeeping ------------------------------------------------------------
+    def _select(self, i: int) -> None:
+        self.target_index = i
+        self.target = self.targets[i]
+        g = self.target.graph
+        self.edge_index = g.edge_index
+        self.edge_weight = g.edge_weight
+        self.graph = g
+        types = [g.layers[int(l)].layer_type for l in g.node_layer]
+        self._prunable = np.array([t not in self.exclude_layer_types for t in types], dtype=bool)
+
+    @property
+    def feature_names(self) -> List[str]:
+        return self.target.feature_names
+
+    def _obs(self) -> Dict[str, np.ndarray]:
+        return {"x": self.target.features.numpy().copy(), "pruned": self._pruned.astype(np.int8),
+                "budget": np.array([(self.budget - self._used) / self.budget], dtype=np.float32)}
+
+    def _info(self) -> Dict[str, Any]:
+        return {"acc": self.current.acc, "asr": self.current.asr, "acc0": self.target.initial.acc,
+                "asr0": self.target.initial.asr, "n_pruned": int(self._pruned.sum()),
+                "pruned": np.flatnonzero(self._pruned).tolist(), "asr_estimator": self.asr_estimator,
+                "trigger_aware": self.target.probe.trigger_aware, "model": self.target.name}
+
+    def action_masks(self) -> np.ndarray:
+        """Valid actions: unpruned, prunable neurons while budget remains; STOP is always valid."""
+        valid = np.zeros(self.num_nodes + 1, dtype=bool)
+        if self._used < self.budget and not self._done:
+            valid[:-1] = self._prunable & ~self._pruned
+        valid[-1] = True
+        return valid
+
+    # -- gym API -------------------------------------------------------------------------------
+    def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
+        super().reset(seed=seed)
+        options = options or {}
+        if "model_index" in options:
+            idx = int(options["model_index"])
+        elif len(self.targets) > 1:
+            idx = int(self.np_random.integers(len(self.targets)))
+        else:
+            idx = 0
+        if idx != self.target_index:
+            self.target.masks.reset()
+            self._select(idx)
+        self._pruned = np.zeros(self.num_nodes, dtype=bool)
+        initial = options.get("initial_pruned")
+        if initial is not None and len(initial) > 0:
+            initial = np.asarray(initial, dtype=np.int64)
+            if initial.min() < 0 or initial.max() >= self.num_nodes:
+                raise ValueError(f"initial_pruned indices must be in [0, {self.num_nodes})")
+            self._pruned[initial] = True
+            self.current = self.target.set_pruned(self._pruned)
+        else:
+            self.current = self.target.reset_to_unpruned()
+        self._start = self.current
+        self._used = 0
+        self._done = False
+        return self._obs(), self._info()
+
+    def step(self, action):
+        action = int(action)
+        if self._done:
+            return self._obs(), 0.0, True, False, self._info()
+        if action == self.stop_action:
+            self._done = True
+            return self._obs(), 0.0, True, False, self._info()
+        if not (0 <= action < self.num_nodes) or not self.action_masks()[action]:
+            return self._obs(), -self.invalid_action_penalty, False, False, {**self._info(), "invalid_action": True}
+        nodes = [action]
+        if self.group_pruning:
+            g = self.graph.group
+            nodes = [int(i) for i in torch.nonzero(g == g[action]).flatten() if not self._pruned[int(i)]]
+        prev = self.current
+        self._pruned[nodes] = True
+        self._used += 1
+        self.current = self.target.prune_more(nodes)
+        reward = (self.current.acc - prev.acc) - self.lam * (self.current.asr - prev.asr)
+        terminated = self._used >= self.budget
+        truncated = (self.target.initial.acc - self.current.acc) > self.delta
+        self._done = terminated or truncated
+        return self._obs(), float(reward), terminated, truncated, self._info()
+
+    def evaluation(self) -> Evaluation:
+        return self.current
+
+    def close(self) -> None:
+        for t in self.targets:
+            t.close()

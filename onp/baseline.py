@@ -1,0 +1,205 @@
+"""``python -m onp.baseline``: run a baseline backdoor defense on a (cached) backdoored model.
+
+Example::
+
+    python -m onp.baseline --method anp --model resnet18 --attack badnets --set iterations=500
+
+The defense sees only the defender's data (``bundle.defense_data``); the test set and the real
+trigger are used afterwards to report ACC / ASR / RA / DER before and after, and for the
+``oracle_sweep.json`` analysis file (never for choosing anything). Writes a run directory
+(``runs/baseline/<method>-<attack>-<model>-s<seed>`` by default; see :mod:`onp.rundir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .cli_common import run_cli
+from .config import deep_update, parse_overrides
+from .data.augment import Augment
+from .io import prepare_run_dir
+from .metrics import evaluate_backdoor, with_der
+from .rundir import write_run
+from .zoo import BackdoorConfig, load_bundle, open_bundle
+
+
+def _baselines():
+    import baselines  # noqa: F401  (registers the defenses)
+    return baselines
+
+
+def defend(bundle, method: str, params: Optional[Dict[str, Any]] = None, *, seed: int = 0, report_fn=None):
+    """Run defense ``method`` on ``bundle``'s model using **only** ``bundle.defense_data`` (plus the
+    dataset spec for the crop/flip augmentation). Never touches ``bundle.test_x`` / ``test_y`` /
+    ``attack``; ``report_fn(event, model)`` is the only way out for test-time logging."""
+    bl = _baselines()
+    defense = bl.build_defense(method, **(params or {}))
+    spec = bundle.spec
+    data = bundle.defense_data if defense.needs_data or _uses_val(defense) else None
+    return defense.fit(bundle.model, data, seed=seed, augment=Augment.for_spec(spec), report_fn=report_fn)
+
+
+def _uses_val(defense) -> bool:
+    return getattr(defense.params, "operating_point", None) == "delta"
+
+
+def _jsonable(obj: Any, max_len: int = 4096) -> Any:
+    """Info dicts -> JSON: drop ``_private`` keys, small tensors to lists, big ones summarised."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, max_len) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, max_len) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= max_len else {"shape": list(obj.shape), "mean": obj.float().mean().item()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .attacks import ATTACKS
+    from .data import DATASETS
+    from .models import MODELS
+
+    methods = _baselines().DEFENSES.names()
+    p = argparse.ArgumentParser(prog="python -m onp.baseline", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default=None, help=f"one of {', '.join(methods)}")
+    p.add_argument("--list", action="store_true", help="list the methods with their default hyperparameters")
+    p.add_argument("--model", default="resnet18", help=f"one of {', '.join(MODELS.names())}")
+    p.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS.names())}")
+    p.add_argument("--attack", default="badnets", help=f"one of {', '.join(ATTACKS.names())}")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="backdoor training epochs (selects the cached model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the backdoored model (and of the defense)")
+    p.add_argument("--defense-seed", type=int, default=None, help="seed of the defense (default: --seed)")
+    p.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--defense-size", type=int, default=None)
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a BackdoorConfig key (e.g. poison_rate=0.05)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="use this zoo artifact directory instead")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense hyperparameter, e.g. iterations=500 (repeatable; see --list)")
+    p.add_argument("--delta", type=float, default=None, help="max clean-ACC drop on defense-val (pruning methods)")
+    p.add_argument("--operating-point", choices=["delta", "threshold", "number"], default=None)
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle sweep (analysis only)")
+    p.add_argument("--oracle-max-fraction", type=float, default=0.5,
+                   help="oracle sweep: largest fraction of neurons pruned")
+    p.add_argument("--oracle-step", type=float, default=0.01,
+                   help="oracle sweep: grid step as a fraction of all neurons (plus powers of two)")
+    p.add_argument("--out", type=Path, default=None, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BackdoorConfig:
+    data: Dict[str, Any] = {"model": args.model, "dataset": args.dataset, "attack": args.attack, "seed": args.seed}
+    for key in ("width", "epochs", "data_source", "defense_size", "max_train"):
+        val = getattr(args, key)
+        if val is not None:
+            data[key] = val
+    data = deep_update(data, parse_overrides(args.backdoor_set))
+    return BackdoorConfig.from_dict(data).resolved()
+
+
+def defense_params(args: argparse.Namespace, method: str) -> Dict[str, Any]:
+    bl = _baselines()
+    cls = bl.DEFENSES.get(method)
+    params = parse_overrides(args.set)
+    defaults = cls.defaults()
+    for flag, key in ((args.delta, "delta"), (args.operating_point, "operating_point")):
+        if flag is None:
+            continue
+        if key not in defaults:
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to {method!r} (it has no operating point)")
+        params[key] = flag
+    return params
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    bl = _baselines()
+    if args.list:
+        for name in bl.DEFENSES.names():
+            print(f"{name}: {json.dumps(bl.DEFENSES.get(name).defaults())}")
+        return 0
+    if args.method is None:
+        raise ValueError(f"--method is required; valid choices: {', '.join(bl.DEFENSES.names())}")
+    method = bl.DEFENSES.check(args.method)
+    params = defense_params(args, method)
+    defense = bl.build_defense(method, **params)  # validates params before any heavy work
+    if args.checkpoint is not None:
+        bundle = open_bundle(args.checkpoint, data_dir=args.data_dir)
+        cfg = bundle.config
+    else:
+        cfg = config_from_args(args)
+        bundle = None
+    seed = args.defense_seed if args.defense_seed is not None else args.seed
+    name = "clean" if cfg.clean else cfg.attack
+    out = args.out or Path("runs") / "baseline" / f"{method}-{name}-{cfg.model}-s{seed}"
+    out = prepare_run_dir(out, overwrite=args.overwrite)
+    if bundle is None:
+        bundle = load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, progress=not args.quiet)
+
+    before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
+    reports: Dict[str, Any] = {}
+
+    def report_fn(event: str, model) -> None:  # test metrics for logging only; nothing flows back
+        reports[event] = evaluate_backdoor(model, bundle.test_x, bundle.test_y, bundle.attack)
+
+    result = defend(bundle, method, params, seed=seed, report_fn=report_fn)
+    after = with_der(before, evaluate_backdoor(result.model, bundle.test_x, bundle.test_y, bundle.attack))
+
+    layout = None
+    pruned_names = None
+    try:
+        layout = bl.neuron_layout(bundle.model)
+    except bl.DefenseError:
+        pass
+    if result.pruned is not None and layout is not None:
+        pruned_names = layout.names(result.pruned)
+    extra = {}
+    if not args.no_oracle:
+        if result.scores is not None and layout is not None:
+            mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
+            sweep = bl.oracle_sweep(bundle.model, layout, result.scores, bundle.test_x, bundle.test_y,
+                                    bundle.attack, max_fraction=args.oracle_max_fraction,
+                                    grid_step=args.oracle_step, mode=mode)
+            sweep["method"] = method
+            sweep["note"] = "test metrics after pruning the ORIGINAL model in the method's score order"
+        else:
+            sweep = {"label": bl.ORACLE_LABEL, "method": method, "sweep": [],
+                     "note": f"{method} does not score neurons; nothing to sweep"}
+        extra["oracle_sweep.json"] = sweep
+
+    op = result.info.get("operating_point")
+    metrics = {**after, "before": before, "method": method, "n_pruned": result.n_pruned,
+               "wall_time": result.wall_time, "forward_passes": result.forward_passes,
+               "backward_passes": result.backward_passes, "operating_point": _jsonable(op),
+               "info": _jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
+               "reports": reports,
+               "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
+               "data_source": bundle.meta.get("data_source")}
+    config = {"method": method, "params": defense.params.to_dict(), "defense_seed": seed,
+              "backdoor": cfg.to_dict(), "model_dir": str(bundle.path)}
+    write_run(out, config=config, metrics=metrics, pruned=result.pruned if result.pruned is not None else None,
+              pruned_names=pruned_names, model_state=result.model.state_dict(), scores=result.scores, extra=extra)
+    print(f"[onp] {method} on {cfg.model}/{name}: ACC {before['acc']:.4f}->{after['acc']:.4f}  "
+          f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
+          f"pruned {result.n_pruned}  {result.wall_time:.1f}s  -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,331 @@
+"""``python -m onp.evaluate``: apply a learned policy (or a fixed pruned set) to another model.
+
+Examples::
+
+    # the policy of a training run, without further training, on another seed's backdoored model
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --seed 1
+    # ... on another attack, or on any zoo artifact directory
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --attack blend
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --checkpoint ~/.cache/onp/zoo/<dir>
+    # the false-positive cost on a clean (unpoisoned) model: the ACC it loses
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --clean
+    # transfer a fixed pruned set (pruned.json of any run, e.g. a baseline's) instead of running a policy
+    python -m onp.evaluate --pruned runs/baseline/anp-badnets-resnet18-s0 --seed 1
+
+``--policy RUN_DIR`` reads ``config.json`` (env settings, agent, rollout rule) and ``policy.zip``
+(ppo-gnn; other agents are rebuilt from their saved parameters) of an ``onp.train`` run, builds a
+:class:`envs.NeuronPruningEnv` on the target model with the **same env settings**, runs one
+deterministic episode (on the target's defense-validation reward batch, as training did), writes
+the chosen pruning into a copy of the model and reports test ACC / ASR / RA / DER before and after.
+
+``--pruned RUN_DIR`` prunes the neuron indices of the run's ``pruned.json`` (same prune mode as the
+run) on the target model. Both need a model of the same architecture: a different model name,
+width, dataset shape or neuron count is an error that says so.
+
+The target model is ``--checkpoint DIR`` (a zoo artifact directory), or the source run's backdoor
+config with the given flags changed (``--attack``, ``--seed``, ``--clean``, ...), fetched from the
+zoo (trained on first use). The result is a run directory (:mod:`onp.rundir`); its metrics add
+``acc_lost`` (ACC before - after; the false-positive cost on a clean model) and ``source``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .cli_common import run_cli
+from .config import deep_update, parse_overrides
+from .io import CheckpointError, prepare_run_dir, read_json
+from .metrics import evaluate_backdoor, with_der
+from .rundir import write_run
+
+
+class ArchitectureMismatchError(ValueError):
+    """The policy / pruned set was made for a model of another architecture."""
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+def read_source(run_dir: Path, kind: str) -> Dict[str, Any]:
+    """``config.json`` (+ ``metrics.json`` if present) of a train or baseline run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--{kind}: run directory not found: {run_dir}")
+    if not (run_dir / "config.json").exists():
+        raise CheckpointError(f"{run_dir}: not an onp run directory (no config.json)")
+    cfg = read_json(run_dir / "config.json")
+    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    return {"dir": run_dir, "config": cfg, "metrics": metrics, "backdoor": cfg.get("backdoor") or {}}
+
+
+def _arch(b: Dict[str, Any]) -> Dict[str, Any]:
+    return {"model": b.get("model"), "width": b.get("width"), "dataset": b.get("dataset")}
+
+
+def check_architecture(source_backdoor: Dict[str, Any], target_cfg, *, what: str,
+                       n_source: Optional[int] = None, n_target: Optional[int] = None) -> None:
+    """Raise :class:`ArchitectureMismatchError` if the model name / width / dataset or neuron count differ."""
+    src = _arch(source_backdoor)
+    tgt = {"model": target_cfg.model, "width": target_cfg.width, "dataset": target_cfg.dataset}
+    diff = [k for k in src if src[k] is not None and src[k] != tgt[k]]
+    if n_source is not None and n_target is not None and n_source != n_target:
+        diff.append("neurons")
+    if diff:
+        s = f"{src['model']} (width {src['width']}, {src['dataset']}" + (f", {n_source} neurons" if n_source else "")
+        t = f"{tgt['model']} (width {tgt['width']}, {tgt['dataset']}" + (f", {n_target} neurons" if n_target else "")
+        raise ArchitectureMismatchError(
+            f"architecture mismatch: the {what} was made for {s}) but the target model is {t}); differing: "
+            f"{', '.join(diff)}. A {what} applies only to models of the same architecture (another seed, "
+            f"attack or trigger of it)")
+
+
+# --------------------------------------------------------------------------------------------------- target
+
+
+def target_bundle(args: argparse.Namespace, source_backdoor: Dict[str, Any]):
+    """The model to evaluate on: ``--checkpoint``, or the source's backdoor config with flags changed."""
+    from .zoo import BackdoorConfig, load_bundle, open_bundle
+    if args.checkpoint is not None:
+        return open_bundle(args.checkpoint, data_dir=args.data_dir)
+    data = dict(source_backdoor) or {}
+    if not data:
+        raise ValueError("the source run has no backdoor config; pass --checkpoint")
+    for flag in ("model", "dataset", "attack", "width", "epochs", "seed", "data_source", "defense_size", "max_train"):
+        val = getattr(args, flag)
+        if val is not None:
+            data[flag] = val
+    if args.clean:
+        data["clean"] = True
+    data = deep_update(data, parse_overrides(args.backdoor_set))
+    cfg = BackdoorConfig.from_dict(data).resolved()
+    return load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, device=args.device or "cpu",
+                       progress=not args.quiet)
+
+
+# --------------------------------------------------------------------------------------------------- policy
+
+
+def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, device: str = "cpu",
+               cache_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """One deterministic episode of the source run's policy in an env on ``bundle``'s model.
+
+    Returns ``{"pruned", "pruned_names", "model", "mask_mode", "val", "asr_estimator", "trigger_aware",
+    "env_steps"}``."""
+    from agents import best_prefix, build_agent, resolve_agent_factory, rollout
+    from agents.envs import EnvFactory, env_kwargs_from_config
+
+    cfg = source["config"]
+    run_dir: Path = source["dir"]
+    if "env" not in cfg or "agent" not in cfg:
+        raise CheckpointError(f"{run_dir}: not an onp.train run (config.json has no 'env'/'agent'); "
+                              f"use --pruned for a baseline run")
+    check_architecture(source["backdoor"], bundle.config, what="policy")
+    agent_name = cfg["agent"]
+    policy = None
+    if agent_name == "ppo-gnn":
+        if not (run_dir / "policy.zip").exists():
+            raise CheckpointError(f"{run_dir}: no policy.zip (the ppo-gnn run did not finish?)")
+        from agents.ppo_gnn import load_policy
+        try:
+            policy = load_policy(run_dir / "policy.zip", device=device)
+        except Exception as exc:
+            raise CheckpointError(f"{run_dir / 'policy.zip'}: cannot be loaded ({exc})") from exc
+    seed = int(cfg.get("seed", 0) if seed is None else seed)
+    env_kwargs = env_kwargs_from_config(cfg["env"], cache_dir if cache_dir is not None else cfg.get("cache_dir"))
+    env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False, end_on_truncation=False)()
+    try:
+        base = env.unwrapped
+        if policy is not None:
+            n_policy = int(policy.observation_space["x"].shape[0])
+            check_architecture(source["backdoor"], bundle.config, what="policy", n_source=n_policy,
+                               n_target=base.num_nodes)
+
+            def act(obs, mask):
+                return policy.predict(obs, action_masks=mask, deterministic=True)[0]
+        else:
+            factory, extra, _ = resolve_agent_factory(agent_name)
+            saved = run_dir / "agent"
+            if saved.exists() and callable(getattr(factory, "load", None)):
+                act = factory.load(saved, env)
+            else:
+                params = {**extra, **(cfg.get("agent_params") or {})}
+                try:
+                    act = build_agent(agent_name, env, seed=seed, **params)
+                except TypeError:
+                    act = build_agent(agent_name, env, **params)
+        res = rollout(act, env, seed=seed)
+        if (cfg.get("rollout") or {}).get("select") == "best_prefix":
+            chosen = best_prefix(res)["info"]
+        else:
+            chosen = res["info"]
+        pruned = [int(i) for i in chosen["pruned"]]
+        g = base.graph
+        names = [f"{g.layers[int(g.node_layer[i])].bn_name}[{int(g.node_channel[i])}]" for i in pruned]
+        from .train import apply_pruning
+        mask_mode = cfg["env"].get("mask_mode", "gamma")
+        model = apply_pruning(bundle, g, pruned, mask_mode)
+        info0 = res["infos"][0]
+        return {"pruned": pruned, "pruned_names": names, "model": model, "mask_mode": mask_mode,
+                "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
+                        "asr0": float(info0["asr"]), "episode_steps": res["steps"],
+                        "note": "the chosen episode on the target's defense-validation reward batch"},
+                "asr_estimator": base.asr_estimator, "trigger_aware": bool(base.target.probe.trigger_aware),
+                "env_steps": res["steps"], "num_neurons": base.num_nodes, "agent": agent_name}
+    finally:
+        env.close()
+
+
+# --------------------------------------------------------------------------------------------------- pruned set
+
+
+def _prune_mode_of(source: Dict[str, Any]) -> str:
+    cfg, metrics = source["config"], source["metrics"]
+    if isinstance(cfg.get("env"), dict) and cfg["env"].get("mask_mode"):
+        return cfg["env"]["mask_mode"]
+    op = metrics.get("operating_point") or {}
+    if isinstance(op, dict) and op.get("prune_mode"):
+        return op["prune_mode"]
+    params = cfg.get("params") or {}
+    return params.get("prune_mode") or "gamma"
+
+
+def apply_pruned_set(source: Dict[str, Any], bundle, *, prune_mode: Optional[str] = None) -> Dict[str, Any]:
+    """Prune ``source``'s ``pruned.json`` indices on ``bundle``'s model (same numbering required)."""
+    import baselines
+    run_dir: Path = source["dir"]
+    path = run_dir / "pruned.json"
+    if not path.exists():
+        method = source["config"].get("method") or source["config"].get("agent") or "this run"
+        raise CheckpointError(f"{run_dir}: no pruned.json ({method} does not prune neurons); nothing to transfer")
+    data = read_json(path)
+    indices = [int(i) for i in data.get("indices") or []]
+    names = data.get("names")
+    layout = baselines.neuron_layout(bundle.model)
+    n_src = source["metrics"].get("num_neurons")
+    check_architecture(source["backdoor"], bundle.config, what="pruned set",
+                       n_source=int(n_src) if n_src else None, n_target=layout.num_neurons)
+    if indices and max(indices) >= layout.num_neurons:
+        raise ArchitectureMismatchError(
+            f"architecture mismatch: {path} prunes neuron {max(indices)} but the target model has only "
+            f"{layout.num_neurons} neurons")
+    ours = layout.names(indices)
+    if names and list(names) != ours:
+        bad = next((a, b) for a, b in zip(names, ours) if a != b) if len(names) == len(ours) else (len(names),
+                                                                                                  len(ours))
+        raise ArchitectureMismatchError(f"architecture mismatch: {path} names neurons that differ from the target "
+                                        f"model's numbering (e.g. {bad[0]} vs {bad[1]})")
+    mode = prune_mode or _prune_mode_of(source)
+    model = baselines.prune_model(bundle.model, layout, indices, mode)
+    return {"pruned": indices, "pruned_names": ours, "model": model, "mask_mode": mode,
+            "num_neurons": layout.num_neurons}
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m onp.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--policy", type=Path, help="an onp.train run directory (policy.zip + config.json)")
+    src.add_argument("--pruned", type=Path, help="any run directory with pruned.json (transfer a fixed pruned set)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="target: a zoo artifact directory")
+    t = p.add_argument_group("target from the zoo (default: the source run's backdoor config with these changed)")
+    for flag in ("model", "dataset", "attack", "data-source"):
+        t.add_argument(f"--{flag}", default=None)
+    for flag in ("width", "epochs", "seed", "defense-size", "max-train"):
+        t.add_argument(f"--{flag}", type=int, default=None)
+    t.add_argument("--clean", action="store_true", help="an unpoisoned model (false-positive cost: ACC lost)")
+    t.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a BackdoorConfig key of the target")
+    t.add_argument("--data-dir", type=Path, default=None)
+    t.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--env-seed", type=int, default=None, help="env / rollout seed (default: the policy's seed)")
+    p.add_argument("--prune-mode", choices=["gamma", "channel"], default=None,
+                   help="--pruned: how to prune (default: as the source run did)")
+    p.add_argument("--device", default=None, help="device of the policy")
+    p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/evaluate/<source>-on-<target>)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
+    from .seeding import seed_everything
+    t0 = time.perf_counter()
+    kind = "policy" if args.policy is not None else "pruned"
+    source = read_source(args.policy if kind == "policy" else args.pruned, kind)
+    if kind == "policy" and ("env" not in source["config"] or "agent" not in source["config"]):
+        raise CheckpointError(f"{source['dir']}: not an onp.train run (config.json has no 'env'/'agent'); "
+                              f"use --pruned to transfer its pruned set")
+    if args.prune_mode is not None and kind == "policy":
+        raise ValueError("--prune-mode applies to --pruned only (a policy prunes in its env's mask_mode)")
+    seed = args.env_seed if args.env_seed is not None else int(source["config"].get("seed",
+                                                                 source["config"].get("defense_seed", 0)) or 0)
+    seed_everything(seed, deterministic=args.deterministic)
+    if args.checkpoint is None and source["backdoor"]:  # check the architecture before any training
+        from .zoo import BackdoorConfig
+        want = dict(source["backdoor"])
+        for flag in ("model", "dataset", "width"):
+            if getattr(args, flag) is not None:
+                want[flag] = getattr(args, flag)
+        if args.model is not None and args.width is None:
+            want["width"] = None
+        check_architecture(source["backdoor"], BackdoorConfig.from_dict(want).resolved(),
+                           what="policy" if kind == "policy" else "pruned set")
+    bundle = target_bundle(args, source["backdoor"])
+    tcfg = bundle.config
+    target_name = "clean" if tcfg.clean else tcfg.attack
+    out = args.out or Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
+    out = prepare_run_dir(out, overwrite=args.overwrite)
+    if kind == "policy":
+        res = run_policy(source, bundle, seed=seed, device=args.device or "cpu", cache_dir=args.cache_dir)
+    else:
+        res = apply_pruned_set(source, bundle, prune_mode=args.prune_mode)
+    before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
+    after = with_der(before, evaluate_backdoor(res["model"], bundle.test_x, bundle.test_y, bundle.attack))
+    clean = bool(bundle.meta.get("clean"))
+    src_cfg = source["config"]
+    metrics: Dict[str, Any] = {
+        **after, "before": before, "n_pruned": len(res["pruned"]), "num_neurons": res.get("num_neurons"),
+        "acc_lost": before["acc"] - after["acc"], "clean_model": clean,
+        "method": f"{kind}:{src_cfg.get('agent') or src_cfg.get('method') or source['dir'].name}",
+        "asr_estimator": res.get("asr_estimator"), "trigger_aware": res.get("trigger_aware"),
+        "val": res.get("val"), "env_steps": res.get("env_steps", 0), "mask_mode": res["mask_mode"],
+        "wall_time": round(time.perf_counter() - t0, 2),
+        "source": {"kind": kind, "run_dir": str(source["dir"]), "backdoor": source["backdoor"],
+                   "agent": src_cfg.get("agent"), "method": src_cfg.get("method")},
+        "target": {"model_dir": str(bundle.path), "attack": target_name, "seed": tcfg.seed, "clean": clean},
+        "data_source": bundle.meta.get("data_source"),
+        "note": ("clean (unpoisoned) model: acc_lost is the false-positive cost; ASR measures the trigger's "
+                 "natural effect") if clean else "test metrics; the policy / pruned set was not re-fitted",
+    }
+    if kind == "pruned":
+        for key in ("asr_estimator", "trigger_aware", "val"):
+            metrics.pop(key)
+    config = {"kind": kind, "source": str(source["dir"]), "source_config": src_cfg, "env_seed": seed,
+              "target_backdoor": tcfg.to_dict(), "model_dir": str(bundle.path), "prune_mode": res["mask_mode"],
+              "deterministic": args.deterministic}
+    write_run(out, config=config, metrics=metrics, pruned=res["pruned"], pruned_names=res["pruned_names"],
+              model_state=res["model"].state_dict())
+    print(f"[onp] {metrics['method']} on {tcfg.model}/{target_name} s{tcfg.seed}"
+          + (" (CLEAN model)" if clean else "")
+          + f": ACC {before['acc']:.4f}->{after['acc']:.4f} (lost {metrics['acc_lost']:.4f})  "
+            f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
+            f"pruned {metrics['n_pruned']}  -> {out}")
+    return out, metrics
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    evaluate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,126 @@
+"""CIFAR-style ResNet-18 (3x3 stem, no max-pool) and PreAct-ResNet-18.
+
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; He et al., "Identity Mappings in
+Deep Residual Networks", ECCV 2016. Written from the papers; ``width`` is the first stage's channel
+count (64 = the standard network).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .normalize import Normalize
+
+
+def _stage_widths(width: int) -> List[int]:
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    return [width, 2 * width, 4 * width, 8 * width]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18: blocks [2, 2, 2, 2]."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+        super().__init__()
+        w = _stage_widths(width)
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.in_planes = w[0]
+        self.layer1 = self._make_layer(w[0], 2, 1)
+        self.layer2 = self._make_layer(w[1], 2, 2)
+        self.layer3 = self._make_layer(w[2], 2, 2)
+        self.layer4 = self._make_layer(w[3], 2, 2)
+        self.linear = nn.Linear(w[3], num_classes)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if len(self.shortcut) > 0 else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet-18 (BackdoorBench's default backbone), CIFAR stem; a final BN+ReLU before pooling."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+        super().__init__()
+        w = _stage_widths(width)
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        self.in_planes = w[0]
+        self.layer1 = self._make_layer(w[0], 2, 1)
+        self.layer2 = self._make_layer(w[1], 2, 2)
+        self.layer3 = self._make_layer(w[2], 2, 2)
+        self.layer4 = self._make_layer(w[3], 2, 2)
+        self.bn = nn.BatchNorm2d(w[3])
+        self.linear = nn.Linear(w[3], num_classes)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(PreActBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.relu(self.bn(out))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)

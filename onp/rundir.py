@@ -1,0 +1,84 @@
+"""The run-directory format shared by ``onp.train``, ``onp.baseline`` and ``onp.compare``.
+
+A run directory holds:
+
+* ``config.json``: the resolved configuration;
+* ``env.json``: git commit, package versions and hardware;
+* ``metrics.json``: test ACC / ASR / RA / DER after the defense, the backdoored model's metrics
+  before it, the number pruned and the wall time, plus how the operating point was chosen;
+* ``pruned.json``: the pruned neuron indices (graph numbering) with their (layer, channel) names;
+* ``model.pt``: the repaired model's state_dict;
+* ``scores.pt``: per-neuron scores (for methods that score neurons);
+* ``README.md``: one line saying how to reproduce the run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+
+from . import __version__
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+
+
+def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def environment_info() -> Dict[str, Any]:
+    """Git commit, package versions and hardware, saved with every run."""
+    info: Dict[str, Any] = {"onp": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                            "git_commit": git_commit()}
+    for pkg in ("numpy", "gymnasium", "stable_baselines3", "sb3_contrib", "torch_geometric", "torch_pruning"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:
+            info[pkg] = None
+    return info
+
+
+def reproduce_line(argv: Optional[Iterable[str]] = None) -> str:
+    argv = list(sys.argv if argv is None else argv)
+    prog = argv[0]
+    if prog.endswith(".py") or "/" in prog:
+        mod = Path(prog).with_suffix("").parts
+        prog = "python -m " + ".".join(mod[mod.index("onp"):]) if "onp" in mod else "python " + prog
+    return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
+
+
+def write_run(run_dir: Path, *, config: Dict[str, Any], metrics: Dict[str, Any],
+              pruned: Optional[Iterable[int]] = None, pruned_names: Optional[Iterable[str]] = None,
+              model_state: Optional[Dict[str, torch.Tensor]] = None, scores: Optional[torch.Tensor] = None,
+              command: Optional[str] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write every file of the run-directory format atomically (``metrics.json`` last)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", config)
+    atomic_write_json(run_dir / "env.json", environment_info())
+    if pruned is not None:
+        atomic_write_json(run_dir / "pruned.json", {"indices": [int(i) for i in pruned],
+                                                    "names": list(pruned_names) if pruned_names else None})
+    if model_state is not None:
+        atomic_torch_save(run_dir / "model.pt", {k: v.detach().cpu() for k, v in model_state.items()})
+    if scores is not None:
+        atomic_torch_save(run_dir / "scores.pt", scores.detach().cpu())
+    for name, obj in (extra or {}).items():
+        atomic_write_json(run_dir / name, obj)
+    atomic_write_text(run_dir / "README.md", f"Reproduce this run with:\n\n    {command or reproduce_line()}\n")
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return run_dir

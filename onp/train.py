@@ -1,0 +1,428 @@
+"""``python -m onp.train``: learn to prune a backdoored CNN (MaskablePPO + GNN policy) and report.
+
+Examples::
+
+    python -m onp.train --model resnet18                       # the default profile (CPU, <= 20 min)
+    python -m onp.train --warm-start rnp                        # behaviour-clone RNP's order, then PPO
+    python -m onp.train --agent greedy-activation               # a heuristic agent at the same budget
+    python -m onp.train --agent my_agents.py:MyAgent --set agent_params.k=3
+    python -m onp.train --config configs/paper/resnet18_cifar10_badnets.yaml --device cuda
+
+Steps: (1) get or train the backdoored model through the zoo (cached); (2) build the
+``NeuronPruningEnv`` (its reward batch is the defender's validation split); (3) train the agent
+(PPO: progress bar, tensorboard logs in ``<run>/tb``, a deterministic defense-validation episode
+every ``eval.freq`` steps, best policy kept in ``policy.zip``, resumable checkpoint); (4) run the best
+policy deterministically, write its pruning into a fresh copy of the model; (5) report ACC / ASR /
+RA / DER on the held-out test set before and after. Nothing is chosen on test data.
+
+Configuration: ``configs/train/default.yaml`` documents every key; ``--config FILE`` is merged on top
+of the defaults, then the flags, then ``--set dotted.key=value``. ``--seed`` sets both the backdoored
+model's seed and the agent's (as in ``onp.baseline``); ``--agent-seed`` sets only the agent's.
+
+The run directory (default ``runs/train/<model>-<attack>-<agent>-s<seed>``) follows
+:mod:`onp.rundir` plus ``policy.zip``, ``learning_curve.json``, ``tb/``, ``checkpoint.zip`` and
+``train_state.json``. Ctrl-C leaves a checkpoint; ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .cli_common import run_cli
+from .config import deep_update, load_yaml, parse_overrides
+from .io import atomic_write_json, prepare_run_dir, read_json
+from .metrics import evaluate_backdoor, with_der
+from .rundir import reproduce_line, write_run
+
+#: The default profile (identical to ``configs/train/default.yaml``): narrow ResNet-18 (width 16) on
+#: Fashion-MNIST with BadNets, the trigger-aware ASR estimator, a budget of 2.5% of the neurons.
+DEFAULT_CONFIG: Dict[str, Any] = {
+    "backdoor": {"model": "resnet18", "width": 16, "dataset": "fashion-mnist", "data_source": "auto",
+                 "attack": "badnets", "seed": 0},
+    "env": {"budget": 0.025, "lam": 1.0, "delta": 0.1, "reward_batch": None, "asr_estimator": "trigger",
+            "estimator_params": {}, "feature_providers": ["structure", "bn", "weight_norms", "activation"],
+            "top_k": 16, "mask_mode": "gamma", "group_pruning": False, "invalid_action_penalty": 0.01},
+    "agent": "ppo-gnn",
+    "agent_params": {},
+    "policy": {"conv": "gcn", "hidden": 32, "layers": 2, "heads": 4, "symmetric": True, "head_hidden": 64},
+    "ppo": {"total_timesteps": 2560, "n_steps": 256, "batch_size": 64, "n_epochs": 4, "learning_rate": 0.001,
+            "gamma": 1.0, "gae_lambda": 0.95, "clip_range": 0.2, "ent_coef": 0.0, "vf_coef": 0.5,
+            "max_grad_norm": 0.5, "target_kl": None, "normalize_advantage": True, "n_envs": 1,
+            "vec_env": "dummy", "env_threads": None},
+    "eval": {"freq": 256, "episodes": 1},
+    "warm_start": {"baseline": None, "params": {}, "epochs": 100, "lr": 0.003, "batch_size": 32, "value_coef": 0.5},
+    "rollout": {"select": "final"},
+    "seed": 0,
+    "device": "cpu",
+    "torch_threads": None,
+    "cache_dir": None,
+}
+ROLLOUT_SELECT = ("final", "best_prefix")
+#: config keys that may differ when resuming a run
+RESUMABLE_CHANGES = ("ppo.total_timesteps", "device", "torch_threads", "cache_dir")
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in ("estimator_params", "params", "agent_params", "attack_params"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Defaults merged with ``config``; unknown keys and bad values raise ``ValueError``."""
+    config = copy.deepcopy(config or {})
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown training config key(s) {unknown}; valid keys: {', '.join(sorted(DEFAULT_CONFIG))}")
+    for section in ("env", "policy", "ppo", "eval", "warm_start", "rollout"):
+        extra = sorted(set(config.get(section) or {}) - set(DEFAULT_CONFIG[section]))
+        if extra:
+            raise ValueError(f"unknown key(s) {extra} in config section {section!r}; valid: "
+                             f"{', '.join(sorted(DEFAULT_CONFIG[section]))}")
+    cfg = deep_update(copy.deepcopy(DEFAULT_CONFIG), config)
+    for section in ("backdoor", "env", "policy", "ppo", "eval", "warm_start", "rollout", "agent_params"):
+        if not isinstance(cfg[section], dict):
+            raise ValueError(f"config section {section!r} must be a mapping; got {cfg[section]!r}")
+    from .zoo import BackdoorConfig
+    cfg["backdoor"] = BackdoorConfig.from_dict(cfg["backdoor"]).resolved().to_dict()
+    from envs import ASR_ESTIMATORS
+    ASR_ESTIMATORS.check(cfg["env"]["asr_estimator"])
+    if cfg["rollout"]["select"] not in ROLLOUT_SELECT:
+        raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {cfg['rollout']['select']!r}")
+    if int(cfg["ppo"]["total_timesteps"]) < 0:
+        raise ValueError("ppo.total_timesteps must be >= 0")
+    if cfg["policy"]["conv"] not in ("gcn", "sage", "gat"):
+        raise ValueError(f"policy.conv must be gcn, sage or gat; got {cfg['policy']['conv']!r}")
+    if cfg["ppo"]["vec_env"] not in ("dummy", "subproc"):
+        raise ValueError(f"ppo.vec_env must be dummy or subproc; got {cfg['ppo']['vec_env']!r}")
+    from agents import resolve_agent_factory
+    resolve_agent_factory(cfg["agent"])  # fail early on an unknown / malformed agent
+    if cfg["warm_start"]["baseline"]:
+        if cfg["agent"] != "ppo-gnn":
+            raise ValueError("--warm-start applies to the ppo-gnn agent only")
+        import baselines
+        baselines.DEFENSES.check(cfg["warm_start"]["baseline"])
+    return cfg
+
+
+def default_run_dir(cfg: Dict[str, Any]) -> Path:
+    from agents import agent_label
+    b = cfg["backdoor"]
+    label = agent_label(cfg["agent"])
+    if cfg["warm_start"].get("baseline"):
+        label += f"-bc-{cfg['warm_start']['baseline']}"
+    attack = "clean" if b.get("clean") else b["attack"]
+    return Path("runs") / "train" / f"{b['model']}-{attack}-{label}-s{cfg['seed']}"
+
+
+def _check_resume_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    old, new = _flatten(read_json(path)), _flatten(cfg)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if diff:
+        raise ValueError(f"--resume: the configuration differs from the one in {path} at {', '.join(diff)}; "
+                         f"use the same settings (only {', '.join(RESUMABLE_CHANGES)} may change) or --overwrite")
+
+
+def _count_neurons(b: Dict[str, Any]) -> int:
+    from .data import DATASETS
+    from .models import build_model_for
+    model = build_model_for(b["model"], DATASETS.get(b["dataset"]).spec, b["width"])
+    return sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _budget_count(budget: float, n: int) -> int:
+    k = int(round(budget * n)) if budget < 1 else int(budget)
+    return max(1, min(k, n))
+
+
+def _load_bundle(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool):
+    """Load (or train) the backdoored model; print the header lines first."""
+    from .zoo import BackdoorConfig, load_bundle
+    bcfg = BackdoorConfig.from_dict(cfg["backdoor"])
+    cache_dir = cfg.get("cache_dir")
+    try:
+        bundle = load_bundle(bcfg, cache_dir=cache_dir, progress=False, train_if_missing=False)
+        source, cached = bundle.meta.get("data_source"), True
+    except FileNotFoundError:
+        from .data import load_dataset
+        bundle, cached = None, False
+        source = load_dataset(bcfg.dataset, source=bcfg.data_source).source
+    b, e = cfg["backdoor"], cfg["env"]
+    n = _count_neurons(b)
+    k = _budget_count(float(e["budget"]), n)
+    trig = e["asr_estimator"] == "trigger"
+    log(f"[onp] data: {b['dataset']} from {source}  |  model: {b['model']} width {b['width']} ({n} neurons)  |  "
+        f"attack: {'clean (no attack)' if b.get('clean') else b['attack']}")
+    log(f"[onp] ASR estimator: {e['asr_estimator']}"
+        + ("  (TRIGGER-AWARE: uses the real trigger)" if trig else "  (trigger-agnostic)")
+        + f"  |  budget: {k} neurons ({100.0 * k / n:.1f}%)  |  lam {e['lam']}  delta {e['delta']}  |  "
+          f"agent: {cfg['agent']}" + (f" + warm start from {cfg['warm_start']['baseline']}"
+                                      if cfg["warm_start"].get("baseline") else ""))
+    if not cached:
+        log("[onp] the backdoored model is not cached yet: training it first (once)")
+        bundle = load_bundle(bcfg, cache_dir=cache_dir, progress=progress, device=cfg.get("device", "cpu"))
+    else:
+        log(f"[onp] using cached model {bundle.path}")
+    return bundle
+
+
+def _factory_accepts(factory, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def apply_pruning(bundle, graph, pruned: Sequence[int], mask_mode: str = "gamma") -> torch.nn.Module:
+    """A fresh copy of the backdoored model with ``pruned`` written into its BN parameters."""
+    from .masks import NeuronMasks
+    model = bundle.fresh_model() if hasattr(bundle, "fresh_model") else copy.deepcopy(bundle.model)
+    masks = NeuronMasks(model, graph, mode=mask_mode)
+    if len(pruned):
+        masks.prune(list(pruned))
+    state = masks.export_state_dict()
+    masks.remove()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_training(config: Optional[Dict[str, Any]] = None, out_dir=None, *, overwrite: bool = False,
+                 resume: bool = False, progress: bool = True, quiet: bool = False,
+                 callbacks: Sequence = (), command: Optional[str] = None) -> Dict[str, Any]:
+    """Train (or run) an agent as configured and write the run directory; return ``metrics``.
+
+    Args:
+        config: a (partial) training config, merged onto :data:`DEFAULT_CONFIG`.
+        out_dir: the run directory (default :func:`default_run_dir`).
+        overwrite / resume: reuse an existing non-empty run directory (see module doc).
+        progress: show progress bars; quiet: print only the final summary line.
+        callbacks: extra SB3 callbacks for PPO training.
+        command: the reproduce line written to README.md.
+    """
+    t_start = time.perf_counter()
+    cfg = resolve_config(config)
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    if resume:
+        _check_resume_config(run_dir, cfg)
+    atomic_write_json(run_dir / "config.json", cfg)
+    log: Callable[[str], None] = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    progress = progress and not quiet
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    from .seeding import seed_everything
+    seed = int(cfg["seed"])
+    seed_everything(seed)
+
+    bundle = _load_bundle(cfg, log, progress)
+    from agents import best_prefix, build_agent, resolve_agent_factory, rollout
+    from agents.envs import EnvFactory, env_kwargs_from_config
+
+    env_kwargs = env_kwargs_from_config(cfg["env"], cfg.get("cache_dir"))
+    steps = {"train": 0, "eval": 0, "warm_start": 0, "final": 0}
+    train_info: Dict[str, Any] = {}
+    t_learn0 = time.perf_counter()
+    if cfg["agent"] == "ppo-gnn":
+        from agents.ppo_gnn import load_policy, train_ppo_gnn
+        out = train_ppo_gnn(bundle, cfg, run_dir, resume=resume, progress=progress, callbacks=callbacks, log=log)
+        env = out["eval_env"]
+        state = out["state"]
+        steps["train"] = out["timesteps"]
+        steps["eval"] = state.eval_env_steps - (state.warm_start or {}).get("env_steps", 0)
+        steps["warm_start"] = (state.warm_start or {}).get("env_steps", 0)
+        learn_seconds = state.train_seconds
+        curve = state.learning_curve
+        policy = load_policy(out["policy_path"], device=cfg["device"])
+
+        def act(obs, mask):
+            return policy.predict(obs, action_masks=mask, deterministic=True)[0]
+
+        agent_obj: Any = act
+        train_info = {"timesteps": out["timesteps"], "best_timesteps": (state.best or {}).get("timesteps"),
+                      "resumed_from": out["resumed_from"], "warm_start": state.warm_start}
+    else:
+        env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False, end_on_truncation=False)()
+        factory, extra, _ = resolve_agent_factory(cfg["agent"])
+        params = {**extra, **cfg["agent_params"]}
+        if "seed" not in params and _factory_accepts(factory, "seed"):
+            params["seed"] = seed
+        agent_obj = build_agent(cfg["agent"], env, **params)
+        total = int(cfg["ppo"]["total_timesteps"])
+        learns = getattr(agent_obj, "learns", True) and callable(getattr(agent_obj, "learn", None))
+        if learns and total > 0:
+            log(f"[onp] {cfg['agent']}: learn({total})")
+            agent_obj.learn(env, total)
+            steps["train"] = total
+        learn_seconds = time.perf_counter() - t_learn0
+        curve = []
+        if callable(getattr(agent_obj, "save", None)):
+            try:
+                agent_obj.save(run_dir / "agent")
+            except Exception as exc:  # saving is optional for plug-in agents
+                log(f"[onp] note: agent.save failed ({exc}); continuing")
+        train_info = {"timesteps": steps["train"]}
+
+    # the chosen episode: deterministic, on the defense-validation reward batch
+    t_roll = time.perf_counter()
+    res = rollout(agent_obj, env)
+    steps["final"] = res["steps"]
+    info0 = res["infos"][0]
+    if cfg["rollout"]["select"] == "best_prefix":
+        sel = best_prefix(res)
+        chosen, ret = sel["info"], sel["return"]
+    else:
+        chosen, ret = res["info"], res["return"]
+    if cfg["agent"] != "ppo-gnn":
+        curve = [{"timesteps": steps["train"], "mean_return": res["return"], "acc": float(res["info"]["acc"]),
+                  "asr": float(res["info"]["asr"]), "n_pruned": int(res["info"]["n_pruned"]),
+                  "wall_time": round(time.perf_counter() - t_learn0, 2)}]
+        if steps["train"] == 0:
+            learn_seconds = time.perf_counter() - t_roll
+            steps["train"] = 0
+    pruned = [int(i) for i in chosen["pruned"]]
+    base = env.unwrapped
+    graph = base.graph
+    mask_mode = cfg["env"]["mask_mode"]
+    pruned_model = apply_pruning(bundle, graph, pruned, mask_mode)
+
+    log("[onp] evaluating on the held-out test set")
+    before = bundle.meta.get("test_metrics")
+    if not before or not {"acc", "asr", "ra"} <= set(before):
+        before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
+    before = {k: float(before[k]) for k in ("acc", "asr", "ra")}
+    after = with_der(before, evaluate_backdoor(pruned_model, bundle.test_x, bundle.test_y, bundle.attack))
+    total_steps = sum(steps.values())
+    rate_steps = steps["train"] if steps["train"] else steps["final"]
+    rate_seconds = learn_seconds if steps["train"] else (time.perf_counter() - t_roll)
+    names = [f"{graph.layers[int(graph.node_layer[i])].bn_name}[{int(graph.node_channel[i])}]" for i in pruned]
+    wall = time.perf_counter() - t_start
+    metrics: Dict[str, Any] = {
+        **after, "before": before, "n_pruned": len(pruned), "num_neurons": base.num_nodes, "budget": base.budget,
+        "agent": cfg["agent"], "asr_estimator": cfg["env"]["asr_estimator"],
+        "trigger_aware": bool(base.target.probe.trigger_aware),
+        "val_acc": float(chosen["acc"]), "val_asr": float(chosen["asr"]),
+        "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
+                "asr0": float(info0["asr"]), "return": float(ret), "select": cfg["rollout"]["select"],
+                "episode_steps": res["steps"], "n_clean": int(base.target.n_clean),
+                "n_triggered": int(len(base.target.probe.images)),
+                "note": "the chosen episode on the env's reward batch (defense-validation images)"},
+        "wall_time": round(wall, 2), "learn_seconds": round(learn_seconds, 2), "env_steps": total_steps,
+        "env_steps_breakdown": steps, "steps_per_second": round(rate_steps / max(rate_seconds, 1e-9), 3),
+        "steps_per_second_note": "training env steps per second of training (incl. PPO updates and evaluations)"
+                                 if cfg["agent"] == "ppo-gnn" else "env steps per second",
+        "data_source": bundle.meta.get("data_source"), "model_dir": str(bundle.path), **train_info,
+        "test_note": "ACC on the clean test set; ASR/RA with the attack's real trigger on non-target test images",
+    }
+    write_run(run_dir, config=cfg, metrics=metrics, pruned=pruned, pruned_names=names,
+              model_state=pruned_model.state_dict(),
+              command=command or f"python -m onp.train --config {run_dir / 'config.json'} --out {run_dir}-repro",
+              extra={"learning_curve.json": curve})
+    env.close()
+    print(f"[onp] {cfg['agent']} on {cfg['backdoor']['model']}/{cfg['backdoor']['attack']}: "
+          f"test ACC {before['acc']:.4f}->{after['acc']:.4f}  ASR {before['asr']:.4f}->{after['asr']:.4f}  "
+          f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(pruned)}  val ACC {chosen['acc']:.3f} "
+          f"ASR {chosen['asr']:.3f}  |  {total_steps} env steps, {wall:.0f}s  -> {run_dir}", flush=True)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m onp.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See configs/train/default.yaml for every config key and docs/agents.md for agents.")
+    p.add_argument("--model", default=None, help="architecture (default resnet18)")
+    p.add_argument("--dataset", default=None, help="dataset (default fashion-mnist)")
+    p.add_argument("--attack", default=None, help="attack (default badnets)")
+    p.add_argument("--width", type=int, default=None, help="first-stage width (default 16; 64 = standard ResNet-18)")
+    p.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
+    p.add_argument("--config", type=Path, default=None, help="YAML (or JSON) training config merged onto the defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, dotted for nested ones (e.g. ppo.n_steps=128, env.budget=0.03)")
+    p.add_argument("--timesteps", type=int, default=None, help="PPO env steps (ppo.total_timesteps)")
+    p.add_argument("--budget", type=float, default=None, help="pruning budget: fraction of neurons or a count")
+    p.add_argument("--seed", type=int, default=None, help="seed of the backdoored model and of the agent")
+    p.add_argument("--agent-seed", type=int, default=None, help="seed of the agent only")
+    p.add_argument("--device", default=None, help="device of the policy (and of zoo training): cpu, cuda, ...")
+    p.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
+    p.add_argument("--agent", default=None, help="ppo-gnn (default), random, greedy-gamma, greedy-activation, "
+                                                 "ranked:<baseline>, an installed entry point, or path/file.py:Class")
+    p.add_argument("--warm-start", default=None, metavar="BASELINE",
+                   help="behaviour-clone a baseline's pruning order before PPO (e.g. rnp)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--out", type=Path, default=None, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default $ONP_CACHE or ~/.cache/onp)")
+    p.add_argument("--list-agents", action="store_true", help="list the available agents and exit")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.config is not None:
+        cfg = json.loads(Path(args.config).read_text()) if str(args.config).endswith(".json") and \
+            Path(args.config).is_file() else load_yaml(args.config)
+    else:
+        cfg = {}
+    flags: Dict[str, Any] = {}
+    for flag, key in (("model", "backdoor.model"), ("dataset", "backdoor.dataset"), ("attack", "backdoor.attack"),
+                      ("width", "backdoor.width"), ("data_source", "backdoor.data_source"),
+                      ("timesteps", "ppo.total_timesteps"), ("budget", "env.budget"), ("device", "device"),
+                      ("asr_estimator", "env.asr_estimator"), ("agent", "agent"),
+                      ("warm_start", "warm_start.baseline"), ("cache_dir", "cache_dir")):
+        val = getattr(args, flag)
+        if val is not None:
+            flags[key] = str(val) if isinstance(val, Path) else val
+    if args.seed is not None:
+        flags["backdoor.seed"] = args.seed
+        flags["seed"] = args.seed
+    if args.agent_seed is not None:
+        flags["seed"] = args.agent_seed
+    nested: Dict[str, Any] = {}
+    for key, val in flags.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = val
+    cfg = deep_update(cfg, nested)
+    return deep_update(cfg, parse_overrides(args.set))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_agents:
+        from agents import available_agents
+        print("\n".join(available_agents()))
+        return 0
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    cfg = config_from_args(args)
+    line = reproduce_line(["python -m onp.train"] + list(argv if argv is not None else __import__("sys").argv[1:]))
+    run_training(cfg, args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+                 quiet=args.quiet, command=line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,285 @@
+"""The backdoored-model zoo: train once, cache by config hash, load everywhere.
+
+>>> from onp.zoo import BackdoorConfig, get_backdoored, load_bundle
+>>> model, meta = get_backdoored(BackdoorConfig(attack="badnets"))       # doctest: +SKIP
+>>> bundle = load_bundle(BackdoorConfig(attack="badnets"))                # doctest: +SKIP
+>>> bundle.defense_data, bundle.attack, bundle.test_x                     # doctest: +SKIP
+
+Each artifact directory holds ``model.pt`` (a state_dict), ``meta.json``, ``config.json``,
+``splits.npz`` (the defender pool index file) and ``trigger.pt`` (the trigger's tensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .attacks import ATTACKS, Attack, build_attack
+from .config import from_dict, stable_hash
+from .data import DATASETS, Dataset, load_dataset
+from .data.augment import Augment
+from .data.defense import DefenseData
+from .data.splits import Splits, as_float, make_splits
+from .io import (CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint,
+                 load_state_dict_into, read_json)
+from .metrics import evaluate_backdoor
+from .models import DEFAULT_WIDTH, MODELS, build_model_for
+from .seeding import seed_everything
+from .training import PoisonPlan, TrainRecipe, train_classifier
+
+ARTIFACT_FILES = ("model.pt", "meta.json", "config.json", "splits.npz", "trigger.pt")
+
+
+@dataclass
+class BackdoorConfig:
+    """Everything that determines a backdoored model (and so its cache key)."""
+
+    model: str = "resnet18"
+    width: Optional[int] = None  # None -> the architecture's CPU default (16 for resnet18)
+    dataset: str = "fashion-mnist"
+    data_source: str = "auto"  # auto | full | sample
+    attack: str = "badnets"
+    attack_params: Dict[str, Any] = field(default_factory=dict)
+    target: int = 0
+    mode: str = "all2one"
+    poison_rate: float = 0.1
+    clean: bool = False  # train an unpoisoned model with the same recipe (false-positive studies)
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    seed: int = 0
+    defense_size: int = 500
+    defense_val_fraction: float = 0.5
+    split_seed: int = 0
+    max_train: Optional[int] = None  # cap the attacker's training set (quick tests)
+
+    def validate(self) -> "BackdoorConfig":
+        MODELS.check(self.model)
+        DATASETS.check(self.dataset)
+        ATTACKS.check(self.attack)
+        if not 0.0 < self.poison_rate < 1.0:
+            raise ValueError(f"poison_rate must be in (0, 1), got {self.poison_rate}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.width is not None and self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+        if self.defense_size < 2:
+            raise ValueError(f"defense_size must be >= 2, got {self.defense_size}")
+        return self
+
+    def resolved(self) -> "BackdoorConfig":
+        """A copy with defaults filled in (the width)."""
+        width = DEFAULT_WIDTH.get(self.model, 16) if self.width is None else self.width
+        return dataclasses.replace(self, width=width).validate()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "BackdoorConfig":
+        return from_dict(cls, data, "backdoor config")
+
+
+@dataclass
+class BackdoorBundle:
+    """A loaded backdoored model with its attack, its dataset spec and the split data.
+
+    ``defense_data`` is what defenses may use; ``test_x``/``test_y`` are for final reporting only.
+    """
+
+    model: nn.Module
+    meta: Dict[str, Any]
+    attack: Attack
+    dataset: Dataset
+    splits: Splits
+    path: Path
+
+    @property
+    def spec(self):
+        return self.dataset.spec
+
+    @property
+    def config(self) -> BackdoorConfig:
+        return BackdoorConfig.from_dict(self.meta["config"])
+
+    @property
+    def defense_data(self) -> DefenseData:
+        tr, va = self.dataset.train.subset(self.splits.defense_train), self.dataset.train.subset(self.splits.defense_val)
+        return DefenseData(as_float(tr.images), tr.labels, as_float(va.images), va.labels, self.spec.num_classes)
+
+    @property
+    def test_x(self) -> torch.Tensor:
+        return as_float(self.dataset.test.images)
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        return self.dataset.test.labels
+
+    def fresh_model(self) -> nn.Module:
+        """A new copy of the backdoored model (for defenses that edit weights)."""
+        return load_model(self.path, self.meta)
+
+
+def _data_key(ds: Dataset) -> Dict[str, Any]:
+    return {"sample": ds.is_sample, "num_train": len(ds.train), "num_test": len(ds.test)}
+
+
+def artifact_dir(config: BackdoorConfig, dataset: Dataset, cache_dir: Optional[Path] = None) -> Path:
+    """``<cache>/zoo/<model>-w<width>-<dataset>-<attack|clean>-<hash>``, hash over the resolved config."""
+    cfg = config.resolved()
+    key = {k: v for k, v in cfg.to_dict().items() if k != "data_source"}
+    key["data"] = _data_key(dataset)
+    name = "clean" if cfg.clean else cfg.attack
+    return cache_root(cache_dir) / "zoo" / f"{cfg.model}-w{cfg.width}-{cfg.dataset}-{name}-{stable_hash(key)}"
+
+
+def _make_attack(cfg: BackdoorConfig, spec) -> Attack:
+    return build_attack(cfg.attack, spec.image_shape, spec.num_classes, target=cfg.target, mode=cfg.mode,
+                        seed=cfg.seed, **cfg.attack_params)
+
+
+def _versions() -> Dict[str, str]:
+    import numpy
+    return {"onp": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def _is_complete(path: Path) -> bool:
+    return all((path / f).exists() for f in ARTIFACT_FILES)
+
+
+def load_model(path: Path, meta: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Rebuild the architecture from ``meta.json`` and load ``model.pt`` (weights_only)."""
+    path = Path(path)
+    meta = meta or read_json(path / "meta.json")
+    cfg = BackdoorConfig.from_dict(meta["config"])
+    spec = DATASETS.get(cfg.dataset).spec
+    model = build_model_for(cfg.model, spec, cfg.width)
+    state = load_checkpoint(path / "model.pt")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / 'model.pt'}: expected a state_dict, got {type(state).__name__}")
+    load_state_dict_into(model, state, path / "model.pt")
+    return model.eval()
+
+
+def get_backdoored(config: Union[BackdoorConfig, Dict[str, Any]] = None, *, cache_dir: Optional[Path] = None,
+                   data_dir: Optional[Path] = None, overwrite: bool = False, device: str = "cpu",
+                   progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Return ``(model, metadata)`` for ``config``, training and caching it on the first call.
+
+    A second identical call loads the cached artifact at once. ``overwrite=True`` retrains. An
+    interrupted training resumes from its last completed epoch on the next call.
+    """
+    bundle = load_bundle(config, cache_dir=cache_dir, data_dir=data_dir, overwrite=overwrite, device=device,
+                         progress=progress)
+    return bundle.model, bundle.meta
+
+
+def load_bundle(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *, cache_dir: Optional[Path] = None,
+                data_dir: Optional[Path] = None, overwrite: bool = False, device: str = "cpu",
+                progress: bool = True, train_if_missing: bool = True) -> BackdoorBundle:
+    """Like :func:`get_backdoored` but returns a :class:`BackdoorBundle` with the splits and attack."""
+    cfg = config if isinstance(config, BackdoorConfig) else BackdoorConfig.from_dict(config or {})
+    cfg = cfg.resolved()
+    dataset = load_dataset(cfg.dataset, data_dir=data_dir, source=cfg.data_source)
+    path = artifact_dir(cfg, dataset, cache_dir)
+    if overwrite and path.exists():
+        shutil.rmtree(path)
+    if not _is_complete(path):
+        if not train_if_missing:
+            raise FileNotFoundError(f"no cached model for this config at {path}; run python -m onp.backdoor first")
+        _train_artifact(cfg, dataset, path, device=device, progress=progress)
+    elif progress:
+        print(f"[onp] using cached model {path}")
+    return open_bundle(path, dataset=dataset)
+
+
+def open_bundle(path: Union[str, Path], *, dataset: Optional[Dataset] = None,
+                data_dir: Optional[Path] = None) -> BackdoorBundle:
+    """Open an existing artifact directory (e.g. one passed as ``--checkpoint``)."""
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        raise CheckpointError(f"{path}: not an onp model directory (no meta.json)")
+    meta = read_json(path / "meta.json")
+    try:
+        cfg = BackdoorConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'meta.json'}: malformed metadata ({exc})") from exc
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, data_dir=data_dir, source=cfg.data_source)
+    if _data_key(dataset) != meta.get("data"):
+        raise CheckpointError(f"{path}: the model was trained on {meta.get('data')} but the dataset found now is "
+                              f"{_data_key(dataset)} ({dataset.source}); pass the same --data-dir/data_source")
+    splits = Splits.load(path / "splits.npz")
+    if splits.digest() != meta.get("split_sha256"):
+        raise CheckpointError(f"{path / 'splits.npz'}: split index file does not match meta.json's split_sha256")
+    attack = _make_attack(cfg, dataset.spec)
+    return BackdoorBundle(load_model(path, meta), meta, attack, dataset, splits, path)
+
+
+def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device: str, progress: bool) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    spec = dataset.spec
+    splits_path = path / "splits.npz"
+    if splits_path.exists():
+        splits = Splits.load(splits_path)
+    else:
+        splits = make_splits(len(dataset.train), cfg.defense_size, cfg.defense_val_fraction, cfg.split_seed)
+        splits.save(splits_path)
+    attacker = splits.attacker_train
+    if cfg.max_train is not None:
+        attacker = np.sort(np.random.default_rng(cfg.seed).choice(attacker, min(cfg.max_train, len(attacker)),
+                                                                   replace=False))
+    train = dataset.train.subset(attacker)
+    attack = _make_attack(cfg, spec)
+    plan = PoisonPlan.clean(train.labels) if cfg.clean else PoisonPlan.for_attack(
+        attack, train.labels, cfg.poison_rate, cfg.seed)
+    kind = "clean (unpoisoned)" if cfg.clean else f"{cfg.attack} ({cfg.mode}, target {cfg.target}, " \
+                                                  f"{int(plan.poisoned.sum())} poisoned images)"
+    if progress:
+        print(f"[onp] training {cfg.model} (width {cfg.width}) on {cfg.dataset} [{dataset.source}], "
+              f"{len(train)} attacker images, {kind}, {cfg.epochs} epochs")
+    seed_everything(cfg.seed)
+    model = build_model_for(cfg.model, spec, cfg.width)
+    recipe = TrainRecipe(cfg.epochs, cfg.batch_size, cfg.lr, 0.9, cfg.weight_decay, cfg.seed)
+    state_path = path / "train_state.pt"
+    t0 = time.time()
+    train_classifier(model, train.images, plan, attack=None if cfg.clean else attack,
+                     augment=Augment.for_spec(spec), recipe=recipe, state_path=state_path, device=device,
+                     progress=progress)
+    train_seconds = time.time() - t0
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    metrics = evaluate_backdoor(model, as_float(dataset.test.images), dataset.test.labels, attack)
+    meta = {
+        "config": cfg.to_dict(),
+        "model": cfg.model, "width": cfg.width, "dataset": cfg.dataset, "data_source": dataset.source,
+        "data": _data_key(dataset),
+        "attack": None if cfg.clean else attack.params(), "clean": cfg.clean,
+        "target": cfg.target, "mode": cfg.mode, "poison_rate": 0.0 if cfg.clean else cfg.poison_rate,
+        "num_poisoned": int(plan.poisoned.sum()), "num_attacker_train": len(train),
+        "split_sha256": splits.digest(), "split_sizes": splits.sizes(), "seed": cfg.seed,
+        "versions": _versions(), "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
+        "test_metrics": metrics,
+        "test_metrics_note": "ASR/RA use the attack's real trigger on non-target test images"
+                             + (" (clean model: measures the trigger's natural effect)" if cfg.clean else ""),
+    }
+    atomic_torch_save(path / "trigger.pt", attack.trigger_pattern())
+    atomic_write_json(path / "config.json", cfg.to_dict())
+    atomic_torch_save(path / "model.pt", model.state_dict())
+    atomic_write_json(path / "meta.json", meta)  # written last: its presence marks a complete artifact
+    if state_path.exists():
+        state_path.unlink()
+    if progress:
+        print(f"[onp] {path.name}: test ACC {metrics['acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
+              f"(train {train_seconds:.0f}s)")

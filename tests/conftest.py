@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny backdoored model trained once per test session on the bundled sample."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = dict(model="small_cnn", width=16, dataset="fashion-mnist", data_source="sample", attack="badnets",
+            epochs=3, max_train=6000, defense_size=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def onp_cache(tmp_path_factory):
+    """A private artifact cache for the whole test session."""
+    path = tmp_path_factory.mktemp("onp-cache")
+    old = os.environ.get("ONP_CACHE")
+    os.environ["ONP_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ONP_CACHE", None)
+    else:
+        os.environ["ONP_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(onp_cache):
+    """A small_cnn backdoored with BadNets on 6,000 sample images (a few seconds on CPU)."""
+    from onp.zoo import BackdoorConfig, load_bundle
+    return load_bundle(BackdoorConfig(**TINY), cache_dir=onp_cache, progress=False)
