@@ -220,7 +220,7 @@ class GraphEncoder(BaseFeaturesExtractor):
             crow, col, val, crow_t, col_t, val_t = self._base_csr()
             out = _block_diagonal(crow, col, val, self.num_nodes, batch)
             out._onp_transpose = _block_diagonal(crow_t, col_t, val_t, self.num_nodes, batch)
-        if len(self._cache) > 16:
+        if len(self._cache) > 6:  # a few batch sizes recur (1 for rollouts, the minibatch size for updates)
             self._cache = {k: v for k, v in self._cache.items() if k[0] == 0}
         self._cache[key] = out
         return out

@@ -245,7 +245,8 @@ def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, resume: bool
             if ws_cfg.get("baseline"):
                 from .heuristics import baseline_scores
 
-                log(f"[onp] warm start: behaviour cloning of baseline {ws_cfg['baseline']!r}'s pruning order")
+                log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on the defense data to clone its "
+                    f"pruning order")
                 t0 = time.perf_counter()
                 scores = baseline_scores(bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed,
                                          graph=eval_env.unwrapped.graph)

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import re
 import sys
 import time
 import traceback
@@ -55,8 +56,27 @@ def agent_names() -> List[str]:
         import agents
     except ImportError:
         return []
+    if hasattr(agents, "available_agents"):
+        return list(agents.available_agents())
     reg = getattr(agents, "AGENTS", None)
     return list(reg.names()) if reg is not None else []
+
+
+def is_agent(name: str) -> bool:
+    """Whether ``name`` is a learned-policy agent spec that ``onp.train --agent`` accepts."""
+    try:
+        import agents
+    except ImportError:
+        return False
+    try:
+        agents.resolve_agent_factory(name)
+        return True
+    except (ValueError, FileNotFoundError, KeyError):
+        return False
+
+
+def _dirname(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "defense"
 
 
 def _train_module():
@@ -171,10 +191,9 @@ class GridPlan:
         for a in args.attacks:
             ATTACKS.check(a)
         baseline_names = _defense_names()
-        agents = agent_names()
         for d in args.defenses:
-            if d not in baseline_names and d not in agents:
-                raise UnknownNameError("defense", d, sorted(set(baseline_names) | set(agents)))
+            if d not in baseline_names and not is_agent(d):
+                raise UnknownNameError("defense", d, sorted(set(baseline_names) | set(agent_names())))
         self.models = list(dict.fromkeys(args.models))
         self.attacks = list(dict.fromkeys(args.attacks))
         self.defenses = list(dict.fromkeys(args.defenses))
@@ -223,7 +242,7 @@ class GridPlan:
         if a.train_config is not None:
             tc = {"path": str(a.train_config),
                   "sha256": hashlib.sha256(Path(a.train_config).read_bytes()).hexdigest()[:16]}
-        return {"dataset": a.dataset, "width": a.width, "epochs": a.epochs, "data_source": a.data_source,
+        return {"models": self.models, "dataset": a.dataset, "width": a.width, "epochs": a.epochs, "data_source": a.data_source,
                 "defense_size": a.defense_size, "max_train": a.max_train, "backdoor_set": list(a.backdoor_set),
                 "set": list(a.set), "oracle_max_fraction": a.oracle_max_fraction, "no_oracle": a.no_oracle,
                 "timesteps": a.timesteps, "asr_estimator": a.asr_estimator, "train_config": tc,
@@ -242,7 +261,7 @@ class GridPlan:
         base = self.out / "cells"
         if len(self.models) > 1:
             base = base / model
-        return base / attack / defense / f"s{seed}"
+        return base / attack / _dirname(defense) / f"s{seed}"
 
     def cells(self) -> List[Cell]:
         return [Cell(m, a, d, s, "baseline" if d in self.baselines else "policy", self.cell_dir(m, a, d, s))
@@ -275,7 +294,7 @@ class GridPlan:
         env = {"ONP_DATA": str(a.data_dir)} if a.data_dir is not None and cell.kind == "policy" else {}
         return {"key": cell.key, "kind": cell.kind, "argv": argv, "run_dir": str(run_dir), "seed": cell.seed,
                 "model_dir": str(model_dir), "env": env, "deterministic": a.deterministic,
-                "log": str(self.out / "logs" / (cell.key.replace("/", "-") + ".log"))}
+                "log": str(self.out / "logs" / (_dirname(cell.key.replace("/", "-")) + ".log"))}
 
     def policy_argv(self, cell: Cell, model_dir: str, started: bool) -> List[str]:
         a = self.args
@@ -353,6 +372,11 @@ def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
             ok, error = False, f"exit status {rc}"
         elif not metrics_path.exists():
             ok, error = False, "the run finished without writing metrics.json"
+        elif task["kind"] == "baseline":  # the README names the cell's own command, not the grid's
+            argv = [a for a in task["argv"] if a != "--overwrite"]
+            atomic_write_text(Path(task["run_dir"]) / "README.md",
+                              f"Reproduce this run with:\n\n    {reproduce_line(['python -m onp.baseline'] + argv)}\n\n"
+                              f"(one cell of an onp.compare grid)\n")
         elif task["kind"] == "policy" and task.get("model_dir"):
             used = read_json(metrics_path).get("model_dir")
             if used and Path(used).resolve() != Path(task["model_dir"]).resolve():
@@ -457,7 +481,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     failures: Dict[str, str] = {}
     interrupted = False
-    executor = None
+    executor = make_executor(args)  # fails early (e.g. Ray missing) before any work
     try:
         # 1) the backdoored models, one per (model, attack, seed), before any cell
         models = _load_models_json(out)
@@ -469,7 +493,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "cache_dir": str(args.cache_dir) if args.cache_dir else None,
                   "data_dir": str(args.data_dir) if args.data_dir else None, "device": args.device}
                  for (m, a, s) in need]
-        executor = make_executor(args)
         if tasks:
             bar = tqdm(total=len(tasks), desc="backdoored models", disable=args.quiet, file=sys.stderr)
             for _, res in executor.run(prepare_model, tasks):
@@ -502,8 +525,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         interrupted = True
         raise
     finally:
-        if executor is not None:
-            executor.close()
+        executor.close()
         if failures:
             atomic_write_json(out / "failures.json", failures)
         elif (out / "failures.json").exists():

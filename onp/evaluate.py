@@ -142,6 +142,8 @@ def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, de
             n_policy = int(policy.observation_space["x"].shape[0])
             check_architecture(source["backdoor"], bundle.config, what="policy", n_source=n_policy,
                                n_target=base.num_nodes)
+            if callable(getattr(policy.policy, "set_graph", None)):  # the GNN reads the TARGET model's graph
+                policy.policy.set_graph(base.edge_index, base.edge_weight)
 
             def act(obs, mask):
                 return policy.predict(obs, action_masks=mask, deterministic=True)[0]
@@ -280,6 +282,8 @@ def evaluate(args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
                            what="policy" if kind == "policy" else "pruned set")
     bundle = target_bundle(args, source["backdoor"])
     tcfg = bundle.config
+    if source["backdoor"]:
+        check_architecture(source["backdoor"], tcfg, what="policy" if kind == "policy" else "pruned set")
     target_name = "clean" if tcfg.clean else tcfg.attack
     out = args.out or Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
     out = prepare_run_dir(out, overwrite=args.overwrite)

@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .cli_common import run_cli
@@ -217,6 +215,15 @@ def run_training(config: Optional[Dict[str, Any]] = None, out_dir=None, *, overw
         callbacks: extra SB3 callbacks for PPO training.
         command: the reproduce line written to README.md.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _run_training(config, out_dir, overwrite=overwrite, resume=resume, progress=progress, quiet=quiet,
+                             callbacks=callbacks, command=command)
+    finally:
+        torch.set_num_threads(threads)  # torch_threads applies to this run only
+
+
+def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callbacks, command) -> Dict[str, Any]:
     t_start = time.perf_counter()
     cfg = resolve_config(config)
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
@@ -233,7 +240,7 @@ def run_training(config: Optional[Dict[str, Any]] = None, out_dir=None, *, overw
     seed_everything(seed)
 
     bundle = _load_bundle(cfg, log, progress)
-    from agents import best_prefix, build_agent, resolve_agent_factory, rollout
+    from agents import BaseAgent, best_prefix, build_agent, resolve_agent_factory, rollout
     from agents.envs import EnvFactory, env_kwargs_from_config
 
     env_kwargs = env_kwargs_from_config(cfg["env"], cfg.get("cache_dir"))
@@ -275,7 +282,7 @@ def run_training(config: Optional[Dict[str, Any]] = None, out_dir=None, *, overw
         curve = []
         if callable(getattr(agent_obj, "save", None)):
             try:
-                agent_obj.save(run_dir / "agent")
+                agent_obj.save(run_dir / ("agent.json" if isinstance(agent_obj, BaseAgent) else "agent"))
             except Exception as exc:  # saving is optional for plug-in agents
                 log(f"[onp] note: agent.save failed ({exc}); continuing")
         train_info = {"timesteps": steps["train"]}
@@ -379,11 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    if args.config is not None:
-        cfg = json.loads(Path(args.config).read_text()) if str(args.config).endswith(".json") and \
-            Path(args.config).is_file() else load_yaml(args.config)
-    else:
-        cfg = {}
+    cfg = load_yaml(args.config) if args.config is not None else {}  # YAML (JSON is valid YAML too)
     flags: Dict[str, Any] = {}
     for flag, key in (("model", "backdoor.model"), ("dataset", "backdoor.dataset"), ("attack", "backdoor.attack"),
                       ("width", "backdoor.width"), ("data_source", "backdoor.data_source"),

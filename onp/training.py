@@ -82,8 +82,11 @@ def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan
     steps = (n + recipe.batch_size - 1) // recipe.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps,
-                                                pct_start=0.25)
+    total = recipe.epochs * steps
+    if total >= 8:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.25)
+    else:  # OneCycleLR needs a few steps per phase; tiny runs use a constant rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     start_epoch = 0
     if state_path is not None and Path(state_path).exists():
         state = load_checkpoint(state_path)

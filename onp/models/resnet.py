@@ -7,7 +7,7 @@ count (64 = the standard network).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,15 @@ def _stage_widths(width: int) -> List[int]:
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     return [width, 2 * width, 4 * width, 8 * width]
+
+
+def make_stage(block, in_planes: int, planes: int, blocks: int, stride: int) -> Tuple[nn.Sequential, int]:
+    """``blocks`` residual blocks, the first with ``stride``; returns the stage and its output width."""
+    layers = []
+    for s in [stride] + [1] * (blocks - 1):
+        layers.append(block(in_planes, planes, s))
+        in_planes = planes
+    return nn.Sequential(*layers), in_planes
 
 
 class BasicBlock(nn.Module):
@@ -60,11 +69,8 @@ class ResNet18(nn.Module):
         self.linear = nn.Linear(w[3], num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
+        stage, self.in_planes = make_stage(BasicBlock, self.in_planes, planes, blocks, stride)
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
@@ -112,11 +118,8 @@ class PreActResNet18(nn.Module):
         self.linear = nn.Linear(w[3], num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
+        stage, self.in_planes = make_stage(PreActBlock, self.in_planes, planes, blocks, stride)
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.normalize(x))

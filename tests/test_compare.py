@@ -1,0 +1,302 @@
+"""``python -m onp.compare``: the grid, the leaderboard, plots, resume, missing cells and the executors.
+
+Every grid uses tiny chance-level SmallCNNs (width 4, one epoch on 1,000 sample images: a few
+seconds each) so the whole module stays fast on CPU; the tests check the mechanics, not the numbers.
+"""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from onp import compare
+from onp.executors import LocalExecutor, ProcessExecutor, make_executor, ray_available
+from onp.registry import UnknownNameError
+from onp.report import Cell, build_rows, fmt, stats, to_markdown
+
+LEAN = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "1000",
+        "--defense-size", "300"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: much faster than two on a shared 2-core machine for these tiny models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _argv(onp_cache, out, *extra):
+    return LEAN + ["--cache-dir", str(onp_cache), "--out", str(out), "--quiet"] + list(extra)
+
+
+@pytest.fixture(scope="module")
+def grid(onp_cache, tmp_path_factory):
+    """2 attacks x (2 baselines + a learned-policy agent run by onp.train) x 2 seeds."""
+    out = tmp_path_factory.mktemp("grid") / "g"
+    argv = _argv(onp_cache, out, "--attacks", "badnets", "blend", "--defenses", "magnitude", "clp", "greedy-gamma",
+                 "--seeds", "2", "--set", "max_fraction=0.1", "--oracle-max-fraction", "0.1",
+                 "--train-set", "env.budget=3", "--train-set", "env.reward_batch=60")
+    assert compare.main(argv) == 0
+    return out, argv
+
+
+def test_grid_leaderboard_tables(grid):
+    out, _ = grid
+    md = (out / "leaderboard.md").read_text()
+    # grouped by attack, a no-defense row first, every defense with mean ± std over the 2 seeds
+    assert md.index("## badnets") < md.index("## blend")
+    section = md.split("## badnets")[1].split("## blend")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "Defense" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["no defense", "magnitude", "clp", "greedy-gamma"]
+    for r in rows:
+        cols = [c.strip() for c in r.strip("|").split("|")]
+        assert all(" ± " in c for c in cols[1:5]), r  # ACC ASR RA DER
+        assert cols[-1] == "2/2"
+    assert "n/a (defense data only)" in section and "trigger (trigger-aware)" in section
+    assert "missing" not in md and "failed" not in md
+
+    with open(out / "leaderboard.csv") as fh:
+        recs = list(csv.DictReader(fh))
+    assert len(recs) == 2 * 4
+    for r in recs:
+        for m in ("acc", "asr", "ra", "der"):
+            assert 0.0 <= float(r[f"{m}_mean"]) <= 1.0 and float(r[f"{m}_std"]) >= 0.0
+    none = [r for r in recs if r["defense"] == "no defense"]
+    assert len(none) == 2 and all(float(r["der_mean"]) == 0.5 for r in none)
+
+    board = json.loads((out / "leaderboard.json").read_text())
+    row = next(r for r in board["rows"] if r["attack"] == "blend" and r["defense"] == "greedy-gamma")
+    assert row["kind"] == "policy" and row["seeds"] == [0, 1] and len(row["metrics"]["acc"]["values"]) == 2
+    cell = json.loads((out / "cells" / "blend" / "greedy-gamma" / "s1" / "metrics.json").read_text())
+    assert cell["asr_estimator"] == "trigger" and cell["n_pruned"] <= 3
+    assert row["metrics"]["n_pruned"]["values"][1] == cell["n_pruned"]
+    mag = json.loads((out / "cells" / "badnets" / "magnitude" / "s0" / "config.json").read_text())
+    assert mag["params"]["max_fraction"] == 0.1  # the unscoped --set reached the baseline that has the key
+    clp = json.loads((out / "cells" / "badnets" / "clp" / "s0" / "config.json").read_text())
+    assert "max_fraction" not in clp["params"]
+
+
+def test_grid_outputs_and_provenance(grid):
+    out, _ = grid
+    for name in ("config.json", "env.json", "models.json", "README.md"):
+        assert (out / name).exists(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["attacks"] == ["badnets", "blend"] and cfg["seeds"] == [0, 1] and cfg["policies"] == ["greedy-gamma"]
+    env = json.loads((out / "env.json").read_text())
+    assert {"git_commit", "torch", "numpy", "python", "cpu_count"} <= set(env)
+    models = json.loads((out / "models.json").read_text())
+    assert len(models) == 4  # one backdoored model per (attack, seed), shared by the defenses
+    for key, m in models.items():
+        seed = int(key.rsplit("/s", 1)[1])
+        assert m["config"]["seed"] == seed
+    # the learned-policy cell used the very same zoo model as the baselines
+    pol = json.loads((out / "cells" / "badnets" / "greedy-gamma" / "s1" / "metrics.json").read_text())
+    base = json.loads((out / "cells" / "badnets" / "magnitude" / "s1" / "config.json").read_text())
+    assert pol["model_dir"] == base["model_dir"] == models["small_cnn/badnets/s1"]["path"]
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    for name in ("sweep_small_cnn_badnets.png", "sweep_small_cnn_blend.png", "der_small_cnn.png",
+                 "pruned_per_layer_small_cnn.png", "learning_curve.png"):
+        assert name in plots
+        data = (out / "plots" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 2000, name
+    assert (out / "logs").is_dir()
+    readme = (out / "cells" / "blend" / "clp" / "s1" / "README.md").read_text()
+    assert "python -m onp.baseline --method clp --checkpoint" in readme and "--seed 1" in readme
+    assert "python -m onp.train" in (out / "cells" / "blend" / "greedy-gamma" / "s1" / "README.md").read_text()
+
+
+def test_names_are_validated_before_any_work(onp_cache, tmp_path):
+    out = tmp_path / "never"
+    for flag, bad in (("--attacks", "nope"), ("--defenses", "nope"), ("--model", "nope")):
+        argv = _argv(onp_cache, out, flag, bad)
+        with pytest.raises(UnknownNameError, match="valid choices"):
+            compare.main(argv)
+    with pytest.raises(UnknownNameError, match="clp.*greedy-gamma.*magnitude.*ppo-gnn"):
+        compare.main(_argv(onp_cache, out, "--defenses", "clp", "ppo-gnm"))
+    with pytest.raises(ValueError, match="no selected baseline has a hyperparameter 'iterations'"):
+        compare.main(_argv(onp_cache, out, "--defenses", "clp", "--set", "iterations=3"))
+    with pytest.raises(Exception, match="unknown hyperparameter"):
+        compare.main(_argv(onp_cache, out, "--defenses", "clp", "--set", "clp.nope=3"))
+    assert not out.exists()
+
+
+def test_settings_change_is_refused(grid, onp_cache):
+    out, argv = grid
+    from onp.io import RunExistsError
+    with pytest.raises(RunExistsError, match="other settings.*epochs"):
+        compare.main(argv + ["--epochs", "2"])
+
+
+class _Interrupt(LocalExecutor):
+    """Runs the backdoored models, then ``k`` cells, then raises KeyboardInterrupt (like Ctrl-C)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def run(self, fn, tasks):
+        if fn is compare.prepare_model:
+            yield from super().run(fn, tasks)
+            return
+        for i, item in enumerate(super().run(fn, tasks)):
+            yield item
+            if i + 1 == self.k:
+                raise KeyboardInterrupt
+
+
+def test_interrupted_grid_resumes_where_it_stopped(grid, onp_cache, tmp_path, monkeypatch):
+    out = tmp_path / "resume"
+    argv = _argv(onp_cache, out, "--attacks", "badnets", "--defenses", "magnitude", "clp", "--seeds", "2",
+                 "--no-oracle", "--set", "max_fraction=0.1")
+    calls = []
+    real = compare.run_cell
+
+    def counting(task):
+        calls.append(task["key"])
+        return real(task)
+
+    monkeypatch.setattr(compare, "run_cell", counting)
+    monkeypatch.setattr(compare, "make_executor", lambda args: _Interrupt(2))
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(argv)
+    assert len(calls) == 2
+    done = sorted(out.glob("cells/*/*/*/metrics.json"))
+    assert len(done) == 2
+    mtimes = {p: p.stat().st_mtime_ns for p in done}
+    md = (out / "leaderboard.md").read_text()  # a partial leaderboard is written on interruption
+    assert "missing (1/2 seeds)" in md or "missing (0/2 seeds)" in md
+
+    monkeypatch.setattr(compare, "make_executor", lambda args: LocalExecutor())
+    calls.clear()
+    assert compare.main(argv) == 0
+    finished = {"small_cnn/{}/{}/{}".format(*p.parts[-4:-1]) for p in done}
+    assert len(calls) == 2 and not set(calls) & finished  # only the unfinished cells ran
+    assert {p: p.stat().st_mtime_ns for p in done} == mtimes  # finished cells untouched
+    assert len(list(out.glob("cells/*/*/*/metrics.json"))) == 4
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []  # a finished grid recomputes nothing
+    assert "missing" not in (out / "leaderboard.md").read_text()
+
+
+def test_partial_grid_shows_missing_cells(grid, onp_cache, tmp_path):
+    out, _ = grid
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "cells" / "blend" / "clp" / "s1")
+    argv = _argv(onp_cache, copy, "--attacks", "badnets", "blend", "--defenses", "magnitude", "clp", "random",
+                 "--seeds", "3", "--report-only", "--no-plots")
+    assert compare.main(argv) == 0
+    assert not (copy / "cells" / "badnets" / "random").exists()  # --report-only runs nothing
+    md = (copy / "leaderboard.md").read_text()
+    blend = md.split("## blend")[1]
+    line = {r.split("|")[1].strip(): r for r in blend.splitlines() if r.startswith("| ")}
+    assert "missing (2/3 seeds)" in line["magnitude"] and " ± " in line["magnitude"]
+    assert "missing (1/3 seeds)" in line["clp"]
+    assert "missing (0/3 seeds)" in line["random"] and line["random"].count("missing") >= 5
+    board = json.loads((copy / "leaderboard.json").read_text())
+    assert sum(r["seeds_ok"] < r["seeds_expected"] for r in board["rows"]) == len(board["rows"])
+
+
+def test_report_rows_failed_and_missing(tmp_path):
+    def cell(d, s, status, acc=0.9):
+        c = Cell("m", "a", d, s, "baseline", tmp_path / f"{d}{s}", status=status)
+        if status == "ok":
+            c.metrics = {"acc": acc, "asr": 0.1, "ra": 0.8, "der": 0.9, "n_pruned": 3, "wall_time": 2.0,
+                         "before": {"acc": 0.92, "asr": 1.0, "ra": 0.0}}
+        else:
+            c.error = "boom"
+        return c
+
+    cells = [cell("x", 0, "ok", 0.9), cell("x", 1, "ok", 0.8), cell("x", 2, "failed"), cell("y", 0, "ok")]
+    rows = build_rows(cells, models=["m"], attacks=["a"], defenses=["x", "y"], seeds=[0, 1, 2])
+    by = {r.defense: r for r in rows}
+    assert by["x"].status == "missing (2/3 seeds); 1 failed" and by["x"].errors == ["s2: boom"]
+    assert fmt(by["x"].metrics["acc"]) == "85.00 ± 7.07"
+    assert by["y"].status == "missing (1/3 seeds)" and fmt(by["y"].metrics["acc"]) == "90.00 ± 0.00"
+    assert by["no defense"].ok == 2 and fmt(by["no defense"].metrics["der"]) == "50.00 ± 0.00"
+    md = to_markdown(rows)
+    assert "failed: x s2: boom" in md
+    assert stats([])["mean"] is None and fmt(stats([])) == "missing"
+
+
+def test_process_executor_runs_tasks():
+    ex = make_executor("local", jobs=2)
+    assert isinstance(ex, ProcessExecutor)
+    assert sorted(r for _, r in ex.run(abs, [-1, -2, 3])) == [1, 2, 3]
+    assert [r for _, r in make_executor("local").run(abs, [-4])] == [4]
+    with pytest.raises(ValueError, match="valid choices"):
+        make_executor("slurm")
+
+
+@pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install 'onp[ray]')")
+def test_ray_executor_grid(grid, onp_cache, tmp_path):
+    out = tmp_path / "ray"
+    argv = _argv(onp_cache, out, "--attacks", "badnets", "blend", "--defenses", "magnitude", "clp", "--seeds", "1",
+                 "--no-oracle", "--set", "max_fraction=0.1", "--executor", "ray", "--ray-num-cpus", "2", "--no-plots")
+    assert compare.main(argv) == 0
+    import ray
+    assert not ray.is_initialized()  # the executor shut down the Ray instance it started
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert all(r["status"] == "1/1" for r in board["rows"])
+    # same cells as the local grid (same models, same seeds) -> same numbers
+    local = json.loads((grid[0] / "cells" / "blend" / "magnitude" / "s0" / "metrics.json").read_text())
+    remote = json.loads((out / "cells" / "blend" / "magnitude" / "s0" / "metrics.json").read_text())
+    assert {k: remote[k] for k in ("acc", "asr", "ra", "der", "n_pruned")} == \
+           {k: local[k] for k in ("acc", "asr", "ra", "der", "n_pruned")}
+
+
+def test_failed_cell_is_reported_not_dropped(grid, onp_cache, tmp_path):
+    out = tmp_path / "fail"
+    argv = _argv(onp_cache, out, "--attacks", "badnets", "--defenses", "anp", "clp", "--seeds", "1", "--no-oracle",
+                 "--no-plots", "--set", "anp.batch_size=1000")  # more than the 150 defense-train images
+    assert compare.main(argv) == 1
+    failures = json.loads((out / "failures.json").read_text())
+    assert list(failures) == ["small_cnn/badnets/anp/s0"] and "at least 1000" in failures["small_cnn/badnets/anp/s0"]
+    md = (out / "leaderboard.md").read_text()
+    anp = next(line for line in md.splitlines() if line.startswith("| anp"))
+    assert "missing (0/1 seeds); 1 failed" in anp and "failed: anp s0: DefenseError" in md
+    assert "at least 1000" in (out / "logs" / "small_cnn-badnets-anp-s0.log").read_text()
+    assert "| clp |" in md and "1/1" in next(line for line in md.splitlines() if line.startswith("| clp"))
+
+
+def test_ray_executor_requests_a_gpu_per_task_when_the_cluster_has_gpus(monkeypatch):
+    """With a stand-in ``ray`` module: num_gpus=1 per task iff cluster_resources() lists GPUs."""
+    import sys
+    import types
+
+    from onp.executors import RayExecutor
+
+    def fake_ray(resources):
+        ray = types.SimpleNamespace(options=[], inits=[])
+
+        class Ref:
+            def __init__(self, value):
+                self.value = value
+
+        def remote(**opts):
+            ray.options.append(opts)
+            return lambda fn: types.SimpleNamespace(remote=lambda task: Ref(fn(task)))
+
+        ray.is_initialized = lambda: bool(ray.inits)
+        ray.init = lambda **kw: ray.inits.append(kw)
+        ray.cluster_resources = lambda: resources
+        ray.remote = remote
+        ray.wait = lambda refs, num_returns=1: (refs[:num_returns], refs[num_returns:])
+        ray.get = lambda ref: ref.value
+        ray.cancel = lambda ref, force=False: None
+        ray.shutdown = lambda: ray.inits.clear()
+        return ray
+
+    for resources, gpus in (({"CPU": 16.0, "GPU": 2.0}, 1.0), ({"CPU": 2.0}, 0.0)):
+        ray = fake_ray(resources)
+        monkeypatch.setitem(sys.modules, "ray", ray)
+        ex = RayExecutor(address="ray://head:10001")
+        assert ray.inits[0]["address"] == "ray://head:10001"
+        assert sorted(r for _, r in ex.run(abs, [-1, 2])) == [1, 2]
+        assert ray.options == [{"num_cpus": 1, "num_gpus": gpus, "max_retries": 0}]
+        ex.close()
+        assert not ray.inits
