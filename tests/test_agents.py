@@ -23,14 +23,6 @@ ENV_KW = dict(budget=8, reward_batch=80, delta=0.9)
 POLICY = dict(hidden=16, layers=2, head_hidden=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is as fast and avoids thread contention on busy CI machines."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def env(tiny_bundle):

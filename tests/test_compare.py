@@ -21,14 +21,6 @@ LEAN = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--ep
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: much faster than two on a shared 2-core machine for these tiny models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _argv(onp_cache, out, *extra):
     return LEAN + ["--cache-dir", str(onp_cache), "--out", str(out), "--quiet"] + list(extra)

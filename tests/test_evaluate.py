@@ -19,14 +19,6 @@ TRAIN_FAST = ["--timesteps", "16", "--train-set", "ppo.n_steps=16", "--train-set
               "--train-set", "policy.head_hidden=16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: much faster than two on a shared 2-core machine for these tiny models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def sources(onp_cache, tmp_path_factory):

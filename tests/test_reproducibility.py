@@ -17,14 +17,6 @@ LEAN = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--ep
         "--defense-size", "300"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: much faster than two on a shared 2-core machine for these tiny models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _strip(obj):
     if isinstance(obj, dict):
@@ -69,7 +61,7 @@ def test_baseline_cell_twice_is_identical(tiny_bundle, tmp_path):
         runs.append(out)
     assert _metrics(runs[0]) == _metrics(runs[1])
     assert _same_state(runs[0] / "model.pt", runs[1] / "model.pt")
-    assert torch.equal(torch.load(runs[0] / "scores.pt"), torch.load(runs[1] / "scores.pt"))
+    assert torch.equal(torch.load(runs[0] / "scores.pt", weights_only=True), torch.load(runs[1] / "scores.pt", weights_only=True))
 
 
 def test_compare_twice_gives_identical_leaderboards(onp_cache, tmp_path):

@@ -24,14 +24,6 @@ METRIC_KEYS = {"acc", "asr", "ra", "der", "before", "n_pruned", "wall_time", "en
                "asr_estimator", "trigger_aware", "val_acc", "val_asr", "val"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is as fast and avoids thread contention on busy CI machines."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _tiny_config(**sections):
     cfg = load_yaml(Path(TINY))
@@ -121,7 +113,9 @@ def test_resume_after_interruption(tiny_bundle, tmp_path):
 
 def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
     m = run_training(_tiny_config(agent="greedy-gamma"), tmp_path / "greedy", quiet=True)
-    assert m["agent"] == "greedy-gamma" and m["n_pruned"] == 8 and m["env_steps_breakdown"]["train"] == 0
+    # at most the budget (8); fewer when the episode ends on the delta truncation of this tiny model
+    assert m["agent"] == "greedy-gamma" and 1 <= m["n_pruned"] <= 8 and m["env_steps_breakdown"]["train"] == 0
+    assert len(json.loads((tmp_path / "greedy" / "pruned.json").read_text())["indices"]) == m["n_pruned"]
     assert RUN_FILES <= {p.name for p in (tmp_path / "greedy").iterdir()}
     file = tmp_path / "my_agent.py"
     file.write_text(textwrap.dedent("""
