@@ -104,17 +104,23 @@ def plot_der(rows: Sequence[Row], path: Path, *, model: str) -> Optional[Path]:
     methods = list(dict.fromkeys(r.defense for r in mine))
     colors = _colors(methods)
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(attacks) * max(1, len(methods)) * 0.5 + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.22 * len(attacks) * len(methods) + 3)), 4.5))
+    missing_x = []
     for j, d in enumerate(methods):
         xs, ys, es = [], [], []
         for i, a in enumerate(attacks):
             r = next((r for r in mine if r.attack == a and r.defense == d), None)
             st = r.metrics.get("der") if r else None
+            x = i + (j - (len(methods) - 1) / 2) * width
             if st and st.get("n"):
-                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                xs.append(x)
                 ys.append(100 * st["mean"])
                 es.append(100 * st["std"])
+            else:
+                missing_x.append(x)
         ax.bar(xs, ys, width, yerr=es, capsize=2, color=colors[d], label=d)
+    if missing_x:  # a partial grid shows its missing cells instead of silently leaving gaps
+        ax.plot(missing_x, [2.0] * len(missing_x), "x", color="gray", ms=5, label="missing cell")
     ax.axhline(50, color="gray", ls=":", lw=1, label="no change (50)")
     ax.set_xticks(range(len(attacks)))
     ax.set_xticklabels(attacks)

@@ -3,7 +3,8 @@
 Examples::
 
     python -m onp.train --model resnet18                       # the default profile (CPU, <= 20 min)
-    python -m onp.train --warm-start rnp                        # behaviour-clone RNP's order, then PPO
+    python -m onp.train --warm-start rnp                        # behaviour-clone RNP's order (default: CLP's)
+    python -m onp.train --warm-start none                       # a cold start: PPO from scratch
     python -m onp.train --agent greedy-activation               # a heuristic agent at the same budget
     python -m onp.train --agent my_agents.py:MyAgent --set agent_params.k=3
     python -m onp.train --config configs/paper/resnet18_cifar10_badnets.yaml --device cuda
@@ -42,7 +43,9 @@ from .metrics import evaluate_backdoor, with_der
 from .rundir import reproduce_line, write_run
 
 #: The default profile (identical to ``configs/train/default.yaml``): narrow ResNet-18 (width 16) on
-#: Fashion-MNIST with BadNets, the trigger-aware ASR estimator, a budget of 2.5% of the neurons.
+#: Fashion-MNIST with BadNets, the trigger-aware ASR estimator, a budget of 2.5% of the neurons, and a
+#: behaviour-cloning warm start from CLP's data-free order (chosen on defense-validation, see
+#: docs/results.md §3; ``--warm-start none`` for a cold start).
 DEFAULT_CONFIG: Dict[str, Any] = {
     "backdoor": {"model": "resnet18", "width": 16, "dataset": "fashion-mnist", "data_source": "auto",
                  "attack": "badnets", "seed": 0},
@@ -57,7 +60,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
             "max_grad_norm": 0.5, "target_kl": None, "normalize_advantage": True, "n_envs": 1,
             "vec_env": "dummy", "env_threads": None},
     "eval": {"freq": 256, "episodes": 1},
-    "warm_start": {"baseline": None, "params": {}, "epochs": 100, "lr": 0.003, "batch_size": 32, "value_coef": 0.5},
+    "warm_start": {"baseline": "clp", "params": {}, "epochs": 100, "lr": 0.003, "batch_size": 32, "value_coef": 0.5},
     "rollout": {"select": "final"},
     "seed": 0,
     "device": "cpu",
@@ -65,6 +68,8 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "cache_dir": None,
 }
 ROLLOUT_SELECT = ("final", "best_prefix")
+#: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
+NO_WARM_START = ("none", "null", "")
 #: config keys that may differ when resuming a run
 RESUMABLE_CHANGES = ("ppo.total_timesteps", "device", "torch_threads", "cache_dir")
 
@@ -109,9 +114,14 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         raise ValueError(f"ppo.vec_env must be dummy or subproc; got {cfg['ppo']['vec_env']!r}")
     from agents import resolve_agent_factory
     resolve_agent_factory(cfg["agent"])  # fail early on an unknown / malformed agent
+    if isinstance(cfg["warm_start"]["baseline"], str) and cfg["warm_start"]["baseline"].lower() in NO_WARM_START:
+        cfg["warm_start"]["baseline"] = None
+    if cfg["warm_start"]["baseline"] and cfg["agent"] != "ppo-gnn":
+        asked = (config.get("warm_start") or {}).get("baseline")
+        if asked and str(asked).lower() not in NO_WARM_START:
+            raise ValueError("--warm-start applies to the ppo-gnn agent only (use --warm-start none with other agents)")
+        cfg["warm_start"]["baseline"] = None  # the profile's default warm start is for ppo-gnn only
     if cfg["warm_start"]["baseline"]:
-        if cfg["agent"] != "ppo-gnn":
-            raise ValueError("--warm-start applies to the ppo-gnn agent only")
         import baselines
         baselines.DEFENSES.check(cfg["warm_start"]["baseline"])
     return cfg
@@ -375,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default=None, help="ppo-gnn (default), random, greedy-gamma, greedy-activation, "
                                                  "ranked:<baseline>, an installed entry point, or path/file.py:Class")
     p.add_argument("--warm-start", default=None, metavar="BASELINE",
-                   help="behaviour-clone a baseline's pruning order before PPO (e.g. rnp)")
+                   help="behaviour-clone a baseline's pruning order before PPO (default clp; 'none' = cold start)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--out", type=Path, default=None, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -163,6 +163,16 @@ def test_bad_inputs(tiny_bundle, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def test_default_warm_start_is_clp_for_ppo_gnn_only():
+    assert resolve_config({})["warm_start"]["baseline"] == "clp"
+    for off in ("none", "None", "null", None):  # --warm-start none (or YAML null): a cold start
+        assert resolve_config({"warm_start": {"baseline": off}})["warm_start"]["baseline"] is None
+    # the profile's warm start is dropped for other agents; asking for one explicitly is an error
+    assert resolve_config({"agent": "random"})["warm_start"]["baseline"] is None
+    with pytest.raises(ValueError, match="ppo-gnn agent only"):
+        resolve_config({"agent": "random", "warm_start": {"baseline": "rnp"}})
+
+
 def test_default_config_file_matches_code_and_paper_config_resolves():
     assert load_yaml(ROOT / "configs" / "train" / "default.yaml") == DEFAULT_CONFIG
     cfg = resolve_config(load_yaml(ROOT / "configs" / "paper" / "resnet18_cifar10_badnets.yaml"))
