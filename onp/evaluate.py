@@ -3,12 +3,12 @@
 Examples::
 
     # the policy of a training run, without further training, on another seed's backdoored model
-    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --seed 1
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-bc-clp-s0 --seed 1
     # ... on another attack, or on any zoo artifact directory
-    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --attack blend
-    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --checkpoint ~/.cache/onp/zoo/<dir>
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-bc-clp-s0 --attack blend
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-bc-clp-s0 --checkpoint ~/.cache/onp/zoo/<dir>
     # the false-positive cost on a clean (unpoisoned) model: the ACC it loses
-    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-s0 --clean
+    python -m onp.evaluate --policy runs/train/resnet18-badnets-ppo-gnn-bc-clp-s0 --clean
     # transfer a fixed pruned set (pruned.json of any run, e.g. a baseline's) instead of running a policy
     python -m onp.evaluate --pruned runs/baseline/anp-badnets-resnet18-s0 --seed 1
 
