@@ -55,6 +55,7 @@ def plot_sweeps(cells: Sequence[Cell], path: Path, *, model: str, attack: str,
         return None
     colors = _colors(list(defenses))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    any_sweep = False
     for d in defenses:
         group = [c for c in mine if c.defense == d]
         if not group:
@@ -67,6 +68,7 @@ def plot_sweeps(cells: Sequence[Cell], path: Path, *, model: str, attack: str,
                 acc["acc"].append(pt["acc"])
                 acc["asr"].append(pt["asr"])
         kwargs = {"color": colors[d]}
+        any_sweep = any_sweep or bool(curves)
         if curves:
             ks = sorted(curves)
             for ax, m in zip(axes, ("acc", "asr")):
@@ -91,7 +93,8 @@ def plot_sweeps(cells: Sequence[Cell], path: Path, *, model: str, attack: str,
     axes[1].set_title(f"{model} / {attack}: ASR vs pruned")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.suptitle(f"{SWEEP_LABEL}; markers = each method's chosen operating point")
+    fig.suptitle(f"lines = {SWEEP_LABEL}; markers = each method's chosen operating point" if any_sweep else
+                 "each method's chosen operating point (no oracle sweeps in this grid)")
     return _save(fig, path)
 
 
