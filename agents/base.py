@@ -234,3 +234,39 @@ def best_prefix(result: Dict[str, Any]) -> Dict[str, Any]:
     cum = np.concatenate([[0.0], np.cumsum(result["rewards"])])
     k = int(np.argmax(cum))
     return {"steps": k, "return": float(cum[k]), "info": result["infos"][k]}
+
+
+#: ``rollout.select`` values: the whole episode, or its best prefix on the reward batch
+ROLLOUT_SELECT = ("final", "best_prefix")
+
+
+def choose_pruning(result: Dict[str, Any], *, select: str = "final", min_return: Optional[float] = 0.0,
+                   log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """The pruning a rollout ends with, as ``onp.train`` and ``onp.evaluate`` keep it.
+
+    ``select``: ``"final"`` (the whole episode) or ``"best_prefix"`` (:func:`best_prefix`). If the
+    chosen pruning's return on the env's reward batch (defense-validation) is below ``min_return``
+    (``None``: no floor), it is worse than the agreed floor (0: worse than pruning nothing), and
+    nothing is pruned instead. The return of the final state leaves out the charge of a prune the env
+    refused (it was never made). Returns ``{"info", "return", "fallback"}``; ``fallback`` is ``None`` or
+    describes the rejected pruning.
+    """
+    if select not in ROLLOUT_SELECT:
+        raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {select!r}")
+    if select == "best_prefix":
+        sel = best_prefix(result)
+        chosen, ret = sel["info"], sel["return"]
+    else:
+        chosen, ret = result["info"], float(result["return"])
+        if chosen.get("rejected") and result["rewards"]:  # the refused prune's charge is not the state's value
+            ret -= float(result["rewards"][-1])
+    fallback = None
+    if min_return is not None and ret < float(min_return) and chosen["n_pruned"] > 0:
+        fallback = {"reason": f"defense-val return {ret:+.4f} < rollout.min_return {float(min_return):+.4f}",
+                    "rejected_n_pruned": int(chosen["n_pruned"]), "rejected_acc": float(chosen["acc"]),
+                    "rejected_asr": float(chosen["asr"]), "rejected_return": float(ret)}
+        if log is not None:
+            log(f"[onp] the policy's pruning has defense-val return {ret:+.4f} (ACC {chosen['acc']:.3f}, "
+                f"ASR {chosen['asr']:.3f}), below rollout.min_return={float(min_return):+.4f}: pruning nothing instead")
+        chosen, ret = result["infos"][0], 0.0
+    return {"info": chosen, "return": float(ret), "fallback": fallback}

@@ -34,7 +34,7 @@ PPO_DEFAULTS: Dict[str, Any] = {"total_timesteps": 2048, "n_steps": 256, "batch_
                                 "ent_coef": 0.0, "vf_coef": 0.5, "max_grad_norm": 0.5, "target_kl": None,
                                 "normalize_advantage": True, "n_envs": 1, "vec_env": "dummy", "env_threads": None}
 WARM_START_DEFAULTS: Dict[str, Any] = {"baseline": None, "params": {}, "epochs": 100, "lr": 3e-3, "batch_size": 32,
-                                       "value_coef": 0.5}
+                                       "value_coef": 0.5, "skip_harmful": False, "max_previews": None}
 #: keys of the ``ppo`` section that are not MaskablePPO constructor arguments
 _NOT_PPO_ARGS = ("total_timesteps", "n_envs", "vec_env", "env_threads")
 
@@ -121,38 +121,70 @@ def _stack_obs(obs_list: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarra
     return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
 
 
-def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: float = 3e-3, batch_size: int = 32,
-                    value_coef: float = 0.5, gamma: float = 1.0, seed: int = 0,
-                    log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Pretrain ``model.policy`` to follow ``order`` (a node priority list) in ``env``.
+def demonstrate(env, order: Sequence[int], *, skip_harmful: bool = False,
+                max_previews: Optional[int] = None) -> Dict[str, Any]:
+    """One episode of ``env`` that prunes along ``order`` (a node priority list): the demonstration
+    that :func:`behaviour_clone` imitates.
 
-    The order is rolled out in ``env`` (first still-valid node of ``order`` at each step, until the
-    budget is spent or the episode ends); each visited state's target is the node taken there.
-    Loss: cross-entropy on the masked logits + ``value_coef`` * MSE of the value on the rollout's
-    returns-to-go. Returns diagnostics (losses, final imitation accuracy, env steps used).
+    At each step the first still-valid node of ``order`` is taken. Where the env refuses it (it would
+    break the ``delta`` accuracy constraint), the demonstrated action is STOP. With ``skip_harmful``,
+    each candidate is first previewed (:meth:`envs.NeuronPruningEnv.preview`, on the env's reward
+    batch) and skipped if its reward would be negative, i.e. it would cost more clean accuracy than
+    it removes ASR; after ``max_previews`` previews (default: 4 x the budget) the demonstration
+    stops. Returns ``{"obs", "masks", "actions", "rewards", "info", "previews", "skipped"}``.
     """
     from .heuristics import OrderedAgent
 
-    t0 = time.perf_counter()
     agent = OrderedAgent(env)
     agent.order = np.asarray(order, dtype=np.int64)
     base = env.unwrapped
-    obs_list: List[Dict[str, np.ndarray]] = []
-    masks: List[np.ndarray] = []
-    acts: List[int] = []
-    rews: List[float] = []
+    limit = 4 * base.budget if max_previews is None else int(max_previews)
+    skipped = np.zeros(base.num_nodes + 1, dtype=bool)
+    out: Dict[str, Any] = {"obs": [], "masks": [], "actions": [], "rewards": [], "previews": 0, "skipped": []}
     obs, info = env.reset()
     done = False
     while not done:
         mask = base.action_masks().copy()
-        a = agent.predict(obs, mask)
-        obs_list.append(obs)
-        masks.append(mask)
-        acts.append(a)
+        a = agent.predict(obs, mask & ~skipped)
+        while skip_harmful and a != base.stop_action:
+            if out["previews"] >= limit:
+                a = base.stop_action
+                break
+            now, ev = base.evaluation(), base.preview(a)
+            out["previews"] += 1
+            if (ev.acc - now.acc) - base.lam * (ev.asr - now.asr) >= 0:
+                break
+            skipped[a] = True
+            out["skipped"].append(int(a))
+            a = agent.predict(obs, mask & ~skipped)
+        out["obs"].append(obs)
+        out["masks"].append(mask)
+        out["actions"].append(int(a))
         obs, r, term, trunc, info = env.step(a)
-        rews.append(float(r))
+        if info.get("rejected"):  # the order's next node would break the delta constraint: STOP
+            out["actions"][-1], r = base.stop_action, 0.0
+        out["rewards"].append(float(r))
         done = term or trunc
-    res = {"actions": acts, "rewards": rews, "return": float(sum(rews)), "steps": len(acts), "info": info}
+    out["info"] = info
+    return out
+
+
+def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: float = 3e-3, batch_size: int = 32,
+                    value_coef: float = 0.5, gamma: float = 1.0, seed: int = 0, skip_harmful: bool = False,
+                    max_previews: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Pretrain ``model.policy`` to follow ``order`` (a node priority list) in ``env``.
+
+    The order is rolled out in ``env`` by :func:`demonstrate` (with ``skip_harmful`` and
+    ``max_previews``); each visited state's target is the action demonstrated there.
+    Loss: cross-entropy on the masked logits + ``value_coef`` * MSE of the value on the rollout's
+    returns-to-go. Returns diagnostics (losses, final imitation accuracy, env steps used, previews
+    included).
+    """
+    t0 = time.perf_counter()
+    demo = demonstrate(env, order, skip_harmful=skip_harmful, max_previews=max_previews)
+    obs_list, masks, acts, rews, info = demo["obs"], demo["masks"], demo["actions"], demo["rewards"], demo["info"]
+    res = {"actions": acts, "rewards": rews, "return": float(sum(rews)), "steps": len(acts) + demo["previews"],
+           "info": info}
     actions = np.asarray(res["actions"], dtype=np.int64)
     rewards = np.asarray(res["rewards"], dtype=np.float32)
     rtg = np.zeros_like(rewards)
@@ -193,7 +225,8 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
     info = res["info"]
     out = {"states": n, "env_steps": res["steps"], "epochs": int(epochs), "loss_first": losses[0] if losses else None,
            "loss_last": losses[-1] if losses else None, "imitation_accuracy": imitation,
-           "order_return": res["return"], "order_val_acc": float(info["acc"]), "order_val_asr": float(info["asr"]),
+           "order_return": res["return"], "stopped_at_delta": bool(info.get("rejected")),
+           "skip_harmful": bool(skip_harmful), "previews": demo["previews"], "skipped": demo["skipped"], "order_val_acc": float(info["acc"]), "order_val_asr": float(info["asr"]),
            "seconds": round(time.perf_counter() - t0, 2)}
     log(f"[onp] warm start: cloned {n} steps of the order (val return {res['return']:+.4f}, ACC {info['acc']:.3f}, "
         f"ASR {info['asr']:.3f}); loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}, "
@@ -254,6 +287,7 @@ def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, resume: bool
                 info = behaviour_clone(model, eval_env, np.argsort(-scores, kind="stable"),
                                        epochs=ws_cfg["epochs"], lr=ws_cfg["lr"], batch_size=ws_cfg["batch_size"],
                                        value_coef=ws_cfg["value_coef"], gamma=float(ppo_cfg["gamma"]), seed=seed,
+                                       skip_harmful=bool(ws_cfg["skip_harmful"]), max_previews=ws_cfg["max_previews"],
                                        log=log)
                 state.warm_start = {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
                 state.eval_env_steps += info["env_steps"]

@@ -8,8 +8,14 @@
   neuron once the budget is spent. A masked action is a no-op with a small penalty; it never raises.
 * Reward: ``dACC - lam * dASR`` on a fixed reward batch from defense-validation, so an episode
   returns ``(ACC_T - ACC_0) - lam * (ASR_T - ASR_0)``.
-* Termination: STOP or the budget is spent. Truncation: the clean-accuracy drop exceeds ``delta``.
-* ``info``: ``acc``, ``asr``, ``n_pruned``, ``pruned`` (indices), ``asr_estimator``, ``trigger_aware``.
+* Termination: STOP or the budget is spent. Truncation: a prune that would drop clean accuracy by more
+  than ``delta`` (below the unpruned model's). With ``reject_violations`` (the default) that prune is
+  undone: the neuron stays unpruned, the episode ends, and its reward is the clean accuracy it would
+  have cost, with no credit for the ASR it removed. So the env's final state never breaks the
+  ``delta`` constraint, and crossing it is never rewarded. The episode's return is then
+  ``(ACC_T - ACC_0) - lam * (ASR_T - ASR_0)`` plus that (negative) last reward.
+* ``info``: ``acc``, ``asr``, ``n_pruned``, ``pruned`` (indices), ``asr_estimator``, ``trigger_aware``;
+  ``rejected`` (the neurons of a refused prune) on the step that crossed ``delta``.
 """
 
 from __future__ import annotations
@@ -59,7 +65,10 @@ class NeuronPruningEnv(gym.Env):
             them of one architecture (multi-model mode: one is sampled at each reset).
         budget: the most neurons pruned per episode: a fraction of N in (0, 1) or a count >= 1.
         lam: weight of the ASR term (>= 0).
-        delta: truncate once the clean-accuracy drop on the reward batch exceeds this.
+        delta: the largest clean-accuracy drop allowed on the reward batch; a prune beyond it ends the
+            episode (truncation).
+        reject_violations: undo the prune that crosses ``delta`` (the final state keeps the constraint);
+            ``False`` keeps it in the final state.
         reward_batch: clean defense-validation images per evaluation (None = all).
         asr_estimator: ``"trigger"`` (trigger-aware) or ``"synthesized"`` (see ``envs.asr_estimators``).
         exclude_layer_types: graph layer types whose neurons are never prunable.
@@ -76,7 +85,7 @@ class NeuronPruningEnv(gym.Env):
                  feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
                  top_k: Optional[int] = 16, exclude_layer_types: Sequence[str] = ("stem",),
                  mask_mode: str = "gamma", group_pruning: bool = False, invalid_action_penalty: float = 0.01,
-                 use_suffix_cache: bool = True, cache_dir: Optional[Path] = None, seed: int = 0):
+                 reject_violations: bool = True, use_suffix_cache: bool = True, cache_dir: Optional[Path] = None, seed: int = 0):
         super().__init__()
         if budget <= 0:
             raise ValueError(f"budget must be > 0 (a fraction in (0, 1) or a neuron count); got {budget}")
@@ -104,6 +113,7 @@ class NeuronPruningEnv(gym.Env):
         self.lam, self.delta = float(lam), float(delta)
         self.asr_estimator = asr_estimator
         self.group_pruning = group_pruning
+        self.reject_violations = bool(reject_violations)
         self.invalid_action_penalty = float(invalid_action_penalty)
         self.exclude_layer_types = tuple(exclude_layer_types)
         self.observation_space = spaces.Dict({
@@ -143,6 +153,13 @@ class NeuronPruningEnv(gym.Env):
                 "asr0": self.target.initial.asr, "n_pruned": int(self._pruned.sum()),
                 "pruned": np.flatnonzero(self._pruned).tolist(), "asr_estimator": self.asr_estimator,
                 "trigger_aware": self.target.probe.trigger_aware, "model": self.target.name}
+
+    def _nodes_of(self, action: int) -> List[int]:
+        """The neurons one prune action removes: the neuron, or its unpruned residual group."""
+        if not self.group_pruning:
+            return [action]
+        g = self.graph.group
+        return [int(i) for i in torch.nonzero(g == g[action]).flatten() if not self._pruned[int(i)]]
 
     def action_masks(self) -> np.ndarray:
         """Valid actions: unpruned, prunable neurons while budget remains; STOP is always valid."""
@@ -189,22 +206,44 @@ class NeuronPruningEnv(gym.Env):
             return self._obs(), 0.0, True, False, self._info()
         if not (0 <= action < self.num_nodes) or not self.action_masks()[action]:
             return self._obs(), -self.invalid_action_penalty, False, False, {**self._info(), "invalid_action": True}
-        nodes = [action]
-        if self.group_pruning:
-            g = self.graph.group
-            nodes = [int(i) for i in torch.nonzero(g == g[action]).flatten() if not self._pruned[int(i)]]
+        nodes = self._nodes_of(action)
         prev = self.current
+        saved = self.target.save_state() if self.reject_violations else None
+        attempt = self.target.prune_more(nodes)
+        if (self.target.initial.acc - attempt.acc) > self.delta:  # crosses the accuracy constraint
+            self._done = True
+            if saved is not None:  # refuse the prune: back to the previous state
+                self.target.restore_state(saved)
+                reward = min(0.0, attempt.acc - prev.acc)
+                return self._obs(), float(reward), False, True, {**self._info(), "rejected": nodes}
+            truncated = True
+        else:
+            truncated = False
         self._pruned[nodes] = True
         self._used += 1
-        self.current = self.target.prune_more(nodes)
-        reward = (self.current.acc - prev.acc) - self.lam * (self.current.asr - prev.asr)
+        self.current = attempt
+        reward = (attempt.acc - prev.acc) - self.lam * (attempt.asr - prev.asr)
         terminated = self._used >= self.budget
-        truncated = (self.target.initial.acc - self.current.acc) > self.delta
         self._done = terminated or truncated
         return self._obs(), float(reward), terminated, truncated, self._info()
 
     def evaluation(self) -> Evaluation:
+        """Clean ACC and ASR of the current pruned state on the reward batch."""
         return self.current
+
+    def preview(self, action: int) -> Evaluation:
+        """What pruning ``action`` would give on the reward batch, without taking the step (the state,
+        the budget and the episode are unchanged). For demonstrations and lookahead agents; every
+        call costs an evaluation like a step, so count it as one."""
+        action = int(action)
+        if self._done or not (0 <= action < self.num_nodes) or not self.action_masks()[action]:
+            raise ValueError(f"action {action} is not a valid prune in this state (see action_masks())")
+        nodes = self._nodes_of(action)
+        saved = self.target.save_state()
+        try:
+            return self.target.prune_more(nodes)
+        finally:
+            self.target.restore_state(saved)
 
     def close(self) -> None:
         for t in self.targets:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -100,6 +100,18 @@ class PruningTarget:
         if not self.use_suffix_cache:
             return self._score(self.evaluator.full())
         return self._score(self.evaluator.from_layers(sorted({self.node_bn[i] for i in nodes})))
+
+    def save_state(self) -> Tuple[torch.Tensor, Any]:
+        """The current masks and cached activations, for :meth:`restore_state` (cheap: no copies of
+        activations)."""
+        return self.masks.mask.detach().clone(), self.evaluator.snapshot()
+
+    def restore_state(self, state: Tuple[torch.Tensor, Any]) -> None:
+        """Go back to a :meth:`save_state` (undo the prunes made since, without a forward pass)."""
+        mask, snap = state
+        with torch.no_grad():
+            self.masks.mask.copy_(mask)
+        self.evaluator.restore(snap)
 
     def uncached_evaluation(self) -> Evaluation:
         """Plain forward of the current masked model (for tests of the cache)."""

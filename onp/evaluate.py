@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .cli_common import run_cli
 from .config import deep_update, parse_overrides
@@ -109,12 +109,12 @@ def target_bundle(args: argparse.Namespace, source_backdoor: Dict[str, Any]):
 
 
 def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, device: str = "cpu",
-               cache_dir: Optional[Path] = None) -> Dict[str, Any]:
+               cache_dir: Optional[Path] = None, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """One deterministic episode of the source run's policy in an env on ``bundle``'s model.
 
     Returns ``{"pruned", "pruned_names", "model", "mask_mode", "val", "asr_estimator", "trigger_aware",
     "env_steps"}``."""
-    from agents import best_prefix, build_agent, resolve_agent_factory, rollout
+    from agents import build_agent, choose_pruning, resolve_agent_factory, rollout
     from agents.envs import EnvFactory, env_kwargs_from_config
 
     cfg = source["config"]
@@ -159,10 +159,9 @@ def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, de
                 except TypeError:
                     act = build_agent(agent_name, env, **params)
         res = rollout(act, env, seed=seed)
-        if (cfg.get("rollout") or {}).get("select") == "best_prefix":
-            chosen = best_prefix(res)["info"]
-        else:
-            chosen = res["info"]
+        ro = cfg.get("rollout") or {}
+        sel = choose_pruning(res, select=ro.get("select", "final"), min_return=ro.get("min_return", 0.0), log=log)
+        chosen = sel["info"]
         pruned = [int(i) for i in chosen["pruned"]]
         g = base.graph
         names = [f"{g.layers[int(g.node_layer[i])].bn_name}[{int(g.node_channel[i])}]" for i in pruned]
@@ -173,6 +172,7 @@ def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, de
         return {"pruned": pruned, "pruned_names": names, "model": model, "mask_mode": mask_mode,
                 "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
                         "asr0": float(info0["asr"]), "episode_steps": res["steps"],
+                        "return": sel["return"], "fallback": sel["fallback"],
                         "note": "the chosen episode on the target's defense-validation reward batch"},
                 "asr_estimator": base.asr_estimator, "trigger_aware": bool(base.target.probe.trigger_aware),
                 "env_steps": res["steps"], "num_neurons": base.num_nodes, "agent": agent_name}
@@ -288,7 +288,8 @@ def evaluate(args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
     out = args.out or Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
     out = prepare_run_dir(out, overwrite=args.overwrite)
     if kind == "policy":
-        res = run_policy(source, bundle, seed=seed, device=args.device or "cpu", cache_dir=args.cache_dir)
+        res = run_policy(source, bundle, seed=seed, device=args.device or "cpu", cache_dir=args.cache_dir,
+                         log=None if args.quiet else print)
     else:
         res = apply_pruned_set(source, bundle, prune_mode=args.prune_mode)
     before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)

@@ -44,14 +44,16 @@ from .rundir import reproduce_line, write_run
 
 #: The default profile (identical to ``configs/train/default.yaml``): narrow ResNet-18 (width 16) on
 #: Fashion-MNIST with BadNets, the trigger-aware ASR estimator, a budget of 2.5% of the neurons, and a
-#: behaviour-cloning warm start from CLP's data-free order (chosen on defense-validation, see
-#: docs/results.md §3; ``--warm-start none`` for a cold start).
+#: behaviour-cloning warm start from CLP's data-free order, skipping the neurons whose reward on the
+#: reward batch would be negative (both chosen on defense-validation, see docs/results.md §3;
+#: ``--warm-start none`` for a cold start).
 DEFAULT_CONFIG: Dict[str, Any] = {
     "backdoor": {"model": "resnet18", "width": 16, "dataset": "fashion-mnist", "data_source": "auto",
                  "attack": "badnets", "seed": 0},
     "env": {"budget": 0.025, "lam": 1.0, "delta": 0.1, "reward_batch": None, "asr_estimator": "trigger",
             "estimator_params": {}, "feature_providers": ["structure", "bn", "weight_norms", "activation"],
-            "top_k": 16, "mask_mode": "gamma", "group_pruning": False, "invalid_action_penalty": 0.01},
+            "top_k": 16, "mask_mode": "gamma", "group_pruning": False, "invalid_action_penalty": 0.01,
+            "reject_violations": True},
     "agent": "ppo-gnn",
     "agent_params": {},
     "policy": {"conv": "gcn", "hidden": 32, "layers": 2, "heads": 4, "symmetric": True, "head_hidden": 64},
@@ -60,14 +62,14 @@ DEFAULT_CONFIG: Dict[str, Any] = {
             "max_grad_norm": 0.5, "target_kl": None, "normalize_advantage": True, "n_envs": 1,
             "vec_env": "dummy", "env_threads": None},
     "eval": {"freq": 256, "episodes": 1},
-    "warm_start": {"baseline": "clp", "params": {}, "epochs": 100, "lr": 0.003, "batch_size": 32, "value_coef": 0.5},
-    "rollout": {"select": "final"},
+    "warm_start": {"baseline": "clp", "params": {}, "epochs": 100, "lr": 0.003, "batch_size": 32, "value_coef": 0.5,
+                   "skip_harmful": True, "max_previews": None},
+    "rollout": {"select": "final", "min_return": 0.0},
     "seed": 0,
     "device": "cpu",
     "torch_threads": None,
     "cache_dir": None,
 }
-ROLLOUT_SELECT = ("final", "best_prefix")
 #: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
 NO_WARM_START = ("none", "null", "")
 #: config keys that may differ when resuming a run
@@ -104,6 +106,9 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     cfg["backdoor"] = BackdoorConfig.from_dict(cfg["backdoor"]).resolved().to_dict()
     from envs import ASR_ESTIMATORS
     ASR_ESTIMATORS.check(cfg["env"]["asr_estimator"])
+    if cfg["rollout"]["min_return"] is not None and not isinstance(cfg["rollout"]["min_return"], (int, float)):
+        raise ValueError(f"rollout.min_return must be a number or null; got {cfg['rollout']['min_return']!r}")
+    from agents import ROLLOUT_SELECT
     if cfg["rollout"]["select"] not in ROLLOUT_SELECT:
         raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {cfg['rollout']['select']!r}")
     if int(cfg["ppo"]["total_timesteps"]) < 0:
@@ -250,7 +255,7 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
     seed_everything(seed)
 
     bundle = _load_bundle(cfg, log, progress)
-    from agents import BaseAgent, best_prefix, build_agent, resolve_agent_factory, rollout
+    from agents import BaseAgent, build_agent, choose_pruning, resolve_agent_factory, rollout
     from agents.envs import EnvFactory, env_kwargs_from_config
 
     env_kwargs = env_kwargs_from_config(cfg["env"], cfg.get("cache_dir"))
@@ -302,11 +307,8 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
     res = rollout(agent_obj, env)
     steps["final"] = res["steps"]
     info0 = res["infos"][0]
-    if cfg["rollout"]["select"] == "best_prefix":
-        sel = best_prefix(res)
-        chosen, ret = sel["info"], sel["return"]
-    else:
-        chosen, ret = res["info"], res["return"]
+    sel = choose_pruning(res, select=cfg["rollout"]["select"], min_return=cfg["rollout"]["min_return"], log=log)
+    chosen, ret, fallback = sel["info"], sel["return"], sel["fallback"]
     if cfg["agent"] != "ppo-gnn":
         curve = [{"timesteps": steps["train"], "mean_return": res["return"], "acc": float(res["info"]["acc"]),
                   "asr": float(res["info"]["asr"]), "n_pruned": int(res["info"]["n_pruned"]),
@@ -338,6 +340,7 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
         "val_acc": float(chosen["acc"]), "val_asr": float(chosen["asr"]),
         "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
                 "asr0": float(info0["asr"]), "return": float(ret), "select": cfg["rollout"]["select"],
+                "fallback": fallback,
                 "episode_steps": res["steps"], "n_clean": int(base.target.n_clean),
                 "n_triggered": int(len(base.target.probe.images)),
                 "note": "the chosen episode on the env's reward batch (defense-validation images)"},

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents import (AGENTS, BaseAgent, GNNMaskablePolicy, available_agents, build_agent, policy_kwargs_for,
-                    resolve_agent_factory, rollout)
+from agents import (AGENTS, BaseAgent, GNNMaskablePolicy, available_agents, build_agent, choose_pruning,
+                    policy_kwargs_for, resolve_agent_factory, rollout)
 from agents.envs import EnvFactory, make_vec_env
 from agents.heuristics import bn_gamma_abs
 from agents.ppo_gnn import behaviour_clone, make_ppo
@@ -293,3 +293,60 @@ def test_behaviour_cloning_reproduces_the_order(tiny_bundle, env):
     assert sum(a == b for a, b in zip(policy_actions, greedy_actions)) >= env.budget // 2
     model.learn(64)  # PPO continues from the cloned policy
     vec.close()
+
+
+def test_behaviour_cloning_clones_stop_where_the_env_refuses_the_order(tiny_bundle):
+    # delta ~ 0: greedy-gamma's order soon costs clean accuracy, and the env refuses that neuron;
+    # the cloned target in that state is STOP, so the cloned policy stops inside the constraint
+    kw = {**ENV_KW, "budget": 40, "delta": 1e-6}
+    env = NeuronPruningEnv(tiny_bundle, **kw)
+    order = build_agent("greedy-gamma", env).order
+    accepted = rollout(build_agent("greedy-gamma", env), env)
+    assert accepted["info"].get("rejected"), "greedy-gamma should cross a zero accuracy drop within 40 prunes"
+    torch.manual_seed(0)
+    vec = make_vec_env(EnvFactory(tiny_bundle, kw), n_envs=1)
+    model = make_ppo(vec, policy_kwargs_for(env, **POLICY), dict(n_steps=32, batch_size=16, n_epochs=1))
+    info = behaviour_clone(model, env, order, epochs=80, lr=3e-3, log=lambda m: None)
+    assert info["stopped_at_delta"] and info["states"] == accepted["steps"]
+    assert info["order_return"] == pytest.approx(sum(accepted["rewards"][:-1]))  # the STOP step earns 0
+    assert info["imitation_accuracy"] >= 0.75
+    cloned = rollout(lambda o, m: model.predict(o, action_masks=m, deterministic=True)[0], env)
+    assert cloned["actions"][-1] == env.stop_action and not cloned["info"].get("rejected")  # it stops itself
+    vec.close()
+    env.close()
+
+
+def test_choose_pruning_selects_falls_back_and_ignores_a_refused_prune():
+    def info(n, acc, asr, **kw):
+        return {"n_pruned": n, "pruned": list(range(n)), "acc": acc, "asr": asr, **kw}
+    infos = [info(0, 0.9, 1.0), info(1, 0.9, 0.5), info(2, 0.7, 0.9)]
+    res = {"rewards": [0.5, -0.6], "return": -0.1, "info": infos[-1], "infos": infos}
+    final = choose_pruning(res)  # the whole episode returns -0.1 < 0: prune nothing
+    assert final["info"]["n_pruned"] == 0 and final["return"] == 0.0
+    assert final["fallback"]["rejected_n_pruned"] == 2 and final["fallback"]["rejected_return"] == pytest.approx(-0.1)
+    assert choose_pruning(res, min_return=None)["info"]["n_pruned"] == 2
+    best = choose_pruning(res, select="best_prefix")
+    assert best["info"]["n_pruned"] == 1 and best["return"] == pytest.approx(0.5) and best["fallback"] is None
+    # a refused last prune (the env kept the state) is charged in the episode but is not the state's value
+    refused = {"rewards": [0.5, -0.6], "return": -0.1, "infos": [infos[0], infos[1], {**infos[1], "rejected": [7]}]}
+    refused["info"] = refused["infos"][-1]
+    kept = choose_pruning(refused)
+    assert kept["info"]["n_pruned"] == 1 and kept["return"] == pytest.approx(0.5) and kept["fallback"] is None
+    with pytest.raises(ValueError, match="best_prefix"):
+        choose_pruning(res, select="best")
+
+
+def test_demonstration_skips_neurons_that_would_cost_more_than_they_remove(tiny_bundle):
+    from agents.ppo_gnn import demonstrate
+    env = NeuronPruningEnv(tiny_bundle, **{**ENV_KW, "budget": 12})
+    order = build_agent("greedy-gamma", env).order  # low-|gamma| first: mostly harmless, some costly
+    plain = demonstrate(env, order)
+    assert plain["previews"] == 0 and plain["skipped"] == [] and min(plain["rewards"]) < 0
+    demo = demonstrate(env, order, skip_harmful=True)
+    assert demo["skipped"] and demo["previews"] <= 4 * env.budget
+    assert all(r >= 0 for r in demo["rewards"])  # every step it takes pays for itself on the reward batch
+    assert not set(demo["skipped"]) & set(demo["info"]["pruned"])
+    assert sum(demo["rewards"]) > sum(plain["rewards"])
+    capped = demonstrate(env, order, skip_harmful=True, max_previews=2)
+    assert capped["previews"] <= 2 and capped["actions"][-1] == env.stop_action
+    env.close()

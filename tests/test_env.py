@@ -174,3 +174,48 @@ def test_bad_input_rejected(tiny_bundle, kwargs, match):
 def test_unknown_estimator_lists_choices(tiny_bundle):
     with pytest.raises(UnknownNameError, match="synthesized"):
         NeuronPruningEnv(tiny_bundle, asr_estimator="oracle")
+
+
+@pytest.mark.parametrize("reject", [True, False])
+def test_prune_crossing_delta_is_refused_and_ends_the_episode(tiny_bundle, reject):
+    # delta ~ 0: the first prune that costs any clean accuracy crosses it
+    e = NeuronPruningEnv(tiny_bundle, budget=40, reward_batch=80, delta=1e-6, reject_violations=reject)
+    _, info0 = e.reset(seed=0)
+    rng = np.random.default_rng(0)
+    done, before = False, info0
+    while not done:
+        before = e.evaluation(), e._info()
+        _, r, term, trunc, info = e.step(_random_valid(e, rng))
+        done = term or trunc
+    assert trunc and not term, "the tiny model should lose accuracy within 40 random prunes"
+    prev_eval, prev_info = before
+    if reject:
+        # the refused neuron stays unpruned, the state is the one before the step (masks and cache),
+        # and the step is charged the accuracy it would have cost, with no ASR credit
+        assert len(info["rejected"]) == 1 and info["rejected"][0] not in info["pruned"]
+        assert info["pruned"] == prev_info["pruned"] and e.evaluation() == prev_eval
+        assert e.target.uncached_evaluation() == prev_eval
+        assert r < 0 and info0["acc"] - info["acc"] <= 1e-6
+    else:
+        assert "rejected" not in info and info0["acc"] - info["acc"] > 1e-6
+        assert len(info["pruned"]) == len(prev_info["pruned"]) + 1
+    assert not e.action_masks()[:-1].any()  # the episode is over
+    e.close()
+
+
+def test_preview_predicts_the_step_and_changes_nothing(tiny_bundle):
+    e = NeuronPruningEnv(tiny_bundle, budget=10, reward_batch=80, delta=0.9)
+    e.reset(seed=0)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        e.step(_random_valid(e, rng))
+    a = _random_valid(e, rng)
+    state, pruned, mask = e.evaluation(), e._info()["pruned"], e.action_masks().copy()
+    seen = e.preview(a)
+    assert e.evaluation() == state and e._info()["pruned"] == pruned and (e.action_masks() == mask).all()
+    assert e.target.uncached_evaluation() == state  # masks and the activation cache were restored
+    _, r, *_ = e.step(a)
+    assert e.evaluation() == seen and r == pytest.approx((seen.acc - state.acc) - e.lam * (seen.asr - state.asr))
+    with pytest.raises(ValueError, match="not a valid prune"):
+        e.preview(a)  # already pruned
+    e.close()

@@ -112,9 +112,11 @@ def test_resume_after_interruption(tiny_bundle, tmp_path):
 
 
 def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
-    m = run_training(_tiny_config(agent="greedy-gamma"), tmp_path / "greedy", quiet=True)
-    # at most the budget (8); fewer when the episode ends on the delta truncation of this tiny model
+    m = run_training(_tiny_config(agent="greedy-gamma", rollout={"min_return": None}), tmp_path / "greedy", quiet=True)
+    # at most the budget (8); fewer when the episode ends on the delta constraint of this tiny model
     assert m["agent"] == "greedy-gamma" and 1 <= m["n_pruned"] <= 8 and m["env_steps_breakdown"]["train"] == 0
+    # the env refuses the prune that crosses delta: the kept pruning respects it on defense-val
+    assert m["val"]["acc0"] - m["val"]["acc"] <= 0.5 + 1e-9
     assert len(json.loads((tmp_path / "greedy" / "pruned.json").read_text())["indices"]) == m["n_pruned"]
     assert RUN_FILES <= {p.name for p in (tmp_path / "greedy").iterdir()}
     file = tmp_path / "my_agent.py"
@@ -132,8 +134,8 @@ def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
                 return int(action_mask[:-1].nonzero()[0][0])
     """))
     out = tmp_path / "file-agent"
-    assert main(["--config", TINY, "--agent", f"{file}:FirstThree", "--set", "agent_params.k=2", "--out", str(out),
-                 "--quiet"]) == 0
+    assert main(["--config", TINY, "--agent", f"{file}:FirstThree", "--set", "agent_params.k=2",
+                 "--set", "rollout.min_return=null", "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_pruned"] == 2 and m["agent"].endswith(":FirstThree")
     assert (out / "agent.json").exists()  # BaseAgent.save
@@ -187,3 +189,16 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "onp.train", "--help"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)
     assert out.returncode == 0 and "--warm-start" in out.stdout and "--resume" in out.stdout
+
+
+def test_pruning_worse_than_nothing_on_defense_val_falls_back_to_no_pruning(tiny_bundle, tmp_path):
+    # greedy-gamma's episode on the tiny model has a negative defense-val return (it costs more clean
+    # accuracy than it removes ASR); with rollout.min_return = 0 (the default) nothing is pruned
+    raw = run_training(_tiny_config(agent="greedy-gamma", rollout={"min_return": None}), tmp_path / "raw", quiet=True)
+    assert raw["n_pruned"] >= 1 and raw["val"]["return"] < 0 and raw["val"]["fallback"] is None
+    safe = run_training(_tiny_config(agent="greedy-gamma"), tmp_path / "safe", quiet=True)
+    assert safe["n_pruned"] == 0 and safe["val"]["return"] == 0.0
+    assert safe["val"]["fallback"]["rejected_n_pruned"] == raw["n_pruned"]
+    assert safe["val"]["fallback"]["rejected_return"] == pytest.approx(raw["val"]["return"])
+    assert safe["acc"] == pytest.approx(safe["before"]["acc"]) and safe["asr"] == pytest.approx(safe["before"]["asr"])
+    assert json.loads((tmp_path / "safe" / "pruned.json").read_text())["indices"] == []
