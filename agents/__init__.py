@@ -14,11 +14,11 @@ from .base import (AGENTS, ENTRY_POINT_GROUP, ROLLOUT_SELECT, Agent, BaseAgent, 
 from .heuristics import (GreedyActivationAgent, GreedyGammaAgent, OrderedAgent, RandomAgent, RankedAgent,
                          activation_change, baseline_scores, bn_gamma_abs)
 from .gnn_policy import GNNMaskablePolicy, GraphEncoder, policy_kwargs_for
-from .ppo_gnn import PPOGNNAgent, behaviour_clone, train_ppo_gnn
+from .ppo_gnn import PPOGNNAgent, behaviour_clone, demonstrate, train_ppo_gnn
 
 __all__ = ["AGENTS", "ENTRY_POINT_GROUP", "ROLLOUT_SELECT", "Agent", "BaseAgent", "agent_label", "available_agents",
-           "best_prefix", "build_agent", "choose_pruning", "register_agent", "resolve_agent_factory", "rollout", "GreedyActivationAgent",
-           "GreedyGammaAgent", "OrderedAgent", "RandomAgent", "RankedAgent", "activation_change", "baseline_scores",
-           "bn_gamma_abs", "GNNMaskablePolicy", "GraphEncoder", "policy_kwargs_for", "PPOGNNAgent",
-           "behaviour_clone", "train_ppo_gnn"]
+           "best_prefix", "build_agent", "choose_pruning", "register_agent", "resolve_agent_factory", "rollout",
+           "GreedyActivationAgent", "GreedyGammaAgent", "OrderedAgent", "RandomAgent", "RankedAgent",
+           "activation_change", "baseline_scores", "bn_gamma_abs", "GNNMaskablePolicy", "GraphEncoder",
+           "policy_kwargs_for", "PPOGNNAgent", "behaviour_clone", "demonstrate", "train_ppo_gnn"]
 

@@ -226,7 +226,8 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
     out = {"states": n, "env_steps": res["steps"], "epochs": int(epochs), "loss_first": losses[0] if losses else None,
            "loss_last": losses[-1] if losses else None, "imitation_accuracy": imitation,
            "order_return": res["return"], "stopped_at_delta": bool(info.get("rejected")),
-           "skip_harmful": bool(skip_harmful), "previews": demo["previews"], "skipped": demo["skipped"], "order_val_acc": float(info["acc"]), "order_val_asr": float(info["asr"]),
+           "skip_harmful": bool(skip_harmful), "previews": demo["previews"], "skipped": demo["skipped"],
+           "order_val_acc": float(info["acc"]), "order_val_asr": float(info["asr"]),
            "seconds": round(time.perf_counter() - t0, 2)}
     log(f"[onp] warm start: cloned {n} steps of the order (val return {res['return']:+.4f}, ACC {info['acc']:.3f}, "
         f"ASR {info['asr']:.3f}); loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}, "

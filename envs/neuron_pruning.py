@@ -85,7 +85,8 @@ class NeuronPruningEnv(gym.Env):
                  feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
                  top_k: Optional[int] = 16, exclude_layer_types: Sequence[str] = ("stem",),
                  mask_mode: str = "gamma", group_pruning: bool = False, invalid_action_penalty: float = 0.01,
-                 reject_violations: bool = True, use_suffix_cache: bool = True, cache_dir: Optional[Path] = None, seed: int = 0):
+                 reject_violations: bool = True, use_suffix_cache: bool = True, cache_dir: Optional[Path] = None,
+                 seed: int = 0):
         super().__init__()
         if budget <= 0:
             raise ValueError(f"budget must be > 0 (a fraction in (0, 1) or a neuron count); got {budget}")
