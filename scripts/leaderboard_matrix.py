@@ -2,8 +2,10 @@
 
 Usage: python scripts/leaderboard_matrix.py docs/leaderboard/leaderboard.json
 
-Cells are test ACC / ASR in % with DER in brackets; **bold** marks ASR <= 5%; missing cells say
-``missing``. The last column is the mean wall time of the method's finished cells.
+Cells are test ACC / ASR in % (mean ± std over the finished seeds when there are several) with the
+mean DER in brackets; **bold** marks mean ASR <= 5%. A cell with some seeds missing ends in
+``[k/n seeds]``; a cell with none says ``missing``. The last column is the mean wall time of the
+method's finished cells.
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ import sys
 from typing import Any, Dict, List
 
 
-def _cell_text(defense: str, metrics: Dict[str, Any]) -> str:
-    acc, asr = 100 * metrics["acc"]["mean"], 100 * metrics["asr"]["mean"]
+def _stat(m: Dict[str, Any]) -> str:
+    text = f"{100 * m['mean']:.2f}"
+    return text + (f" ± {100 * m['std']:.2f}" if m.get("n", 1) > 1 else "")
+
+
+def _cell_text(defense: str, metrics: Dict[str, Any], ok: int, expected: int) -> str:
+    asr = 100 * metrics["asr"]["mean"]
     der = metrics.get("der", {}).get("mean")
-    text = f"{acc:.2f} / {asr:.2f}" + (f" ({der:.3f})" if der is not None and defense != "no defense" else "")
-    return f"**{text}**" if defense != "no defense" and asr <= 5.0 else text
+    text = f"{_stat(metrics['acc'])} / {_stat(metrics['asr'])}"
+    text += f" ({der:.3f})" if der is not None and defense != "no defense" else ""
+    text = f"**{text}**" if defense != "no defense" and asr <= 5.0 else text
+    return text + (f" [{ok}/{expected} seeds]" if ok < expected else "")
 
 
 def matrix(board: Dict[str, Any]) -> List[str]:
@@ -28,11 +37,13 @@ def matrix(board: Dict[str, Any]) -> List[str]:
     for defense in ["no defense"] + board["defenses"]:
         texts, walls = [], []
         for attack in attacks:
-            metrics = (cells.get((defense, attack)) or {}).get("metrics") or {}
+            row = cells.get((defense, attack)) or {}
+            metrics = row.get("metrics") or {}
             if not metrics.get("acc", {}).get("n"):
                 texts.append("missing")
                 continue
-            texts.append(_cell_text(defense, metrics))
+            n = metrics["acc"]["n"]
+            texts.append(_cell_text(defense, metrics, row.get("seeds_ok", n), row.get("seeds_expected", n)))
             if metrics.get("wall_time", {}).get("mean") is not None:
                 walls.append(metrics["wall_time"]["mean"])
         wall = f"{sum(walls) / len(walls):,.0f} s" if walls else "—"
