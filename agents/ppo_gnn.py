@@ -182,11 +182,10 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
     """
     t0 = time.perf_counter()
     demo = demonstrate(env, order, skip_harmful=skip_harmful, max_previews=max_previews)
-    obs_list, masks, acts, rews, info = demo["obs"], demo["masks"], demo["actions"], demo["rewards"], demo["info"]
-    res = {"actions": acts, "rewards": rews, "return": float(sum(rews)), "steps": len(acts) + demo["previews"],
-           "info": info}
-    actions = np.asarray(res["actions"], dtype=np.int64)
-    rewards = np.asarray(res["rewards"], dtype=np.float32)
+    obs_list, masks, info = demo["obs"], demo["masks"], demo["info"]
+    order_return = float(sum(demo["rewards"]))
+    actions = np.asarray(demo["actions"], dtype=np.int64)
+    rewards = np.asarray(demo["rewards"], dtype=np.float32)
     rtg = np.zeros_like(rewards)
     acc = 0.0
     for i in range(len(rewards) - 1, -1, -1):
@@ -222,14 +221,13 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
         nodes, pooled = policy._encode(obs_t)
         pred = policy.action_net(nodes, pooled).masked_fill(~mask_t, -1e9).argmax(1)
         imitation = float((pred == act_t).float().mean())
-    info = res["info"]
-    out = {"states": n, "env_steps": res["steps"], "epochs": int(epochs), "loss_first": losses[0] if losses else None,
+    out = {"states": n, "env_steps": n + demo["previews"], "epochs": int(epochs), "loss_first": losses[0] if losses else None,
            "loss_last": losses[-1] if losses else None, "imitation_accuracy": imitation,
-           "order_return": res["return"], "stopped_at_delta": bool(info.get("rejected")),
+           "order_return": order_return, "stopped_at_delta": bool(info.get("rejected")),
            "skip_harmful": bool(skip_harmful), "previews": demo["previews"], "skipped": demo["skipped"],
            "order_val_acc": float(info["acc"]), "order_val_asr": float(info["asr"]),
            "seconds": round(time.perf_counter() - t0, 2)}
-    log(f"[onp] warm start: cloned {n} steps of the order (val return {res['return']:+.4f}, ACC {info['acc']:.3f}, "
+    log(f"[onp] warm start: cloned {n} steps of the order (val return {order_return:+.4f}, ACC {info['acc']:.3f}, "
         f"ASR {info['asr']:.3f}); loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}, "
         f"imitation accuracy {imitation:.2f}")
     return out
