@@ -25,6 +25,7 @@ from .data.augment import Augment
 from .io import prepare_run_dir
 from .metrics import evaluate_backdoor, with_der
 from .rundir import write_run
+from .seeding import seed_everything
 from .zoo import BackdoorConfig, load_bundle, open_bundle
 
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -146,6 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
         bundle = None
     seed = args.defense_seed if args.defense_seed is not None else args.seed
+    seed_everything(seed, deterministic=args.deterministic)
     name = "clean" if cfg.clean else cfg.attack
     out = args.out or Path("runs") / "baseline" / f"{method}-{name}-{cfg.model}-s{seed}"
     out = prepare_run_dir(out, overwrite=args.overwrite)
@@ -192,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
                "data_source": bundle.meta.get("data_source")}
     config = {"method": method, "params": defense.params.to_dict(), "defense_seed": seed,
-              "backdoor": cfg.to_dict(), "model_dir": str(bundle.path)}
+              "deterministic": args.deterministic, "backdoor": cfg.to_dict(), "model_dir": str(bundle.path)}
     write_run(out, config=config, metrics=metrics, pruned=result.pruned if result.pruned is not None else None,
               pruned_names=pruned_names, model_state=result.model.state_dict(), scores=result.scores, extra=extra)
     print(f"[onp] {method} on {cfg.model}/{name}: ACC {before['acc']:.4f}->{after['acc']:.4f}  "

@@ -201,6 +201,11 @@ class GridPlan:
         self.baselines = [d for d in self.defenses if d in baseline_names]
         self.policies = [d for d in self.defenses if d not in baseline_names]
         self.out = Path(args.out or Path("runs") / "compare" / "-".join(self.models))
+        if args.executor == "ray":  # Ray workers may run elsewhere: give them absolute paths
+            self.out = self.out.expanduser().resolve()
+            for key in ("cache_dir", "data_dir"):
+                if getattr(args, key) is not None:
+                    setattr(args, key, Path(getattr(args, key)).expanduser().resolve())
         self.defense_sets = self._defense_sets()
         if self.policies:
             _train_module()
@@ -294,6 +299,7 @@ class GridPlan:
         env = {"ONP_DATA": str(a.data_dir)} if a.data_dir is not None and cell.kind == "policy" else {}
         return {"key": cell.key, "kind": cell.kind, "argv": argv, "run_dir": str(run_dir), "seed": cell.seed,
                 "model_dir": str(model_dir), "env": env, "deterministic": a.deterministic,
+                "device": a.device if cell.kind == "policy" else None,  # the baselines run on the CPU
                 "log": str(self.out / "logs" / (_dirname(cell.key.replace("/", "-")) + ".log"))}
 
     def policy_argv(self, cell: Cell, model_dir: str, started: bool) -> List[str]:
@@ -344,6 +350,11 @@ def prepare_model(task: Dict[str, Any]) -> Dict[str, Any]:
     except Exception as exc:  # reported per cell
         return {"key": task["key"], "ok": False, "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(), "config": task["config"]}
+
+
+def uses_gpu(task: Dict[str, Any]) -> bool:
+    """Whether a model or cell task runs on a CUDA device (only those request a GPU on Ray)."""
+    return str(task.get("device") or "").startswith("cuda")
 
 
 def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
@@ -495,7 +506,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  for (m, a, s) in need]
         if tasks:
             bar = tqdm(total=len(tasks), desc="backdoored models", disable=args.quiet, file=sys.stderr)
-            for _, res in executor.run(prepare_model, tasks):
+            for _, res in executor.run(prepare_model, tasks, gpu_task=uses_gpu):
                 if res["ok"]:
                     models[res["key"]] = {k: res[k] for k in ("path", "test_metrics", "config")}
                     atomic_write_json(out / "models.json", models)
@@ -515,7 +526,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 bar.update(1)
                 continue
             cell_tasks.append(plan.cell_task(c, models[mkey]["path"]))
-        for _, res in executor.run(run_cell, cell_tasks):
+        for _, res in executor.run(run_cell, cell_tasks, gpu_task=uses_gpu):
             if not res["ok"]:
                 failures[res["key"]] = res["error"]
                 tqdm.write(f"[onp] cell {res['key']} failed: {res['error']}", file=sys.stderr)

@@ -8,7 +8,8 @@ the result; an exception that escapes it is re-raised in the caller.
 * ``local``: one after the other in this process (the default).
 * ``processes``: ``jobs`` worker processes (``concurrent.futures.ProcessPoolExecutor``, spawn
   start method); torch in each worker uses ``cpu_count // jobs`` threads.
-* ``ray``: each task is a Ray task (``num_cpus=1``, and ``num_gpus=1`` when the cluster has GPUs).
+* ``ray``: each task is a Ray task (``num_cpus=1``, and ``num_gpus=1`` when the cluster has GPUs and
+  the task uses one: ``gpu_task(task)``, all tasks by default).
   ``address`` connects to a running cluster (``"auto"`` or ``ray://host:10001``); by default a local
   Ray instance is started. On a multi-node cluster the artifact cache and the output folder must be
   on a filesystem every node sees.
@@ -30,7 +31,10 @@ EXECUTORS = ("local", "processes", "ray")
 class Executor:
     name = "base"
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Tuple[Any, Any]]:
+    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
+            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
+        """Yield ``(task, fn(task))`` as tasks finish. ``gpu_task(task)`` says whether a task uses a
+        GPU; only the Ray executor reserves GPUs, the others ignore it."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -48,7 +52,7 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def run(self, fn, tasks):
+    def run(self, fn, tasks, gpu_task=None):
         for task in tasks:
             yield task, fn(task)
 
@@ -69,7 +73,7 @@ class ProcessExecutor(Executor):
         self.jobs = jobs
         self.threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
 
-    def run(self, fn, tasks):
+    def run(self, fn, tasks, gpu_task=None):
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         tasks = list(tasks)
         if not tasks:
@@ -127,13 +131,22 @@ class RayExecutor(Executor):
             gpus_per_task = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         self.gpus_per_task = gpus_per_task
 
-    def run(self, fn, tasks):
+    def run(self, fn, tasks, gpu_task: Optional[Callable[[Any], bool]] = None):
+        """Like :meth:`Executor.run`; ``gpu_task(task)`` says whether a task uses a GPU (default: all do).
+        A task that does not use one requests none, so it never holds a GPU idle."""
         ray = self.ray
         tasks = list(tasks)
         if not tasks:
             return
-        remote = ray.remote(num_cpus=1, num_gpus=self.gpus_per_task, max_retries=0)(fn)
-        refs = {remote.remote(t): t for t in tasks}
+        remotes: Dict[float, Any] = {}
+
+        def submit(task):
+            gpus = self.gpus_per_task if gpu_task is None or gpu_task(task) else 0.0
+            if gpus not in remotes:
+                remotes[gpus] = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(fn)
+            return remotes[gpus].remote(task)
+
+        refs = {submit(t): t for t in tasks}
         pending: List[Any] = list(refs)
         try:
             while pending:

@@ -14,6 +14,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -28,11 +29,27 @@ from . import __version__
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 
+#: env.json key -> distribution name of the packages whose versions every run records
+_PACKAGES = {"numpy": "numpy", "gymnasium": "gymnasium", "stable_baselines3": "stable-baselines3",
+             "sb3_contrib": "sb3-contrib", "torch_geometric": "torch-geometric", "torch_pruning": "torch-pruning",
+             "networkx": "networkx", "matplotlib": "matplotlib", "yaml": "PyYAML", "ray": "ray"}
+
+
 def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)
         return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def git_dirty(cwd: Optional[Path] = None) -> Optional[bool]:
+    """True when tracked files differ from the commit (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
     except Exception:
         return None
 
@@ -43,12 +60,12 @@ def environment_info() -> Dict[str, Any]:
                             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                            "git_commit": git_commit()}
-    for pkg in ("numpy", "gymnasium", "stable_baselines3", "sb3_contrib", "torch_geometric", "torch_pruning"):
+                            "git_commit": git_commit(), "git_dirty": git_dirty()}
+    for key, dist in _PACKAGES.items():  # read from the installed metadata: no (slow) imports
         try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:
-            info[pkg] = None
+            info[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[key] = None
     return info
 
 

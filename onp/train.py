@@ -66,6 +66,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
                    "skip_harmful": True, "max_previews": None},
     "rollout": {"select": "final", "min_return": 0.0},
     "seed": 0,
+    "deterministic": False,
     "device": "cpu",
     "torch_threads": None,
     "cache_dir": None,
@@ -73,7 +74,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
 #: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
 NO_WARM_START = ("none", "null", "")
 #: config keys that may differ when resuming a run
-RESUMABLE_CHANGES = ("ppo.total_timesteps", "device", "torch_threads", "cache_dir")
+RESUMABLE_CHANGES = ("ppo.total_timesteps", "device", "torch_threads", "cache_dir", "deterministic")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -108,6 +109,8 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     ASR_ESTIMATORS.check(cfg["env"]["asr_estimator"])
     if cfg["rollout"]["min_return"] is not None and not isinstance(cfg["rollout"]["min_return"], (int, float)):
         raise ValueError(f"rollout.min_return must be a number or null; got {cfg['rollout']['min_return']!r}")
+    if not isinstance(cfg["deterministic"], bool):
+        raise ValueError(f"deterministic must be true or false; got {cfg['deterministic']!r}")
     from agents import ROLLOUT_SELECT
     if cfg["rollout"]["select"] not in ROLLOUT_SELECT:
         raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {cfg['rollout']['select']!r}")
@@ -252,7 +255,7 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
         torch.set_num_threads(int(cfg["torch_threads"]))
     from .seeding import seed_everything
     seed = int(cfg["seed"])
-    seed_everything(seed)
+    seed_everything(seed, deterministic=bool(cfg["deterministic"]))
 
     bundle = _load_bundle(cfg, log, progress)
     from agents import BaseAgent, build_agent, choose_pruning, resolve_agent_factory, rollout
@@ -384,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the backdoored model and of the agent")
     p.add_argument("--agent-seed", type=int, default=None, help="seed of the agent only")
     p.add_argument("--device", default=None, help="device of the policy (and of zoo training): cpu, cuda, ...")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic torch algorithms (config key 'deterministic')")
     p.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
     p.add_argument("--agent", default=None, help="ppo-gnn (default), random, greedy-gamma, greedy-activation, "
                                                  "ranked:<baseline>, an installed entry point, or path/file.py:Class")
@@ -405,7 +410,8 @@ def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
                       ("width", "backdoor.width"), ("data_source", "backdoor.data_source"),
                       ("timesteps", "ppo.total_timesteps"), ("budget", "env.budget"), ("device", "device"),
                       ("asr_estimator", "env.asr_estimator"), ("agent", "agent"),
-                      ("warm_start", "warm_start.baseline"), ("cache_dir", "cache_dir")):
+                      ("warm_start", "warm_start.baseline"), ("cache_dir", "cache_dir"),
+                      ("deterministic", "deterministic")):
         val = getattr(args, flag)
         if val is not None:
             flags[key] = str(val) if isinstance(val, Path) else val

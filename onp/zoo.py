@@ -12,7 +12,6 @@ Each artifact directory holds ``model.pt`` (a state_dict), ``meta.json``, ``conf
 from __future__ import annotations
 
 import dataclasses
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from .attacks import ATTACKS, Attack, build_attack
 from .config import from_dict, stable_hash
 from .data import DATASETS, Dataset, load_dataset
@@ -34,6 +32,7 @@ from .io import (CheckpointError, atomic_torch_save, atomic_write_json, cache_ro
                  load_state_dict_into, read_json)
 from .metrics import evaluate_backdoor
 from .models import DEFAULT_WIDTH, MODELS, build_model_for
+from .rundir import environment_info
 from .seeding import seed_everything
 from .training import PoisonPlan, TrainRecipe, train_classifier
 
@@ -149,12 +148,6 @@ def _make_attack(cfg: BackdoorConfig, spec) -> Attack:
                         seed=cfg.seed, **cfg.attack_params)
 
 
-def _versions() -> Dict[str, str]:
-    import numpy
-    return {"onp": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
-
-
 def _is_complete(path: Path) -> bool:
     return all((path / f).exists() for f in ARTIFACT_FILES)
 
@@ -261,6 +254,7 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
     train_seconds = time.time() - t0
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     metrics = evaluate_backdoor(model, as_float(dataset.test.images), dataset.test.labels, attack)
+    env = environment_info()  # git commit, package versions, hardware
     meta = {
         "config": cfg.to_dict(),
         "model": cfg.model, "width": cfg.width, "dataset": cfg.dataset, "data_source": dataset.source,
@@ -269,13 +263,14 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
         "target": cfg.target, "mode": cfg.mode, "poison_rate": 0.0 if cfg.clean else cfg.poison_rate,
         "num_poisoned": int(plan.poisoned.sum()), "num_attacker_train": len(train),
         "split_sha256": splits.digest(), "split_sizes": splits.sizes(), "seed": cfg.seed,
-        "versions": _versions(), "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
+        "versions": env, "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
         "test_metrics": metrics,
         "test_metrics_note": "ASR/RA use the attack's real trigger on non-target test images"
                              + (" (clean model: measures the trigger's natural effect)" if cfg.clean else ""),
     }
     atomic_torch_save(path / "trigger.pt", attack.trigger_pattern())
     atomic_write_json(path / "config.json", cfg.to_dict())
+    atomic_write_json(path / "env.json", env)
     atomic_torch_save(path / "model.pt", model.state_dict())
     atomic_write_json(path / "meta.json", meta)  # written last: its presence marks a complete artifact
     if state_path.exists():

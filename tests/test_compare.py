@@ -7,6 +7,7 @@ seconds each) so the whole module stays fast on CPU; the tests check the mechani
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ class _Interrupt(LocalExecutor):
     def __init__(self, k):
         self.k = k
 
-    def run(self, fn, tasks):
+    def run(self, fn, tasks, gpu_task=None):
         if fn is compare.prepare_model:
             yield from super().run(fn, tasks)
             return
@@ -290,5 +291,37 @@ def test_ray_executor_requests_a_gpu_per_task_when_the_cluster_has_gpus(monkeypa
         assert ray.inits[0]["address"] == "ray://head:10001"
         assert sorted(r for _, r in ex.run(abs, [-1, 2])) == [1, 2]
         assert ray.options == [{"num_cpus": 1, "num_gpus": gpus, "max_retries": 0}]
+        # only the tasks that use a GPU request one
+        ray.options.clear()
+        assert sorted(r for _, r in ex.run(abs, [-1, 2], gpu_task=lambda t: t > 0)) == [1, 2]
+        assert sorted(o["num_gpus"] for o in ray.options) == sorted({0.0, gpus})
         ex.close()
         assert not ray.inits
+
+
+def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path):
+    """A cell folder without metrics.json: a policy run resumes from its checkpoint, a baseline restarts."""
+    args = compare.build_parser().parse_args(
+        _argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma", "--seeds", "1"))
+    plan = compare.GridPlan(args)
+    cells = {c.defense: c for c in plan.cells()}
+    fresh = {d: plan.cell_task(c, str(tmp_path / "model"))["argv"] for d, c in cells.items()}
+    assert not {"--resume", "--overwrite"} & set(fresh["clp"] + fresh["greedy-gamma"])
+    for c in cells.values():
+        Path(c.run_dir).mkdir(parents=True)
+        (Path(c.run_dir) / "config.json").write_text("{}")
+    started = {d: plan.cell_task(c, str(tmp_path / "model"))["argv"] for d, c in cells.items()}
+    assert started["greedy-gamma"][-1] == "--resume" and started["clp"][-1] == "--overwrite"
+
+
+def test_only_cells_on_a_cuda_device_use_a_gpu(onp_cache, tmp_path):
+    """Baseline cells run on the CPU and never ask Ray for a GPU; policy cells do with --device cuda."""
+    args = compare.build_parser().parse_args(
+        _argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma", "--seeds", "1",
+              "--device", "cuda", "--executor", "ray"))
+    plan = compare.GridPlan(args)
+    assert plan.out.is_absolute() and Path(args.cache_dir).is_absolute()  # Ray workers may run elsewhere
+    tasks = {c.defense: plan.cell_task(c, str(tmp_path / "model")) for c in plan.cells()}
+    assert not compare.uses_gpu(tasks["clp"]) and compare.uses_gpu(tasks["greedy-gamma"])
+    assert "--device" in tasks["greedy-gamma"]["argv"] and "--device" not in tasks["clp"]["argv"]
+    assert compare.uses_gpu({"device": "cuda:1"}) and not compare.uses_gpu({"device": None})

@@ -89,6 +89,26 @@ def test_compare_twice_gives_identical_leaderboards(onp_cache, tmp_path):
 TINY_TRAIN = Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml"
 
 
+def test_deterministic_flag_is_applied_and_recorded(tiny_bundle, onp_cache, tmp_path):
+    """``--deterministic`` on onp.baseline and onp.train turns on deterministic algorithms and is saved."""
+    from onp.baseline import main as baseline_main
+    from onp.train import main as train_main
+    runs = {"baseline": tmp_path / "b", "train": tmp_path / "t"}
+    calls = {"baseline": lambda out: baseline_main(["--method", "magnitude", "--checkpoint", str(tiny_bundle.path),
+                                                    "--no-oracle", "--out", str(out), "--quiet", "--deterministic"]),
+             "train": lambda out: train_main(["--config", str(TINY_TRAIN), "--agent", "random", "--warm-start", "none",
+                                              "--timesteps", "8", "--cache-dir", str(onp_cache), "--out", str(out),
+                                              "--quiet", "--deterministic"])}
+    try:
+        for name, run in calls.items():
+            torch.use_deterministic_algorithms(False)
+            assert run(runs[name]) == 0
+            assert torch.are_deterministic_algorithms_enabled(), name
+            assert json.loads((runs[name] / "config.json").read_text())["deterministic"] is True, name
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture(scope="module")
 def train_runs(tiny_bundle, onp_cache, tmp_path_factory):
     """onp.train's tiny profile (the session's tiny model), twice, with fewer timesteps."""

@@ -21,6 +21,8 @@ def test_tiny_backdoor_takes(tiny_bundle):
                 "test_metrics", "train_seconds", "data_source"):
         assert key in m
     assert m["attack"]["name"] == "badnets" and m["data_source"] == "bundled-sample"
+    env = json.loads((tiny_bundle.path / "env.json").read_text())  # git commit, versions, hardware
+    assert env == m["versions"] and {"git_commit", "torch", "cpu_count", "platform"} <= set(env)
     d = tiny_bundle.defense_data
     assert len(d.train_y) + len(d.val_y) == 300
     assert "test" not in repr(d).lower()
