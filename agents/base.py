@@ -14,6 +14,8 @@ Where agents come from (:func:`resolve_agent_factory`):
   ``argument="rnp"``);
 * the entry-point group ``onp.agents`` of installed packages (name -> ``module:Class``);
 * ``path/to/file.py:ClassName`` (a Python file) and ``package.module:ClassName`` (an importable module).
+  These import code, so they are accepted only from the user directly (``--agent``, the Python
+  API), never from a file onp reads (:func:`check_agent_source`).
 """
 
 from __future__ import annotations
@@ -22,41 +24,86 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
-import json
 import re
 import sys
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 
+from onp.io import CheckpointError, atomic_write_json, read_json
 from onp.registry import Registry, UnknownNameError
 
 ENTRY_POINT_GROUP = "onp.agents"
+#: the file :meth:`BaseAgent.save` writes into a run folder
+AGENT_FILE = "agent.json"
 
 #: name -> factory ``(env, **params) -> Agent``.
 AGENTS: Registry = Registry("agent")
 #: registry entries that take an argument after a colon (``ranked:rnp``).
 PARAMETRIC: Dict[str, str] = {}
+#: per parametric entry, ``check(argument)``: raises (e.g. :class:`UnknownNameError`) for an argument
+#: that the entry does not accept, when the spec is resolved (before any model is loaded)
+PARAMETRIC_CHECKS: Dict[str, Callable[[str], Any]] = {}
+
+
+class AgentError(ValueError):
+    """A plug-in agent broke its contract (no ``predict``, or it returned something other than an action)."""
 
 
 @runtime_checkable
 class Agent(Protocol):
-    """What ``onp.train`` needs from an agent (``learn``/``save``/``load`` are optional)."""
+    """What ``onp.train`` and ``onp.evaluate`` need from an agent: ``predict``. A learning agent
+    (``learns = True``) also has ``learn``, ``save`` and a classmethod ``load``, see :class:`BaseAgent`."""
 
     def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         ...
 
 
-class BaseAgent:
-    """Convenience base class: stores ``env`` and ``params``; no-op ``learn``; JSON ``save``/``load``.
+@dataclass
+class LearnResult:
+    """What :meth:`BaseAgent.learn` reports to ``onp.train`` (it lands in ``metrics.json``).
 
-    Subclasses implement :meth:`predict`. ``save`` writes the constructor parameters (``params``) as
-    JSON; ``load(path, env)`` rebuilds the agent from them, which is all a heuristic agent needs.
+    Attributes:
+        timesteps: env steps of training (the agent's own interaction, evaluations excluded).
+        eval_env_steps: env steps spent on evaluations during training.
+        warm_start_env_steps: env steps spent on a warm start (e.g. a demonstration).
+        seconds: wall time of learning.
+        learning_curve: points ``{"timesteps", "mean_return", "acc", "asr", "n_pruned", "wall_time"}``.
+        info: extra keys for ``metrics.json`` (e.g. ``best_timesteps``, ``resumed_from``, ``warm_start``).
+    """
+
+    timesteps: int = 0
+    eval_env_steps: int = 0
+    warm_start_env_steps: int = 0
+    seconds: float = 0.0
+    learning_curve: List[Dict[str, Any]] = field(default_factory=list)
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+class BaseAgent:
+    """Base class of agents: stores ``env`` and ``params``; no-op ``learn``; JSON ``save``/``load``.
+
+    The contract, the same for every agent (built-in or plug-in):
+
+    * ``predict(obs, action_mask) -> int``: the action (a node id, or ``N`` = STOP);
+    * ``learns``: whether ``learn`` does anything (``onp.train`` calls it only then);
+    * ``learn(env, config, run_dir, *, resume, callbacks, progress, log) -> LearnResult``: train in
+      ``env`` (the defense-validation env of the run) with the run's resolved config (a dict with the
+      sections of :class:`onp.train_config.TrainConfig`), writing checkpoints into ``run_dir`` so that
+      ``resume=True`` continues an interrupted run;
+    * ``save(run_dir)`` and the classmethod ``load(run_dir, env)``: what ``onp.evaluate`` needs to
+      apply the learned agent to another model. Files must be weights-only tensors or JSON (a run
+      folder is untrusted input: nothing in it may be unpickled or imported).
+
+    The default ``save`` writes the constructor parameters as ``agent.json``; ``load`` rebuilds the
+    agent from them, which is all a heuristic agent needs.
     """
 
     name: str = "agent"
-    learns: bool = False  # whether learn() does anything (onp.train skips it otherwise)
+    learns: bool = False
 
     def __init__(self, env=None, **params: Any):
         self.env = getattr(env, "unwrapped", env)
@@ -65,22 +112,37 @@ class BaseAgent:
     def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         raise NotImplementedError
 
-    def learn(self, env, total_timesteps: int) -> "BaseAgent":
-        return self
+    def learn(self, env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False, callbacks: Sequence = (),
+              progress: bool = True, log: Callable[[str], None] = print) -> LearnResult:
+        return LearnResult()
 
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps({"agent": self.name, "params": self.params}, indent=2, default=str))
+    def save(self, run_dir: Path) -> None:
+        atomic_write_json(Path(run_dir) / AGENT_FILE, {"agent": self.name, "params": self.params})
 
     @classmethod
-    def load(cls, path, env=None) -> "BaseAgent":
-        data = json.loads(Path(path).read_text())
+    def load(cls, run_dir: Path, env=None) -> "BaseAgent":
+        path = Path(run_dir) / AGENT_FILE
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("params", {}), dict):
+            raise CheckpointError(f"{path}: expected {{\"agent\": name, \"params\": {{...}}}}")
         return cls(env, **data.get("params", {}))
 
 
-def register_agent(name: str, *, parametric: Optional[str] = None, overwrite: bool = False) -> Callable:
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def register_agent(name: str, *, parametric: Optional[str] = None, overwrite: bool = False,
+                   check: Optional[Callable[[str], Any]] = None) -> Callable:
     """Decorator registering an agent class or factory ``(env, **params) -> Agent`` as ``name``.
 
-    ``parametric="argument"`` makes ``name:value`` call the factory with ``argument=value``.
+    ``parametric="argument"`` makes ``name:value`` call the factory with ``argument=value``;
+    ``check(value)``, if given, validates ``value`` when the spec is resolved (raise to refuse it).
     """
 
     def deco(obj):
@@ -89,6 +151,8 @@ def register_agent(name: str, *, parametric: Optional[str] = None, overwrite: bo
         AGENTS.register(name, obj, overwrite=overwrite)
         if parametric:
             PARAMETRIC[name] = parametric
+            if check is not None:
+                PARAMETRIC_CHECKS[name] = check
         return obj
 
     return deco
@@ -156,6 +220,8 @@ def resolve_agent_factory(spec: str) -> Tuple[Callable, Dict[str, Any], str]:
         if left in PARAMETRIC and left in AGENTS:
             if not right:
                 raise ValueError(f"agent {left!r} needs an argument: {left}:<{PARAMETRIC[left]}>")
+            if left in PARAMETRIC_CHECKS:
+                PARAMETRIC_CHECKS[left](right)
             return AGENTS.get(left), {PARAMETRIC[left]: right}, spec
         if "." in left and right.isidentifier():  # package.module:Class
             try:
@@ -183,12 +249,38 @@ def resolve_agent_factory(spec: str) -> Tuple[Callable, Dict[str, Any], str]:
     raise UnknownNameError("agent", spec, available_agents())
 
 
+def imports_code(spec: Any) -> bool:
+    """Whether resolving agent ``spec`` would import code that is not installed or registered:
+    ``path/to/file.py:Class`` or ``package.module:Class``. Registry names, ``name:argument`` of a
+    parametric entry and entry points of installed packages import nothing new."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return isinstance(spec, str) and spec.strip().endswith(".py")
+    left = spec.strip().rsplit(":", 1)[0]
+    return not (left in PARAMETRIC and left in AGENTS) and (left.endswith(".py") or "/" in left or "\\" in left
+                                                              or "." in left)
+
+
+def check_agent_source(spec: Any, explicit: Optional[str], *, where: Any) -> None:
+    """Refuse an agent named inside a file (``where``) that would import code, unless the user
+    passed the same spec explicitly (``explicit``, e.g. ``--agent``).
+
+    Run folders and config files are untrusted input: nothing named in them is imported implicitly.
+    """
+    if explicit is not None and str(explicit).strip() != str(spec).strip():
+        raise ValueError(f"--agent {explicit} does not match the agent {spec!r} that {where} was made with")
+    if imports_code(spec) and explicit is None:
+        raise ValueError(f"{where} names the agent {spec!r}, which would import code from a file or module; onp "
+                         f"never imports code named inside a file. If you trust that code, pass --agent {spec} "
+                         f"explicitly")
+
+
 def build_agent(spec: str, env=None, **params: Any):
     """Build agent ``spec`` (see :func:`resolve_agent_factory`) for ``env`` with ``params``."""
     factory, extra, _ = resolve_agent_factory(spec)
     agent = factory(env, **{**extra, **params})
     if not callable(getattr(agent, "predict", None)):
-        raise TypeError(f"agent {spec!r} built a {type(agent).__name__} without a predict(obs, action_mask) method")
+        raise AgentError(f"agent {spec!r} built a {type(agent).__name__} without a predict(obs, action_mask) "
+                         f"method; an agent must define predict(obs, action_mask) -> int")
     return agent
 
 
@@ -216,9 +308,11 @@ def rollout(agent, env, *, options: Optional[Dict[str, Any]] = None, seed: Optio
     total, steps, actions, rewards, infos = 0.0, 0, [], [], [info]
     limit = max_steps or (base.num_nodes + 2) * 2
     done = False
+    invalid = 0
     while not done and steps < limit:
         mask = base.action_masks()
-        a = int(np.asarray(act(obs, mask)).reshape(-1)[0])
+        a = _action_of(act(obs, mask), agent, base.num_nodes)
+        invalid += int(not mask[a]) if 0 <= a < len(mask) else 1
         obs, r, term, trunc, info = env.step(a)
         total += float(r)
         steps += 1
@@ -226,7 +320,25 @@ def rollout(agent, env, *, options: Optional[Dict[str, Any]] = None, seed: Optio
         rewards.append(float(r))
         infos.append(info)
         done = term or trunc
-    return {"return": total, "steps": steps, "actions": actions, "rewards": rewards, "info": info, "infos": infos}
+    if invalid:
+        warnings.warn(f"{_agent_name(agent)} chose {invalid} masked (invalid) action(s) in {steps} steps: each was "
+                      f"a no-op with a penalty. An agent should pick among action_mask's valid actions",
+                      stacklevel=2)
+    return {"return": total, "steps": steps, "actions": actions, "rewards": rewards, "info": info, "infos": infos,
+            "invalid_actions": invalid}
+
+
+def _agent_name(agent: Any) -> str:
+    return f"agent {type(agent).__name__}" if hasattr(agent, "predict") else "the agent function"
+
+
+def _action_of(out: Any, agent: Any, num_nodes: int) -> int:
+    """The agent's output as an int action, or :class:`AgentError` naming what it returned."""
+    arr = np.asarray(out) if out is not None else None
+    if arr is None or arr.size < 1 or arr.dtype.kind not in "iu":
+        raise AgentError(f"{_agent_name(agent)} returned {out!r}; predict(obs, action_mask) must return an integer "
+                         f"action in [0, {num_nodes}] ({num_nodes} = STOP)")
+    return int(arr.reshape(-1)[0])
 
 
 def best_prefix(result: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,5 +1,6 @@
 """SB3 callbacks used by ``onp.train``: defense-validation evaluation with best-policy and resumable
-checkpoints, and a tqdm progress bar (SB3's own bar needs ``rich``)."""
+checkpoints (stored without pickle, :mod:`agents.policy_io`), and a tqdm progress bar (SB3's own
+bar needs ``rich``)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from onp.io import atomic_write_json, read_json
 
 from .base import rollout
+from .policy_io import save_checkpoint, save_policy
 
 STATE_FILE = "train_state.json"
-CHECKPOINT = "checkpoint.zip"
-BEST_POLICY = "policy.zip"
-_SAVE_EXCLUDE = ["_last_obs", "_last_original_obs", "_last_episode_starts", "ep_info_buffer", "ep_success_buffer"]
-
-
-def save_model(model, path) -> None:
-    """``model.save`` without the last observation / episode buffers (smaller, no stale env state)."""
-    model.save(path, exclude=_SAVE_EXCLUDE)
 
 
 class TrainState:
@@ -77,8 +71,9 @@ def evaluate_policy_episode(model, eval_env, n_episodes: int = 1) -> Dict[str, A
 
 class EvalCheckpointCallback(BaseCallback):
     """Every ``eval_freq`` env steps: a deterministic episode on the defense-validation env (its
-    reward batch), a learning-curve point, ``policy.zip`` when the return is the best so far, and a
-    resumable ``checkpoint.zip`` + ``train_state.json``. Also evaluates at the start and the end."""
+    reward batch), a learning-curve point, ``policy.pt`` + ``policy.json`` when the return is the best
+    so far, and a resumable ``checkpoint.pt`` + ``checkpoint.json`` + ``train_state.json``. Also
+    evaluates at the start and the end."""
 
     def __init__(self, eval_env, run_dir: Path, state: TrainState, eval_freq: int = 256, n_episodes: int = 1,
                  status: Optional[Dict[str, Any]] = None, verbose: int = 0):
@@ -126,7 +121,7 @@ class EvalCheckpointCallback(BaseCallback):
         self.logger.record("eval/n_pruned", res["n_pruned"])
         if self.state.best is None or res["mean_return"] > self.state.best["mean_return"]:
             self.state.best = {**point, "pruned": res["pruned"]}
-            save_model(self.model, self.run_dir / BEST_POLICY)
+            save_policy(self.model.policy, self.run_dir)
         self.status.update(eval_return=res["mean_return"], best=self.state.best["mean_return"])
         self._last_eval = self.num_timesteps
         self.checkpoint()
@@ -135,7 +130,7 @@ class EvalCheckpointCallback(BaseCallback):
     def checkpoint(self) -> None:
         self.state.timesteps = int(self.num_timesteps)
         self.state.train_seconds = self._elapsed()
-        save_model(self.model, self.run_dir / CHECKPOINT)
+        save_checkpoint(self.model, self.run_dir)
         self.state.save()
 
 

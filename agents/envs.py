@@ -16,23 +16,6 @@ import numpy as np
 import torch
 
 
-class EndOnDeltaTruncation(gym.Wrapper):
-    """Report the env's delta truncation (clean accuracy fell too far) as a termination.
-
-    The episode really ends there (no later reward), so PPO must not bootstrap a value after it, which
-    SB3 does for truncations. ``info["delta_exceeded"]`` records it. ``action_masks`` is forwarded.
-    """
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        if truncated:
-            info = {**info, "delta_exceeded": True}
-        return obs, reward, bool(terminated or truncated), False, info
-
-    def action_masks(self) -> np.ndarray:
-        return self.env.unwrapped.action_masks()
-
-
 @dataclass
 class EnvFactory:
     """A picklable ``() -> env`` for ``DummyVecEnv`` / ``SubprocVecEnv``.
@@ -46,7 +29,6 @@ class EnvFactory:
         rank: worker index (offsets the reset seed only).
         threads: ``torch.set_num_threads`` in the worker (``None`` = leave it).
         monitor: wrap in SB3's ``Monitor`` (episode returns in the logs).
-        end_on_truncation: wrap in :class:`EndOnDeltaTruncation`.
     """
 
     source: Any
@@ -55,7 +37,6 @@ class EnvFactory:
     rank: int = 0
     threads: Optional[int] = None
     monitor: bool = True
-    end_on_truncation: bool = True
 
     def __call__(self) -> gym.Env:
         if self.threads:
@@ -67,8 +48,6 @@ class EnvFactory:
             from onp.zoo import open_bundle
             source = open_bundle(source)
         env: gym.Env = NeuronPruningEnv(source, seed=self.seed, **self.env_kwargs)
-        if self.end_on_truncation:
-            env = EndOnDeltaTruncation(env)
         if self.monitor:
             from stable_baselines3.common.monitor import Monitor
             env = Monitor(env)
@@ -84,8 +63,7 @@ class EnvFactory:
                 raise ValueError("SubprocVecEnv needs a model saved in the zoo (an artifact directory); "
                                  "use vec_env='dummy' for an in-memory model")
             src = str(path)
-        return EnvFactory(str(src), dict(self.env_kwargs), self.seed, self.rank, self.threads, self.monitor,
-                          self.end_on_truncation)
+        return EnvFactory(str(src), dict(self.env_kwargs), self.seed, self.rank, self.threads, self.monitor)
 
 
 def make_vec_env(factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy", start_method: Optional[str] = None):
@@ -96,13 +74,13 @@ def make_vec_env(factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy", s
         raise ValueError(f"n_envs must be >= 1; got {n_envs}")
     if vec_env == "dummy":
         fns = [EnvFactory(factory.source, dict(factory.env_kwargs), factory.seed, r, factory.threads,
-                          factory.monitor, factory.end_on_truncation) for r in range(n_envs)]
+                          factory.monitor) for r in range(n_envs)]
         return DummyVecEnv(fns)
     if vec_env == "subproc":
         base = factory.for_subprocess()
         threads = base.threads or max(1, torch.get_num_threads() // n_envs)
-        fns = [EnvFactory(base.source, dict(base.env_kwargs), base.seed, r, threads, base.monitor,
-                          base.end_on_truncation) for r in range(n_envs)]
+        fns = [EnvFactory(base.source, dict(base.env_kwargs), base.seed, r, threads, base.monitor)
+               for r in range(n_envs)]
         return SubprocVecEnv(fns, start_method=start_method)
     raise ValueError(f"unknown vec_env {vec_env!r}; valid choices: dummy, subproc")
 

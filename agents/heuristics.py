@@ -129,6 +129,26 @@ def activation_change(env, batch_size: int = 256) -> np.ndarray:
 
 
 _SCORE_CACHE: Dict[Tuple, np.ndarray] = {}
+#: baselines that repair weights without scoring neurons: they cannot rank them
+NON_SCORING = ("ft",)
+
+
+def check_ranked_baseline(baseline: str) -> str:
+    """``ranked:<baseline>``: ``baseline`` must be a registered defense that scores neurons; else
+    :class:`UnknownNameError` listing the valid ones (checked when the agent spec is resolved, before
+    any model is loaded)."""
+    import baselines as bl
+    from onp.registry import UnknownNameError
+
+    valid = [n for n in bl.DEFENSES.names() if n not in NON_SCORING]
+    if baseline not in bl.DEFENSES.names():
+        exc = UnknownNameError("defense", baseline, valid)
+        exc.args = (f"{exc.args[0]} (the baselines that ranked:<baseline> can rank by)",)
+        raise exc
+    if baseline not in valid:
+        raise ValueError(f"baseline {baseline!r} does not score neurons, so ranked:{baseline} cannot rank them; "
+                         f"use one of: {', '.join(valid)}")
+    return baseline
 
 
 def baseline_scores(source, baseline: str, params: Optional[Dict[str, Any]] = None, seed: int = 0,
@@ -149,7 +169,7 @@ def baseline_scores(source, baseline: str, params: Optional[Dict[str, Any]] = No
         augment = Augment.for_spec(spec) if spec is not None else None
         result = defense.fit(source.model, source.defense_data, seed=seed, augment=augment)
         if result.scores is None:
-            scoring = [n for n in bl.DEFENSES.names() if n not in ("ft",)]
+            scoring = [n for n in bl.DEFENSES.names() if n not in NON_SCORING]
             raise ValueError(f"baseline {baseline!r} does not score neurons, so it cannot rank them; "
                              f"use one of: {', '.join(scoring)}")
         if graph is not None:
@@ -158,7 +178,7 @@ def baseline_scores(source, baseline: str, params: Optional[Dict[str, Any]] = No
     return _SCORE_CACHE[key]
 
 
-@register_agent("ranked", parametric="baseline")
+@register_agent("ranked", parametric="baseline", check=check_ranked_baseline)
 class RankedAgent(OrderedAgent):
     """``ranked:<baseline>``: prune in the order of a baseline defense's neuron scores (highest first).
 

@@ -1,11 +1,12 @@
 """``ppo-gnn``: MaskablePPO with the GNN policy, its training loop for ``onp.train`` and the
 behaviour-cloning warm start.
 
-* :class:`PPOGNNAgent` is the plug-in agent (``predict``/``learn``/``save``/``load``);
+* :class:`PPOGNNAgent` is the agent (``predict``/``learn``/``save``/``load``, as every agent);
 * :func:`train_ppo_gnn` is what ``onp.train`` runs: vectorised envs (``DummyVecEnv`` or
   ``SubprocVecEnv``), a deterministic defense-validation episode every ``eval.freq`` env steps
-  (learning curve, best policy -> ``policy.zip``), a resumable ``checkpoint.zip`` +
-  ``train_state.json`` (also written on Ctrl-C), tensorboard logs in ``tb/`` and a tqdm bar;
+  (learning curve, best policy -> ``policy.pt`` + ``policy.json``), a resumable ``checkpoint.pt`` +
+  ``checkpoint.json`` + ``train_state.json`` (also written on Ctrl-C; all pickle-free, see
+  :mod:`agents.policy_io`), tensorboard logs in ``tb/`` and a tqdm bar;
 * :func:`behaviour_clone` is warm start (c): the GNN policy is pretrained to reproduce a baseline's
   pruning order (states from rolling the order out in the env, targets = the baseline's next
   neuron, cross-entropy on the masked logits, plus a value regression on the returns-to-go) before
@@ -22,21 +23,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import BaseAgent, register_agent
-from .callbacks import BEST_POLICY, CHECKPOINT, EvalCheckpointCallback, TqdmCallback, TrainState, save_model
-from .envs import EndOnDeltaTruncation, EnvFactory, env_kwargs_from_config, make_vec_env
-from .gnn_policy import GNNMaskablePolicy, policy_kwargs_for
+from onp.train_config import PolicyConfig, PPOConfig, WarmStartConfig
 
-POLICY_DEFAULTS: Dict[str, Any] = {"conv": "gcn", "hidden": 32, "layers": 2, "heads": 4, "symmetric": True,
-                                   "head_hidden": 64}
-PPO_DEFAULTS: Dict[str, Any] = {"total_timesteps": 2048, "n_steps": 256, "batch_size": 64, "n_epochs": 4,
-                                "learning_rate": 3e-4, "gamma": 1.0, "gae_lambda": 0.95, "clip_range": 0.2,
-                                "ent_coef": 0.0, "vf_coef": 0.5, "max_grad_norm": 0.5, "target_kl": None,
-                                "normalize_advantage": True, "n_envs": 1, "vec_env": "dummy", "env_threads": None}
-WARM_START_DEFAULTS: Dict[str, Any] = {"baseline": None, "params": {}, "epochs": 100, "lr": 3e-3, "batch_size": 32,
-                                       "value_coef": 0.5, "skip_harmful": False, "max_previews": None}
+from .base import BaseAgent, LearnResult, register_agent
+from .callbacks import EvalCheckpointCallback, TqdmCallback, TrainState
+from .envs import EnvFactory, env_kwargs_from_config, make_vec_env
+from .gnn_policy import GNNMaskablePolicy, policy_kwargs_for
+from .policy_io import POLICY_FILES, has_checkpoint, load_checkpoint_into, load_policy, save_policy
+
+#: defaults of the ``policy``, ``ppo`` and ``warm_start`` sections: those of :class:`onp.train_config.TrainConfig`
+#: (``PPOGNNAgent`` and ``make_ppo`` used directly get no warm start)
+POLICY_DEFAULTS: Dict[str, Any] = PolicyConfig().model_dump()
+PPO_DEFAULTS: Dict[str, Any] = PPOConfig().model_dump()
+WARM_START_DEFAULTS: Dict[str, Any] = {**WarmStartConfig().model_dump(), "baseline": None}
 #: keys of the ``ppo`` section that are not MaskablePPO constructor arguments
-_NOT_PPO_ARGS = ("total_timesteps", "n_envs", "vec_env", "env_threads")
+_NOT_PPO_ARGS = PPOConfig.NOT_PPO_ARGS
 
 
 def make_ppo(vec_env, policy_kwargs: Dict[str, Any], ppo: Optional[Dict[str, Any]] = None, *, seed: int = 0,
@@ -55,62 +56,57 @@ def make_ppo(vec_env, policy_kwargs: Dict[str, Any], ppo: Optional[Dict[str, Any
 
 @register_agent("ppo-gnn")
 class PPOGNNAgent(BaseAgent):
-    """MaskablePPO + :class:`GNNMaskablePolicy` as a plug-in agent.
+    """``ppo-gnn``: MaskablePPO with :class:`GNNMaskablePolicy`, through the agent API like any agent.
+
+    ``learn`` runs :func:`train_ppo_gnn` (warm start, evaluations on defense-validation, resumable
+    checkpoints in the run folder) and keeps the best policy; ``save``/``load`` store it as
+    ``policy.pt`` + ``policy.json`` (weights only, :mod:`agents.policy_io`).
 
     Args:
-        env: the NeuronPruningEnv (for the graph and spaces).
-        policy: the config's ``policy`` section (conv, hidden, layers, heads, symmetric, head_hidden).
-        ppo: the config's ``ppo`` section (MaskablePPO arguments).
-        model: an existing ``MaskablePPO`` (e.g. from :meth:`load`).
+        env: the NeuronPruningEnv the agent acts in (its graph and spaces).
+        seed: the agent's seed; device: the policy's device.
+        policy: an existing :class:`GNNMaskablePolicy` (e.g. from :meth:`load`).
     """
 
     learns = True
 
-    def __init__(self, env=None, policy: Optional[Dict[str, Any]] = None, ppo: Optional[Dict[str, Any]] = None,
-                 seed: int = 0, device: str = "cpu", model=None, **params: Any):
-        super().__init__(env, policy=policy, ppo=ppo, seed=seed, device=device, **params)
-        self.policy_cfg = {**POLICY_DEFAULTS, **(policy or {})}
-        self.ppo_cfg = {**PPO_DEFAULTS, **(ppo or {})}
-        self.seed, self.device = seed, device
-        self.model = model
+    def __init__(self, env=None, seed: int = 0, device: str = "cpu", policy: Optional[GNNMaskablePolicy] = None,
+                 **params: Any):
+        super().__init__(env, seed=seed, device=device, **params)
+        self.seed, self.device, self.policy = seed, device, policy
 
-    def _vec(self, env):
-        from stable_baselines3.common.monitor import Monitor
-        from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
-
-        if isinstance(env, VecEnv):
-            return env
-        wrapped = env if isinstance(env, EndOnDeltaTruncation) else EndOnDeltaTruncation(env)
-        return DummyVecEnv([lambda: Monitor(wrapped)])
-
-    def learn(self, env, total_timesteps: int, callback=None, progress: bool = False,
-              tensorboard_log: Optional[str] = None) -> "PPOGNNAgent":
-        vec = self._vec(env)
-        if self.model is None:
-            kwargs = policy_kwargs_for(env if not hasattr(env, "num_envs") else self.env, **self.policy_cfg)
-            self.model = make_ppo(vec, kwargs, self.ppo_cfg, seed=self.seed, device=self.device,
-                                  tensorboard_log=tensorboard_log)
-        else:
-            self.model.set_env(vec)
-        cbs = [callback] if callback is not None else []
-        if progress:
-            cbs.append(TqdmCallback())
-        self.model.learn(int(total_timesteps), callback=cbs or None, reset_num_timesteps=False)
-        return self
+    def learn(self, env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False, callbacks: Sequence = (),
+              progress: bool = True, log: Callable[[str], None] = print) -> LearnResult:
+        bundle = env.unwrapped.bundles[0]
+        out = train_ppo_gnn(bundle, config, run_dir, eval_env=env, resume=resume, progress=progress,
+                            callbacks=callbacks, log=log)
+        state = out["state"]
+        self.policy = load_policy(run_dir, env, device=self.device)
+        warm = state.warm_start or {}
+        return LearnResult(timesteps=out["timesteps"], eval_env_steps=state.eval_env_steps - warm.get("env_steps", 0),
+                           warm_start_env_steps=warm.get("env_steps", 0), seconds=state.train_seconds,
+                           learning_curve=state.learning_curve,
+                           info={"timesteps": out["timesteps"], "best_timesteps": (state.best or {}).get("timesteps"),
+                                 "resumed_from": out["resumed_from"], "warm_start": state.warm_start})
 
     def predict(self, obs, action_mask) -> int:
-        if self.model is None:
-            raise RuntimeError("ppo-gnn agent has no model yet: call learn() or load() first")
-        return int(self.model.predict(obs, action_masks=np.asarray(action_mask, dtype=bool), deterministic=True)[0])
+        if self.policy is None:
+            raise RuntimeError("ppo-gnn agent has no policy yet: call learn() or load() first")
+        return int(self.policy.predict(obs, action_masks=np.asarray(action_mask, dtype=bool), deterministic=True)[0])
 
-    def save(self, path) -> None:
-        save_model(self.model, path)
+    def save(self, run_dir: Path) -> None:
+        """Write ``policy.pt`` + ``policy.json`` into ``run_dir`` (no pickle)."""
+        if self.policy is None:
+            raise RuntimeError("ppo-gnn agent has no policy yet: call learn() first")
+        save_policy(self.policy, run_dir)
 
     @classmethod
-    def load(cls, path, env=None, device: str = "cpu") -> "PPOGNNAgent":
-        from sb3_contrib import MaskablePPO
-
-        return cls(env, model=MaskablePPO.load(path, device=device), device=device)
+    def load(cls, run_dir: Path, env=None, device: str = "cpu") -> "PPOGNNAgent":
+        """The agent whose policy is stored in ``run_dir``, acting in ``env`` (its graph may be another
+        model's of the same architecture)."""
+        if env is None:
+            raise ValueError("PPOGNNAgent.load needs the env the policy will act in (its graph and spaces)")
+        return cls(env, device=device, policy=load_policy(run_dir, env, device=device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,14 +233,13 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
 # the training loop of onp.train
 
 
-def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, resume: bool = False, progress: bool = True,
-                  callbacks: Sequence = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, eval_env=None, resume: bool = False,
+                  progress: bool = True, callbacks: Sequence = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train MaskablePPO + GNN on ``bundle`` as configured (see ``configs/train/default.yaml``).
 
-    Returns ``{"eval_env", "policy_path", "state" (TrainState), "timesteps", "train_seconds",
+    Returns ``{"eval_env", "policy_dir" (holds policy.pt + policy.json), "state" (TrainState), "timesteps", "train_seconds",
     "train_env_steps", "resumed_from"}``; the caller closes ``eval_env``.
     """
-    from sb3_contrib import MaskablePPO
     from stable_baselines3.common.callbacks import CallbackList
 
     run_dir = Path(run_dir)
@@ -255,19 +250,18 @@ def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, resume: bool
     seed, device = int(config.get("seed", 0)), config.get("device", "cpu")
     env_kwargs = env_kwargs_from_config(config["env"], config.get("cache_dir"))
     factory = EnvFactory(bundle, env_kwargs, seed=seed, threads=ppo_cfg.get("env_threads"))
-    eval_env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False, end_on_truncation=False)()
+    if eval_env is None:  # the defense-validation env (deterministic episodes, the warm start's demonstration)
+        eval_env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False)()
     vec_env = make_vec_env(factory, int(ppo_cfg["n_envs"]), ppo_cfg["vec_env"])
     total = int(ppo_cfg["total_timesteps"])
     state = TrainState.load(run_dir) if resume else TrainState(run_dir)
-    ckpt = run_dir / CHECKPOINT
     resumed_from = None
     try:
-        if resume and ckpt.exists():
-            model = MaskablePPO.load(ckpt, env=vec_env, device=device)
-            model._last_obs = None  # start a fresh episode in the new env
-            model.tensorboard_log = str(run_dir / "tb")
-            resumed_from = int(model.num_timesteps)
-            log(f"[onp] resuming from {ckpt} at {resumed_from} / {total} env steps")
+        if resume and has_checkpoint(run_dir):
+            model = make_ppo(vec_env, policy_kwargs_for(eval_env, **pol_cfg), ppo_cfg, seed=seed, device=device,
+                             tensorboard_log=str(run_dir / "tb"))
+            resumed_from = load_checkpoint_into(model, run_dir)
+            log(f"[onp] resuming from {run_dir / 'checkpoint.pt'} at {resumed_from} / {total} env steps")
         else:
             if resume:
                 log(f"[onp] --resume: no checkpoint in {run_dir}; starting from scratch")
@@ -304,7 +298,7 @@ def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, resume: bool
             if remaining > 0:
                 model.learn(remaining, callback=CallbackList(cbs), reset_num_timesteps=resumed_from is None,
                             tb_log_name="ppo")
-            elif not (run_dir / BEST_POLICY).exists():
+            elif not all((run_dir / name).exists() for name in POLICY_FILES):
                 eval_cb.init_callback(model)
                 eval_cb.num_timesteps = model.num_timesteps
                 eval_cb.evaluate()
@@ -326,12 +320,8 @@ def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, resume: bool
             vec_env.close()
         except Exception:  # workers already gone after Ctrl-C
             pass
-    return {"eval_env": eval_env, "policy_path": run_dir / BEST_POLICY, "state": state,
+    return {"eval_env": eval_env, "policy_dir": run_dir, "state": state,
             "timesteps": int(model.num_timesteps), "train_env_steps": int(model.num_timesteps) - start_steps,
             "learn_seconds": learn_seconds, "resumed_from": resumed_from}
 
 
-def load_policy(path, device: str = "cpu"):
-    from sb3_contrib import MaskablePPO
-
-    return MaskablePPO.load(path, device=device)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -255,6 +258,73 @@ class DefenseParams:
         return dataclasses.asdict(self)
 
 
+def _conform(tp: Any, value: Any) -> Tuple[bool, Any]:
+    """Whether ``value`` is of type hint ``tp`` (numbers finite, no bool for a number, lists for
+    tuples), and the value to store (a tuple for a ``Tuple`` field)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        try:
+            from onp.config import check_finite
+            check_finite(value)
+        except ValueError:
+            return False, value
+        return True, value
+    if origin is typing.Union:
+        for arg in args:
+            ok, out = (value is None, None) if arg is type(None) else _conform(arg, value)
+            if ok:
+                return True, out
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = args[:1] * len(value) if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        if args and len(items) != len(value):
+            return False, value
+        done = [_conform(t, v) for t, v in zip(items, value)] if args else [(True, v) for v in value]
+        return all(ok for ok, _ in done), origin(v for _, v in done)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conform(args[1] if args else Any, v)[0] for v in value.values()), value
+    return isinstance(value, tp) if isinstance(tp, type) else True, value
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+            dict: "a mapping"}.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_param_types(params_cls: type, params: Dict[str, Any], defense: str) -> Dict[str, Any]:
+    """``params`` checked against the types that ``params_cls`` (a :class:`DefenseParams` dataclass)
+    declares: an ``int`` hyperparameter refuses ``"abc"`` and ``2.5``, a ``float`` one NaN and
+    infinity, a ``bool`` one ``1``. The one check of every defense's hyperparameters (``--set``,
+    config files, the Python API); :class:`DefenseError` names the key, the value and the type."""
+    hints = typing.get_type_hints(params_cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(params_cls)}
+    out = {}
+    for key, value in params.items():
+        ok, out[key] = _conform(hints.get(key, Any), value)
+        if not ok:
+            example = "" if defaults.get(key, dataclasses.MISSING) in (None, dataclasses.MISSING) else \
+                f" (default {defaults[key]!r})"
+            raise DefenseError(f"defense {defense!r}: hyperparameter {key} must be {_describe(hints.get(key, Any))}"
+                               f"{example}; got {value!r}")
+    return out
+
+
 OPERATING_POINT_RULES = ("delta", "threshold", "number")
 
 
@@ -288,7 +358,7 @@ class Defense:
         if unknown:
             raise DefenseError(f"unknown hyperparameter(s) {unknown} for defense {self.name!r}; "
                                f"valid: {', '.join(valid)}")
-        self.params = self.Params(**params)
+        self.params = self.Params(**check_param_types(self.Params, params, self.name))
         if isinstance(self.params, PruningParams):
             self._validate_operating_point()
         self.validate()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onp.data.defense import DefenseData
-from onp.io import atomic_torch_save, cache_root, load_checkpoint
+from onp.io import CheckpointError, atomic_torch_save, cache_root, load_checkpoint
 from onp.registry import Registry
 
 ASR_ESTIMATORS: Registry = Registry("ASR estimator")
@@ -119,6 +119,20 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor
             "success": torch.stack(success), "anomaly": (norms_t - med) / mad}
 
 
+def _checked_reversal(rev: Any, path: Path, data: DefenseData) -> Dict[str, torch.Tensor]:
+    """A cached :func:`reverse_engineer_triggers` result, checked against the model's data shapes."""
+    k, (c, h, w) = data.num_classes, tuple(data.val_x.shape[1:])
+    want = {"mask": (k, 1, h, w), "pattern": (k, c, h, w), "mask_l1": (k,), "success": (k,), "anomaly": (k,)}
+    ok = isinstance(rev, dict) and set(rev) == set(want) and all(
+        isinstance(rev[key], torch.Tensor) and tuple(rev[key].shape) == shape and bool(torch.isfinite(rev[key]).all()
+                                                                                       or key == "anomaly")
+        for key, shape in want.items())
+    if not ok:
+        raise CheckpointError(f"{path}: not a synthesized-trigger cache for this model (expected the tensors "
+                              f"{want}); delete the file to recompute it")
+    return rev
+
+
 @register_asr_estimator("synthesized")
 def synthesized_probe(model, attack, defense_data: DefenseData, *, seed: int = 0, cache_dir=None,
                       steps: int = 150, l1_weight: float = 1e-3, min_success: float = 0.5) -> ASRProbe:
@@ -131,7 +145,7 @@ def synthesized_probe(model, attack, defense_data: DefenseData, *, seed: int = 0
     key = f"{model_digest(model)}-s{seed}-n{steps}-l{l1_weight}-{len(defense_data.train_y)}"
     path = cache_root(cache_dir) / "synthesized" / f"{key}.pt"
     if path.exists():
-        rev = load_checkpoint(path)
+        rev = _checked_reversal(load_checkpoint(path), path, defense_data)
     else:
         with torch.enable_grad():
             rev = reverse_engineer_triggers(model, defense_data.train_x, defense_data.train_y,

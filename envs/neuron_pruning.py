@@ -30,6 +30,7 @@ import torch
 from gymnasium import spaces
 
 from onp.data.defense import DefenseData
+from onp.graph.layer_types import LAYER_TYPES
 from onp.zoo import BackdoorBundle, BackdoorConfig, load_bundle
 
 from .target import Evaluation, PruningTarget
@@ -66,7 +67,8 @@ class NeuronPruningEnv(gym.Env):
         budget: the most neurons pruned per episode: a fraction of N in (0, 1) or a count >= 1.
         lam: weight of the ASR term (>= 0).
         delta: the largest clean-accuracy drop allowed on the reward batch; a prune beyond it ends the
-            episode (truncation).
+            episode: it is part of the MDP, so the step reports ``terminated=True`` with
+            ``info["delta_exceeded"] = True`` (and ``info["rejected"]`` when the prune was undone).
         reject_violations: undo the prune that crosses ``delta`` (the final state keeps the constraint);
             ``False`` keeps it in the final state.
         reward_batch: clean defense-validation images per evaluation (None = all).
@@ -96,7 +98,11 @@ class NeuronPruningEnv(gym.Env):
             raise ValueError(f"delta must be > 0; got {delta}")
         from .asr_estimators import ASR_ESTIMATORS
         ASR_ESTIMATORS.check(asr_estimator)
-        specs = list(backdoor) if isinstance(backdoor, (list, tuple)) else [backdoor or BackdoorConfig()]
+        if backdoor is None or (isinstance(backdoor, (list, tuple)) and not backdoor):
+            raise ValueError("NeuronPruningEnv needs the model to prune: pass backdoor=<a BackdoorBundle, a "
+                             "BackdoorConfig or dict (fetched from the zoo, trained on first use), or a model "
+                             "folder>, e.g. gym.make('onp/NeuronPruning-v0', backdoor=BackdoorConfig(model='resnet18'))")
+        specs = list(backdoor) if isinstance(backdoor, (list, tuple)) else [backdoor]
         self.bundles = [_as_bundle(s, cache_dir) for s in specs]
         self.targets: List[PruningTarget] = [
             PruningTarget(b.model, b.attack, b.defense_data, reward_batch=reward_batch, asr_estimator=asr_estimator,
@@ -117,6 +123,10 @@ class NeuronPruningEnv(gym.Env):
         self.reject_violations = bool(reject_violations)
         self.invalid_action_penalty = float(invalid_action_penalty)
         self.exclude_layer_types = tuple(exclude_layer_types)
+        unknown = sorted(set(self.exclude_layer_types) - set(LAYER_TYPES))
+        if isinstance(exclude_layer_types, str) or unknown:
+            raise ValueError(f"exclude_layer_types: unknown layer type(s) {unknown or [exclude_layer_types]}; "
+                             f"valid: {', '.join(LAYER_TYPES)} (a list, e.g. ['stem'])")
         self.observation_space = spaces.Dict({
             "x": spaces.Box(-np.inf, np.inf, shape=(n, f), dtype=np.float32),
             "pruned": spaces.MultiBinary(n),
@@ -186,9 +196,7 @@ class NeuronPruningEnv(gym.Env):
         self._pruned = np.zeros(self.num_nodes, dtype=bool)
         initial = options.get("initial_pruned")
         if initial is not None and len(initial) > 0:
-            initial = np.asarray(initial, dtype=np.int64)
-            if initial.min() < 0 or initial.max() >= self.num_nodes:
-                raise ValueError(f"initial_pruned indices must be in [0, {self.num_nodes})")
+            initial = self._as_indices(initial)
             self._pruned[initial] = True
             self.current = self.target.set_pruned(self._pruned)
         else:
@@ -198,8 +206,34 @@ class NeuronPruningEnv(gym.Env):
         self._done = False
         return self._obs(), self._info()
 
+    def _as_indices(self, initial: Any) -> np.ndarray:
+        """``initial_pruned`` as neuron indices: integers in [0, N) of prunable neurons, else ValueError."""
+        arr = np.asarray(initial)
+        if arr.dtype.kind not in "iu" or arr.ndim != 1:
+            raise ValueError(f"initial_pruned must be a list of integer neuron indices; got {initial!r}")
+        if arr.min() < 0 or arr.max() >= self.num_nodes:
+            raise ValueError(f"initial_pruned indices must be in [0, {self.num_nodes}); got min {arr.min()}, "
+                             f"max {arr.max()}")
+        protected = arr[~self._prunable[arr]]
+        if len(protected):
+            raise ValueError(f"initial_pruned includes neurons of excluded layer types {self.exclude_layer_types}: "
+                             f"{protected[:8].tolist()}")
+        return arr.astype(np.int64)
+
+    def _as_action(self, action: Any) -> int:
+        """An integer action (Python or numpy int, or a one-element integer array); floats, strings and
+        bools are refused rather than truncated."""
+        if isinstance(action, torch.Tensor):
+            action = action.detach().cpu().numpy()
+        if isinstance(action, np.ndarray) and action.size == 1:
+            action = action.reshape(-1)[0]
+        if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
+            raise TypeError(f"action must be an integer in [0, {self.num_nodes}] ({self.num_nodes} = STOP); got "
+                            f"{action!r} ({type(action).__name__})")
+        return int(action)
+
     def step(self, action):
-        action = int(action)
+        action = self._as_action(action)
         if self._done:
             return self._obs(), 0.0, True, False, self._info()
         if action == self.stop_action:
@@ -211,22 +245,19 @@ class NeuronPruningEnv(gym.Env):
         prev = self.current
         saved = self.target.save_state() if self.reject_violations else None
         attempt = self.target.prune_more(nodes)
-        if (self.target.initial.acc - attempt.acc) > self.delta:  # crosses the accuracy constraint
+        exceeded = (self.target.initial.acc - attempt.acc) > self.delta  # crosses the accuracy constraint
+        if exceeded and saved is not None:  # refuse the prune: back to the previous state; the episode ends
             self._done = True
-            if saved is not None:  # refuse the prune: back to the previous state
-                self.target.restore_state(saved)
-                reward = min(0.0, attempt.acc - prev.acc)
-                return self._obs(), float(reward), False, True, {**self._info(), "rejected": nodes}
-            truncated = True
-        else:
-            truncated = False
+            self.target.restore_state(saved)
+            reward = min(0.0, attempt.acc - prev.acc)
+            return self._obs(), float(reward), True, False, {**self._info(), "rejected": nodes, "delta_exceeded": True}
         self._pruned[nodes] = True
         self._used += 1
         self.current = attempt
         reward = (attempt.acc - prev.acc) - self.lam * (attempt.asr - prev.asr)
-        terminated = self._used >= self.budget
-        self._done = terminated or truncated
-        return self._obs(), float(reward), terminated, truncated, self._info()
+        self._done = exceeded or self._used >= self.budget
+        info = {**self._info(), "delta_exceeded": True} if exceeded else self._info()
+        return self._obs(), float(reward), self._done, False, info
 
     def evaluation(self) -> Evaluation:
         """Clean ACC and ASR of the current pruned state on the reward batch."""
@@ -236,7 +267,7 @@ class NeuronPruningEnv(gym.Env):
         """What pruning ``action`` would give on the reward batch, without taking the step (the state,
         the budget and the episode are unchanged). For demonstrations and lookahead agents; every
         call costs an evaluation like a step, so count it as one."""
-        action = int(action)
+        action = self._as_action(action)
         if self._done or not (0 <= action < self.num_nodes) or not self.action_masks()[action]:
             raise ValueError(f"action {action} is not a valid prune in this state (see action_masks())")
         nodes = self._nodes_of(action)

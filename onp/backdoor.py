@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import List, Optional
 
 from .attacks import ATTACKS
-from .cli_common import run_cli
+from .cli_common import device_arg, int_at_least, path_arg, run_cli
 from .config import deep_update, load_yaml, parse_overrides
 from .data import DATASETS
+from .io import cache_root
 from .models import MODELS
 from .zoo import BackdoorConfig, load_bundle
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="badnets", help=f"one of {', '.join(ATTACKS.names())}")
     p.add_argument("--width", type=int, default=None, help="first-stage width (64 = standard ResNet-18)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int_at_least(0), default=None)
     p.add_argument("--poison-rate", type=float, default=None)
     p.add_argument("--target", type=int, default=None)
     p.add_argument("--mode", choices=["all2one", "all2all"], default=None)
@@ -37,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=None, help="cap the attacker's training set (quick runs)")
     p.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="attack parameter, e.g. alpha=0.3 (repeatable)")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the dataset's original files")
+    p.add_argument("--data-dir", type=path_arg, default=None,
+                   help="folder with the dataset's original files (an error if they are not there)")
     p.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
-    p.add_argument("--config", type=Path, default=None, help="YAML file with BackdoorConfig keys")
+    p.add_argument("--config", type=path_arg, default=None, help="YAML file with BackdoorConfig keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default $ONP_CACHE or ~/.cache/onp)")
+    p.add_argument("--cache-dir", type=path_arg, default=None,
+                   help="artifact cache (default $ONP_CACHE or ~/.cache/onp)")
     p.add_argument("--overwrite", action="store_true", help="retrain even if a cached model exists")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -68,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> BackdoorConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
     bundle = load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, overwrite=args.overwrite,
                          device=args.device, progress=not args.quiet)
     m = bundle.meta

@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .cli_common import run_cli
+from .cli_common import finite_float, fraction, int_at_least, path_arg, run_cli
 from .config import deep_update, parse_overrides
 from .data.augment import Augment
-from .io import prepare_run_dir
+from .io import cache_root, run_folder
 from .metrics import evaluate_backdoor, with_der
 from .rundir import write_run
 from .seeding import seed_everything
@@ -79,27 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="badnets", help=f"one of {', '.join(ATTACKS.names())}")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="backdoor training epochs (selects the cached model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the backdoored model (and of the defense)")
-    p.add_argument("--defense-seed", type=int, default=None, help="seed of the defense (default: --seed)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the backdoored model (and of the defense)")
+    p.add_argument("--defense-seed", type=int_at_least(0), default=None, help="seed of the defense (default: --seed)")
     p.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
-    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--data-dir", type=path_arg, default=None,
+                   help="folder with the dataset's files (an error if they are not there)")
     p.add_argument("--defense-size", type=int, default=None)
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a BackdoorConfig key (e.g. poison_rate=0.05)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="use this zoo artifact directory instead")
+    p.add_argument("--checkpoint", type=path_arg, default=None, help="use this zoo artifact directory instead")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="defense hyperparameter, e.g. iterations=500 (repeatable; see --list)")
-    p.add_argument("--delta", type=float, default=None, help="max clean-ACC drop on defense-val (pruning methods)")
+    p.add_argument("--delta", type=finite_float, default=None,
+                   help="max clean-ACC drop on defense-val (pruning methods)")
     p.add_argument("--operating-point", choices=["delta", "threshold", "number"], default=None)
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle sweep (analysis only)")
-    p.add_argument("--oracle-max-fraction", type=float, default=0.5,
+    p.add_argument("--oracle-max-fraction", type=fraction, default=0.5,
                    help="oracle sweep: largest fraction of neurons pruned")
-    p.add_argument("--oracle-step", type=float, default=0.01,
+    p.add_argument("--oracle-step", type=fraction, default=0.01,
                    help="oracle sweep: grid step as a fraction of all neurons (plus powers of two)")
-    p.add_argument("--out", type=Path, default=None, help="run directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--out", type=path_arg, default=None, help="run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing onp run directory (only once the new run succeeded)")
+    p.add_argument("--cache-dir", type=path_arg, default=None)
     p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -140,7 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise ValueError(f"--method is required; valid choices: {', '.join(bl.DEFENSES.names())}")
     method = bl.DEFENSES.check(args.method)
     params = defense_params(args, method)
-    defense = bl.build_defense(method, **params)  # validates params before any heavy work
+    defense = bl.build_defense(method, **params)  # validates params (names, types, ranges) before any heavy work
+    cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
     if args.checkpoint is not None:
         bundle = open_bundle(args.checkpoint, data_dir=args.data_dir)
         cfg = bundle.config
@@ -151,56 +155,58 @@ def main(argv: Optional[List[str]] = None) -> int:
     seed_everything(seed, deterministic=args.deterministic)
     name = "clean" if cfg.clean else cfg.attack
     out = args.out or Path("runs") / "baseline" / f"{method}-{name}-{cfg.model}-s{seed}"
-    out = prepare_run_dir(out, overwrite=args.overwrite)
-    if bundle is None:
-        bundle = load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, progress=not args.quiet)
+    # a failed run leaves nothing; an existing run is replaced (--overwrite) only once this one succeeded
+    with run_folder(out, tool="onp.baseline", overwrite=args.overwrite) as work:
+        if bundle is None:
+            bundle = load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, progress=not args.quiet)
 
-    before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
-    reports: Dict[str, Any] = {}
+        before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
+        reports: Dict[str, Any] = {}
 
-    def report_fn(event: str, model) -> None:  # test metrics for logging only; nothing flows back
-        reports[event] = evaluate_backdoor(model, bundle.test_x, bundle.test_y, bundle.attack)
+        def report_fn(event: str, model) -> None:  # test metrics for logging only; nothing flows back
+            reports[event] = evaluate_backdoor(model, bundle.test_x, bundle.test_y, bundle.attack)
 
-    result = defend(bundle, method, params, seed=seed, report_fn=report_fn)
-    after = with_der(before, evaluate_backdoor(result.model, bundle.test_x, bundle.test_y, bundle.attack))
+        result = defend(bundle, method, params, seed=seed, report_fn=report_fn)
+        after = with_der(before, evaluate_backdoor(result.model, bundle.test_x, bundle.test_y, bundle.attack))
 
-    layout = None
-    pruned_names = None
-    try:
-        layout = bl.neuron_layout(bundle.model)
-    except bl.DefenseError:
-        pass
-    if result.pruned is not None and layout is not None:
-        pruned_names = layout.names(result.pruned)
-    extra = {}
-    if not args.no_oracle:
-        if result.scores is not None and layout is not None:
-            mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
-            sweep = bl.oracle_sweep(bundle.model, layout, result.scores, bundle.test_x, bundle.test_y,
-                                    bundle.attack, max_fraction=args.oracle_max_fraction,
-                                    grid_step=args.oracle_step, mode=mode)
-            sweep["method"] = method
-            sweep["note"] = "test metrics after pruning the ORIGINAL model in the method's score order"
-        else:
-            sweep = {"label": bl.ORACLE_LABEL, "method": method, "sweep": [],
-                     "note": f"{method} does not score neurons; nothing to sweep"}
-        extra["oracle_sweep.json"] = sweep
+        layout = None
+        pruned_names = None
+        try:
+            layout = bl.neuron_layout(bundle.model)
+        except bl.DefenseError:
+            pass
+        if result.pruned is not None and layout is not None:
+            pruned_names = layout.names(result.pruned)
+        extra = {}
+        if not args.no_oracle:
+            if result.scores is not None and layout is not None:
+                mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
+                sweep = bl.oracle_sweep(bundle.model, layout, result.scores, bundle.test_x, bundle.test_y,
+                                        bundle.attack, max_fraction=args.oracle_max_fraction,
+                                        grid_step=args.oracle_step, mode=mode)
+                sweep["method"] = method
+                sweep["note"] = "test metrics after pruning the ORIGINAL model in the method's score order"
+            else:
+                sweep = {"label": bl.ORACLE_LABEL, "method": method, "sweep": [],
+                         "note": f"{method} does not score neurons; nothing to sweep"}
+            extra["oracle_sweep.json"] = sweep
 
-    op = result.info.get("operating_point")
-    metrics = {**after, "before": before, "method": method, "n_pruned": result.n_pruned,
-               "wall_time": result.wall_time, "forward_passes": result.forward_passes,
-               "backward_passes": result.backward_passes, "operating_point": _jsonable(op),
-               "info": _jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
-               "reports": reports,
-               "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
-               "data_source": bundle.meta.get("data_source")}
-    config = {"method": method, "params": defense.params.to_dict(), "defense_seed": seed,
-              "deterministic": args.deterministic, "backdoor": cfg.to_dict(), "model_dir": str(bundle.path)}
-    write_run(out, config=config, metrics=metrics, pruned=result.pruned if result.pruned is not None else None,
-              pruned_names=pruned_names, model_state=result.model.state_dict(), scores=result.scores, extra=extra)
-    print(f"[onp] {method} on {cfg.model}/{name}: ACC {before['acc']:.4f}->{after['acc']:.4f}  "
-          f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
-          f"pruned {result.n_pruned}  {result.wall_time:.1f}s  -> {out}")
+        op = result.info.get("operating_point")
+        metrics = {**after, "before": before, "method": method, "n_pruned": result.n_pruned,
+                   "wall_time": result.wall_time, "forward_passes": result.forward_passes,
+                   "backward_passes": result.backward_passes, "operating_point": _jsonable(op),
+                   "info": _jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
+                   "reports": reports,
+                   "reports_note": "test metrics of intermediate models, logged via report_fn; "
+                                   "never used by the defense",
+                   "data_source": bundle.meta.get("data_source")}
+        config = {"method": method, "params": defense.params.to_dict(), "defense_seed": seed,
+                  "deterministic": args.deterministic, "backdoor": cfg.to_dict(), "model_dir": str(bundle.path)}
+        write_run(work, config=config, metrics=metrics, pruned=result.pruned if result.pruned is not None else None,
+                  pruned_names=pruned_names, model_state=result.model.state_dict(), scores=result.scores, extra=extra)
+        print(f"[onp] {method} on {cfg.model}/{name}: ACC {before['acc']:.4f}->{after['acc']:.4f}  "
+              f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
+              f"pruned {result.n_pruned}  {result.wall_time:.1f}s  -> {out}")
     return 0
 
 

@@ -15,7 +15,9 @@ onp.baseline`` on that model (``--checkpoint``); a learned-policy cell (a name f
 
 A cell whose ``metrics.json`` exists is reused, so running the same command again after an
 interruption resumes the grid where it stopped (an unfinished cell is run again from scratch, or
-resumed by ``onp.train --resume``). ``--overwrite`` starts the whole grid again.
+resumed by ``onp.train --resume``). ``--overwrite`` starts the whole grid again; the old grid is
+kept (in a hidden sibling folder) until the new one has finished and comes back if it fails or is
+interrupted. onp never writes into a folder it did not create (see :func:`onp.io.run_folder`).
 
 Outputs in ``<out>``: ``leaderboard.{md,csv,json}``, ``plots/*.png``, ``models.json`` (the backdoored
 models used), ``config.json`` + ``env.json`` (resolved settings, git commit, versions, hardware),
@@ -33,11 +35,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .cli_common import run_cli
+from .cli_common import device_name, fraction, int_at_least, path_arg, run_cli
 from .config import parse_overrides
-from .io import RunExistsError, atomic_write_json, atomic_write_text, read_json
+from .io import RunExistsError, atomic_write_json, atomic_write_text, read_json, run_folder
 from .report import LEADERBOARD_NOTES, Cell, build_rows, write_leaderboard
 from .rundir import environment_info, reproduce_line
 
@@ -51,28 +53,26 @@ def _defense_names() -> List[str]:
 
 
 def agent_names() -> List[str]:
-    """Names of the learned-policy agents (``agents.AGENTS``); empty while agents/ is not available."""
+    """Names of the agents (``agents.available_agents``)."""
+    import agents
+    return list(agents.available_agents())
+
+
+def check_policy_name(name: str, baseline_names: Sequence[str]) -> None:
+    """Refuse a defense that is neither a baseline nor an agent spec that ``onp.train --agent``
+    accepts: an unknown name lists every valid defense; a known agent with a bad argument
+    (``ranked:<unknown baseline>``) or a malformed spec gets the agent resolver's own message."""
+    from .registry import UnknownNameError
     try:
         import agents
     except ImportError:
-        return []
-    if hasattr(agents, "available_agents"):
-        return list(agents.available_agents())
-    reg = getattr(agents, "AGENTS", None)
-    return list(reg.names()) if reg is not None else []
-
-
-def is_agent(name: str) -> bool:
-    """Whether ``name`` is a learned-policy agent spec that ``onp.train --agent`` accepts."""
-    try:
-        import agents
-    except ImportError:
-        return False
+        raise UnknownNameError("defense", name, sorted(baseline_names)) from None
     try:
         agents.resolve_agent_factory(name)
-        return True
-    except (ValueError, FileNotFoundError, KeyError):
-        return False
+    except UnknownNameError as exc:
+        if exc.kind != "agent":  # e.g. the baseline of ranked:<baseline>
+            raise
+        raise UnknownNameError("defense", name, sorted(set(baseline_names) | set(agent_names()))) from None
 
 
 def _dirname(name: str) -> str:
@@ -111,40 +111,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--defenses", nargs="+", default=["clp", "magnitude"],
                    help="baseline defenses (python -m onp.baseline --list) and/or learned-policy agents "
                         "(agents.AGENTS, e.g. ppo-gnn)")
-    g.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1), or see --seed-list")
-    g.add_argument("--seed-list", type=int, nargs="+", default=None, help="explicit seeds (overrides --seeds)")
+    g.add_argument("--seeds", type=int_at_least(1), default=1, help="number of seeds (0 .. N-1), or see --seed-list")
+    g.add_argument("--seed-list", type=int_at_least(0), nargs="+", default=None,
+                   help="explicit seeds (overrides --seeds)")
     b = p.add_argument_group("backdoored models (the zoo)")
     b.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS.names())}")
     b.add_argument("--width", type=int, default=None)
     b.add_argument("--epochs", type=int, default=None, help="backdoor training epochs")
     b.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
-    b.add_argument("--data-dir", type=Path, default=None)
+    b.add_argument("--data-dir", type=path_arg, default=None,
+                   help="folder with the dataset's files (an error if they are not there)")
     b.add_argument("--defense-size", type=int, default=None)
     b.add_argument("--max-train", type=int, default=None)
     b.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a BackdoorConfig key (e.g. poison_rate=0.05)")
-    b.add_argument("--cache-dir", type=Path, default=None)
+    b.add_argument("--cache-dir", type=path_arg, default=None)
     d = p.add_argument_group("defenses")
     d.add_argument("--set", action="append", default=[], metavar="[DEFENSE.]KEY=VALUE",
                    help="defense hyperparameter: 'anp.iterations=500' for one defense, 'delta=0.1' for every "
                         "selected baseline that has the key (repeatable)")
-    d.add_argument("--oracle-max-fraction", type=float, default=None,
+    d.add_argument("--oracle-max-fraction", type=fraction, default=None,
                    help="baselines' oracle sweep: largest fraction pruned (analysis only)")
     d.add_argument("--no-oracle", action="store_true", help="skip the baselines' oracle sweeps")
     t = p.add_argument_group("learned policies (onp.train)")
-    t.add_argument("--timesteps", type=int, default=None)
+    t.add_argument("--timesteps", type=int_at_least(0), default=None)
     t.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
-    t.add_argument("--train-config", type=Path, default=None, help="YAML config for onp.train (--config)")
+    t.add_argument("--train-config", type=path_arg, default=None, help="YAML config for onp.train (--config)")
     t.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="onp.train --set")
-    t.add_argument("--device", default=None, help="device for onp.train and backdoor training (e.g. cuda)")
+    t.add_argument("--device", type=device_name, default=None,
+                   help="device for onp.train and backdoor training (e.g. cuda); with --executor ray it need not "
+                        "exist on this machine, only on the workers")
     r = p.add_argument_group("execution")
     r.add_argument("--executor", choices=["local", "processes", "ray"], default="local")
-    r.add_argument("--jobs", type=int, default=1, help="parallel local processes (implies --executor processes)")
+    r.add_argument("--jobs", type=int_at_least(1), default=1,
+                   help="parallel local processes (implies --executor processes)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
-    r.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    r.add_argument("--ray-num-cpus", type=int_at_least(1), default=None, help="CPUs of a locally started Ray")
     r.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms in every cell")
-    r.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare/<model>)")
-    r.add_argument("--overwrite", action="store_true", help="delete the output folder and start again")
+    r.add_argument("--out", type=path_arg, default=None, help="output folder (default runs/compare/<model>)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start the grid again; the old grid is deleted only once the new one has finished")
     r.add_argument("--report-only", action="store_true", help="only rebuild the leaderboard and plots")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--quiet", action="store_true")
@@ -182,7 +188,6 @@ class GridPlan:
         from .attacks import ATTACKS
         from .data import DATASETS
         from .models import MODELS
-        from .registry import UnknownNameError
 
         self.args = args
         for m in args.models:
@@ -192,8 +197,8 @@ class GridPlan:
             ATTACKS.check(a)
         baseline_names = _defense_names()
         for d in args.defenses:
-            if d not in baseline_names and not is_agent(d):
-                raise UnknownNameError("defense", d, sorted(set(baseline_names) | set(agent_names())))
+            if d not in baseline_names:
+                check_policy_name(d, baseline_names)
         self.models = list(dict.fromkeys(args.models))
         self.attacks = list(dict.fromkeys(args.attacks))
         self.defenses = list(dict.fromkeys(args.defenses))
@@ -211,6 +216,17 @@ class GridPlan:
             _train_module()
         self.backdoor = {(m, a, s): self._backdoor_config(m, a, s)
                          for m in self.models for a in self.attacks for s in self.seeds}
+        from .io import cache_root
+        cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
+        if args.device is not None and args.executor != "ray":  # Ray workers check their own devices
+            from .train_config import check_device
+            check_device(args.device)  # --device cuda without CUDA: an error, never a CPU run recorded as cuda
+        if self.policies:
+            self._check_train_settings()
+        if args.data_dir is not None and not args.report_only:
+            from .data import load_dataset  # a --data-dir without the dataset fails here, not in every cell
+            for source in sorted({c.data_source for c in self.backdoor.values()}):
+                load_dataset(args.dataset, data_dir=args.data_dir, source=source)
 
     # -- configs ---------------------------------------------------------------------------------
     def _backdoor_config(self, model: str, attack: str, seed: int):
@@ -224,6 +240,27 @@ class GridPlan:
                 data[key] = val
         data = deep_update(data, parse_overrides(a.backdoor_set))
         return BackdoorConfig.from_dict(data).resolved()
+
+    def _check_train_settings(self) -> None:
+        """Resolve the onp.train config of every learned policy's first cell (types, ranges and names of
+        --train-set, --train-config, --timesteps, ...) before any model is trained."""
+        from .config import ConfigError
+        train = _train_module()
+        first: Dict[str, Cell] = {}
+        for cell in self.cells():
+            if cell.kind == "policy":
+                first.setdefault(cell.defense, cell)
+        for cell in first.values():
+            argv = self.policy_argv(cell, "<model>", started=False)
+            if self.args.executor == "ray" and "--device" in argv:  # the workers' device, checked there
+                i = argv.index("--device")
+                del argv[i:i + 2]
+            targs = train.build_parser().parse_args(argv)
+            try:
+                train.resolve_config(train.config_from_args(targs))
+            except ConfigError as exc:
+                raise ConfigError(f"the onp.train settings of the {cell.defense} cells (--train-set, --train-config, "
+                                  f"--timesteps, --asr-estimator): {exc}") from None
 
     def _defense_sets(self) -> Dict[str, List[str]]:
         import baselines
@@ -420,25 +457,28 @@ def make_executor(args):
     return _make(args.executor, jobs=args.jobs, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus)
 
 
-def _prepare_out(plan: GridPlan, args) -> None:
-    out = plan.out
-    cfg_path = out / "config.json"
-    if out.exists() and any(out.iterdir()):
-        if args.overwrite and not args.report_only:
-            import shutil
-            if not cfg_path.exists() and not (out / "cells").exists():
-                raise RunExistsError(f"{out} exists and is not an onp.compare output folder; refusing to delete it")
-            shutil.rmtree(out)
-        elif not cfg_path.exists():
-            raise RunExistsError(f"{out} already exists and is not an onp.compare output folder; choose another --out")
-        else:
+@contextlib.contextmanager
+def _grid_folder(plan: GridPlan, args) -> Iterator[Path]:
+    """The grid folder ``plan.out``, under the one rule of :func:`onp.io.run_folder`.
+
+    A folder that onp did not create (or an onp run folder, not a grid) is refused, also with
+    ``--overwrite``. Without ``--overwrite`` an existing grid is continued (its settings must match).
+    With ``--overwrite`` the old grid waits in a hidden sibling folder while the new one is built in
+    place, and is deleted once the new grid has finished (failed cells included) or moved back if it
+    raises (Ctrl-C included). A new grid that fails before any model or cell is done is removed.
+    """
+    replace = bool(args.overwrite and not args.report_only)
+    with run_folder(plan.out, tool="onp.compare", overwrite=replace, resume=not replace, done_file="config.json",
+                    resumable=("models.json", "cells"), stage=False) as out:
+        cfg_path = out / "config.json"
+        if not replace and cfg_path.exists() and not args.report_only:
             old = read_json(cfg_path).get("settings")
             new = plan.settings()
-            if old != new and not args.report_only:
+            if old != new:
                 diff = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
                 raise RunExistsError(f"{out} holds a grid run with other settings (differing: {', '.join(diff)}); "
                                      f"pass --overwrite to start again or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+        yield out
 
 
 def _load_models_json(out: Path) -> Dict[str, Any]:
@@ -476,7 +516,12 @@ def build_report(plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, p
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     plan = GridPlan(args)  # validates every name and hyperparameter before any work
-    _prepare_out(plan, args)
+    with _grid_folder(plan, args):
+        return _run_grid(plan, args)
+
+
+def _run_grid(plan: GridPlan, args) -> int:
+    """Build the backdoored models and the cells of ``plan`` in ``plan.out``, then the leaderboard."""
     out = plan.out
     if args.report_only:
         rep = build_report(plan, plots=not args.no_plots, quiet=args.quiet)

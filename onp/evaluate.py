@@ -12,8 +12,9 @@ Examples::
     # transfer a fixed pruned set (pruned.json of any run, e.g. a baseline's) instead of running a policy
     python -m onp.evaluate --pruned runs/baseline/anp-badnets-resnet18-s0 --seed 1
 
-``--policy RUN_DIR`` reads ``config.json`` (env settings, agent, rollout rule) and ``policy.zip``
-(ppo-gnn; other agents are rebuilt from their saved parameters) of an ``onp.train`` run, builds a
+``--policy RUN_DIR`` reads ``config.json`` (env settings, agent, rollout rule) and ``policy.pt`` +
+``policy.json`` (ppo-gnn, weights only; other agents are rebuilt from their saved parameters; an
+agent given by a file or module path only with the same ``--agent``) of an ``onp.train`` run, builds a
 :class:`envs.NeuronPruningEnv` on the target model with the **same env settings**, runs one
 deterministic episode (on the target's defense-validation reward batch, as training did), writes
 the chosen pruning into a copy of the model and reports test ACC / ASR / RA / DER before and after.
@@ -31,13 +32,14 @@ zoo (trained on first use). The result is a run directory (:mod:`onp.rundir`); i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .cli_common import run_cli
+from .cli_common import device_arg, int_at_least, path_arg, run_cli
 from .config import deep_update, parse_overrides
-from .io import CheckpointError, prepare_run_dir, read_json
+from .io import CheckpointError, cache_root, read_json, run_folder
 from .metrics import evaluate_backdoor, with_der
 from .rundir import write_run
 
@@ -56,9 +58,53 @@ def read_source(run_dir: Path, kind: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"--{kind}: run directory not found: {run_dir}")
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir}: not an onp run directory (no config.json)")
-    cfg = read_json(run_dir / "config.json")
-    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
-    return {"dir": run_dir, "config": cfg, "metrics": metrics, "backdoor": cfg.get("backdoor") or {}}
+    cfg = _json_object(run_dir / "config.json")
+    metrics = _json_object(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    backdoor = cfg.get("backdoor") or {}
+    if not isinstance(backdoor, dict):
+        raise CheckpointError(f"{run_dir / 'config.json'}: 'backdoor' must be a mapping of BackdoorConfig keys; got "
+                              f"{type(backdoor).__name__}")
+    for key in ("seed", "defense_seed"):
+        val = cfg.get(key)
+        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
+            raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be an integer >= 0; got {val!r}")
+    for key in ("env", "params"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be a mapping; got {type(cfg[key]).__name__}")
+    if "agent" in cfg and not (isinstance(cfg["agent"], str) and cfg["agent"].strip()):
+        raise CheckpointError(f"{run_dir / 'config.json'}: 'agent' must be an agent name; got {cfg['agent']!r}")
+    return {"dir": run_dir, "config": cfg, "metrics": metrics, "backdoor": backdoor}
+
+
+def _json_object(path: Path) -> Dict[str, Any]:
+    """A JSON file that must hold an object (a run's config.json, metrics.json, pruned.json)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (a mapping of keys to values); got "
+                              f"{type(data).__name__}. Is it a file of an onp run?")
+    return data
+
+
+def read_pruned(run_dir: Path) -> Dict[str, Any]:
+    """``pruned.json`` of a run: ``indices`` distinct integers >= 0, ``names`` (optional) one string each;
+    anything else is :class:`CheckpointError` naming the file."""
+    path = Path(run_dir) / "pruned.json"
+    data = _json_object(path)
+    indices = data.get("indices")
+    if indices is None:
+        indices = []
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise CheckpointError(f"{path}: 'indices' must be a list of integer neuron indices; got {indices!r:.200}")
+    bad = [i for i in indices if i < 0]
+    if bad:
+        raise CheckpointError(f"{path}: neuron indices must be >= 0; got {bad[:8]}")
+    if len(set(indices)) != len(indices):
+        raise CheckpointError(f"{path}: 'indices' lists a neuron more than once")
+    names = data.get("names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                              or len(names) != len(indices)):
+        raise CheckpointError(f"{path}: 'names' must be a list of one neuron name per index")
+    return {"indices": indices, "names": names}
 
 
 def _arch(b: Dict[str, Any]) -> Dict[str, Any]:
@@ -109,12 +155,18 @@ def target_bundle(args: argparse.Namespace, source_backdoor: Dict[str, Any]):
 
 
 def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, device: str = "cpu",
-               cache_dir: Optional[Path] = None, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+               cache_dir: Optional[Path] = None, log: Optional[Callable[[str], None]] = None,
+               agent: Optional[str] = None) -> Dict[str, Any]:
     """One deterministic episode of the source run's policy in an env on ``bundle``'s model.
+
+    ``agent`` is the ``--agent`` the user passed: an agent that the run's ``config.json`` names by a
+    file or module path is imported only when the user names the same one explicitly (a run folder
+    is untrusted input and never makes onp import code on its own).
 
     Returns ``{"pruned", "pruned_names", "model", "mask_mode", "val", "asr_estimator", "trigger_aware",
     "env_steps"}``."""
-    from agents import build_agent, choose_pruning, resolve_agent_factory, rollout
+    from agents import accepts, build_agent, choose_pruning, resolve_agent_factory, rollout
+    from agents.base import check_agent_source
     from agents.envs import EnvFactory, env_kwargs_from_config
 
     cfg = source["config"]
@@ -124,40 +176,25 @@ def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, de
                               f"use --pruned for a baseline run")
     check_architecture(source["backdoor"], bundle.config, what="policy")
     agent_name = cfg["agent"]
-    policy = None
-    if agent_name == "ppo-gnn":
-        if not (run_dir / "policy.zip").exists():
-            raise CheckpointError(f"{run_dir}: no policy.zip (the ppo-gnn run did not finish?)")
-        from agents.ppo_gnn import load_policy
-        try:
-            policy = load_policy(run_dir / "policy.zip", device=device)
-        except Exception as exc:
-            raise CheckpointError(f"{run_dir / 'policy.zip'}: cannot be loaded ({exc})") from exc
+    check_agent_source(agent_name, agent, where=run_dir / "config.json")
     seed = int(cfg.get("seed", 0) if seed is None else seed)
     env_kwargs = env_kwargs_from_config(cfg["env"], cache_dir if cache_dir is not None else cfg.get("cache_dir"))
-    env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False, end_on_truncation=False)()
+    env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False)()
     try:
         base = env.unwrapped
-        if policy is not None:
-            n_policy = int(policy.observation_space["x"].shape[0])
-            check_architecture(source["backdoor"], bundle.config, what="policy", n_source=n_policy,
-                               n_target=base.num_nodes)
-            if callable(getattr(policy.policy, "set_graph", None)):  # the GNN reads the TARGET model's graph
-                policy.policy.set_graph(base.edge_index, base.edge_weight)
-
-            def act(obs, mask):
-                return policy.predict(obs, action_masks=mask, deterministic=True)[0]
-        else:
-            factory, extra, _ = resolve_agent_factory(agent_name)
-            saved = run_dir / "agent"
-            if saved.exists() and callable(getattr(factory, "load", None)):
-                act = factory.load(saved, env)
-            else:
-                params = {**extra, **(cfg.get("agent_params") or {})}
-                try:
-                    act = build_agent(agent_name, env, seed=seed, **params)
-                except TypeError:
-                    act = build_agent(agent_name, env, **params)
+        factory, extra, _ = resolve_agent_factory(agent_name)
+        if getattr(factory, "learns", False):  # a learned agent: what onp.train saved, applied as it is
+            meta = read_json(run_dir / "policy.json") if (run_dir / "policy.json").is_file() else {}
+            n_policy = meta.get("num_nodes") if isinstance(meta, dict) else None
+            check_architecture(source["backdoor"], bundle.config, what="policy",
+                               n_source=n_policy if isinstance(n_policy, int) else None, n_target=base.num_nodes)
+            # e.g. ppo-gnn: built on the TARGET model's graph from weights only; nothing unpickled
+            act = factory.load(run_dir, env, **({"device": device} if accepts(factory.load, "device") else {}))
+        else:  # a fixed agent is rebuilt from its parameters
+            params = {**extra, **(cfg.get("agent_params") or {})}
+            if "seed" not in params and accepts(factory, "seed"):
+                params["seed"] = seed
+            act = build_agent(agent_name, env, **params)
         res = rollout(act, env, seed=seed)
         ro = cfg.get("rollout") or {}
         sel = choose_pruning(res, select=ro.get("select", "final"), min_return=ro.get("min_return", 0.0), log=log)
@@ -202,9 +239,8 @@ def apply_pruned_set(source: Dict[str, Any], bundle, *, prune_mode: Optional[str
     if not path.exists():
         method = source["config"].get("method") or source["config"].get("agent") or "this run"
         raise CheckpointError(f"{run_dir}: no pruned.json ({method} does not prune neurons); nothing to transfer")
-    data = read_json(path)
-    indices = [int(i) for i in data.get("indices") or []]
-    names = data.get("names")
+    data = read_pruned(run_dir)
+    indices, names = data["indices"], data["names"]
     layout = baselines.neuron_layout(bundle.model)
     n_src = source["metrics"].get("num_neurons")
     check_architecture(source["backdoor"], bundle.config, what="pruned set",
@@ -233,26 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--policy", type=Path, help="an onp.train run directory (policy.zip + config.json)")
-    src.add_argument("--pruned", type=Path, help="any run directory with pruned.json (transfer a fixed pruned set)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="target: a zoo artifact directory")
+    src.add_argument("--policy", type=path_arg,
+                     help="an onp.train run directory (policy.pt + policy.json + config.json)")
+    src.add_argument("--pruned", type=path_arg, help="any run directory with pruned.json (transfer a fixed pruned set)")
+    p.add_argument("--checkpoint", type=path_arg, default=None, help="target: a zoo artifact directory")
     t = p.add_argument_group("target from the zoo (default: the source run's backdoor config with these changed)")
     for flag in ("model", "dataset", "attack", "data-source"):
         t.add_argument(f"--{flag}", default=None)
-    for flag in ("width", "epochs", "seed", "defense-size", "max-train"):
+    for flag in ("width", "epochs", "defense-size", "max-train"):
         t.add_argument(f"--{flag}", type=int, default=None)
+    t.add_argument("--seed", type=int_at_least(0), default=None)
     t.add_argument("--clean", action="store_true", help="an unpoisoned model (false-positive cost: ACC lost)")
     t.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a BackdoorConfig key of the target")
-    t.add_argument("--data-dir", type=Path, default=None)
-    t.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--env-seed", type=int, default=None, help="env / rollout seed (default: the policy's seed)")
+    t.add_argument("--data-dir", type=path_arg, default=None,
+                   help="folder with the dataset's files (an error if they are not there)")
+    t.add_argument("--cache-dir", type=path_arg, default=None)
+    p.add_argument("--agent", default=None, metavar="SPEC",
+                   help="--policy of a plug-in agent given by a file or module path (path/file.py:Class): repeat "
+                        "that spec here to allow importing it; a run folder never makes onp import code by itself")
+    p.add_argument("--env-seed", type=int_at_least(0), default=None,
+                   help="env / rollout seed (default: the policy's seed)")
     p.add_argument("--prune-mode", choices=["gamma", "channel"], default=None,
                    help="--pruned: how to prune (default: as the source run did)")
-    p.add_argument("--device", default=None, help="device of the policy")
+    p.add_argument("--device", type=device_arg, default=None, help="device of the policy: cpu, cuda, cuda:N or mps")
     p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/evaluate/<source>-on-<target>)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", type=path_arg, default=None,
+                   help="run directory (default runs/evaluate/<source>-on-<target>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing onp run directory (only once the new run succeeded)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -267,6 +312,13 @@ def evaluate(args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
                               f"use --pruned to transfer its pruned set")
     if args.prune_mode is not None and kind == "policy":
         raise ValueError("--prune-mode applies to --pruned only (a policy prunes in its env's mask_mode)")
+    if kind == "pruned":
+        if not (source["dir"] / "pruned.json").exists():
+            method = source["config"].get("method") or source["config"].get("agent") or "this run"
+            raise CheckpointError(f"{source['dir']}: no pruned.json ({method} does not prune neurons); "
+                                  f"nothing to transfer")
+        read_pruned(source["dir"])  # a malformed pruned.json fails before any model is loaded
+    cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
     seed = args.env_seed if args.env_seed is not None else int(source["config"].get("seed",
                                                                  source["config"].get("defense_seed", 0)) or 0)
     seed_everything(seed, deterministic=args.deterministic)
@@ -280,16 +332,31 @@ def evaluate(args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
             want["width"] = None
         check_architecture(source["backdoor"], BackdoorConfig.from_dict(want).resolved(),
                            what="policy" if kind == "policy" else "pruned set")
-    bundle = target_bundle(args, source["backdoor"])
+    # a failed run leaves nothing; an existing run is replaced (--overwrite) only once this one succeeded.
+    # An explicit --out is opened first, so that one that cannot be written fails before any model is loaded.
+    with contextlib.ExitStack() as stack:
+        work = None if args.out is None else stack.enter_context(
+            run_folder(args.out, tool="onp.evaluate", overwrite=args.overwrite))
+        bundle = target_bundle(args, source["backdoor"])
+        tcfg = bundle.config
+        if source["backdoor"]:
+            check_architecture(source["backdoor"], tcfg, what="policy" if kind == "policy" else "pruned set")
+        out = args.out or Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
+        if work is None:
+            work = stack.enter_context(run_folder(out, tool="onp.evaluate", overwrite=args.overwrite))
+        metrics = _evaluate_into(work, out, args=args, kind=kind, source=source, bundle=bundle, seed=seed, t0=t0)
+    return out, metrics
+
+
+def _evaluate_into(work: Path, out: Path, *, args: argparse.Namespace, kind: str, source: Dict[str, Any], bundle,
+                   seed: int, t0: float) -> Dict[str, Any]:
+    """Apply the policy / pruned set to ``bundle``; write the run into ``work`` (``out`` or its staging
+    folder under --overwrite) and return its metrics."""
     tcfg = bundle.config
-    if source["backdoor"]:
-        check_architecture(source["backdoor"], tcfg, what="policy" if kind == "policy" else "pruned set")
     target_name = "clean" if tcfg.clean else tcfg.attack
-    out = args.out or Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
-    out = prepare_run_dir(out, overwrite=args.overwrite)
     if kind == "policy":
         res = run_policy(source, bundle, seed=seed, device=args.device or "cpu", cache_dir=args.cache_dir,
-                         log=None if args.quiet else print)
+                         log=None if args.quiet else print, agent=args.agent)
     else:
         res = apply_pruned_set(source, bundle, prune_mode=args.prune_mode)
     before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
@@ -316,14 +383,14 @@ def evaluate(args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
     config = {"kind": kind, "source": str(source["dir"]), "source_config": src_cfg, "env_seed": seed,
               "target_backdoor": tcfg.to_dict(), "model_dir": str(bundle.path), "prune_mode": res["mask_mode"],
               "deterministic": args.deterministic}
-    write_run(out, config=config, metrics=metrics, pruned=res["pruned"], pruned_names=res["pruned_names"],
+    write_run(work, config=config, metrics=metrics, pruned=res["pruned"], pruned_names=res["pruned_names"],
               model_state=res["model"].state_dict())
     print(f"[onp] {metrics['method']} on {tcfg.model}/{target_name} s{tcfg.seed}"
           + (" (CLEAN model)" if clean else "")
           + f": ACC {before['acc']:.4f}->{after['acc']:.4f} (lost {metrics['acc_lost']:.4f})  "
             f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
             f"pruned {metrics['n_pruned']}  -> {out}")
-    return out, metrics
+    return metrics
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -9,7 +9,10 @@ A run directory holds:
 * ``pruned.json``: the pruned neuron indices (graph numbering) with their (layer, channel) names;
 * ``model.pt``: the repaired model's state_dict;
 * ``scores.pt``: per-neuron scores (for methods that score neurons);
-* ``README.md``: one line saying how to reproduce the run.
+* ``README.md``: one line saying how to reproduce the run;
+* ``.onp-run.json``: the marker that onp created the folder (:func:`onp.io.run_folder` opens every
+  run folder: it never writes into a folder without it, and ``--overwrite`` replaces a run only once
+  the new one has succeeded).
 """
 
 from __future__ import annotations

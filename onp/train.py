@@ -12,7 +12,7 @@ Examples::
 Steps: (1) get or train the backdoored model through the zoo (cached); (2) build the
 ``NeuronPruningEnv`` (its reward batch is the defender's validation split); (3) train the agent
 (PPO: progress bar, tensorboard logs in ``<run>/tb``, a deterministic defense-validation episode
-every ``eval.freq`` steps, best policy kept in ``policy.zip``, resumable checkpoint); (4) run the best
+every ``eval.freq`` steps, best policy kept in ``policy.pt`` + ``policy.json``, resumable checkpoint); (4) run the best
 policy deterministically, write its pruning into a fresh copy of the model; (5) report ACC / ASR /
 RA / DER on the held-out test set before and after. Nothing is chosen on test data.
 
@@ -21,7 +21,7 @@ of the defaults, then the flags, then ``--set dotted.key=value``. ``--seed`` set
 model's seed and the agent's (as in ``onp.baseline``); ``--agent-seed`` sets only the agent's.
 
 The run directory (default ``runs/train/<model>-<attack>-<agent>-s<seed>``) follows
-:mod:`onp.rundir` plus ``policy.zip``, ``learning_curve.json``, ``tb/``, ``checkpoint.zip`` and
+:mod:`onp.rundir` plus ``policy.pt`` + ``policy.json``, ``learning_curve.json``, ``tb/``, ``checkpoint.pt`` + ``checkpoint.json`` and
 ``train_state.json``. Ctrl-C leaves a checkpoint; ``--resume`` continues from it.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -38,43 +38,18 @@ import torch
 
 from .cli_common import run_cli
 from .config import deep_update, load_yaml, parse_overrides
-from .io import atomic_write_json, prepare_run_dir, read_json
+from .io import RunExistsError, atomic_write_json, is_onp_folder, read_json, run_folder
 from .metrics import evaluate_backdoor, with_der
 from .rundir import reproduce_line, write_run
+from .train_config import TrainConfig
 
-#: The default profile (identical to ``configs/train/default.yaml``): narrow ResNet-18 (width 16) on
-#: Fashion-MNIST with BadNets, the trigger-aware ASR estimator, a budget of 2.5% of the neurons, and a
-#: behaviour-cloning warm start from CLP's data-free order, skipping the neurons whose reward on the
-#: reward batch would be negative (both chosen on defense-validation, see docs/results.md §3;
-#: ``--warm-start none`` for a cold start).
-DEFAULT_CONFIG: Dict[str, Any] = {
-    "backdoor": {"model": "resnet18", "width": 16, "dataset": "fashion-mnist", "data_source": "auto",
-                 "attack": "badnets", "seed": 0},
-    "env": {"budget": 0.025, "lam": 1.0, "delta": 0.1, "reward_batch": None, "asr_estimator": "trigger",
-            "estimator_params": {}, "feature_providers": ["structure", "bn", "weight_norms", "activation"],
-            "top_k": 16, "mask_mode": "gamma", "group_pruning": False, "invalid_action_penalty": 0.01,
-            "reject_violations": True},
-    "agent": "ppo-gnn",
-    "agent_params": {},
-    "policy": {"conv": "gcn", "hidden": 32, "layers": 2, "heads": 4, "symmetric": True, "head_hidden": 64},
-    "ppo": {"total_timesteps": 2560, "n_steps": 256, "batch_size": 64, "n_epochs": 4, "learning_rate": 0.001,
-            "gamma": 1.0, "gae_lambda": 0.95, "clip_range": 0.2, "ent_coef": 0.0, "vf_coef": 0.5,
-            "max_grad_norm": 0.5, "target_kl": None, "normalize_advantage": True, "n_envs": 1,
-            "vec_env": "dummy", "env_threads": None},
-    "eval": {"freq": 256, "episodes": 1},
-    "warm_start": {"baseline": "clp", "params": {}, "epochs": 100, "lr": 0.003, "batch_size": 32, "value_coef": 0.5,
-                   "skip_harmful": True, "max_previews": None},
-    "rollout": {"select": "final", "min_return": 0.0},
-    "seed": 0,
-    "deterministic": False,
-    "device": "cpu",
-    "torch_threads": None,
-    "cache_dir": None,
-}
-#: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
-NO_WARM_START = ("none", "null", "")
+#: The default profile as a plain dict: :class:`onp.train_config.TrainConfig`'s defaults, the single
+#: source (``configs/train/default.yaml`` spells out the same values).
+DEFAULT_CONFIG: Dict[str, Any] = TrainConfig().to_dict()
 #: config keys that may differ when resuming a run
 RESUMABLE_CHANGES = ("ppo.total_timesteps", "device", "torch_threads", "cache_dir", "deterministic")
+#: files whose presence in a run folder means it holds a resumable training checkpoint
+TRAIN_CHECKPOINTS = ("train_state.json", "checkpoint.pt", "checkpoint.json", "checkpoint.zip")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -89,48 +64,19 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Defaults merged with ``config``; unknown keys and bad values raise ``ValueError``."""
-    config = copy.deepcopy(config or {})
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown training config key(s) {unknown}; valid keys: {', '.join(sorted(DEFAULT_CONFIG))}")
-    for section in ("env", "policy", "ppo", "eval", "warm_start", "rollout"):
-        extra = sorted(set(config.get(section) or {}) - set(DEFAULT_CONFIG[section]))
-        if extra:
-            raise ValueError(f"unknown key(s) {extra} in config section {section!r}; valid: "
-                             f"{', '.join(sorted(DEFAULT_CONFIG[section]))}")
-    cfg = deep_update(copy.deepcopy(DEFAULT_CONFIG), config)
-    for section in ("backdoor", "env", "policy", "ppo", "eval", "warm_start", "rollout", "agent_params"):
-        if not isinstance(cfg[section], dict):
-            raise ValueError(f"config section {section!r} must be a mapping; got {cfg[section]!r}")
-    from .zoo import BackdoorConfig
-    cfg["backdoor"] = BackdoorConfig.from_dict(cfg["backdoor"]).resolved().to_dict()
+    """The defaults merged with ``config`` (:class:`TrainConfig`: types and ranges), then every name
+    (agent, ASR estimator, feature providers, warm-start baseline) looked up in its registry, all
+    before any model is loaded. Returns the resolved config as a plain dict (``config.json``)."""
+    cfg = TrainConfig.from_dict(config).to_dict()
     from envs import ASR_ESTIMATORS
     ASR_ESTIMATORS.check(cfg["env"]["asr_estimator"])
-    if cfg["rollout"]["min_return"] is not None and not isinstance(cfg["rollout"]["min_return"], (int, float)):
-        raise ValueError(f"rollout.min_return must be a number or null; got {cfg['rollout']['min_return']!r}")
-    if not isinstance(cfg["deterministic"], bool):
-        raise ValueError(f"deterministic must be true or false; got {cfg['deterministic']!r}")
-    from agents import ROLLOUT_SELECT
-    if cfg["rollout"]["select"] not in ROLLOUT_SELECT:
-        raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {cfg['rollout']['select']!r}")
-    if int(cfg["ppo"]["total_timesteps"]) < 0:
-        raise ValueError("ppo.total_timesteps must be >= 0")
-    if cfg["policy"]["conv"] not in ("gcn", "sage", "gat"):
-        raise ValueError(f"policy.conv must be gcn, sage or gat; got {cfg['policy']['conv']!r}")
-    if cfg["ppo"]["vec_env"] not in ("dummy", "subproc"):
-        raise ValueError(f"ppo.vec_env must be dummy or subproc; got {cfg['ppo']['vec_env']!r}")
+    import baselines  # noqa: F401  (registers the score-based feature providers, e.g. clp_score)
+    from .graph import FEATURE_PROVIDERS
+    for name in cfg["env"]["feature_providers"]:
+        FEATURE_PROVIDERS.check(name)
     from agents import resolve_agent_factory
-    resolve_agent_factory(cfg["agent"])  # fail early on an unknown / malformed agent
-    if isinstance(cfg["warm_start"]["baseline"], str) and cfg["warm_start"]["baseline"].lower() in NO_WARM_START:
-        cfg["warm_start"]["baseline"] = None
-    if cfg["warm_start"]["baseline"] and cfg["agent"] != "ppo-gnn":
-        asked = (config.get("warm_start") or {}).get("baseline")
-        if asked and str(asked).lower() not in NO_WARM_START:
-            raise ValueError("--warm-start applies to the ppo-gnn agent only (use --warm-start none with other agents)")
-        cfg["warm_start"]["baseline"] = None  # the profile's default warm start is for ppo-gnn only
+    resolve_agent_factory(cfg["agent"])  # fail early on an unknown / malformed agent (ranked:<baseline> too)
     if cfg["warm_start"]["baseline"]:
-        import baselines
         baselines.DEFENSES.check(cfg["warm_start"]["baseline"])
     return cfg
 
@@ -145,12 +91,18 @@ def default_run_dir(cfg: Dict[str, Any]) -> Path:
     return Path("runs") / "train" / f"{b['model']}-{attack}-{label}-s{cfg['seed']}"
 
 
-def _check_resume_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
+def _resume_config_diff(run_dir: Path, cfg: Dict[str, Any]) -> List[str]:
+    """The config keys (other than :data:`RESUMABLE_CHANGES`) where ``cfg`` differs from the run's."""
     path = run_dir / "config.json"
     if not path.exists():
-        return
+        return []
     old, new = _flatten(read_json(path)), _flatten(cfg)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def _check_resume_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
+    path = run_dir / "config.json"
+    diff = _resume_config_diff(run_dir, cfg)
     if diff:
         raise ValueError(f"--resume: the configuration differs from the one in {path} at {', '.join(diff)}; "
                          f"use the same settings (only {', '.join(RESUMABLE_CHANGES)} may change) or --overwrite")
@@ -199,14 +151,6 @@ def _load_bundle(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool
     return bundle
 
 
-def _factory_accepts(factory, name: str) -> bool:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def apply_pruning(bundle, graph, pruned: Sequence[int], mask_mode: str = "gamma") -> torch.nn.Module:
     """A fresh copy of the backdoored model with ``pruned`` written into its BN parameters."""
     from .masks import NeuronMasks
@@ -241,13 +185,54 @@ def run_training(config: Optional[Dict[str, Any]] = None, out_dir=None, *, overw
         torch.set_num_threads(threads)  # torch_threads applies to this run only
 
 
+def _resumes_automatically(run_dir: Path, cfg: Dict[str, Any], *, overwrite: bool, resume: bool,
+                           quiet: bool) -> bool:
+    """Whether to continue ``run_dir``: ``--resume``, or an interrupted onp.train run there (a
+    checkpoint, no metrics.json) whose configuration ``--resume`` would accept: the identical
+    command resumes it. With another configuration the call is refused (pass --overwrite)."""
+    if resume or overwrite or not is_onp_folder(run_dir) or (run_dir / "metrics.json").exists() \
+            or not any((run_dir / name).exists() for name in TRAIN_CHECKPOINTS):
+        return resume
+    diff = _resume_config_diff(run_dir, cfg)
+    if diff:
+        raise RunExistsError(f"{run_dir} holds an interrupted onp.train run with another configuration (differing: "
+                             f"{', '.join(diff)}); pass --overwrite to start again (the old run is kept until the "
+                             f"new one succeeds) or choose another --out")
+    if not quiet:
+        print(f"[onp] {run_dir} holds an interrupted run of this configuration: resuming it "
+              f"(pass --overwrite to start again)", flush=True)
+    return True
+
+
 def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callbacks, command) -> Dict[str, Any]:
+    """Open the run folder (:func:`onp.io.run_folder`) and train into it.
+
+    A missing or empty ``out_dir`` is created; a failed run removes it again unless it holds a
+    checkpoint (Ctrl-C keeps it: the identical command, or ``--resume``, continues it). A finished run
+    is replaced only with ``overwrite``, and only once the new run has succeeded (it trains in a
+    hidden staging folder next to it). An unfinished run without a checkpoint is replaced.
+    """
     t_start = time.perf_counter()
     cfg = resolve_config(config)
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    if resume:
-        _check_resume_config(run_dir, cfg)
+    final_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    resume = _resumes_automatically(final_dir, cfg, overwrite=overwrite, resume=resume, quiet=quiet)
+    with run_folder(final_dir, tool="onp.train", overwrite=overwrite, resume=resume,
+                    resumable=TRAIN_CHECKPOINTS) as run_dir:
+        if resume:
+            _check_resume_config(run_dir, cfg)
+        try:
+            return _train_into(cfg, run_dir, final_dir=final_dir, t_start=t_start, resume=resume,
+                               progress=progress, quiet=quiet, callbacks=callbacks, command=command)
+        except KeyboardInterrupt:
+            if run_dir != final_dir:  # the staging folder of --overwrite: deleted, the old run stays
+                print(f"[onp] the interrupted --overwrite run is discarded; {final_dir} still holds the previous "
+                      f"run", file=sys.stderr, flush=True)
+            raise
+
+
+def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start: float, resume: bool,
+                progress: bool, quiet: bool, callbacks: Sequence, command: Optional[str]) -> Dict[str, Any]:
+    """Train and write the run into ``run_dir`` (``final_dir``, or its staging folder under --overwrite)."""
     atomic_write_json(run_dir / "config.json", cfg)
     log: Callable[[str], None] = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     progress = progress and not quiet
@@ -258,67 +243,41 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
     seed_everything(seed, deterministic=bool(cfg["deterministic"]))
 
     bundle = _load_bundle(cfg, log, progress)
-    from agents import BaseAgent, build_agent, choose_pruning, resolve_agent_factory, rollout
+    from agents import accepts, build_agent, choose_pruning, resolve_agent_factory, rollout
     from agents.envs import EnvFactory, env_kwargs_from_config
 
-    env_kwargs = env_kwargs_from_config(cfg["env"], cfg.get("cache_dir"))
-    steps = {"train": 0, "eval": 0, "warm_start": 0, "final": 0}
-    train_info: Dict[str, Any] = {}
+    # the env of the run: its reward batch is the defense-validation split
+    env = EnvFactory(bundle, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
+    factory, extra, _ = resolve_agent_factory(cfg["agent"])
+    params = {**extra, **cfg["agent_params"]}
+    for key, value in (("seed", seed), ("device", cfg["device"])):
+        if key not in params and accepts(factory, key):
+            params[key] = value
+    agent = build_agent(cfg["agent"], env, **params)
+    learns = bool(getattr(agent, "learns", False))
     t_learn0 = time.perf_counter()
-    if cfg["agent"] == "ppo-gnn":
-        from agents.ppo_gnn import load_policy, train_ppo_gnn
-        out = train_ppo_gnn(bundle, cfg, run_dir, resume=resume, progress=progress, callbacks=callbacks, log=log)
-        env = out["eval_env"]
-        state = out["state"]
-        steps["train"] = out["timesteps"]
-        steps["eval"] = state.eval_env_steps - (state.warm_start or {}).get("env_steps", 0)
-        steps["warm_start"] = (state.warm_start or {}).get("env_steps", 0)
-        learn_seconds = state.train_seconds
-        curve = state.learning_curve
-        policy = load_policy(out["policy_path"], device=cfg["device"])
-
-        def act(obs, mask):
-            return policy.predict(obs, action_masks=mask, deterministic=True)[0]
-
-        agent_obj: Any = act
-        train_info = {"timesteps": out["timesteps"], "best_timesteps": (state.best or {}).get("timesteps"),
-                      "resumed_from": out["resumed_from"], "warm_start": state.warm_start}
-    else:
-        env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False, end_on_truncation=False)()
-        factory, extra, _ = resolve_agent_factory(cfg["agent"])
-        params = {**extra, **cfg["agent_params"]}
-        if "seed" not in params and _factory_accepts(factory, "seed"):
-            params["seed"] = seed
-        agent_obj = build_agent(cfg["agent"], env, **params)
-        total = int(cfg["ppo"]["total_timesteps"])
-        learns = getattr(agent_obj, "learns", True) and callable(getattr(agent_obj, "learn", None))
-        if learns and total > 0:
-            log(f"[onp] {cfg['agent']}: learn({total})")
-            agent_obj.learn(env, total)
-            steps["train"] = total
-        learn_seconds = time.perf_counter() - t_learn0
-        curve = []
-        if callable(getattr(agent_obj, "save", None)):
-            try:
-                agent_obj.save(run_dir / ("agent.json" if isinstance(agent_obj, BaseAgent) else "agent"))
-            except Exception as exc:  # saving is optional for plug-in agents
-                log(f"[onp] note: agent.save failed ({exc}); continuing")
-        train_info = {"timesteps": steps["train"]}
+    learned = None
+    if learns:
+        learned = agent.learn(env, cfg, run_dir, resume=resume, callbacks=callbacks, progress=progress, log=log)
+    if callable(getattr(agent, "save", None)):
+        agent.save(run_dir)  # what onp.evaluate loads: weights-only tensors or JSON (BaseAgent: agent.json)
+    steps = {"train": learned.timesteps if learned else 0, "eval": learned.eval_env_steps if learned else 0,
+             "warm_start": learned.warm_start_env_steps if learned else 0, "final": 0}
 
     # the chosen episode: deterministic, on the defense-validation reward batch
     t_roll = time.perf_counter()
-    res = rollout(agent_obj, env)
+    res = rollout(agent, env)
     steps["final"] = res["steps"]
     info0 = res["infos"][0]
     sel = choose_pruning(res, select=cfg["rollout"]["select"], min_return=cfg["rollout"]["min_return"], log=log)
     chosen, ret, fallback = sel["info"], sel["return"], sel["fallback"]
-    if cfg["agent"] != "ppo-gnn":
-        curve = [{"timesteps": steps["train"], "mean_return": res["return"], "acc": float(res["info"]["acc"]),
+    if learned is not None:
+        learn_seconds, curve, train_info = learned.seconds, learned.learning_curve, learned.info
+    else:  # a fixed agent: its one episode is the whole story
+        learn_seconds, train_info = time.perf_counter() - t_roll, {"timesteps": 0}
+        curve = [{"timesteps": 0, "mean_return": res["return"], "acc": float(res["info"]["acc"]),
                   "asr": float(res["info"]["asr"]), "n_pruned": int(res["info"]["n_pruned"]),
                   "wall_time": round(time.perf_counter() - t_learn0, 2)}]
-        if steps["train"] == 0:
-            learn_seconds = time.perf_counter() - t_roll
-            steps["train"] = 0
     pruned = [int(i) for i in chosen["pruned"]]
     base = env.unwrapped
     graph = base.graph
@@ -349,20 +308,20 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
                 "note": "the chosen episode on the env's reward batch (defense-validation images)"},
         "wall_time": round(wall, 2), "learn_seconds": round(learn_seconds, 2), "env_steps": total_steps,
         "env_steps_breakdown": steps, "steps_per_second": round(rate_steps / max(rate_seconds, 1e-9), 3),
-        "steps_per_second_note": "training env steps per second of training (incl. PPO updates and evaluations)"
-                                 if cfg["agent"] == "ppo-gnn" else "env steps per second",
+        "steps_per_second_note": "training env steps per second of training (incl. updates and evaluations)"
+                                 if learns else "env steps per second",
         "data_source": bundle.meta.get("data_source"), "model_dir": str(bundle.path), **train_info,
         "test_note": "ACC on the clean test set; ASR/RA with the attack's real trigger on non-target test images",
     }
     write_run(run_dir, config=cfg, metrics=metrics, pruned=pruned, pruned_names=names,
               model_state=pruned_model.state_dict(),
-              command=command or f"python -m onp.train --config {run_dir / 'config.json'} --out {run_dir}-repro",
+              command=command or f"python -m onp.train --config {final_dir / 'config.json'} --out {final_dir}-repro",
               extra={"learning_curve.json": curve})
     env.close()
     print(f"[onp] {cfg['agent']} on {cfg['backdoor']['model']}/{cfg['backdoor']['attack']}: "
           f"test ACC {before['acc']:.4f}->{after['acc']:.4f}  ASR {before['asr']:.4f}->{after['asr']:.4f}  "
           f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(pruned)}  val ACC {chosen['acc']:.3f} "
-          f"ASR {chosen['asr']:.3f}  |  {total_steps} env steps, {wall:.0f}s  -> {run_dir}", flush=True)
+          f"ASR {chosen['asr']:.3f}  |  {total_steps} env steps, {wall:.0f}s  -> {final_dir}", flush=True)
     return metrics
 
 
@@ -405,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = load_yaml(args.config) if args.config is not None else {}  # YAML (JSON is valid YAML too)
+    if "agent" in cfg:  # a config file is untrusted: it never makes onp import code by itself
+        from agents.base import check_agent_source
+        if args.agent is None and "agent" not in parse_overrides(args.set):  # else the flag replaces it
+            check_agent_source(cfg["agent"], None, where=args.config)
     flags: Dict[str, Any] = {}
     for flag, key in (("model", "backdoor.model"), ("dataset", "backdoor.dataset"), ("attack", "backdoor.attack"),
                       ("width", "backdoor.width"), ("data_source", "backdoor.data_source"),

@@ -12,7 +12,7 @@ Each artifact directory holds ``model.pt`` (a state_dict), ``meta.json``, ``conf
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from .attacks import ATTACKS, Attack, build_attack
-from .config import from_dict, stable_hash
+from .attacks.base import MODES
+from .config import check_types, from_dict, stable_hash
 from .data import DATASETS, Dataset, load_dataset
 from .data.augment import Augment
 from .data.defense import DefenseData
 from .data.splits import Splits, as_float, make_splits
-from .io import (CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint,
-                 load_state_dict_into, read_json)
+from .io import (MARKER, CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint,
+                 load_state_dict_into, read_json, run_folder, write_marker)
 from .metrics import evaluate_backdoor
 from .models import DEFAULT_WIDTH, MODELS, build_model_for
 from .rundir import environment_info
@@ -37,6 +38,8 @@ from .seeding import seed_everything
 from .training import PoisonPlan, TrainRecipe, train_classifier
 
 ARTIFACT_FILES = ("model.pt", "meta.json", "config.json", "splits.npz", "trigger.pt")
+#: the epoch checkpoint of an unfinished training (the next identical call resumes from it)
+TRAIN_STATE = "train_state.pt"
 
 
 @dataclass
@@ -64,6 +67,7 @@ class BackdoorConfig:
     max_train: Optional[int] = None  # cap the attacker's training set (quick tests)
 
     def validate(self) -> "BackdoorConfig":
+        check_types(self, "backdoor config")
         MODELS.check(self.model)
         DATASETS.check(self.dataset)
         ATTACKS.check(self.attack)
@@ -71,14 +75,33 @@ class BackdoorConfig:
             raise ValueError(f"poison_rate must be in (0, 1), got {self.poison_rate}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.width is not None and self.width < 1:
-            raise ValueError(f"width must be >= 1, got {self.width}")
+        for key in ("lr", "weight_decay"):
+            val = getattr(self, key)
+            if not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0 or (key == "lr" and val == 0):
+                raise ValueError(f"{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {val!r}")
+        if self.width is not None and not 1 <= self.width <= 4096:
+            raise ValueError(f"width must be in [1, 4096], got {self.width}")
         if self.defense_size < 2:
             raise ValueError(f"defense_size must be >= 2, got {self.defense_size}")
+        if self.data_source not in ("auto", "full", "sample"):
+            raise ValueError(f"data_source must be auto, full or sample; got {self.data_source!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if not 0.0 < self.defense_val_fraction < 1.0:
+            raise ValueError(f"defense_val_fraction must be in (0, 1), got {self.defense_val_fraction}")
+        for key in ("target", "seed", "split_seed"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 1 <= self.batch_size <= 100_000 or self.epochs > 100_000:
+            raise ValueError(f"batch_size must be in [1, 100000] and epochs <= 100000; got {self.batch_size}, "
+                             f"{self.epochs}")
+        if self.max_train is not None and self.max_train < 1:
+            raise ValueError(f"max_train must be >= 1 or null, got {self.max_train}")
         return self
 
     def resolved(self) -> "BackdoorConfig":
-        """A copy with defaults filled in (the width)."""
+        """A copy with defaults filled in (the width), validated."""
+        check_types(self, "backdoor config")
         width = DEFAULT_WIDTH.get(self.model, 16) if self.width is None else self.width
         return dataclasses.replace(self, width=width).validate()
 
@@ -171,8 +194,10 @@ def get_backdoored(config: Union[BackdoorConfig, Dict[str, Any]] = None, *, cach
                    progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """Return ``(model, metadata)`` for ``config``, training and caching it on the first call.
 
-    A second identical call loads the cached artifact at once. ``overwrite=True`` retrains. An
-    interrupted training resumes from its last completed epoch on the next call.
+    A second identical call loads the cached artifact at once. ``overwrite=True`` retrains (the cached
+    model is replaced only once the new one is complete). An interrupted training resumes from its
+    last completed epoch on the next call; a training that fails or diverges (non-finite weights:
+    ``ValueError`` naming ``lr``) caches nothing that a later call could load.
     """
     bundle = load_bundle(config, cache_dir=cache_dir, data_dir=data_dir, overwrite=overwrite, device=device,
                          progress=progress)
@@ -187,12 +212,16 @@ def load_bundle(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *, c
     cfg = cfg.resolved()
     dataset = load_dataset(cfg.dataset, data_dir=data_dir, source=cfg.data_source)
     path = artifact_dir(cfg, dataset, cache_dir)
-    if overwrite and path.exists():
-        shutil.rmtree(path)
-    if not _is_complete(path):
-        if not train_if_missing:
-            raise FileNotFoundError(f"no cached model for this config at {path}; run python -m onp.backdoor first")
-        _train_artifact(cfg, dataset, path, device=device, progress=progress)
+    complete = _is_complete(path)
+    if not complete and not train_if_missing:
+        raise FileNotFoundError(f"no cached model for this config at {path}; run python -m onp.backdoor first")
+    if overwrite or not complete:
+        _adopt_legacy_artifact(path)
+        # a failed training leaves nothing but a resumable epoch checkpoint; overwrite=True retrains in a
+        # staging folder next to the artifact and replaces it only once the new model is complete
+        with run_folder(path, tool="onp.zoo", overwrite=overwrite, resume=not overwrite, done_file="meta.json",
+                        resumable=(TRAIN_STATE,)) as work:
+            _train_artifact(cfg, dataset, work, device=device, progress=progress)
     elif progress:
         print(f"[onp] using cached model {path}")
     return open_bundle(path, dataset=dataset)
@@ -221,8 +250,29 @@ def open_bundle(path: Union[str, Path], *, dataset: Optional[Dataset] = None,
     return BackdoorBundle(load_model(path, meta), meta, attack, dataset, splits, path)
 
 
+def _adopt_legacy_artifact(path: Path) -> None:
+    """Mark an artifact folder cached before onp wrote markers (it holds only an artifact's own files)."""
+    known = set(ARTIFACT_FILES) | {"env.json", TRAIN_STATE}
+    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()) \
+            and all(p.name in known or p.name.endswith(".tmp") for p in path.iterdir()):
+        write_marker(path, "onp.zoo")
+
+
+def _check_finite(model: nn.Module, metrics: Dict[str, Any], cfg: BackdoorConfig, state_path: Path) -> None:
+    """Refuse a diverged training: non-finite weights or metrics raise a ValueError naming ``lr``.
+
+    The epoch checkpoint holds the same weights, so it is deleted (nothing to resume from)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad += [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        state_path.unlink(missing_ok=True)
+        raise ValueError(f"training {cfg.model} on {cfg.dataset} diverged: non-finite values in {', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''} with lr={cfg.lr} (weight_decay={cfg.weight_decay}); "
+                         f"nothing was cached: lower the config key lr (the default is 0.1)")
+
+
 def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device: str, progress: bool) -> None:
-    path.mkdir(parents=True, exist_ok=True)
+    """Train the backdoored model of ``cfg`` into the (existing) folder ``path``; ``meta.json`` last."""
     spec = dataset.spec
     splits_path = path / "splits.npz"
     if splits_path.exists():
@@ -246,7 +296,7 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
     seed_everything(cfg.seed)
     model = build_model_for(cfg.model, spec, cfg.width)
     recipe = TrainRecipe(cfg.epochs, cfg.batch_size, cfg.lr, 0.9, cfg.weight_decay, cfg.seed)
-    state_path = path / "train_state.pt"
+    state_path = path / TRAIN_STATE
     t0 = time.time()
     train_classifier(model, train.images, plan, attack=None if cfg.clean else attack,
                      augment=Augment.for_spec(spec), recipe=recipe, state_path=state_path, device=device,
@@ -254,6 +304,7 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
     train_seconds = time.time() - t0
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     metrics = evaluate_backdoor(model, as_float(dataset.test.images), dataset.test.labels, attack)
+    _check_finite(model, metrics, cfg, state_path)
     env = environment_info()  # git commit, package versions, hardware
     meta = {
         "config": cfg.to_dict(),

@@ -124,14 +124,18 @@ def test_maskable_ppo_subproc_vec_env(tiny_bundle, env):
 
 
 def test_save_load_round_trip(tiny_bundle, env, tmp_path):
+    """policy.pt + policy.json reload into the same policy (weights only), and export to SB3's zip."""
     from sb3_contrib import MaskablePPO
+
+    from agents.policy_io import export_sb3_zip, load_policy, save_policy
 
     vec = make_vec_env(EnvFactory(tiny_bundle, ENV_KW), n_envs=1)
     model = make_ppo(vec, policy_kwargs_for(env, conv="sage", **POLICY), dict(n_steps=32, batch_size=16, n_epochs=1))
     model.learn(64)
-    model.save(tmp_path / "p.zip")
-    loaded = MaskablePPO.load(tmp_path / "p.zip")
-    assert loaded.policy.encoder.conv_kind == "sage"
+    save_policy(model.policy, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.json", "policy.pt"]
+    loaded = load_policy(tmp_path, env)
+    assert loaded.encoder.conv_kind == "sage"
     rng = np.random.default_rng(4)
     obs = _batch(env, rng, 6)
     masks = np.ones((6, env.num_nodes + 1), dtype=bool)
@@ -139,6 +143,10 @@ def test_save_load_round_trip(tiny_bundle, env, tmp_path):
     a1, _ = model.predict(obs, action_masks=masks, deterministic=True)
     a2, _ = loaded.predict(obs, action_masks=masks, deterministic=True)
     assert np.array_equal(a1, a2)
+    # the optional SB3 export opens in plain SB3 (tests only: onp never loads such a zip)
+    zip_path = export_sb3_zip(tmp_path, env, tmp_path / "export.zip")
+    a3, _ = MaskablePPO.load(zip_path).predict(obs, action_masks=masks, deterministic=True)
+    assert np.array_equal(a1, a3)
     vec.close()
 
 
@@ -350,3 +358,37 @@ def test_demonstration_skips_neurons_that_would_cost_more_than_they_remove(tiny_
     capped = demonstrate(env, order, skip_harmful=True, max_previews=2)
     assert capped["previews"] <= 2 and capped["actions"][-1] == env.stop_action
     env.close()
+
+
+def test_docs_learned_agent_example(tiny_bundle, tmp_path):
+    """The learned-agent example of docs/agents.md trains through onp.train, writes its weights
+    (tensors + JSON), resumes, and onp.evaluate applies it to the model again through load()."""
+    import json
+
+    from onp import evaluate
+    from onp.config import load_yaml
+    from onp.train import run_training
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "agents.md").read_text()
+    m = re.search(r"<!-- learned-agent-example -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "docs/agents.md lost its learned-agent example block"
+    assert len([line for line in m.group(1).splitlines() if line.strip()]) <= 45
+    AGENTS._items.pop("mlp-ppo", None)  # the example registers itself; allow re-running in one session
+    exec(compile(m.group(1), "docs/agents.md", "exec"), {})
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml")
+    cfg.update(agent="mlp-ppo", agent_params={"n_steps": 32}, warm_start={"baseline": None})
+    cfg["ppo"] = {**cfg["ppo"], "total_timesteps": 64}
+    metrics = run_training(cfg, tmp_path / "run", quiet=True)
+    assert metrics["agent"] == "mlp-ppo" and metrics["env_steps_breakdown"]["train"] >= 64
+    meta = json.loads((tmp_path / "run" / "mlp.json").read_text())
+    assert meta["format"] == "onp-weights/1" and meta["timesteps"] >= 64 and (tmp_path / "run" / "mlp.pt").exists()
+    # resume: the same run with more steps continues from the stored weights and step count
+    (tmp_path / "run" / "metrics.json").unlink()
+    cfg["ppo"]["total_timesteps"] = 128
+    resumed = run_training(cfg, tmp_path / "run", resume=True, quiet=True)
+    assert resumed["env_steps_breakdown"]["train"] >= 128
+    out = tmp_path / "ev"
+    assert evaluate.main(["--policy", str(tmp_path / "run"), "--checkpoint", str(tiny_bundle.path), "--out", str(out),
+                          "--quiet"]) == 0
+    ev = json.loads((out / "metrics.json").read_text())
+    assert ev["source"]["agent"] == "mlp-ppo" and ev["n_pruned"] == resumed["n_pruned"]

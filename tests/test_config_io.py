@@ -3,7 +3,7 @@ import torch
 
 from onp.config import from_dict, parse_overrides, stable_hash
 from onp.io import (CheckpointError, RunExistsError, atomic_write_json, load_checkpoint, load_state_dict_into,
-                    prepare_run_dir, read_json)
+                    read_json, run_folder)
 from onp.models import build_model
 
 
@@ -24,13 +24,17 @@ def test_atomic_json_and_run_dir(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert read_json(tmp_path / "a.json") == {"x": 1}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    run = tmp_path / "run"
-    prepare_run_dir(run)
-    (run / "f").write_text("x")
+    run = tmp_path / "run"  # run_folder in detail: tests/test_run_folders.py
+    with run_folder(run, tool="onp.baseline") as work:
+        (work / "metrics.json").write_text("{}")
     with pytest.raises(RunExistsError, match="--overwrite"):
-        prepare_run_dir(run)
-    assert (prepare_run_dir(run, resume=True) / "f").exists()
-    assert not (prepare_run_dir(run, overwrite=True) / "f").exists()
+        with run_folder(run, tool="onp.baseline"):
+            pass
+    with run_folder(run, tool="onp.baseline", resume=True) as work:
+        assert (work / "metrics.json").exists()
+    with run_folder(run, tool="onp.baseline", overwrite=True) as work:
+        pass
+    assert not (run / "metrics.json").exists()
 
 
 def test_corrupt_and_mismatched_checkpoints_name_the_file(tmp_path):

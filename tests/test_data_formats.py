@@ -232,6 +232,7 @@ def test_cifar_download_verifies_and_extracts(tmp_path, monkeypatch):
     seen: List[str] = []
     monkeypatch.setattr(urllib.request, "urlopen", _fake_urlopen({layout.url: payload}, seen))
     data_dir = tmp_path / "data"
+    data_dir.mkdir()  # an explicit data_dir must exist; the download goes into it
 
     # the real md5 does not match our tiny tarball: the download is rejected and removed
     with pytest.raises(DatasetNotFoundError, match="checksum mismatch") as err:
@@ -313,8 +314,13 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, name, url):
 
 
 def test_missing_dataset_download_failure_is_reported(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="download failed.*network disabled"):
         load_dataset("cifar100", data_dir=tmp_path / "empty", download=True)
+    # a data_dir that does not exist is refused without a download (a typo never creates folders)
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_dataset("cifar100", data_dir=tmp_path / "nothing", download=True)
+    assert not (tmp_path / "nothing").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,6 +475,7 @@ def test_gtsrb_download(tmp_path, monkeypatch):
     seen: List[str] = []
     urls = {gtsrb.GTSRB_URL + name: data for name, data in payloads.items()}
     monkeypatch.setattr(urllib.request, "urlopen", _fake_urlopen(urls, seen))
+    (tmp_path / "data").mkdir()  # an explicit data_dir must exist; the download goes into it
     with pytest.raises(DatasetNotFoundError, match="checksum mismatch"):
         load_dataset("gtsrb", data_dir=tmp_path / "data", download=True)
     assert not list((tmp_path / "data" / "gtsrb").glob("*.zip"))

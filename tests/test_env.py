@@ -187,7 +187,8 @@ def test_prune_crossing_delta_is_refused_and_ends_the_episode(tiny_bundle, rejec
         before = e.evaluation(), e._info()
         _, r, term, trunc, info = e.step(_random_valid(e, rng))
         done = term or trunc
-    assert trunc and not term, "the tiny model should lose accuracy within 40 random prunes"
+    # crossing delta is part of the MDP: a termination, not a truncation
+    assert term and not trunc and info["delta_exceeded"], "the tiny model should lose accuracy within 40 random prunes"
     prev_eval, prev_info = before
     if reject:
         # the refused neuron stays unpruned, the state is the one before the step (masks and cache),
@@ -219,3 +220,8 @@ def test_preview_predicts_the_step_and_changes_nothing(tiny_bundle):
     with pytest.raises(ValueError, match="not a valid prune"):
         e.preview(a)  # already pruned
     e.close()
+
+
+def test_env_requires_the_model():
+    with pytest.raises(ValueError, match="needs the model to prune"):
+        gym.make(ENV_ID)

@@ -29,7 +29,7 @@ def sources(onp_cache, tmp_path_factory):
                    "--set", "max_fraction=0.1"] + TRAIN_FAST
     assert compare.main(argv) == 0
     pol = out / "cells" / "badnets" / "ppo-gnn" / "s0"
-    assert (pol / "policy.zip").exists() and (pol / "learning_curve.json").exists()
+    assert (pol / "policy.pt").exists() and (pol / "policy.json").exists() and (pol / "learning_curve.json").exists()
     return {"policy": pol, "pruned": out / "cells" / "badnets" / "magnitude" / "s0",
             "models": json.loads((out / "models.json").read_text())}
 
@@ -40,17 +40,21 @@ def _run(onp_cache, out, *argv):
 
 
 def test_policy_applied_to_another_seed_and_attack(sources, onp_cache, tmp_path, monkeypatch):
-    from agents.gnn_policy import GNNMaskablePolicy
-    graphs = []
-    real = GNNMaskablePolicy.set_graph
+    import agents.policy_io
+    built = []
+    real = agents.policy_io.build_policy
 
-    def spy(self, edge_index, edge_weight=None):
-        graphs.append(edge_index)
-        return real(self, edge_index, edge_weight)
+    def spy(env, arch):
+        built.append((env, real(env, arch)))
+        return built[-1][1]
 
-    monkeypatch.setattr(GNNMaskablePolicy, "set_graph", spy)
+    monkeypatch.setattr(agents.policy_io, "build_policy", spy)
     m = _run(onp_cache, tmp_path / "ev", "--policy", str(sources["policy"]), "--attack", "blend", "--seed", "1")
-    assert len(graphs) == 1  # the GNN reads the target model's neuron graph, not the training model's
+    # the GNN reads the target model's neuron graph, not the training model's
+    assert len(built) == 1
+    env, policy = built[0]
+    assert "blend" in env.unwrapped.bundles[0].path.name
+    assert torch.equal(policy.encoder.edge_index, torch.as_tensor(env.unwrapped.edge_index))
     for key in ("acc", "asr", "ra", "der", "before", "n_pruned", "acc_lost", "asr_estimator", "trigger_aware",
                 "val", "wall_time", "source", "target"):
         assert key in m, key

@@ -52,7 +52,9 @@ def test_cli_end_to_end(tiny_bundle, tmp_path, capsys):
     assert "ASR estimator: trigger" in first[1] and "TRIGGER-AWARE: uses the real trigger" in first[1]
     assert "budget: 8 neurons" in first[1]
     names = {p.name for p in run.iterdir()}
-    assert RUN_FILES | {"policy.zip", "tb", "checkpoint.zip", "train_state.json"} <= names
+    assert RUN_FILES | {"policy.pt", "policy.json", "tb", "checkpoint.pt", "checkpoint.json",
+                        "train_state.json"} <= names
+    assert not any(name.endswith(".zip") for name in names)  # no SB3 pickle archives
     assert any((run / "tb").rglob("events.out.tfevents*"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
@@ -95,7 +97,7 @@ def test_resume_after_interruption(tiny_bundle, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, run, quiet=True, callbacks=[_Interrupt(80)])
     state = json.loads((run / "train_state.json").read_text())
-    assert (run / "checkpoint.zip").exists() and not (run / "metrics.json").exists()
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
     assert 80 <= state["timesteps"] < 128 and not state["finished"]
     points_before = len(state["learning_curve"])
     # a different configuration is refused; the same one (more timesteps allowed) resumes
@@ -158,7 +160,7 @@ def test_bad_inputs(tiny_bundle, tmp_path, capsys):
     assert run_cli(main, ["--config", TINY, "--agent", "x.py", "--out", str(tmp_path / "b")]) == 2
     assert "path/to/file.py:ClassName" in capsys.readouterr().err
     assert run_cli(main, ["--config", TINY, "--set", "ppo.nope=1", "--out", str(tmp_path / "c")]) == 2
-    assert "unknown key(s) ['nope'] in config section 'ppo'" in capsys.readouterr().err
+    assert "training config key ppo.nope: unknown key" in capsys.readouterr().err
     assert run_cli(main, ["--config", TINY, "--warm-start", "bogus", "--out", str(tmp_path / "d")]) == 2
     assert "unknown defense 'bogus'" in capsys.readouterr().err
     assert run_cli(main, ["--config", str(tmp_path / "missing.yaml")]) == 2
@@ -176,7 +178,7 @@ def test_default_warm_start_is_clp_for_ppo_gnn_only():
 
 
 def test_default_config_file_matches_code_and_paper_config_resolves():
-    assert load_yaml(ROOT / "configs" / "train" / "default.yaml") == DEFAULT_CONFIG
+    assert resolve_config(load_yaml(ROOT / "configs" / "train" / "default.yaml")) == DEFAULT_CONFIG
     cfg = resolve_config(load_yaml(ROOT / "configs" / "paper" / "resnet18_cifar10_badnets.yaml"))
     assert cfg["backdoor"]["width"] == 64 and cfg["backdoor"]["dataset"] == "cifar10"
     assert cfg["backdoor"]["defense_size"] == 500

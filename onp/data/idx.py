@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -32,8 +33,12 @@ def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (``.gz`` or raw): magic 0x0000 dtype ndim, big-endian dims, then data."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a truncated .gz an EOFError
+        raise ValueError(f"{path}: corrupt or truncated file, cannot be read ({exc}); replace it with the original "
+                         f"file (or delete it and let onp download it again)") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     dtype_code, ndim = raw[2], raw[3]
@@ -100,7 +105,7 @@ def _idx_loader(spec: DatasetSpec, urls: Dict[str, Tuple[str, str]], system_dirs
                 return load_idx_dataset(spec, _find_idx_dir([dest]), f"download:{dest}")
             except DownloadError as exc:
                 why = f"download failed: {exc}"
-        if req.source == "auto" and has_sample:
+        if req.source == "auto" and has_sample and req.data_dir is None:  # an explicit --data-dir is never replaced
             print(f"[onp] full {spec.name} not found ({why or 'not on disk'}); using the bundled sample "
                   f"(12,000 train / 2,000 test images). Install the full dataset for paper-quality numbers.")
             return load_idx_dataset(spec, _find_idx_dir([sample_dir]), "bundled-sample", is_sample=True)

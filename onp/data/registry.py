@@ -1,8 +1,11 @@
 """The dataset registry and the search for dataset files on disk.
 
-A dataset is found, in order, in: ``data_dir`` (``--data-dir``), ``$ONP_DATA``, the onp cache
-(``$ONP_CACHE/data``), system locations such as Debian's ``/usr/share/datasets``; then it is
-downloaded from the official source when ``download`` is allowed and the machine is online.
+A dataset is found, in order, in: ``$ONP_DATA``, the onp cache (``$ONP_CACHE/data``), system
+locations such as Debian's ``/usr/share/datasets``; then it is downloaded from the official source
+when ``download`` is allowed and the machine is online. An explicit ``data_dir`` (``--data-dir``)
+replaces that search: the dataset is read from there (or downloaded into it), and a ``data_dir``
+that does not exist or does not hold the dataset is an error, never replaced by another location
+or the bundled sample.
 """
 
 from __future__ import annotations
@@ -54,11 +57,12 @@ def register_dataset(spec: DatasetSpec, how_to_get: str, system_dirs: Sequence[s
 
 
 def candidate_dirs(name: str, data_dir: Optional[Path], system_dirs: Sequence[str] = ()) -> List[Path]:
-    """Directories searched for ``name``'s files, most specific first."""
+    """Directories searched for ``name``'s files, most specific first: only ``data_dir`` (and its
+    ``<name>/`` folder) when it is given."""
+    if data_dir is not None:
+        return [Path(data_dir) / name, Path(data_dir)]
     out: List[Path] = []
     roots = []
-    if data_dir is not None:
-        roots.append(Path(data_dir))
     if os.environ.get("ONP_DATA"):
         roots.append(Path(os.environ["ONP_DATA"]))
     roots.append(cache_root() / "data")
@@ -83,7 +87,9 @@ def load_dataset(name: str = "fashion-mnist", *, data_dir: Optional[os.PathLike]
 
     Args:
         name: one of ``DATASETS.names()``.
-        data_dir: a directory holding the dataset's original files (or a ``<name>/`` folder of them).
+        data_dir: a directory holding the dataset's original files (or a ``<name>/`` folder of them);
+            only it is searched (a download goes into it), and a ``data_dir`` that does not exist or does
+            not hold the dataset is a :class:`DatasetNotFoundError` naming it, never the bundled sample.
         source: ``"auto"`` uses the full dataset when found and otherwise the bundled sample (only
             Fashion-MNIST ships one); ``"full"`` fails if the full dataset is missing; ``"sample"``
             uses the bundled sample.
@@ -92,7 +98,10 @@ def load_dataset(name: str = "fashion-mnist", *, data_dir: Optional[os.PathLike]
     entry = DATASETS.get(name)
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
-    return entry.load(DataRequest(Path(data_dir) if data_dir else None, source, download))
+    if data_dir is not None and source != "sample" and not Path(data_dir).is_dir():
+        why = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
+        raise not_found(name, [Path(data_dir)], f"--data-dir {data_dir} {why}")
+    return entry.load(DataRequest(Path(data_dir) if data_dir is not None else None, source, download))
 
 
 def not_found(name: str, searched: Sequence[Path], why: str = "") -> DatasetNotFoundError:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Union
@@ -17,7 +18,7 @@ from typing import Dict, Union
 import numpy as np
 import torch
 
-from ..io import atomic_write_bytes
+from ..io import CheckpointError, atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,14 @@ class Splits:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Splits":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(z["attacker_train"], z["defense_train"], z["defense_val"])
+        """Read an index file written by :meth:`save` (never unpickles; errors name the file)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["attacker_train"], z["defense_train"], z["defense_val"])
+        except FileNotFoundError:
+            raise
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"{path}: not a valid split index file ({exc})") from exc
 
     def sizes(self) -> Dict[str, int]:
         return {"attacker_train": len(self.attacker_train), "defense_train": len(self.defense_train),

@@ -1,0 +1,243 @@
+"""The typed configuration of one ``onp.train`` run: the single source of its defaults.
+
+:class:`TrainConfig` nests one model per section (:class:`EnvConfig`, :class:`PolicyConfig`,
+:class:`PPOConfig`, :class:`EvalConfig`, :class:`WarmStartConfig`, :class:`RolloutConfig`; the
+backdoored model is :class:`onp.zoo.BackdoorConfig`). Values are checked by type and range when
+the config is built, before anything runs: a string or a float where an integer belongs, NaN,
+infinity, a negative count or an unknown key is a :class:`ConfigError` that names the key, the
+value and what is expected. ``configs/train/default.yaml`` spells out the same defaults (a test
+keeps the two equal); YAML files and ``--set`` only override them.
+
+>>> cfg = TrainConfig.from_dict({"env": {"budget": 30}, "ppo": {"total_timesteps": 512}})
+>>> cfg.env.delta, cfg.ppo.learning_rate
+(0.1, 0.001)
+
+Names (agent, ASR estimator, warm-start baseline, feature providers) are looked up in their
+registries by the run function, which sits above the core, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .config import ConfigError, check_finite, validation_message
+
+__all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "PPOConfig", "EvalConfig", "WarmStartConfig", "RolloutConfig",
+           "TrainConfig", "NO_WARM_START", "check_device"]
+
+#: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
+NO_WARM_START = ("none", "null", "")
+
+
+class Section(BaseModel):
+    """A config section: unknown keys, wrong types, NaN and infinity are refused. Sizes have sanity
+    caps (e.g. ``policy.hidden <= 4096``) so a typo cannot exhaust memory."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
+
+
+class EnvConfig(Section):
+    """Arguments of :class:`envs.NeuronPruningEnv` (see its docstring)."""
+
+    budget: float = Field(0.025, gt=0, description="most neurons pruned: a fraction of N in (0, 1) or a count >= 1")
+    lam: float = Field(1.0, ge=0, description="reward = dACC - lam * dASR on the reward batch")
+    delta: float = Field(0.1, gt=0, le=1, description="most clean-ACC drop on the reward batch")
+    reward_batch: Optional[int] = Field(None, ge=1, description="defense-validation images per reward (None: all)")
+    asr_estimator: str = Field("trigger", min_length=1)
+    estimator_params: Dict[str, Any] = Field(default_factory=dict)
+    feature_providers: List[str] = Field(default_factory=lambda: ["structure", "bn", "weight_norms", "activation"],
+                                         min_length=1)
+    top_k: Optional[int] = Field(16, ge=1, le=10**6)
+    mask_mode: Literal["gamma", "channel"] = "gamma"
+    group_pruning: bool = False
+    invalid_action_penalty: float = Field(0.01, ge=0)
+    reject_violations: bool = True
+
+    @field_validator("budget")
+    @classmethod
+    def _count_is_whole(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("a budget >= 1 is a neuron count and must be a whole number (or use a fraction < 1)")
+        return v
+
+    @field_validator("estimator_params")
+    @classmethod
+    def _finite_params(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        return check_finite(v)
+
+
+class PolicyConfig(Section):
+    """:class:`agents.gnn_policy.GNNMaskablePolicy` architecture."""
+
+    conv: Literal["gcn", "sage", "gat"] = "gcn"
+    hidden: int = Field(32, ge=1, le=4096)
+    layers: int = Field(2, ge=0, le=32)
+    heads: int = Field(4, ge=1, le=64)
+    symmetric: bool = True
+    head_hidden: int = Field(64, ge=1, le=4096)
+
+
+class PPOConfig(Section):
+    """``sb3_contrib.MaskablePPO`` arguments plus the vectorisation of the envs."""
+
+    total_timesteps: int = Field(2560, ge=0, le=10**9)
+    n_steps: int = Field(256, ge=1, le=10**6)
+    batch_size: int = Field(64, ge=1, le=10**6)
+    n_epochs: int = Field(4, ge=1, le=10**4)
+    learning_rate: float = Field(0.001, gt=0, le=10)
+    gamma: float = Field(1.0, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    ent_coef: float = Field(0.0, ge=0)
+    vf_coef: float = Field(0.5, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    target_kl: Optional[float] = Field(None, gt=0)
+    normalize_advantage: bool = True
+    n_envs: int = Field(1, ge=1, le=1024)
+    vec_env: Literal["dummy", "subproc"] = "dummy"
+    env_threads: Optional[int] = Field(None, ge=1, le=1024)
+
+    #: keys that are not MaskablePPO constructor arguments
+    NOT_PPO_ARGS: ClassVar[Tuple[str, ...]] = ("total_timesteps", "n_envs", "vec_env", "env_threads")
+
+    def ppo_kwargs(self) -> Dict[str, Any]:
+        """The ``MaskablePPO(...)`` keyword arguments."""
+        return {k: v for k, v in self.model_dump().items() if k not in self.NOT_PPO_ARGS}
+
+
+class EvalConfig(Section):
+    """Deterministic defense-validation episodes during training."""
+
+    freq: int = Field(256, ge=1, le=10**9, description="env steps between evaluations")
+    episodes: int = Field(1, ge=1, le=1000)
+
+
+class WarmStartConfig(Section):
+    """Behaviour cloning of a baseline's pruning order before PPO (``baseline: None`` = cold start)."""
+
+    baseline: Optional[str] = "clp"
+    params: Dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(100, ge=0, le=10**5)
+    lr: float = Field(0.003, gt=0, le=10)
+    batch_size: int = Field(32, ge=1, le=10**6)
+    value_coef: float = Field(0.5, ge=0)
+    skip_harmful: bool = True
+    max_previews: Optional[int] = Field(None, ge=0)
+
+    @field_validator("baseline")
+    @classmethod
+    def _cold_start_words(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is not None and v.strip().lower() in NO_WARM_START else v
+
+    @field_validator("params")
+    @classmethod
+    def _finite_params(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        return check_finite(v)
+
+
+class RolloutConfig(Section):
+    """Which pruning of the final deterministic episode is kept."""
+
+    select: Literal["final", "best_prefix"] = "final"
+    min_return: Optional[float] = 0.0
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and available on this machine; else a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch build or machine has no CUDA; pass "
+                         f"--device cpu, or install a CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available; pass --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; valid: cpu, cuda, cuda:N, mps")
+    return device
+
+
+class TrainConfig(Section):
+    """Everything one ``onp.train`` run depends on; ``TrainConfig()`` is the default profile.
+
+    The default profile: narrow ResNet-18 (width 16) on Fashion-MNIST with BadNets, the trigger-aware
+    ASR estimator, a budget of 2.5% of the neurons, and a behaviour-cloning warm start from CLP's
+    data-free order, skipping neurons whose reward on the reward batch would be negative (both chosen
+    on defense-validation, docs/results.md §3).
+    """
+
+    backdoor: Dict[str, Any] = Field(default_factory=lambda: {
+        "model": "resnet18", "width": 16, "dataset": "fashion-mnist", "data_source": "auto", "attack": "badnets",
+        "seed": 0}, validate_default=True, description="onp.zoo.BackdoorConfig keys (filled in and checked)")
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    agent: str = Field("ppo-gnn", min_length=1)
+    agent_params: Dict[str, Any] = Field(default_factory=dict)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    seed: int = Field(0, ge=0, description="the agent's seed (--seed also sets backdoor.seed)")
+    deterministic: bool = False
+    device: str = "cpu"
+    torch_threads: Optional[int] = Field(None, ge=1, le=1024)
+    cache_dir: Optional[str] = Field(None, min_length=1)
+
+    @field_validator("backdoor")
+    @classmethod
+    def _backdoor(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        from .zoo import BackdoorConfig
+        try:
+            return BackdoorConfig.from_dict(v).resolved().to_dict()
+        except ConfigError as exc:  # name the key as backdoor.<key>
+            raise ValueError(str(exc).replace("backdoor config key ", "backdoor.")) from None
+
+    @field_validator("agent_params")
+    @classmethod
+    def _finite_params(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        return check_finite(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warm_start_for_ppo_only(cls, data: Any) -> Any:
+        """The profile's default warm start belongs to ppo-gnn: other agents get a cold start, and
+        asking for a warm start with them is an error."""
+        if not isinstance(data, Mapping) or data.get("agent", "ppo-gnn") == "ppo-gnn":
+            return data
+        ws = data.get("warm_start")
+        ws = dict(ws) if isinstance(ws, Mapping) else ws
+        if isinstance(ws, dict):
+            asked = ws.get("baseline")
+            if isinstance(asked, str) and asked.strip().lower() not in NO_WARM_START:
+                raise ValueError("--warm-start applies to the ppo-gnn agent only (use --warm-start none with other "
+                                 "agents)")
+            ws["baseline"] = None
+        elif ws is None:
+            ws = {"baseline": None}
+        return {**data, "warm_start": ws}
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
+        """Build from a (partial, nested) mapping; errors are :class:`ConfigError` naming the key."""
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"a training config must be a mapping of keys to values; got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as exc:
+            raise ConfigError(validation_message(exc, "training config")) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-ready nested dict (what ``config.json`` holds)."""
+        return self.model_dump(mode="json")
