@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .cli_common import device_name, fraction, int_at_least, path_arg, run_cli
 from .config import parse_overrides
-from .io import RunExistsError, atomic_write_json, atomic_write_text, read_json, run_folder
+from .io import CheckpointError, RunExistsError, atomic_write_json, atomic_write_text, read_json, run_folder
 from .report import LEADERBOARD_NOTES, Cell, build_rows, write_leaderboard
 from .rundir import environment_info, reproduce_line
 
@@ -486,6 +486,21 @@ def _load_models_json(out: Path) -> Dict[str, Any]:
     return read_json(path) if path.exists() else {}
 
 
+def model_layers(model_dir: Optional[str]) -> Optional[List[tuple]]:
+    """``[(bn_name, offset, num_channels)]`` of a zoo artifact's model in graph numbering (None when
+    the folder cannot be read: the per-layer plot then uses the layer names of pruned.json)."""
+    if not model_dir:
+        return None
+    from baselines import DefenseError, neuron_layout
+
+    from .zoo import load_model
+    try:
+        layout = neuron_layout(load_model(Path(model_dir)))
+    except (OSError, ValueError, CheckpointError, DefenseError):
+        return None
+    return [(layer.bn_name, layer.offset, layer.num_channels) for layer in layout.layers]
+
+
 def build_report(plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, plots: bool = True,
                  quiet: bool = False) -> Dict[str, Any]:
     """Read every cell, write the leaderboard and the plots; returns their paths and the rows."""
@@ -507,7 +522,7 @@ def build_report(plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, p
     if plots:
         from . import plots as _plots
         try:
-            out["plots"] = _plots.make_all(plan.out / "plots", cells, rows, models=models)
+            out["plots"] = _plots.make_all(plan.out / "plots", cells, rows, models=models, layers_of=model_layers)
         except Exception as exc:  # plots must never lose a finished grid
             print(f"[onp] warning: plots failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     return out

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -201,19 +201,6 @@ def pruned_layers(cell: Cell, layer_slices: Optional[List[tuple]] = None) -> Opt
     return None
 
 
-def model_layers(model_dir: Optional[str]) -> Optional[List[tuple]]:
-    """``[(bn_name, offset, num_channels)]`` of a zoo artifact's model in graph numbering."""
-    if not model_dir:
-        return None
-    try:
-        from baselines import neuron_layout
-        from .zoo import load_model
-        layout = neuron_layout(load_model(Path(model_dir)))
-        return [(l.bn_name, l.offset, l.num_channels) for l in layout.layers]
-    except Exception:
-        return None
-
-
 def plot_pruned_per_layer(cells: Sequence[Cell], path: Path, *, model: str, defenses: Sequence[str],
                           layer_slices: Optional[List[tuple]] = None) -> Optional[Path]:
     """Grouped bars: mean number of pruned neurons per BN layer, one bar per method."""
@@ -252,8 +239,10 @@ def plot_pruned_per_layer(cells: Sequence[Cell], path: Path, *, model: str, defe
 
 
 def make_all(plot_dir: Path, cells: Sequence[Cell], rows: Sequence[Row], *,
-             models: Optional[Dict[str, Any]] = None) -> List[Path]:
-    """Every plot of a grid; returns the files written. ``models`` is compare's ``models.json``."""
+             models: Optional[Dict[str, Any]] = None,
+             layers_of: Optional[Callable[[Optional[str]], Optional[List[tuple]]]] = None) -> List[Path]:
+    """Every plot of a grid; returns the files written. ``models`` is compare's ``models.json``;
+    ``layers_of(model_dir)`` gives ``[(bn_name, offset, num_channels)]`` of a model (per-layer plot)."""
     plot_dir = Path(plot_dir)
     written: List[Optional[Path]] = []
     model_names = list(dict.fromkeys(c.model for c in cells))
@@ -266,6 +255,7 @@ def make_all(plot_dir: Path, cells: Sequence[Cell], rows: Sequence[Row], *,
         written.append(plot_der(rows, plot_dir / f"der_{_safe(m)}.png", model=m))
         model_dir = next((v.get("path") for k, v in (models or {}).items() if k.split("/")[0] == m), None)
         written.append(plot_pruned_per_layer(cells, plot_dir / f"pruned_per_layer_{_safe(m)}.png", model=m,
-                                             defenses=defenses, layer_slices=model_layers(model_dir)))
+                                             defenses=defenses,
+                                             layer_slices=layers_of(model_dir) if layers_of else None))
     written.append(plot_learning_curves(cells, plot_dir / "learning_curve.png"))
     return [p for p in written if p is not None]
