@@ -1,12 +1,13 @@
 """ANP: Adversarial Neuron Pruning.
 
 Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models", NeurIPS 2021
-(arXiv 2110.14430). Reimplemented from the paper and the behaviour described in the project's
-methods reference (no code copied).
+(arXiv 2110.14430). Reimplemented from the paper and the authors' code ``csdongxian/ANP_backdoor``
+(``optimize_mask_cifar.py``: ``mask_train``, ``reset``, ``sign_grad``; ``models/anp_batchnorm.py``);
+no code was copied (the repository has no licence).
 
 Neurons are BN channels. Each has a mask ``m`` in [0, 1] (:class:`onp.masks.NeuronMasks`, gamma
-mode) and multiplicative perturbations ``delta`` (on the scale) and ``xi`` (on the bias) with
-``|delta|, |xi| <= eps`` (0.4). The perturbed BN output is
+mode) and multiplicative perturbations ``delta`` (on the scale) and ``xi`` (on the bias), started
+uniformly in [-eps, eps] (eps 0.4). The perturbed BN output is
 
     (m + delta) * gamma * x_hat + (1 + xi) * beta
 
@@ -16,8 +17,11 @@ realised by :class:`NeuronPerturbation`: a capture hook placed *before* the mask
 128 drawn with replacement from defense-train, crop/flip augmentation):
 
 1. random start ``delta, xi ~ U(-eps, eps)``; ``pgd_steps`` (1) signed ascent steps of size
-   ``eps / pgd_steps`` on CE; **then clip back to [-eps, eps]** (the paper's constraint; the
-   official code does not project, so there |delta| can reach 2 eps);
+   ``eps / pgd_steps`` on CE. ``perturbation="reference"`` (default) does **not** project back, as
+   the reference code (an SGD step of lr ``eps / steps`` on the sign of the gradient of -CE, no
+   clipping): ``|delta|, |xi|`` can exceed eps and reach at most 2 eps (mean about eps).
+   ``perturbation="projected"`` clips back to [-eps, eps] after every step (the paper's constraint
+   ``||delta||_inf <= eps``; a weaker adversary, mean ``|delta|`` about 0.75 eps);
 2. mask step: ``alpha * CE(clean) + (1 - alpha) * CE(perturbed)`` (alpha 0.2) with the perturbation
    fixed, SGD on the masks only (lr 0.2, momentum 0.9), masks clamped to [0, 1].
 
@@ -42,6 +46,8 @@ from .base import (Defense, DefenseError, DefenseResult, NeuronLayout, PruningPa
                    register_defense, require_images, sample_batch)
 from .operating_point import finalize_pruning
 
+PERTURBATIONS = ("reference", "projected")
+
 
 @dataclass
 class ANPParams(PruningParams):
@@ -53,6 +59,7 @@ class ANPParams(PruningParams):
     iterations: int = 2000
     batch_size: int = 128
     rand_init: bool = True
+    perturbation: str = "reference"  # reference (no projection, |delta| <= 2 eps) | projected (clip to eps)
     train_mode: bool = True
     augment: bool = True
     threshold: float = 0.2  # for operating_point=threshold
@@ -128,6 +135,8 @@ class ANP(Defense):
             raise DefenseError("anp: eps must be >= 0, pgd_steps and iterations >= 1")
         if not 0.0 <= p.alpha <= 1.0:
             raise DefenseError(f"anp: alpha must be in [0, 1], got {p.alpha}")
+        if p.perturbation not in PERTURBATIONS:
+            raise DefenseError(f"anp: unknown perturbation {p.perturbation!r}; valid: {', '.join(PERTURBATIONS)}")
 
     def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
         from onp.masks import NeuronMasks
@@ -153,7 +162,7 @@ class ANP(Defense):
                 if aug is not None:
                     xb = aug(xb, gen)
                 if p.eps > 0:
-                    # 1) adversarial neuron perturbation: random start + signed ascent + projection
+                    # 1) adversarial neuron perturbation: random start + signed ascent (+ projection)
                     pert.reset(p.rand_init, gen)
                     pert.enabled = True
                     for _ in range(p.pgd_steps):
@@ -164,7 +173,8 @@ class ANP(Defense):
                         with torch.no_grad():
                             pert.delta = pert.delta + (p.eps / p.pgd_steps) * g_d.sign()
                             pert.xi = pert.xi + (p.eps / p.pgd_steps) * g_x.sign()
-                        pert.project()
+                        if p.perturbation == "projected":
+                            pert.project()
                     max_delta = max(max_delta, pert.delta.abs().max().item())
                     max_xi = max(max_xi, pert.xi.abs().max().item())
                 # 2) mask step with the perturbation fixed
@@ -194,7 +204,8 @@ class ANP(Defense):
                                                     threshold_values=m, threshold=p.threshold)
         return DefenseResult(pruned_model, scores=scores, pruned=pruned,
                              info={"operating_point": op, "history": history, "max_abs_delta": max_delta,
-                                   "max_abs_xi": max_xi, "eps": p.eps, "mask_min": float(m.min()),
+                                   "max_abs_xi": max_xi, "eps": p.eps,
+                                   "perturbation": p.perturbation, "mask_min": float(m.min()),
                                    "mask_mean": float(m.mean()), "n_mask_le_threshold": int((m <= p.threshold).sum()),
                                    "train_mode": p.train_mode, "score": "1 - ANP mask",
                                    "_mask": m, "_last_delta": pert.delta.clone(), "_last_xi": pert.xi.clone()})

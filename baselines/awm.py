@@ -1,8 +1,9 @@
 """AWM: Adversarial Weight Masking.
 
 Chai & Chen, "One-shot Neural Backdoor Erasing via Adversarial Weight Masking", NeurIPS 2022
-(arXiv 2207.04497). Reimplemented from the paper's Algorithm 1 and the behaviour described in the
-project's methods reference.
+(arXiv 2207.04497). Reimplemented from the paper's Algorithm 1 and the authors' code
+``jinghuichen/AWM`` (``main.py``: ``mask_train``, the loop sizes; ``models/maskedconv.py``); no
+code was copied (the repository has no licence).
 
 Every Conv2d weight ``W`` gets an element-wise soft mask ``m`` of the same shape (init 1), applied
 with :func:`torch.nn.utils.parametrize.register_parametrization` (``W -> W * m``; no model copies per
@@ -17,14 +18,25 @@ stays in **eval** mode (BN statistics frozen). For each of ``outer_epochs`` (20)
    ``alpha * CE(f(x), y) + (1 - alpha) * CE(f(clamp(x + Delta, 0, 1)), y) + gamma * ||m||_1``
    with alpha 0.9, gamma 1e-8, Adam (lr 1e-2) on the masks, masks clamped to [0, 1] after each step.
 
-``inner_iters = max(1, N // batch_size) * inner`` with ``inner = 5`` (the code's default).
+**Steps per phase.** The reference (``jinghuichen/AWM``, ``main.py``) sets
+``inner_iters = int(samples / batch_size) * inner`` from its default ``--samples 500`` and
+``inner = 5`` and draws each batch of ``batch_size`` *with replacement*, so it runs
+``int(500 / 128) * 5 = 15`` trigger steps and 15 mask steps per outer epoch (300 mask updates in
+all). We keep that count **fixed**, whatever the size of the defense set:
+``inner_iters = max(1, reference_samples // batch_size) * inner`` with ``reference_samples = 500``
+(``reference_samples=None`` derives it from the defense-train size N instead, the pre-issue-#13
+behaviour: 5 steps for N = 250). ``inner_iters`` overrides both. Batches are drawn with
+replacement, as in the reference. Deviation: at least one step per phase (the reference's ``int``
+gives 0 steps, i.e. no defense at all, when its data set is smaller than a batch, as in its own
+one-shot mode at batch 128); the one-shot mode below uses the same fixed count.
+
 ``trigger_norm`` defaults to 1000 for a 3x32x32 image (the code's default) and is scaled by the
 number of input elements for other shapes (``1000 * C*H*W / 3072``; 255.2 for 1x28x28). The code's
 README uses 100 for one-shot data.
 
 One-shot mode (``one_shot=True``): one defense-train image per class plus ``n_aug`` (9) augmented
 copies each (random resized crop, plus a horizontal flip where the dataset allows it). If the batch
-is larger than that set, one batch holds the whole set (as the code's data loader does).
+is larger than that set, it is reduced to the size of the set.
 
 The result is the soft-masked network (masks written into the conv weights, no hard pruning;
 ``pruned`` is None). Neuron scores for the graph: ``1 - mean(m[c])`` over the mask of output channel
@@ -43,8 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .base import (Defense, DefenseError, DefenseParams, DefenseResult, epoch_batches, eval_accuracy, freeze,
-                   neuron_layout, register_defense, require_images)
+from .base import (Defense, DefenseError, DefenseParams, DefenseResult, eval_accuracy, freeze, neuron_layout,
+                   register_defense, require_images, sample_batch)
 
 REFERENCE_TRIGGER_NORM = 1000.0  # for 3x32x32 inputs
 REFERENCE_NUMEL = 3 * 32 * 32
@@ -54,7 +66,9 @@ REFERENCE_NUMEL = 3 * 32 * 32
 class AWMParams(DefenseParams):
     outer_epochs: int = 20
     inner: int = 5
-    inner_iters: Optional[int] = None  # overrides max(1, N // batch_size) * inner
+    reference_samples: Optional[int] = 500  # steps per phase = max(1, reference_samples // batch) * inner;
+    #                                         None: from the defense-train size N (pre-issue-#13)
+    inner_iters: Optional[int] = None  # overrides the steps per phase
     batch_size: int = 128
     trigger_lr: float = 10.0
     trigger_norm: Optional[float] = None  # None: 1000 scaled by image size
@@ -117,9 +131,20 @@ def one_shot_set(x: Tensor, y: Tensor, num_classes: int, n_aug: int, hflip: bool
     return torch.cat(xs), torch.cat(ys)
 
 
-def _cycle_batches(n: int, batch_size: int, gen: torch.Generator):
+def steps_per_phase(p: "AWMParams", n_images: int, batch_size: int) -> int:
+    """Trigger steps (and mask steps) per outer epoch: ``inner_iters`` if set, else
+    ``max(1, reference_samples // p.batch_size) * inner`` (the reference's fixed count), else
+    ``max(1, n_images // batch_size) * inner`` with the batch size in use (``batch_size``)."""
+    if p.inner_iters is not None:
+        return int(p.inner_iters)
+    if p.reference_samples is not None:
+        return max(1, p.reference_samples // p.batch_size) * p.inner
+    return max(1, n_images // batch_size) * p.inner
+
+
+def _batches_with_replacement(n: int, batch_size: int, gen: torch.Generator):
     while True:
-        yield from epoch_batches(n, batch_size, gen)
+        yield sample_batch(n, batch_size, gen)
 
 
 @register_defense("awm")
@@ -132,6 +157,10 @@ class AWM(Defense):
         p = self.params
         if p.outer_epochs < 1 or p.inner < 1:
             raise DefenseError("awm: outer_epochs and inner must be >= 1")
+        if p.reference_samples is not None and p.reference_samples < 1:
+            raise DefenseError(f"awm: reference_samples must be >= 1 or None, got {p.reference_samples}")
+        if p.inner_iters is not None and p.inner_iters < 1:
+            raise DefenseError(f"awm: inner_iters must be >= 1 or None, got {p.inner_iters}")
         if not 0.0 <= p.alpha <= 1.0:
             raise DefenseError(f"awm: alpha must be in [0, 1], got {p.alpha}")
 
@@ -161,8 +190,9 @@ class AWM(Defense):
         mask_params = list(masks.values())
         opt = torch.optim.Adam(mask_params, lr=p.mask_lr)
         tau = self.trigger_budget(x.shape[1:])
-        n_iters = p.inner_iters if p.inner_iters is not None else max(1, len(y) // batch) * p.inner
-        batches = _cycle_batches(len(y), batch, gen)
+        n_iters = steps_per_phase(p, len(y), batch)
+        batches = _batches_with_replacement(len(y), batch, gen)
+        n_trigger_steps = n_mask_steps = 0
         val_before = eval_accuracy(model, data.val_x, data.val_y, counter)
         trigger_l1, history = [], []
         delta = torch.zeros(1, *x.shape[1:])
@@ -180,6 +210,7 @@ class AWM(Defense):
                 t_opt.zero_grad(set_to_none=True)
                 counter.backward(loss)
                 t_opt.step()
+                n_trigger_steps += 1
             with torch.no_grad():
                 l1 = delta.abs().sum()
                 delta.mul_(min(1.0, tau / l1.item()) if l1 > 0 else 1.0)
@@ -199,6 +230,7 @@ class AWM(Defense):
                 opt.zero_grad(set_to_none=True)
                 counter.backward(loss)
                 opt.step()
+                n_mask_steps += 1
                 with torch.no_grad():
                     for q in mask_params:
                         q.clamp_(0, 1)
@@ -221,7 +253,8 @@ class AWM(Defense):
         allm = torch.cat([m.flatten() for m in final_masks.values()])
         return DefenseResult(model, scores=scores, pruned=None,
                              info={"trigger_norm": tau, "trigger_l1": trigger_l1, "history": history,
-                                   "inner_iters": n_iters, "n_images": len(y), "one_shot": p.one_shot,
+                                   "inner_iters": n_iters, "n_trigger_steps": n_trigger_steps,
+                                   "n_mask_steps": n_mask_steps, "n_images": len(y), "one_shot": p.one_shot,
                                    "val_acc_before": val_before,
                                    "val_acc_after": eval_accuracy(model, data.val_x, data.val_y, counter),
                                    "mask_mean": allm.mean().item(), "mask_frac_below_half": (allm < 0.5).float()

@@ -1,36 +1,61 @@
 """FP: Fine-Pruning.
 
 Liu, Dolan-Gavitt, Garg, "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural
-Networks", RAID 2018 (arXiv 1805.12185). Reimplemented from the paper.
+Networks", RAID 2018 (arXiv 1805.12185). Reimplemented from the paper; the unit definition follows
+the paper's "last convolutional layer as the classifier sees it" (issue #13). BackdoorBench's
+``defense/fp.py`` (``SCLBD/BackdoorBench``) uses the same units: it ranks the inputs of the model's
+final child module (the classifier) by mean activation on clean data and masks the classifier's
+weight columns. No code was copied (its licence does not allow it).
 
-1. Rank the neurons of the **last** convolutional layer (its BatchNorm2d channels; ``layer="all"``
-   ranks every BN layer) by their mean post-ReLU activation on clean defense-train images, in eval
-   mode. Dormant neurons (lowest activation) are pruned first: backdoor behaviour hides in neurons
-   that clean inputs do not use.
-2. Choose how many with the operating-point rule (default: the largest pruning whose clean-ACC drop
-   on defense-val is <= ``delta``; the paper stops at a 4% validation drop), and prune (gamma mode).
-3. Fine-tune all weights on defense-train (SGD lr 0.01, momentum 0.9, 5 epochs, crop/flip), keeping
-   the pruned neurons pruned; the epoch with the best defense-val accuracy is returned.
+1. **Units** (``units="classifier"``, default): the feature channels that the final ``nn.Linear``
+   receives, i.e. the last convolutional stage's post-activation output after global pooling. In a
+   ResNet that is the channel of the *post-add, post-ReLU* map: a BN channel inside the last block
+   is not a unit, because the identity skip still carries it past a zeroed gamma.
+2. Rank the units by their mean activation on clean defense-train images (eval mode); dormant units
+   (lowest mean) are pruned first: backdoor behaviour hides in units that clean inputs do not use.
+3. Choose how many with the operating-point rule, on the units: ``delta`` (default) takes the
+   largest count k on the grid (0, powers of two, every ``grid_step`` of the units, up to
+   ``max_fraction`` = 90%) whose clean-ACC drop on defense-val is <= ``delta`` (the paper stops at a
+   4% validation drop; ours defaults to 5%); ``number`` prunes ``n_prune`` units.
+4. A unit is removed by masking it for the classifier: its input column of the final Linear is set
+   to zero, so the logits no longer depend on it (with every unit removed the logits are the bias).
+5. Fine-tune all weights on defense-train (SGD lr 0.01, momentum 0.9, wd 5e-4, 5 epochs, crop/flip),
+   re-zeroing the removed columns after every step; the epoch with the best defense-val accuracy is
+   returned.
 
-Scores (every neuron): the negated mean post-ReLU activation on defense-train (higher = more
-dormant). Only the candidate layer is pruned.
+The result's ``pruned`` is None, because the units are not neurons of the graph (BN channels); they
+are listed in ``info["pruned_units"]`` and counted by ``n_pruned``. ``scores`` (for the graph's
+warm-start features and the oracle sweep, which work on BN neurons) is the negated mean post-ReLU
+output of every BN channel on defense-train, as before; FP's own unit ranking is
+``info["unit_scores"]``.
+
+``units="bn"`` keeps the pre-issue-#13 behaviour for ablations: rank and prune (gamma mode) the BN
+channels of ``layer`` (``last`` BN, ``all`` BNs, or a BN module name). In a residual network this
+is **not** Fine-Pruning (see 1.).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from .base import Defense, DefenseError, DefenseResult, PruningParams, register_defense
+from .base import Defense, DefenseError, DefenseResult, NeuronLayout, PassCounter, PruningParams, register_defense
 from .ft import FTParams, finetune
-from .operating_point import finalize_pruning
+from .ngf import last_linear
+from .operating_point import finalize_pruning, order_from_scores, pruning_grid
+
+UNIT_KINDS = ("classifier", "bn")
 
 
 @dataclass
 class FPParams(PruningParams):
-    max_fraction: float = 0.9  # of the candidate layer's neurons
-    layer: str = "last"  # last | all | a BN module name
+    max_fraction: float = 0.9  # of the candidate units
+    units: str = "classifier"  # classifier (Fine-Pruning) | bn (pre-issue-#13 BN-channel pruning, ablation)
+    layer: str = "last"  # units=bn only: last | all | a BN module name
     ft_epochs: int = 5
     ft_lr: float = 0.01
     ft_momentum: float = 0.9
@@ -39,26 +64,122 @@ class FPParams(PruningParams):
     augment: bool = True
 
 
+@dataclass
+class FPResult(DefenseResult):
+    """A :class:`DefenseResult` whose pruned units are classifier inputs, not graph neurons."""
+
+    pruned_units: List[int] = field(default_factory=list)
+
+    @property
+    def n_pruned(self) -> int:
+        if self.pruned is not None:
+            return len(self.pruned)
+        return len(self.pruned_units)
+
+
+# -------------------------------------------------------------------------------------------------- activations
+
+
 @torch.no_grad()
-def mean_activations(model, layout, x, counter, batch_size: int = 512) -> torch.Tensor:
+def mean_activations(model: nn.Module, layout: NeuronLayout, x: Tensor, counter: PassCounter,
+                     batch_size: int = 512) -> Tensor:
     """Mean post-ReLU BN output per neuron over ``x`` (eval mode)."""
-    mods = dict(model.named_modules())
-    sums = torch.zeros(layout.num_neurons)
+    bn_means, _ = _activation_means(model, layout, None, x, counter, batch_size)
+    return bn_means
+
+
+@torch.no_grad()
+def classifier_inputs(model: nn.Module, linear: nn.Linear, x: Tensor, counter: PassCounter,
+                      batch_size: int = 512) -> Tensor:
+    """The inputs of ``linear`` (the classifier) for every image of ``x``, shape ``(N, in_features)``,
+    in eval mode: the units as the classifier sees them."""
+    feats: List[Tensor] = []
+    handle = linear.register_forward_pre_hook(lambda m, inp: feats.append(inp[0].detach().flatten(1)))
+    try:
+        _eval_passes(model, x, counter, batch_size)
+    finally:
+        handle.remove()
+    if not feats:
+        raise DefenseError("fp: the final nn.Linear was never called in the forward pass")
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def _activation_means(model: nn.Module, layout: Optional[NeuronLayout], linear: Optional[nn.Linear], x: Tensor,
+                      counter: PassCounter, batch_size: int = 512) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """One eval pass over ``x``: mean post-ReLU output per BN neuron (if ``layout``) and mean input per
+    classifier unit (if ``linear``)."""
     handles = []
-    for layer in layout.layers:
-        def hook(module, inp, out, sl=layer.slice):
-            sums[sl] += out.clamp_min(0).mean(dim=(2, 3)).sum(0)
-        handles.append(mods[layer.bn_name].register_forward_hook(hook))
+    bn_sums = torch.zeros(layout.num_neurons) if layout is not None else None
+    unit_sums: Dict[str, Tensor] = {}
+    if layout is not None:
+        mods = dict(model.named_modules())
+        for layer in layout.layers:
+            def hook(module, inp, out, sl=layer.slice):
+                bn_sums[sl] += out.clamp_min(0).mean(dim=(2, 3)).sum(0)
+            handles.append(mods[layer.bn_name].register_forward_hook(hook))
+    if linear is not None:
+        def unit_hook(module, inp):
+            s = inp[0].detach().flatten(1).sum(0)
+            unit_sums["sum"] = unit_sums["sum"] + s if "sum" in unit_sums else s
+        handles.append(linear.register_forward_pre_hook(unit_hook))
+    try:
+        _eval_passes(model, x, counter, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    n = max(len(x), 1)
+    bn_means = bn_sums / n if bn_sums is not None else None
+    unit_means = unit_sums["sum"] / n if "sum" in unit_sums else None
+    return bn_means, unit_means
+
+
+def _eval_passes(model: nn.Module, x: Tensor, counter: PassCounter, batch_size: int) -> None:
     was = model.training
     model.eval()
     try:
         for i in range(0, len(x), batch_size):
             counter(model, x[i:i + batch_size])
     finally:
-        for h in handles:
-            h.remove()
         model.train(was)
-    return sums / max(len(x), 1)
+
+
+# -------------------------------------------------------------------------------------------------- unit removal
+
+
+@torch.no_grad()
+def remove_units(linear: nn.Linear, units: List[int]) -> None:
+    """Mask ``units`` for the classifier: zero their input columns of ``linear`` (in place)."""
+    if units:
+        linear.weight[:, torch.as_tensor(units, dtype=torch.long)] = 0.0
+
+
+@torch.no_grad()
+def unit_delta_rule(feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, *, delta: float,
+                    max_fraction: float, grid_step: float) -> Dict[str, Any]:
+    """The largest count k (grid over the units) whose defense-val ACC drop is <= ``delta`` when the k
+    first units of ``order`` are masked for the classifier. ``feats`` are the classifier inputs of the
+    defense-val images (masking a unit changes nothing before the classifier, so they are computed
+    once)."""
+    if len(y) == 0:
+        raise DefenseError("the 'delta' operating-point rule needs defense-validation images (DefenseData.val_x); "
+                           "got none. Use operating_point=number, or a nonzero validation fraction")
+    sweep = []
+    for k in pruning_grid(len(order), max_fraction, grid_step):
+        keep = torch.ones(feats.shape[1])
+        keep[order[:k]] = 0.0
+        acc = (F.linear(feats * keep, linear.weight, linear.bias).argmax(1) == y).float().mean().item()
+        sweep.append({"n_pruned": int(k), "val_acc": acc})
+    base = sweep[0]["val_acc"]
+    ok = [s for s in sweep if base - s["val_acc"] <= delta + 1e-12]
+    best = max(ok, key=lambda s: s["n_pruned"])
+    return {"rule": "delta", "delta": delta, "n_pruned": best["n_pruned"], "val_acc_before": base,
+            "val_acc_after": best["val_acc"], "max_fraction": max_fraction, "val_sweep": sweep,
+            "note": "largest number of classifier units masked whose clean-ACC drop on defense-validation "
+                    "is <= delta"}
+
+
+# -------------------------------------------------------------------------------------------------- defense
 
 
 @register_defense("fp")
@@ -68,7 +189,60 @@ class FinePruning(Defense):
     prunes = True
     Params = FPParams
 
+    def validate(self) -> None:
+        p = self.params
+        if p.units not in UNIT_KINDS:
+            raise DefenseError(f"fp: unknown units {p.units!r}; valid: {', '.join(UNIT_KINDS)}")
+        if p.units == "classifier" and p.layer != "last":
+            raise DefenseError("fp: 'layer' selects BN channels and applies to units=bn only; Fine-Pruning's "
+                               "units (units=classifier) are always the classifier's inputs")
+        if p.ft_epochs < 0:
+            raise DefenseError(f"fp: ft_epochs must be >= 0, got {p.ft_epochs}")
+
+    def _finetune_params(self) -> FTParams:
+        p = self.params
+        return FTParams(lr=p.ft_lr, momentum=p.ft_momentum, weight_decay=p.ft_weight_decay, epochs=p.ft_epochs,
+                        batch_size=p.batch_size, augment=p.augment)
+
     def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+        if self.params.units == "bn":
+            return self._fit_bn(model, data, layout=layout, seed=seed, augment=augment, counter=counter)
+        return self._fit_classifier(model, data, layout=layout, seed=seed, augment=augment, counter=counter)
+
+    def _fit_classifier(self, model, data, *, layout, seed, augment, counter) -> FPResult:
+        p = self.params
+        name, linear = last_linear(model)
+        bn_act, unit_act = _activation_means(model, layout, linear, data.train_x, counter)
+        if unit_act is None:
+            raise DefenseError(f"fp: the classifier {name!r} was never called in the forward pass")
+        order = order_from_scores(-unit_act)  # most dormant first; ties: lower index first
+        if p.operating_point == "delta":
+            feats = classifier_inputs(model, linear, data.val_x, counter)
+            op = unit_delta_rule(feats, data.val_y, linear, order, delta=p.delta, max_fraction=p.max_fraction,
+                                 grid_step=p.grid_step)
+            k = op["n_pruned"]
+        else:  # number (threshold is rejected by the base class: FP has no mask)
+            k = min(int(p.n_prune), len(order))
+            op = {"rule": "number", "n_prune": k, "n_pruned": k}
+        units = [int(u) for u in order[:k]]
+        op.update(unit_removal="classifier input column zeroed", classifier=name)
+        remove_units(linear, units)
+        ft_info: Dict[str, Any] = {}
+        if p.ft_epochs > 0:
+            model, ft_info = finetune(model, data, self._finetune_params(), seed=seed, augment=augment,
+                                      counter=counter, name="fp", after_step=lambda: remove_units(linear, units))
+        remove_units(linear, units)
+        return FPResult(model, scores=-bn_act, pruned=None, pruned_units=units,
+                        info={"operating_point": op, "finetune": ft_info, "units": "classifier",
+                              "classifier": name, "num_units": len(order), "pruned_units": units,
+                              "n_pruned_units": len(units), "unit_scores": (-unit_act).tolist(),
+                              "score": "-mean post-ReLU activation of every BN neuron (graph features / oracle "
+                                       "sweep); FP prunes classifier units by info['unit_scores']",
+                              "_unit_activation": unit_act})
+
+    def _fit_bn(self, model, data, *, layout, seed, augment, counter) -> DefenseResult:
+        from onp.masks import NeuronMasks
+
         p = self.params
         act = mean_activations(model, layout, data.train_x, counter)
         scores = -act
@@ -84,15 +258,12 @@ class FinePruning(Defense):
                                    f"{', '.join(names)}")
             candidates[layout.layers[names.index(p.layer)].slice] = True
         pruned_model, pruned, op = finalize_pruning(model, layout, scores, data, p, counter, candidates=candidates)
-        from onp.masks import NeuronMasks
         masks = NeuronMasks(pruned_model, layout.bn_names, mode="gamma")  # keep the pruned neurons pruned
         masks.prune(pruned)
         try:
-            ft = FTParams(lr=p.ft_lr, momentum=p.ft_momentum, weight_decay=p.ft_weight_decay, epochs=p.ft_epochs,
-                          batch_size=p.batch_size, augment=p.augment)
             if p.ft_epochs > 0:
-                pruned_model, ft_info = finetune(pruned_model, data, ft, seed=seed, augment=augment, counter=counter,
-                                                 name="fp")
+                pruned_model, ft_info = finetune(pruned_model, data, self._finetune_params(), seed=seed,
+                                                 augment=augment, counter=counter, name="fp")
             else:
                 ft_info = {}
             state = masks.export_state_dict()
@@ -100,5 +271,5 @@ class FinePruning(Defense):
             masks.remove()
         pruned_model.load_state_dict(state)
         return DefenseResult(pruned_model, scores=scores, pruned=pruned,
-                             info={"operating_point": op, "finetune": ft_info,
+                             info={"operating_point": op, "finetune": ft_info, "units": "bn",
                                    "candidate_layer": p.layer, "score": "-mean post-ReLU activation"})

@@ -1,41 +1,60 @@
-"""NGF: Natural Gradient Fine-tuning of one layer.
+"""NGF: Natural Gradient Fine-tuning.
 
 Karim, Arafat, Khalid, Guo, Rahnavard, "Efficient Backdoor Removal Through Natural Gradient
-Fine-tuning", 2023 (arXiv 2306.17441). Reimplemented from the paper's description; the regulariser
-form follows the authors' successor FIP (CCS 2024) as summarised in the project's methods reference.
+Fine-tuning", 2023 (arXiv 2306.17441). Reimplemented to match the regime of the authors' released
+code, ``kr-anonymous/ngf-animus`` (``Purification_NGF.py``, ``natural_gradient_optimizer.py``,
+``utils/ngf_utils.py``); no code was copied. Issue #13 lists the points below; docs/baselines.md
+lists the deviations.
 
-Only the final ``nn.Linear`` classifier is trained; every other parameter has ``requires_grad=False``
-and the model stays in **eval** mode, so BN running statistics (and everything else outside the last
-layer) are bit-identical after the defense. The gradient of the last layer ``[W | b]`` is
-preconditioned by a K-FAC / EKFAC natural-gradient step:
+**Scope** (``scope``):
 
-* ``A = E[a a^T]`` over the layer inputs with a bias column of ones, ``G = E[g g^T]`` over the output
-  gradients (scaled by the batch size), running averages with decay 0.95, refreshed every ``t_cov``
-  steps;
-* eigendecompositions ``A = Q_a diag(l_a) Q_a^T``, ``G = Q_g diag(l_g) Q_g^T`` every ``t_inv`` steps
-  (eigenvalues < 1e-10 set to 0); scale ``S = l_g l_a^T`` or, with ``ekfac=True`` (default), the
-  running mean of squared per-example gradients in the eigenbasis, refreshed every ``t_scal`` steps;
+* ``"all"`` (default, the reference code): the optimiser holds every parameter and the loop runs in
+  **train** mode. The final ``nn.Linear`` gets the natural-gradient step below; every other
+  parameter gets plain SGD-momentum with the same lr, momentum and weight decay; BN running
+  statistics are re-estimated on the clean batches.
+* ``"last"`` (the paper's "one layer"): only the final ``nn.Linear`` is trained; every other
+  parameter has ``requires_grad=False`` and the model stays in **eval** mode, so BN statistics and
+  all other tensors are bit-identical after the defense.
+
+**Preconditioner of the last layer** ``[W | b]`` (K-FAC with the EKFAC re-scaling):
+
+* ``A = E[a a^T]`` over the layer inputs (with a bias column of ones) and ``G = E[g g^T]`` over the
+  per-example output gradients **start at the identity** and move by a running average
+  ``X <- stat_decay * X + (1 - stat_decay) * X_batch`` (decay 0.95) at every ``t_cov`` (10)-th step,
+  step 0 included: at step 0 the factors are ``0.95 I + 0.05 X_batch``;
+* every ``t_inv`` (100) steps: ``A = Q_a diag(l_a) Q_a^T``, ``G = Q_g diag(l_g) Q_g^T`` (eigenvalues
+  <= 1e-10 set to 0), and the eigenbasis scale is reset to ``S = l_g l_a^T``;
+* with ``ekfac=True`` (default), at every ``t_scal`` (10)-th step **after step 0**, ``S`` moves by
+  the same running average towards the batch mean of the squared per-example gradients expressed
+  in the eigenbasis, ``((Q_g^T g_i)(Q_a^T a_i)^T)^2``; at step 0 it is the K-FAC product;
 * ``V = Q_g [(Q_g^T grad Q_a) / (S + damping)] Q_a^T`` with damping 1e-3;
-* KL clipping: ``nu = min(1, sqrt(kl_clip / (lr^2 * <V, grad>)))`` with kl_clip 1e-2; the gradient
-  is replaced by ``nu * V`` and an SGD step (lr 0.01, momentum 0.9) follows. Weight decay 1e-4 is
-  switched on after ``wd_start`` = 200 steps; the lr is multiplied by 0.1 at 20% and 60% of the
-  iterations (the code's MultiStepLR over its 5 rounds of 100 iterations: milestones [1, 3]).
+* KL clipping over the preconditioned layer: ``nu = min(1, sqrt(kl_clip / (lr^2 <V, grad>)))``
+  (kl_clip 1e-2); the layer's gradient is replaced by ``nu V``.
 
-The loss adds an EWC-style Fisher regulariser toward the original last-layer weights:
-``L = CE + (fisher_coef / 2) * sum_j F_j (theta_j - theta0_j)^2`` with ``F`` the diagonal empirical
-Fisher of the last layer at ``theta0`` on defense-train (per-example squared gradients, clean images,
-eval mode). **The exact coefficient is not given in the available sources**; ``fisher_coef=1.0`` is
-our default (FIP's CDA regulariser uses 5).
+Then one SGD step (momentum 0.9, no dampening) on every trained parameter; weight decay 1e-4 is
+switched on from step ``wd_start`` (200 = 20 t_cov, as the reference).
+
+**Learning rate as the reference runs it.** The reference calls ``MultiStepLR.step()`` at the *start*
+of each round of ``round_iters`` (100) iterations, with milestones ``[int(0.35 R), int(0.75 R)]`` for
+``R`` rounds (``[1, 3]`` for 500 iterations), gamma 0.1, base lr 0.01. So the lr in use is 1e-3 for
+iterations 0-199 and 1e-4 for 200-499 (never 1e-2). ``lr_step_at_round_start=False`` gives the
+schedule the milestones suggest (1e-2 / 1e-3 / 1e-4 from iterations 0 / 100 / 300). See
+:func:`scheduled_lr`.
+
+**EWC regulariser** (not in the reference code; off by default): ``fisher_coef > 0`` adds
+``(fisher_coef / 2) * sum_j F_j (theta_j - theta0_j)^2`` over the last layer, with ``F`` its diagonal
+empirical Fisher at ``theta0`` on defense-train (the form of the authors' successor FIP, CCS 2024;
+FIP uses 5). Its gradient is preconditioned with the rest.
 
 Defaults: 500 iterations, batch 128 drawn with replacement from defense-train, crop/flip
-augmentation. No pruning; ``scores`` is None. G statistics come from the CE gradient only (as with
-the hooks of a K-FAC optimizer), the regulariser gradient is preconditioned with the rest.
+augmentation. No pruning; ``scores`` is None.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +63,22 @@ from torch import Tensor, nn
 from .base import (Defense, DefenseError, DefenseParams, DefenseResult, default_augment, eval_accuracy, freeze,
                    register_defense, require_images, sample_batch)
 
+SCOPES = ("all", "last")
+
 
 @dataclass
 class NGFParams(DefenseParams):
     iterations: int = 500
     batch_size: int = 128
-    lr: float = 0.01
+    scope: str = "all"  # all (reference code: every parameter, train mode) | last (paper: last layer, eval mode)
+    lr: float = 0.01  # the scheduler's base lr (the lr in use starts at lr * lr_gamma, see scheduled_lr)
+    round_iters: int = 100  # the reference's repeat_epochs: the scheduler steps once per round
+    lr_milestones: Tuple[float, ...] = (0.35, 0.75)  # fractions of the number of rounds: [1, 3] for 5 rounds
+    lr_gamma: float = 0.1
+    lr_step_at_round_start: bool = True  # the reference steps its scheduler at the start of each round
     momentum: float = 0.9
     weight_decay: float = 1e-4
     wd_start: int = 200
-    lr_milestones: Tuple[float, ...] = (0.2, 0.6)  # fractions of the iterations
-    lr_gamma: float = 0.1
     stat_decay: float = 0.95
     damping: float = 1e-3
     kl_clip: float = 1e-2
@@ -62,8 +86,45 @@ class NGFParams(DefenseParams):
     t_inv: int = 100
     t_scal: int = 10
     ekfac: bool = True
-    fisher_coef: float = 1.0
+    fisher_coef: float = 0.0  # EWC regulariser on the last layer; not in the reference code (0 = off)
     augment: bool = True
+
+
+# -------------------------------------------------------------------------------------------------- schedule
+
+
+def lr_milestone_rounds(p: NGFParams) -> List[int]:
+    """The reference's MultiStepLR milestones, in rounds: ``int(R * f)`` for each fraction ``f``."""
+    n_rounds = math.ceil(p.iterations / p.round_iters)
+    return sorted(int(n_rounds * f) for f in p.lr_milestones)
+
+
+def scheduled_lr(p: NGFParams, iteration: int) -> float:
+    """The learning rate in use at ``iteration`` (0-based).
+
+    Round ``r = iteration // round_iters``. A MultiStepLR stepped at the start of every round (the
+    reference) has counted ``r + 1`` steps during round ``r``; stepped at its end, ``r``. The lr is
+    ``lr * lr_gamma ** (number of milestones <= that count)``.
+    """
+    r = iteration // p.round_iters
+    count = r + 1 if p.lr_step_at_round_start else r
+    return p.lr * p.lr_gamma ** sum(1 for m in lr_milestone_rounds(p) if m <= count)
+
+
+def lr_schedule(p: NGFParams) -> List[Dict[str, Any]]:
+    """The schedule as segments ``{"start", "end", "lr"}`` (``end`` exclusive), for the run's info."""
+    segments: List[Dict[str, Any]] = []
+    for it in range(0, p.iterations, p.round_iters):
+        lr = float(f"{scheduled_lr(p, it):.10g}")
+        end = min(it + p.round_iters, p.iterations)
+        if segments and segments[-1]["lr"] == lr:
+            segments[-1]["end"] = end
+        else:
+            segments.append({"start": it, "end": end, "lr": lr})
+    return segments
+
+
+# -------------------------------------------------------------------------------------------------- helpers
 
 
 def last_linear(model: nn.Module) -> Tuple[str, nn.Linear]:
@@ -76,6 +137,15 @@ def last_linear(model: nn.Module) -> Tuple[str, nn.Linear]:
 
 def _with_ones(a: Tensor) -> Tensor:
     return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+
+
+def _layer_matrix(layer: nn.Linear, grad: bool = False) -> Tensor:
+    """``[W | b]`` (or ``W`` without bias) of ``layer``, or of its gradient."""
+    w = layer.weight.grad if grad else layer.weight
+    if layer.bias is None:
+        return w
+    b = layer.bias.grad if grad else layer.bias
+    return torch.cat([w, b.view(-1, 1)], 1)
 
 
 @torch.no_grad()
@@ -93,53 +163,67 @@ def diagonal_fisher(model, layer: nn.Linear, x: Tensor, y: Tensor, counter, batc
             fisher += torch.einsum("bo,bi->oi", g.pow(2), a.pow(2))
     finally:
         h.remove()
-    return fisher / max(len(x), 1)
+    fisher = fisher / max(len(x), 1)
+    return fisher if layer.bias is not None else fisher[:, :-1]
 
 
 class KFACLinear:
-    """K-FAC / EKFAC statistics and preconditioning for one ``nn.Linear`` (bias as an extra column)."""
+    """K-FAC / EKFAC statistics and preconditioning for one ``nn.Linear`` (bias as an extra column).
+
+    ``A`` and ``G`` are the identity until the first :meth:`update_stats`; ``n_cov_updates`` and
+    ``n_scale_updates`` count the running-average updates of the factors and of the EKFAC scale.
+    """
 
     def __init__(self, layer: nn.Linear, p: NGFParams):
         self.layer, self.p = layer, p
-        self.A = self.G = None
+        self.has_bias = layer.bias is not None
+        d_in = layer.in_features + (1 if self.has_bias else 0)
+        self.A = torch.eye(d_in)
+        self.G = torch.eye(layer.out_features)
         self.Qa = self.Qg = self.S = None
-        self.scale_acc = None
         self._a = self._g = None
         self.step = 0
+        self.n_cov_updates = 0
+        self.n_scale_updates = 0
 
     def capture(self, a: Tensor, g: Tensor) -> None:
         """Layer input ``a`` (B, in) and output gradient of the *mean* loss ``g`` (B, out)."""
-        self._a, self._g = _with_ones(a.detach()), g.detach() * len(g)
+        a = a.detach()
+        self._a = _with_ones(a) if self.has_bias else a
+        self._g = g.detach() * len(g)  # per-example gradients
+
+    def _running(self, old: Tensor, new: Tensor) -> Tensor:
+        return old * self.p.stat_decay + new * (1 - self.p.stat_decay)
 
     def update_stats(self) -> None:
+        """The statistics of one optimisation step (call after the backward pass, before
+        :meth:`precondition`), in the reference's order: factors, eigenbasis, EKFAC scale."""
         p, a, g = self.p, self._a, self._g
         if self.step % p.t_cov == 0:
-            A_new, G_new = a.t() @ a / len(a), g.t() @ g / len(g)
-            if self.A is None:
-                self.A, self.G = A_new, G_new
-            else:
-                self.A.mul_(p.stat_decay).add_(A_new, alpha=1 - p.stat_decay)
-                self.G.mul_(p.stat_decay).add_(G_new, alpha=1 - p.stat_decay)
+            self.A = self._running(self.A, a.t() @ a / len(a))
+            self.G = self._running(self.G, g.t() @ g / len(g))
+            self.n_cov_updates += 1
         if self.step % p.t_inv == 0 or self.Qa is None:
-            la, self.Qa = torch.linalg.eigh(self.A.double())
-            lg, self.Qg = torch.linalg.eigh(self.G.double())
-            la, lg = la.clamp_min(0) * (la > 1e-10), lg.clamp_min(0) * (lg > 1e-10)
-            self.Qa, self.Qg = self.Qa.float(), self.Qg.float()
+            la, qa = torch.linalg.eigh(self.A.double())
+            lg, qg = torch.linalg.eigh(self.G.double())
+            la, lg = la * (la > 1e-10), lg * (lg > 1e-10)
+            self.Qa, self.Qg = qa.float(), qg.float()
             self.S = (lg[:, None] * la[None, :]).float()
-            self.scale_acc = None
-        if p.ekfac and self.step % p.t_scal == 0:
-            # per-example gradients g_i a_i^T in the eigenbasis: (Qg^T g_i)(Qa^T a_i)^T
+        if p.ekfac and self.step > 0 and self.step % p.t_scal == 0:
+            # per-example gradients g_i a_i^T in the eigenbasis: (Qg^T g_i)(Qa^T a_i)^T, squared, batch mean
             pe = torch.einsum("bo,bi->boi", g @ self.Qg, a @ self.Qa).pow(2).mean(0)
-            self.scale_acc = pe if self.scale_acc is None else \
-                self.scale_acc.mul_(p.stat_decay).add_(pe, alpha=1 - p.stat_decay)
-            self.S = self.scale_acc
+            self.S = self._running(self.S, pe)
+            self.n_scale_updates += 1
         self.step += 1
 
     def precondition(self, grad: Tensor) -> Tensor:
-        """``grad`` of ``[W | b]`` (out, in+1) -> natural-gradient direction."""
+        """``grad`` of ``[W | b]`` (out, in[+1]) -> natural-gradient direction."""
         v = self.Qg.t() @ grad @ self.Qa
         v = v / (self.S + self.p.damping)
         return self.Qg @ v @ self.Qa.t()
+
+
+# -------------------------------------------------------------------------------------------------- defense
 
 
 @register_defense("ngf")
@@ -149,27 +233,46 @@ class NGF(Defense):
     Params = NGFParams
 
     def validate(self):
-        if self.params.iterations < 1:
-            raise DefenseError("ngf: iterations must be >= 1")
+        p = self.params
+        if p.iterations < 1 or p.round_iters < 1:
+            raise DefenseError("ngf: iterations and round_iters must be >= 1")
+        if p.scope not in SCOPES:
+            raise DefenseError(f"ngf: unknown scope {p.scope!r}; valid: {', '.join(SCOPES)}")
+        if any(not 0.0 <= f <= 1.0 for f in p.lr_milestones):
+            raise DefenseError(f"ngf: lr_milestones are fractions of the rounds, each in [0, 1]; got "
+                               f"{list(p.lr_milestones)}")
+        if min(p.t_cov, p.t_inv, p.t_scal) < 1 or not 0.0 <= p.stat_decay < 1.0:
+            raise DefenseError("ngf: t_cov, t_inv, t_scal must be >= 1 and stat_decay in [0, 1)")
+        if p.fisher_coef < 0 or p.damping < 0 or p.kl_clip <= 0:
+            raise DefenseError("ngf: need fisher_coef >= 0, damping >= 0 and kl_clip > 0")
+
+    def _prepare(self, model: nn.Module, layer: nn.Linear) -> List[nn.Parameter]:
+        """Set trainable parameters and mode for the scope; returns the optimiser's parameters."""
+        freeze(model)
+        if self.params.scope == "all":
+            for q in model.parameters():
+                q.requires_grad_(True)
+            model.train()
+        else:
+            for q in layer.parameters():
+                q.requires_grad_(True)
+            model.eval()  # BN statistics stay exactly as they were
+        return [q for q in model.parameters() if q.requires_grad]
 
     def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
         p = self.params
         require_images(self.name, len(data.train_y), p.batch_size)
         name, layer = last_linear(model)
-        freeze(model).eval()  # eval mode: BN statistics stay exactly as they were
-        W0 = torch.cat([layer.weight.detach(), layer.bias.detach().view(-1, 1)], 1).clone() \
-            if layer.bias is not None else layer.weight.detach().clone()
-        fisher = diagonal_fisher(model, layer, data.train_x, data.train_y, counter)
-        if layer.bias is None:
-            fisher = fisher[:, :-1]
-        layer.weight.requires_grad_(True)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(True)
-        params = [q for q in (layer.weight, layer.bias) if q is not None]
-        opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=0.0)
-        milestones = sorted({int(f * p.iterations) for f in p.lr_milestones})
+        model.eval()
+        val_before = eval_accuracy(model, data.val_x, data.val_y, counter)
+        theta0 = fisher = None
+        if p.fisher_coef > 0:
+            theta0 = _layer_matrix(layer).detach().clone()
+            fisher = diagonal_fisher(model, layer, data.train_x, data.train_y, counter)
+        params = self._prepare(model, layer)
+        opt = torch.optim.SGD(params, lr=scheduled_lr(p, 0), momentum=p.momentum, weight_decay=0.0)
         kfac = KFACLinear(layer, p)
-        store = {}
+        store: Dict[str, Tensor] = {}
 
         def fwd_hook(mod, inp, out):
             store["a"] = inp[0].detach().flatten(1)
@@ -179,48 +282,47 @@ class NGF(Defense):
         handle = layer.register_forward_hook(fwd_hook)
         gen = torch.Generator().manual_seed(seed)
         aug = (augment or default_augment(data.train_x)) if p.augment else None
-        val_before = eval_accuracy(model, data.val_x, data.val_y, counter)
-        nus, losses = [], []
+        nus, losses, lrs = [], [], []
         try:
             for it in range(p.iterations):
-                if it in milestones:
-                    for grp in opt.param_groups:
-                        grp["lr"] *= p.lr_gamma
-                if it == p.wd_start:
-                    for grp in opt.param_groups:
-                        grp["weight_decay"] = p.weight_decay
+                lr = scheduled_lr(p, it)
+                for grp in opt.param_groups:
+                    grp["lr"] = lr
+                    grp["weight_decay"] = p.weight_decay if it >= p.wd_start else 0.0
                 idx = sample_batch(len(data.train_y), p.batch_size, gen)
                 xb, yb = data.train_x[idx], data.train_y[idx]
                 if aug is not None:
                     xb = aug(xb, gen)
-                logits = counter(model, xb)
-                ce = F.cross_entropy(logits, yb)
-                theta = torch.cat([layer.weight, layer.bias.view(-1, 1)], 1) if layer.bias is not None \
-                    else layer.weight
-                reg = 0.5 * p.fisher_coef * (fisher * (theta - W0).pow(2)).sum()
-                loss = ce + reg
+                ce = F.cross_entropy(counter(model, xb), yb)
+                loss = ce
+                if fisher is not None:
+                    loss = ce + 0.5 * p.fisher_coef * (fisher * (_layer_matrix(layer) - theta0).pow(2)).sum()
                 opt.zero_grad(set_to_none=True)
                 counter.backward(loss)
                 kfac.capture(store["a"], store["g"])
                 kfac.update_stats()
-                grad = torch.cat([layer.weight.grad, layer.bias.grad.view(-1, 1)], 1) if layer.bias is not None \
-                    else torch.cat([layer.weight.grad, torch.zeros(layer.out_features, 1)], 1)
-                kfac_grad = kfac.precondition(grad)
-                lr = opt.param_groups[0]["lr"]
-                vg = (kfac_grad * grad).sum().item() * lr ** 2
+                grad = _layer_matrix(layer, grad=True)
+                direction = kfac.precondition(grad)
+                vg = (direction * grad).sum().item() * lr ** 2
                 nu = min(1.0, (p.kl_clip / vg) ** 0.5) if vg > 0 else 1.0
-                nus.append(nu)
                 with torch.no_grad():
-                    layer.weight.grad.copy_(nu * kfac_grad[:, :-1])
+                    layer.weight.grad.copy_(nu * direction[:, :layer.in_features])
                     if layer.bias is not None:
-                        layer.bias.grad.copy_(nu * kfac_grad[:, -1])
+                        layer.bias.grad.copy_(nu * direction[:, -1])
                 opt.step()
+                nus.append(nu)
+                lrs.append(lr)
                 losses.append(ce.item())
         finally:
             handle.remove()
         freeze(model).eval()
         val_after = eval_accuracy(model, data.val_x, data.val_y, counter)
-        return DefenseResult(model, info={"layer": name, "val_acc_before": val_before, "val_acc_after": val_after,
-                                          "final_ce": losses[-1], "mean_kl_nu": sum(nus) / len(nus),
-                                          "fisher_coef": p.fisher_coef,
-                                          "note": "only the last Linear layer is trained; eval mode throughout"})
+        note = ("reference regime: every parameter trained in train mode (last layer preconditioned, the rest "
+                "SGD-momentum, BN statistics re-estimated)" if p.scope == "all" else
+                "only the last Linear layer is trained; eval mode throughout")
+        return DefenseResult(model, info={"layer": name, "scope": p.scope, "val_acc_before": val_before,
+                                          "val_acc_after": val_after, "final_ce": losses[-1],
+                                          "mean_kl_nu": sum(nus) / len(nus), "fisher_coef": p.fisher_coef,
+                                          "lr_schedule": lr_schedule(p), "kfac_cov_updates": kfac.n_cov_updates,
+                                          "ekfac_scale_updates": kfac.n_scale_updates, "note": note,
+                                          "_lr_per_iteration": torch.tensor(lrs, dtype=torch.float64)})

@@ -143,10 +143,12 @@ def test_anp_perturbation_hook_matches_the_formula():
     assert torch.allclose(got, ref(x), atol=1e-5)
 
 
-def test_anp_perturbations_stay_within_eps_and_masks_in_unit_interval(bundle, data):
-    res = build_defense("anp", eps=0.3, iterations=15, batch_size=32).fit(bundle.model, data, seed=0)
+def test_anp_projected_perturbations_stay_within_eps_and_masks_in_unit_interval(bundle, data):
+    res = build_defense("anp", eps=0.3, iterations=15, batch_size=32,
+                        perturbation="projected").fit(bundle.model, data, seed=0)
     info = res.info
     # random start in [-eps, eps] plus a step of eps would reach 2*eps without the projection
+    # (the default, perturbation="reference": tests/test_baselines_reference.py)
     assert 0.29 < info["max_abs_delta"] <= 0.3 + 1e-6 and 0.29 < info["max_abs_xi"] <= 0.3 + 1e-6
     assert info["_last_delta"].abs().max() <= 0.3 + 1e-6
     mask = info["_mask"]
@@ -223,9 +225,9 @@ def test_awm_trigger_budget_masks_and_only_masks_change(bundle, data):
 # ------------------------------------------------------------------------------------------------ NGF
 
 
-def test_ngf_changes_only_the_last_layer(bundle, data):
+def test_ngf_scope_last_changes_only_the_last_layer(bundle, data):
     original = _state(bundle.model)
-    res = build_defense("ngf", **FAST["ngf"]).fit(bundle.model, data, seed=0)
+    res = build_defense("ngf", scope="last", **FAST["ngf"]).fit(bundle.model, data, seed=0)
     out = res.model.state_dict()
     for k in original:
         if k.startswith("linear."):
