@@ -9,11 +9,35 @@ Built-in agents: ``ppo-gnn`` (MaskablePPO + GNN policy, the default of ``python 
 ``@register_agent("name")``, the ``onp.agents`` entry-point group, or ``--agent path/to/file.py:Class``.
 """
 
-from .base import (AGENTS, ENTRY_POINT_GROUP, ROLLOUT_SELECT, Agent, AgentError, BaseAgent, LearnResult, accepts, agent_label, available_agents,
-                   best_prefix, build_agent, choose_pruning, register_agent, resolve_agent_factory, rollout)
-from .heuristics import (GreedyActivationAgent, GreedyGammaAgent, OrderedAgent, RandomAgent, RankedAgent,
-                         activation_change, baseline_scores, bn_gamma_abs)
+from .base import (
+    AGENTS,
+    ENTRY_POINT_GROUP,
+    ROLLOUT_SELECT,
+    Agent,
+    AgentError,
+    BaseAgent,
+    LearnResult,
+    accepts,
+    agent_label,
+    available_agents,
+    best_prefix,
+    build_agent,
+    choose_pruning,
+    register_agent,
+    resolve_agent_factory,
+    rollout,
+)
 from .gnn_policy import GNNMaskablePolicy, GraphEncoder, policy_kwargs_for
+from .heuristics import (
+    GreedyActivationAgent,
+    GreedyGammaAgent,
+    OrderedAgent,
+    RandomAgent,
+    RankedAgent,
+    activation_change,
+    baseline_scores,
+    bn_gamma_abs,
+)
 from .policy_io import export_sb3_zip, load_policy, load_weights, save_policy, save_weights
 from .ppo_gnn import PPOGNNAgent, behaviour_clone, demonstrate, train_ppo_gnn
 

@@ -29,12 +29,35 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from types import ModuleType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    TypeVar,
+    cast,
+    runtime_checkable,
+)
 
 import numpy as np
 
 from onp.io import CheckpointError, atomic_write_json, read_json
 from onp.registry import Registry, UnknownNameError
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+
+    from envs import NeuronPruningEnv
+
+_D = TypeVar("_D")  # what @register_agent(name) decorates (returned unchanged)
+#: an agent class or factory ``(env, **params) -> Agent``; a class may carry ``learns`` and a classmethod ``load``
+AgentFactory = Any
 
 ENTRY_POINT_GROUP = "onp.agents"
 #: the file :meth:`BaseAgent.save` writes into a run folder
@@ -105,22 +128,23 @@ class BaseAgent:
     name: str = "agent"
     learns: bool = False
 
-    def __init__(self, env=None, **params: Any):
+    def __init__(self, env: Any = None, **params: Any) -> None:
         self.env = getattr(env, "unwrapped", env)
         self.params = params
 
     def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         raise NotImplementedError
 
-    def learn(self, env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False, callbacks: Sequence = (),
-              progress: bool = True, log: Callable[[str], None] = print) -> LearnResult:
+    def learn(self, env: gym.Env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False,
+              callbacks: Sequence[Any] = (), progress: bool = True,
+              log: Callable[[str], None] = print) -> LearnResult:
         return LearnResult()
 
     def save(self, run_dir: Path) -> None:
         atomic_write_json(Path(run_dir) / AGENT_FILE, {"agent": self.name, "params": self.params})
 
     @classmethod
-    def load(cls, run_dir: Path, env=None) -> "BaseAgent":
+    def load(cls, run_dir: Path, env: Any = None) -> BaseAgent:
         path = Path(run_dir) / AGENT_FILE
         data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("params", {}), dict):
@@ -128,7 +152,7 @@ class BaseAgent:
         return cls(env, **data.get("params", {}))
 
 
-def accepts(fn: Callable, name: str) -> bool:
+def accepts(fn: Callable[..., Any], name: str) -> bool:
     """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters
@@ -138,16 +162,16 @@ def accepts(fn: Callable, name: str) -> bool:
 
 
 def register_agent(name: str, *, parametric: Optional[str] = None, overwrite: bool = False,
-                   check: Optional[Callable[[str], Any]] = None) -> Callable:
+                   check: Optional[Callable[[str], Any]] = None) -> Callable[[_D], _D]:
     """Decorator registering an agent class or factory ``(env, **params) -> Agent`` as ``name``.
 
     ``parametric="argument"`` makes ``name:value`` call the factory with ``argument=value``;
     ``check(value)``, if given, validates ``value`` when the spec is resolved (raise to refuse it).
     """
 
-    def deco(obj):
+    def deco(obj: _D) -> _D:
         if inspect.isclass(obj) and getattr(obj, "name", None) in (None, "agent", BaseAgent.name):
-            obj.name = name
+            cast(Any, obj).name = name
         AGENTS.register(name, obj, overwrite=overwrite)
         if parametric:
             PARAMETRIC[name] = parametric
@@ -163,10 +187,7 @@ def register_agent(name: str, *, parametric: Optional[str] = None, overwrite: bo
 
 
 def _entry_points() -> Dict[str, Any]:
-    try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except TypeError:  # Python < 3.10 style
-        eps = importlib.metadata.entry_points().get(ENTRY_POINT_GROUP, [])
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     return {ep.name: ep for ep in eps}
 
 
@@ -194,19 +215,21 @@ def _load_file_class(path: str, attr: str) -> Any:
     return _get_attr(module, attr, str(file))
 
 
-def _get_attr(module, attr: str, where: str) -> Any:
+def _get_attr(module: ModuleType, attr: str, where: str) -> Any:
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            defined = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
-            raise ValueError(f"{where} has no attribute {attr!r}; classes defined there: {', '.join(defined) or '(none)'}")
+            defined = sorted(n for n, v in vars(module).items()
+                             if inspect.isclass(v) and v.__module__ == module.__name__)
+            raise ValueError(f"{where} has no attribute {attr!r}; "
+                             f"classes defined there: {', '.join(defined) or '(none)'}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"{where}:{attr} is not a class or factory")
     return obj
 
 
-def resolve_agent_factory(spec: str) -> Tuple[Callable, Dict[str, Any], str]:
+def resolve_agent_factory(spec: str) -> Tuple[AgentFactory, Dict[str, Any], str]:
     """``spec`` -> ``(factory, extra_params, canonical_name)``; clear errors for bad specs."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"agent must be a non-empty string; got {spec!r}")
@@ -274,7 +297,7 @@ def check_agent_source(spec: Any, explicit: Optional[str], *, where: Any) -> Non
                          f"explicitly")
 
 
-def build_agent(spec: str, env=None, **params: Any):
+def build_agent(spec: str, env: Any = None, **params: Any) -> Any:
     """Build agent ``spec`` (see :func:`resolve_agent_factory`) for ``env`` with ``params``."""
     factory, extra, _ = resolve_agent_factory(spec)
     agent = factory(env, **{**extra, **params})
@@ -298,12 +321,12 @@ def agent_label(spec: str) -> str:
 # rollouts
 
 
-def rollout(agent, env, *, options: Optional[Dict[str, Any]] = None, seed: Optional[int] = None,
+def rollout(agent: Any, env: gym.Env, *, options: Optional[Dict[str, Any]] = None, seed: Optional[int] = None,
             max_steps: Optional[int] = None) -> Dict[str, Any]:
     """Run one episode of ``agent`` in ``env``; return ``{"return", "steps", "actions", "rewards",
     "info" (last), "infos"}``. ``agent`` is an :class:`Agent` or a function ``(obs, mask) -> action``."""
     act = agent if not hasattr(agent, "predict") else agent.predict
-    base = getattr(env, "unwrapped", env)
+    base = cast("NeuronPruningEnv", getattr(env, "unwrapped", env))
     obs, info = env.reset(seed=seed, options=options)
     total, steps, actions, rewards, infos = 0.0, 0, [], [], [info]
     limit = max_steps or (base.num_nodes + 2) * 2

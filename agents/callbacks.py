@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, cast
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
@@ -14,7 +14,14 @@ from stable_baselines3.common.callbacks import BaseCallback
 from onp.io import atomic_write_json, read_json
 
 from .base import rollout
+from .gnn_policy import GNNMaskablePolicy
 from .policy_io import save_checkpoint, save_policy
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    from sb3_contrib import MaskablePPO
+
+    from envs import NeuronPruningEnv
 
 STATE_FILE = "train_state.json"
 
@@ -55,11 +62,11 @@ class TrainState:
         return st
 
 
-def evaluate_policy_episode(model, eval_env, n_episodes: int = 1) -> Dict[str, Any]:
+def evaluate_policy_episode(model: MaskablePPO, eval_env: gym.Env, n_episodes: int = 1) -> Dict[str, Any]:
     """Deterministic episodes of an SB3 model on a (non-vectorised) NeuronPruningEnv."""
-    base = eval_env.unwrapped
+    base = cast("NeuronPruningEnv", eval_env.unwrapped)
 
-    def act(obs, mask):
+    def act(obs: Dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
         return model.predict(obs, action_masks=mask, deterministic=True)[0]
 
     results = [rollout(act, eval_env) for _ in range(max(1, n_episodes))]
@@ -75,7 +82,7 @@ class EvalCheckpointCallback(BaseCallback):
     so far, and a resumable ``checkpoint.pt`` + ``checkpoint.json`` + ``train_state.json``. Also
     evaluates at the start and the end."""
 
-    def __init__(self, eval_env, run_dir: Path, state: TrainState, eval_freq: int = 256, n_episodes: int = 1,
+    def __init__(self, eval_env: gym.Env, run_dir: Path, state: TrainState, eval_freq: int = 256, n_episodes: int = 1,
                  status: Optional[Dict[str, Any]] = None, verbose: int = 0):
         super().__init__(verbose)
         self.eval_env = eval_env
@@ -84,9 +91,14 @@ class EvalCheckpointCallback(BaseCallback):
         self.eval_freq = max(1, int(eval_freq))
         self.n_episodes = n_episodes
         self.status = status if status is not None else {}
-        self._last_eval = None
+        self._last_eval: Optional[int] = None
         self._t0 = time.perf_counter()
         self._seconds0 = state.train_seconds
+
+    @property
+    def ppo(self) -> MaskablePPO:
+        """The model being trained (SB3 types it as any algorithm)."""
+        return cast("MaskablePPO", self.model)
 
     def _elapsed(self) -> float:
         return self._seconds0 + time.perf_counter() - self._t0
@@ -110,7 +122,7 @@ class EvalCheckpointCallback(BaseCallback):
         self.checkpoint()
 
     def evaluate(self) -> Dict[str, Any]:
-        res = evaluate_policy_episode(self.model, self.eval_env, self.n_episodes)
+        res = evaluate_policy_episode(self.ppo, self.eval_env, self.n_episodes)
         self.state.eval_env_steps += res["steps"]
         point = {"timesteps": int(self.num_timesteps), "mean_return": res["mean_return"], "acc": res["acc"],
                  "asr": res["asr"], "n_pruned": res["n_pruned"], "wall_time": round(self._elapsed(), 2)}
@@ -121,7 +133,7 @@ class EvalCheckpointCallback(BaseCallback):
         self.logger.record("eval/n_pruned", res["n_pruned"])
         if self.state.best is None or res["mean_return"] > self.state.best["mean_return"]:
             self.state.best = {**point, "pruned": res["pruned"]}
-            save_policy(self.model.policy, self.run_dir)
+            save_policy(cast(GNNMaskablePolicy, self.model.policy), self.run_dir)
         self.status.update(eval_return=res["mean_return"], best=self.state.best["mean_return"])
         self._last_eval = self.num_timesteps
         self.checkpoint()
@@ -130,7 +142,7 @@ class EvalCheckpointCallback(BaseCallback):
     def checkpoint(self) -> None:
         self.state.timesteps = int(self.num_timesteps)
         self.state.train_seconds = self._elapsed()
-        save_checkpoint(self.model, self.run_dir)
+        save_checkpoint(self.ppo, self.run_dir)
         self.state.save()
 
 

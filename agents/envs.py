@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 import gymnasium as gym
-import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.vec_env import VecEnv
 
 
 @dataclass
@@ -66,15 +68,17 @@ class EnvFactory:
         return EnvFactory(str(src), dict(self.env_kwargs), self.seed, self.rank, self.threads, self.monitor)
 
 
-def make_vec_env(factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy", start_method: Optional[str] = None):
+def make_vec_env(factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy",
+                 start_method: Optional[str] = None) -> VecEnv:
     """``DummyVecEnv`` or ``SubprocVecEnv`` of ``n_envs`` copies built by ``factory`` (one per rank)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1; got {n_envs}")
     if vec_env == "dummy":
-        fns = [EnvFactory(factory.source, dict(factory.env_kwargs), factory.seed, r, factory.threads,
-                          factory.monitor) for r in range(n_envs)]
+        fns: List[Callable[[], gym.Env]] = [
+            EnvFactory(factory.source, dict(factory.env_kwargs), factory.seed, r, factory.threads, factory.monitor)
+            for r in range(n_envs)]
         return DummyVecEnv(fns)
     if vec_env == "subproc":
         base = factory.for_subprocess()

@@ -33,15 +33,16 @@ receives the weight as a 1-d edge attribute.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, Union, cast
 
 import numpy as np
 import torch
 from gymnasium import spaces
-from sb3_contrib.common.maskable.distributions import MaskableDistribution
+from sb3_contrib.common.maskable.distributions import MaskableDistribution, MaybeMasks
 from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import Tensor, nn
 
 CONVS = ("gcn", "sage", "gat")
@@ -57,12 +58,12 @@ class _SpMM(torch.autograd.Function):
     """``adj @ x`` whose backward is ``adj_t @ grad`` with a precomputed ``adj_t`` (CSR both)."""
 
     @staticmethod
-    def forward(ctx, adj: Tensor, adj_t: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, adj: Tensor, adj_t: Tensor, x: Tensor) -> Tensor:
         ctx.adj_t = adj_t
         return torch.sparse.mm(adj, x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tuple[None, None, Tensor]:
         return None, None, torch.sparse.mm(ctx.adj_t, grad.contiguous())
 
 
@@ -110,13 +111,14 @@ def _make_conv(kind: str, dim: int, heads: int) -> nn.Module:
 
     if kind == "gcn":
         class _GCN(GCNConv):
-            def message_and_aggregate(self, adj_t, x):  # the adjacency is already normalised
+            def message_and_aggregate(self, adj_t: Tensor, x: Tensor) -> Tensor:  # the adjacency is already normalised
                 return _spmm(adj_t, x)
 
         return _GCN(dim, dim, normalize=False, add_self_loops=False)
     if kind == "sage":
         class _SAGE(SAGEConv):
-            def message_and_aggregate(self, adj_t, x):  # row-normalised weights = weighted mean
+            def message_and_aggregate(self, adj_t: Tensor,
+                                      x: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:  # row-normalised: weighted mean
                 return _spmm(adj_t, x[0] if isinstance(x, tuple) else x)
 
         return _SAGE(dim, dim, aggr="sum")
@@ -148,6 +150,9 @@ class GraphEncoder(BaseFeaturesExtractor):
     It is the policy's features extractor: ``forward(obs)`` returns the tuple ``(nodes, pooled)``.
     """
 
+    edge_index: Tensor  # buffers
+    edge_weight: Tensor
+
     def __init__(self, observation_space: spaces.Dict, edge_index: TensorLike, edge_weight: Optional[TensorLike] = None,
                  conv: str = "gcn", hidden: int = 32, layers: int = 2, heads: int = 4, symmetric: bool = True,
                  clip: float = 10.0):
@@ -155,7 +160,7 @@ class GraphEncoder(BaseFeaturesExtractor):
             raise ValueError(f"unknown conv {conv!r}; valid choices: {', '.join(CONVS)}")
         if hidden < 1 or layers < 0:
             raise ValueError(f"need hidden >= 1 and layers >= 0; got hidden={hidden}, layers={layers}")
-        n, f = observation_space["x"].shape
+        n, f = cast(spaces.Box, observation_space["x"]).shape
         super().__init__(observation_space, features_dim=2 * hidden)
         self.num_nodes, self.in_features = int(n), int(f)
         self.conv_kind, self.hidden, self.symmetric, self.clip = conv, hidden, symmetric, float(clip)
@@ -213,24 +218,28 @@ class GraphEncoder(BaseFeaturesExtractor):
         key = (batch, str(self.edge_index.device))
         if key in self._cache:
             return self._cache[key]
+        out: Union[Tensor, Tuple[Tensor, Tensor]]
         if self.conv_kind == "gat":
             ei, ew = self._edges()
             out = (batch_edge_index(ei, self.num_nodes, batch), ew.repeat(batch).unsqueeze(1))
         else:
             crow, col, val, crow_t, col_t, val_t = self._base_csr()
             out = _block_diagonal(crow, col, val, self.num_nodes, batch)
-            out._onp_transpose = _block_diagonal(crow_t, col_t, val_t, self.num_nodes, batch)
+            # read by _spmm; an attribute torch's Tensor type does not declare
+            out._onp_transpose = _block_diagonal(  # type: ignore[attr-defined]
+                crow_t, col_t, val_t, self.num_nodes, batch)
         if len(self._cache) > 6:  # a few batch sizes recur (1 for rollouts, the minibatch size for updates)
             self._cache = {k: v for k, v in self._cache.items() if k[0] == 0}
         self._cache[key] = out
         return out
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: drop cached adjacencies
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> GraphEncoder:
+        # .to(device) etc.: drop cached adjacencies
         self._cache = {}
         return super()._apply(fn, *args, **kwargs)
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, obs: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(self, obs: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         x = obs["x"].float()
         if x.dim() == 2:
             x = x.unsqueeze(0)
@@ -280,16 +289,17 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         head_hidden: width of the heads' hidden layer; clip: input feature clamp.
     """
 
-    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Discrete, lr_schedule,
-                 edge_index: TensorLike = None, edge_weight: Optional[TensorLike] = None, conv: str = "gcn",
+    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Discrete, lr_schedule: Schedule,
+                 edge_index: Optional[TensorLike] = None, edge_weight: Optional[TensorLike] = None, conv: str = "gcn",
                  hidden: int = 32, layers: int = 2, heads: int = 4, symmetric: bool = True, head_hidden: int = 64,
-                 clip: float = 10.0, optimizer_class=torch.optim.Adam, optimizer_kwargs: Optional[Dict] = None,
-                 **unused: Any):
+                 clip: float = 10.0, optimizer_class: Type[torch.optim.Optimizer] = torch.optim.Adam,
+                 optimizer_kwargs: Optional[Dict[str, Any]] = None, **unused: Any):
         if edge_index is None:
             raise ValueError("GNNMaskablePolicy needs edge_index (pass policy_kwargs=policy_kwargs_for(env))")
-        if not isinstance(observation_space, spaces.Dict) or not {"x", "pruned", "budget"} <= set(observation_space.spaces):
+        if (not isinstance(observation_space, spaces.Dict)
+                or not {"x", "pruned", "budget"} <= set(observation_space.spaces)):
             raise ValueError("GNNMaskablePolicy expects the NeuronPruningEnv Dict observation (x, pruned, budget)")
-        n = observation_space["x"].shape[0]
+        n = cast(spaces.Box, observation_space["x"]).shape[0]
         if not isinstance(action_space, spaces.Discrete) or int(action_space.n) != n + 1:
             raise ValueError(f"expected a Discrete({n + 1}) action space (N neurons + STOP); got {action_space}")
         for key in ("net_arch", "features_extractor_class", "features_extractor_kwargs", "share_features_extractor",
@@ -298,8 +308,9 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         if unused:
             raise ValueError(f"unknown GNNMaskablePolicy argument(s) {sorted(unused)}")
         ei, ew = _as_edges(edge_index, edge_weight)
-        self.gnn_kwargs = dict(edge_index=ei, edge_weight=ew, conv=conv, hidden=int(hidden), layers=int(layers),
-                               heads=int(heads), symmetric=bool(symmetric), clip=float(clip))
+        self.gnn_kwargs: Dict[str, Any] = dict(edge_index=ei, edge_weight=ew, conv=conv, hidden=int(hidden),
+                                               layers=int(layers), heads=int(heads), symmetric=bool(symmetric),
+                                               clip=float(clip))
         self.head_hidden = int(head_hidden)
         super().__init__(observation_space, action_space, lr_schedule, net_arch=[], activation_fn=nn.ReLU,
                          ortho_init=False, features_extractor_class=GraphEncoder,
@@ -307,17 +318,23 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
                          normalize_images=False, optimizer_class=optimizer_class, optimizer_kwargs=optimizer_kwargs)
 
     # -- construction -----------------------------------------------------------------------------
-    def _build(self, lr_schedule) -> None:
+    def _build(self, lr_schedule: Schedule) -> None:
         hidden = self.gnn_kwargs["hidden"]
-        self.mlp_extractor = nn.Identity()  # unused; kept for code that expects the attribute
-        self.action_net = GraphActionHead(hidden, self.head_hidden)
-        self.value_net = nn.Sequential(nn.Linear(2 * hidden, self.head_hidden), nn.ReLU(), nn.Linear(self.head_hidden, 1))
+        # SB3 declares these as its MLP types; this policy has its own heads
+        self.mlp_extractor = nn.Identity()  # type: ignore[assignment]  # unused; kept for code that expects it
+        head = GraphActionHead(hidden, self.head_hidden)
+        self.action_net = head
+        self.value_net = nn.Sequential(nn.Linear(2 * hidden, self.head_hidden), nn.ReLU(),  # type: ignore[assignment]
+                                       nn.Linear(self.head_hidden, 1))
+        stop_out = cast(nn.Linear, head.stop[-1])
         with torch.no_grad():  # start near the uniform policy over valid actions
-            self.action_net.node_out.weight.mul_(0.01)
-            self.action_net.node_out.bias.zero_()
-            self.action_net.stop[-1].weight.mul_(0.01)
-            self.action_net.stop[-1].bias.zero_()
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+            head.node_out.weight.mul_(0.01)
+            head.node_out.bias.zero_()
+            stop_out.weight.mul_(0.01)
+            stop_out.bias.zero_()
+        # as in SB3: Optimizer's own signature has no lr, its subclasses do
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1),  # type: ignore[call-arg]
+                                              **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> Dict[str, Any]:
         data = BasePolicy._get_constructor_parameters(self)
@@ -335,43 +352,45 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         self.encoder.set_graph(edge_index, edge_weight)
 
     # -- networks ---------------------------------------------------------------------------------
-    def _encode(self, obs) -> Tuple[Tensor, Tensor]:
+    def _encode(self, obs: PyTorchObs) -> Tuple[Tensor, Tensor]:
         return BasePolicy.extract_features(self, obs, self.features_extractor)  # type: ignore[return-value]
 
-    def action_logits(self, obs) -> Tensor:
+    def action_logits(self, obs: PyTorchObs) -> Tensor:
         """Raw logits ``(B, N + 1)`` (before masking) for preprocessed or raw tensor observations."""
         nodes, pooled = self._encode(obs)
         return self.action_net(nodes, pooled)
 
-    def _dist(self, nodes: Tensor, pooled: Tensor, action_masks=None) -> MaskableDistribution:
+    def _dist(self, nodes: Tensor, pooled: Tensor, action_masks: MaybeMasks = None) -> MaskableDistribution:
         dist = self.action_dist.proba_distribution(action_logits=self.action_net(nodes, pooled))
         if action_masks is not None:
             dist.apply_masking(action_masks)
         return dist
 
-    def forward(self, obs, deterministic: bool = False, action_masks: Optional[np.ndarray] = None):
+    def forward(self, obs: PyTorchObs, deterministic: bool = False,
+                action_masks: Optional[np.ndarray] = None) -> Tuple[Tensor, Tensor, Tensor]:
         nodes, pooled = self._encode(obs)
         values = self.value_net(pooled)
         dist = self._dist(nodes, pooled, action_masks)
         actions = dist.get_actions(deterministic=deterministic)
         log_prob = dist.log_prob(actions)
-        return actions.reshape((-1, *self.action_space.shape)), values, log_prob
+        return actions.reshape((-1, *(self.action_space.shape or ()))), values, log_prob
 
-    def evaluate_actions(self, obs, actions: Tensor, action_masks=None):
+    def evaluate_actions(self, obs: PyTorchObs, actions: Tensor,
+                         action_masks: MaybeMasks = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         nodes, pooled = self._encode(obs)
         dist = self._dist(nodes, pooled, action_masks)
         return self.value_net(pooled), dist.log_prob(actions), dist.entropy()
 
-    def get_distribution(self, obs, action_masks=None) -> MaskableDistribution:
+    def get_distribution(self, obs: PyTorchObs, action_masks: MaybeMasks = None) -> MaskableDistribution:
         nodes, pooled = self._encode(obs)
         return self._dist(nodes, pooled, action_masks)
 
-    def predict_values(self, obs) -> Tensor:
+    def predict_values(self, obs: PyTorchObs) -> Tensor:
         _, pooled = self._encode(obs)
         return self.value_net(pooled)
 
 
-def policy_kwargs_for(env, **overrides: Any) -> Dict[str, Any]:
+def policy_kwargs_for(env: Any, **overrides: Any) -> Dict[str, Any]:
     """``policy_kwargs`` for :class:`GNNMaskablePolicy` from a NeuronPruningEnv (or any object with
     ``edge_index``/``edge_weight``; wrappers are unwrapped). Tensors are passed as plain lists so the
     kwargs pickle cheaply into SubprocVecEnv workers and SB3 zip files."""

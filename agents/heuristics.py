@@ -15,7 +15,7 @@ budget is spent, then STOPs. They only use the defender's data:
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -23,9 +23,20 @@ from torch import nn
 
 from .base import BaseAgent, register_agent
 
+if TYPE_CHECKING:
+    import gymnasium as gym
 
-def _bundle_of(env):
-    base = env.unwrapped
+    from envs import NeuronPruningEnv, PruningSubject
+    from onp.graph import NeuronGraph
+    from onp.zoo import BackdoorBundle
+
+
+def _unwrapped(env: gym.Env) -> NeuronPruningEnv:
+    return cast("NeuronPruningEnv", env.unwrapped)
+
+
+def _bundle_of(env: gym.Env) -> Union[BackdoorBundle, PruningSubject]:
+    base = _unwrapped(env)
     return base.bundles[base.target_index]
 
 
@@ -35,7 +46,7 @@ class OrderedAgent(BaseAgent):
 
     order: np.ndarray
 
-    def predict(self, obs, action_mask) -> int:
+    def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         mask = np.asarray(action_mask, dtype=bool)
         valid = mask[self.order]
         if valid.any():
@@ -47,11 +58,11 @@ class OrderedAgent(BaseAgent):
 class RandomAgent(BaseAgent):
     """Uniformly random valid neurons (STOP only when nothing else is valid)."""
 
-    def __init__(self, env=None, seed: int = 0, **params: Any):
+    def __init__(self, env: Any = None, seed: int = 0, **params: Any) -> None:
         super().__init__(env, seed=seed, **params)
         self.rng = np.random.default_rng(seed)
 
-    def predict(self, obs, action_mask) -> int:
+    def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         mask = np.asarray(action_mask, dtype=bool)
         valid = np.flatnonzero(mask[:-1])
         return int(self.rng.choice(valid)) if len(valid) else len(mask) - 1
@@ -61,7 +72,7 @@ class RandomAgent(BaseAgent):
 class GreedyGammaAgent(OrderedAgent):
     """Lowest ``|BN gamma|`` first."""
 
-    def __init__(self, env=None, **params: Any):
+    def __init__(self, env: Any = None, **params: Any) -> None:
         super().__init__(env, **params)
         self.scores = bn_gamma_abs(self.env)
         self.order = np.argsort(self.scores, kind="stable")
@@ -71,27 +82,27 @@ class GreedyGammaAgent(OrderedAgent):
 class GreedyActivationAgent(OrderedAgent):
     """Largest BN-output change between the estimator's probe images and clean defense-val images first."""
 
-    def __init__(self, env=None, batch_size: int = 256, **params: Any):
+    def __init__(self, env: Any = None, batch_size: int = 256, **params: Any) -> None:
         super().__init__(env, batch_size=batch_size, **params)
         self.scores = activation_change(self.env, batch_size=batch_size)
         self.order = np.argsort(-self.scores, kind="stable")
 
 
-def bn_gamma_abs(env) -> np.ndarray:
+def bn_gamma_abs(env: gym.Env) -> np.ndarray:
     """``|gamma|`` per node in the env's graph numbering."""
-    base = env.unwrapped
+    base = _unwrapped(env)
     model = base.target.model
-    return torch.cat([model.get_submodule(l.bn_name).weight.detach().abs().flatten().cpu()
-                      for l in base.graph.layers]).numpy()
+    return torch.cat([cast(nn.BatchNorm2d, model.get_submodule(layer.bn_name)).weight.detach().abs().flatten().cpu()
+                      for layer in base.graph.layers]).numpy()
 
 
 @torch.no_grad()
-def _mean_bn_maps(model: nn.Module, names, x: torch.Tensor, batch_size: int) -> Dict[str, torch.Tensor]:
+def _mean_bn_maps(model: nn.Module, names: Sequence[str], x: torch.Tensor, batch_size: int) -> Dict[str, torch.Tensor]:
     sums: Dict[str, torch.Tensor] = {}
     handles = []
 
-    def hook_for(name):
-        def hook(module, inputs, out):
+    def hook_for(name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
             s = out.detach().float().sum(0)
             sums[name] = s if name not in sums else sums[name] + s
         return hook
@@ -110,13 +121,13 @@ def _mean_bn_maps(model: nn.Module, names, x: torch.Tensor, batch_size: int) -> 
     return {k: v / max(1, len(x)) for k, v in sums.items()}
 
 
-def activation_change(env, batch_size: int = 256) -> np.ndarray:
+def activation_change(env: gym.Env, batch_size: int = 256) -> np.ndarray:
     """Per node: spatial mean of ``|E_probe[BN out] - E_clean[BN out]|`` (unpruned model; see module doc)."""
     import copy
 
-    base = env.unwrapped
+    base = _unwrapped(env)
     model = copy.deepcopy(_bundle_of(env).model).cpu().float().eval()  # no mask hooks on this copy
-    names = [l.bn_name for l in base.graph.layers]
+    names = [layer.bn_name for layer in base.graph.layers]
     probe = base.target.probe.images
     clean = _bundle_of(env).defense_data.val_x
     mp = _mean_bn_maps(model, names, probe, batch_size)
@@ -151,8 +162,9 @@ def check_ranked_baseline(baseline: str) -> str:
     return baseline
 
 
-def baseline_scores(source, baseline: str, params: Optional[Dict[str, Any]] = None, seed: int = 0,
-                    graph=None) -> np.ndarray:
+def baseline_scores(source: Union[BackdoorBundle, PruningSubject], baseline: str,
+                    params: Optional[Dict[str, Any]] = None, seed: int = 0,
+                    graph: Optional[NeuronGraph] = None) -> np.ndarray:
     """Per-neuron scores (graph numbering, higher = more suspicious) of baseline ``baseline`` on
     ``source`` (a bundle: ``.model``, ``.defense_data``), cached per process."""
     import baselines as bl
@@ -185,7 +197,7 @@ class RankedAgent(OrderedAgent):
     Extra keyword arguments are the baseline's hyperparameters (e.g. ``unlearn_epochs=10`` for rnp).
     """
 
-    def __init__(self, env=None, baseline: str = "rnp", seed: int = 0, **baseline_params: Any):
+    def __init__(self, env: Any = None, baseline: str = "rnp", seed: int = 0, **baseline_params: Any) -> None:
         super().__init__(env, baseline=baseline, seed=seed, **baseline_params)
         self.baseline = baseline
         self.scores = baseline_scores(_bundle_of(env), baseline, baseline_params, seed=seed, graph=self.env.graph)

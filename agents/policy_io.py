@@ -22,13 +22,20 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union, cast
 
 import torch
+from gymnasium import spaces
 
 from onp.io import CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
 
 from .gnn_policy import GNNMaskablePolicy, policy_kwargs_for
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    from sb3_contrib import MaskablePPO
+
+    from envs import NeuronPruningEnv
 
 PathLike = Union[str, Path]
 
@@ -94,7 +101,7 @@ def policy_metadata(policy: GNNMaskablePolicy) -> Dict[str, Any]:
     arch = {k: policy.gnn_kwargs[k] for k in ARCH_KEYS}
     return {"format": POLICY_FORMAT, "policy": "GNNMaskablePolicy", "arch": {**arch, "head_hidden": policy.head_hidden},
             "num_nodes": int(enc.num_nodes), "num_features": int(enc.in_features),
-            "num_actions": int(policy.action_space.n)}
+            "num_actions": int(cast(spaces.Discrete, policy.action_space).n)}
 
 
 def save_policy(policy: GNNMaskablePolicy, folder: PathLike, *, stem: str = "policy") -> None:
@@ -104,9 +111,9 @@ def save_policy(policy: GNNMaskablePolicy, folder: PathLike, *, stem: str = "pol
     _write_pair(folder, stem, _state_dict(policy), policy_metadata(policy))
 
 
-def _check_sizes(meta: Dict[str, Any], env, where: Path) -> None:
-    base = getattr(env, "unwrapped", env)
-    n, f = base.observation_space["x"].shape
+def _check_sizes(meta: Dict[str, Any], env: gym.Env, where: Path) -> None:
+    base = cast("NeuronPruningEnv", getattr(env, "unwrapped", env))
+    n, f = cast(spaces.Box, base.observation_space["x"]).shape
     want = {"num_nodes": int(n), "num_features": int(f), "num_actions": int(base.action_space.n)}
     diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if diff:
@@ -127,9 +134,9 @@ def _arch_kwargs(meta: Dict[str, Any], where: Path) -> Dict[str, Any]:
     return dict(arch)
 
 
-def build_policy(env, arch: Mapping[str, Any]) -> GNNMaskablePolicy:
+def build_policy(env: gym.Env, arch: Mapping[str, Any]) -> GNNMaskablePolicy:
     """A fresh :class:`GNNMaskablePolicy` for ``env``'s spaces and neuron graph."""
-    base = getattr(env, "unwrapped", env)
+    base = cast("NeuronPruningEnv", getattr(env, "unwrapped", env))
     return GNNMaskablePolicy(base.observation_space, base.action_space, lambda _: 0.0,
                              **policy_kwargs_for(base, **dict(arch)))
 
@@ -148,7 +155,7 @@ def _load_weights(policy: torch.nn.Module, state: Any, where: Path) -> None:
     policy.load_state_dict(weights, strict=False)
 
 
-def load_policy(folder: PathLike, env, *, device: str = "cpu", stem: str = "policy") -> GNNMaskablePolicy:
+def load_policy(folder: PathLike, env: gym.Env, *, device: str = "cpu", stem: str = "policy") -> GNNMaskablePolicy:
     """The policy stored in ``folder`` (``policy.pt`` + ``policy.json``), built for ``env``.
 
     The policy acts on ``env``'s neuron graph (another model of the same architecture is fine); the
@@ -167,16 +174,17 @@ def load_policy(folder: PathLike, env, *, device: str = "cpu", stem: str = "poli
 # the resumable PPO checkpoint
 
 
-def save_checkpoint(model, folder: PathLike) -> None:
+def save_checkpoint(model: MaskablePPO, folder: PathLike) -> None:
     """Write ``checkpoint.pt`` (policy + optimiser state) and ``checkpoint.json`` (step counters)."""
     folder = Path(folder)
-    tensors = {"policy": _state_dict(model.policy), "optimizer": model.policy.optimizer.state_dict()}
-    meta = {**policy_metadata(model.policy), "format": CHECKPOINT_FORMAT, "num_timesteps": int(model.num_timesteps),
+    policy = cast(GNNMaskablePolicy, model.policy)
+    tensors = {"policy": _state_dict(policy), "optimizer": policy.optimizer.state_dict()}
+    meta = {**policy_metadata(policy), "format": CHECKPOINT_FORMAT, "num_timesteps": int(model.num_timesteps),
             "n_updates": int(getattr(model, "_n_updates", 0)), "episode_num": int(getattr(model, "_episode_num", 0))}
     _write_pair(folder, "checkpoint", tensors, meta)
 
 
-def load_checkpoint_into(model, folder: PathLike) -> int:
+def load_checkpoint_into(model: MaskablePPO, folder: PathLike) -> int:
     """Restore the policy, optimiser and step counters of ``folder``'s checkpoint into ``model`` (a
     ``MaskablePPO`` freshly built with the same configuration); return its ``num_timesteps``."""
     folder = Path(folder)
@@ -234,7 +242,8 @@ def has_checkpoint(folder: PathLike) -> bool:
 # optional export
 
 
-def export_sb3_zip(policy_folder: PathLike, env, path: PathLike, *, ppo: Optional[Dict[str, Any]] = None) -> Path:
+def export_sb3_zip(policy_folder: PathLike, env: gym.Env, path: PathLike, *,
+                   ppo: Optional[Dict[str, Any]] = None) -> Path:
     """Export a stored policy as SB3's ``.zip`` (``MaskablePPO.load`` opens it) for use outside onp.
 
     SB3's format unpickles on load: only open such files from sources you trust. onp never reads them.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,18 @@ from .envs import EnvFactory, env_kwargs_from_config, make_vec_env
 from .gnn_policy import GNNMaskablePolicy, policy_kwargs_for
 from .policy_io import POLICY_FILES, has_checkpoint, load_checkpoint_into, load_policy, save_policy
 
+if TYPE_CHECKING:
+    import gymnasium as gym
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.vec_env import VecEnv
+
+    from envs import NeuronPruningEnv, PruningSubject
+    from onp.zoo import BackdoorBundle
+
+
+def _unwrapped(env: gym.Env) -> NeuronPruningEnv:
+    return cast("NeuronPruningEnv", env.unwrapped)
+
 #: defaults of the ``policy``, ``ppo`` and ``warm_start`` sections: those of :class:`onp.train_config.TrainConfig`
 #: (``PPOGNNAgent`` and ``make_ppo`` used directly get no warm start)
 POLICY_DEFAULTS: Dict[str, Any] = PolicyConfig().model_dump()
@@ -40,8 +52,8 @@ WARM_START_DEFAULTS: Dict[str, Any] = {**WarmStartConfig().model_dump(), "baseli
 _NOT_PPO_ARGS = PPOConfig.NOT_PPO_ARGS
 
 
-def make_ppo(vec_env, policy_kwargs: Dict[str, Any], ppo: Optional[Dict[str, Any]] = None, *, seed: int = 0,
-             device: str = "cpu", tensorboard_log: Optional[str] = None, verbose: int = 0):
+def make_ppo(vec_env: VecEnv, policy_kwargs: Dict[str, Any], ppo: Optional[Dict[str, Any]] = None, *, seed: int = 0,
+             device: str = "cpu", tensorboard_log: Optional[str] = None, verbose: int = 0) -> MaskablePPO:
     """A ``MaskablePPO`` with :class:`GNNMaskablePolicy` (``ppo``: the config's ``ppo`` section)."""
     from sb3_contrib import MaskablePPO
 
@@ -70,14 +82,15 @@ class PPOGNNAgent(BaseAgent):
 
     learns = True
 
-    def __init__(self, env=None, seed: int = 0, device: str = "cpu", policy: Optional[GNNMaskablePolicy] = None,
-                 **params: Any):
+    def __init__(self, env: Any = None, seed: int = 0, device: str = "cpu",
+                 policy: Optional[GNNMaskablePolicy] = None, **params: Any) -> None:
         super().__init__(env, seed=seed, device=device, **params)
         self.seed, self.device, self.policy = seed, device, policy
 
-    def learn(self, env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False, callbacks: Sequence = (),
-              progress: bool = True, log: Callable[[str], None] = print) -> LearnResult:
-        bundle = env.unwrapped.bundles[0]
+    def learn(self, env: gym.Env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False,
+              callbacks: Sequence[Any] = (), progress: bool = True,
+              log: Callable[[str], None] = print) -> LearnResult:
+        bundle = _unwrapped(env).bundles[0]
         out = train_ppo_gnn(bundle, config, run_dir, eval_env=env, resume=resume, progress=progress,
                             callbacks=callbacks, log=log)
         state = out["state"]
@@ -89,7 +102,7 @@ class PPOGNNAgent(BaseAgent):
                            info={"timesteps": out["timesteps"], "best_timesteps": (state.best or {}).get("timesteps"),
                                  "resumed_from": out["resumed_from"], "warm_start": state.warm_start})
 
-    def predict(self, obs, action_mask) -> int:
+    def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         if self.policy is None:
             raise RuntimeError("ppo-gnn agent has no policy yet: call learn() or load() first")
         return int(self.policy.predict(obs, action_masks=np.asarray(action_mask, dtype=bool), deterministic=True)[0])
@@ -101,7 +114,7 @@ class PPOGNNAgent(BaseAgent):
         save_policy(self.policy, run_dir)
 
     @classmethod
-    def load(cls, run_dir: Path, env=None, device: str = "cpu") -> "PPOGNNAgent":
+    def load(cls, run_dir: Path, env: Any = None, device: str = "cpu") -> PPOGNNAgent:
         """The agent whose policy is stored in ``run_dir``, acting in ``env`` (its graph may be another
         model's of the same architecture)."""
         if env is None:
@@ -117,7 +130,7 @@ def _stack_obs(obs_list: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarra
     return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
 
 
-def demonstrate(env, order: Sequence[int], *, skip_harmful: bool = False,
+def demonstrate(env: gym.Env, order: Union[Sequence[int], np.ndarray], *, skip_harmful: bool = False,
                 max_previews: Optional[int] = None) -> Dict[str, Any]:
     """One episode of ``env`` that prunes along ``order`` (a node priority list): the demonstration
     that :func:`behaviour_clone` imitates.
@@ -133,7 +146,7 @@ def demonstrate(env, order: Sequence[int], *, skip_harmful: bool = False,
 
     agent = OrderedAgent(env)
     agent.order = np.asarray(order, dtype=np.int64)
-    base = env.unwrapped
+    base = _unwrapped(env)
     limit = 4 * base.budget if max_previews is None else int(max_previews)
     skipped = np.zeros(base.num_nodes + 1, dtype=bool)
     out: Dict[str, Any] = {"obs": [], "masks": [], "actions": [], "rewards": [], "previews": 0, "skipped": []}
@@ -165,7 +178,18 @@ def demonstrate(env, order: Sequence[int], *, skip_harmful: bool = False,
     return out
 
 
-def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: float = 3e-3, batch_size: int = 32,
+def _returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """``rtg[i] = sum_j>=i gamma^(j-i) rewards[j]`` (float32, like ``rewards``)."""
+    rtg = np.zeros_like(rewards)
+    acc = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        acc = rewards[i] + gamma * acc
+        rtg[i] = acc
+    return rtg
+
+
+def behaviour_clone(model: MaskablePPO, env: gym.Env, order: Union[Sequence[int], np.ndarray], *, epochs: int = 100,
+                    lr: float = 3e-3, batch_size: int = 32,
                     value_coef: float = 0.5, gamma: float = 1.0, seed: int = 0, skip_harmful: bool = False,
                     max_previews: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Pretrain ``model.policy`` to follow ``order`` (a node priority list) in ``env``.
@@ -181,21 +205,17 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
     obs_list, masks, info = demo["obs"], demo["masks"], demo["info"]
     order_return = float(sum(demo["rewards"]))
     actions = np.asarray(demo["actions"], dtype=np.int64)
-    rewards = np.asarray(demo["rewards"], dtype=np.float32)
-    rtg = np.zeros_like(rewards)
-    acc = 0.0
-    for i in range(len(rewards) - 1, -1, -1):
-        acc = rewards[i] + gamma * acc
-        rtg[i] = acc
-    policy = model.policy
-    obs_t, _ = policy.obs_to_tensor(_stack_obs(obs_list))
+    rtg = _returns_to_go(np.asarray(demo["rewards"], dtype=np.float32), gamma)
+    policy = cast(GNNMaskablePolicy, model.policy)
+    obs_tensors, _ = policy.obs_to_tensor(_stack_obs(obs_list))
+    obs_t = cast(Dict[str, torch.Tensor], obs_tensors)  # a Dict observation
     mask_t = torch.as_tensor(np.stack(masks), dtype=torch.bool, device=policy.device)
     act_t = torch.as_tensor(actions, device=policy.device)
     rtg_t = torch.as_tensor(rtg, device=policy.device)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = len(actions)
-    losses = []
+    losses: List[float] = []
     policy.set_training_mode(True)
     for _ in range(int(epochs)):
         perm = torch.randperm(n, generator=gen).to(policy.device)
@@ -217,8 +237,9 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
         nodes, pooled = policy._encode(obs_t)
         pred = policy.action_net(nodes, pooled).masked_fill(~mask_t, -1e9).argmax(1)
         imitation = float((pred == act_t).float().mean())
-    out = {"states": n, "env_steps": n + demo["previews"], "epochs": int(epochs), "loss_first": losses[0] if losses else None,
-           "loss_last": losses[-1] if losses else None, "imitation_accuracy": imitation,
+    out = {"states": n, "env_steps": n + demo["previews"], "epochs": int(epochs),
+           "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+           "imitation_accuracy": imitation,
            "order_return": order_return, "stopped_at_delta": bool(info.get("rejected")),
            "skip_harmful": bool(skip_harmful), "previews": demo["previews"], "skipped": demo["skipped"],
            "order_val_acc": float(info["acc"]), "order_val_asr": float(info["asr"]),
@@ -233,12 +254,33 @@ def behaviour_clone(model, env, order: Sequence[int], *, epochs: int = 100, lr: 
 # the training loop of onp.train
 
 
-def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, eval_env=None, resume: bool = False,
-                  progress: bool = True, callbacks: Sequence = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+def _warm_start(model: MaskablePPO, bundle: Union[BackdoorBundle, PruningSubject], eval_env: gym.Env,
+                ws_cfg: Dict[str, Any], *, gamma: float, seed: int, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Warm start (c): fit the ``warm_start.baseline`` defense and clone its pruning order into
+    ``model``'s policy (:func:`behaviour_clone`); returns what ``train_state.json`` keeps of it."""
+    from .heuristics import baseline_scores
+
+    log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on the defense data to clone its "
+        f"pruning order")
+    t0 = time.perf_counter()
+    scores = baseline_scores(bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed,
+                             graph=_unwrapped(eval_env).graph)
+    fit_seconds = time.perf_counter() - t0
+    info = behaviour_clone(model, eval_env, np.argsort(-scores, kind="stable"),
+                           epochs=ws_cfg["epochs"], lr=ws_cfg["lr"], batch_size=ws_cfg["batch_size"],
+                           value_coef=ws_cfg["value_coef"], gamma=gamma, seed=seed,
+                           skip_harmful=bool(ws_cfg["skip_harmful"]), max_previews=ws_cfg["max_previews"],
+                           log=log)
+    return {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
+
+
+def train_ppo_gnn(bundle: Union[BackdoorBundle, PruningSubject], config: Dict[str, Any], run_dir: Path, *,
+                  eval_env: Optional[gym.Env] = None, resume: bool = False, progress: bool = True,
+                  callbacks: Sequence[Any] = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train MaskablePPO + GNN on ``bundle`` as configured (see ``configs/train/default.yaml``).
 
-    Returns ``{"eval_env", "policy_dir" (holds policy.pt + policy.json), "state" (TrainState), "timesteps", "train_seconds",
-    "train_env_steps", "resumed_from"}``; the caller closes ``eval_env``.
+    Returns ``{"eval_env", "policy_dir" (holds policy.pt + policy.json), "state" (TrainState), "timesteps",
+    "train_seconds", "train_env_steps", "resumed_from"}``; the caller closes ``eval_env``.
     """
     from stable_baselines3.common.callbacks import CallbackList
 
@@ -269,21 +311,9 @@ def train_ppo_gnn(bundle, config: Dict[str, Any], run_dir: Path, *, eval_env=Non
             model = make_ppo(vec_env, policy_kwargs_for(eval_env, **pol_cfg), ppo_cfg, seed=seed, device=device,
                              tensorboard_log=str(run_dir / "tb"))
             if ws_cfg.get("baseline"):
-                from .heuristics import baseline_scores
-
-                log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on the defense data to clone its "
-                    f"pruning order")
-                t0 = time.perf_counter()
-                scores = baseline_scores(bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed,
-                                         graph=eval_env.unwrapped.graph)
-                fit_seconds = time.perf_counter() - t0
-                info = behaviour_clone(model, eval_env, np.argsort(-scores, kind="stable"),
-                                       epochs=ws_cfg["epochs"], lr=ws_cfg["lr"], batch_size=ws_cfg["batch_size"],
-                                       value_coef=ws_cfg["value_coef"], gamma=float(ppo_cfg["gamma"]), seed=seed,
-                                       skip_harmful=bool(ws_cfg["skip_harmful"]), max_previews=ws_cfg["max_previews"],
-                                       log=log)
-                state.warm_start = {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
-                state.eval_env_steps += info["env_steps"]
+                state.warm_start = _warm_start(model, bundle, eval_env, ws_cfg, gamma=float(ppo_cfg["gamma"]),
+                                               seed=seed, log=log)
+                state.eval_env_steps += state.warm_start["env_steps"]
         status: Dict[str, Any] = {}
         eval_cb = EvalCheckpointCallback(eval_env, run_dir, state, eval_freq=int(eval_cfg["freq"]),
                                          n_episodes=int(eval_cfg["episodes"]), status=status)

@@ -10,9 +10,21 @@ Methods (one module each): ``rnp`` (Li et al., ICML 2023), ``anp`` (Wu & Wang, N
 reimplemented from the papers; see ``docs/baselines.md``.
 """
 
-from .base import (DEFENSES, Defense, DefenseError, DefenseParams, DefenseResult, NeuronLayout, PassCounter,
-                   PruningParams, build_defense, check_layout_matches_graph, neuron_layout, register_defense)
 from . import anp, awm, clp, fp, ft, magnitude, ngf, random_prune, rnp  # noqa: F401  (registration)
+from .base import (
+    DEFENSES,
+    Defense,
+    DefenseError,
+    DefenseParams,
+    DefenseResult,
+    NeuronLayout,
+    PassCounter,
+    PruningParams,
+    build_defense,
+    check_layout_matches_graph,
+    neuron_layout,
+    register_defense,
+)
 from .operating_point import ORACLE_LABEL, choose_pruning, delta_rule, oracle_sweep, prune_model, pruning_grid
 
 try:  # node-feature providers for the neuron graph (needs onp.graph)

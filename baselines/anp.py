@@ -36,15 +36,34 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (Defense, DefenseError, DefenseResult, NeuronLayout, PruningParams, default_augment, freeze,
-                   register_defense, require_images, sample_batch)
+from .base import (
+    Defense,
+    DefenseError,
+    DefenseResult,
+    NeuronLayer,
+    NeuronLayout,
+    PruningParams,
+    default_augment,
+    freeze,
+    register_defense,
+    require_data,
+    require_images,
+    require_layout,
+    sample_batch,
+)
 from .operating_point import finalize_pruning
+
+if TYPE_CHECKING:
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import PassCounter, ReportFn
 
 PERTURBATIONS = ("reference", "projected")
 
@@ -84,22 +103,24 @@ class NeuronPerturbation:
             self._handles.append(bn.register_forward_hook(self._capture(layer), prepend=True))
             self._handles.append(bn.register_forward_hook(self._perturb(layer)))
 
-    def _capture(self, layer):
-        def hook(module, inputs, out):
+    def _capture(self, layer: NeuronLayer) -> Callable[[nn.Module, Any, Tensor], None]:
+        def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
             if self.enabled:
-                beta = module.bias.view(1, -1, 1, 1) if module.bias is not None else 0.0
+                bias = cast(nn.BatchNorm2d, module).bias
+                beta = bias.view(1, -1, 1, 1) if bias is not None else 0.0
                 self._raw[layer.bn_name] = out - beta  # gamma * x_hat, before the mask
         return hook
 
-    def _perturb(self, layer):
-        def hook(module, inputs, out):
+    def _perturb(self, layer: NeuronLayer) -> Callable[[nn.Module, Any, Tensor], Optional[Tensor]]:
+        def hook(module: nn.Module, inputs: Any, out: Tensor) -> Optional[Tensor]:
             if not self.enabled:
                 return None
             raw = self._raw.pop(layer.bn_name)
             d = self.delta[layer.slice].view(1, -1, 1, 1)
             out = out + d * raw
-            if module.bias is not None:
-                out = out + self.xi[layer.slice].view(1, -1, 1, 1) * module.bias.view(1, -1, 1, 1)
+            bias = cast(nn.BatchNorm2d, module).bias
+            if bias is not None:
+                out = out + self.xi[layer.slice].view(1, -1, 1, 1) * bias.view(1, -1, 1, 1)
             return out
         return hook
 
@@ -122,14 +143,34 @@ class NeuronPerturbation:
         self._handles = []
 
 
+def _adversarial_perturbation(pert: NeuronPerturbation, model: nn.Module, xb: Tensor, yb: Tensor, p: ANPParams,
+                              gen: torch.Generator, counter: PassCounter) -> None:
+    """Step 1 of an ANP iteration: the adversarial neuron perturbation (random start, ``pgd_steps``
+    signed ascent steps, projected onto the eps-ball with ``perturbation="projected"``); leaves
+    ``pert`` enabled."""
+    pert.reset(p.rand_init, gen)
+    pert.enabled = True
+    for _ in range(p.pgd_steps):
+        pert.delta.requires_grad_(True)
+        pert.xi.requires_grad_(True)
+        loss_adv = F.cross_entropy(counter(model, xb), yb)
+        g_d, g_x = counter.grad(loss_adv, [pert.delta, pert.xi])
+        with torch.no_grad():
+            pert.delta = pert.delta + (p.eps / p.pgd_steps) * g_d.sign()
+            pert.xi = pert.xi + (p.eps / p.pgd_steps) * g_x.sign()
+        if p.perturbation == "projected":
+            pert.project()
+
+
 @register_defense("anp")
 class ANP(Defense):
     needs_bn = True
     needs_data = True
     prunes = True
     Params = ANPParams
+    params: ANPParams
 
-    def validate(self):
+    def validate(self) -> None:
         p = self.params
         if p.eps < 0 or p.pgd_steps < 1 or p.iterations < 1:
             raise DefenseError("anp: eps must be >= 0, pgd_steps and iterations >= 1")
@@ -138,10 +179,12 @@ class ANP(Defense):
         if p.perturbation not in PERTURBATIONS:
             raise DefenseError(f"anp: unknown perturbation {p.perturbation!r}; valid: {', '.join(PERTURBATIONS)}")
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
         from onp.masks import NeuronMasks
 
         p = self.params
+        data, layout = require_data(self.name, data), require_layout(self.name, layout)
         require_images(self.name, len(data.train_y), p.batch_size)
         gen = torch.Generator().manual_seed(seed)
         aug = (augment or default_augment(data.train_x)) if p.augment else None
@@ -154,7 +197,7 @@ class ANP(Defense):
         pert = NeuronPerturbation(work, layout, p.eps)
         opt = torch.optim.SGD([mask], lr=p.lr, momentum=p.momentum)
         max_delta = max_xi = 0.0
-        history = []
+        history: List[Dict[str, Any]] = []
         try:
             for it in range(p.iterations):
                 idx = sample_batch(len(data.train_y), p.batch_size, gen)
@@ -162,19 +205,7 @@ class ANP(Defense):
                 if aug is not None:
                     xb = aug(xb, gen)
                 if p.eps > 0:
-                    # 1) adversarial neuron perturbation: random start + signed ascent (+ projection)
-                    pert.reset(p.rand_init, gen)
-                    pert.enabled = True
-                    for _ in range(p.pgd_steps):
-                        pert.delta.requires_grad_(True)
-                        pert.xi.requires_grad_(True)
-                        loss_adv = F.cross_entropy(counter(work, xb), yb)
-                        g_d, g_x = counter.grad(loss_adv, [pert.delta, pert.xi])
-                        with torch.no_grad():
-                            pert.delta = pert.delta + (p.eps / p.pgd_steps) * g_d.sign()
-                            pert.xi = pert.xi + (p.eps / p.pgd_steps) * g_x.sign()
-                        if p.perturbation == "projected":
-                            pert.project()
+                    _adversarial_perturbation(pert, work, xb, yb, p, gen, counter)
                     max_delta = max(max_delta, pert.delta.abs().max().item())
                     max_xi = max(max_xi, pert.xi.abs().max().item())
                 # 2) mask step with the perturbation fixed

@@ -48,15 +48,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .base import (Defense, DefenseError, DefenseParams, DefenseResult, eval_accuracy, freeze, neuron_layout,
-                   register_defense, require_images, sample_batch)
+from .base import (
+    Defense,
+    DefenseError,
+    DefenseParams,
+    DefenseResult,
+    eval_accuracy,
+    freeze,
+    neuron_layout,
+    register_defense,
+    require_data,
+    require_images,
+    sample_batch,
+)
+
+if TYPE_CHECKING:
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import NeuronLayout, PassCounter, ReportFn
 
 REFERENCE_TRIGGER_NORM = 1000.0  # for 3x32x32 inputs
 REFERENCE_NUMEL = 3 * 32 * 32
@@ -83,7 +100,7 @@ class AWMParams(DefenseParams):
 class ElementMask(nn.Module):
     """Parametrization ``W -> W * mask`` (the mask is a learnable parameter of the same shape)."""
 
-    def __init__(self, shape):
+    def __init__(self, shape: Sequence[int]) -> None:
         super().__init__()
         self.mask = nn.Parameter(torch.ones(shape))
 
@@ -91,7 +108,8 @@ class ElementMask(nn.Module):
         return w * self.mask
 
 
-def random_resized_crop(x: Tensor, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Tensor:
+def random_resized_crop(x: Tensor, gen: torch.Generator, scale: Tuple[float, float] = (0.08, 1.0),
+                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
     """torchvision-style RandomResizedCrop of each image back to its own size (bilinear)."""
     n, _, h, w = x.shape
     out = torch.empty_like(x)
@@ -111,9 +129,11 @@ def random_resized_crop(x: Tensor, gen: torch.Generator, scale=(0.08, 1.0), rati
     return out.clamp_(0, 1)
 
 
-def one_shot_set(x: Tensor, y: Tensor, num_classes: int, n_aug: int, hflip: bool, gen: torch.Generator):
+def one_shot_set(x: Tensor, y: Tensor, num_classes: int, n_aug: int, hflip: bool,
+                 gen: torch.Generator) -> Tuple[Tensor, Tensor]:
     """One image per class (seeded choice) plus ``n_aug`` augmented copies of each."""
-    xs, ys = [], []
+    xs: List[Tensor] = []
+    ys: List[Tensor] = []
     for c in range(num_classes):
         idx = torch.nonzero(y == c).flatten()
         if len(idx) == 0:
@@ -142,9 +162,74 @@ def steps_per_phase(p: "AWMParams", n_images: int, batch_size: int) -> int:
     return max(1, n_images // batch_size) * p.inner
 
 
-def _batches_with_replacement(n: int, batch_size: int, gen: torch.Generator):
+def _batches_with_replacement(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
     while True:
         yield sample_batch(n, batch_size, gen)
+
+
+def _trigger_phase(model: nn.Module, x: Tensor, batches: Iterator[Tensor], mask_params: List[nn.Parameter], *,
+                   steps: int, lr: float, tau: float, counter: PassCounter) -> Tensor:
+    """Phase 1 of an outer epoch: a universal trigger against the model's own predictions (masks
+    fixed), scaled back to L1 norm ``tau``; returns it detached."""
+    for q in mask_params:
+        q.requires_grad_(False)
+    delta = torch.zeros(1, *x.shape[1:], requires_grad=True)
+    t_opt = torch.optim.SGD([delta], lr=lr)
+    for _ in range(steps):
+        xb = x[next(batches)]
+        with torch.no_grad():
+            y_hat = counter(model, xb).argmax(1)
+        loss = -F.cross_entropy(counter(model, xb + delta), y_hat)
+        t_opt.zero_grad(set_to_none=True)
+        counter.backward(loss)
+        t_opt.step()
+    with torch.no_grad():
+        l1 = delta.abs().sum()
+        delta.mul_(min(1.0, tau / l1.item()) if l1 > 0 else 1.0)
+    return delta.detach()
+
+
+def _mask_phase(model: nn.Module, x: Tensor, y: Tensor, batches: Iterator[Tensor], delta: Tensor,
+                mask_params: List[nn.Parameter], opt: torch.optim.Optimizer, *, steps: int, alpha: float,
+                gamma: float, counter: PassCounter) -> Tensor:
+    """Phase 2 of an outer epoch: ``steps`` (>= 1) steps of the soft weight masks on clean and
+    triggered images; returns the last step's loss."""
+    for q in mask_params:
+        q.requires_grad_(True)
+    for _ in range(steps):
+        idx = next(batches)
+        xb, yb = x[idx], y[idx]
+        x_adv = (xb + delta).clamp(0, 1)
+        logits = counter(model, torch.cat([xb, x_adv]))  # eval mode: same as two passes
+        loss = alpha * F.cross_entropy(logits[:len(yb)], yb) \
+            + (1 - alpha) * F.cross_entropy(logits[len(yb):], yb) \
+            + gamma * sum(q.abs().sum() for q in mask_params)
+        opt.zero_grad(set_to_none=True)
+        counter.backward(loss)
+        opt.step()
+        with torch.no_grad():
+            for q in mask_params:
+                q.clamp_(0, 1)
+    return loss
+
+
+def _channel_scores(model: nn.Module, layout: Optional[NeuronLayout],
+                    final_masks: Dict[str, Tensor]) -> Optional[Tensor]:
+    """Per neuron: 1 - the mean element mask of its feeding conv's output channel (None for a model
+    without BatchNorm2d)."""
+    lay: Optional[NeuronLayout]
+    try:
+        lay = layout if layout is not None else neuron_layout(model)
+    except DefenseError:
+        lay = None
+    if lay is None:
+        return None
+    scores = torch.zeros(lay.num_neurons)
+    for layer in lay.layers:
+        if layer.conv_name in final_masks:
+            m = final_masks[layer.conv_name]
+            scores[layer.slice] = 1.0 - m.flatten(1).mean(1)
+    return scores
 
 
 @register_defense("awm")
@@ -152,8 +237,9 @@ class AWM(Defense):
     needs_bn = False  # masks conv weights; BN only used for neuron scores if present
     needs_data = True
     Params = AWMParams
+    params: AWMParams
 
-    def validate(self):
+    def validate(self) -> None:
         p = self.params
         if p.outer_epochs < 1 or p.inner < 1:
             raise DefenseError("awm: outer_epochs and inner must be >= 1")
@@ -164,13 +250,15 @@ class AWM(Defense):
         if not 0.0 <= p.alpha <= 1.0:
             raise DefenseError(f"awm: alpha must be in [0, 1], got {p.alpha}")
 
-    def trigger_budget(self, image_shape) -> float:
+    def trigger_budget(self, image_shape: Sequence[int]) -> float:
         if self.params.trigger_norm is not None:
             return float(self.params.trigger_norm)
         return REFERENCE_TRIGGER_NORM * math.prod(image_shape) / REFERENCE_NUMEL
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
         p = self.params
+        data = require_data(self.name, data)
         gen = torch.Generator().manual_seed(seed)
         x, y = data.train_x, data.train_y
         batch = p.batch_size
@@ -183,10 +271,11 @@ class AWM(Defense):
         if not convs:
             raise DefenseError(f"awm masks convolution weights; {type(model).__name__} has no nn.Conv2d")
         freeze(model).eval()
-        masks = {}
+        masks: Dict[str, nn.Parameter] = {}
         for name, conv in convs:
-            parametrize.register_parametrization(conv, "weight", ElementMask(conv.weight.shape))
-            masks[name] = conv.parametrizations.weight[0].mask
+            element_mask = ElementMask(conv.weight.shape)
+            parametrize.register_parametrization(conv, "weight", element_mask)
+            masks[name] = element_mask.mask  # the same module as conv.parametrizations.weight[0]
         mask_params = list(masks.values())
         opt = torch.optim.Adam(mask_params, lr=p.mask_lr)
         tau = self.trigger_budget(x.shape[1:])
@@ -194,62 +283,23 @@ class AWM(Defense):
         batches = _batches_with_replacement(len(y), batch, gen)
         n_trigger_steps = n_mask_steps = 0
         val_before = eval_accuracy(model, data.val_x, data.val_y, counter)
-        trigger_l1, history = [], []
+        trigger_l1: List[float] = []
+        history: List[Dict[str, Any]] = []
         delta = torch.zeros(1, *x.shape[1:])
         for epoch in range(p.outer_epochs):
-            # phase 1: universal trigger against the model's own predictions (masks fixed)
-            for q in mask_params:
-                q.requires_grad_(False)
-            delta = torch.zeros(1, *x.shape[1:], requires_grad=True)
-            t_opt = torch.optim.SGD([delta], lr=p.trigger_lr)
-            for _ in range(n_iters):
-                xb = x[next(batches)]
-                with torch.no_grad():
-                    y_hat = counter(model, xb).argmax(1)
-                loss = -F.cross_entropy(counter(model, xb + delta), y_hat)
-                t_opt.zero_grad(set_to_none=True)
-                counter.backward(loss)
-                t_opt.step()
-                n_trigger_steps += 1
-            with torch.no_grad():
-                l1 = delta.abs().sum()
-                delta.mul_(min(1.0, tau / l1.item()) if l1 > 0 else 1.0)
-            delta = delta.detach()
+            delta = _trigger_phase(model, x, batches, mask_params, steps=n_iters, lr=p.trigger_lr, tau=tau,
+                                   counter=counter)
+            n_trigger_steps += n_iters
             trigger_l1.append(delta.abs().sum().item())
-            # phase 2: soft weight masks
-            for q in mask_params:
-                q.requires_grad_(True)
-            for _ in range(n_iters):
-                idx = next(batches)
-                xb, yb = x[idx], y[idx]
-                x_adv = (xb + delta).clamp(0, 1)
-                logits = counter(model, torch.cat([xb, x_adv]))  # eval mode: same as two passes
-                loss = p.alpha * F.cross_entropy(logits[:len(yb)], yb) \
-                    + (1 - p.alpha) * F.cross_entropy(logits[len(yb):], yb) \
-                    + p.gamma * sum(q.abs().sum() for q in mask_params)
-                opt.zero_grad(set_to_none=True)
-                counter.backward(loss)
-                opt.step()
-                n_mask_steps += 1
-                with torch.no_grad():
-                    for q in mask_params:
-                        q.clamp_(0, 1)
+            loss = _mask_phase(model, x, y, batches, delta, mask_params, opt, steps=n_iters, alpha=p.alpha,
+                               gamma=p.gamma, counter=counter)
+            n_mask_steps += n_iters
             history.append({"epoch": epoch + 1, "loss": loss.item(), "trigger_l1": trigger_l1[-1]})
         final_masks = {n: m.detach().clone() for n, m in masks.items()}
-        for name, conv in convs:
+        for _name, conv in convs:
             parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
         freeze(model).eval()
-        scores = None
-        try:
-            lay = layout if layout is not None else neuron_layout(model)
-        except DefenseError:
-            lay = None
-        if lay is not None:
-            scores = torch.zeros(lay.num_neurons)
-            for layer in lay.layers:
-                if layer.conv_name in final_masks:
-                    m = final_masks[layer.conv_name]
-                    scores[layer.slice] = 1.0 - m.flatten(1).mean(1)
+        scores = _channel_scores(model, layout, final_masks)
         allm = torch.cat([m.flatten() for m in final_masks.values()])
         return DefenseResult(model, scores=scores, pruned=None,
                              info={"trigger_norm": tau, "trigger_l1": trigger_l1, "history": history,

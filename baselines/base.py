@@ -18,7 +18,7 @@ import numbers
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from onp.data.augment import Augment
 from onp.data.defense import DefenseData
 from onp.registry import Registry
+
+if TYPE_CHECKING:
+    from onp.graph import NeuronGraph
 
 #: Called by some defenses at interesting moments (e.g. RNP after unlearning) as
 #: ``report_fn(event, model)``; the CLI uses it to log test metrics. Its return value is ignored:
@@ -72,7 +75,7 @@ class PassCounter:
     ``counter.backward(loss)``, so the counts are exact (one per mini-batch, whatever its size).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.forward = 0
         self.backward_count = 0
 
@@ -80,7 +83,7 @@ class PassCounter:
         self.forward += 1
         return model(x)
 
-    def backward(self, loss: Tensor, **kwargs) -> None:
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
         loss.backward(**kwargs)
         self.backward_count += 1
 
@@ -144,7 +147,7 @@ def _fx_bn_order(model: nn.Module) -> Optional[List[Tuple[str, Optional[str]]]]:
         if node.target in seen:
             continue
         seen.add(node.target)
-        src = node.args[0] if node.args else None
+        src: Any = node.args[0] if node.args else None
         conv = None
         if getattr(src, "op", None) == "call_module" and isinstance(mods.get(src.target), nn.Conv2d):
             conv = src.target
@@ -173,17 +176,17 @@ def neuron_layout(model: nn.Module) -> NeuronLayout:
     return NeuronLayout(tuple(layers))
 
 
-def check_layout_matches_graph(layout: NeuronLayout, graph) -> None:
+def check_layout_matches_graph(layout: NeuronLayout, graph: NeuronGraph) -> None:
     """Raise if ``layout`` numbers neurons differently from a :class:`onp.graph.NeuronGraph`."""
-    ours = [(l.bn_name, l.offset, l.num_channels) for l in layout.layers]
-    theirs = [(l.bn_name, l.offset, l.num_channels) for l in graph.layers]
+    ours = [(layer.bn_name, layer.offset, layer.num_channels) for layer in layout.layers]
+    theirs = [(layer.bn_name, layer.offset, layer.num_channels) for layer in graph.layers]
     if ours != theirs:
         raise DefenseError(f"neuron numbering differs from the graph's: {ours[:4]}... vs {theirs[:4]}...")
 
 
 def bn_gammas(model: nn.Module, layout: NeuronLayout) -> Tensor:
     mods = dict(model.named_modules())
-    return torch.cat([mods[l.bn_name].weight.detach().flatten() for l in layout.layers])
+    return torch.cat([mods[layer.bn_name].weight.detach().flatten() for layer in layout.layers])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +197,13 @@ def require_data(name: str, data: Optional[DefenseData]) -> DefenseData:
     if data is None:
         raise DefenseError(f"defense {name!r} needs the defender's clean data (a DefenseData); got None")
     return data
+
+
+def require_layout(name: str, layout: Optional[NeuronLayout]) -> NeuronLayout:
+    """The neuron layout that :meth:`Defense.fit` computes for a defense with ``needs_bn``."""
+    if layout is None:
+        raise DefenseError(f"defense {name!r} needs the model's neuron layout (needs_bn)")
+    return layout
 
 
 def require_images(name: str, n_have: int, n_need: int, what: str = "defense-train images",
@@ -231,7 +241,7 @@ def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor, counter: Optional[Pass
         return 0.0
     was = model.training
     model.eval()
-    correct = 0
+    correct: float = 0
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
         logits = counter(model, xb) if counter is not None else model(xb)
@@ -360,11 +370,10 @@ class Defense:
                                f"valid: {', '.join(valid)}")
         self.params = self.Params(**check_param_types(self.Params, params, self.name))
         if isinstance(self.params, PruningParams):
-            self._validate_operating_point()
+            self._validate_operating_point(self.params)
         self.validate()
 
-    def _validate_operating_point(self) -> None:
-        p = self.params
+    def _validate_operating_point(self, p: PruningParams) -> None:
         if p.operating_point not in OPERATING_POINT_RULES:
             raise DefenseError(f"unknown operating_point {p.operating_point!r} for {self.name!r}; valid choices: "
                                f"{', '.join(OPERATING_POINT_RULES)}")
@@ -421,10 +430,13 @@ class Defense:
 DEFENSES: Registry = Registry("defense")
 
 
-def register_defense(name: str):
+_DefenseClass = TypeVar("_DefenseClass", bound=Type[Defense])
+
+
+def register_defense(name: str) -> Callable[[_DefenseClass], _DefenseClass]:
     """Class decorator: register a :class:`Defense` subclass under ``name`` (also sets ``cls.name``)."""
 
-    def deco(cls):
+    def deco(cls: _DefenseClass) -> _DefenseClass:
         cls.name = name
         DEFENSES.register(name, cls)
         return cls

@@ -20,11 +20,20 @@ paper prunes channels; ``prune_mode="gamma"`` keeps beta like ANP/RNP.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, cast
 
 import torch
 
-from .base import Defense, DefenseError, DefenseParams, DefenseResult, register_defense
+from .base import Defense, DefenseError, DefenseParams, DefenseResult, register_defense, require_layout
 from .operating_point import prune_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import NeuronLayout, PassCounter, ReportFn
 
 
 @dataclass
@@ -37,6 +46,8 @@ class CLPParams(DefenseParams):
 def channel_lipschitz(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
     """UCLC per output channel of ``bn(conv(.))``: spectral norm of the BN-scaled kernel slice."""
     # grouped / depthwise convs: each output channel's slice is (C_in / groups, kh, kw); same formula
+    if bn.running_var is None:
+        raise DefenseError(f"clp: {bn} keeps no running statistics (track_running_stats=False)")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     w = conv.weight * scale.view(-1, 1, 1, 1)
     return torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], -1), ord=2)
@@ -48,19 +59,24 @@ class CLP(Defense):
     needs_data = False
     prunes = True
     Params = CLPParams
+    params: CLPParams
 
-    def validate(self):
+    def validate(self) -> None:
         if self.params.prune_mode not in ("channel", "gamma"):
             raise DefenseError(f"clp: prune_mode must be 'channel' or 'gamma', got {self.params.prune_mode!r}")
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+        layout = require_layout(self.name, layout)
         mods = dict(model.named_modules())
         scores = torch.zeros(layout.num_neurons)
-        pruned, per_layer = [], {}
+        pruned: List[int] = []
+        per_layer: Dict[str, int] = {}
         for layer in layout.layers:
             if layer.conv_name is None:
                 continue
-            uclc = channel_lipschitz(mods[layer.conv_name], mods[layer.bn_name])
+            uclc = channel_lipschitz(cast(torch.nn.Conv2d, mods[layer.conv_name]),
+                                     cast(torch.nn.BatchNorm2d, mods[layer.bn_name]))
             mean, std = uclc.mean(), uclc.std() if len(uclc) > 1 else torch.tensor(0.0)
             z = (uclc - mean) / std if std > 0 else torch.zeros_like(uclc)
             scores[layer.slice] = z

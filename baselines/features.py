@@ -23,7 +23,7 @@ batch size is capped at the number of images; pass smaller budgets through
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,9 @@ from torch import Tensor, nn
 from onp.data.defense import DefenseData
 
 from .base import DEFENSES, PruningParams, build_defense, check_layout_matches_graph, neuron_layout
+
+if TYPE_CHECKING:
+    from onp.graph import NeuronGraph
 
 SCORE_METHODS = ("rnp", "anp", "awm", "fp", "clp", "magnitude")
 _CACHE: Dict[Tuple, Tensor] = {}
@@ -87,7 +90,7 @@ def baseline_scores(method: str, model: nn.Module, data: Union[Tensor, DefenseDa
 
 
 def make_score_provider(method: str, defense_data: Optional[DefenseData] = None, *, seed: int = 0,
-                        **params: Any) -> Callable:
+                        **params: Any) -> Callable[..., Tensor]:
     """A provider ``(model, graph, data) -> Tensor (N,)`` for ``method``.
 
     With ``defense_data`` given it uses that (real labels) and ignores the provider's ``data``;
@@ -95,7 +98,8 @@ def make_score_provider(method: str, defense_data: Optional[DefenseData] = None,
     """
     DEFENSES.check(method)
 
-    def provider(model: nn.Module, graph, data=None) -> Tensor:
+    def provider(model: nn.Module, graph: Optional[NeuronGraph],
+                 data: Union[Tensor, DefenseData, None] = None) -> Tensor:
         if graph is not None:
             check_layout_matches_graph(neuron_layout(model), graph)
         return baseline_scores(method, model, defense_data if defense_data is not None else data, seed=seed,

@@ -37,16 +37,33 @@ is **not** Fine-Pruning (see 1.).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from .base import Defense, DefenseError, DefenseResult, NeuronLayout, PassCounter, PruningParams, register_defense
+from .base import (
+    Defense,
+    DefenseError,
+    DefenseResult,
+    NeuronLayout,
+    PassCounter,
+    PruningParams,
+    register_defense,
+    require_data,
+    require_layout,
+)
 from .ft import FTParams, finetune
 from .ngf import last_linear
 from .operating_point import finalize_pruning, order_from_scores, pruning_grid
+
+if TYPE_CHECKING:
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import ReportFn
 
 UNIT_KINDS = ("classifier", "bn")
 
@@ -85,7 +102,7 @@ def mean_activations(model: nn.Module, layout: NeuronLayout, x: Tensor, counter:
                      batch_size: int = 512) -> Tensor:
     """Mean post-ReLU BN output per neuron over ``x`` (eval mode)."""
     bn_means, _ = _activation_means(model, layout, None, x, counter, batch_size)
-    return bn_means
+    return cast(Tensor, bn_means)  # computed: a layout is given
 
 
 @torch.no_grad()
@@ -109,17 +126,18 @@ def _activation_means(model: nn.Module, layout: Optional[NeuronLayout], linear: 
                       counter: PassCounter, batch_size: int = 512) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """One eval pass over ``x``: mean post-ReLU output per BN neuron (if ``layout``) and mean input per
     classifier unit (if ``linear``)."""
-    handles = []
-    bn_sums = torch.zeros(layout.num_neurons) if layout is not None else None
+    handles: List[RemovableHandle] = []
+    bn_sums: Optional[Tensor] = None
     unit_sums: Dict[str, Tensor] = {}
     if layout is not None:
+        sums = bn_sums = torch.zeros(layout.num_neurons)
         mods = dict(model.named_modules())
         for layer in layout.layers:
-            def hook(module, inp, out, sl=layer.slice):
-                bn_sums[sl] += out.clamp_min(0).mean(dim=(2, 3)).sum(0)
+            def hook(module: nn.Module, inp: Any, out: Tensor, sl: slice = layer.slice) -> None:
+                sums[sl] += out.clamp_min(0).mean(dim=(2, 3)).sum(0)
             handles.append(mods[layer.bn_name].register_forward_hook(hook))
     if linear is not None:
-        def unit_hook(module, inp):
+        def unit_hook(module: nn.Module, inp: Tuple[Tensor, ...]) -> None:
             s = inp[0].detach().flatten(1).sum(0)
             unit_sums["sum"] = unit_sums["sum"] + s if "sum" in unit_sums else s
         handles.append(linear.register_forward_pre_hook(unit_hook))
@@ -188,6 +206,7 @@ class FinePruning(Defense):
     needs_data = True
     prunes = True
     Params = FPParams
+    params: FPParams
 
     def validate(self) -> None:
         p = self.params
@@ -204,12 +223,16 @@ class FinePruning(Defense):
         return FTParams(lr=p.ft_lr, momentum=p.ft_momentum, weight_decay=p.ft_weight_decay, epochs=p.ft_epochs,
                         batch_size=p.batch_size, augment=p.augment)
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+        data = require_data(self.name, data)
         if self.params.units == "bn":
-            return self._fit_bn(model, data, layout=layout, seed=seed, augment=augment, counter=counter)
+            return self._fit_bn(model, data, layout=require_layout(self.name, layout), seed=seed, augment=augment,
+                                counter=counter)
         return self._fit_classifier(model, data, layout=layout, seed=seed, augment=augment, counter=counter)
 
-    def _fit_classifier(self, model, data, *, layout, seed, augment, counter) -> FPResult:
+    def _fit_classifier(self, model: nn.Module, data: DefenseData, *, layout: Optional[NeuronLayout], seed: int,
+                        augment: Optional[Augment], counter: PassCounter) -> FPResult:
         p = self.params
         name, linear = last_linear(model)
         bn_act, unit_act = _activation_means(model, layout, linear, data.train_x, counter)
@@ -222,6 +245,8 @@ class FinePruning(Defense):
                                  grid_step=p.grid_step)
             k = op["n_pruned"]
         else:  # number (threshold is rejected by the base class: FP has no mask)
+            if p.n_prune is None:
+                raise DefenseError("operating_point='number' needs n_prune >= 0 (e.g. --set n_prune=20)")
             k = min(int(p.n_prune), len(order))
             op = {"rule": "number", "n_prune": k, "n_pruned": k}
         units = [int(u) for u in order[:k]]
@@ -232,7 +257,7 @@ class FinePruning(Defense):
             model, ft_info = finetune(model, data, self._finetune_params(), seed=seed, augment=augment,
                                       counter=counter, name="fp", after_step=lambda: remove_units(linear, units))
         remove_units(linear, units)
-        return FPResult(model, scores=-bn_act, pruned=None, pruned_units=units,
+        return FPResult(model, scores=-bn_act if bn_act is not None else None, pruned=None, pruned_units=units,
                         info={"operating_point": op, "finetune": ft_info, "units": "classifier",
                               "classifier": name, "num_units": len(order), "pruned_units": units,
                               "n_pruned_units": len(units), "unit_scores": (-unit_act).tolist(),
@@ -240,7 +265,8 @@ class FinePruning(Defense):
                                        "sweep); FP prunes classifier units by info['unit_scores']",
                               "_unit_activation": unit_act})
 
-    def _fit_bn(self, model, data, *, layout, seed, augment, counter) -> DefenseResult:
+    def _fit_bn(self, model: nn.Module, data: DefenseData, *, layout: NeuronLayout, seed: int,
+                augment: Optional[Augment], counter: PassCounter) -> DefenseResult:
         from onp.masks import NeuronMasks
 
         p = self.params

@@ -10,12 +10,30 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import (Defense, DefenseError, DefenseParams, DefenseResult, default_augment, eval_accuracy,
-                   register_defense, require_images)
+from .base import (
+    Defense,
+    DefenseError,
+    DefenseParams,
+    DefenseResult,
+    default_augment,
+    eval_accuracy,
+    register_defense,
+    require_data,
+    require_images,
+)
 from .training import run_epoch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import NeuronLayout, PassCounter, ReportFn
 
 
 @dataclass
@@ -28,15 +46,18 @@ class FTParams(DefenseParams):
     augment: bool = True
 
 
-def finetune(model, data, p, *, seed, augment, counter, name="ft", after_step=None):
+def finetune(model: nn.Module, data: DefenseData, p: FTParams, *, seed: int, augment: Optional[Augment],
+             counter: PassCounter, name: str = "ft",
+             after_step: Optional[Callable[[], None]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """Fine-tune ``model`` in place for ``p.epochs``; returns (best-val model, history)."""
     require_images(name, len(data.train_y), p.batch_size)
     gen = torch.Generator().manual_seed(seed)
     aug = (augment or default_augment(data.train_x)) if p.augment else None
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    history = [{"epoch": 0, "val_acc": eval_accuracy(model, data.val_x, data.val_y, counter)}]
-    best, best_acc = None, -1.0
+    history: List[Dict[str, Any]] = [{"epoch": 0, "val_acc": eval_accuracy(model, data.val_x, data.val_y, counter)}]
+    best: Optional[Tuple[int, Dict[str, Any]]] = None
+    best_acc = -1.0
     for epoch in range(1, p.epochs + 1):
         model.train()
         loss, acc = run_epoch(model, data.train_x, data.train_y, opt, batch_size=p.batch_size, gen=gen,
@@ -56,11 +77,14 @@ class FineTuning(Defense):
     needs_bn = False
     needs_data = True
     Params = FTParams
+    params: FTParams
 
-    def validate(self):
+    def validate(self) -> None:
         if self.params.epochs < 1:
             raise DefenseError("ft: epochs must be >= 1")
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+        data = require_data(self.name, data)
         model, info = finetune(model, data, self.params, seed=seed, augment=augment, counter=counter)
         return DefenseResult(model, info=info)

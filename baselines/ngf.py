@@ -54,14 +54,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (Defense, DefenseError, DefenseParams, DefenseResult, default_augment, eval_accuracy, freeze,
-                   register_defense, require_images, sample_batch)
+from .base import (
+    Defense,
+    DefenseError,
+    DefenseParams,
+    DefenseResult,
+    default_augment,
+    eval_accuracy,
+    freeze,
+    register_defense,
+    require_data,
+    require_images,
+    sample_batch,
+)
+
+if TYPE_CHECKING:
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import NeuronLayout, PassCounter, ReportFn
 
 SCOPES = ("all", "last")
 
@@ -139,20 +156,28 @@ def _with_ones(a: Tensor) -> Tensor:
     return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
 
 
+def _grad_of(t: Tensor) -> Tensor:
+    """``t.grad``, which the backward pass just run has set."""
+    if t.grad is None:
+        raise RuntimeError("ngf: no gradient; call backward() first")
+    return t.grad
+
+
 def _layer_matrix(layer: nn.Linear, grad: bool = False) -> Tensor:
     """``[W | b]`` (or ``W`` without bias) of ``layer``, or of its gradient."""
-    w = layer.weight.grad if grad else layer.weight
+    w = _grad_of(layer.weight) if grad else layer.weight
     if layer.bias is None:
         return w
-    b = layer.bias.grad if grad else layer.bias
+    b = _grad_of(layer.bias) if grad else layer.bias
     return torch.cat([w, b.view(-1, 1)], 1)
 
 
 @torch.no_grad()
-def diagonal_fisher(model, layer: nn.Linear, x: Tensor, y: Tensor, counter, batch_size: int = 256) -> Tensor:
+def diagonal_fisher(model: nn.Module, layer: nn.Linear, x: Tensor, y: Tensor, counter: PassCounter,
+                    batch_size: int = 256) -> Tensor:
     """Diagonal empirical Fisher of ``[W | b]``: mean over examples of the squared per-example gradient
     of the CE loss (for a linear layer the per-example gradient is ``g_i a_i^T``)."""
-    feats = {}
+    feats: Dict[str, Tensor] = {}
     h = layer.register_forward_hook(lambda m, i, o: feats.__setitem__("a", i[0].detach()))
     fisher = torch.zeros(layer.out_features, layer.in_features + 1)
     try:
@@ -180,8 +205,11 @@ class KFACLinear:
         d_in = layer.in_features + (1 if self.has_bias else 0)
         self.A = torch.eye(d_in)
         self.G = torch.eye(layer.out_features)
-        self.Qa = self.Qg = self.S = None
-        self._a = self._g = None
+        self.Qa: Optional[Tensor] = None
+        self.Qg: Optional[Tensor] = None
+        self.S: Optional[Tensor] = None
+        self._a: Optional[Tensor] = None
+        self._g: Optional[Tensor] = None
         self.step = 0
         self.n_cov_updates = 0
         self.n_scale_updates = 0
@@ -192,6 +220,12 @@ class KFACLinear:
         self._a = _with_ones(a) if self.has_bias else a
         self._g = g.detach() * len(g)  # per-example gradients
 
+    def _basis(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(Qa, Qg, S)``: the eigenbases and the scale that :meth:`update_stats` set."""
+        if self.Qa is None or self.Qg is None or self.S is None:
+            raise RuntimeError("KFACLinear: no eigenbasis yet; call update_stats() first")
+        return self.Qa, self.Qg, self.S
+
     def _running(self, old: Tensor, new: Tensor) -> Tensor:
         return old * self.p.stat_decay + new * (1 - self.p.stat_decay)
 
@@ -199,6 +233,8 @@ class KFACLinear:
         """The statistics of one optimisation step (call after the backward pass, before
         :meth:`precondition`), in the reference's order: factors, eigenbasis, EKFAC scale."""
         p, a, g = self.p, self._a, self._g
+        if a is None or g is None:
+            raise RuntimeError("KFACLinear: update_stats() needs capture() first")
         if self.step % p.t_cov == 0:
             self.A = self._running(self.A, a.t() @ a / len(a))
             self.G = self._running(self.G, g.t() @ g / len(g))
@@ -211,16 +247,18 @@ class KFACLinear:
             self.S = (lg[:, None] * la[None, :]).float()
         if p.ekfac and self.step > 0 and self.step % p.t_scal == 0:
             # per-example gradients g_i a_i^T in the eigenbasis: (Qg^T g_i)(Qa^T a_i)^T, squared, batch mean
-            pe = torch.einsum("bo,bi->boi", g @ self.Qg, a @ self.Qa).pow(2).mean(0)
-            self.S = self._running(self.S, pe)
+            qa, qg, s = self._basis()
+            pe = torch.einsum("bo,bi->boi", g @ qg, a @ qa).pow(2).mean(0)
+            self.S = self._running(s, pe)
             self.n_scale_updates += 1
         self.step += 1
 
     def precondition(self, grad: Tensor) -> Tensor:
         """``grad`` of ``[W | b]`` (out, in[+1]) -> natural-gradient direction."""
-        v = self.Qg.t() @ grad @ self.Qa
-        v = v / (self.S + self.p.damping)
-        return self.Qg @ v @ self.Qa.t()
+        qa, qg, s = self._basis()
+        v = qg.t() @ grad @ qa
+        v = v / (s + self.p.damping)
+        return qg @ v @ qa.t()
 
 
 # -------------------------------------------------------------------------------------------------- defense
@@ -231,8 +269,9 @@ class NGF(Defense):
     needs_bn = False
     needs_data = True
     Params = NGFParams
+    params: NGFParams
 
-    def validate(self):
+    def validate(self) -> None:
         p = self.params
         if p.iterations < 1 or p.round_iters < 1:
             raise DefenseError("ngf: iterations and round_iters must be >= 1")
@@ -259,13 +298,16 @@ class NGF(Defense):
             model.eval()  # BN statistics stay exactly as they were
         return [q for q in model.parameters() if q.requires_grad]
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
         p = self.params
+        data = require_data(self.name, data)
         require_images(self.name, len(data.train_y), p.batch_size)
         name, layer = last_linear(model)
         model.eval()
         val_before = eval_accuracy(model, data.val_x, data.val_y, counter)
-        theta0 = fisher = None
+        theta0: Optional[Tensor] = None
+        fisher: Optional[Tensor] = None
         if p.fisher_coef > 0:
             theta0 = _layer_matrix(layer).detach().clone()
             fisher = diagonal_fisher(model, layer, data.train_x, data.train_y, counter)
@@ -274,7 +316,7 @@ class NGF(Defense):
         kfac = KFACLinear(layer, p)
         store: Dict[str, Tensor] = {}
 
-        def fwd_hook(mod, inp, out):
+        def fwd_hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor) -> None:
             store["a"] = inp[0].detach().flatten(1)
             if out.requires_grad:
                 out.register_hook(lambda g: store.__setitem__("g", g))
@@ -282,7 +324,9 @@ class NGF(Defense):
         handle = layer.register_forward_hook(fwd_hook)
         gen = torch.Generator().manual_seed(seed)
         aug = (augment or default_augment(data.train_x)) if p.augment else None
-        nus, losses, lrs = [], [], []
+        nus: List[float] = []
+        losses: List[float] = []
+        lrs: List[float] = []
         try:
             for it in range(p.iterations):
                 lr = scheduled_lr(p, it)
@@ -295,7 +339,7 @@ class NGF(Defense):
                     xb = aug(xb, gen)
                 ce = F.cross_entropy(counter(model, xb), yb)
                 loss = ce
-                if fisher is not None:
+                if fisher is not None and theta0 is not None:  # both set when fisher_coef > 0
                     loss = ce + 0.5 * p.fisher_coef * (fisher * (_layer_matrix(layer) - theta0).pow(2)).sum()
                 opt.zero_grad(set_to_none=True)
                 counter.backward(loss)
@@ -306,9 +350,9 @@ class NGF(Defense):
                 vg = (direction * grad).sum().item() * lr ** 2
                 nu = min(1.0, (p.kl_clip / vg) ** 0.5) if vg > 0 else 1.0
                 with torch.no_grad():
-                    layer.weight.grad.copy_(nu * direction[:, :layer.in_features])
+                    _grad_of(layer.weight).copy_(nu * direction[:, :layer.in_features])
                     if layer.bias is not None:
-                        layer.bias.grad.copy_(nu * direction[:, -1])
+                        _grad_of(layer.bias).copy_(nu * direction[:, -1])
                 opt.step()
                 nus.append(nu)
                 lrs.append(lr)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +26,16 @@ from torch import Tensor, nn
 from onp.data.defense import DefenseData
 
 from .base import OPERATING_POINT_RULES as RULES
-from .base import DefenseError, NeuronLayout, PassCounter, eval_accuracy
+from .base import DefenseError, NeuronLayout, PassCounter, PruningParams, eval_accuracy
+
+if TYPE_CHECKING:
+    from onp.attacks import Attack
+    from onp.masks import NeuronMasks
 
 ORACLE_LABEL = "oracle sweep, for analysis only (uses the test set and the real trigger)"
 
 
-def _neuron_masks():
+def _neuron_masks() -> Type[NeuronMasks]:
     from onp.masks import NeuronMasks  # the shared mask implementation (onp/masks.py)
     return NeuronMasks
 
@@ -96,7 +100,7 @@ def delta_rule(model: nn.Module, layout: NeuronLayout, order: Tensor, data: Defe
     work = copy.deepcopy(model)
     NeuronMasks = _neuron_masks()
     masks = NeuronMasks(work, layout.bn_names, mode=mode)
-    sweep = []
+    sweep: List[Dict[str, Any]] = []
     try:
         for k in counts:
             m = torch.ones(layout.num_neurons)
@@ -108,7 +112,7 @@ def delta_rule(model: nn.Module, layout: NeuronLayout, order: Tensor, data: Defe
     base = sweep[0]["val_acc"] if sweep and sweep[0]["n_pruned"] == 0 else eval_accuracy(model, data.val_x,
                                                                                           data.val_y, counter)
     ok = [s for s in sweep if base - s["val_acc"] <= delta + 1e-12]
-    best = max(ok, key=lambda s: s["n_pruned"]) if ok else {"n_pruned": 0, "val_acc": base}
+    best: Dict[str, Any] = max(ok, key=lambda s: s["n_pruned"]) if ok else {"n_pruned": 0, "val_acc": base}
     k = best["n_pruned"]
     return OperatingPoint("delta", [int(i) for i in order[:k]],
                           {"rule": "delta", "delta": delta, "n_pruned": k, "val_acc_before": base,
@@ -148,7 +152,8 @@ def choose_pruning(model: nn.Module, layout: NeuronLayout, scores: Tensor, data:
 
 
 @torch.no_grad()
-def oracle_sweep(model: nn.Module, layout: NeuronLayout, scores: Tensor, test_x: Tensor, test_y: Tensor, attack, *,
+def oracle_sweep(model: nn.Module, layout: NeuronLayout, scores: Tensor, test_x: Tensor, test_y: Tensor,
+                 attack: Attack, *,
                  counts: Optional[Sequence[int]] = None, max_fraction: float = 0.5, grid_step: float = 0.01,
                  mode: str = "gamma") -> Dict[str, Any]:
     """Test ACC / ASR / RA of ``model`` with the top-k neurons (by ``scores``) pruned, for k on a grid.
@@ -173,10 +178,11 @@ def oracle_sweep(model: nn.Module, layout: NeuronLayout, scores: Tensor, test_x:
     return {"label": ORACLE_LABEL, "prune_mode": mode, "num_neurons": layout.num_neurons, "sweep": rows}
 
 
-def finalize_pruning(model: nn.Module, layout: NeuronLayout, scores: Tensor, data: Optional[DefenseData], params,
-                     counter: Optional[PassCounter] = None, *, threshold_values: Optional[Tensor] = None,
-                     threshold: Optional[float] = None, mode: str = "gamma",
-                     candidates: Optional[Tensor] = None):
+def finalize_pruning(model: nn.Module, layout: NeuronLayout, scores: Tensor, data: Optional[DefenseData],
+                     params: PruningParams, counter: Optional[PassCounter] = None, *,
+                     threshold_values: Optional[Tensor] = None, threshold: Optional[float] = None,
+                     mode: str = "gamma", candidates: Optional[Tensor] = None
+                     ) -> Tuple[nn.Module, List[int], Dict[str, Any]]:
     """Apply the operating-point rule of ``params`` (a :class:`~baselines.base.PruningParams`) and prune
     ``model`` (not modified). Returns ``(pruned_model, pruned_ids, info)``."""
     op = choose_pruning(model, layout, scores, data, rule=params.operating_point, delta=params.delta,

@@ -7,11 +7,20 @@ the operating-point rule, like the other pruning defenses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .base import Defense, DefenseResult, PruningParams, register_defense
+from .base import Defense, DefenseResult, PruningParams, register_defense, require_layout
 from .operating_point import finalize_pruning
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import NeuronLayout, PassCounter, ReportFn
 
 
 @dataclass
@@ -25,8 +34,11 @@ class RandomPruning(Defense):
     needs_data = False
     prunes = True
     Params = RandomParams
+    params: RandomParams
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+        layout = require_layout(self.name, layout)
         scores = torch.rand(layout.num_neurons, generator=torch.Generator().manual_seed(seed))
         pruned_model, pruned, info = finalize_pruning(model, layout, scores, data, self.params, counter)
         return DefenseResult(pruned_model, scores=scores, pruned=pruned,

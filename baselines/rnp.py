@@ -27,15 +27,32 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .base import (Defense, DefenseError, DefenseResult, PruningParams, default_augment, eval_accuracy, freeze,
-                   register_defense, require_images)
+from .base import (
+    Defense,
+    DefenseError,
+    DefenseResult,
+    PruningParams,
+    default_augment,
+    eval_accuracy,
+    freeze,
+    register_defense,
+    require_data,
+    require_images,
+    require_layout,
+)
 from .operating_point import finalize_pruning
 from .training import run_epoch
+
+if TYPE_CHECKING:
+    from onp.data.augment import Augment
+    from onp.data.defense import DefenseData
+
+    from .base import NeuronLayout, PassCounter, ReportFn
 
 
 @dataclass
@@ -56,12 +73,14 @@ class RNPParams(PruningParams):
     keep_intermediate: bool = False  # keep the unlearned model in info["_unlearned_model"] (tests, analysis)
 
 
-def unlearn(model: nn.Module, data, p: RNPParams, *, gen, aug, counter):
+def unlearn(model: nn.Module, data: DefenseData, p: RNPParams, *, gen: torch.Generator, aug: Optional[Augment],
+            counter: PassCounter) -> Tuple[List[Dict[str, Any]], bool]:
     """Gradient ascent until the running train accuracy is <= ``clean_threshold``; returns the history."""
     opt = torch.optim.SGD(model.parameters(), lr=p.unlearn_lr, momentum=p.unlearn_momentum,
                           weight_decay=p.unlearn_weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(p.unlearn_milestones), gamma=0.1)
-    history, reached = [], False
+    history: List[Dict[str, Any]] = []
+    reached = False
     for epoch in range(1, p.unlearn_epochs + 1):
         model.train()
         loss, acc = run_epoch(model, data.train_x, data.train_y, opt, batch_size=p.batch_size, gen=gen,
@@ -74,7 +93,9 @@ def unlearn(model: nn.Module, data, p: RNPParams, *, gen, aug, counter):
     return history, reached
 
 
-def recover_masks(unlearned: nn.Module, layout, data, p: RNPParams, *, gen, aug, counter):
+def recover_masks(unlearned: nn.Module, layout: NeuronLayout, data: DefenseData, p: RNPParams, *,
+                  gen: torch.Generator, aug: Optional[Augment],
+                  counter: PassCounter) -> Tuple[Tensor, List[Dict[str, Any]]]:
     """Learn per-neuron masks on the frozen unlearned model; returns (mask tensor, history)."""
     from onp.masks import NeuronMasks
 
@@ -84,11 +105,11 @@ def recover_masks(unlearned: nn.Module, layout, data, p: RNPParams, *, gen, aug,
     masks.set_mask(mask)
     opt = torch.optim.SGD([mask], lr=p.recover_lr, momentum=p.recover_momentum)
 
-    def clamp():
+    def clamp() -> None:
         with torch.no_grad():
             mask.clamp_(0.0, 1.0)
 
-    history = []
+    history: List[Dict[str, Any]] = []
     try:
         for epoch in range(1, p.recover_epochs + 1):
             unlearned.train()
@@ -106,14 +127,17 @@ class RNP(Defense):
     needs_data = True
     prunes = True
     Params = RNPParams
+    params: RNPParams
 
-    def validate(self):
+    def validate(self) -> None:
         p = self.params
         if p.unlearn_epochs < 1 or p.recover_epochs < 0:
             raise DefenseError("rnp: unlearn_epochs must be >= 1 and recover_epochs >= 0")
 
-    def _fit(self, model, data, *, layout, seed, augment, report_fn, counter):
+    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
+             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
         p = self.params
+        data, layout = require_data(self.name, data), require_layout(self.name, layout)
         require_images(self.name, len(data.train_y), p.batch_size)
         gen = torch.Generator().manual_seed(seed)
         aug = (augment or default_augment(data.train_x)) if p.augment else None

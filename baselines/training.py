@@ -21,7 +21,8 @@ def run_epoch(model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Opt
     ``ascent=True`` maximises the cross-entropy (RNP unlearning: the step minimises -CE).
     ``after_step`` runs after every optimizer step (e.g. mask clamping).
     """
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, seen = 0.0, 0
+    correct: float = 0
     for idx in epoch_batches(len(y), batch_size, gen):
         xb, yb = x[idx], y[idx]
         if augment is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from torch import nn
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, cache_root, load_checkpoint
 from onp.registry import Registry
+
+if TYPE_CHECKING:
+    from onp.attacks import Attack
 
 ASR_ESTIMATORS: Registry = Registry("ASR estimator")
 
@@ -48,18 +51,23 @@ class ASRProbe:
                         self.trigger_aware, self.info)
 
 
-def register_asr_estimator(name: str):
+#: ``(model, attack, defense_data, *, seed, cache_dir, **params) -> ASRProbe``
+ProbeBuilder = Callable[..., ASRProbe]
+
+
+def register_asr_estimator(name: str) -> Callable[[ProbeBuilder], ProbeBuilder]:
     return ASR_ESTIMATORS.register(name)
 
 
-def build_probe(name: str, model: nn.Module, attack, defense_data: DefenseData, *, seed: int = 0,
-                cache_dir: Optional[Path] = None, **params) -> ASRProbe:
+def build_probe(name: str, model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *, seed: int = 0,
+                cache_dir: Optional[Path] = None, **params: Any) -> ASRProbe:
     """Build the probe of estimator ``name`` (see the module docstring)."""
     return ASR_ESTIMATORS.get(name)(model, attack, defense_data, seed=seed, cache_dir=cache_dir, **params)
 
 
 @register_asr_estimator("trigger")
-def trigger_probe(model, attack, defense_data: DefenseData, *, seed: int = 0, cache_dir=None) -> ASRProbe:
+def trigger_probe(model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *, seed: int = 0,
+                  cache_dir: Optional[Path] = None) -> ASRProbe:
     """The real trigger on defense-validation images (target-class images excluded, all-to-one)."""
     if attack is None:
         raise ValueError("the 'trigger' ASR estimator needs the attack; use asr_estimator='synthesized'")
@@ -134,7 +142,8 @@ def _checked_reversal(rev: Any, path: Path, data: DefenseData) -> Dict[str, torc
 
 
 @register_asr_estimator("synthesized")
-def synthesized_probe(model, attack, defense_data: DefenseData, *, seed: int = 0, cache_dir=None,
+def synthesized_probe(model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *, seed: int = 0,
+                      cache_dir: Optional[Path] = None,
                       steps: int = 150, l1_weight: float = 1e-3, min_success: float = 0.5) -> ASRProbe:
     """A reverse-engineered trigger from defense-train images only (no knowledge of the attack).
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import gymnasium as gym
 import numpy as np
@@ -48,13 +48,18 @@ class PruningSubject:
     name: str = "model"
 
 
-def _as_bundle(spec: BackdoorSpec, cache_dir: Optional[Path]):
+def _as_bundle(spec: BackdoorSpec, cache_dir: Optional[Path]) -> Union[BackdoorBundle, PruningSubject]:
     if isinstance(spec, (BackdoorBundle, PruningSubject)):
         return spec
     if isinstance(spec, (str, Path)):
         from onp.zoo import open_bundle
         return open_bundle(spec)
     return load_bundle(spec, cache_dir=cache_dir, progress=True)
+
+
+def _name_of(bundle: Union[BackdoorBundle, PruningSubject]) -> str:
+    """A :class:`PruningSubject`'s name, else the model folder's name."""
+    return getattr(bundle, "name", None) or cast(BackdoorBundle, bundle).path.name
 
 
 class NeuronPruningEnv(gym.Env):
@@ -80,15 +85,17 @@ class NeuronPruningEnv(gym.Env):
     """
 
     metadata = {"render_modes": []}
+    observation_space: spaces.Dict
+    action_space: spaces.Discrete
 
-    def __init__(self, backdoor: Union[BackdoorSpec, Sequence[BackdoorSpec], None] = None, *,
+    def __init__(self, backdoor: Union[BackdoorSpec, List[BackdoorSpec], Tuple[BackdoorSpec, ...], None] = None, *,
                  budget: float = 0.05, lam: float = 1.0, delta: float = 0.1, reward_batch: Optional[int] = None,
                  asr_estimator: str = "trigger", estimator_params: Optional[Dict[str, Any]] = None,
                  feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
                  top_k: Optional[int] = 16, exclude_layer_types: Sequence[str] = ("stem",),
                  mask_mode: str = "gamma", group_pruning: bool = False, invalid_action_penalty: float = 0.01,
                  reject_violations: bool = True, use_suffix_cache: bool = True, cache_dir: Optional[Path] = None,
-                 seed: int = 0):
+                 seed: int = 0) -> None:
         super().__init__()
         if budget <= 0:
             raise ValueError(f"budget must be > 0 (a fraction in (0, 1) or a neuron count); got {budget}")
@@ -101,14 +108,15 @@ class NeuronPruningEnv(gym.Env):
         if backdoor is None or (isinstance(backdoor, (list, tuple)) and not backdoor):
             raise ValueError("NeuronPruningEnv needs the model to prune: pass backdoor=<a BackdoorBundle, a "
                              "BackdoorConfig or dict (fetched from the zoo, trained on first use), or a model "
-                             "folder>, e.g. gym.make('onp/NeuronPruning-v0', backdoor=BackdoorConfig(model='resnet18'))")
+                             "folder>, e.g. gym.make('onp/NeuronPruning-v0', "
+                             "backdoor=BackdoorConfig(model='resnet18'))")
         specs = list(backdoor) if isinstance(backdoor, (list, tuple)) else [backdoor]
         self.bundles = [_as_bundle(s, cache_dir) for s in specs]
         self.targets: List[PruningTarget] = [
             PruningTarget(b.model, b.attack, b.defense_data, reward_batch=reward_batch, asr_estimator=asr_estimator,
                           estimator_params=estimator_params, feature_providers=feature_providers, top_k=top_k,
                           mask_mode=mask_mode, seed=seed, cache_dir=cache_dir, use_suffix_cache=use_suffix_cache,
-                          name=getattr(b, "name", None) or b.path.name) for b in self.bundles]
+                          name=_name_of(b)) for b in self.bundles]
         sizes = {t.num_nodes for t in self.targets}
         if len(sizes) != 1:
             raise ValueError(f"multi-model mode needs models of one architecture; got neuron counts {sorted(sizes)}")
@@ -148,7 +156,7 @@ class NeuronPruningEnv(gym.Env):
         self.edge_index = g.edge_index
         self.edge_weight = g.edge_weight
         self.graph = g
-        types = [g.layers[int(l)].layer_type for l in g.node_layer]
+        types = [g.layers[int(i)].layer_type for i in g.node_layer]
         self._prunable = np.array([t not in self.exclude_layer_types for t in types], dtype=bool)
 
     @property
@@ -181,7 +189,8 @@ class NeuronPruningEnv(gym.Env):
         return valid
 
     # -- gym API -------------------------------------------------------------------------------
-    def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
+    def reset(self, *, seed: Optional[int] = None,
+              options: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
         super().reset(seed=seed)
         options = options or {}
         if "model_index" in options:
@@ -232,7 +241,7 @@ class NeuronPruningEnv(gym.Env):
                             f"{action!r} ({type(action).__name__})")
         return int(action)
 
-    def step(self, action):
+    def step(self, action: Any) -> Tuple[Dict[str, np.ndarray], float, bool, bool, Dict[str, Any]]:
         action = self._as_action(action)
         if self._done:
             return self._obs(), 0.0, True, False, self._info()

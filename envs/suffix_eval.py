@@ -9,7 +9,7 @@ graph shares with the original model, so the cached and uncached results are ide
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.fx as fx
@@ -66,14 +66,14 @@ class SuffixEvaluator:
         """The current cache (cached tensors are never modified in place, so this is cheap)."""
         return dict(self.cache), self.output
 
-    def restore(self, state: Tuple[Dict[fx.Node, torch.Tensor], Optional[torch.Tensor]]) -> torch.Tensor:
+    def restore(self, state: Tuple[Dict[fx.Node, torch.Tensor], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
         """Go back to a :meth:`snapshot` (the masks must be set back to that state by the caller)."""
         self.cache, self.output = dict(state[0]), state[1]
         return self.output
 
     def _run(self, start: int) -> torch.Tensor:
         env: Dict[fx.Node, torch.Tensor] = {n: v for n, v in self.cache.items() if self.pos[n] < start}
-        out = None
+        out: Any = None
         for i in range(start if start > 0 else 0, len(self.nodes)):
             node = self.nodes[i]
             if i < start:
@@ -83,14 +83,14 @@ class SuffixEvaluator:
             if node.op == "placeholder":
                 val = self.x
             elif node.op == "get_attr":
-                val = self._attr(node.target)
+                val = self._attr(str(node.target))
             elif node.op == "call_module":
                 val = self.modules[node.target](*args, **kwargs)
             elif node.op == "call_function":
-                val = node.target(*args, **kwargs)
+                val = cast(Callable[..., Any], node.target)(*args, **kwargs)
             elif node.op == "call_method":
                 obj, *rest = args
-                val = getattr(obj, node.target)(*rest, **kwargs)
+                val = getattr(obj, str(node.target))(*rest, **kwargs)
             elif node.op == "output":
                 out = args[0]
                 break
@@ -106,8 +106,8 @@ class SuffixEvaluator:
         self.output = out
         return out
 
-    def _attr(self, target: str):
-        obj = self.gm
+    def _attr(self, target: str) -> Any:
+        obj: Any = self.gm
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj

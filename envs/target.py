@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from onp.masks import NeuronMasks
 
 from .asr_estimators import ASRProbe, build_probe
 from .suffix_eval import SuffixEvaluator
+
+if TYPE_CHECKING:
+    from onp.attacks import Attack
 
 
 @dataclass
@@ -36,8 +39,9 @@ class PruningTarget:
             triggered batch is the estimator's probe, capped at the same size.
     """
 
-    def __init__(self, model: nn.Module, attack, defense_data: DefenseData, *, reward_batch: Optional[int] = None,
-                 asr_estimator: str = "trigger", estimator_params: Optional[Dict[str, Any]] = None,
+    def __init__(self, model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *,
+                 reward_batch: Optional[int] = None, asr_estimator: str = "trigger",
+                 estimator_params: Optional[Dict[str, Any]] = None,
                  feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
                  top_k: Optional[int] = 16, mask_mode: str = "gamma", seed: int = 0,
                  cache_dir: Optional[Path] = None, use_suffix_cache: bool = True, name: str = "model"):
@@ -61,7 +65,7 @@ class PruningTarget:
         self.clean_y = defense_data.val_y[:n]
         self.n_clean = len(self.clean_y)
         batch = torch.cat([defense_data.val_x[:n], self.probe.images]).contiguous(memory_format=torch.channels_last)
-        self.model.to(memory_format=torch.channels_last)
+        self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stubs
         self.use_suffix_cache = use_suffix_cache
         self.bn_names = [layer.bn_name for layer in self.graph.layers]
         self.evaluator = SuffixEvaluator(self.model, batch, self.bn_names)

@@ -15,26 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
+from torch import nn
 
+from .baseline_config import BaselineRunConfig
 from .cli_common import finite_float, fraction, int_at_least, path_arg, run_cli
 from .config import deep_update, parse_overrides
 from .data.augment import Augment
 from .io import cache_root, run_folder
 from .metrics import evaluate_backdoor, with_der
-from .rundir import write_run
+from .rundir import RunResult, reproduce_line, write_run
 from .seeding import seed_everything
-from .zoo import BackdoorConfig, load_bundle, open_bundle
+from .zoo import BackdoorBundle, BackdoorConfig, load_bundle, open_bundle
 
 
-def _baselines():
+def _baselines() -> ModuleType:
     import baselines  # noqa: F401  (registers the defenses)
     return baselines
 
 
-def defend(bundle, method: str, params: Optional[Dict[str, Any]] = None, *, seed: int = 0, report_fn=None):
+def defend(bundle: BackdoorBundle, method: str, params: Optional[Dict[str, Any]] = None, *, seed: int = 0,
+           report_fn: Optional[Callable[[str, nn.Module], None]] = None) -> Any:
     """Run defense ``method`` on ``bundle``'s model using **only** ``bundle.defense_data`` (plus the
     dataset spec for the crop/flip augmentation). Never touches ``bundle.test_x`` / ``test_y`` /
     ``attack``; ``report_fn(event, model)`` is the only way out for test-time logging."""
@@ -45,7 +49,7 @@ def defend(bundle, method: str, params: Optional[Dict[str, Any]] = None, *, seed
     return defense.fit(bundle.model, data, seed=seed, augment=Augment.for_spec(spec), report_fn=report_fn)
 
 
-def _uses_val(defense) -> bool:
+def _uses_val(defense: Any) -> bool:
     return getattr(defense.params, "operating_point", None) == "delta"
 
 
@@ -108,28 +112,147 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> BackdoorConfig:
-    data: Dict[str, Any] = {"model": args.model, "dataset": args.dataset, "attack": args.attack, "seed": args.seed}
-    for key in ("width", "epochs", "data_source", "defense_size", "max_train"):
-        val = getattr(args, key)
-        if val is not None:
-            data[key] = val
-    data = deep_update(data, parse_overrides(args.backdoor_set))
-    return BackdoorConfig.from_dict(data).resolved()
-
-
-def defense_params(args: argparse.Namespace, method: str) -> Dict[str, Any]:
-    bl = _baselines()
-    cls = bl.DEFENSES.get(method)
+def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
+    """The :class:`BaselineRunConfig` of the command line (flags mapped one to one)."""
     params = parse_overrides(args.set)
-    defaults = cls.defaults()
     for flag, key in ((args.delta, "delta"), (args.operating_point, "operating_point")):
-        if flag is None:
-            continue
-        if key not in defaults:
-            raise ValueError(f"--{key.replace('_', '-')} does not apply to {method!r} (it has no operating point)")
-        params[key] = flag
-    return params
+        if flag is not None:
+            params[key] = flag
+    data: Dict[str, Any] = {"method": args.method, "params": params, "defense_seed": args.defense_seed,
+                            "deterministic": args.deterministic, "oracle": not args.no_oracle,
+                            "oracle_max_fraction": args.oracle_max_fraction, "oracle_step": args.oracle_step,
+                            "cache_dir": _str(args.cache_dir), "data_dir": _str(args.data_dir)}
+    if args.checkpoint is not None:
+        data["checkpoint"] = str(args.checkpoint)
+    else:
+        backdoor: Dict[str, Any] = {"model": args.model, "dataset": args.dataset, "attack": args.attack,
+                                    "seed": args.seed}
+        for key in ("width", "epochs", "data_source", "defense_size", "max_train"):
+            if getattr(args, key) is not None:
+                backdoor[key] = getattr(args, key)
+        data["backdoor"] = deep_update(backdoor, parse_overrides(args.backdoor_set))
+    return BaselineRunConfig.from_dict(data)
+
+
+def baseline_command(config: Union[BaselineRunConfig, Dict[str, Any]], out: Path) -> str:
+    """The ``python -m onp.baseline`` command line that runs ``config`` into ``out``."""
+    cfg = config if isinstance(config, BaselineRunConfig) else BaselineRunConfig.from_dict(config)
+    default = BaselineRunConfig(method=cfg.method, checkpoint=cfg.checkpoint, backdoor=cfg.backdoor)
+    argv = ["--method", cfg.method]
+    if cfg.checkpoint is not None:
+        argv += ["--checkpoint", cfg.checkpoint]
+    else:
+        zoo = BackdoorConfig().resolved().to_dict()
+        for key, val in (cfg.backdoor or {}).items():
+            if key in ("model", "dataset", "attack", "seed"):
+                argv += [f"--{key}", str(val)]
+            elif val != zoo.get(key):
+                argv += ["--backdoor-set", f"{key}={json.dumps(val)}"]
+    if cfg.defense_seed is not None:
+        argv += ["--defense-seed", str(cfg.defense_seed)]
+    for key, val in cfg.params.items():
+        argv += ["--set", f"{key}={json.dumps(val)}"]
+    if not cfg.oracle:
+        argv.append("--no-oracle")
+    for key in ("oracle_max_fraction", "oracle_step"):
+        if getattr(cfg, key) != getattr(default, key):
+            argv += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+    for key in ("cache_dir", "data_dir"):
+        if getattr(cfg, key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+    if cfg.deterministic:
+        argv.append("--deterministic")
+    return reproduce_line(["python -m onp.baseline"] + argv + ["--out", str(out)])
+
+
+def _str(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def default_run_dir(method: str, backdoor: Dict[str, Any], seed: int) -> Path:
+    name = "clean" if backdoor.get("clean") else backdoor["attack"]
+    return Path("runs") / "baseline" / f"{method}-{name}-{backdoor['model']}-s{seed}"
+
+
+def run_baseline(config: Union[BaselineRunConfig, Dict[str, Any]], out: Optional[Path] = None, *,
+                 overwrite: bool = False, quiet: bool = False, command: Optional[str] = None) -> RunResult:
+    """Run one baseline defense as configured and write its run folder; return the :class:`RunResult`.
+
+    The method and its hyperparameters are checked (names, types, ranges) before any model is loaded.
+    The defense sees only the defender's data; the test set and the real trigger are used afterwards,
+    for the report and ``oracle_sweep.json`` only.
+    """
+    cfg = config if isinstance(config, BaselineRunConfig) else BaselineRunConfig.from_dict(config)
+    bl = _baselines()
+    method = bl.DEFENSES.check(cfg.method)
+    defense = bl.build_defense(method, **cfg.params)  # validates params (names, types, ranges) before any heavy work
+    cache_root(cfg.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    if cfg.checkpoint is not None:
+        bundle = open_bundle(cfg.checkpoint, data_dir=data_dir)
+        backdoor = bundle.config
+    else:
+        bundle, backdoor = None, BackdoorConfig.from_dict(cfg.backdoor or {}).resolved()
+    seed = cfg.defense_seed if cfg.defense_seed is not None else backdoor.seed
+    seed_everything(seed, deterministic=cfg.deterministic)
+    out = Path(out) if out is not None else default_run_dir(method, backdoor.to_dict(), seed)
+    # a failed run leaves nothing; an existing run is replaced (--overwrite) only once this one succeeded
+    with run_folder(out, tool="onp.baseline", overwrite=overwrite) as work:
+        if bundle is None:
+            bundle = load_bundle(backdoor, cache_dir=cfg.cache_dir, data_dir=data_dir, progress=not quiet)
+        metrics = _defend_and_report(bundle, defense, method, seed, cfg, work, command)
+        print(f"[onp] {method} on {backdoor.model}/{'clean' if backdoor.clean else backdoor.attack}: "
+              f"ACC {metrics['before']['acc']:.4f}->{metrics['acc']:.4f}  "
+              f"ASR {metrics['before']['asr']:.4f}->{metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
+              f"DER {metrics['der']:.4f}  pruned {metrics['n_pruned']}  {metrics['wall_time']:.1f}s  -> {out}")
+    return RunResult(out, metrics)
+
+
+def _defend_and_report(bundle: BackdoorBundle, defense: Any, method: str, seed: int, cfg: BaselineRunConfig, work: Path,
+                       command: Optional[str]) -> Dict[str, Any]:
+    """Fit ``defense`` on the defense data, measure before/after on the test set, write the run."""
+    bl = _baselines()
+    before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
+    reports: Dict[str, Any] = {}
+
+    def report_fn(event: str, model: nn.Module) -> None:  # test metrics for logging only; nothing flows back
+        reports[event] = evaluate_backdoor(model, bundle.test_x, bundle.test_y, bundle.attack)
+
+    result = defend(bundle, method, cfg.params, seed=seed, report_fn=report_fn)
+    after = with_der(before, evaluate_backdoor(result.model, bundle.test_x, bundle.test_y, bundle.attack))
+    try:
+        layout = bl.neuron_layout(bundle.model)
+    except bl.DefenseError:
+        layout = None
+    pruned_names = layout.names(result.pruned) if result.pruned is not None and layout is not None else None
+    extra = {}
+    if cfg.oracle:
+        if result.scores is not None and layout is not None:
+            mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
+            sweep = bl.oracle_sweep(bundle.model, layout, result.scores, bundle.test_x, bundle.test_y,
+                                    bundle.attack, max_fraction=cfg.oracle_max_fraction,
+                                    grid_step=cfg.oracle_step, mode=mode)
+            sweep["method"] = method
+            sweep["note"] = "test metrics after pruning the ORIGINAL model in the method's score order"
+        else:
+            sweep = {"label": bl.ORACLE_LABEL, "method": method, "sweep": [],
+                     "note": f"{method} does not score neurons; nothing to sweep"}
+        extra["oracle_sweep.json"] = sweep
+    op = result.info.get("operating_point")
+    metrics = {**after, "before": before, "method": method, "n_pruned": result.n_pruned,
+               "wall_time": result.wall_time, "forward_passes": result.forward_passes,
+               "backward_passes": result.backward_passes, "operating_point": _jsonable(op),
+               "info": _jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
+               "reports": reports,
+               "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
+               "data_source": bundle.meta.get("data_source")}
+    config = {"method": method, "params": defense.params.to_dict(), "defense_seed": seed,
+              "deterministic": cfg.deterministic, "backdoor": bundle.config.to_dict(), "model_dir": str(bundle.path),
+              "run_config": cfg.to_dict()}
+    write_run(work, config=config, metrics=metrics, pruned=result.pruned if result.pruned is not None else None,
+              pruned_names=pruned_names, model_state=result.model.state_dict(), scores=result.scores, extra=extra,
+              command=command)
+    return metrics
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -142,71 +265,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.method is None:
         raise ValueError(f"--method is required; valid choices: {', '.join(bl.DEFENSES.names())}")
     method = bl.DEFENSES.check(args.method)
-    params = defense_params(args, method)
-    defense = bl.build_defense(method, **params)  # validates params (names, types, ranges) before any heavy work
-    cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
-    if args.checkpoint is not None:
-        bundle = open_bundle(args.checkpoint, data_dir=args.data_dir)
-        cfg = bundle.config
-    else:
-        cfg = config_from_args(args)
-        bundle = None
-    seed = args.defense_seed if args.defense_seed is not None else args.seed
-    seed_everything(seed, deterministic=args.deterministic)
-    name = "clean" if cfg.clean else cfg.attack
-    out = args.out or Path("runs") / "baseline" / f"{method}-{name}-{cfg.model}-s{seed}"
-    # a failed run leaves nothing; an existing run is replaced (--overwrite) only once this one succeeded
-    with run_folder(out, tool="onp.baseline", overwrite=args.overwrite) as work:
-        if bundle is None:
-            bundle = load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, progress=not args.quiet)
-
-        before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
-        reports: Dict[str, Any] = {}
-
-        def report_fn(event: str, model) -> None:  # test metrics for logging only; nothing flows back
-            reports[event] = evaluate_backdoor(model, bundle.test_x, bundle.test_y, bundle.attack)
-
-        result = defend(bundle, method, params, seed=seed, report_fn=report_fn)
-        after = with_der(before, evaluate_backdoor(result.model, bundle.test_x, bundle.test_y, bundle.attack))
-
-        layout = None
-        pruned_names = None
-        try:
-            layout = bl.neuron_layout(bundle.model)
-        except bl.DefenseError:
-            pass
-        if result.pruned is not None and layout is not None:
-            pruned_names = layout.names(result.pruned)
-        extra = {}
-        if not args.no_oracle:
-            if result.scores is not None and layout is not None:
-                mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
-                sweep = bl.oracle_sweep(bundle.model, layout, result.scores, bundle.test_x, bundle.test_y,
-                                        bundle.attack, max_fraction=args.oracle_max_fraction,
-                                        grid_step=args.oracle_step, mode=mode)
-                sweep["method"] = method
-                sweep["note"] = "test metrics after pruning the ORIGINAL model in the method's score order"
-            else:
-                sweep = {"label": bl.ORACLE_LABEL, "method": method, "sweep": [],
-                         "note": f"{method} does not score neurons; nothing to sweep"}
-            extra["oracle_sweep.json"] = sweep
-
-        op = result.info.get("operating_point")
-        metrics = {**after, "before": before, "method": method, "n_pruned": result.n_pruned,
-                   "wall_time": result.wall_time, "forward_passes": result.forward_passes,
-                   "backward_passes": result.backward_passes, "operating_point": _jsonable(op),
-                   "info": _jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
-                   "reports": reports,
-                   "reports_note": "test metrics of intermediate models, logged via report_fn; "
-                                   "never used by the defense",
-                   "data_source": bundle.meta.get("data_source")}
-        config = {"method": method, "params": defense.params.to_dict(), "defense_seed": seed,
-                  "deterministic": args.deterministic, "backdoor": cfg.to_dict(), "model_dir": str(bundle.path)}
-        write_run(work, config=config, metrics=metrics, pruned=result.pruned if result.pruned is not None else None,
-                  pruned_names=pruned_names, model_state=result.model.state_dict(), scores=result.scores, extra=extra)
-        print(f"[onp] {method} on {cfg.model}/{name}: ACC {before['acc']:.4f}->{after['acc']:.4f}  "
-              f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
-              f"pruned {result.n_pruned}  {result.wall_time:.1f}s  -> {out}")
+    defaults = bl.DEFENSES.get(method).defaults()
+    for flag, key in ((args.delta, "delta"), (args.operating_point, "operating_point")):
+        if flag is not None and key not in defaults:
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to {method!r} (it has no operating point)")
+    run_baseline(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
 

@@ -24,7 +24,8 @@ def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue (add --resume where the command has it, e.g. onp.train)", file=sys.stderr)
+        print("interrupted; run the same command again to continue "
+              "(add --resume where the command has it, e.g. onp.train)", file=sys.stderr)
         return 130
 
 

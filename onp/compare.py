@@ -35,7 +35,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .cli_common import device_name, fraction, int_at_least, path_arg, run_cli
 from .config import parse_overrides
@@ -43,6 +43,9 @@ from .io import CheckpointError, RunExistsError, atomic_write_json, atomic_write
 from .report import LEADERBOARD_NOTES, Cell, build_rows, write_leaderboard
 from .rundir import environment_info, reproduce_line
 
+if TYPE_CHECKING:
+    from .executors import Executor
+    from .zoo import BackdoorConfig
 
 # --------------------------------------------------------------------------------------------------- registries
 
@@ -77,21 +80,6 @@ def check_policy_name(name: str, baseline_names: Sequence[str]) -> None:
 
 def _dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "defense"
-
-
-def _train_module():
-    try:
-        from . import train
-    except ImportError as exc:  # pragma: no cover - only while onp.train is being written
-        raise ValueError(f"learned-policy cells need onp.train, which cannot be imported ({exc})") from exc
-    return train
-
-
-def _parser_options(build_parser) -> set:
-    try:
-        return set(build_parser()._option_string_actions)
-    except Exception:  # pragma: no cover
-        return set()
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -157,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _seeds(args) -> List[int]:
+def _seeds(args: argparse.Namespace) -> List[int]:
     if args.seed_list:
         return list(dict.fromkeys(args.seed_list))
     if args.seeds < 1:
@@ -212,8 +200,6 @@ class GridPlan:
                 if getattr(args, key) is not None:
                     setattr(args, key, Path(getattr(args, key)).expanduser().resolve())
         self.defense_sets = self._defense_sets()
-        if self.policies:
-            _train_module()
         self.backdoor = {(m, a, s): self._backdoor_config(m, a, s)
                          for m in self.models for a in self.attacks for s in self.seeds}
         from .io import cache_root
@@ -229,7 +215,7 @@ class GridPlan:
                 load_dataset(args.dataset, data_dir=args.data_dir, source=source)
 
     # -- configs ---------------------------------------------------------------------------------
-    def _backdoor_config(self, model: str, attack: str, seed: int):
+    def _backdoor_config(self, model: str, attack: str, seed: int) -> "BackdoorConfig":
         from .config import deep_update
         from .zoo import BackdoorConfig
         a = self.args
@@ -245,19 +231,17 @@ class GridPlan:
         """Resolve the onp.train config of every learned policy's first cell (types, ranges and names of
         --train-set, --train-config, --timesteps, ...) before any model is trained."""
         from .config import ConfigError
-        train = _train_module()
+        from .train import resolve_config
         first: Dict[str, Cell] = {}
         for cell in self.cells():
             if cell.kind == "policy":
                 first.setdefault(cell.defense, cell)
         for cell in first.values():
-            argv = self.policy_argv(cell, "<model>", started=False)
-            if self.args.executor == "ray" and "--device" in argv:  # the workers' device, checked there
-                i = argv.index("--device")
-                del argv[i:i + 2]
-            targs = train.build_parser().parse_args(argv)
+            cfg = self.train_config(cell, None)
+            if self.args.executor == "ray":  # the workers' device, checked there
+                cfg.pop("device", None)
             try:
-                train.resolve_config(train.config_from_args(targs))
+                resolve_config(cfg)
             except ConfigError as exc:
                 raise ConfigError(f"the onp.train settings of the {cell.defense} cells (--train-set, --train-config, "
                                   f"--timesteps, --asr-estimator): {exc}") from None
@@ -284,7 +268,8 @@ class GridPlan:
         if a.train_config is not None:
             tc = {"path": str(a.train_config),
                   "sha256": hashlib.sha256(Path(a.train_config).read_bytes()).hexdigest()[:16]}
-        return {"models": self.models, "dataset": a.dataset, "width": a.width, "epochs": a.epochs, "data_source": a.data_source,
+        return {"models": self.models, "dataset": a.dataset, "width": a.width, "epochs": a.epochs,
+                "data_source": a.data_source,
                 "defense_size": a.defense_size, "max_train": a.max_train, "backdoor_set": list(a.backdoor_set),
                 "set": list(a.set), "oracle_max_fraction": a.oracle_max_fraction, "no_oracle": a.no_oracle,
                 "timesteps": a.timesteps, "asr_estimator": a.asr_estimator, "train_config": tc,
@@ -310,67 +295,57 @@ class GridPlan:
                 for m in self.models for a in self.attacks for d in self.defenses for s in self.seeds]
 
     def cell_task(self, cell: Cell, model_dir: str) -> Dict[str, Any]:
+        """One cell as a picklable task for the executors: the run function's config, the run folder,
+        and whether an earlier attempt left it unfinished (a policy then resumes, a baseline restarts)."""
         a = self.args
         run_dir = Path(cell.run_dir)
         started = run_dir.exists() and any(run_dir.iterdir())
-        if cell.kind == "baseline":
-            from .baseline import build_parser as baseline_parser
-            argv = ["--method", cell.defense, "--checkpoint", str(model_dir), "--seed", str(cell.seed),
-                    "--out", str(run_dir), "--quiet"]
-            for item in self.defense_sets[cell.defense]:
-                argv += ["--set", item]
-            if a.data_dir is not None:
-                argv += ["--data-dir", str(a.data_dir)]
-            if a.cache_dir is not None:
-                argv += ["--cache-dir", str(a.cache_dir)]
-            if a.no_oracle:
-                argv.append("--no-oracle")
-            elif a.oracle_max_fraction is not None:
-                argv += ["--oracle-max-fraction", str(a.oracle_max_fraction)]
-            if a.deterministic and "--deterministic" in _parser_options(baseline_parser):
-                argv.append("--deterministic")
-            if started:
-                argv.append("--overwrite")  # an unfinished run: start it again
-        else:
-            argv = self.policy_argv(cell, model_dir, started)
-        env = {"ONP_DATA": str(a.data_dir)} if a.data_dir is not None and cell.kind == "policy" else {}
-        return {"key": cell.key, "kind": cell.kind, "argv": argv, "run_dir": str(run_dir), "seed": cell.seed,
-                "model_dir": str(model_dir), "env": env, "deterministic": a.deterministic,
+        config = (self.baseline_config(cell, model_dir) if cell.kind == "baseline"
+                  else self.train_config(cell, model_dir))
+        return {"key": cell.key, "kind": cell.kind, "config": config, "run_dir": str(run_dir), "started": started,
+                "seed": cell.seed, "model_dir": str(model_dir), "deterministic": a.deterministic,
                 "device": a.device if cell.kind == "policy" else None,  # the baselines run on the CPU
                 "log": str(self.out / "logs" / (_dirname(cell.key.replace("/", "-")) + ".log"))}
 
-    def policy_argv(self, cell: Cell, model_dir: str, started: bool) -> List[str]:
+    def baseline_config(self, cell: Cell, model_dir: str) -> Dict[str, Any]:
+        """The :class:`onp.baseline_config.BaselineRunConfig` of a baseline cell (as a mapping)."""
         a = self.args
-        train = _train_module()
-        opts = _parser_options(train.build_parser) if hasattr(train, "build_parser") else set()
-        cfg = self.backdoor[(cell.model, cell.attack, cell.seed)]
-        argv = ["--agent", cell.defense, "--model", cfg.model, "--dataset", cfg.dataset, "--attack", cfg.attack,
-                "--width", str(cfg.width), "--seed", str(cell.seed), "--out", str(cell.run_dir), "--quiet"]
-        if "--checkpoint" in opts:
-            argv += ["--checkpoint", str(model_dir)]
-        else:  # select the very same zoo model: every BackdoorConfig key, explicitly
-            import json
-            for key, val in cfg.to_dict().items():
-                if key in ("model", "dataset", "attack", "width", "seed"):
-                    continue
-                argv += ["--set", f"backdoor.{key}={json.dumps(val)}"]
-        if a.cache_dir is not None:
-            argv += ["--cache-dir", str(a.cache_dir)]
+        cfg: Dict[str, Any] = {"method": cell.defense, "params": parse_overrides(self.defense_sets[cell.defense]),
+                               "checkpoint": str(model_dir), "defense_seed": cell.seed,
+                               "deterministic": a.deterministic, "oracle": not a.no_oracle,
+                               "cache_dir": _str(a.cache_dir), "data_dir": _str(a.data_dir)}
+        if a.oracle_max_fraction is not None:
+            cfg["oracle_max_fraction"] = a.oracle_max_fraction
+        return cfg
+
+    def train_config(self, cell: Cell, model_dir: Optional[str]) -> Dict[str, Any]:
+        """The onp.train config of a learned-policy cell: ``--train-config``, then the grid's settings,
+        then ``--train-set`` and the policy's own scoped ``--set`` items. The model is the grid's
+        model folder (``model_dir``; ``None``: its zoo config, for checking before any training)."""
+        from .config import deep_update, load_yaml
+        a = self.args
+        cfg: Dict[str, Any] = load_yaml(a.train_config) if a.train_config is not None else {}
+        grid: Dict[str, Any] = {"agent": cell.defense, "seed": cell.seed, "cache_dir": _str(a.cache_dir),
+                                "data_dir": _str(a.data_dir), "deterministic": a.deterministic}
+        if model_dir is None:
+            grid["backdoor"] = self.backdoor[(cell.model, cell.attack, cell.seed)].to_dict()
+        else:
+            grid["checkpoint"] = str(model_dir)
         if a.timesteps is not None:
-            argv += ["--timesteps", str(a.timesteps)]
+            grid["ppo"] = {"total_timesteps": a.timesteps}
         if a.asr_estimator is not None:
-            argv += ["--asr-estimator", a.asr_estimator]
-        if a.train_config is not None:
-            argv += ["--config", str(a.train_config)]
-        for item in list(a.train_set) + self.defense_sets.get(cell.defense, []):
-            argv += ["--set", item]
+            grid["env"] = {"asr_estimator": a.asr_estimator}
         if a.device is not None:
-            argv += ["--device", a.device]
-        if a.deterministic and "--deterministic" in opts:
-            argv.append("--deterministic")
-        if started:
-            argv.append("--resume" if "--resume" in opts else "--overwrite")
-        return argv
+            grid["device"] = a.device
+        cfg = deep_update(deep_update(cfg, grid), parse_overrides(list(a.train_set) +
+                                                                  self.defense_sets.get(cell.defense, [])))
+        if model_dir is not None:
+            cfg.pop("backdoor", None)  # the grid's model folder decides
+        return cfg
+
+
+def _str(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
 
 
 # --------------------------------------------------------------------------------------------------- tasks
@@ -395,50 +370,30 @@ def uses_gpu(task: Dict[str, Any]) -> bool:
 
 
 def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
-    """Run one grid cell (``onp.baseline.main`` or ``onp.train.main``) in this process.
-
-    Seeds python / numpy / torch with the cell's seed first; console output goes to ``task["log"]``.
-    Errors are returned (``ok: False``); KeyboardInterrupt propagates."""
-    import os
-
+    """Run one grid cell (:func:`onp.baseline.run_baseline` or :func:`onp.train.run_training`) in this
+    process. Seeds python / numpy / torch with the cell's seed first; console output goes to
+    ``task["log"]``. Errors are returned (``ok: False``); KeyboardInterrupt propagates."""
     from .seeding import seed_everything
     t0 = time.time()
     seed_everything(int(task["seed"]), deterministic=bool(task.get("deterministic")))
     buf = io.StringIO()
     ok, error, tb = True, None, None
-    saved_env = {k: os.environ.get(k) for k in task.get("env") or {}}
+    run_dir = Path(task["run_dir"])
     try:
-        os.environ.update(task.get("env") or {})
         with contextlib.redirect_stdout(buf):
             if task["kind"] == "baseline":
-                from .baseline import main
+                from .baseline import baseline_command, run_baseline
+                # an unfinished earlier attempt is started again
+                command = baseline_command(task["config"], run_dir) + "\n\n(one cell of an onp.compare grid)"
+                run_baseline(task["config"], run_dir, overwrite=bool(task.get("started")), quiet=True, command=command)
             else:
-                from .train import main
-            rc = main(list(task["argv"]))
-        metrics_path = Path(task["run_dir"]) / "metrics.json"
-        if rc not in (0, None):
-            ok, error = False, f"exit status {rc}"
-        elif not metrics_path.exists():
+                from .train import run_training
+                run_training(task["config"], run_dir, resume=bool(task.get("started")), quiet=True)
+        if not (run_dir / "metrics.json").exists():
             ok, error = False, "the run finished without writing metrics.json"
-        elif task["kind"] == "baseline":  # the README names the cell's own command, not the grid's
-            argv = [a for a in task["argv"] if a != "--overwrite"]
-            atomic_write_text(Path(task["run_dir"]) / "README.md",
-                              f"Reproduce this run with:\n\n    {reproduce_line(['python -m onp.baseline'] + argv)}\n\n"
-                              f"(one cell of an onp.compare grid)\n")
-        elif task["kind"] == "policy" and task.get("model_dir"):
-            used = read_json(metrics_path).get("model_dir")
-            if used and Path(used).resolve() != Path(task["model_dir"]).resolve():
-                ok, error = False, (f"onp.train used the backdoored model {used}, not the grid's {task['model_dir']}"
-                                    f" (check --train-config / --train-set backdoor.* keys)")
-                metrics_path.rename(metrics_path.with_name("metrics.mismatch.json"))
-    except Exception as exc:
+    except Exception as exc:  # reported per cell, with its traceback in the cell's log
         ok, error, tb = False, f"{type(exc).__name__}: {exc}", traceback.format_exc()
     finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         log = buf.getvalue() + (f"\n{tb}" if tb else "")
         if task.get("log"):
             try:
@@ -451,14 +406,14 @@ def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def make_executor(args):
+def make_executor(args: argparse.Namespace) -> "Executor":
     """The executor of ``args`` (a seam for tests)."""
     from .executors import make_executor as _make
     return _make(args.executor, jobs=args.jobs, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus)
 
 
 @contextlib.contextmanager
-def _grid_folder(plan: GridPlan, args) -> Iterator[Path]:
+def _grid_folder(plan: GridPlan, args: argparse.Namespace) -> Iterator[Path]:
     """The grid folder ``plan.out``, under the one rule of :func:`onp.io.run_folder`.
 
     A folder that onp did not create (or an onp run folder, not a grid) is refused, also with
@@ -535,7 +490,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run_grid(plan, args)
 
 
-def _run_grid(plan: GridPlan, args) -> int:
+def _run_grid(plan: GridPlan, args: argparse.Namespace) -> int:
     """Build the backdoored models and the cells of ``plan`` in ``plan.out``, then the leaderboard."""
     out = plan.out
     if args.report_only:

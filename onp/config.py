@@ -7,11 +7,14 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Type, TypeVar
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def load_yaml(path: Path) -> Dict[str, Any]:
@@ -115,7 +118,7 @@ def check_types(obj: Any, what: str) -> None:
     cls = type(obj)
     if cls not in _SCHEMAS:
         hints = typing.get_type_hints(cls)
-        fields = {f.name: (hints[f.name], ...) for f in dataclasses.fields(cls)}
+        fields: Dict[str, Any] = {f.name: (hints[f.name], ...) for f in dataclasses.fields(cls)}
         _SCHEMAS[cls] = create_model(cls.__name__, __config__=ConfigDict(strict=True, allow_inf_nan=False,
                                                                          extra="forbid"), **fields)
     try:

@@ -35,13 +35,19 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, cast
 
 from .cli_common import device_arg, int_at_least, path_arg, run_cli
 from .config import deep_update, parse_overrides
+from .evaluate_config import EvaluateConfig
 from .io import CheckpointError, cache_root, read_json, run_folder
 from .metrics import evaluate_backdoor, with_der
-from .rundir import write_run
+from .rundir import RunResult, write_run
+
+if TYPE_CHECKING:
+    from envs import NeuronPruningEnv
+
+    from .zoo import BackdoorBundle, BackdoorConfig
 
 
 class ArchitectureMismatchError(ValueError):
@@ -70,7 +76,8 @@ def read_source(run_dir: Path, kind: str) -> Dict[str, Any]:
             raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be an integer >= 0; got {val!r}")
     for key in ("env", "params"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
-            raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be a mapping; got {type(cfg[key]).__name__}")
+            raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be a mapping; "
+                                  f"got {type(cfg[key]).__name__}")
     if "agent" in cfg and not (isinstance(cfg["agent"], str) and cfg["agent"].strip()):
         raise CheckpointError(f"{run_dir / 'config.json'}: 'agent' must be an agent name; got {cfg['agent']!r}")
     return {"dir": run_dir, "config": cfg, "metrics": metrics, "backdoor": backdoor}
@@ -111,7 +118,7 @@ def _arch(b: Dict[str, Any]) -> Dict[str, Any]:
     return {"model": b.get("model"), "width": b.get("width"), "dataset": b.get("dataset")}
 
 
-def check_architecture(source_backdoor: Dict[str, Any], target_cfg, *, what: str,
+def check_architecture(source_backdoor: Dict[str, Any], target_cfg: BackdoorConfig, *, what: str,
                        n_source: Optional[int] = None, n_target: Optional[int] = None) -> None:
     """Raise :class:`ArchitectureMismatchError` if the model name / width / dataset or neuron count differ."""
     src = _arch(source_backdoor)
@@ -131,30 +138,31 @@ def check_architecture(source_backdoor: Dict[str, Any], target_cfg, *, what: str
 # --------------------------------------------------------------------------------------------------- target
 
 
-def target_bundle(args: argparse.Namespace, source_backdoor: Dict[str, Any]):
-    """The model to evaluate on: ``--checkpoint``, or the source's backdoor config with flags changed."""
-    from .zoo import BackdoorConfig, load_bundle, open_bundle
-    if args.checkpoint is not None:
-        return open_bundle(args.checkpoint, data_dir=args.data_dir)
+def target_config(cfg: EvaluateConfig, source_backdoor: Dict[str, Any]) -> BackdoorConfig:
+    """The target's :class:`~onp.zoo.BackdoorConfig`: the source's with ``cfg.target`` changed."""
+    from .zoo import BackdoorConfig
     data = dict(source_backdoor) or {}
     if not data:
         raise ValueError("the source run has no backdoor config; pass --checkpoint")
-    for flag in ("model", "dataset", "attack", "width", "epochs", "seed", "data_source", "defense_size", "max_train"):
-        val = getattr(args, flag)
-        if val is not None:
-            data[flag] = val
-    if args.clean:
-        data["clean"] = True
-    data = deep_update(data, parse_overrides(args.backdoor_set))
-    cfg = BackdoorConfig.from_dict(data).resolved()
-    return load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, device=args.device or "cpu",
-                       progress=not args.quiet)
+    if "model" in cfg.target and "width" not in cfg.target:
+        data["width"] = None  # another architecture: its own default width
+    return BackdoorConfig.from_dict(deep_update(data, cfg.target)).resolved()
+
+
+def target_bundle(cfg: EvaluateConfig, source_backdoor: Dict[str, Any], *, quiet: bool = False) -> BackdoorBundle:
+    """The model to evaluate on: ``cfg.checkpoint``, or :func:`target_config` from the zoo."""
+    from .zoo import load_bundle, open_bundle
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    if cfg.checkpoint is not None:
+        return open_bundle(cfg.checkpoint, data_dir=data_dir)
+    return load_bundle(target_config(cfg, source_backdoor), cache_dir=cfg.cache_dir, data_dir=data_dir,
+                       device=cfg.device or "cpu", progress=not quiet)
 
 
 # --------------------------------------------------------------------------------------------------- policy
 
 
-def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, device: str = "cpu",
+def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional[int] = None, device: str = "cpu",
                cache_dir: Optional[Path] = None, log: Optional[Callable[[str], None]] = None,
                agent: Optional[str] = None) -> Dict[str, Any]:
     """One deterministic episode of the source run's policy in an env on ``bundle``'s model.
@@ -181,7 +189,7 @@ def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, de
     env_kwargs = env_kwargs_from_config(cfg["env"], cache_dir if cache_dir is not None else cfg.get("cache_dir"))
     env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False)()
     try:
-        base = env.unwrapped
+        base = cast("NeuronPruningEnv", env.unwrapped)
         factory, extra, _ = resolve_agent_factory(agent_name)
         if getattr(factory, "learns", False):  # a learned agent: what onp.train saved, applied as it is
             meta = read_json(run_dir / "policy.json") if (run_dir / "policy.json").is_file() else {}
@@ -201,7 +209,7 @@ def run_policy(source: Dict[str, Any], bundle, *, seed: Optional[int] = None, de
         chosen = sel["info"]
         pruned = [int(i) for i in chosen["pruned"]]
         g = base.graph
-        names = [f"{g.layers[int(g.node_layer[i])].bn_name}[{int(g.node_channel[i])}]" for i in pruned]
+        names = g.neuron_names(pruned)
         from .train import apply_pruning
         mask_mode = cfg["env"].get("mask_mode", "gamma")
         model = apply_pruning(bundle, g, pruned, mask_mode)
@@ -231,7 +239,8 @@ def _prune_mode_of(source: Dict[str, Any]) -> str:
     return params.get("prune_mode") or "gamma"
 
 
-def apply_pruned_set(source: Dict[str, Any], bundle, *, prune_mode: Optional[str] = None) -> Dict[str, Any]:
+def apply_pruned_set(source: Dict[str, Any], bundle: BackdoorBundle, *,
+                     prune_mode: Optional[str] = None) -> Dict[str, Any]:
     """Prune ``source``'s ``pruned.json`` indices on ``bundle``'s model (same numbering required)."""
     import baselines
     run_dir: Path = source["dir"]
@@ -302,63 +311,80 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate(args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    """The :class:`EvaluateConfig` of the command line (flags mapped one to one)."""
+    target: Dict[str, Any] = {}
+    for flag in ("model", "dataset", "attack", "width", "epochs", "seed", "data_source", "defense_size", "max_train"):
+        if getattr(args, flag) is not None:
+            target[flag] = getattr(args, flag)
+    if args.clean:
+        target["clean"] = True
+    target = deep_update(target, parse_overrides(args.backdoor_set))
+    return EvaluateConfig.from_dict({
+        "policy": _str(args.policy), "pruned": _str(args.pruned), "checkpoint": _str(args.checkpoint),
+        "target": target, "agent": args.agent, "env_seed": args.env_seed, "prune_mode": args.prune_mode,
+        "device": args.device, "deterministic": args.deterministic, "cache_dir": _str(args.cache_dir),
+        "data_dir": _str(args.data_dir)})
+
+
+def _str(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def run_evaluate(config: Union[EvaluateConfig, Dict[str, Any]], out: Optional[Path] = None, *,
+                 overwrite: bool = False, quiet: bool = False) -> RunResult:
+    """Apply a learned policy or a fixed pruned set to a target model (no re-fitting) and write the run
+    folder; return its :class:`~onp.rundir.RunResult`. Everything about the source is checked (files,
+    architecture, agent) before the target model is loaded or trained."""
     from .seeding import seed_everything
+    cfg = config if isinstance(config, EvaluateConfig) else EvaluateConfig.from_dict(config)
     t0 = time.perf_counter()
-    kind = "policy" if args.policy is not None else "pruned"
-    source = read_source(args.policy if kind == "policy" else args.pruned, kind)
+    kind = cfg.kind
+    source = read_source(Path(cfg.source), kind)
     if kind == "policy" and ("env" not in source["config"] or "agent" not in source["config"]):
         raise CheckpointError(f"{source['dir']}: not an onp.train run (config.json has no 'env'/'agent'); "
                               f"use --pruned to transfer its pruned set")
-    if args.prune_mode is not None and kind == "policy":
-        raise ValueError("--prune-mode applies to --pruned only (a policy prunes in its env's mask_mode)")
     if kind == "pruned":
         if not (source["dir"] / "pruned.json").exists():
             method = source["config"].get("method") or source["config"].get("agent") or "this run"
             raise CheckpointError(f"{source['dir']}: no pruned.json ({method} does not prune neurons); "
                                   f"nothing to transfer")
         read_pruned(source["dir"])  # a malformed pruned.json fails before any model is loaded
-    cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
-    seed = args.env_seed if args.env_seed is not None else int(source["config"].get("seed",
-                                                                 source["config"].get("defense_seed", 0)) or 0)
-    seed_everything(seed, deterministic=args.deterministic)
-    if args.checkpoint is None and source["backdoor"]:  # check the architecture before any training
-        from .zoo import BackdoorConfig
-        want = dict(source["backdoor"])
-        for flag in ("model", "dataset", "width"):
-            if getattr(args, flag) is not None:
-                want[flag] = getattr(args, flag)
-        if args.model is not None and args.width is None:
-            want["width"] = None
-        check_architecture(source["backdoor"], BackdoorConfig.from_dict(want).resolved(),
-                           what="policy" if kind == "policy" else "pruned set")
+    cache_root(cfg.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
+    seed = cfg.env_seed if cfg.env_seed is not None else int(source["config"].get(
+        "seed", source["config"].get("defense_seed", 0)) or 0)
+    seed_everything(seed, deterministic=cfg.deterministic)
+    what = "policy" if kind == "policy" else "pruned set"
+    if cfg.checkpoint is None and source["backdoor"]:  # check the architecture before any training
+        check_architecture(source["backdoor"], target_config(cfg, source["backdoor"]), what=what)
     # a failed run leaves nothing; an existing run is replaced (--overwrite) only once this one succeeded.
-    # An explicit --out is opened first, so that one that cannot be written fails before any model is loaded.
+    # An explicit out is opened first, so that one that cannot be written fails before any model is loaded.
     with contextlib.ExitStack() as stack:
-        work = None if args.out is None else stack.enter_context(
-            run_folder(args.out, tool="onp.evaluate", overwrite=args.overwrite))
-        bundle = target_bundle(args, source["backdoor"])
-        tcfg = bundle.config
+        work = None if out is None else stack.enter_context(run_folder(out, tool="onp.evaluate", overwrite=overwrite))
+        bundle = target_bundle(cfg, source["backdoor"], quiet=quiet)
         if source["backdoor"]:
-            check_architecture(source["backdoor"], tcfg, what="policy" if kind == "policy" else "pruned set")
-        out = args.out or Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
+            check_architecture(source["backdoor"], bundle.config, what=what)
+        out = Path(out) if out is not None else \
+            Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
         if work is None:
-            work = stack.enter_context(run_folder(out, tool="onp.evaluate", overwrite=args.overwrite))
-        metrics = _evaluate_into(work, out, args=args, kind=kind, source=source, bundle=bundle, seed=seed, t0=t0)
-    return out, metrics
+            work = stack.enter_context(run_folder(out, tool="onp.evaluate", overwrite=overwrite))
+        metrics = _evaluate_into(work, out, cfg=cfg, source=source, bundle=bundle, seed=seed, t0=t0, quiet=quiet)
+    return RunResult(out, metrics)
 
 
-def _evaluate_into(work: Path, out: Path, *, args: argparse.Namespace, kind: str, source: Dict[str, Any], bundle,
-                   seed: int, t0: float) -> Dict[str, Any]:
+def _evaluate_into(work: Path, out: Path, *, cfg: EvaluateConfig, source: Dict[str, Any], bundle: BackdoorBundle,
+                   seed: int, t0: float, quiet: bool) -> Dict[str, Any]:
     """Apply the policy / pruned set to ``bundle``; write the run into ``work`` (``out`` or its staging
     folder under --overwrite) and return its metrics."""
+    kind = cfg.kind
     tcfg = bundle.config
     target_name = "clean" if tcfg.clean else tcfg.attack
     if kind == "policy":
-        res = run_policy(source, bundle, seed=seed, device=args.device or "cpu", cache_dir=args.cache_dir,
-                         log=None if args.quiet else print, agent=args.agent)
+        res = run_policy(source, bundle, seed=seed, device=cfg.device or "cpu",
+                         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                         log=None if quiet else print, agent=cfg.agent)
     else:
-        res = apply_pruned_set(source, bundle, prune_mode=args.prune_mode)
+        res = apply_pruned_set(source, bundle, prune_mode=cfg.prune_mode)
     before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
     after = with_der(before, evaluate_backdoor(res["model"], bundle.test_x, bundle.test_y, bundle.attack))
     clean = bool(bundle.meta.get("clean"))
@@ -382,7 +408,7 @@ def _evaluate_into(work: Path, out: Path, *, args: argparse.Namespace, kind: str
             metrics.pop(key)
     config = {"kind": kind, "source": str(source["dir"]), "source_config": src_cfg, "env_seed": seed,
               "target_backdoor": tcfg.to_dict(), "model_dir": str(bundle.path), "prune_mode": res["mask_mode"],
-              "deterministic": args.deterministic}
+              "deterministic": cfg.deterministic, "run_config": cfg.to_dict()}
     write_run(work, config=config, metrics=metrics, pruned=res["pruned"], pruned_names=res["pruned_names"],
               model_state=res["model"].state_dict())
     print(f"[onp] {metrics['method']} on {tcfg.model}/{target_name} s{tcfg.seed}"
@@ -395,7 +421,7 @@ def _evaluate_into(work: Path, out: Path, *, args: argparse.Namespace, kind: str
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    evaluate(args)
+    run_evaluate(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
 

@@ -43,7 +43,7 @@ class Executor:
     def __enter__(self) -> "Executor":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -52,7 +52,8 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def run(self, fn, tasks, gpu_task=None):
+    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
+            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
         for task in tasks:
             yield task, fn(task)
 
@@ -73,7 +74,8 @@ class ProcessExecutor(Executor):
         self.jobs = jobs
         self.threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
 
-    def run(self, fn, tasks, gpu_task=None):
+    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
+            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         tasks = list(tasks)
         if not tasks:
@@ -108,7 +110,8 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, address: Optional[str] = None, num_cpus: Optional[int] = None, gpus_per_task: Optional[float] = None,
+    def __init__(self, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                 gpus_per_task: Optional[float] = None,
                  init_kwargs: Optional[Dict[str, Any]] = None):
         try:
             import ray
@@ -131,7 +134,8 @@ class RayExecutor(Executor):
             gpus_per_task = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         self.gpus_per_task = gpus_per_task
 
-    def run(self, fn, tasks, gpu_task: Optional[Callable[[Any], bool]] = None):
+    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
+            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
         """Like :meth:`Executor.run`; ``gpu_task(task)`` says whether a task uses a GPU (default: all do).
         A task that does not use one requests none, so it never holds a GPU idle."""
         ray = self.ray
@@ -140,7 +144,7 @@ class RayExecutor(Executor):
             return
         remotes: Dict[float, Any] = {}
 
-        def submit(task):
+        def submit(task: Any) -> Any:
             gpus = self.gpus_per_task if gpu_task is None or gpu_task(task) else 0.0
             if gpus not in remotes:
                 remotes[gpus] = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(fn)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -44,7 +44,7 @@ class UnwritableFolderError(ValueError):
     way, or it is read-only. The message names the folder and the option to change."""
 
 
-def _atomic_write(path: Path, write) -> Path:
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

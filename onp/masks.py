@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,7 @@ class MaskedLayer:
 
 def _layers_of(model: nn.Module, graph_or_bn_names: GraphOrNames) -> List[MaskedLayer]:
     if hasattr(graph_or_bn_names, "layers"):  # a NeuronGraph
-        return [MaskedLayer(l.bn_name, l.offset, l.num_channels) for l in graph_or_bn_names.layers]
+        return [MaskedLayer(layer.bn_name, layer.offset, layer.num_channels) for layer in graph_or_bn_names.layers]
     layers, offset = [], 0
     for name in graph_or_bn_names:
         bn = model.get_submodule(name)
@@ -92,6 +92,10 @@ def _layers_of(model: nn.Module, graph_or_bn_names: GraphOrNames) -> List[Masked
 
 def _as_index(indices: Union[int, Sequence[int], Tensor]) -> Tensor:
     return torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+
+
+def _bn(model: nn.Module, name: str) -> nn.BatchNorm2d:
+    return cast(nn.BatchNorm2d, model.get_submodule(name))
 
 
 class NeuronMasks:
@@ -110,7 +114,7 @@ class NeuronMasks:
         self.model = model
         self.mode: MaskMode = MASK_MODES.get(mode)
         self.layers = _layers_of(model, graph_or_bn_names)
-        self.num_nodes = sum(l.num_channels for l in self.layers)
+        self.num_nodes = sum(layer.num_channels for layer in self.layers)
         param = next(model.parameters(), None)
         self._mask: Tensor = torch.ones(self.num_nodes, device=param.device if param is not None else None)
         self._handles: List = []
@@ -123,11 +127,12 @@ class NeuronMasks:
 
     # -- hooks ------------------------------------------------------------------------------------
 
-    def _hook_for(self, layer: MaskedLayer):
-        def hook(module: nn.Module, inputs, out: Tensor) -> Tensor:
+    def _hook_for(self, layer: MaskedLayer) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+        def hook(module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
             shape = (1, -1) + (1,) * (out.dim() - 2)
             m = self._mask[layer.slice].to(device=out.device, dtype=out.dtype).view(shape)
-            beta = module.bias.view(shape) if module.bias is not None else None
+            bias = cast(nn.BatchNorm2d, module).bias
+            beta = bias.view(shape) if bias is not None else None
             return self.mode.apply(out, m, beta)
 
         return hook
@@ -146,7 +151,7 @@ class NeuronMasks:
     def __enter__(self) -> "NeuronMasks":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     # -- the mask ---------------------------------------------------------------------------------
@@ -186,7 +191,7 @@ class NeuronMasks:
 
     # -- baking -----------------------------------------------------------------------------------
 
-    def _baked(self, bn: nn.Module, layer: MaskedLayer) -> Tuple[Tensor, Optional[Tensor]]:
+    def _baked(self, bn: nn.BatchNorm2d, layer: MaskedLayer) -> Tuple[Tensor, Optional[Tensor]]:
         if bn.weight is None:
             raise ValueError(f"{layer.bn_name} has no affine parameters; masks cannot be written into it")
         m = self._mask[layer.slice].detach().to(device=bn.weight.device, dtype=bn.weight.dtype)
@@ -197,7 +202,7 @@ class NeuronMasks:
         "channel" mode also beta *= m). The model itself is unchanged."""
         state = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items())
         for layer in self.layers:
-            gamma, beta = self._baked(self.model.get_submodule(layer.bn_name), layer)
+            gamma, beta = self._baked(_bn(self.model, layer.bn_name), layer)
             state[f"{layer.bn_name}.weight"] = gamma.clone()
             if beta is not None:
                 state[f"{layer.bn_name}.bias"] = beta.clone()
@@ -216,8 +221,8 @@ class NeuronMasks:
         ours = {id(h) for h in self._hooks}
         with torch.no_grad():
             for layer in self.layers:
-                gamma, beta = self._baked(self.model.get_submodule(layer.bn_name), layer)
-                bn = model.get_submodule(layer.bn_name)
+                gamma, beta = self._baked(_bn(self.model, layer.bn_name), layer)
+                bn = _bn(model, layer.bn_name)
                 for key in [k for k, h in bn._forward_hooks.items() if id(h) in ours]:
                     del bn._forward_hooks[key]
                 bn.weight.copy_(gamma)
@@ -258,7 +263,7 @@ def export_pruned_model(model: nn.Module, graph: NeuronGraph, pruned_indices: Un
     by_layer: Dict[str, List[int]] = {}
     node_layer = graph.node_layer.tolist()
     node_channel = graph.node_channel.tolist()
-    for g, nodes in members.items():
+    for nodes in members.values():
         if all(x in pruned for x in nodes):
             rep = min(nodes)
             by_layer.setdefault(graph.layers[node_layer[rep]].bn_name, []).append(node_channel[rep])

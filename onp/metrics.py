@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .attacks import Attack
 
 
 @torch.inference_mode()
@@ -45,7 +48,7 @@ def der(acc_before: float, asr_before: float, acc_after: float, asr_after: float
     return (max(0.0, d_asr) - max(0.0, d_acc) + 1.0) / 2.0
 
 
-def evaluate_backdoor(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor, attack,
+def evaluate_backdoor(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor, attack: Attack,
                       batch_size: int = 512) -> Dict[str, float]:
     """ACC on ``(clean_x, clean_y)``, and ASR and RA on the attack's poisoned version of the same images.
 

@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from .report import NO_DEFENSE, Cell, Row  # noqa: E402
 
@@ -34,7 +35,7 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -76,11 +77,11 @@ def plot_sweeps(cells: Sequence[Cell], path: Path, *, model: str, attack: str,
         marker = "*" if group[0].kind == "policy" else "o"
         size = 14 if marker == "*" else 7
         for i, c in enumerate(group):
-            n = c.metrics.get("n_pruned") or 0
+            n = c.ok_metrics.get("n_pruned") or 0
             for ax, m in zip(axes, ("acc", "asr")):
-                ax.plot([n], [100 * c.metrics[m]], marker, ms=size, mec="black", mew=0.6,
+                ax.plot([n], [100 * c.ok_metrics[m]], marker, ms=size, mec="black", mew=0.6,
                         label=(f"{d} (chosen)" if i == 0 and m == "acc" else None), **kwargs)
-    before = [c.metrics["before"] for c in mine if isinstance(c.metrics.get("before"), dict)]
+    before = [c.ok_metrics["before"] for c in mine if isinstance(c.ok_metrics.get("before"), dict)]
     if before:
         for ax, m in zip(axes, ("acc", "asr")):
             ax.axhline(100 * _mean([b[m] for b in before]), color="gray", ls=":", lw=1, label=f"{NO_DEFENSE}")
@@ -205,7 +206,7 @@ def plot_pruned_per_layer(cells: Sequence[Cell], path: Path, *, model: str, defe
                           layer_slices: Optional[List[tuple]] = None) -> Optional[Path]:
     """Grouped bars: mean number of pruned neurons per BN layer, one bar per method."""
     counts: Dict[str, List[Dict[str, int]]] = {}
-    order: List[str] = [l[0] for l in layer_slices] if layer_slices else []
+    order: List[str] = [s[0] for s in layer_slices] if layer_slices else []
     for c in cells:
         if c.model != model or c.status != "ok":
             continue

@@ -6,9 +6,10 @@ in a :class:`Registry`, so that an unknown name always fails with the list of va
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar, overload
 
 T = TypeVar("T")
+_D = TypeVar("_D")  # what a @register(name) decorator is applied to (returned unchanged)
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -36,7 +37,13 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: Dict[str, T] = {}
 
-    def register(self, name: str, obj: Optional[T] = None, *, overwrite: bool = False):
+    @overload
+    def register(self, name: str, obj: None = None, *, overwrite: bool = False) -> Callable[[_D], _D]: ...
+
+    @overload
+    def register(self, name: str, obj: T, *, overwrite: bool = False) -> T: ...
+
+    def register(self, name: str, obj: Optional[T] = None, *, overwrite: bool = False) -> Any:
         """Register ``obj`` under ``name``; without ``obj`` it is a decorator."""
 
         def _add(o: T) -> T:

@@ -50,6 +50,13 @@ class Cell:
     def key(self) -> str:
         return f"{self.model}/{self.attack}/{self.defense}/s{self.seed}"
 
+    @property
+    def ok_metrics(self) -> Dict[str, Any]:
+        """``metrics`` of a finished cell (``status == "ok"``); an error for a cell without them."""
+        if self.metrics is None:
+            raise ValueError(f"{self.key}: no metrics (status {self.status})")
+        return self.metrics
+
     def load(self) -> "Cell":
         """Read ``metrics.json`` if the run finished (it is written last)."""
         path = Path(self.run_dir) / "metrics.json"
@@ -71,7 +78,7 @@ class Cell:
             return None
 
 
-def stats(values: Sequence[float]) -> Dict[str, Any]:
+def stats(values: Sequence[Optional[float]]) -> Dict[str, Any]:
     """Mean, sample std (0 for one value), n and the values; mean/std None for no values."""
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     n = len(vals)
@@ -142,8 +149,8 @@ def build_rows(cells: Iterable[Cell], *, models: Sequence[str], attacks: Sequenc
                 b = None
                 for d in defenses:
                     c = by_key.get(f"{model}/{attack}/{d}/s{seed}")
-                    if c is not None and c.status == "ok" and isinstance(c.metrics.get("before"), dict):
-                        b = c.metrics["before"]
+                    if c is not None and c.status == "ok" and isinstance(c.ok_metrics.get("before"), dict):
+                        b = c.ok_metrics["before"]
                         break
                 b = b or before.get(f"{model}/{attack}/s{seed}")
                 if b:
@@ -163,8 +170,8 @@ def build_rows(cells: Iterable[Cell], *, models: Sequence[str], attacks: Sequenc
                 kind = next((c.kind for c in group if c is not None), "baseline")
                 row = Row(model, attack, d, kind, len(seeds), len(ok), len(failed), [c.seed for c in ok])
                 for m in METRICS + ("n_pruned", "wall_time"):
-                    row.metrics[m] = stats([c.metrics.get(m) for c in ok])
-                labels = sorted({estimator_label(c.metrics, c.kind) for c in ok})
+                    row.metrics[m] = stats([c.ok_metrics.get(m) for c in ok])
+                labels = sorted({estimator_label(c.ok_metrics, c.kind) for c in ok})
                 row.asr_estimator = ", ".join(labels) if labels else (BASELINE_ESTIMATOR if kind == "baseline"
                                                                       else "-")
                 row.errors = [f"s{c.seed}: {c.error}" for c in failed if c.error]

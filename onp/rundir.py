@@ -23,14 +23,15 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
 
 from . import __version__
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
-
 
 #: env.json key -> distribution name of the packages whose versions every run records
 _PACKAGES = {"numpy": "numpy", "gymnasium": "gymnasium", "stable_baselines3": "stable-baselines3",
@@ -102,3 +103,55 @@ def write_run(run_dir: Path, *, config: Dict[str, Any], metrics: Dict[str, Any],
     atomic_write_text(run_dir / "README.md", f"Reproduce this run with:\n\n    {command or reproduce_line()}\n")
     atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir
+
+
+@dataclass(frozen=True, eq=False)
+class RunResult(Mapping):
+    """What a run function (``run_training``, ``run_baseline``, ``run_evaluate``) returns: the run
+    folder and its ``metrics.json``. The headline numbers are typed attributes; every other metric is
+    read like a mapping (``result["val"]``)."""
+
+    run_dir: Path
+    metrics: Dict[str, Any]
+
+    @property
+    def acc(self) -> float:
+        """Clean test accuracy after the defense."""
+        return float(self.metrics["acc"])
+
+    @property
+    def asr(self) -> float:
+        """Attack success rate after the defense (test set, the attack's real trigger)."""
+        return float(self.metrics["asr"])
+
+    @property
+    def ra(self) -> float:
+        """Robust accuracy after the defense."""
+        return float(self.metrics["ra"])
+
+    @property
+    def der(self) -> float:
+        """Defense effectiveness rating."""
+        return float(self.metrics["der"])
+
+    @property
+    def before(self) -> Dict[str, float]:
+        """ACC / ASR / RA of the backdoored model."""
+        return dict(self.metrics["before"])
+
+    @property
+    def n_pruned(self) -> int:
+        return int(self.metrics.get("n_pruned") or 0)
+
+    @property
+    def wall_time(self) -> float:
+        return float(self.metrics["wall_time"])
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)

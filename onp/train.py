@@ -21,33 +21,39 @@ of the defaults, then the flags, then ``--set dotted.key=value``. ``--seed`` set
 model's seed and the agent's (as in ``onp.baseline``); ``--agent-seed`` sets only the agent's.
 
 The run directory (default ``runs/train/<model>-<attack>-<agent>-s<seed>``) follows
-:mod:`onp.rundir` plus ``policy.pt`` + ``policy.json``, ``learning_curve.json``, ``tb/``, ``checkpoint.pt`` + ``checkpoint.json`` and
-``train_state.json``. Ctrl-C leaves a checkpoint; ``--resume`` continues from it.
+:mod:`onp.rundir` plus ``policy.pt`` + ``policy.json``, ``learning_curve.json``, ``tb/``,
+``checkpoint.pt`` + ``checkpoint.json`` and ``train_state.json`` (no pickle anywhere). Ctrl-C leaves
+a checkpoint; the same command (or ``--resume``) continues from it.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union, cast
 
 import torch
 
-from .cli_common import run_cli
+from .cli_common import path_arg, run_cli
 from .config import deep_update, load_yaml, parse_overrides
 from .io import RunExistsError, atomic_write_json, is_onp_folder, read_json, run_folder
 from .metrics import evaluate_backdoor, with_der
-from .rundir import reproduce_line, write_run
+from .rundir import RunResult, reproduce_line, write_run
 from .train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from envs import NeuronPruningEnv
+
+    from .graph import NeuronGraph
+    from .zoo import BackdoorBundle
 
 #: The default profile as a plain dict: :class:`onp.train_config.TrainConfig`'s defaults, the single
 #: source (``configs/train/default.yaml`` spells out the same values).
 DEFAULT_CONFIG: Dict[str, Any] = TrainConfig().to_dict()
 #: config keys that may differ when resuming a run
-RESUMABLE_CHANGES = ("ppo.total_timesteps", "device", "torch_threads", "cache_dir", "deterministic")
+RESUMABLE_CHANGES = ("ppo.total_timesteps", "device", "torch_threads", "cache_dir", "data_dir", "deterministic")
 #: files whose presence in a run folder means it holds a resumable training checkpoint
 TRAIN_CHECKPOINTS = ("train_state.json", "checkpoint.pt", "checkpoint.json", "checkpoint.zip")
 
@@ -68,9 +74,13 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     (agent, ASR estimator, feature providers, warm-start baseline) looked up in its registry, all
     before any model is loaded. Returns the resolved config as a plain dict (``config.json``)."""
     cfg = TrainConfig.from_dict(config).to_dict()
+    if cfg["checkpoint"]:  # an existing model folder: its own backdoor config is the run's
+        from .zoo import model_config
+        cfg["backdoor"] = model_config(cfg["checkpoint"]).resolved().to_dict()
     from envs import ASR_ESTIMATORS
     ASR_ESTIMATORS.check(cfg["env"]["asr_estimator"])
     import baselines  # noqa: F401  (registers the score-based feature providers, e.g. clp_score)
+
     from .graph import FEATURE_PROVIDERS
     for name in cfg["env"]["feature_providers"]:
         FEATURE_PROVIDERS.check(name)
@@ -120,18 +130,19 @@ def _budget_count(budget: float, n: int) -> int:
     return max(1, min(k, n))
 
 
-def _load_bundle(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool):
+def _load_bundle(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool) -> "BackdoorBundle":
     """Load (or train) the backdoored model; print the header lines first."""
-    from .zoo import BackdoorConfig, load_bundle
+    from .zoo import BackdoorConfig, load_bundle, open_bundle
     bcfg = BackdoorConfig.from_dict(cfg["backdoor"])
-    cache_dir = cfg.get("cache_dir")
+    cache_dir, data_dir = cfg.get("cache_dir"), cfg.get("data_dir")
     try:
-        bundle = load_bundle(bcfg, cache_dir=cache_dir, progress=False, train_if_missing=False)
+        bundle = open_bundle(cfg["checkpoint"], data_dir=data_dir) if cfg.get("checkpoint") else \
+            load_bundle(bcfg, cache_dir=cache_dir, data_dir=data_dir, progress=False, train_if_missing=False)
         source, cached = bundle.meta.get("data_source"), True
     except FileNotFoundError:
         from .data import load_dataset
         bundle, cached = None, False
-        source = load_dataset(bcfg.dataset, source=bcfg.data_source).source
+        source = load_dataset(bcfg.dataset, data_dir=data_dir, source=bcfg.data_source).source
     b, e = cfg["backdoor"], cfg["env"]
     n = _count_neurons(b)
     k = _budget_count(float(e["budget"]), n)
@@ -145,16 +156,19 @@ def _load_bundle(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool
                                       if cfg["warm_start"].get("baseline") else ""))
     if not cached:
         log("[onp] the backdoored model is not cached yet: training it first (once)")
-        bundle = load_bundle(bcfg, cache_dir=cache_dir, progress=progress, device=cfg.get("device", "cpu"))
+        bundle = load_bundle(bcfg, cache_dir=cache_dir, data_dir=data_dir, progress=progress,
+                             device=cfg.get("device", "cpu"))
     else:
+        assert bundle is not None
         log(f"[onp] using cached model {bundle.path}")
     return bundle
 
 
-def apply_pruning(bundle, graph, pruned: Sequence[int], mask_mode: str = "gamma") -> torch.nn.Module:
+def apply_pruning(bundle: "BackdoorBundle", graph: "NeuronGraph", pruned: Sequence[int],
+                  mask_mode: str = "gamma") -> torch.nn.Module:
     """A fresh copy of the backdoored model with ``pruned`` written into its BN parameters."""
     from .masks import NeuronMasks
-    model = bundle.fresh_model() if hasattr(bundle, "fresh_model") else copy.deepcopy(bundle.model)
+    model = bundle.fresh_model()
     masks = NeuronMasks(model, graph, mode=mask_mode)
     if len(pruned):
         masks.prune(list(pruned))
@@ -164,13 +178,14 @@ def apply_pruning(bundle, graph, pruned: Sequence[int], mask_mode: str = "gamma"
     return model.eval()
 
 
-def run_training(config: Optional[Dict[str, Any]] = None, out_dir=None, *, overwrite: bool = False,
-                 resume: bool = False, progress: bool = True, quiet: bool = False,
-                 callbacks: Sequence = (), command: Optional[str] = None) -> Dict[str, Any]:
-    """Train (or run) an agent as configured and write the run directory; return ``metrics``.
+def run_training(config: Union[TrainConfig, Dict[str, Any], None] = None, out_dir: Union[str, Path, None] = None, *,
+                 overwrite: bool = False, resume: bool = False, progress: bool = True, quiet: bool = False,
+                 callbacks: Sequence[Any] = (), command: Optional[str] = None) -> RunResult:
+    """Train (or run) an agent as configured and write the run directory; return its
+    :class:`~onp.rundir.RunResult` (the run folder and ``metrics.json``).
 
     Args:
-        config: a (partial) training config, merged onto :data:`DEFAULT_CONFIG`.
+        config: a :class:`TrainConfig`, or a (partial, nested) mapping merged onto its defaults.
         out_dir: the run directory (default :func:`default_run_dir`).
         overwrite / resume: reuse an existing non-empty run directory (see module doc).
         progress: show progress bars; quiet: print only the final summary line.
@@ -204,7 +219,9 @@ def _resumes_automatically(run_dir: Path, cfg: Dict[str, Any], *, overwrite: boo
     return True
 
 
-def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callbacks, command) -> Dict[str, Any]:
+def _run_training(config: Union[TrainConfig, Dict[str, Any], None], out_dir: Union[str, Path, None], *,
+                  overwrite: bool, resume: bool, progress: bool, quiet: bool, callbacks: Sequence[Any],
+                  command: Optional[str]) -> RunResult:
     """Open the run folder (:func:`onp.io.run_folder`) and train into it.
 
     A missing or empty ``out_dir`` is created; a failed run removes it again unless it holds a
@@ -213,7 +230,7 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
     hidden staging folder next to it). An unfinished run without a checkpoint is replaced.
     """
     t_start = time.perf_counter()
-    cfg = resolve_config(config)
+    cfg = resolve_config(config.to_dict() if isinstance(config, TrainConfig) else config)
     final_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     resume = _resumes_automatically(final_dir, cfg, overwrite=overwrite, resume=resume, quiet=quiet)
     with run_folder(final_dir, tool="onp.train", overwrite=overwrite, resume=resume,
@@ -221,8 +238,9 @@ def _run_training(config, out_dir, *, overwrite, resume, progress, quiet, callba
         if resume:
             _check_resume_config(run_dir, cfg)
         try:
-            return _train_into(cfg, run_dir, final_dir=final_dir, t_start=t_start, resume=resume,
-                               progress=progress, quiet=quiet, callbacks=callbacks, command=command)
+            metrics = _train_into(cfg, run_dir, final_dir=final_dir, t_start=t_start, resume=resume,
+                                  progress=progress, quiet=quiet, callbacks=callbacks, command=command)
+            return RunResult(final_dir, metrics)
         except KeyboardInterrupt:
             if run_dir != final_dir:  # the staging folder of --overwrite: deleted, the old run stays
                 print(f"[onp] the interrupted --overwrite run is discarded; {final_dir} still holds the previous "
@@ -279,7 +297,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
                   "asr": float(res["info"]["asr"]), "n_pruned": int(res["info"]["n_pruned"]),
                   "wall_time": round(time.perf_counter() - t_learn0, 2)}]
     pruned = [int(i) for i in chosen["pruned"]]
-    base = env.unwrapped
+    base = cast("NeuronPruningEnv", env.unwrapped)
     graph = base.graph
     mask_mode = cfg["env"]["mask_mode"]
     pruned_model = apply_pruning(bundle, graph, pruned, mask_mode)
@@ -293,7 +311,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     total_steps = sum(steps.values())
     rate_steps = steps["train"] if steps["train"] else steps["final"]
     rate_seconds = learn_seconds if steps["train"] else (time.perf_counter() - t_roll)
-    names = [f"{graph.layers[int(graph.node_layer[i])].bn_name}[{int(graph.node_channel[i])}]" for i in pruned]
+    names = graph.neuron_names(pruned)
     wall = time.perf_counter() - t_start
     metrics: Dict[str, Any] = {
         **after, "before": before, "n_pruned": len(pruned), "num_neurons": base.num_nodes, "budget": base.budget,
@@ -332,7 +350,8 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m onp.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See configs/train/default.yaml for every config key and docs/agents.md for agents.")
+                                epilog="See configs/train/default.yaml for every config key and docs/agents.md for "
+                                       "agents.")
     p.add_argument("--model", default=None, help="architecture (default resnet18)")
     p.add_argument("--dataset", default=None, help="dataset (default fashion-mnist)")
     p.add_argument("--attack", default=None, help="attack (default badnets)")
@@ -354,9 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start", default=None, metavar="BASELINE",
                    help="behaviour-clone a baseline's pruning order before PPO (default clp; 'none' = cold start)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--out", type=Path, default=None, help="run directory")
+    p.add_argument("--out", type=path_arg, default=None, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default $ONP_CACHE or ~/.cache/onp)")
+    p.add_argument("--cache-dir", type=path_arg, default=None,
+                   help="artifact cache (default $ONP_CACHE or ~/.cache/onp)")
+    p.add_argument("--checkpoint", type=path_arg, default=None,
+                   help="an existing model folder (a zoo artifact) instead of the backdoor.* settings")
+    p.add_argument("--data-dir", type=path_arg, default=None,
+                   help="folder with the dataset's files (an error if they are not there)")
     p.add_argument("--list-agents", action="store_true", help="list the available agents and exit")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p
@@ -374,6 +398,7 @@ def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
                       ("timesteps", "ppo.total_timesteps"), ("budget", "env.budget"), ("device", "device"),
                       ("asr_estimator", "env.asr_estimator"), ("agent", "agent"),
                       ("warm_start", "warm_start.baseline"), ("cache_dir", "cache_dir"),
+                      ("checkpoint", "checkpoint"), ("data_dir", "data_dir"),
                       ("deterministic", "deterministic")):
         val = getattr(args, flag)
         if val is not None:

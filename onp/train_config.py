@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Self
 
 from .config import ConfigError, check_finite, validation_message
 
@@ -32,14 +33,30 @@ __all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "PPOConfig", "EvalConfig"
 NO_WARM_START = ("none", "null", "")
 
 
-class Section(BaseModel):
-    """A config section: unknown keys, wrong types, NaN and infinity are refused. Sizes have sanity
-    caps (e.g. ``policy.hidden <= 4096``) so a typo cannot exhaust memory."""
+class TypedConfig(BaseModel):
+    """A typed config (or one of its sections): unknown keys, wrong types, NaN and infinity are
+    refused. Sizes have sanity caps (e.g. ``policy.hidden <= 4096``) so a typo cannot exhaust memory."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
+    #: how error messages name this config ("training config key env.delta: ...")
+    config_name: ClassVar[str] = "config"
+
+    @classmethod
+    def from_dict(cls, data: Optional[Mapping[str, Any]] = None) -> Self:
+        """Build from a (partial, nested) mapping; errors are one :class:`ConfigError` naming each key."""
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"the {cls.config_name} must be a mapping of keys to values; got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as exc:
+            raise ConfigError(validation_message(exc, cls.config_name)) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-ready nested dict (what ``config.json`` holds)."""
+        return self.model_dump(mode="json")
 
 
-class EnvConfig(Section):
+class EnvConfig(TypedConfig):
     """Arguments of :class:`envs.NeuronPruningEnv` (see its docstring)."""
 
     budget: float = Field(0.025, gt=0, description="most neurons pruned: a fraction of N in (0, 1) or a count >= 1")
@@ -69,7 +86,7 @@ class EnvConfig(Section):
         return check_finite(v)
 
 
-class PolicyConfig(Section):
+class PolicyConfig(TypedConfig):
     """:class:`agents.gnn_policy.GNNMaskablePolicy` architecture."""
 
     conv: Literal["gcn", "sage", "gat"] = "gcn"
@@ -80,7 +97,7 @@ class PolicyConfig(Section):
     head_hidden: int = Field(64, ge=1, le=4096)
 
 
-class PPOConfig(Section):
+class PPOConfig(TypedConfig):
     """``sb3_contrib.MaskablePPO`` arguments plus the vectorisation of the envs."""
 
     total_timesteps: int = Field(2560, ge=0, le=10**9)
@@ -108,14 +125,14 @@ class PPOConfig(Section):
         return {k: v for k, v in self.model_dump().items() if k not in self.NOT_PPO_ARGS}
 
 
-class EvalConfig(Section):
+class EvalConfig(TypedConfig):
     """Deterministic defense-validation episodes during training."""
 
     freq: int = Field(256, ge=1, le=10**9, description="env steps between evaluations")
     episodes: int = Field(1, ge=1, le=1000)
 
 
-class WarmStartConfig(Section):
+class WarmStartConfig(TypedConfig):
     """Behaviour cloning of a baseline's pruning order before PPO (``baseline: None`` = cold start)."""
 
     baseline: Optional[str] = "clp"
@@ -138,7 +155,7 @@ class WarmStartConfig(Section):
         return check_finite(v)
 
 
-class RolloutConfig(Section):
+class RolloutConfig(TypedConfig):
     """Which pruning of the final deterministic episode is kept."""
 
     select: Literal["final", "best_prefix"] = "final"
@@ -163,7 +180,7 @@ def check_device(device: str) -> str:
     return device
 
 
-class TrainConfig(Section):
+class TrainConfig(TypedConfig):
     """Everything one ``onp.train`` run depends on; ``TrainConfig()`` is the default profile.
 
     The default profile: narrow ResNet-18 (width 16) on Fashion-MNIST with BadNets, the trigger-aware
@@ -184,10 +201,14 @@ class TrainConfig(Section):
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     seed: int = Field(0, ge=0, description="the agent's seed (--seed also sets backdoor.seed)")
+    config_name: ClassVar[str] = "training config"
+
     deterministic: bool = False
     device: str = "cpu"
     torch_threads: Optional[int] = Field(None, ge=1, le=1024)
     cache_dir: Optional[str] = Field(None, min_length=1)
+    checkpoint: Optional[str] = Field(None, min_length=1, description="an existing model folder (replaces backdoor)")
+    data_dir: Optional[str] = Field(None, min_length=1, description="folder holding the dataset (an error if not)")
 
     @field_validator("backdoor")
     @classmethod
@@ -201,7 +222,7 @@ class TrainConfig(Section):
     @field_validator("agent_params")
     @classmethod
     def _finite_params(cls, v: Dict[str, Any]) -> Dict[str, Any]:
-        return check_finite(v)
+        return check_finite(v, "agent_params")
 
     @field_validator("device")
     @classmethod
@@ -226,18 +247,3 @@ class TrainConfig(Section):
         elif ws is None:
             ws = {"baseline": None}
         return {**data, "warm_start": ws}
-
-    # -- construction -------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, data: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
-        """Build from a (partial, nested) mapping; errors are :class:`ConfigError` naming the key."""
-        if data is not None and not isinstance(data, Mapping):
-            raise ConfigError(f"a training config must be a mapping of keys to values; got {type(data).__name__}")
-        try:
-            return cls.model_validate(dict(data or {}))
-        except ValidationError as exc:
-            raise ConfigError(validation_message(exc, "training config")) from None
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON-ready nested dict (what ``config.json`` holds)."""
-        return self.model_dump(mode="json")

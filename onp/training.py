@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 
 from .data.augment import Augment
 from .io import atomic_torch_save, load_checkpoint
+
+if TYPE_CHECKING:
+    from .attacks import Attack
 
 
 @dataclass
@@ -30,7 +33,7 @@ class PoisonPlan:
         return cls(z, z.clone(), labels.clone())
 
     @classmethod
-    def for_attack(cls, attack, labels: torch.Tensor, rate: float, seed: int) -> "PoisonPlan":
+    def for_attack(cls, attack: Attack, labels: torch.Tensor, rate: float, seed: int) -> "PoisonPlan":
         gen = torch.Generator().manual_seed(seed)
         poison_idx = attack.poison_indices(labels, rate, gen)
         noise_idx = attack.noise_indices(labels, poison_idx, gen)
@@ -53,7 +56,7 @@ class TrainRecipe:
     seed: int = 0
 
 
-def _batch_images(images_u8: torch.Tensor, idx: torch.Tensor, plan: PoisonPlan, attack,
+def _batch_images(images_u8: torch.Tensor, idx: torch.Tensor, plan: PoisonPlan, attack: Optional[Attack],
                   augment: Augment, gen: torch.Generator) -> torch.Tensor:
     x = images_u8[idx].float().div_(255.0)
     if attack is not None:
@@ -66,7 +69,7 @@ def _batch_images(images_u8: torch.Tensor, idx: torch.Tensor, plan: PoisonPlan, 
     return augment(x, gen)
 
 
-def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan, *, attack=None,
+def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan, *, attack: Optional[Attack] = None,
                      augment: Augment, recipe: TrainRecipe, state_path: Optional[Path] = None,
                      device: str = "cpu", progress: bool = True,
                      on_epoch_end: Optional[Callable[[int, nn.Module], None]] = None) -> float:
@@ -77,12 +80,13 @@ def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan
     Each epoch's shuffle and augmentation use a generator seeded by ``(seed, epoch)``, so a resumed
     run repeats the same batches as an uninterrupted one.
     """
-    model.to(device).to(memory_format=torch.channels_last)
+    model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stubs
     n = len(plan.labels)
     steps = (n + recipe.batch_size - 1) // recipe.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, nesterov=True)
     total = recipe.epochs * steps
+    sched: torch.optim.lr_scheduler.LRScheduler
     if total >= 8:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.25)
     else:  # OneCycleLR needs a few steps per phase; tiny runs use a constant rate

@@ -25,12 +25,23 @@ from torch import nn
 from .attacks import ATTACKS, Attack, build_attack
 from .attacks.base import MODES
 from .config import check_types, from_dict, stable_hash
-from .data import DATASETS, Dataset, load_dataset
+from .data import DATASETS, Dataset, DatasetSpec, load_dataset
 from .data.augment import Augment
 from .data.defense import DefenseData
 from .data.splits import Splits, as_float, make_splits
-from .io import (MARKER, CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint,
-                 load_state_dict_into, read_json, run_folder, write_marker)
+from .io import (
+    MARKER,
+    CheckpointError,
+    PathLike,
+    atomic_torch_save,
+    atomic_write_json,
+    cache_root,
+    load_checkpoint,
+    load_state_dict_into,
+    read_json,
+    run_folder,
+    write_marker,
+)
 from .metrics import evaluate_backdoor
 from .models import DEFAULT_WIDTH, MODELS, build_model_for
 from .rundir import environment_info
@@ -128,7 +139,7 @@ class BackdoorBundle:
     path: Path
 
     @property
-    def spec(self):
+    def spec(self) -> DatasetSpec:
         return self.dataset.spec
 
     @property
@@ -137,7 +148,8 @@ class BackdoorBundle:
 
     @property
     def defense_data(self) -> DefenseData:
-        tr, va = self.dataset.train.subset(self.splits.defense_train), self.dataset.train.subset(self.splits.defense_val)
+        tr = self.dataset.train.subset(self.splits.defense_train)
+        va = self.dataset.train.subset(self.splits.defense_val)
         return DefenseData(as_float(tr.images), tr.labels, as_float(va.images), va.labels, self.spec.num_classes)
 
     @property
@@ -157,7 +169,7 @@ def _data_key(ds: Dataset) -> Dict[str, Any]:
     return {"sample": ds.is_sample, "num_train": len(ds.train), "num_test": len(ds.test)}
 
 
-def artifact_dir(config: BackdoorConfig, dataset: Dataset, cache_dir: Optional[Path] = None) -> Path:
+def artifact_dir(config: BackdoorConfig, dataset: Dataset, cache_dir: Optional[PathLike] = None) -> Path:
     """``<cache>/zoo/<model>-w<width>-<dataset>-<attack|clean>-<hash>``, hash over the resolved config."""
     cfg = config.resolved()
     key = {k: v for k, v in cfg.to_dict().items() if k != "data_source"}
@@ -166,7 +178,7 @@ def artifact_dir(config: BackdoorConfig, dataset: Dataset, cache_dir: Optional[P
     return cache_root(cache_dir) / "zoo" / f"{cfg.model}-w{cfg.width}-{cfg.dataset}-{name}-{stable_hash(key)}"
 
 
-def _make_attack(cfg: BackdoorConfig, spec) -> Attack:
+def _make_attack(cfg: BackdoorConfig, spec: DatasetSpec) -> Attack:
     return build_attack(cfg.attack, spec.image_shape, spec.num_classes, target=cfg.target, mode=cfg.mode,
                         seed=cfg.seed, **cfg.attack_params)
 
@@ -189,7 +201,8 @@ def load_model(path: Path, meta: Optional[Dict[str, Any]] = None) -> nn.Module:
     return model.eval()
 
 
-def get_backdoored(config: Union[BackdoorConfig, Dict[str, Any]] = None, *, cache_dir: Optional[Path] = None,
+def get_backdoored(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *,
+                   cache_dir: Optional[PathLike] = None,
                    data_dir: Optional[Path] = None, overwrite: bool = False, device: str = "cpu",
                    progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """Return ``(model, metadata)`` for ``config``, training and caching it on the first call.
@@ -204,7 +217,7 @@ def get_backdoored(config: Union[BackdoorConfig, Dict[str, Any]] = None, *, cach
     return bundle.model, bundle.meta
 
 
-def load_bundle(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *, cache_dir: Optional[Path] = None,
+def load_bundle(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *, cache_dir: Optional[PathLike] = None,
                 data_dir: Optional[Path] = None, overwrite: bool = False, device: str = "cpu",
                 progress: bool = True, train_if_missing: bool = True) -> BackdoorBundle:
     """Like :func:`get_backdoored` but returns a :class:`BackdoorBundle` with the splits and attack."""
@@ -227,17 +240,26 @@ def load_bundle(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *, c
     return open_bundle(path, dataset=dataset)
 
 
-def open_bundle(path: Union[str, Path], *, dataset: Optional[Dataset] = None,
-                data_dir: Optional[Path] = None) -> BackdoorBundle:
-    """Open an existing artifact directory (e.g. one passed as ``--checkpoint``)."""
-    path = Path(path)
+def _read_meta(path: Path) -> Tuple[Dict[str, Any], BackdoorConfig]:
     if not (path / "meta.json").exists():
         raise CheckpointError(f"{path}: not an onp model directory (no meta.json)")
     meta = read_json(path / "meta.json")
     try:
-        cfg = BackdoorConfig.from_dict(meta["config"])
+        return meta, BackdoorConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / 'meta.json'}: malformed metadata ({exc})") from exc
+
+
+def model_config(path: Union[str, Path]) -> BackdoorConfig:
+    """The :class:`BackdoorConfig` of the model folder ``path`` (its ``meta.json``; nothing loaded)."""
+    return _read_meta(Path(path))[1]
+
+
+def open_bundle(path: Union[str, Path], *, dataset: Optional[Dataset] = None,
+                data_dir: Optional[Path] = None) -> BackdoorBundle:
+    """Open an existing artifact directory (e.g. one passed as ``--checkpoint``)."""
+    path = Path(path)
+    meta, cfg = _read_meta(path)
     if dataset is None:
         dataset = load_dataset(cfg.dataset, data_dir=data_dir, source=cfg.data_source)
     if _data_key(dataset) != meta.get("data"):
@@ -302,7 +324,7 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
                      augment=Augment.for_spec(spec), recipe=recipe, state_path=state_path, device=device,
                      progress=progress)
     train_seconds = time.time() - t0
-    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # not in the stubs
     metrics = evaluate_backdoor(model, as_float(dataset.test.images), dataset.test.labels, attack)
     _check_finite(model, metrics, cfg, state_path)
     env = environment_info()  # git commit, package versions, hardware

@@ -24,8 +24,8 @@ def _pm(values: List[float], scale: float = 100.0, digits: int = 2, unit: str = 
 
 def rows(run_dirs: List[Path]) -> List[str]:
     """The Markdown lines of the table."""
-    head = ("| run | seed | model test ACC | defense-val ACC / ASR | test ACC | ACC drop (points) | test ASR | RA | DER "
-            "| #pruned | kept policy at PPO step | env steps | steps/s | wall |")
+    head = ("| run | seed | model test ACC | defense-val ACC / ASR | test ACC | ACC drop (points) | test ASR | RA "
+            "| DER | #pruned | kept policy at PPO step | env steps | steps/s | wall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     ms: List[Dict[str, Any]] = []
     for d in run_dirs:

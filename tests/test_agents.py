@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from agents import (AGENTS, BaseAgent, GNNMaskablePolicy, available_agents, build_agent, choose_pruning,
-                    policy_kwargs_for, resolve_agent_factory, rollout)
+from agents import (
+    AGENTS,
+    BaseAgent,
+    GNNMaskablePolicy,
+    available_agents,
+    build_agent,
+    choose_pruning,
+    policy_kwargs_for,
+    resolve_agent_factory,
+    rollout,
+)
 from agents.envs import EnvFactory, make_vec_env
 from agents.heuristics import bn_gamma_abs
 from agents.ppo_gnn import behaviour_clone, make_ppo
@@ -262,7 +271,7 @@ def _docs_example() -> str:
 
 def test_docs_custom_agent_example(env):
     code = _docs_example()
-    assert 15 <= len([l for l in code.splitlines() if l.strip()]) <= 30
+    assert 15 <= len([line for line in code.splitlines() if line.strip()]) <= 30
     if "lowest-beta" in AGENTS:  # the example registers itself; allow re-running in one session
         AGENTS._items.pop("lowest-beta")
     namespace: dict = {}

@@ -20,6 +20,7 @@ from onp.data.defense import DefenseData
 from onp.masks import NeuronMasks
 from onp.models import build_model
 from onp.registry import UnknownNameError
+
 FAST = {
     "rnp": dict(batch_size=32, unlearn_epochs=6, recover_epochs=2),
     "anp": dict(batch_size=32, iterations=10),
@@ -186,7 +187,7 @@ def test_rnp_unlearning_stops_at_threshold_and_recovery_touches_only_masks(bundl
         zeroed |= {layer.offset + c for c in diff}
     assert zeroed <= set(res.pruned) and len(res.pruned) > 0
     for k in original:
-        if not k.endswith(".weight") or not any(k == f"{l.bn_name}.weight" for l in layout.layers):
+        if not k.endswith(".weight") or not any(k == f"{layer.bn_name}.weight" for layer in layout.layers):
             assert torch.equal(out[k], original[k]), k  # betas, convs, running stats untouched
 
 
@@ -318,12 +319,12 @@ def test_pruning_grid():
 
 
 def test_score_feature_providers(bundle, data):
-    from onp.graph import build_neuron_graph, compute_node_features
     from baselines.features import make_score_provider
+    from onp.graph import build_neuron_graph, compute_node_features
     g = build_neuron_graph(bundle.model, torch.zeros(1, 1, 28, 28))
     x, names = compute_node_features(bundle.model, g, providers=("magnitude_score", "clp_score"), standardize=False)
     assert x.shape == (g.num_nodes, 2) and names == ["magnitude_score", "clp_score"]
-    gammas = torch.cat([bundle.model.get_submodule(l.bn_name).weight.detach().abs() for l in g.layers])
+    gammas = torch.cat([bundle.model.get_submodule(layer.bn_name).weight.detach().abs() for layer in g.layers])
     assert torch.allclose(x[:, 0], -gammas)
     prov = make_score_provider("anp", data, iterations=3, batch_size=32)
     s1 = prov(bundle.model, g, None)

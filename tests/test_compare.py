@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from onp import compare
 from onp.executors import LocalExecutor, ProcessExecutor, make_executor, ray_available
@@ -99,7 +98,7 @@ def test_grid_outputs_and_provenance(grid):
         assert data.startswith(PNG) and len(data) > 2000, name
     assert (out / "logs").is_dir()
     readme = (out / "cells" / "blend" / "clp" / "s1" / "README.md").read_text()
-    assert "python -m onp.baseline --method clp --checkpoint" in readme and "--seed 1" in readme
+    assert "python -m onp.baseline --method clp --checkpoint" in readme and "--defense-seed 1" in readme
     assert "python -m onp.train" in (out / "cells" / "blend" / "greedy-gamma" / "s1" / "README.md").read_text()
 
 
@@ -299,19 +298,33 @@ def test_ray_executor_requests_a_gpu_per_task_when_the_cluster_has_gpus(monkeypa
         assert not ray.inits
 
 
-def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path):
-    """A cell folder without metrics.json: a policy run resumes from its checkpoint, a baseline restarts."""
+def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path, monkeypatch):
+    """A cell folder without metrics.json: a policy run resumes from its checkpoint, a baseline restarts.
+    Cells call the run functions with typed configs (no argument strings)."""
+    import onp.baseline
+    import onp.train
+
+    calls = {}
+    monkeypatch.setattr(onp.baseline, "run_baseline", lambda cfg, out, **kw: calls.update(baseline=(cfg, kw)))
+    monkeypatch.setattr(onp.train, "run_training", lambda cfg, out, **kw: calls.update(policy=(cfg, kw)))
     args = compare.build_parser().parse_args(
-        _argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma", "--seeds", "1"))
+        _argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma", "--seeds", "1",
+              "--set", "clp.u=2.5", "--train-set", "env.budget=3"))
     plan = compare.GridPlan(args)
     cells = {c.defense: c for c in plan.cells()}
-    fresh = {d: plan.cell_task(c, str(tmp_path / "model"))["argv"] for d, c in cells.items()}
-    assert not {"--resume", "--overwrite"} & set(fresh["clp"] + fresh["greedy-gamma"])
+    for c in cells.values():
+        compare.run_cell(plan.cell_task(c, str(tmp_path / "model")))
+    assert calls["baseline"][1]["overwrite"] is False and calls["policy"][1]["resume"] is False
+    cfg, _ = calls["baseline"]
+    assert cfg["method"] == "clp" and cfg["params"] == {"u": 2.5} and cfg["checkpoint"] == str(tmp_path / "model")
+    cfg, _ = calls["policy"]
+    assert cfg["agent"] == "greedy-gamma" and cfg["env"]["budget"] == 3 and cfg["checkpoint"] == str(tmp_path / "model")
+    assert "backdoor" not in cfg  # the grid's model folder decides
     for c in cells.values():
         Path(c.run_dir).mkdir(parents=True)
         (Path(c.run_dir) / "config.json").write_text("{}")
-    started = {d: plan.cell_task(c, str(tmp_path / "model"))["argv"] for d, c in cells.items()}
-    assert started["greedy-gamma"][-1] == "--resume" and started["clp"][-1] == "--overwrite"
+        compare.run_cell(plan.cell_task(c, str(tmp_path / "model")))
+    assert calls["baseline"][1]["overwrite"] is True and calls["policy"][1]["resume"] is True
 
 
 def test_only_cells_on_a_cuda_device_use_a_gpu(onp_cache, tmp_path):
@@ -323,5 +336,5 @@ def test_only_cells_on_a_cuda_device_use_a_gpu(onp_cache, tmp_path):
     assert plan.out.is_absolute() and Path(args.cache_dir).is_absolute()  # Ray workers may run elsewhere
     tasks = {c.defense: plan.cell_task(c, str(tmp_path / "model")) for c in plan.cells()}
     assert not compare.uses_gpu(tasks["clp"]) and compare.uses_gpu(tasks["greedy-gamma"])
-    assert "--device" in tasks["greedy-gamma"]["argv"] and "--device" not in tasks["clp"]["argv"]
+    assert tasks["greedy-gamma"]["config"]["device"] == "cuda" and "device" not in tasks["clp"]["config"]
     assert compare.uses_gpu({"device": "cuda:1"}) and not compare.uses_gpu({"device": None})

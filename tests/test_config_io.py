@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from onp.config import from_dict, parse_overrides, stable_hash
-from onp.io import (CheckpointError, RunExistsError, atomic_write_json, load_checkpoint, load_state_dict_into,
-                    read_json, run_folder)
+from onp.io import (
+    CheckpointError,
+    RunExistsError,
+    atomic_write_json,
+    load_checkpoint,
+    load_state_dict_into,
+    read_json,
+    run_folder,
+)
 from onp.models import build_model
 
 

@@ -17,10 +17,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from onp.data import DATASETS, DatasetNotFoundError, dataset_spec, load_dataset
-from onp.data import cifar, gtsrb
+from onp.data import DATASETS, DatasetNotFoundError, cifar, dataset_spec, gtsrb, load_dataset
 from onp.data.download import DownloadError, download_file
-
 
 # --------------------------------------------------------------------------------------------------
 # fixtures and writers

@@ -116,11 +116,10 @@ def test_warm_start_and_multi_model(tiny_bundle):
 
 
 def test_group_pruning_prunes_the_coupled_channels(onp_cache):
-    from onp.zoo import BackdoorConfig, load_bundle
     from envs import PruningSubject
+    from onp.attacks import build_attack
     from onp.data.defense import DefenseData
     from onp.models import build_model
-    from onp.attacks import build_attack
     torch.manual_seed(0)
     model = build_model("resnet18", in_channels=1, width=4).eval()
     x = torch.rand(40, 1, 28, 28)

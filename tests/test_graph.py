@@ -7,9 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onp.graph import (FEATURE_PROVIDERS, LAYER_TYPES, UnsupportedModelError, build_neuron_graph,
-                       build_similarity_graphs, compute_node_features, register_feature_provider,
-                       trace_connectivity)
+from onp.graph import (
+    FEATURE_PROVIDERS,
+    LAYER_TYPES,
+    UnsupportedModelError,
+    build_neuron_graph,
+    build_similarity_graphs,
+    compute_node_features,
+    register_feature_provider,
+    trace_connectivity,
+)
 from onp.graph.coupling import coupling_groups
 from onp.graph.neuron_graph import graph_from_connectivity
 from onp.models import MODELS, build_model
@@ -61,7 +68,7 @@ def test_graph_invariants(name, in_channels):
     assert g.num_nodes == bn_channels(model)
     assert g.bn_names == [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert g.node_layer.shape == g.node_channel.shape == g.group.shape == (g.num_nodes,)
-    assert sum(l.num_channels for l in g.layers) == g.num_nodes
+    assert sum(layer.num_channels for layer in g.layers) == g.num_nodes
     assert g.layers[0].offset == 0 and g.layers[0].depth == 0.0 and g.layers[-1].depth == 1.0
     src, dst = g.edge_index
     assert g.edge_weight.shape == (g.num_edges,) and bool((g.edge_weight > 0).all())
@@ -69,7 +76,7 @@ def test_graph_invariants(name, in_channels):
     assert int(g.in_degree().max()) <= 16
     assert set(g.group.tolist()) == set(range(g.num_groups))
     assert g.layers[0].layer_type == "stem" and g.layers[-1].layer_type == "final"
-    assert all(l.layer_type in LAYER_TYPES for l in g.layers)
+    assert all(layer.layer_type in LAYER_TYPES for layer in g.layers)
     for layer in g.layers:
         assert g.layer_slice(layer.bn_name) == slice(layer.offset, layer.offset + layer.num_channels)
         assert g.node_index(layer.bn_name, layer.num_channels - 1) == layer.offset + layer.num_channels - 1
@@ -120,7 +127,7 @@ def test_preact_resnet18_residual_stream_accumulates():
 
 
 def test_layer_types():
-    types = {name: {l.bn_name: l.layer_type for l in model_and_graph(name)[1].layers} for name in MODELS.names()}
+    types = {name: {b.bn_name: b.layer_type for b in model_and_graph(name)[1].layers} for name in MODELS.names()}
     r = types["resnet18"]
     assert r["bn1"] == "stem" and r["layer1.0.bn1"] == "conv" and r["layer2.0.shortcut.1"] == "shortcut"
     assert r["layer4.1.bn2"] == "final" and r["layer4.0.bn2"] == "conv"
@@ -188,7 +195,7 @@ def test_resnet18_coupling():
     for layer in g.layers:
         if layer.bn_name.endswith(".bn1"):
             assert groups_of(g, layer.bn_name, 0) == {(layer.bn_name, 0)}
-    assert g.num_groups == g.num_nodes - 2 * sum(l.num_channels for l in g.layers if l.bn_name.endswith(".1.bn2"))
+    assert g.num_groups == g.num_nodes - 2 * sum(b.num_channels for b in g.layers if b.bn_name.endswith(".1.bn2"))
 
 
 def test_preact_resnet18_coupling():
@@ -467,8 +474,8 @@ def test_custom_feature_provider():
 
 def test_coupling_found_on_a_frozen_model():
     """Defenses and the env freeze parameters; the residual coupling must not depend on that."""
-    from onp.models import build_model
     from onp.graph import build_neuron_graph
+    from onp.models import build_model
     m = build_model("resnet18", in_channels=1, width=4).eval()
     for p in m.parameters():
         p.requires_grad_(False)

@@ -39,6 +39,7 @@ def _onp_modules(tree: ast.AST):
 
 
 def test_lower_packages_do_not_import_the_cli_layer():
-    bad = [f"{p.relative_to(ROOT)}:{line} imports onp.{mod}" for pkg in sorted(UPPER) for p in (ROOT / pkg).rglob("*.py")
+    bad = [f"{p.relative_to(ROOT)}:{line} imports onp.{mod}"
+           for pkg in sorted(UPPER) for p in (ROOT / pkg).rglob("*.py")
            for line, mod in _onp_modules(ast.parse(p.read_text())) if mod in CLI_MODULES]
     assert not bad, "a lower package imports an onp command-line module:\n" + "\n".join(bad)

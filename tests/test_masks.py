@@ -174,8 +174,8 @@ def test_prune_reset_and_indices():
 def test_bn_names_constructor_matches_graph_order():
     model, graph, x = setup("resnet18")
     masks_a = NeuronMasks(model, graph.bn_names, mode="gamma")
-    assert [(l.bn_name, l.offset, l.num_channels) for l in masks_a.layers] == \
-        [(l.bn_name, l.offset, l.num_channels) for l in graph.layers]
+    assert [(layer.bn_name, layer.offset, layer.num_channels) for layer in masks_a.layers] == \
+        [(layer.bn_name, layer.offset, layer.num_channels) for layer in graph.layers]
     masks_a.prune(graph.node_index("layer2.0.bn1", 3))
     with torch.no_grad():
         out_a = model(x)

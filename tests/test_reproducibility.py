@@ -61,7 +61,8 @@ def test_baseline_cell_twice_is_identical(tiny_bundle, tmp_path):
         runs.append(out)
     assert _metrics(runs[0]) == _metrics(runs[1])
     assert _same_state(runs[0] / "model.pt", runs[1] / "model.pt")
-    assert torch.equal(torch.load(runs[0] / "scores.pt", weights_only=True), torch.load(runs[1] / "scores.pt", weights_only=True))
+    assert torch.equal(torch.load(runs[0] / "scores.pt", weights_only=True),
+                       torch.load(runs[1] / "scores.pt", weights_only=True))
 
 
 def test_compare_twice_gives_identical_leaderboards(onp_cache, tmp_path):

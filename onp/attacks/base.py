@@ -20,7 +20,7 @@ import abc
 import math
 import numbers
 import warnings
-from typing import Any, ClassVar, Dict, Mapping, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, Mapping, Sequence, SupportsInt, Tuple, Type, cast
 
 import torch
 from torch import Tensor
@@ -64,13 +64,13 @@ def _check_image_shape(image_shape: Sequence[int]) -> Tuple[int, int, int]:
         raise ValueError(f"image_shape must be (C, H, W) integers, got {image_shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape!r}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, numbers.Real) and float(value).is_integer():
-            return int(value)
+            return int(cast(SupportsInt, value))  # numbers.Real has no __int__ in typeshed
         raise AttackParamError(f"{name} must be an integer, got {value!r}")
     return int(value)
 

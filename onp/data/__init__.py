@@ -5,8 +5,7 @@
 """
 
 from . import idx as _idx  # noqa: F401  (registers fashion-mnist and mnist)
-from .registry import (DATASETS, DataRequest, DatasetNotFoundError, dataset_spec, load_dataset,
-                       register_dataset)
+from .registry import DATASETS, DataRequest, DatasetNotFoundError, dataset_spec, load_dataset, register_dataset
 from .spec import Dataset, DatasetSpec, ImageSet
 
 try:  # CIFAR-10/100 and GTSRB parsers register themselves when present

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .spec import DatasetSpec
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -43,6 +46,6 @@ class Augment:
         return random_hflip(x, 0.5, generator) if self.hflip else x
 
     @classmethod
-    def for_spec(cls, spec) -> "Augment":
+    def for_spec(cls, spec: DatasetSpec) -> Augment:
         """Padding 4 for 32-pixel images (scaled with the image size), flips where the dataset allows them."""
         return cls(padding=max(1, round(spec.height / 8)), hflip=spec.hflip)

@@ -43,7 +43,7 @@ __all__ = ["CIFAR10", "CIFAR100", "CifarLayout", "LAYOUTS", "RestrictedUnpickler
 def _numpy_helpers() -> Dict[str, Callable[..., Any]]:
     try:  # numpy >= 2
         from numpy._core.multiarray import _reconstruct
-        from numpy._core.numeric import _frombuffer
+        from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]  # private, not in the stubs
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
         from numpy.core.numeric import _frombuffer  # type: ignore[no-redef]

@@ -21,7 +21,7 @@ class DefenseData:
     val_y: torch.Tensor
     num_classes: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("train_x", "val_x"):
             t = getattr(self, name)
             if not torch.is_floating_point(t) or t.ndim != 4:

@@ -25,7 +25,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -82,7 +82,8 @@ def read_ppm(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """
     if data[:2] != b"P6":
         raise ValueError(f"{source}: not a binary PPM image (magic {data[:2]!r}, expected b'P6')")
-    pos, fields = 2, []
+    pos = 2
+    fields: List[int] = []
     while len(fields) < 3:
         pos = _skip_space_and_comments(data, pos)
         start = pos
@@ -259,6 +260,12 @@ class GtsrbFiles:
                  "gt": f"test labels ({GT_TEST_CSV} or GTSRB_Final_Test_GT.zip)"}
         return [v for k, v in names.items() if getattr(self, k) is None]
 
+    def parts(self) -> Tuple[_Tree, _Tree, _Tree, str]:
+        """``(train, test, gt tree, gt path)`` of a folder that holds all three parts."""
+        if self.train is None or self.test is None or self.gt is None:
+            raise ValueError(f"{self.root}: incomplete GTSRB ({'; '.join(self.missing())})")
+        return self.train, self.test, self.gt[0], self.gt[1]
+
     def close(self) -> None:
         """Close any open zip files."""
         for tree in (self.train, self.test, self.gt[0] if self.gt else None):
@@ -346,23 +353,23 @@ def _decode(tree: _Tree, rows: List[Tuple[str, GtRow]], size: int) -> Tuple[np.n
 
 
 def _parse(files: GtsrbFiles, size: int) -> Dict[str, np.ndarray]:
-    train_rows = [r for c in _training_csvs(files.train) for r in _rows(files.train, c)]
-    gt_tree, gt_rel = files.gt  # type: ignore[misc]
+    train, test, gt_tree, gt_rel = files.parts()
+    train_rows = [r for c in _training_csvs(train) for r in _rows(train, c)]
     test_rows = _rows(gt_tree, gt_rel)
     if not test_rows:
         raise ValueError(f"{gt_tree}/{gt_rel}: no test annotations")
-    train_x, train_y = _decode(files.train, train_rows, size)
-    test_x, test_y = _decode(files.test, [(r.filename, r) for _, r in test_rows], size)
+    train_x, train_y = _decode(train, train_rows, size)
+    test_x, test_y = _decode(test, [(r.filename, r) for _, r in test_rows], size)
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
 def _fingerprint(files: GtsrbFiles, size: int) -> str:
-    train_csvs = _training_csvs(files.train) if isinstance(files.train, _DirTree) else []
-    gt_tree, gt_rel = files.gt  # type: ignore[misc]
+    train, test, gt_tree, gt_rel = files.parts()
+    train_csvs = _training_csvs(train) if isinstance(train, _DirTree) else []
     return json.dumps({
         "version": CACHE_VERSION, "size": size, "roi_crop": True,
-        "train": files.train.stamp(train_csvs),  # type: ignore[union-attr]
-        "test": files.test.stamp([]),  # type: ignore[union-attr]
+        "train": train.stamp(train_csvs),
+        "test": test.stamp([]),
         "gt": gt_tree.stamp([gt_rel]),
     }, sort_keys=True)
 
@@ -387,7 +394,8 @@ def _read_cache(path: Path, fingerprint: str) -> Optional[Dict[str, np.ndarray]]
 
 def _write_cache(paths: Sequence[Path], arrays: Dict[str, np.ndarray], fingerprint: str) -> Optional[Path]:
     buf = io.BytesIO()
-    np.savez_compressed(buf, fingerprint=np.array(fingerprint), **arrays)
+    payload: Dict[str, Any] = {"fingerprint": np.array(fingerprint), **arrays}
+    np.savez_compressed(buf, **payload)
     for path in paths:
         try:
             return atomic_write_bytes(path, buf.getvalue())

@@ -10,10 +10,11 @@ import gzip
 import struct
 import zlib
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 
 from .download import DownloadError, download_file
 from .registry import DataRequest, candidate_dirs, download_dir, not_found, register_dataset
@@ -42,7 +43,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     dtype_code, ndim = raw[2], raw[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: Dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise ValueError(f"{path}: unknown IDX dtype code {dtype_code:#x}")
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
@@ -60,9 +61,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         fh.write(header + array.tobytes())
 
 
-def _find_idx_dir(dirs) -> Optional[Dict[str, Path]]:
+def _find_idx_dir(dirs: Iterable[Path]) -> Optional[Dict[str, Path]]:
     for d in dirs:
-        found = {}
+        found: Dict[str, Path] = {}
         for key, stem in IDX_FILES.items():
             for cand in (d / (stem + ".gz"), d / stem):
                 if cand.is_file():
@@ -71,6 +72,14 @@ def _find_idx_dir(dirs) -> Optional[Dict[str, Path]]:
         if len(found) == len(IDX_FILES):
             return found
     return None
+
+
+def _idx_files(name: str, dirs: Sequence[Path]) -> Dict[str, Path]:
+    """:func:`_find_idx_dir` for a folder that must hold the files (the sample, a finished download)."""
+    files = _find_idx_dir(dirs)
+    if files is None:
+        raise not_found(name, dirs, "the IDX files are incomplete")
+    return files
 
 
 def load_idx_dataset(spec: DatasetSpec, files: Dict[str, Path], source: str, is_sample: bool = False) -> Dataset:
@@ -85,13 +94,14 @@ def load_idx_dataset(spec: DatasetSpec, files: Dict[str, Path], source: str, is_
     return Dataset(spec, _set("train"), _set("test"), source=source, is_sample=is_sample)
 
 
-def _idx_loader(spec: DatasetSpec, urls: Dict[str, Tuple[str, str]], system_dirs=(), has_sample: bool = False):
+def _idx_loader(spec: DatasetSpec, urls: Dict[str, Tuple[str, str]], system_dirs: Sequence[str] = (),
+                has_sample: bool = False) -> Callable[[DataRequest], Dataset]:
     def load(req: DataRequest) -> Dataset:
         sample_dir = SAMPLE_DIR / spec.name
         if req.source == "sample":
             if not has_sample:
                 raise not_found(spec.name, [sample_dir], "no bundled sample ships for this dataset")
-            return load_idx_dataset(spec, _find_idx_dir([sample_dir]), "bundled-sample", is_sample=True)
+            return load_idx_dataset(spec, _idx_files(spec.name, [sample_dir]), "bundled-sample", is_sample=True)
         dirs = candidate_dirs(spec.name, req.data_dir, system_dirs)
         files = _find_idx_dir(dirs)
         if files is not None:
@@ -102,13 +112,13 @@ def _idx_loader(spec: DatasetSpec, urls: Dict[str, Tuple[str, str]], system_dirs
             try:
                 for key, (url, md5) in urls.items():
                     download_file(url, dest / (IDX_FILES[key] + ".gz"), md5=md5, timeout=10)
-                return load_idx_dataset(spec, _find_idx_dir([dest]), f"download:{dest}")
+                return load_idx_dataset(spec, _idx_files(spec.name, [dest]), f"download:{dest}")
             except DownloadError as exc:
                 why = f"download failed: {exc}"
         if req.source == "auto" and has_sample and req.data_dir is None:  # an explicit --data-dir is never replaced
             print(f"[onp] full {spec.name} not found ({why or 'not on disk'}); using the bundled sample "
                   f"(12,000 train / 2,000 test images). Install the full dataset for paper-quality numbers.")
-            return load_idx_dataset(spec, _find_idx_dir([sample_dir]), "bundled-sample", is_sample=True)
+            return load_idx_dataset(spec, _idx_files(spec.name, [sample_dir]), "bundled-sample", is_sample=True)
         raise not_found(spec.name, dirs, why)
 
     return load

@@ -46,10 +46,14 @@ DATASETS: Registry = Registry("dataset")
 SOURCES = ("auto", "full", "sample")
 
 
-def register_dataset(spec: DatasetSpec, how_to_get: str, system_dirs: Sequence[str] = ()):
+Loader = Callable[[DataRequest], Dataset]
+
+
+def register_dataset(spec: DatasetSpec, how_to_get: str,
+                     system_dirs: Sequence[str] = ()) -> Callable[[Loader], Loader]:
     """Decorator registering ``loader(request) -> Dataset`` for ``spec.name``."""
 
-    def _wrap(loader: Callable[[DataRequest], Dataset]):
+    def _wrap(loader: Loader) -> Loader:
         DATASETS.register(spec.name, DatasetEntry(spec, loader, how_to_get, tuple(system_dirs)))
         return loader
 

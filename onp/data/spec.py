@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 
@@ -34,7 +35,7 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8:
             raise TypeError(f"ImageSet.images must be uint8, got {self.images.dtype}")
         if self.images.ndim != 4:
@@ -46,7 +47,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index) -> "ImageSet":
+    def subset(self, index: Union[torch.Tensor, np.ndarray, Sequence[int]]) -> ImageSet:
         index = torch.as_tensor(index, dtype=torch.long)
         return ImageSet(self.images[index], self.labels[index])
 

@@ -8,15 +8,15 @@
 """
 
 from .coupling import COUPLING_METHODS, coupling_groups
-from .features import (FEATURE_PROVIDERS, FeatureProvider, compute_node_features, register_feature_provider)
+from .features import FEATURE_PROVIDERS, FeatureProvider, compute_node_features, register_feature_provider
 from .frontier import UnsupportedModelError
 from .layer_types import LAYER_TYPES
-from .neuron_graph import LayerInfo, NeuronGraph, build_neuron_graph
+from .neuron_graph import LayerInfo, NeuronGraph, build_neuron_graph, neuron_name
 from .ops import OP_TABLE
 from .similarity import build_similarity_graphs
 from .trace import Connectivity, trace_connectivity
 
-__all__ = ["build_neuron_graph", "NeuronGraph", "LayerInfo", "UnsupportedModelError", "LAYER_TYPES",
+__all__ = ["build_neuron_graph", "NeuronGraph", "LayerInfo", "neuron_name", "UnsupportedModelError", "LAYER_TYPES",
            "COUPLING_METHODS", "coupling_groups", "build_similarity_graphs", "FEATURE_PROVIDERS",
            "FeatureProvider", "register_feature_provider", "compute_node_features", "OP_TABLE",
            "Connectivity", "trace_connectivity"]

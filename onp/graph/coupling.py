@@ -86,5 +86,5 @@ def coupling_groups(model: nn.Module, example_input: Tensor, conn: Connectivity,
         return torch_pruning_groups(model, example_input, conn), "torch_pruning"
     except Exception as exc:  # torch-pruning cannot handle every traceable model
         warnings.warn(f"torch-pruning could not build the dependency graph of {type(model).__name__} "
-                      f"({type(exc).__name__}: {exc}); deriving coupling from the fx trace instead")
+                      f"({type(exc).__name__}: {exc}); deriving coupling from the fx trace instead", stacklevel=1)
         return trace_groups(model, example_input, conn), "trace"

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
 from .layer_types import LAYER_TYPES
-from .neuron_graph import NeuronGraph
+from .neuron_graph import LayerInfo, NeuronGraph
 from .trace import eval_mode
 
 ProviderFn = Callable[..., Tensor]
@@ -52,6 +52,7 @@ class FeatureProvider:
     _takes_batch_size: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        params: Mapping[str, inspect.Parameter]
         try:
             params = inspect.signature(self.fn).parameters
         except (TypeError, ValueError):
@@ -97,10 +98,10 @@ def register_feature_provider(name: str, names: Optional[Sequence[str]] = None, 
 
 
 def _bn(model: nn.Module, name: str) -> nn.BatchNorm2d:
-    return model.get_submodule(name)
+    return cast(nn.BatchNorm2d, model.get_submodule(name))
 
 
-def _per_layer(graph: NeuronGraph, fn: Callable[[int, "object"], Tensor], width: int) -> Tensor:
+def _per_layer(graph: NeuronGraph, fn: Callable[[int, LayerInfo], Tensor], width: int) -> Tensor:
     out = torch.zeros(graph.num_nodes, width)
     for i, layer in enumerate(graph.layers):
         out[layer.slice] = fn(i, layer).detach().float().cpu().reshape(layer.num_channels, width)
@@ -118,7 +119,7 @@ def structure_features(model: nn.Module, graph: NeuronGraph, data: Optional[Tens
 def bn_features(model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = None) -> Tensor:
     """BatchNorm affine parameters and running statistics (1/0/0/1 where absent)."""
 
-    def one(i: int, layer) -> Tensor:
+    def one(i: int, layer: LayerInfo) -> Tensor:
         bn = _bn(model, layer.bn_name)
         c = layer.num_channels
         cols = [bn.weight if bn.weight is not None else torch.ones(c),
@@ -134,10 +135,10 @@ def bn_features(model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = N
 def weight_norm_features(model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = None) -> Tensor:
     """L1 norm of the producing conv's filter (0 for BNs not fed by a conv) and the out-strength."""
 
-    def incoming(i: int, layer) -> Tensor:
+    def incoming(i: int, layer: LayerInfo) -> Tensor:
         if layer.conv_name is None:
             return torch.zeros(layer.num_channels)
-        w = model.get_submodule(layer.conv_name).weight.detach()
+        w = cast(nn.Conv2d, model.get_submodule(layer.conv_name)).weight.detach()
         return w.abs().reshape(w.shape[0], -1).sum(1)
 
     return torch.cat([_per_layer(graph, incoming, 1), graph.out_strength.view(-1, 1)], dim=1)
@@ -154,10 +155,10 @@ def activation_features(model: nn.Module, graph: NeuronGraph, data: Optional[Ten
     total_sq = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
 
-    def hook_for(layer):
+    def hook_for(layer: LayerInfo) -> Callable[[nn.Module, Any, Tensor], None]:
         sl = layer.slice
 
-        def hook(module: nn.Module, inputs, output: Tensor) -> None:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             o = output.detach().double().transpose(0, 1).reshape(layer.num_channels, -1)
             total[sl] += o.sum(1).cpu()
             total_sq[sl] += (o * o).sum(1).cpu()

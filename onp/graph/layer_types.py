@@ -17,7 +17,7 @@ Categories (:data:`LAYER_TYPES`), decided by the first matching rule in :data:`L
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 
@@ -55,7 +55,7 @@ def classify(facts: LayerFacts) -> str:
 
 
 def shortcut_nodes(nodes: Sequence[fx.Node], is_conv: Callable[[fx.Node], bool],
-                   residual_adds: Sequence[Tuple[fx.Node, fx.Node]]) -> set:
+                   residual_adds: Sequence[Tuple[fx.Node, fx.Node]]) -> Set[str]:
     """Names of the fx nodes on the shorter (but non-empty) conv branch of each residual add."""
     index = {n: i for i, n in enumerate(nodes)}
     anc: List[int] = [0] * len(nodes)       # ancestor bitsets
@@ -67,7 +67,7 @@ def shortcut_nodes(nodes: Sequence[fx.Node], is_conv: Callable[[fx.Node], bool],
             bits |= anc[j] | (1 << j)
             depth = max(depth, cdepth[j])
         anc[i], cdepth[i] = bits, depth + int(is_conv(n))
-    names = set()
+    names: Set[str] = set()
     for a, b in residual_adds:
         ia, ib = index[a], index[b]
         sa, sb = anc[ia] | (1 << ia), anc[ib] | (1 << ib)

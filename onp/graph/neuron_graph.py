@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,11 @@ from .trace import Connectivity, trace_connectivity
 if TYPE_CHECKING:  # pragma: no cover
     import networkx as nx
     from torch_geometric.data import Data
+
+
+def neuron_name(bn_name: str, channel: int) -> str:
+    """The one way onp names a neuron: its BatchNorm2d module and channel, ``"layer1.0.bn1[3]"``."""
+    return f"{bn_name}[{int(channel)}]"
 
 
 @dataclass
@@ -121,6 +126,10 @@ class NeuronGraph:
             raise IndexError(f"channel {channel} out of range for {bn_name} ({layer.num_channels} channels)")
         return layer.offset + int(channel)
 
+    def neuron_names(self, nodes: Sequence[int]) -> List[str]:
+        """``"<bn_name>[<channel>]"`` of each global node id (the names ``pruned.json`` records)."""
+        return [neuron_name(self.layers[int(self.node_layer[i])].bn_name, int(self.node_channel[i])) for i in nodes]
+
     def in_degree(self) -> Tensor:
         """``(N,)`` number of incoming edges per node."""
         return torch.bincount(self.edge_index[1], minlength=self.num_nodes)
@@ -177,7 +186,7 @@ def select_edges(conn: Connectivity, top_k: Optional[int]) -> Tuple[Tensor, Tens
 def out_strengths(conn: Connectivity) -> Tensor:
     """Sum of each neuron's weights into BN neurons (full graph) and into Linear units."""
     out = torch.zeros(conn.num_nodes)
-    for rec in [*conn.layers, *conn.linears]:
+    for rec in conn.consumers():
         if rec.in_cols.numel():
             out.index_add_(0, rec.in_cols, rec.in_weights.sum(0))
     return out

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .frontier import (CONST, Constant, Frontier, UnsupportedModelError, conv_connection_matrix,
-                       grouped_propagate, union_frontiers)
+from .frontier import (
+    CONST,
+    Constant,
+    Frontier,
+    UnsupportedModelError,
+    conv_connection_matrix,
+    grouped_propagate,
+    union_frontiers,
+)
 
 Value = Union[Frontier, Constant]
 Handler = Callable[["TraceContext", fx.Node], Value]
@@ -146,10 +153,10 @@ def describe(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> s
     if node.op == "call_method":
         return f"method Tensor.{target}"
     if node.op == "call_function":
-        mod = getattr(target, "__module__", None) or ""
-        mod = {"_operator": "operator"}.get(mod, mod)
+        where = getattr(target, "__module__", None) or ""
+        where = {"_operator": "operator"}.get(where, where)
         name = getattr(target, "__name__", str(target))
-        return f"{mod}.{name}" if mod else name
+        return f"{where}.{name}" if where else name
     return f"{node.op} {target}"
 
 
@@ -231,7 +238,7 @@ def _reduce_dims(node: fx.Node) -> Optional[List[int]]:
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     if dim is None:
         return None
-    return [int(d) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+    return [int(cast(int, d)) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
 
 
 def spatial_reduce(ctx: TraceContext, node: fx.Node) -> Frontier:
@@ -292,7 +299,8 @@ def scale(ctx: TraceContext, node: fx.Node) -> Frontier:
 
 def to_constant(ctx: TraceContext, node: fx.Node) -> Constant:
     """Shape queries (``x.size()``, ``x.shape``) give constants."""
-    if node.op == "call_function" and node.target is getattr and node.args[1] not in ("shape", "ndim", "dtype", "device"):
+    if (node.op == "call_function" and node.target is getattr
+            and node.args[1] not in ("shape", "ndim", "dtype", "device")):
         raise unsupported(ctx, node, f"attribute {node.args[1]!r} of an activation")
     return CONST
 
@@ -300,7 +308,7 @@ def to_constant(ctx: TraceContext, node: fx.Node) -> Constant:
 def conv2d(ctx: TraceContext, node: fx.Node) -> Frontier:
     """Conv output channel j: sum over input channels i of ||W[j, i]||_1 times frontier_i."""
     v = _single(ctx, node)
-    conv = ctx.module(node)
+    conv = cast(nn.Conv2d, ctx.module(node))
     if v.spatial != 1 or v.channels != conv.in_channels:
         raise unsupported(ctx, node, f"input has {v.features} features, conv expects {conv.in_channels} channels")
     norms = conv_connection_matrix(conv.weight, conv.groups)
@@ -318,13 +326,13 @@ def conv2d(ctx: TraceContext, node: fx.Node) -> Frontier:
 def batchnorm2d(ctx: TraceContext, node: fx.Node) -> Frontier:
     """A BatchNorm2d output channel is a neuron: its frontier becomes that neuron's incoming edges."""
     v = _single(ctx, node)
-    bn = ctx.module(node)
+    bn = cast(nn.BatchNorm2d, ctx.module(node))
     name = str(node.target)
     if any(layer.bn_name == name for layer in ctx.layers):
         raise unsupported(ctx, node, "the same BatchNorm2d module is applied twice")
     if v.spatial != 1 or v.channels != bn.num_features:
         raise unsupported(ctx, node, f"input has {v.features} features, BatchNorm2d expects {bn.num_features}")
-    groups = ctx.modules[v.conv].groups if v.conv is not None else 1
+    groups = cast(nn.Conv2d, ctx.modules[v.conv]).groups if v.conv is not None else 1
     ctx.layers.append(TracedLayer(bn_name=name, fx_node=node.name, offset=ctx.num_nodes, num_channels=v.channels,
                                   in_cols=v.cols, in_weights=v.weights, in_slots=v.slots, conv_name=v.conv,
                                   conv_groups=int(groups)))
@@ -336,7 +344,7 @@ def batchnorm2d(ctx: TraceContext, node: fx.Node) -> Frontier:
 def linear(ctx: TraceContext, node: fx.Node) -> Frontier:
     """A Linear layer consumes neurons (recorded for out-strengths); its outputs feed no BatchNorm2d."""
     v = _single(ctx, node)
-    lin = ctx.module(node)
+    lin = cast(nn.Linear, ctx.module(node))
     src = [a for a in node.all_input_nodes if ctx.values.get(a) is v][0]
     in_shape = shape_of(src)
     if in_shape is None or len(in_shape) != 2 or lin.in_features != v.features:

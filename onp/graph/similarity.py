@@ -18,7 +18,7 @@ Here, for every BatchNorm layer:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ def layer_strength_matrix(conn: Connectivity, offset: int, num_channels: int) ->
     """``(C, D)`` outgoing-strength vectors of the neurons ``offset .. offset + C - 1``: one column per
     consumer (BN neuron or Linear unit) that receives a non-zero weight from at least one of them."""
     blocks = []
-    for rec in [*conn.layers, *conn.linears]:
+    for rec in conn.consumers():
         cols = rec.in_cols  # sorted unique source ids
         lo, hi = (int(i) for i in torch.searchsorted(cols, torch.tensor([offset, offset + num_channels])))
         if hi > lo:
@@ -47,7 +47,8 @@ def layer_strength_matrix(conn: Connectivity, offset: int, num_channels: int) ->
     return s[:, s.abs().sum(0) > 0]
 
 
-def similarity_graph(s: Tensor, threshold: Optional[float] = None, quantile: float = 0.9, eps: float = 1e-12):
+def similarity_graph(s: Tensor, threshold: Optional[float] = None, quantile: float = 0.9,
+                     eps: float = 1e-12) -> Tuple[Tensor, Tensor, float, Tensor]:
     """Edges of one layer's similarity graph from strength vectors ``s`` ``(C, D)``.
 
     Returns ``(edge_index (2, E), cosine (E,), threshold used, dormant (C,) bool)``.

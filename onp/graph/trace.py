@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -48,6 +48,10 @@ class Connectivity:
     num_nodes: int
     trace_groups: Tensor
     input_shape: Tuple[int, ...]
+
+    def consumers(self) -> List[Union[TracedLayer, TracedLinear]]:
+        """The BN layers, then the Linear layers: every record with incoming neuron edges."""
+        return [*self.layers, *self.linears]
 
 
 @contextlib.contextmanager
@@ -127,7 +131,7 @@ def _propagate(gm: fx.GraphModule, table: OpTable) -> TraceContext:
 def _classify_layers(gm: fx.GraphModule, ctx: TraceContext) -> None:
     nodes = list(gm.graph.nodes)
 
-    def is_kind(kind: type):
+    def is_kind(kind: type) -> Callable[[fx.Node], bool]:
         return lambda n: n.op == "call_module" and isinstance(ctx.modules.get(str(n.target)), kind)
 
     feeds = reaches(nodes, is_kind(nn.BatchNorm2d))

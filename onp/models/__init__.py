@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from torch import nn
 
@@ -16,6 +16,9 @@ from .normalize import Normalize
 from .resnet import PreActResNet18, ResNet18
 from .small_cnn import SmallCNN
 from .vgg import VGG16BN
+
+if TYPE_CHECKING:
+    from ..data.spec import DatasetSpec
 
 MODELS: Registry = Registry("model")
 MODELS.register("resnet18", ResNet18)
@@ -46,7 +49,7 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, width
     return cls(num_classes=num_classes, in_channels=in_channels, width=width, mean=mean, std=std)
 
 
-def build_model_for(name: str, spec, width: Optional[int] = None) -> nn.Module:
+def build_model_for(name: str, spec: DatasetSpec, width: Optional[int] = None) -> nn.Module:
     """Build ``name`` sized for a :class:`onp.data.DatasetSpec`."""
     return build_model(name, num_classes=spec.num_classes, in_channels=spec.channels, width=width,
                        mean=spec.mean, std=spec.std)

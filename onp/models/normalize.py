@@ -9,6 +9,9 @@ from torch import nn
 class Normalize(nn.Module):
     """Subtracts the dataset mean and divides by its std, per channel."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))

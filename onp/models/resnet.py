@@ -7,7 +7,7 @@ count (64 = the standard network).
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ def _stage_widths(width: int) -> List[int]:
     return [width, 2 * width, 4 * width, 8 * width]
 
 
-def make_stage(block, in_planes: int, planes: int, blocks: int, stride: int) -> Tuple[nn.Sequential, int]:
+def make_stage(block: Callable[[int, int, int], nn.Module], in_planes: int, planes: int, blocks: int,
+               stride: int) -> Tuple[nn.Sequential, int]:
     """``blocks`` residual blocks, the first with ``stride``; returns the stage and its output width."""
     layers = []
     for s in [stride] + [1] * (blocks - 1):
