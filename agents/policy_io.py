@@ -1,8 +1,8 @@
 """Store and load the GNN policy and the PPO training checkpoint **without pickle**.
 
 Policies are meant to be shared ("apply my policy to your model"), so a policy file is untrusted
-input. SB3's ``model.save`` zip holds a cloudpickled ``data`` entry, and ``MaskablePPO.load``
-unpickles it: a crafted zip runs code on load. onp therefore stores
+input. SB3's ``model.save`` zip holds a pickled ``data`` entry, and SB3's loader unpickles it: a
+crafted zip runs code on load. onp therefore stores
 
 * the best policy as ``policy.pt`` (the policy's ``state_dict``: tensors only, read back with
   ``torch.load(weights_only=True)``) plus ``policy.json`` (format, architecture, observation and

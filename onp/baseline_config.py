@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import ConfigError, check_finite
-from .train_config import TypedConfig
+from .config import check_finite
+from .train_config import TypedConfig, resolved_backdoor
 
 __all__ = ["BaselineRunConfig"]
 
@@ -45,13 +45,7 @@ class BaselineRunConfig(TypedConfig):
     @field_validator("backdoor")
     @classmethod
     def _backdoor(cls, v: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-        if v is None:
-            return None
-        from .zoo import BackdoorConfig
-        try:
-            return BackdoorConfig.from_dict(v).resolved().to_dict()
-        except ConfigError as exc:
-            raise ValueError(str(exc).replace("backdoor config key ", "backdoor.")) from None
+        return None if v is None else resolved_backdoor(v)
 
     @field_validator("params")
     @classmethod

@@ -162,6 +162,16 @@ class RolloutConfig(TypedConfig):
     min_return: Optional[float] = 0.0
 
 
+def resolved_backdoor(data: Mapping[str, Any]) -> Dict[str, Any]:
+    """A backdoored-model config (:class:`onp.zoo.BackdoorConfig` keys) filled in and checked, as a
+    dict; a bad key is named ``backdoor.<key>`` (for the ``backdoor`` field of the run configs)."""
+    from .zoo import BackdoorConfig
+    try:
+        return BackdoorConfig.from_dict(dict(data)).resolved().to_dict()
+    except ConfigError as exc:
+        raise ValueError(str(exc).replace("backdoor config key ", "backdoor.")) from None
+
+
 def check_device(device: str) -> str:
     """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and available on this machine; else a clear error."""
     try:
@@ -213,11 +223,7 @@ class TrainConfig(TypedConfig):
     @field_validator("backdoor")
     @classmethod
     def _backdoor(cls, v: Dict[str, Any]) -> Dict[str, Any]:
-        from .zoo import BackdoorConfig
-        try:
-            return BackdoorConfig.from_dict(v).resolved().to_dict()
-        except ConfigError as exc:  # name the key as backdoor.<key>
-            raise ValueError(str(exc).replace("backdoor config key ", "backdoor.")) from None
+        return resolved_backdoor(v)
 
     @field_validator("agent_params")
     @classmethod
