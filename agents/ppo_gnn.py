@@ -27,9 +27,9 @@ from onp.train_config import PolicyConfig, PPOConfig, WarmStartConfig
 
 from .base import BaseAgent, LearnResult, register_agent
 from .callbacks import EvalCheckpointCallback, TqdmCallback, TrainState
-from .envs import EnvFactory, env_kwargs_from_config, make_vec_env
 from .gnn_policy import GNNMaskablePolicy, policy_kwargs_for
 from .policy_io import POLICY_FILES, has_checkpoint, load_checkpoint_into, load_policy, save_policy
+from .vec_envs import EnvFactory, env_kwargs_from_config, make_vec_env
 
 if TYPE_CHECKING:
     import gymnasium as gym

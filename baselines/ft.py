@@ -25,7 +25,7 @@ from .base import (
     require_data,
     require_images,
 )
-from .training import run_epoch
+from .train_loops import run_epoch
 
 if TYPE_CHECKING:
     from torch import nn

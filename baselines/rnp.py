@@ -46,7 +46,7 @@ from .base import (
     require_layout,
 )
 from .operating_point import finalize_pruning
-from .training import run_epoch
+from .train_loops import run_epoch
 
 if TYPE_CHECKING:
     from onp.data.augment import Augment

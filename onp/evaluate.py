@@ -175,7 +175,7 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
     "env_steps"}``."""
     from agents import accepts, build_agent, choose_pruning, resolve_agent_factory, rollout
     from agents.base import check_agent_source
-    from agents.envs import EnvFactory, env_kwargs_from_config
+    from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
     cfg = source["config"]
     run_dir: Path = source["dir"]

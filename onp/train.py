@@ -262,7 +262,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
 
     bundle = _load_bundle(cfg, log, progress)
     from agents import accepts, build_agent, choose_pruning, resolve_agent_factory, rollout
-    from agents.envs import EnvFactory, env_kwargs_from_config
+    from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
     # the env of the run: its reward batch is the defense-validation split
     env = EnvFactory(bundle, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()

@@ -24,6 +24,7 @@ from torch import nn
 
 from .attacks import ATTACKS, Attack, build_attack
 from .attacks.base import MODES
+from .classifier_training import PoisonPlan, TrainRecipe, train_classifier
 from .config import check_types, from_dict, stable_hash
 from .data import DATASETS, Dataset, DatasetSpec, load_dataset
 from .data.augment import Augment
@@ -46,7 +47,6 @@ from .metrics import evaluate_backdoor
 from .models import DEFAULT_WIDTH, MODELS, build_model_for
 from .rundir import environment_info
 from .seeding import seed_everything
-from .training import PoisonPlan, TrainRecipe, train_classifier
 
 ARTIFACT_FILES = ("model.pt", "meta.json", "config.json", "splits.npz", "trigger.pt")
 #: the epoch checkpoint of an unfinished training (the next identical call resumes from it)

@@ -21,9 +21,9 @@ from agents import (
     resolve_agent_factory,
     rollout,
 )
-from agents.envs import EnvFactory, make_vec_env
 from agents.heuristics import bn_gamma_abs
 from agents.ppo_gnn import behaviour_clone, make_ppo
+from agents.vec_envs import EnvFactory, make_vec_env
 from envs import NeuronPruningEnv
 from onp.registry import UnknownNameError
 
