@@ -14,8 +14,7 @@ budget is spent, then STOPs. They only use the defender's data:
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -139,11 +138,6 @@ def activation_change(env: gym.Env, batch_size: int = 256) -> np.ndarray:
     return torch.cat(per_layer).numpy()
 
 
-_SCORE_CACHE: Dict[Tuple, np.ndarray] = {}
-#: baselines that repair weights without scoring neurons: they cannot rank them
-NON_SCORING = ("ft",)
-
-
 def check_ranked_baseline(baseline: str) -> str:
     """``ranked:<baseline>``: ``baseline`` must be a registered defense that scores neurons; else
     :class:`UnknownNameError` listing the valid ones (checked when the agent spec is resolved, before
@@ -151,7 +145,7 @@ def check_ranked_baseline(baseline: str) -> str:
     import baselines as bl
     from onp.registry import UnknownNameError
 
-    valid = [n for n in bl.DEFENSES.names() if n not in NON_SCORING]
+    valid = [n for n in bl.DEFENSES.names() if n not in bl.NON_SCORING]
     if baseline not in bl.DEFENSES.names():
         exc = UnknownNameError("defense", baseline, valid)
         exc.args = (f"{exc.args[0]} (the baselines that ranked:<baseline> can rank by)",)
@@ -165,29 +159,17 @@ def check_ranked_baseline(baseline: str) -> str:
 def baseline_scores(source: Union[BackdoorBundle, PruningSubject], baseline: str,
                     params: Optional[Dict[str, Any]] = None, seed: int = 0,
                     graph: Optional[NeuronGraph] = None) -> np.ndarray:
-    """Per-neuron scores (graph numbering, higher = more suspicious) of baseline ``baseline`` on
-    ``source`` (a bundle: ``.model``, ``.defense_data``), cached per process."""
+    """:func:`baselines.baseline_scores` of ``source``'s model on its defense data (with the dataset's
+    augmentation), checked against ``graph``'s numbering, as a numpy array."""
     import baselines as bl
     from onp.data.augment import Augment
 
-    cls = bl.DEFENSES.get(baseline)
-    params = dict(params or {})
-    if "operating_point" in cls.defaults() and "operating_point" not in params:
-        params.update(operating_point="number", n_prune=0)  # scores only; skip the operating-point sweep
-    key = (str(getattr(source, "path", id(source))), baseline, json.dumps(params, sort_keys=True, default=str), seed)
-    if key not in _SCORE_CACHE:
-        defense = bl.build_defense(baseline, **params)
-        spec = getattr(source, "spec", None)
-        augment = Augment.for_spec(spec) if spec is not None else None
-        result = defense.fit(source.model, source.defense_data, seed=seed, augment=augment)
-        if result.scores is None:
-            scoring = [n for n in bl.DEFENSES.names() if n not in NON_SCORING]
-            raise ValueError(f"baseline {baseline!r} does not score neurons, so it cannot rank them; "
-                             f"use one of: {', '.join(scoring)}")
-        if graph is not None:
-            bl.check_layout_matches_graph(bl.neuron_layout(source.model), graph)
-        _SCORE_CACHE[key] = result.scores.detach().float().cpu().numpy()
-    return _SCORE_CACHE[key]
+    spec = getattr(source, "spec", None)
+    scores = bl.baseline_scores(baseline, source.model, source.defense_data, seed=seed,
+                                augment=Augment.for_spec(spec) if spec is not None else None, **dict(params or {}))
+    if graph is not None:
+        bl.check_layout_matches_graph(bl.neuron_layout(source.model), graph)
+    return scores.float().numpy()
 
 
 @register_agent("ranked", parametric="baseline", check=check_ranked_baseline)

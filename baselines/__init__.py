@@ -25,6 +25,7 @@ from .base import (
     neuron_layout,
     register_defense,
 )
+from .features import NON_SCORING, baseline_scores
 from .operating_point import ORACLE_LABEL, choose_pruning, delta_rule, oracle_sweep, prune_model, pruning_grid
 
 try:  # node-feature providers for the neuron graph (needs onp.graph)
@@ -36,4 +37,5 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["DEFENSES", "Defense", "DefenseError", "DefenseParams", "DefenseResult", "NeuronLayout", "PassCounter",
            "PruningParams", "build_defense", "register_defense", "neuron_layout", "check_layout_matches_graph",
-           "ORACLE_LABEL", "choose_pruning", "delta_rule", "oracle_sweep", "prune_model", "pruning_grid"]
+           "ORACLE_LABEL", "choose_pruning", "delta_rule", "oracle_sweep", "prune_model", "pruning_grid",
+           "NON_SCORING", "baseline_scores"]

@@ -33,9 +33,12 @@ from onp.data.defense import DefenseData
 from .base import DEFENSES, PruningParams, build_defense, check_layout_matches_graph, neuron_layout
 
 if TYPE_CHECKING:
+    from onp.data.augment import Augment
     from onp.graph import NeuronGraph
 
 SCORE_METHODS = ("rnp", "anp", "awm", "fp", "clp", "magnitude")
+#: baselines that repair weights without scoring neurons: they cannot rank them
+NON_SCORING = ("ft",)
 _CACHE: Dict[Tuple, Tensor] = {}
 _CACHE_SIZE = 32
 
@@ -69,8 +72,11 @@ def as_defense_data(model: nn.Module, data: Union[Tensor, DefenseData, None], nu
 
 
 def baseline_scores(method: str, model: nn.Module, data: Union[Tensor, DefenseData, None], *, seed: int = 0,
-                    **params: Any) -> Tensor:
-    """Per-neuron scores of baseline ``method`` (graph numbering), cached per model/data/params."""
+                    augment: Optional["Augment"] = None, **params: Any) -> Tensor:
+    """Per-neuron scores of baseline ``method`` (graph numbering, higher = more suspicious), cached
+    per model/data/params. ``augment``: the crop/flip augmentation of the dataset for the methods
+    that train (as ``onp.baseline`` passes it). A method that scores no neuron is a ``ValueError``
+    listing the ones that do."""
     cls = DEFENSES.get(method)
     dd = as_defense_data(model, data) if cls.needs_data else None
     if issubclass(cls.Params, PruningParams):
@@ -78,11 +84,14 @@ def baseline_scores(method: str, model: nn.Module, data: Union[Tensor, DefenseDa
     if dd is not None and "batch_size" in cls.defaults() and "batch_size" not in params:
         params["batch_size"] = min(cls.defaults()["batch_size"], len(dd.train_y))
     key = (method, model_fingerprint(model), seed, tuple(sorted((k, repr(v)) for k, v in params.items())),
-           _fingerprint(dd.train_x, dd.train_y, dd.val_x, dd.val_y) if dd is not None else None)
+           _fingerprint(dd.train_x, dd.train_y, dd.val_x, dd.val_y) if dd is not None else None,
+           None if augment is None else (augment.padding, augment.hflip))
     if key not in _CACHE:
-        result = build_defense(method, **params).fit(model, dd, seed=seed)
+        result = build_defense(method, **params).fit(model, dd, seed=seed, augment=augment)
         if result.scores is None:
-            raise ValueError(f"defense {method!r} does not score neurons")
+            scoring = [n for n in DEFENSES.names() if n not in NON_SCORING]
+            raise ValueError(f"baseline {method!r} does not score neurons, so it cannot rank them; "
+                             f"use one of: {', '.join(scoring)}")
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = result.scores.detach().float().cpu()
