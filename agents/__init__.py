@@ -22,10 +22,10 @@ from .base import (
     available_agents,
     best_prefix,
     build_agent,
-    choose_pruning,
     register_agent,
     resolve_agent_factory,
     rollout,
+    select_pruning,
 )
 from .gnn_policy import GNNMaskablePolicy, GraphEncoder, policy_kwargs_for
 from .heuristics import (
@@ -43,7 +43,7 @@ from .ppo_gnn import PPOGNNAgent, behaviour_clone, demonstrate, train_ppo_gnn
 
 __all__ = ["AGENTS", "ENTRY_POINT_GROUP", "ROLLOUT_SELECT", "Agent", "AgentError", "BaseAgent", "LearnResult",
            "accepts", "agent_label", "available_agents",
-           "best_prefix", "build_agent", "choose_pruning", "register_agent", "resolve_agent_factory", "rollout",
+           "best_prefix", "build_agent", "select_pruning", "register_agent", "resolve_agent_factory", "rollout",
            "GreedyActivationAgent", "GreedyGammaAgent", "OrderedAgent", "RandomAgent", "RankedAgent",
            "activation_change", "baseline_scores", "bn_gamma_abs", "GNNMaskablePolicy", "GraphEncoder",
            "policy_kwargs_for", "PPOGNNAgent", "behaviour_clone", "demonstrate", "train_ppo_gnn", "export_sb3_zip",

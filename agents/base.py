@@ -375,7 +375,7 @@ def best_prefix(result: Dict[str, Any]) -> Dict[str, Any]:
 ROLLOUT_SELECT = ("final", "best_prefix")
 
 
-def choose_pruning(result: Dict[str, Any], *, select: str = "final", min_return: Optional[float] = 0.0,
+def select_pruning(result: Dict[str, Any], *, select: str = "final", min_return: Optional[float] = 0.0,
                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """The pruning a rollout ends with, as ``onp.train`` and ``onp.evaluate`` keep it.
 

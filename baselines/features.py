@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from onp.data.defense import DefenseData
+from onp.models import model_digest
 
 from .base import DEFENSES, PruningParams, build_defense, check_layout_matches_graph, neuron_layout
 
@@ -50,10 +51,6 @@ def _fingerprint(*tensors: Tensor) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    return _fingerprint(*[v for v in model.state_dict().values() if torch.is_floating_point(v)])
 
 
 @torch.no_grad()
@@ -83,7 +80,7 @@ def baseline_scores(method: str, model: nn.Module, data: Union[Tensor, DefenseDa
         params = {"operating_point": "number", "n_prune": 0, **params}
     if dd is not None and "batch_size" in cls.defaults() and "batch_size" not in params:
         params["batch_size"] = min(cls.defaults()["batch_size"], len(dd.train_y))
-    key = (method, model_fingerprint(model), seed, tuple(sorted((k, repr(v)) for k, v in params.items())),
+    key = (method, model_digest(model), seed, tuple(sorted((k, repr(v)) for k, v in params.items())),
            _fingerprint(dd.train_x, dd.train_y, dd.val_x, dd.val_y) if dd is not None else None,
            None if augment is None else (augment.padding, augment.hflip))
     if key not in _CACHE:

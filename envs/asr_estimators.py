@@ -14,7 +14,6 @@ Add an estimator with ``@register_asr_estimator("name")`` on a function
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
@@ -25,6 +24,7 @@ from torch import nn
 
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, cache_root, load_checkpoint
+from onp.models import model_digest
 from onp.registry import Registry
 
 if TYPE_CHECKING:
@@ -74,14 +74,6 @@ def trigger_probe(model: nn.Module, attack: Optional[Attack], defense_data: Defe
     x, y_target, y_true = attack.poisoned_eval_set(defense_data.val_x, defense_data.val_y)
     return ASRProbe("trigger", x, y_target, y_true, trigger_aware=True,
                     info={"note": "trigger-aware: uses the attack's real trigger", "attack": attack.params()})
-
-
-def model_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,

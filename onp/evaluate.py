@@ -173,7 +173,7 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
 
     Returns ``{"pruned", "pruned_names", "model", "mask_mode", "val", "asr_estimator", "trigger_aware",
     "env_steps"}``."""
-    from agents import accepts, build_agent, choose_pruning, resolve_agent_factory, rollout
+    from agents import accepts, build_agent, resolve_agent_factory, rollout, select_pruning
     from agents.base import check_agent_source
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
@@ -205,7 +205,7 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
             act = build_agent(agent_name, env, **params)
         res = rollout(act, env, seed=seed)
         ro = cfg.get("rollout") or {}
-        sel = choose_pruning(res, select=ro.get("select", "final"), min_return=ro.get("min_return", 0.0), log=log)
+        sel = select_pruning(res, select=ro.get("select", "final"), min_return=ro.get("min_return", 0.0), log=log)
         chosen = sel["info"]
         pruned = [int(i) for i in chosen["pruned"]]
         g = base.graph

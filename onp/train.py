@@ -261,7 +261,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     seed_everything(seed, deterministic=bool(cfg["deterministic"]))
 
     bundle = _load_bundle(cfg, log, progress)
-    from agents import accepts, build_agent, choose_pruning, resolve_agent_factory, rollout
+    from agents import accepts, build_agent, resolve_agent_factory, rollout, select_pruning
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
     # the env of the run: its reward batch is the defense-validation split
@@ -287,7 +287,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     res = rollout(agent, env)
     steps["final"] = res["steps"]
     info0 = res["infos"][0]
-    sel = choose_pruning(res, select=cfg["rollout"]["select"], min_return=cfg["rollout"]["min_return"], log=log)
+    sel = select_pruning(res, select=cfg["rollout"]["select"], min_return=cfg["rollout"]["min_return"], log=log)
     chosen, ret, fallback = sel["info"], sel["return"], sel["fallback"]
     if learned is not None:
         learn_seconds, curve, train_info = learned.seconds, learned.learning_curve, learned.info

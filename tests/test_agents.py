@@ -16,10 +16,10 @@ from agents import (
     GNNMaskablePolicy,
     available_agents,
     build_agent,
-    choose_pruning,
     policy_kwargs_for,
     resolve_agent_factory,
     rollout,
+    select_pruning,
 )
 from agents.heuristics import bn_gamma_abs
 from agents.ppo_gnn import behaviour_clone, make_ppo
@@ -333,24 +333,24 @@ def test_behaviour_cloning_clones_stop_where_the_env_refuses_the_order(tiny_bund
     env.close()
 
 
-def test_choose_pruning_selects_falls_back_and_ignores_a_refused_prune():
+def test_select_pruning_selects_falls_back_and_ignores_a_refused_prune():
     def info(n, acc, asr, **kw):
         return {"n_pruned": n, "pruned": list(range(n)), "acc": acc, "asr": asr, **kw}
     infos = [info(0, 0.9, 1.0), info(1, 0.9, 0.5), info(2, 0.7, 0.9)]
     res = {"rewards": [0.5, -0.6], "return": -0.1, "info": infos[-1], "infos": infos}
-    final = choose_pruning(res)  # the whole episode returns -0.1 < 0: prune nothing
+    final = select_pruning(res)  # the whole episode returns -0.1 < 0: prune nothing
     assert final["info"]["n_pruned"] == 0 and final["return"] == 0.0
     assert final["fallback"]["rejected_n_pruned"] == 2 and final["fallback"]["rejected_return"] == pytest.approx(-0.1)
-    assert choose_pruning(res, min_return=None)["info"]["n_pruned"] == 2
-    best = choose_pruning(res, select="best_prefix")
+    assert select_pruning(res, min_return=None)["info"]["n_pruned"] == 2
+    best = select_pruning(res, select="best_prefix")
     assert best["info"]["n_pruned"] == 1 and best["return"] == pytest.approx(0.5) and best["fallback"] is None
     # a refused last prune (the env kept the state) is charged in the episode but is not the state's value
     refused = {"rewards": [0.5, -0.6], "return": -0.1, "infos": [infos[0], infos[1], {**infos[1], "rejected": [7]}]}
     refused["info"] = refused["infos"][-1]
-    kept = choose_pruning(refused)
+    kept = select_pruning(refused)
     assert kept["info"]["n_pruned"] == 1 and kept["return"] == pytest.approx(0.5) and kept["fallback"] is None
     with pytest.raises(ValueError, match="best_prefix"):
-        choose_pruning(res, select="best")
+        select_pruning(res, select="best")
 
 
 def test_demonstration_skips_neurons_that_would_cost_more_than_they_remove(tiny_bundle):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from torch import nn
@@ -55,5 +56,15 @@ def build_model_for(name: str, spec: DatasetSpec, width: Optional[int] = None) -
                        mean=spec.mean, std=spec.std)
 
 
-__all__ = ["MODELS", "DEFAULT_WIDTH", "build_model", "build_model_for", "Normalize", "ResNet18",
+__all__ = ["MODELS", "DEFAULT_WIDTH", "build_model", "build_model_for", "model_digest", "Normalize", "ResNet18",
            "PreActResNet18", "VGG16BN", "MobileNetV2", "SmallCNN"]
+
+
+def model_digest(model: nn.Module) -> str:
+    """A short SHA-256 of ``model``'s state_dict (names and tensor bytes): the one key onp uses to
+    cache results per model (synthesized triggers on disk, baseline scores in memory)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
