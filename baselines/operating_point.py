@@ -18,45 +18,26 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from onp.data.defense import DefenseData
+from onp.masks import NeuronMasks, apply_pruning
 
 from .base import OPERATING_POINT_RULES as RULES
 from .base import DefenseError, NeuronLayout, PassCounter, PruningParams, eval_accuracy
 
 if TYPE_CHECKING:
     from onp.attacks import Attack
-    from onp.masks import NeuronMasks
 
 ORACLE_LABEL = "oracle sweep, for analysis only (uses the test set and the real trigger)"
 
 
-def _neuron_masks() -> Type[NeuronMasks]:
-    from onp.masks import NeuronMasks  # the shared mask implementation (onp/masks.py)
-    return NeuronMasks
-
-
 def prune_model(model: nn.Module, layout: NeuronLayout, indices: Sequence[int], mode: str = "gamma") -> nn.Module:
-    """A pruned deep copy of ``model``: each neuron in ``indices`` gets mask 0 written into its BN weights.
-
-    ``mode="gamma"`` sets gamma_c = 0 and keeps beta_c (ANP / RNP pruning); ``"channel"`` zeroes the
-    whole channel (gamma and beta, CLP). The returned model has no hooks.
-    """
-    out = copy.deepcopy(model)
-    NeuronMasks = _neuron_masks()
-    masks = NeuronMasks(out, layout.bn_names, mode=mode)
-    try:
-        if len(indices):
-            masks.prune(torch.as_tensor([int(i) for i in indices], dtype=torch.long))
-        state = masks.export_state_dict()
-    finally:
-        masks.remove()
-    out.load_state_dict(state)
-    return out
+    """:func:`onp.masks.apply_pruning` in ``layout``'s numbering (a pruned deep copy, no hooks)."""
+    return apply_pruning(model, layout.bn_names, indices, mode)
 
 
 def pruning_grid(num_neurons: int, max_fraction: float = 0.5, grid_step: float = 0.01) -> List[int]:
@@ -98,7 +79,6 @@ def delta_rule(model: nn.Module, layout: NeuronLayout, order: Tensor, data: Defe
     n = len(order)
     counts = list(grid) if grid is not None else pruning_grid(n, max_fraction, grid_step)
     work = copy.deepcopy(model)
-    NeuronMasks = _neuron_masks()
     masks = NeuronMasks(work, layout.bn_names, mode=mode)
     sweep: List[Dict[str, Any]] = []
     try:
@@ -165,7 +145,7 @@ def oracle_sweep(model: nn.Module, layout: NeuronLayout, scores: Tensor, test_x:
     order = order_from_scores(scores)
     counts = list(counts) if counts is not None else pruning_grid(len(order), max_fraction, grid_step)
     work = copy.deepcopy(model)
-    masks = _neuron_masks()(work, layout.bn_names, mode=mode)
+    masks = NeuronMasks(work, layout.bn_names, mode=mode)
     rows = []
     try:
         for k in counts:

@@ -41,6 +41,7 @@ from .cli_common import device_arg, int_at_least, path_arg, run_cli
 from .config import deep_update, parse_overrides
 from .evaluate_config import EvaluateConfig
 from .io import CheckpointError, cache_root, read_json, run_folder
+from .masks import apply_pruning
 from .metrics import evaluate_backdoor, with_der
 from .rundir import RunResult, write_run
 
@@ -210,9 +211,8 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
         pruned = [int(i) for i in chosen["pruned"]]
         g = base.graph
         names = g.neuron_names(pruned)
-        from .train import apply_pruning
         mask_mode = cfg["env"].get("mask_mode", "gamma")
-        model = apply_pruning(bundle, g, pruned, mask_mode)
+        model = apply_pruning(bundle.fresh_model(), g, pruned, mask_mode).eval()
         info0 = res["infos"][0]
         return {"pruned": pruned, "pruned_names": names, "model": model, "mask_mode": mask_mode,
                 "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),

@@ -279,3 +279,24 @@ def export_pruned_model(model: nn.Module, graph: NeuronGraph, pruned_indices: Un
         group.prune()
     pruned_model.train(was_training)
     return pruned_model
+
+
+def apply_pruning(model: nn.Module, graph_or_bn_names: GraphOrNames, pruned: Sequence[int],
+                  mode: str = "gamma") -> nn.Module:
+    """A pruned deep copy of ``model``: each neuron in ``pruned`` (global ids) gets mask 0 written
+    into its BN parameters; the copy carries no hooks. The one way onp applies a pruning (the
+    learned agents' runs, every baseline, transfers).
+
+    ``mode="gamma"`` sets gamma_c = 0 and keeps beta_c (ANP / RNP pruning); ``"channel"`` zeroes the
+    whole channel (gamma and beta, CLP).
+    """
+    out = copy.deepcopy(model)
+    masks = NeuronMasks(out, graph_or_bn_names, mode=mode)
+    try:
+        if len(pruned):
+            masks.prune(torch.as_tensor([int(i) for i in pruned], dtype=torch.long))
+        state = masks.export_state_dict()
+    finally:
+        masks.remove()
+    out.load_state_dict(state)
+    return out

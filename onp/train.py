@@ -39,6 +39,7 @@ import torch
 from .cli_common import path_arg, run_cli
 from .config import deep_update, load_yaml, parse_overrides
 from .io import RunExistsError, atomic_write_json, is_onp_folder, read_json, run_folder
+from .masks import apply_pruning
 from .metrics import evaluate_backdoor, with_der
 from .rundir import RunResult, reproduce_line, write_run
 from .train_config import TrainConfig
@@ -46,7 +47,6 @@ from .train_config import TrainConfig
 if TYPE_CHECKING:
     from envs import NeuronPruningEnv
 
-    from .graph import NeuronGraph
     from .zoo import BackdoorBundle
 
 #: The default profile as a plain dict: :class:`onp.train_config.TrainConfig`'s defaults, the single
@@ -162,20 +162,6 @@ def _load_bundle(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool
         assert bundle is not None
         log(f"[onp] using cached model {bundle.path}")
     return bundle
-
-
-def apply_pruning(bundle: "BackdoorBundle", graph: "NeuronGraph", pruned: Sequence[int],
-                  mask_mode: str = "gamma") -> torch.nn.Module:
-    """A fresh copy of the backdoored model with ``pruned`` written into its BN parameters."""
-    from .masks import NeuronMasks
-    model = bundle.fresh_model()
-    masks = NeuronMasks(model, graph, mode=mask_mode)
-    if len(pruned):
-        masks.prune(list(pruned))
-    state = masks.export_state_dict()
-    masks.remove()
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def run_training(config: Union[TrainConfig, Dict[str, Any], None] = None, out_dir: Union[str, Path, None] = None, *,
@@ -300,7 +286,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     base = cast("NeuronPruningEnv", env.unwrapped)
     graph = base.graph
     mask_mode = cfg["env"]["mask_mode"]
-    pruned_model = apply_pruning(bundle, graph, pruned, mask_mode)
+    pruned_model = apply_pruning(bundle.fresh_model(), graph, pruned, mask_mode).eval()
 
     log("[onp] evaluating on the held-out test set")
     before = bundle.meta.get("test_metrics")
