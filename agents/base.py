@@ -152,13 +152,14 @@ class BaseAgent:
         return cls(env, **data.get("params", {}))
 
 
-def accepts(fn: Callable[..., Any], name: str) -> bool:
-    """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+def accepts(fn: Callable[..., Any], name: str, *, via_kwargs: bool = True) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (or, with ``via_kwargs``, any ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return name in params or (via_kwargs and any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                                 for p in params.values()))
 
 
 def register_agent(name: str, *, parametric: Optional[str] = None, overwrite: bool = False,

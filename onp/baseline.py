@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .baseline_config import BaselineRunConfig
-from .cli_common import finite_float, fraction, int_at_least, path_arg, run_cli
+from .cli_common import finite_float, fraction, int_at_least, path_arg, path_str, run_cli
 from .config import deep_update, parse_overrides
 from .data.augment import Augment
 from .io import cache_root, run_folder
@@ -121,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
     data: Dict[str, Any] = {"method": args.method, "params": params, "defense_seed": args.defense_seed,
                             "deterministic": args.deterministic, "oracle": not args.no_oracle,
                             "oracle_max_fraction": args.oracle_max_fraction, "oracle_step": args.oracle_step,
-                            "cache_dir": _str(args.cache_dir), "data_dir": _str(args.data_dir)}
+                            "cache_dir": path_str(args.cache_dir), "data_dir": path_str(args.data_dir)}
     if args.checkpoint is not None:
         data["checkpoint"] = str(args.checkpoint)
     else:
@@ -163,10 +163,6 @@ def baseline_command(config: Union[BaselineRunConfig, Dict[str, Any]], out: Path
     if cfg.deterministic:
         argv.append("--deterministic")
     return reproduce_line(["python -m onp.baseline"] + argv + ["--out", str(out)])
-
-
-def _str(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else str(path)
 
 
 def default_run_dir(method: str, backdoor: Dict[str, Any], seed: int) -> Path:

@@ -71,6 +71,11 @@ def finite_float(text: str) -> float:
     return value
 
 
+def path_str(path: Optional[Path]) -> Optional[str]:
+    """A path flag's value as the ``str`` the typed configs hold (``None`` stays ``None``)."""
+    return None if path is None else str(path)
+
+
 def path_arg(text: str) -> Path:
     """An ``argparse`` type: a non-empty path (``""`` would silently mean the current folder)."""
     if not text.strip():

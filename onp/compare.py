@@ -37,7 +37,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .cli_common import device_name, fraction, int_at_least, path_arg, run_cli
+from .cli_common import device_name, fraction, int_at_least, path_arg, path_str, run_cli
 from .config import parse_overrides
 from .io import CheckpointError, RunExistsError, atomic_write_json, atomic_write_text, read_json, run_folder
 from .report import LEADERBOARD_NOTES, Cell, build_rows, write_leaderboard
@@ -148,8 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _seeds(args: argparse.Namespace) -> List[int]:
     if args.seed_list:
         return list(dict.fromkeys(args.seed_list))
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     return list(range(args.seeds))
 
 
@@ -313,7 +311,7 @@ class GridPlan:
         cfg: Dict[str, Any] = {"method": cell.defense, "params": parse_overrides(self.defense_sets[cell.defense]),
                                "checkpoint": str(model_dir), "defense_seed": cell.seed,
                                "deterministic": a.deterministic, "oracle": not a.no_oracle,
-                               "cache_dir": _str(a.cache_dir), "data_dir": _str(a.data_dir)}
+                               "cache_dir": path_str(a.cache_dir), "data_dir": path_str(a.data_dir)}
         if a.oracle_max_fraction is not None:
             cfg["oracle_max_fraction"] = a.oracle_max_fraction
         return cfg
@@ -325,8 +323,8 @@ class GridPlan:
         from .config import deep_update, load_yaml
         a = self.args
         cfg: Dict[str, Any] = load_yaml(a.train_config) if a.train_config is not None else {}
-        grid: Dict[str, Any] = {"agent": cell.defense, "seed": cell.seed, "cache_dir": _str(a.cache_dir),
-                                "data_dir": _str(a.data_dir), "deterministic": a.deterministic}
+        grid: Dict[str, Any] = {"agent": cell.defense, "seed": cell.seed, "cache_dir": path_str(a.cache_dir),
+                                "data_dir": path_str(a.data_dir), "deterministic": a.deterministic}
         if model_dir is None:
             grid["backdoor"] = self.backdoor[(cell.model, cell.attack, cell.seed)].to_dict()
         else:
@@ -342,10 +340,6 @@ class GridPlan:
         if model_dir is not None:
             cfg.pop("backdoor", None)  # the grid's model folder decides
         return cfg
-
-
-def _str(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else str(path)
 
 
 # --------------------------------------------------------------------------------------------------- tasks

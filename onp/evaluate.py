@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, cast
 
-from .cli_common import device_arg, int_at_least, path_arg, run_cli
+from .cli_common import device_arg, int_at_least, path_arg, path_str, run_cli
 from .config import deep_update, parse_overrides
 from .evaluate_config import EvaluateConfig
 from .io import CheckpointError, cache_root, read_json, run_folder
@@ -321,14 +321,10 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         target["clean"] = True
     target = deep_update(target, parse_overrides(args.backdoor_set))
     return EvaluateConfig.from_dict({
-        "policy": _str(args.policy), "pruned": _str(args.pruned), "checkpoint": _str(args.checkpoint),
+        "policy": path_str(args.policy), "pruned": path_str(args.pruned), "checkpoint": path_str(args.checkpoint),
         "target": target, "agent": args.agent, "env_seed": args.env_seed, "prune_mode": args.prune_mode,
-        "device": args.device, "deterministic": args.deterministic, "cache_dir": _str(args.cache_dir),
-        "data_dir": _str(args.data_dir)})
-
-
-def _str(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else str(path)
+        "device": args.device, "deterministic": args.deterministic, "cache_dir": path_str(args.cache_dir),
+        "data_dir": path_str(args.data_dir)})
 
 
 def run_evaluate(config: Union[EvaluateConfig, Dict[str, Any]], out: Optional[Path] = None, *,

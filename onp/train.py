@@ -254,9 +254,10 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     env = EnvFactory(bundle, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
     factory, extra, _ = resolve_agent_factory(cfg["agent"])
     params = {**extra, **cfg["agent_params"]}
-    for key, value in (("seed", seed), ("device", cfg["device"])):
-        if key not in params and accepts(factory, key):
-            params[key] = value
+    if "seed" not in params and accepts(factory, "seed"):
+        params["seed"] = seed
+    if "device" not in params and accepts(factory, "device", via_kwargs=False):  # only agents that name it
+        params["device"] = cfg["device"]
     agent = build_agent(cfg["agent"], env, **params)
     learns = bool(getattr(agent, "learns", False))
     t_learn0 = time.perf_counter()

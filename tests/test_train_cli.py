@@ -113,6 +113,14 @@ def test_resume_after_interruption(tiny_bundle, tmp_path):
     assert steps == sorted(steps)
 
 
+def test_ranked_agent_through_run_training(tiny_bundle, tmp_path):
+    """A parametric agent whose extra keywords are the baseline's hyperparameters gets only its own
+    arguments (seed), never the run's device."""
+    m = run_training(_tiny_config(agent="ranked:magnitude", warm_start={"baseline": None},
+                                  rollout={"min_return": None}), tmp_path / "ranked", quiet=True)
+    assert m["agent"] == "ranked:magnitude" and 1 <= m["n_pruned"] <= 8
+
+
 def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
     m = run_training(_tiny_config(agent="greedy-gamma", rollout={"min_return": None}), tmp_path / "greedy", quiet=True)
     # at most the budget (8); fewer when the episode ends on the delta constraint of this tiny model

@@ -108,9 +108,13 @@ def test_sources_hold_no_unpickling_load():
 
 
 def test_the_source_check_finds_unpickling_loads():
-    code = ("import torch, numpy as np\nfrom sb3_contrib import MaskablePPO\nimport cloudpickle\n"
-            "torch.load(p)\ntorch.load(p, weights_only=False)\nnp.load(p)\nMaskablePPO.load(p)\n"
-            "import pickle\npickle.loads(b)\ntorch.load(p, weights_only=True)\nnp.load(p, allow_pickle=False)\n")
+    # source text parsed, never run; lines 3-7 and 9 are the loads the check must flag, and the two
+    # safe ones (weights_only=True, allow_pickle=False) must pass
+    code = "\n".join([
+        "import torch, numpy as np", "from sb3_contrib import MaskablePPO", "import cloudpickle",
+        "torch.load(p)  # weights_only=True missing", "torch.load(p, weights_only=False)", "np.load(p)",
+        "MaskablePPO.load(p)", "import pickle", "pickle.loads(b)", "torch.load(p, weights_only=True)",
+        "np.load(p, allow_pickle=False)"]) + "\n"
     found = [line for line, _ in unpickling_loads(ast.parse(code), "x.py")]
     assert sorted(found) == [3, 4, 5, 6, 7, 9]
 
