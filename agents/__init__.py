@@ -7,7 +7,11 @@
 Built-in agents: ``ppo-gnn`` (MaskablePPO + GNN policy, the default of ``python -m onp.train``),
 ``random``, ``greedy-gamma``, ``greedy-activation`` and ``ranked:<baseline>``. Add one with
 ``@register_agent("name")``, the ``onp.agents`` entry-point group, or ``--agent path/to/file.py:Class``.
+Every module of this package is imported here, so a built-in agent is one module (plus its test)
+and no line in this file.
 """
+
+from onp.registry import import_submodules
 
 from .base import (
     AGENTS,
@@ -49,3 +53,4 @@ __all__ = ["AGENTS", "ENTRY_POINT_GROUP", "ROLLOUT_SELECT", "Agent", "AgentError
            "policy_kwargs_for", "PPOGNNAgent", "behaviour_clone", "demonstrate", "train_ppo_gnn", "export_sb3_zip",
            "load_policy", "load_weights", "save_policy", "save_weights"]
 
+import_submodules(__name__, __path__)  # each agent module registers itself

@@ -27,7 +27,7 @@ import inspect
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import (
@@ -47,6 +47,7 @@ from typing import (
 
 import numpy as np
 
+from onp.evidence import EvidenceRule
 from onp.io import CheckpointError, atomic_write_json, read_json
 from onp.registry import Registry, UnknownNameError
 
@@ -377,15 +378,20 @@ ROLLOUT_SELECT = ("final", "best_prefix")
 
 
 def select_pruning(result: Dict[str, Any], *, select: str = "final", min_return: Optional[float] = 0.0,
+                   evidence: Optional[EvidenceRule] = None, n_triggered: int = 0,
                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """The pruning a rollout ends with, as ``onp.train`` and ``onp.evaluate`` keep it.
 
     ``select``: ``"final"`` (the whole episode) or ``"best_prefix"`` (:func:`best_prefix`). If the
     chosen pruning's return on the env's reward batch (defense-validation) is below ``min_return``
     (``None``: no floor), it is worse than the agreed floor (0: worse than pruning nothing), and
-    nothing is pruned instead. The return of the final state leaves out the charge of a prune the env
-    refused (it was never made). Returns ``{"info", "return", "fallback"}``; ``fallback`` is ``None`` or
-    describes the rejected pruning.
+    nothing is pruned instead. With an ``evidence`` rule (:class:`onp.evidence.EvidenceRule`) the
+    pruning must also lower the estimated ASR significantly over the ``n_triggered`` triggered
+    defense-validation images, at an allowed accuracy cost, or nothing is pruned ("no evidence, no
+    pruning"). The return of the final state leaves out the charge of a prune the env refused (it was
+    never made). Returns ``{"info", "return", "fallback", "judgement"}``; ``fallback`` is ``None`` or
+    describes the rejected pruning; ``judgement`` is the :class:`~onp.evidence.Judgement` of what is
+    kept (its ``verdict``: removed / not removed / nothing pruned).
     """
     if select not in ROLLOUT_SELECT:
         raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {select!r}")
@@ -396,13 +402,25 @@ def select_pruning(result: Dict[str, Any], *, select: str = "final", min_return:
         chosen, ret = result["info"], float(result["return"])
         if chosen.get("rejected") and result["rewards"]:  # the refused prune's charge is not the state's value
             ret -= float(result["rewards"][-1])
+    initial = result["infos"][0]
+    rule = evidence if evidence is not None else EvidenceRule(alpha=None, max_acc_drop=1.0)
+    judgement = rule.judge(initial, chosen, n_triggered)
+    reason = None
+    if not judgement.keep:
+        reason = judgement.reason
+    elif min_return is not None and ret < float(min_return) and chosen["n_pruned"] > 0:
+        reason = (f"no backdoor neurons found within the budget (defense-val return {ret:+.4f} < rollout.min_return "
+                  f"{float(min_return):+.4f})")
     fallback = None
-    if min_return is not None and ret < float(min_return) and chosen["n_pruned"] > 0:
-        fallback = {"reason": f"defense-val return {ret:+.4f} < rollout.min_return {float(min_return):+.4f}",
-                    "rejected_n_pruned": int(chosen["n_pruned"]), "rejected_acc": float(chosen["acc"]),
-                    "rejected_asr": float(chosen["asr"]), "rejected_return": float(ret)}
+    if reason is not None:
+        fallback = {"reason": reason, "rejected_n_pruned": int(chosen["n_pruned"]),
+                    "rejected_acc": float(chosen["acc"]), "rejected_asr": float(chosen["asr"]),
+                    "rejected_return": float(ret),
+                    "rejected_p_value": judgement.p_value}
         if log is not None:
-            log(f"[onp] the policy's pruning has defense-val return {ret:+.4f} (ACC {chosen['acc']:.3f}, "
-                f"ASR {chosen['asr']:.3f}), below rollout.min_return={float(min_return):+.4f}: pruning nothing instead")
-        chosen, ret = result["infos"][0], 0.0
-    return {"info": chosen, "return": float(ret), "fallback": fallback}
+            log(f"[onp] the policy's pruning of {int(chosen['n_pruned'])} neurons (defense-val return {ret:+.4f}, "
+                f"ACC {chosen['acc']:.3f}, ASR {initial['asr']:.3f} -> {chosen['asr']:.3f}) is not kept: {reason}; "
+                f"pruning nothing instead")
+        judgement = replace(judgement, keep=False, verdict="nothing pruned", reason=reason)
+        chosen, ret = initial, 0.0
+    return {"info": chosen, "return": float(ret), "fallback": fallback, "judgement": judgement}

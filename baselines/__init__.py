@@ -8,9 +8,13 @@ Methods (one module each): ``rnp`` (Li et al., ICML 2023), ``anp`` (Wu & Wang, N
 ``awm`` (Chai & Chen, NeurIPS 2022), ``ngf`` (Karim et al., 2023), ``fp`` (Liu et al., RAID 2018),
 ``clp`` (Zheng et al., ECCV 2022), ``ft`` (fine-tuning), ``magnitude`` and ``random``. All are
 reimplemented from the papers; see ``docs/baselines.md``.
+
+Every module of this package is imported here, so a new method is one module with a
+``@register_defense("name")`` class (plus its test) and no line in this file.
 """
 
-from . import anp, awm, clp, fp, ft, magnitude, ngf, random_prune, rnp  # noqa: F401  (registration)
+from onp.registry import import_submodules
+
 from .base import (
     DEFENSES,
     Defense,
@@ -25,17 +29,12 @@ from .base import (
     neuron_layout,
     register_defense,
 )
-from .features import NON_SCORING, baseline_scores
+from .features import NON_SCORING, baseline_scores, register_score_providers
 from .operating_point import ORACLE_LABEL, choose_pruning, delta_rule, oracle_sweep, prune_model, pruning_grid
-
-try:  # node-feature providers for the neuron graph (needs onp.graph)
-    from .features import register_score_providers as _register
-
-    _register()
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = ["DEFENSES", "Defense", "DefenseError", "DefenseParams", "DefenseResult", "NeuronLayout", "PassCounter",
            "PruningParams", "build_defense", "register_defense", "neuron_layout", "check_layout_matches_graph",
            "ORACLE_LABEL", "choose_pruning", "delta_rule", "oracle_sweep", "prune_model", "pruning_grid",
-           "NON_SCORING", "baseline_scores"]
+           "NON_SCORING", "baseline_scores", "register_score_providers"]
+
+import_submodules(__name__, __path__)  # each method module registers itself

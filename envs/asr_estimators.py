@@ -14,6 +14,7 @@ Add an estimator with ``@register_asr_estimator("name")`` on a function
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
@@ -133,6 +134,16 @@ def _checked_reversal(rev: Any, path: Path, data: DefenseData) -> Dict[str, torc
     return rev
 
 
+def _images_digest(data: DefenseData) -> str:
+    """A short digest of the defense-train images and labels: the synthesized trigger is fitted on them,
+    so another set of clean images (even of the same size) gets its own cache entry."""
+    h = hashlib.sha256()
+    for t in (data.train_x, data.train_y):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return f"{len(data.train_y)}-{h.hexdigest()[:12]}"
+
+
 @register_asr_estimator("synthesized")
 def synthesized_probe(model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *, seed: int = 0,
                       cache_dir: Optional[Path] = None,
@@ -143,7 +154,7 @@ def synthesized_probe(model: nn.Module, attack: Optional[Attack], defense_data: 
     least ``min_success`` of the images. The probe stamps that trigger on defense-validation images
     of the other classes. The ``attack`` argument is ignored.
     """
-    key = f"{model_digest(model)}-s{seed}-n{steps}-l{l1_weight}-{len(defense_data.train_y)}"
+    key = f"{model_digest(model)}-s{seed}-n{steps}-l{l1_weight}-{_images_digest(defense_data)}"
     path = cache_root(cache_dir) / "synthesized" / f"{key}.pt"
     if path.exists():
         rev = _checked_reversal(load_checkpoint(path), path, defense_data)

@@ -33,7 +33,7 @@ from onp.data.defense import DefenseData
 from onp.graph.layer_types import LAYER_TYPES
 from onp.zoo import BackdoorBundle, BackdoorConfig, load_bundle
 
-from .target import Evaluation, PruningTarget
+from .target import Evaluation, PruningTarget, ensure_feature_providers
 
 BackdoorSpec = Union[BackdoorBundle, "PruningSubject", BackdoorConfig, Dict[str, Any], str, Path]
 
@@ -105,6 +105,7 @@ class NeuronPruningEnv(gym.Env):
             raise ValueError(f"delta must be > 0; got {delta}")
         from .asr_estimators import ASR_ESTIMATORS
         ASR_ESTIMATORS.check(asr_estimator)
+        ensure_feature_providers(feature_providers)  # registers the baselines' <method>_score on first use
         if backdoor is None or (isinstance(backdoor, (list, tuple)) and not backdoor):
             raise ValueError("NeuronPruningEnv needs the model to prune: pass backdoor=<a BackdoorBundle, a "
                              "BackdoorConfig or dict (fetched from the zoo, trained on first use), or a model "

@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from baselines.features import register_score_providers
 from onp.data.defense import DefenseData
-from onp.graph import NeuronGraph, build_neuron_graph, compute_node_features
+from onp.graph import FEATURE_PROVIDERS, FeatureProvider, NeuronGraph, build_neuron_graph, compute_node_features
 from onp.masks import NeuronMasks
 
 from .asr_estimators import ASRProbe, build_probe
@@ -20,6 +21,21 @@ from .suffix_eval import SuffixEvaluator
 
 if TYPE_CHECKING:
     from onp.attacks import Attack
+
+
+def ensure_feature_providers(providers: Sequence[Union[str, FeatureProvider]]) -> None:
+    """Check that every provider name is registered, registering the score-based ones first.
+
+    The baselines' per-neuron scores (``clp_score``, ``anp_score``, ...; see
+    :mod:`baselines.features`) are registered here, at the point of use, the first time one of
+    ``providers`` is not yet in :data:`onp.graph.FEATURE_PROVIDERS`: no import side effect is
+    needed. An unknown name raises :class:`onp.registry.UnknownNameError` listing the valid ones.
+    """
+    names = [p for p in providers if isinstance(p, str)]
+    if any(n not in FEATURE_PROVIDERS for n in names):
+        register_score_providers()
+    for n in names:
+        FEATURE_PROVIDERS.check(n)
 
 
 @dataclass
@@ -53,6 +69,7 @@ class PruningTarget:
         self.model = copy.deepcopy(model).eval()  # the env's own copy: mask hooks never leak into the caller's model
         for p in self.model.parameters():
             p.requires_grad_(False)
+        ensure_feature_providers(feature_providers)
         example = defense_data.val_x[:2]
         self.graph: NeuronGraph = build_neuron_graph(self.model, example, top_k=top_k)
         self.features, self.feature_names = compute_node_features(self.model, self.graph, providers=feature_providers,

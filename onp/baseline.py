@@ -8,6 +8,14 @@ The defense sees only the defender's data (``bundle.defense_data``); the test se
 trigger are used afterwards to report ACC / ASR / RA / DER before and after, and for the
 ``oracle_sweep.json`` analysis file (never for choosing anything). Writes a run directory
 (``runs/baseline/<method>-<attack>-<model>-s<seed>`` by default; see :mod:`onp.rundir`).
+
+The flags map onto a :class:`~onp.baseline_config.BaselineRunConfig` (:func:`config_from_args`; the
+library entry is :func:`run_baseline`). The backdoored-model flags are the group every onp tool
+shares (:func:`onp.cli_common.add_backdoor_flags`); ``--seed`` is the seed of the backdoored model and
+of the defense (with ``--checkpoint``: of the defense), ``--defense-seed`` the defense's only.
+``--set KEY=VALUE`` overrides a run-config key (``oracle_step=0.02``, ``params.iterations=500``); a key
+that is not one is a hyperparameter of the method (``iterations=500`` is short for
+``params.iterations=500``). ``--list`` lists the methods with their default hyperparameters.
 """
 
 from __future__ import annotations
@@ -22,8 +30,22 @@ import torch
 from torch import nn
 
 from .baseline_config import BaselineRunConfig
-from .cli_common import finite_float, fraction, int_at_least, path_arg, path_str, run_cli
-from .config import deep_update, parse_overrides
+from .cli_common import (
+    HelpFormatter,
+    add_backdoor_flags,
+    add_list_flag,
+    add_set_flag,
+    backdoor_overrides,
+    finite_float,
+    fraction,
+    int_at_least,
+    model_source,
+    path_arg,
+    print_listing,
+    run_cli,
+    set_overrides,
+)
+from .config import deep_update
 from .data.augment import Augment
 from .io import cache_root, run_folder
 from .metrics import evaluate_backdoor, with_der
@@ -69,69 +91,62 @@ def _jsonable(obj: Any, max_len: int = 4096) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .attacks import ATTACKS
-    from .data import DATASETS
-    from .models import MODELS
-
+    """The ``python -m onp.baseline`` flags; they map onto a :class:`BaselineRunConfig` (:func:`config_from_args`)."""
     methods = _baselines().DEFENSES.names()
     p = argparse.ArgumentParser(prog="python -m onp.baseline", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--method", default=None, help=f"one of {', '.join(methods)}")
-    p.add_argument("--list", action="store_true", help="list the methods with their default hyperparameters")
-    p.add_argument("--model", default="resnet18", help=f"one of {', '.join(MODELS.names())}")
-    p.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS.names())}")
-    p.add_argument("--attack", default="badnets", help=f"one of {', '.join(ATTACKS.names())}")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None, help="backdoor training epochs (selects the cached model)")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the backdoored model (and of the defense)")
-    p.add_argument("--defense-seed", type=int_at_least(0), default=None, help="seed of the defense (default: --seed)")
-    p.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
-    p.add_argument("--data-dir", type=path_arg, default=None,
-                   help="folder with the dataset's files (an error if they are not there)")
-    p.add_argument("--defense-size", type=int, default=None)
-    p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a BackdoorConfig key (e.g. poison_rate=0.05)")
-    p.add_argument("--checkpoint", type=path_arg, default=None, help="use this zoo artifact directory instead")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="defense hyperparameter, e.g. iterations=500 (repeatable; see --list)")
+    add_list_flag(p, "the methods with their default hyperparameters")
+    add_set_flag(p, help="override a baseline run config key, dotted (e.g. oracle_step=0.02; repeatable); a key that "
+                         "is not one is a hyperparameter of the method, short for params.KEY (e.g. iterations=500; "
+                         "see --list)")
     p.add_argument("--delta", type=finite_float, default=None,
                    help="max clean-ACC drop on defense-val (pruning methods)")
     p.add_argument("--operating-point", choices=["delta", "threshold", "number"], default=None)
-    p.add_argument("--no-oracle", action="store_true", help="skip the oracle sweep (analysis only)")
-    p.add_argument("--oracle-max-fraction", type=fraction, default=0.5,
+    p.add_argument("--defense-seed", type=int_at_least(0), default=None, help="seed of the defense (default: --seed)")
+    add_backdoor_flags(p, title="backdoored model (default: resnet18, fashion-mnist, badnets, seed 0; or --checkpoint)")
+    o = p.add_argument_group("oracle sweep (test-set analysis, never used to choose)")
+    o.add_argument("--no-oracle", action="store_true", help="skip the oracle sweep (analysis only)")
+    o.add_argument("--oracle-max-fraction", type=fraction, default=0.5,
                    help="oracle sweep: largest fraction of neurons pruned")
-    p.add_argument("--oracle-step", type=fraction, default=0.01,
+    o.add_argument("--oracle-step", type=fraction, default=0.01,
                    help="oracle sweep: grid step as a fraction of all neurons (plus powers of two)")
-    p.add_argument("--out", type=path_arg, default=None, help="run directory")
-    p.add_argument("--overwrite", action="store_true",
+    r = p.add_argument_group("run directory")
+    r.add_argument("--out", type=path_arg, default=None, help="run directory")
+    r.add_argument("--overwrite", action="store_true",
                    help="replace an existing onp run directory (only once the new run succeeded)")
-    p.add_argument("--cache-dir", type=path_arg, default=None)
-    p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
-    p.add_argument("--quiet", action="store_true")
+    r.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
+    r.add_argument("--quiet", action="store_true")
     return p
 
 
+def _set_items(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--set`` as overrides of the :class:`BaselineRunConfig` (other keys: ``params.KEY``)."""
+    return set_overrides(args.set, BaselineRunConfig.model_fields, shorthand="params")
+
+
 def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
-    """The :class:`BaselineRunConfig` of the command line (flags mapped one to one)."""
-    params = parse_overrides(args.set)
-    for flag, key in ((args.delta, "delta"), (args.operating_point, "operating_point")):
-        if flag is not None:
-            params[key] = flag
-    data: Dict[str, Any] = {"method": args.method, "params": params, "defense_seed": args.defense_seed,
+    """The :class:`BaselineRunConfig` of the command line: the flags, then ``--set`` (``--delta`` and
+    ``--operating-point`` have the last word on those two hyperparameters)."""
+    sets = _set_items(args)
+    params = sets.pop("params", {})
+    if isinstance(params, dict):  # else the config names the bad value
+        for flag, key in ((args.delta, "delta"), (args.operating_point, "operating_point")):
+            if flag is not None:
+                params[key] = flag
+    source = model_source(args)
+    defense_seed = args.defense_seed
+    if defense_seed is None and source["checkpoint"] is not None:
+        defense_seed = args.seed  # the model folder has its own seed: --seed is the defense's
+    data: Dict[str, Any] = {"method": args.method, "params": params, "defense_seed": defense_seed,
                             "deterministic": args.deterministic, "oracle": not args.no_oracle,
                             "oracle_max_fraction": args.oracle_max_fraction, "oracle_step": args.oracle_step,
-                            "cache_dir": path_str(args.cache_dir), "data_dir": path_str(args.data_dir)}
-    if args.checkpoint is not None:
-        data["checkpoint"] = str(args.checkpoint)
+                            "cache_dir": source["cache_dir"], "data_dir": source["data_dir"]}
+    if source["checkpoint"] is not None:
+        data["checkpoint"] = source["checkpoint"]
     else:
-        backdoor: Dict[str, Any] = {"model": args.model, "dataset": args.dataset, "attack": args.attack,
-                                    "seed": args.seed}
-        for key in ("width", "epochs", "data_source", "defense_size", "max_train"):
-            if getattr(args, key) is not None:
-                backdoor[key] = getattr(args, key)
-        data["backdoor"] = deep_update(backdoor, parse_overrides(args.backdoor_set))
-    return BaselineRunConfig.from_dict(data)
+        data["backdoor"] = backdoor_overrides(args)
+    return BaselineRunConfig.from_dict(deep_update(data, sets))
 
 
 def baseline_command(config: Union[BaselineRunConfig, Dict[str, Any]], out: Path) -> str:
@@ -251,21 +266,27 @@ def _defend_and_report(bundle: BackdoorBundle, defense: Any, method: str, seed: 
     return metrics
 
 
+def listing() -> List[str]:
+    """What ``--list`` prints: each method with its default hyperparameters."""
+    bl = _baselines()
+    return [f"{name}: {json.dumps(bl.DEFENSES.get(name).defaults())}" for name in bl.DEFENSES.names()]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m onp.baseline``: run one baseline defense into a run directory; see the module doc."""
     args = build_parser().parse_args(argv)
     bl = _baselines()
     if args.list:
-        for name in bl.DEFENSES.names():
-            print(f"{name}: {json.dumps(bl.DEFENSES.get(name).defaults())}")
-        return 0
-    if args.method is None:
+        return print_listing(listing())
+    if args.method is None and "method" not in _set_items(args):
         raise ValueError(f"--method is required; valid choices: {', '.join(bl.DEFENSES.names())}")
-    method = bl.DEFENSES.check(args.method)
+    cfg = config_from_args(args)
+    method = bl.DEFENSES.check(cfg.method)
     defaults = bl.DEFENSES.get(method).defaults()
     for flag, key in ((args.delta, "delta"), (args.operating_point, "operating_point")):
         if flag is not None and key not in defaults:
             raise ValueError(f"--{key.replace('_', '-')} does not apply to {method!r} (it has no operating point)")
-    run_baseline(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
+    run_baseline(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
 

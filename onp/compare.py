@@ -5,13 +5,18 @@ Example::
     python -m onp.compare --model resnet18 --attacks badnets blend trojan sig wanet \\
         --defenses rnp anp awm ngf fp clp ft ppo-gnn --seeds 3
 
+Library use: :func:`run_compare` takes a :class:`onp.compare_config.CompareConfig` (or a partial
+mapping of its keys) and returns a :class:`CompareResult`; the command line maps its flags onto that
+config (``--config FILE.yaml`` first, then the flags, then ``--set KEY=VALUE``; ``--list`` lists the
+defenses and agents). ``configs/compare/default.yaml`` spells out every key and its default.
+
 Every grid cell (model, attack, defense, seed) is one run directory in the :mod:`onp.rundir` format
 under ``<out>/cells/<attack>/<defense>/s<seed>/`` (``<out>/cells/<model>/<attack>/...`` with several
 models). ``seed`` is the seed of the backdoored model (the zoo's training seed) and of the defense.
 The backdoored models are trained (or fetched from the zoo cache) first, one per (model, attack,
-seed), so that parallel cells never race on the cache. A baseline cell runs ``python -m
-onp.baseline`` on that model (``--checkpoint``); a learned-policy cell (a name from
-``agents.AGENTS``) runs ``python -m onp.train``.
+seed), so that parallel cells never race on the cache. A baseline cell runs
+:func:`onp.baseline.run_baseline` on that model (its folder as ``checkpoint``); a learned-policy cell
+(a name from ``agents.AGENTS``) runs :func:`onp.train.run_training`.
 
 A cell whose ``metrics.json`` exists is reused, so running the same command again after an
 interruption resumes the grid where it stopped (an unfinished cell is run again from scratch, or
@@ -28,19 +33,37 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import io
 import re
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
-from .cli_common import device_name, fraction, int_at_least, path_arg, path_str, run_cli
-from .config import parse_overrides
+from .cli_common import (
+    HelpFormatter,
+    add_backdoor_flags,
+    add_list_flag,
+    add_set_flag,
+    backdoor_flag_values,
+    device_name,
+    fraction,
+    int_at_least,
+    nest_dotted,
+    path_arg,
+    path_str,
+    print_listing,
+    run_cli,
+    set_overrides,
+)
+from .compare_config import CompareConfig
+from .config import deep_update, load_yaml, parse_overrides
 from .io import CheckpointError, RunExistsError, atomic_write_json, atomic_write_text, read_json, run_folder
-from .report import LEADERBOARD_NOTES, Cell, build_rows, write_leaderboard
+from .report import LEADERBOARD_NOTES, Cell, Row, build_rows, write_leaderboard
 from .rundir import environment_info, reproduce_line
 
 if TYPE_CHECKING:
@@ -78,152 +101,186 @@ def check_policy_name(name: str, baseline_names: Sequence[str]) -> None:
         raise UnknownNameError("defense", name, sorted(set(baseline_names) | set(agent_names()))) from None
 
 
+def listing() -> List[str]:
+    """What ``--list`` prints: the baseline defenses and the agents, the two kinds of ``--defenses``."""
+    return [f"baselines: {', '.join(_defense_names())}", f"agents: {', '.join(agent_names())}"]
+
+
 def _dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "defense"
 
 
 # --------------------------------------------------------------------------------------------------- CLI
 
+#: flag (argparse dest) -> the CompareConfig key it sets; unset flags (None) keep the config's value
+FLAG_KEYS: Dict[str, str] = {
+    "models": "models", "attacks": "attacks", "defenses": "defenses", "seeds": "seeds", "seed_list": "seed_list",
+    "data_dir": "backdoor.data_dir", "cache_dir": "backdoor.cache_dir",
+    "oracle": "defense.oracle", "oracle_max_fraction": "defense.oracle_max_fraction",
+    "train_config": "train.config", "timesteps": "train.timesteps", "asr_estimator": "train.asr_estimator",
+    "device": "train.device",
+    "executor": "execution.executor", "jobs": "execution.jobs", "ray_address": "execution.ray_address",
+    "ray_num_cpus": "execution.ray_num_cpus", "deterministic": "execution.deterministic",
+    "out": "output.out", "overwrite": "output.overwrite", "report_only": "output.report_only", "plots": "output.plots",
+    "quiet": "output.quiet",
+}
+#: where an onp.compare --set key that is not a CompareConfig key goes: a defense hyperparameter
+SET_SHORTHAND = "defense.params"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from .attacks import ATTACKS
-    from .data import DATASETS
-    from .models import MODELS
-
+    """The ``python -m onp.compare`` flags; each sets one :class:`CompareConfig` key (:data:`FLAG_KEYS`)."""
+    d = CompareConfig()
     p = argparse.ArgumentParser(prog="python -m onp.compare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter,
+                                epilog="Every flag sets one key of onp.compare_config.CompareConfig; "
+                                       "configs/compare/default.yaml lists them all with their defaults.")
+    p.add_argument("--config", type=path_arg, default=None, metavar="FILE.yaml",
+                   help="YAML of CompareConfig keys merged onto the defaults; the flags and --set override it")
+    add_set_flag(p, help="override a CompareConfig key, dotted (e.g. execution.jobs=2, repeatable). A key that is "
+                         "not one is a defense hyperparameter (short for defense.params.KEY): 'anp.iterations=500' "
+                         "for one defense, 'delta=0.1' for every selected baseline that has the key")
+    add_list_flag(p, "the defenses (baselines and agents)")
     g = p.add_argument_group("grid")
-    g.add_argument("--model", "--models", dest="models", nargs="+", default=["resnet18"],
-                   help=f"architecture(s): {', '.join(MODELS.names())}")
-    g.add_argument("--attacks", nargs="+", default=["badnets"], help=f"from {', '.join(ATTACKS.names())}")
-    g.add_argument("--defenses", nargs="+", default=["clp", "magnitude"],
+    g.add_argument("--models", "--model", dest="models", nargs="+", default=None, metavar="NAME",
+                   help=f"architecture(s), from onp.models.MODELS (default: {' '.join(d.models)})")
+    g.add_argument("--attacks", "--attack", dest="attacks", nargs="+", default=None, metavar="NAME",
+                   help=f"attack(s), from onp.attacks.ATTACKS (default: {' '.join(d.attacks)})")
+    g.add_argument("--defenses", nargs="+", default=None, metavar="NAME",
                    help="baseline defenses (python -m onp.baseline --list) and/or learned-policy agents "
-                        "(agents.AGENTS, e.g. ppo-gnn)")
-    g.add_argument("--seeds", type=int_at_least(1), default=1, help="number of seeds (0 .. N-1), or see --seed-list")
-    g.add_argument("--seed-list", type=int_at_least(0), nargs="+", default=None,
-                   help="explicit seeds (overrides --seeds)")
-    b = p.add_argument_group("backdoored models (the zoo)")
-    b.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS.names())}")
-    b.add_argument("--width", type=int, default=None)
-    b.add_argument("--epochs", type=int, default=None, help="backdoor training epochs")
-    b.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
-    b.add_argument("--data-dir", type=path_arg, default=None,
-                   help="folder with the dataset's files (an error if they are not there)")
-    b.add_argument("--defense-size", type=int, default=None)
-    b.add_argument("--max-train", type=int, default=None)
-    b.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a BackdoorConfig key (e.g. poison_rate=0.05)")
-    b.add_argument("--cache-dir", type=path_arg, default=None)
-    d = p.add_argument_group("defenses")
-    d.add_argument("--set", action="append", default=[], metavar="[DEFENSE.]KEY=VALUE",
-                   help="defense hyperparameter: 'anp.iterations=500' for one defense, 'delta=0.1' for every "
-                        "selected baseline that has the key (repeatable)")
-    d.add_argument("--oracle-max-fraction", type=fraction, default=None,
+                        f"(python -m onp.train --list, e.g. ppo-gnn) (default: {' '.join(d.defenses)})")
+    g.add_argument("--seeds", type=int_at_least(1), default=None,
+                   help=f"number of seeds (0 .. N-1; default {d.seeds}), or see --seed-list")
+    g.add_argument("--seed-list", "--seed", dest="seed_list", type=int_at_least(0), nargs="+", default=None,
+                   metavar="SEED",
+                   help="explicit seeds of the backdoored models and of the defenses (overrides --seeds)")
+    add_backdoor_flags(p, title="backdoored models (the zoo)", skip=("model", "attack", "seed", "checkpoint"),
+                       description=f"one model per (model, attack, seed) of the grid; dataset default: "
+                                   f"{d.backdoor.dataset}")
+    o = p.add_argument_group("defenses")
+    o.add_argument("--oracle-max-fraction", type=fraction, default=None,
                    help="baselines' oracle sweep: largest fraction pruned (analysis only)")
-    d.add_argument("--no-oracle", action="store_true", help="skip the baselines' oracle sweeps")
+    o.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
+                   help="skip the baselines' oracle sweeps")
     t = p.add_argument_group("learned policies (onp.train)")
-    t.add_argument("--timesteps", type=int_at_least(0), default=None)
+    t.add_argument("--timesteps", type=int_at_least(0), default=None, help="PPO env steps (ppo.total_timesteps)")
     t.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
-    t.add_argument("--train-config", type=path_arg, default=None, help="YAML config for onp.train (--config)")
-    t.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="onp.train --set")
+    t.add_argument("--train-config", type=path_arg, default=None, help="YAML config for onp.train (its --config)")
+    t.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an onp.train config key (its --set)")
     t.add_argument("--device", type=device_name, default=None,
                    help="device for onp.train and backdoor training (e.g. cuda); with --executor ray it need not "
                         "exist on this machine, only on the workers")
     r = p.add_argument_group("execution")
-    r.add_argument("--executor", choices=["local", "processes", "ray"], default="local")
-    r.add_argument("--jobs", type=int_at_least(1), default=1,
+    r.add_argument("--executor", choices=["local", "processes", "ray"], default=None,
+                   help=f"default {d.execution.executor}")
+    r.add_argument("--jobs", type=int_at_least(1), default=None,
                    help="parallel local processes (implies --executor processes)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     r.add_argument("--ray-num-cpus", type=int_at_least(1), default=None, help="CPUs of a locally started Ray")
-    r.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms in every cell")
-    r.add_argument("--out", type=path_arg, default=None, help="output folder (default runs/compare/<model>)")
-    r.add_argument("--overwrite", action="store_true",
+    r.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic torch algorithms in every cell")
+    w = p.add_argument_group("output")
+    w.add_argument("--out", type=path_arg, default=None, help="output folder (default runs/compare/<model>)")
+    w.add_argument("--overwrite", action="store_true", default=None,
                    help="start the grid again; the old grid is deleted only once the new one has finished")
-    r.add_argument("--report-only", action="store_true", help="only rebuild the leaderboard and plots")
-    r.add_argument("--no-plots", action="store_true")
-    r.add_argument("--quiet", action="store_true")
+    w.add_argument("--report-only", action="store_true", default=None, help="only rebuild the leaderboard and plots")
+    w.add_argument("--no-plots", dest="plots", action="store_false", default=None)
+    w.add_argument("--quiet", action="store_true", default=None)
     return p
 
 
-def _seeds(args: argparse.Namespace) -> List[int]:
-    if args.seed_list:
-        return list(dict.fromkeys(args.seed_list))
-    return list(range(args.seeds))
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """The :class:`CompareConfig` of the command line: ``--config``, then the flags (:data:`FLAG_KEYS`,
+    the backdoored-model group, ``--backdoor-set``, ``--train-set``), then ``--set``."""
+    data: Dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
+    flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
+    flags = {key: str(val) if isinstance(val, Path) else val for key, val in flags.items()}
+    flags.update({f"backdoor.{key}": val for key, val in backdoor_flag_values(args).items()})
+    if args.backdoor_set:
+        flags["backdoor.overrides"] = parse_overrides(args.backdoor_set)
+    if args.train_set:
+        flags["train.overrides"] = parse_overrides(args.train_set)
+    data = deep_update(data, nest_dotted(flags))
+    data = deep_update(data, set_overrides(args.set, CompareConfig.model_fields, shorthand=SET_SHORTHAND))
+    return CompareConfig.from_dict(data)
 
 
-def _split_sets(items: Sequence[str], defenses: Sequence[str]) -> Tuple[Dict[str, List[str]], List[str]]:
-    """``--set`` items -> per-defense lists (scoped ``name.key=value``) and unscoped items."""
-    scoped: Dict[str, List[str]] = {d: [] for d in defenses}
-    unscoped: List[str] = []
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects [DEFENSE.]key=value, got {item!r}")
-        key = item.split("=", 1)[0].strip()
-        head, _, rest = key.partition(".")
-        if rest and head in scoped:
-            scoped[head].append(item.split(".", 1)[1])
-        else:
-            unscoped.append(item)
-    return scoped, unscoped
+# --------------------------------------------------------------------------------------------------- the plan
+
+
+def _comparable_settings(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """A grid's ``settings`` with its override lists as mappings: grids written before
+    :class:`CompareConfig` recorded ``--backdoor-set``/``--set``/``--train-set`` as lists of
+    ``KEY=VALUE`` strings (they resume as long as the same values are asked for)."""
+    out = dict(settings or {})
+    for key in ("backdoor_set", "set", "train_set"):
+        if isinstance(out.get(key), list):
+            out[key] = parse_overrides(out[key])
+    return out
 
 
 class GridPlan:
-    """Everything resolved from the arguments before any work: names, configs, cells."""
+    """Everything resolved from a :class:`CompareConfig` before any work: names, paths, configs, cells."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, config: CompareConfig, *, command: Optional[str] = None):
+        self.config = config
+        self.command = command
+        self._check_names()
+        baseline_names = _defense_names()
+        self.models = list(dict.fromkeys(config.models))
+        self.attacks = list(dict.fromkeys(config.attacks))
+        self.defenses = list(dict.fromkeys(config.defenses))
+        self.seeds = config.seed_values()
+        self.baselines = [d for d in self.defenses if d in baseline_names]
+        self.policies = [d for d in self.defenses if d not in baseline_names]
+        b = config.backdoor
+        self.out = Path(config.output.out or Path("runs") / "compare" / "-".join(self.models))
+        self.cache_dir = None if b.cache_dir is None else Path(b.cache_dir)
+        self.data_dir = None if b.data_dir is None else Path(b.data_dir)
+        if config.execution.executor == "ray":  # Ray workers may run elsewhere: give them absolute paths
+            self.out = self.out.expanduser().resolve()
+            self.cache_dir = None if self.cache_dir is None else self.cache_dir.expanduser().resolve()
+            self.data_dir = None if self.data_dir is None else self.data_dir.expanduser().resolve()
+        self.defense_params = self._defense_params()
+        self.backdoor = {(m, a, s): self._backdoor_config(m, a, s)
+                         for m in self.models for a in self.attacks for s in self.seeds}
+        self._check_before_any_work()
+
+    def _check_names(self) -> None:
         from .attacks import ATTACKS
         from .data import DATASETS
         from .models import MODELS
-
-        self.args = args
-        for m in args.models:
+        c = self.config
+        for m in c.models:
             MODELS.check(m)
-        DATASETS.check(args.dataset)
-        for a in args.attacks:
+        DATASETS.check(c.backdoor.dataset)
+        for a in c.attacks:
             ATTACKS.check(a)
         baseline_names = _defense_names()
-        for d in args.defenses:
+        for d in c.defenses:
             if d not in baseline_names:
                 check_policy_name(d, baseline_names)
-        self.models = list(dict.fromkeys(args.models))
-        self.attacks = list(dict.fromkeys(args.attacks))
-        self.defenses = list(dict.fromkeys(args.defenses))
-        self.seeds = _seeds(args)
-        self.baselines = [d for d in self.defenses if d in baseline_names]
-        self.policies = [d for d in self.defenses if d not in baseline_names]
-        self.out = Path(args.out or Path("runs") / "compare" / "-".join(self.models))
-        if args.executor == "ray":  # Ray workers may run elsewhere: give them absolute paths
-            self.out = self.out.expanduser().resolve()
-            for key in ("cache_dir", "data_dir"):
-                if getattr(args, key) is not None:
-                    setattr(args, key, Path(getattr(args, key)).expanduser().resolve())
-        self.defense_sets = self._defense_sets()
-        self.backdoor = {(m, a, s): self._backdoor_config(m, a, s)
-                         for m in self.models for a in self.attacks for s in self.seeds}
+
+    def _check_before_any_work(self) -> None:
+        """The cache, the device, the onp.train settings and the dataset, before any model is trained."""
         from .io import cache_root
-        cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
-        if args.device is not None and args.executor != "ray":  # Ray workers check their own devices
+        cache_root(self.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
+        device = self.config.train.device
+        if device is not None and self.config.execution.executor != "ray":  # Ray workers check their own
             from .train_config import check_device
-            check_device(args.device)  # --device cuda without CUDA: an error, never a CPU run recorded as cuda
+            check_device(device)  # --device cuda without CUDA: an error, never a CPU run recorded as cuda
         if self.policies:
             self._check_train_settings()
-        if args.data_dir is not None and not args.report_only:
+        if self.data_dir is not None and not self.config.output.report_only:
             from .data import load_dataset  # a --data-dir without the dataset fails here, not in every cell
             for source in sorted({c.data_source for c in self.backdoor.values()}):
-                load_dataset(args.dataset, data_dir=args.data_dir, source=source)
+                load_dataset(self.config.backdoor.dataset, data_dir=self.data_dir, source=source)
 
     # -- configs ---------------------------------------------------------------------------------
     def _backdoor_config(self, model: str, attack: str, seed: int) -> "BackdoorConfig":
-        from .config import deep_update
         from .zoo import BackdoorConfig
-        a = self.args
-        data: Dict[str, Any] = {"model": model, "dataset": a.dataset, "attack": attack, "seed": seed}
-        for key in ("width", "epochs", "data_source", "defense_size", "max_train"):
-            val = getattr(a, key)
-            if val is not None:
-                data[key] = val
-        data = deep_update(data, parse_overrides(a.backdoor_set))
-        return BackdoorConfig.from_dict(data).resolved()
+        return BackdoorConfig.from_dict(self.config.backdoor.for_cell(model, attack, seed)).resolved()
 
     def _check_train_settings(self) -> None:
         """Resolve the onp.train config of every learned policy's first cell (types, ranges and names of
@@ -236,7 +293,7 @@ class GridPlan:
                 first.setdefault(cell.defense, cell)
         for cell in first.values():
             cfg = self.train_config(cell, None)
-            if self.args.executor == "ray":  # the workers' device, checked there
+            if self.config.execution.executor == "ray":  # the workers' device, checked there
                 cfg.pop("device", None)
             try:
                 resolve_config(cfg)
@@ -244,42 +301,53 @@ class GridPlan:
                 raise ConfigError(f"the onp.train settings of the {cell.defense} cells (--train-set, --train-config, "
                                   f"--timesteps, --asr-estimator): {exc}") from None
 
-    def _defense_sets(self) -> Dict[str, List[str]]:
+    def _defense_params(self) -> Dict[str, Dict[str, Any]]:
+        """The hyperparameters of each selected defense: its own ``params[DEFENSE]``, then every
+        unscoped ``params[KEY]`` that it has (baselines only; an unscoped key no selected baseline has
+        is an error). The baselines' hyperparameters are validated here, before any work."""
         import baselines
-        scoped, unscoped = _split_sets(self.args.set, self.defenses)
-        for item in unscoped:
-            key = item.split("=", 1)[0].strip().split(".")[0]
+        scoped: Dict[str, Dict[str, Any]] = {d: {} for d in self.defenses}
+        unscoped: Dict[str, Any] = {}
+        for key, val in self.config.defense.params.items():
+            if key in scoped and isinstance(val, Mapping):
+                scoped[key] = copy.deepcopy(dict(val))
+            else:
+                unscoped[key] = val
+        for key, val in unscoped.items():
             takers = [d for d in self.baselines if key in baselines.DEFENSES.get(d).defaults()]
             if not takers:
-                raise ValueError(f"--set {item}: no selected baseline has a hyperparameter {key!r} "
+                raise ValueError(f"--set {key}=...: no selected baseline has a hyperparameter {key!r} "
                                  f"(scope it as DEFENSE.{key}=... for one defense, or use --train-set for onp.train)")
             for d in takers:
-                scoped[d].append(item)
+                scoped[d] = deep_update(scoped[d], {key: copy.deepcopy(val)})
         for d in self.baselines:  # validate hyperparameters before any work
-            baselines.build_defense(d, **parse_overrides(scoped[d]))
+            baselines.build_defense(d, **scoped[d])
         return scoped
 
     def settings(self) -> Dict[str, Any]:
-        """What determines a cell's result (a grid resumed with other settings is refused)."""
-        a = self.args
+        """What determines a cell's result (a grid resumed with other settings is refused). The keys are
+        the ones grids have always recorded, so that a grid started by an older onp resumes."""
+        c = self.config
+        b, t = c.backdoor, c.train
         tc = None
-        if a.train_config is not None:
-            tc = {"path": str(a.train_config),
-                  "sha256": hashlib.sha256(Path(a.train_config).read_bytes()).hexdigest()[:16]}
-        return {"models": self.models, "dataset": a.dataset, "width": a.width, "epochs": a.epochs,
-                "data_source": a.data_source,
-                "defense_size": a.defense_size, "max_train": a.max_train, "backdoor_set": list(a.backdoor_set),
-                "set": list(a.set), "oracle_max_fraction": a.oracle_max_fraction, "no_oracle": a.no_oracle,
-                "timesteps": a.timesteps, "asr_estimator": a.asr_estimator, "train_config": tc,
-                "train_set": list(a.train_set), "deterministic": a.deterministic}
+        if t.config is not None:
+            tc = {"path": t.config, "sha256": hashlib.sha256(Path(t.config).read_bytes()).hexdigest()[:16]}
+        return {"models": self.models, "dataset": b.dataset, "width": b.width, "epochs": b.epochs,
+                "data_source": b.data_source, "defense_size": b.defense_size, "max_train": b.max_train,
+                "backdoor_set": b.overrides, "set": c.defense.params,
+                "oracle_max_fraction": c.defense.oracle_max_fraction, "no_oracle": not c.defense.oracle,
+                "timesteps": t.timesteps, "asr_estimator": t.asr_estimator, "train_config": tc,
+                "train_set": t.overrides, "deterministic": c.execution.deterministic}
 
-    def config(self) -> Dict[str, Any]:
-        a = self.args
+    def to_json(self) -> Dict[str, Any]:
+        """What the grid's ``config.json`` holds: the resolved grid, its settings and its CompareConfig."""
+        e = self.config.execution
         return {"models": self.models, "attacks": self.attacks, "defenses": self.defenses, "seeds": self.seeds,
                 "baselines": self.baselines, "policies": self.policies, "settings": self.settings(),
-                "executor": a.executor, "jobs": a.jobs, "ray_address": a.ray_address, "out": str(self.out),
+                "executor": e.executor, "jobs": e.jobs, "ray_address": e.ray_address, "out": str(self.out),
                 "backdoor_configs": {f"{m}/{at}/s{s}": c.to_dict() for (m, at, s), c in self.backdoor.items()},
-                "defense_sets": self.defense_sets, "command": reproduce_line()}
+                "defense_sets": self.defense_params, "compare_config": self.config.to_dict(),
+                "command": self.command or reproduce_line()}
 
     # -- cells -----------------------------------------------------------------------------------
     def cell_dir(self, model: str, attack: str, defense: str, seed: int) -> Path:
@@ -295,48 +363,47 @@ class GridPlan:
     def cell_task(self, cell: Cell, model_dir: str) -> Dict[str, Any]:
         """One cell as a picklable task for the executors: the run function's config, the run folder,
         and whether an earlier attempt left it unfinished (a policy then resumes, a baseline restarts)."""
-        a = self.args
         run_dir = Path(cell.run_dir)
         started = run_dir.exists() and any(run_dir.iterdir())
         config = (self.baseline_config(cell, model_dir) if cell.kind == "baseline"
                   else self.train_config(cell, model_dir))
         return {"key": cell.key, "kind": cell.kind, "config": config, "run_dir": str(run_dir), "started": started,
-                "seed": cell.seed, "model_dir": str(model_dir), "deterministic": a.deterministic,
-                "device": a.device if cell.kind == "policy" else None,  # the baselines run on the CPU
+                "seed": cell.seed, "model_dir": str(model_dir), "deterministic": self.config.execution.deterministic,
+                "device": self.config.train.device if cell.kind == "policy" else None,  # baselines run on the CPU
                 "log": str(self.out / "logs" / (_dirname(cell.key.replace("/", "-")) + ".log"))}
 
     def baseline_config(self, cell: Cell, model_dir: str) -> Dict[str, Any]:
         """The :class:`onp.baseline_config.BaselineRunConfig` of a baseline cell (as a mapping)."""
-        a = self.args
-        cfg: Dict[str, Any] = {"method": cell.defense, "params": parse_overrides(self.defense_sets[cell.defense]),
+        c = self.config
+        cfg: Dict[str, Any] = {"method": cell.defense, "params": copy.deepcopy(self.defense_params[cell.defense]),
                                "checkpoint": str(model_dir), "defense_seed": cell.seed,
-                               "deterministic": a.deterministic, "oracle": not a.no_oracle,
-                               "cache_dir": path_str(a.cache_dir), "data_dir": path_str(a.data_dir)}
-        if a.oracle_max_fraction is not None:
-            cfg["oracle_max_fraction"] = a.oracle_max_fraction
+                               "deterministic": c.execution.deterministic, "oracle": c.defense.oracle,
+                               "cache_dir": path_str(self.cache_dir), "data_dir": path_str(self.data_dir)}
+        if c.defense.oracle_max_fraction is not None:
+            cfg["oracle_max_fraction"] = c.defense.oracle_max_fraction
         return cfg
 
     def train_config(self, cell: Cell, model_dir: Optional[str]) -> Dict[str, Any]:
-        """The onp.train config of a learned-policy cell: ``--train-config``, then the grid's settings,
-        then ``--train-set`` and the policy's own scoped ``--set`` items. The model is the grid's
+        """The onp.train config of a learned-policy cell: ``train.config``, then the grid's settings,
+        then ``train.overrides`` and the policy's own ``defense.params[DEFENSE]``. The model is the grid's
         model folder (``model_dir``; ``None``: its zoo config, for checking before any training)."""
-        from .config import deep_update, load_yaml
-        a = self.args
-        cfg: Dict[str, Any] = load_yaml(a.train_config) if a.train_config is not None else {}
-        grid: Dict[str, Any] = {"agent": cell.defense, "seed": cell.seed, "cache_dir": path_str(a.cache_dir),
-                                "data_dir": path_str(a.data_dir), "deterministic": a.deterministic}
+        c = self.config
+        t = c.train
+        cfg: Dict[str, Any] = load_yaml(Path(t.config)) if t.config is not None else {}
+        grid: Dict[str, Any] = {"agent": cell.defense, "seed": cell.seed, "cache_dir": path_str(self.cache_dir),
+                                "data_dir": path_str(self.data_dir), "deterministic": c.execution.deterministic}
         if model_dir is None:
             grid["backdoor"] = self.backdoor[(cell.model, cell.attack, cell.seed)].to_dict()
         else:
             grid["checkpoint"] = str(model_dir)
-        if a.timesteps is not None:
-            grid["ppo"] = {"total_timesteps": a.timesteps}
-        if a.asr_estimator is not None:
-            grid["env"] = {"asr_estimator": a.asr_estimator}
-        if a.device is not None:
-            grid["device"] = a.device
-        cfg = deep_update(deep_update(cfg, grid), parse_overrides(list(a.train_set) +
-                                                                  self.defense_sets.get(cell.defense, [])))
+        if t.timesteps is not None:
+            grid["ppo"] = {"total_timesteps": t.timesteps}
+        if t.asr_estimator is not None:
+            grid["env"] = {"asr_estimator": t.asr_estimator}
+        if t.device is not None:
+            grid["device"] = t.device
+        overrides = deep_update(copy.deepcopy(t.overrides), copy.deepcopy(self.defense_params.get(cell.defense, {})))
+        cfg = deep_update(deep_update(cfg, grid), overrides)
         if model_dir is not None:
             cfg.pop("backdoor", None)  # the grid's model folder decides
         return cfg
@@ -400,31 +467,33 @@ def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def make_executor(args: argparse.Namespace) -> "Executor":
-    """The executor of ``args`` (a seam for tests)."""
+def make_executor(config: CompareConfig) -> "Executor":
+    """The executor of ``config.execution`` (a seam for tests)."""
     from .executors import make_executor as _make
-    return _make(args.executor, jobs=args.jobs, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus)
+    e = config.execution
+    return _make(e.executor, jobs=e.jobs, ray_address=e.ray_address, ray_num_cpus=e.ray_num_cpus)
 
 
 @contextlib.contextmanager
-def _grid_folder(plan: GridPlan, args: argparse.Namespace) -> Iterator[Path]:
+def _grid_folder(plan: GridPlan) -> Iterator[Path]:
     """The grid folder ``plan.out``, under the one rule of :func:`onp.io.run_folder`.
 
     A folder that onp did not create (or an onp run folder, not a grid) is refused, also with
-    ``--overwrite``. Without ``--overwrite`` an existing grid is continued (its settings must match).
-    With ``--overwrite`` the old grid waits in a hidden sibling folder while the new one is built in
+    ``overwrite``. Without ``overwrite`` an existing grid is continued (its settings must match).
+    With ``overwrite`` the old grid waits in a hidden sibling folder while the new one is built in
     place, and is deleted once the new grid has finished (failed cells included) or moved back if it
     raises (Ctrl-C included). A new grid that fails before any model or cell is done is removed.
     """
-    replace = bool(args.overwrite and not args.report_only)
+    output = plan.config.output
+    replace = bool(output.overwrite and not output.report_only)
     with run_folder(plan.out, tool="onp.compare", overwrite=replace, resume=not replace, done_file="config.json",
                     resumable=("models.json", "cells"), stage=False) as out:
         cfg_path = out / "config.json"
-        if not replace and cfg_path.exists() and not args.report_only:
-            old = read_json(cfg_path).get("settings")
-            new = plan.settings()
+        if not replace and cfg_path.exists() and not output.report_only:
+            old = _comparable_settings(read_json(cfg_path).get("settings"))
+            new = _comparable_settings(plan.settings())
             if old != new:
-                diff = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise RunExistsError(f"{out} holds a grid run with other settings (differing: {', '.join(diff)}); "
                                      f"pass --overwrite to start again or choose another --out")
         yield out
@@ -462,8 +531,7 @@ def build_report(plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, p
     before = {k: v.get("test_metrics") for k, v in models.items() if v.get("test_metrics")}
     rows = build_rows(cells, models=plan.models, attacks=plan.attacks, defenses=plan.defenses, seeds=plan.seeds,
                       before=before)
-    a = plan.args
-    title = f"Leaderboard: {', '.join(plan.models)} on {a.dataset}"
+    title = f"Leaderboard: {', '.join(plan.models)} on {plan.config.backdoor.dataset}"
     paths = write_leaderboard(rows, plan.out, title=title, notes=LEADERBOARD_NOTES,
                               extra={"models": plan.models, "attacks": plan.attacks, "defenses": plan.defenses,
                                      "seeds": plan.seeds})
@@ -477,70 +545,115 @@ def build_report(plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, p
     return out
 
 
+@dataclass(frozen=True)
+class CompareResult:
+    """What :func:`run_compare` returns: the grid folder, the leaderboard files and rows, the plots,
+    and the cells (or backdoored models, by key) that failed."""
+
+    out: Path
+    leaderboard: Dict[str, Path]
+    rows: List[Row]
+    plots: List[Path] = field(default_factory=list)
+    failures: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every cell (and backdoored model) succeeded."""
+        return not self.failures
+
+
+def run_compare(config: Union[CompareConfig, Mapping[str, Any], None] = None, *,
+                command: Optional[str] = None) -> CompareResult:
+    """Run the grid of ``config`` (a :class:`CompareConfig`, or a partial nested mapping of its keys merged
+    onto its defaults) and build its leaderboard; see the module doc.
+
+    Every name, hyperparameter and onp.train setting is checked before any work. A grid folder that
+    holds this grid already is continued (finished cells are kept); ``command`` is the reproduce line
+    recorded in its ``README.md`` and ``config.json`` (default: this process's command line).
+    Failed cells are reported in :attr:`CompareResult.failures`, never raised."""
+    cfg = config if isinstance(config, CompareConfig) else CompareConfig.from_dict(config)
+    plan = GridPlan(cfg, command=command)  # validates every name and hyperparameter before any work
+    with _grid_folder(plan):
+        return _run_grid(plan)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m onp.compare``: exit status 0, or 1 when cells failed (they are in failures.json)."""
     args = build_parser().parse_args(argv)
-    plan = GridPlan(args)  # validates every name and hyperparameter before any work
-    with _grid_folder(plan, args):
-        return _run_grid(plan, args)
+    if args.list:
+        return print_listing(listing())
+    return 0 if run_compare(config_from_args(args)).ok else 1
 
 
-def _run_grid(plan: GridPlan, args: argparse.Namespace) -> int:
-    """Build the backdoored models and the cells of ``plan`` in ``plan.out``, then the leaderboard."""
-    out = plan.out
-    if args.report_only:
-        rep = build_report(plan, plots=not args.no_plots, quiet=args.quiet)
-        print(f"[onp] leaderboard: {rep['leaderboard']['md']}")
-        return 0
-    from .seeding import seed_everything
-    seed_everything(plan.seeds[0], deterministic=args.deterministic)
-    atomic_write_json(out / "config.json", plan.config())
-    atomic_write_json(out / "env.json", environment_info())
-    atomic_write_text(out / "README.md", f"Reproduce (or resume) this grid with:\n\n    {reproduce_line()}\n\n"
-                                         f"The leaderboard is in leaderboard.md; plots in plots/.\n")
+def _prepare_models(plan: GridPlan, executor: "Executor", failures: Dict[str, str]) -> Dict[str, Any]:
+    """The backdoored models, one per (model, attack, seed), before any cell: ``models.json``'s entries."""
     from tqdm.auto import tqdm
-
-    failures: Dict[str, str] = {}
-    interrupted = False
-    executor = make_executor(args)  # fails early (e.g. Ray missing) before any work
-    try:
-        # 1) the backdoored models, one per (model, attack, seed), before any cell
-        models = _load_models_json(out)
-        cells = plan.cells()
-        todo = [c for c in cells if not (Path(c.run_dir) / "metrics.json").exists()]
-        need = sorted({(c.model, c.attack, c.seed) for c in todo} | {k for k in plan.backdoor
-                                                                      if f"{k[0]}/{k[1]}/s{k[2]}" not in models})
-        tasks = [{"key": f"{m}/{a}/s{s}", "config": plan.backdoor[(m, a, s)].to_dict(),
-                  "cache_dir": str(args.cache_dir) if args.cache_dir else None,
-                  "data_dir": str(args.data_dir) if args.data_dir else None, "device": args.device}
-                 for (m, a, s) in need]
-        if tasks:
-            bar = tqdm(total=len(tasks), desc="backdoored models", disable=args.quiet, file=sys.stderr)
-            for _, res in executor.run(prepare_model, tasks, gpu_task=uses_gpu):
-                if res["ok"]:
-                    models[res["key"]] = {k: res[k] for k in ("path", "test_metrics", "config")}
-                    atomic_write_json(out / "models.json", models)
-                else:
-                    failures[res["key"]] = res["error"]
-                    print(f"[onp] backdoored model {res['key']} failed: {res['error']}", file=sys.stderr)
-                bar.update(1)
-            bar.close()
-        # 2) the cells
-        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="grid cells", disable=args.quiet,
-                   file=sys.stderr)
-        cell_tasks = []
-        for c in todo:
-            mkey = f"{c.model}/{c.attack}/s{c.seed}"
-            if mkey not in models:
-                failures[c.key] = f"backdoored model {mkey} unavailable: {failures.get(mkey, 'not trained')}"
-                bar.update(1)
-                continue
-            cell_tasks.append(plan.cell_task(c, models[mkey]["path"]))
-        for _, res in executor.run(run_cell, cell_tasks, gpu_task=uses_gpu):
-            if not res["ok"]:
+    out, c = plan.out, plan.config
+    models = _load_models_json(out)
+    todo = [cell for cell in plan.cells() if not (Path(cell.run_dir) / "metrics.json").exists()]
+    need = sorted({(cell.model, cell.attack, cell.seed) for cell in todo}
+                  | {k for k in plan.backdoor if f"{k[0]}/{k[1]}/s{k[2]}" not in models})
+    tasks = [{"key": f"{m}/{a}/s{s}", "config": plan.backdoor[(m, a, s)].to_dict(),
+              "cache_dir": path_str(plan.cache_dir), "data_dir": path_str(plan.data_dir), "device": c.train.device}
+             for (m, a, s) in need]
+    if tasks:
+        bar = tqdm(total=len(tasks), desc="backdoored models", disable=c.output.quiet, file=sys.stderr)
+        for _, res in executor.run(prepare_model, tasks, gpu_task=uses_gpu):
+            if res["ok"]:
+                models[res["key"]] = {k: res[k] for k in ("path", "test_metrics", "config")}
+                atomic_write_json(out / "models.json", models)
+            else:
                 failures[res["key"]] = res["error"]
-                tqdm.write(f"[onp] cell {res['key']} failed: {res['error']}", file=sys.stderr)
+                print(f"[onp] backdoored model {res['key']} failed: {res['error']}", file=sys.stderr)
             bar.update(1)
         bar.close()
+    return models
+
+
+def _run_cells(plan: GridPlan, executor: "Executor", models: Dict[str, Any], failures: Dict[str, str]) -> None:
+    """Run every unfinished cell whose backdoored model is there; a failure is recorded, never raised."""
+    from tqdm.auto import tqdm
+    cells = plan.cells()
+    todo = [c for c in cells if not (Path(c.run_dir) / "metrics.json").exists()]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="grid cells", disable=plan.config.output.quiet,
+               file=sys.stderr)
+    cell_tasks = []
+    for c in todo:
+        mkey = f"{c.model}/{c.attack}/s{c.seed}"
+        if mkey not in models:
+            failures[c.key] = f"backdoored model {mkey} unavailable: {failures.get(mkey, 'not trained')}"
+            bar.update(1)
+            continue
+        cell_tasks.append(plan.cell_task(c, models[mkey]["path"]))
+    for _, res in executor.run(run_cell, cell_tasks, gpu_task=uses_gpu):
+        if not res["ok"]:
+            failures[res["key"]] = res["error"]
+            tqdm.write(f"[onp] cell {res['key']} failed: {res['error']}", file=sys.stderr)
+        bar.update(1)
+    bar.close()
+
+
+def _run_grid(plan: GridPlan) -> CompareResult:
+    """Build the backdoored models and the cells of ``plan`` in ``plan.out``, then the leaderboard."""
+    out, c = plan.out, plan.config
+    output = c.output
+    if output.report_only:
+        rep = build_report(plan, plots=output.plots, quiet=output.quiet)
+        print(f"[onp] leaderboard: {rep['leaderboard']['md']}")
+        return CompareResult(out, rep["leaderboard"], rep["rows"], rep["plots"])
+    from .seeding import seed_everything
+    seed_everything(plan.seeds[0], deterministic=c.execution.deterministic)
+    atomic_write_json(out / "config.json", plan.to_json())
+    atomic_write_json(out / "env.json", environment_info())
+    atomic_write_text(out / "README.md", f"Reproduce (or resume) this grid with:\n\n    "
+                                         f"{plan.command or reproduce_line()}\n\n"
+                                         f"The leaderboard is in leaderboard.md; plots in plots/.\n")
+    failures: Dict[str, str] = {}
+    interrupted = False
+    executor = make_executor(c)  # fails early (e.g. Ray missing) before any work
+    try:
+        models = _prepare_models(plan, executor, failures)
+        _run_cells(plan, executor, models, failures)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -550,15 +663,14 @@ def _run_grid(plan: GridPlan, args: argparse.Namespace) -> int:
             atomic_write_json(out / "failures.json", failures)
         elif (out / "failures.json").exists():
             (out / "failures.json").unlink()
-        rep = build_report(plan, failures=failures, plots=not args.no_plots and not interrupted, quiet=args.quiet)
-    if not args.quiet:
+        rep = build_report(plan, failures=failures, plots=output.plots and not interrupted, quiet=output.quiet)
+    if not output.quiet:
         print(rep["leaderboard"]["md"].read_text())
     print(f"[onp] leaderboard: {rep['leaderboard']['md']}  plots: {out / 'plots'}")
     if failures:
         print(f"[onp] {len(failures)} cell(s) failed (see {out / 'failures.json'} and {out / 'logs'}); "
               f"run the same command again to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return CompareResult(out, rep["leaderboard"], rep["rows"], rep["plots"], failures)
 
 
 if __name__ == "__main__":

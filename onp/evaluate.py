@@ -27,6 +27,12 @@ The target model is ``--checkpoint DIR`` (a zoo artifact directory), or the sour
 config with the given flags changed (``--attack``, ``--seed``, ``--clean``, ...), fetched from the
 zoo (trained on first use). The result is a run directory (:mod:`onp.rundir`); its metrics add
 ``acc_lost`` (ACC before - after; the false-positive cost on a clean model) and ``source``.
+
+The flags map onto an :class:`~onp.evaluate_config.EvaluateConfig` (:func:`config_from_args`; the
+library entry is :func:`run_evaluate`). The target's flags are the backdoored-model group every onp
+tool shares (:func:`onp.cli_common.add_backdoor_flags`), so ``--seed`` is the target model's seed (the
+policy is applied, not trained: its episode's seed is ``--env-seed``). ``--set KEY=VALUE`` overrides an
+evaluate config key (``target.poison_rate=0.05``, ``env_seed=3``); ``--list`` lists the agents.
 """
 
 from __future__ import annotations
@@ -37,13 +43,27 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, cast
 
-from .cli_common import device_arg, int_at_least, path_arg, path_str, run_cli
-from .config import deep_update, parse_overrides
+from .cli_common import (
+    add_backdoor_flags,
+    add_list_flag,
+    add_set_flag,
+    backdoor_overrides,
+    device_arg,
+    int_at_least,
+    model_source,
+    path_arg,
+    path_str,
+    print_listing,
+    run_cli,
+    set_overrides,
+)
+from .config import deep_update
 from .evaluate_config import EvaluateConfig
 from .io import CheckpointError, cache_root, read_json, run_folder
 from .masks import apply_pruning
 from .metrics import evaluate_backdoor, with_der
 from .rundir import RunResult, write_run
+from .train_config import RolloutConfig
 
 if TYPE_CHECKING:
     from envs import NeuronPruningEnv
@@ -205,8 +225,9 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
                 params["seed"] = seed
             act = build_agent(agent_name, env, **params)
         res = rollout(act, env, seed=seed)
-        ro = cfg.get("rollout") or {}
-        sel = select_pruning(res, select=ro.get("select", "final"), min_return=ro.get("min_return", 0.0), log=log)
+        ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
+        sel = select_pruning(res, select=ro.select, min_return=ro.min_return, evidence=ro.evidence_rule(base.delta),
+                             n_triggered=len(base.target.probe.images), log=log)
         chosen = sel["info"]
         pruned = [int(i) for i in chosen["pruned"]]
         g = base.graph
@@ -218,7 +239,9 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
                 "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
                         "asr0": float(info0["asr"]), "episode_steps": res["steps"],
                         "return": sel["return"], "fallback": sel["fallback"],
+                        "n_triggered": len(base.target.probe.images),
                         "note": "the chosen episode on the target's defense-validation reward batch"},
+                "judgement": sel["judgement"],
                 "asr_estimator": base.asr_estimator, "trigger_aware": bool(base.target.probe.trigger_aware),
                 "env_steps": res["steps"], "num_neurons": base.num_nodes, "agent": agent_name}
     finally:
@@ -274,26 +297,21 @@ def apply_pruned_set(source: Dict[str, Any], bundle: BackdoorBundle, *,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m onp.evaluate`` flags; they map onto an :class:`EvaluateConfig` (:func:`config_from_args`)."""
     p = argparse.ArgumentParser(prog="python -m onp.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()  # one of them is required (main), but not for --list
     src.add_argument("--policy", type=path_arg,
                      help="an onp.train run directory (policy.pt + policy.json + config.json)")
     src.add_argument("--pruned", type=path_arg, help="any run directory with pruned.json (transfer a fixed pruned set)")
-    p.add_argument("--checkpoint", type=path_arg, default=None, help="target: a zoo artifact directory")
-    t = p.add_argument_group("target from the zoo (default: the source run's backdoor config with these changed)")
-    for flag in ("model", "dataset", "attack", "data-source"):
-        t.add_argument(f"--{flag}", default=None)
-    for flag in ("width", "epochs", "defense-size", "max-train"):
-        t.add_argument(f"--{flag}", type=int, default=None)
-    t.add_argument("--seed", type=int_at_least(0), default=None)
+    add_set_flag(p, help="override an evaluate config key, dotted (e.g. target.poison_rate=0.05, env_seed=3; "
+                         "repeatable)")
+    add_list_flag(p, "the agents (whose onp.train runs --policy applies)")
+    t = add_backdoor_flags(p, title="target model",
+                           description="--checkpoint (a model folder), or from the zoo: the source run's backdoored "
+                                       "model with these flags changed (trained on first use)")
     t.add_argument("--clean", action="store_true", help="an unpoisoned model (false-positive cost: ACC lost)")
-    t.add_argument("--backdoor-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a BackdoorConfig key of the target")
-    t.add_argument("--data-dir", type=path_arg, default=None,
-                   help="folder with the dataset's files (an error if they are not there)")
-    t.add_argument("--cache-dir", type=path_arg, default=None)
     p.add_argument("--agent", default=None, metavar="SPEC",
                    help="--policy of a plug-in agent given by a file or module path (path/file.py:Class): repeat "
                         "that spec here to allow importing it; a run folder never makes onp import code by itself")
@@ -312,19 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    """The :class:`EvaluateConfig` of the command line (flags mapped one to one)."""
-    target: Dict[str, Any] = {}
-    for flag in ("model", "dataset", "attack", "width", "epochs", "seed", "data_source", "defense_size", "max_train"):
-        if getattr(args, flag) is not None:
-            target[flag] = getattr(args, flag)
-    if args.clean:
-        target["clean"] = True
-    target = deep_update(target, parse_overrides(args.backdoor_set))
-    return EvaluateConfig.from_dict({
-        "policy": path_str(args.policy), "pruned": path_str(args.pruned), "checkpoint": path_str(args.checkpoint),
-        "target": target, "agent": args.agent, "env_seed": args.env_seed, "prune_mode": args.prune_mode,
-        "device": args.device, "deterministic": args.deterministic, "cache_dir": path_str(args.cache_dir),
-        "data_dir": path_str(args.data_dir)})
+    """The :class:`EvaluateConfig` of the command line: the flags, then ``--set``."""
+    source = model_source(args)
+    data: Dict[str, Any] = {
+        "policy": path_str(args.policy), "pruned": path_str(args.pruned), "checkpoint": source["checkpoint"],
+        "target": backdoor_overrides(args, {"clean": True} if args.clean else None), "agent": args.agent,
+        "env_seed": args.env_seed, "prune_mode": args.prune_mode, "device": args.device,
+        "deterministic": args.deterministic, "cache_dir": source["cache_dir"], "data_dir": source["data_dir"]}
+    return EvaluateConfig.from_dict(deep_update(data, set_overrides(args.set, EvaluateConfig.model_fields)))
 
 
 def run_evaluate(config: Union[EvaluateConfig, Dict[str, Any]], out: Optional[Path] = None, *,
@@ -402,11 +415,16 @@ def _evaluate_into(work: Path, out: Path, *, cfg: EvaluateConfig, source: Dict[s
     if kind == "pruned":
         for key in ("asr_estimator", "trigger_aware", "val"):
             metrics.pop(key)
+    else:  # the defense-validation verdict (no evidence, no pruning: onp.evidence)
+        metrics["verdict"] = res["judgement"].verdict
+        metrics["evidence"] = res["judgement"].to_dict()
     config = {"kind": kind, "source": str(source["dir"]), "source_config": src_cfg, "env_seed": seed,
               "target_backdoor": tcfg.to_dict(), "model_dir": str(bundle.path), "prune_mode": res["mask_mode"],
               "deterministic": cfg.deterministic, "run_config": cfg.to_dict()}
     write_run(work, config=config, metrics=metrics, pruned=res["pruned"], pruned_names=res["pruned_names"],
               model_state=res["model"].state_dict())
+    if "verdict" in metrics:
+        print(f"[onp] {res['judgement'].summary()}", flush=True)
     print(f"[onp] {metrics['method']} on {tcfg.model}/{target_name} s{tcfg.seed}"
           + (" (CLEAN model)" if clean else "")
           + f": ACC {before['acc']:.4f}->{after['acc']:.4f} (lost {metrics['acc_lost']:.4f})  "
@@ -416,7 +434,15 @@ def _evaluate_into(work: Path, out: Path, *, cfg: EvaluateConfig, source: Dict[s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python -m onp.evaluate``: apply a policy or a pruned set to a target model; see the module doc."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        from agents import available_agents
+        return print_listing(list(available_agents()))
+    if args.policy is None and args.pruned is None and not {"policy", "pruned"} & set(
+            set_overrides(args.set, EvaluateConfig.model_fields)):
+        parser.error("one of the arguments --policy --pruned is required")
     run_evaluate(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 

@@ -6,7 +6,9 @@ in a :class:`Registry`, so that an unknown name always fails with the list of va
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar, overload
+import importlib
+import pkgutil
+from typing import Any, Callable, Dict, Generic, Iterable, Iterator, List, MutableMapping, Optional, TypeVar, overload
 
 T = TypeVar("T")
 _D = TypeVar("_D")  # what a @register(name) decorator is applied to (returned unchanged)
@@ -85,3 +87,33 @@ class Registry(Generic[T]):
 
 
 Factory = Callable[..., T]
+
+
+def import_submodules(package: str, path: Iterable[str],
+                      namespace: Optional[MutableMapping[str, Any]] = None) -> List[str]:
+    """Import every module of one of onp's own packages, so that each registers what it defines.
+
+    A package ``__init__`` calls ``import_submodules(__name__, __path__, globals())``: a new module
+    (an attack, an architecture, a defense, an agent, a dataset parser) then needs no line in
+    ``__init__.py``. Modules whose name starts with ``_`` are skipped.
+
+    Args:
+        package: the package's dotted name (``__name__``).
+        path: the package's ``__path__``.
+        namespace: the package's ``globals()``; when given, every name in a module's ``__all__`` is
+            bound there too (``from onp.models import ResNet18``).
+
+    Returns:
+        The names bound into ``namespace`` (empty without one), in module order.
+    """
+    exported: List[str] = []
+    for info in sorted(pkgutil.iter_modules(list(path)), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        if namespace is None:
+            continue
+        for name in getattr(module, "__all__", ()):
+            namespace[name] = getattr(module, name)
+            exported.append(name)
+    return exported

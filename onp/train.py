@@ -17,8 +17,12 @@ policy deterministically, write its pruning into a fresh copy of the model; (5) 
 RA / DER on the held-out test set before and after. Nothing is chosen on test data.
 
 Configuration: ``configs/train/default.yaml`` documents every key; ``--config FILE`` is merged on top
-of the defaults, then the flags, then ``--set dotted.key=value``. ``--seed`` sets both the backdoored
-model's seed and the agent's (as in ``onp.baseline``); ``--agent-seed`` sets only the agent's.
+of the defaults, then the flags, then ``--set dotted.key=value`` (a key of the training config). The
+backdoored-model flags (``--model --dataset --attack --width --epochs --seed --data-source --data-dir
+--defense-size --max-train --backdoor-set KEY=VALUE --checkpoint --cache-dir``) are the ones every
+onp tool shares (:func:`onp.cli_common.add_backdoor_flags`); they set ``backdoor.*``. ``--seed`` sets
+both the backdoored model's seed and the agent's (as in ``onp.baseline``); ``--agent-seed`` sets only
+the agent's. ``--list`` (alias ``--list-agents``) lists the agents.
 
 The run directory (default ``runs/train/<model>-<attack>-<agent>-s<seed>``) follows
 :mod:`onp.rundir` plus ``policy.pt`` + ``policy.json``, ``learning_curve.json``, ``tb/``,
@@ -36,13 +40,24 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import torch
 
-from .cli_common import path_arg, run_cli
-from .config import deep_update, load_yaml, parse_overrides
+from .cli_common import (
+    add_backdoor_flags,
+    add_list_flag,
+    add_set_flag,
+    backdoor_overrides,
+    model_source,
+    nest_dotted,
+    path_arg,
+    print_listing,
+    run_cli,
+    set_overrides,
+)
+from .config import deep_update, load_yaml
 from .io import RunExistsError, atomic_write_json, is_onp_folder, read_json, run_folder
 from .masks import apply_pruning
 from .metrics import evaluate_backdoor, with_der
 from .rundir import RunResult, reproduce_line, write_run
-from .train_config import TrainConfig
+from .train_config import RolloutConfig, TrainConfig
 
 if TYPE_CHECKING:
     from envs import NeuronPruningEnv
@@ -77,13 +92,10 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     if cfg["checkpoint"]:  # an existing model folder: its own backdoor config is the run's
         from .zoo import model_config
         cfg["backdoor"] = model_config(cfg["checkpoint"]).resolved().to_dict()
-    from envs import ASR_ESTIMATORS
+    import baselines
+    from envs import ASR_ESTIMATORS, ensure_feature_providers
     ASR_ESTIMATORS.check(cfg["env"]["asr_estimator"])
-    import baselines  # noqa: F401  (registers the score-based feature providers, e.g. clp_score)
-
-    from .graph import FEATURE_PROVIDERS
-    for name in cfg["env"]["feature_providers"]:
-        FEATURE_PROVIDERS.check(name)
+    ensure_feature_providers(cfg["env"]["feature_providers"])  # registers the score-based ones (clp_score, ...)
     from agents import resolve_agent_factory
     resolve_agent_factory(cfg["agent"])  # fail early on an unknown / malformed agent (ranked:<baseline> too)
     if cfg["warm_start"]["baseline"]:
@@ -274,8 +286,12 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     res = rollout(agent, env)
     steps["final"] = res["steps"]
     info0 = res["infos"][0]
-    sel = select_pruning(res, select=cfg["rollout"]["select"], min_return=cfg["rollout"]["min_return"], log=log)
-    chosen, ret, fallback = sel["info"], sel["return"], sel["fallback"]
+    base = cast("NeuronPruningEnv", env.unwrapped)
+    n_triggered = int(len(base.target.probe.images))
+    rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
+    sel = select_pruning(res, select=rollout_cfg.select, min_return=rollout_cfg.min_return,
+                         evidence=rollout_cfg.evidence_rule(base.delta), n_triggered=n_triggered, log=log)
+    chosen, ret, fallback, judgement = sel["info"], sel["return"], sel["fallback"], sel["judgement"]
     if learned is not None:
         learn_seconds, curve, train_info = learned.seconds, learned.learning_curve, learned.info
     else:  # a fixed agent: its one episode is the whole story
@@ -284,7 +300,6 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
                   "asr": float(res["info"]["asr"]), "n_pruned": int(res["info"]["n_pruned"]),
                   "wall_time": round(time.perf_counter() - t_learn0, 2)}]
     pruned = [int(i) for i in chosen["pruned"]]
-    base = cast("NeuronPruningEnv", env.unwrapped)
     graph = base.graph
     mask_mode = cfg["env"]["mask_mode"]
     pruned_model = apply_pruning(bundle.fresh_model(), graph, pruned, mask_mode).eval()
@@ -304,12 +319,13 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
         **after, "before": before, "n_pruned": len(pruned), "num_neurons": base.num_nodes, "budget": base.budget,
         "agent": cfg["agent"], "asr_estimator": cfg["env"]["asr_estimator"],
         "trigger_aware": bool(base.target.probe.trigger_aware),
+        "verdict": judgement.verdict, "evidence": judgement.to_dict(),
         "val_acc": float(chosen["acc"]), "val_asr": float(chosen["asr"]),
         "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
                 "asr0": float(info0["asr"]), "return": float(ret), "select": cfg["rollout"]["select"],
                 "fallback": fallback,
                 "episode_steps": res["steps"], "n_clean": int(base.target.n_clean),
-                "n_triggered": int(len(base.target.probe.images)),
+                "n_triggered": n_triggered,
                 "note": "the chosen episode on the env's reward batch (defense-validation images)"},
         "wall_time": round(wall, 2), "learn_seconds": round(learn_seconds, 2), "env_steps": total_steps,
         "env_steps_breakdown": steps, "steps_per_second": round(rate_steps / max(rate_seconds, 1e-9), 3),
@@ -323,6 +339,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
               command=command or f"python -m onp.train --config {final_dir / 'config.json'} --out {final_dir}-repro",
               extra={"learning_curve.json": curve})
     env.close()
+    print(f"[onp] {judgement.summary()}", flush=True)  # the defense-validation verdict comes first
     print(f"[onp] {cfg['agent']} on {cfg['backdoor']['model']}/{cfg['backdoor']['attack']}: "
           f"test ACC {before['acc']:.4f}->{after['acc']:.4f}  ASR {before['asr']:.4f}->{after['asr']:.4f}  "
           f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(pruned)}  val ACC {chosen['acc']:.3f} "
@@ -334,88 +351,78 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
 # command line
 
 
+#: onp.train flag (argparse dest) -> the TrainConfig key it sets; the backdoored-model flags (the group
+#: shared by every onp tool, onp.cli_common.add_backdoor_flags) set backdoor.* and checkpoint/cache_dir/data_dir
+FLAG_KEYS: Dict[str, str] = {
+    "agent": "agent", "warm_start": "warm_start.baseline", "timesteps": "ppo.total_timesteps", "budget": "env.budget",
+    "asr_estimator": "env.asr_estimator", "device": "device", "deterministic": "deterministic",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m onp.train`` flags; each sets keys of the :class:`TrainConfig` (:func:`config_from_args`)."""
     p = argparse.ArgumentParser(prog="python -m onp.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See configs/train/default.yaml for every config key and docs/agents.md for "
                                        "agents.")
-    p.add_argument("--model", default=None, help="architecture (default resnet18)")
-    p.add_argument("--dataset", default=None, help="dataset (default fashion-mnist)")
-    p.add_argument("--attack", default=None, help="attack (default badnets)")
-    p.add_argument("--width", type=int, default=None, help="first-stage width (default 16; 64 = standard ResNet-18)")
-    p.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
     p.add_argument("--config", type=Path, default=None, help="YAML (or JSON) training config merged onto the defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, dotted for nested ones (e.g. ppo.n_steps=128, env.budget=0.03)")
-    p.add_argument("--timesteps", type=int, default=None, help="PPO env steps (ppo.total_timesteps)")
-    p.add_argument("--budget", type=float, default=None, help="pruning budget: fraction of neurons or a count")
-    p.add_argument("--seed", type=int, default=None, help="seed of the backdoored model and of the agent")
-    p.add_argument("--agent-seed", type=int, default=None, help="seed of the agent only")
-    p.add_argument("--device", default=None, help="device of the policy (and of zoo training): cpu, cuda, ...")
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic torch algorithms (config key 'deterministic')")
-    p.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
-    p.add_argument("--agent", default=None, help="ppo-gnn (default), random, greedy-gamma, greedy-activation, "
+    add_set_flag(p, help="override a training config key, dotted for nested ones (e.g. ppo.n_steps=128, "
+                         "env.budget=0.03; repeatable)")
+    add_list_flag(p, "the available agents", "--list-agents")
+    add_backdoor_flags(p, title="backdoored model (backdoor.* of the training config; default: resnet18, width 16, "
+                                "fashion-mnist, badnets, seed 0)")
+    a = p.add_argument_group("agent")
+    a.add_argument("--agent", default=None, help="ppo-gnn (default), random, greedy-gamma, greedy-activation, "
                                                  "ranked:<baseline>, an installed entry point, or path/file.py:Class")
-    p.add_argument("--warm-start", default=None, metavar="BASELINE",
+    a.add_argument("--agent-seed", type=int, default=None, help="seed of the agent only (default: --seed)")
+    a.add_argument("--warm-start", default=None, metavar="BASELINE",
                    help="behaviour-clone a baseline's pruning order before PPO (default clp; 'none' = cold start)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--out", type=path_arg, default=None, help="run directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--cache-dir", type=path_arg, default=None,
-                   help="artifact cache (default $ONP_CACHE or ~/.cache/onp)")
-    p.add_argument("--checkpoint", type=path_arg, default=None,
-                   help="an existing model folder (a zoo artifact) instead of the backdoor.* settings")
-    p.add_argument("--data-dir", type=path_arg, default=None,
-                   help="folder with the dataset's files (an error if they are not there)")
-    p.add_argument("--list-agents", action="store_true", help="list the available agents and exit")
-    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    a.add_argument("--timesteps", type=int, default=None, help="PPO env steps (ppo.total_timesteps)")
+    a.add_argument("--budget", type=float, default=None, help="pruning budget: fraction of neurons or a count")
+    a.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
+    a.add_argument("--device", default=None, help="device of the policy (and of zoo training): cpu, cuda, ...")
+    a.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic torch algorithms (config key 'deterministic')")
+    r = p.add_argument_group("run directory")
+    r.add_argument("--out", type=path_arg, default=None, help="run directory")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The (partial) training config of the command line: ``--config``, then the flags, then ``--set``.
+    ``--seed`` sets ``backdoor.seed`` and ``seed`` (the agent's); ``--agent-seed`` only ``seed``."""
     cfg = load_yaml(args.config) if args.config is not None else {}  # YAML (JSON is valid YAML too)
+    sets = set_overrides(args.set, TrainConfig.model_fields)
     if "agent" in cfg:  # a config file is untrusted: it never makes onp import code by itself
         from agents.base import check_agent_source
-        if args.agent is None and "agent" not in parse_overrides(args.set):  # else the flag replaces it
+        if args.agent is None and "agent" not in sets:  # else the flag replaces it
             check_agent_source(cfg["agent"], None, where=args.config)
-    flags: Dict[str, Any] = {}
-    for flag, key in (("model", "backdoor.model"), ("dataset", "backdoor.dataset"), ("attack", "backdoor.attack"),
-                      ("width", "backdoor.width"), ("data_source", "backdoor.data_source"),
-                      ("timesteps", "ppo.total_timesteps"), ("budget", "env.budget"), ("device", "device"),
-                      ("asr_estimator", "env.asr_estimator"), ("agent", "agent"),
-                      ("warm_start", "warm_start.baseline"), ("cache_dir", "cache_dir"),
-                      ("checkpoint", "checkpoint"), ("data_dir", "data_dir"),
-                      ("deterministic", "deterministic")):
-        val = getattr(args, flag)
-        if val is not None:
-            flags[key] = str(val) if isinstance(val, Path) else val
+    flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
+    flags.update({key: val for key, val in model_source(args).items() if val is not None})
     if args.seed is not None:
-        flags["backdoor.seed"] = args.seed
         flags["seed"] = args.seed
     if args.agent_seed is not None:
         flags["seed"] = args.agent_seed
-    nested: Dict[str, Any] = {}
-    for key, val in flags.items():
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = val
-    cfg = deep_update(cfg, nested)
-    return deep_update(cfg, parse_overrides(args.set))
+    nested = nest_dotted(flags)
+    backdoor = backdoor_overrides(args)
+    if backdoor:
+        nested["backdoor"] = backdoor
+    return deep_update(deep_update(cfg, nested), sets)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m onp.train``: train (or run) an agent into a run directory; see the module doc."""
     args = build_parser().parse_args(argv)
-    if args.list_agents:
+    if args.list:
         from agents import available_agents
-        print("\n".join(available_agents()))
-        return 0
+        return print_listing(list(available_agents()))
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     cfg = config_from_args(args)
-    line = reproduce_line(["python -m onp.train"] + list(argv if argv is not None else __import__("sys").argv[1:]))
+    line = reproduce_line(["python -m onp.train"] + list(argv if argv is not None else sys.argv[1:]))
     run_training(cfg, args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
                  quiet=args.quiet, command=line)
     return 0

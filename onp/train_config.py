@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from typing_extensions import Self
 
 from .config import ConfigError, check_finite, validation_message
+from .evidence import EvidenceRule
 
 __all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "PPOConfig", "EvalConfig", "WarmStartConfig", "RolloutConfig",
            "TrainConfig", "NO_WARM_START", "check_device"]
@@ -160,6 +161,15 @@ class RolloutConfig(TypedConfig):
 
     select: Literal["final", "best_prefix"] = "final"
     min_return: Optional[float] = 0.0
+    evidence_alpha: Optional[float] = Field(
+        0.05, gt=0, lt=1, description="no evidence, no pruning: keep a pruning only if its estimated-ASR drop is "
+                                      "significant at this level (one-sided Fisher exact test; null: off)")
+    removed_asr: float = Field(0.1, ge=0, le=1, description="a kept pruning with estimated val ASR at most this is "
+                                                            "reported as 'removed'")
+
+    def evidence_rule(self, max_acc_drop: float) -> EvidenceRule:
+        """The :class:`onp.evidence.EvidenceRule` of this config (``max_acc_drop``: the env's ``delta``)."""
+        return EvidenceRule(alpha=self.evidence_alpha, max_acc_drop=max_acc_drop, removed_asr=self.removed_asr)
 
 
 def resolved_backdoor(data: Mapping[str, Any]) -> Dict[str, Any]:

@@ -208,6 +208,28 @@ CASES = [
      ["'bogus'", "valid choices: anp"]),
     ("compare-unknown-defense", "compare", [*S, "--defenses", "clp", "bogus", *OUT],
      ["unknown defense 'bogus'", "ranked:<baseline>"]),
+    # issue #15: --set overrides each tool's own run config; the shared backdoored-model flags are validated ----
+    ("compare-set-unknown-config-key", "compare", [*S, "--defenses", "clp", "--set", "execution.bogus=1", *OUT],
+     ["compare config key execution.bogus", "unknown key"]),
+    ("compare-set-jobs-0", "compare", [*S, "--defenses", "clp", "--set", "execution.jobs=0", *OUT],
+     ["execution.jobs", "greater than or equal to 1"]),
+    ("compare-config-not-a-mapping", "compare", [*S, "--defenses", "clp", "--config", "{tmp}/afile", *OUT],
+     ["{tmp}/afile", "mapping"]),
+    ("compare-backdoor-set-grid-axis", "compare", [*S, "--defenses", "clp", "--backdoor-set", "seed=3", *OUT],
+     ["may not set seed"]),
+    ("baseline-set-run-config-type", "baseline", ["--method", "clp", *S, "--set", "oracle_step=abc", *OUT],
+     ["oracle_step", "'abc'"]),
+    ("evaluate-set-unknown-key", "evaluate", ["--pruned", "{tmp}/src_ok", "--set", "bogus=1", *OUT],
+     ["evaluate config key bogus", "unknown key"]),
+    ("backdoor-set-unknown-key", "backdoor", [*S, "--set", "bogus=1"], ["'bogus'", "valid keys"]),
+    ("train-set-unknown-key", "train", ["--config", TINY_TRAIN, "--set", "bogus=1", *OUT],
+     ["training config key bogus", "unknown key"]),
+    ("train-epochs-0", "train", ["--config", TINY_TRAIN, "--epochs", "0", *OUT], ["--epochs", "got 0"]),
+    ("evaluate-defense-size-1", "evaluate", ["--pruned", "{tmp}/src_ok", "--defense-size", "1", *OUT],
+     ["--defense-size", "got 1"]),
+    ("compare-max-train-0", "compare", [*S, "--defenses", "clp", "--max-train", "0", *OUT], ["--max-train"]),
+    ("evaluate-data-source-bogus", "evaluate", ["--pruned", "{tmp}/src_ok", "--data-source", "web", *OUT],
+     ["--data-source", "'web'"]),
 ]
 
 

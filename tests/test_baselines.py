@@ -321,6 +321,7 @@ def test_pruning_grid():
 def test_score_feature_providers(bundle, data):
     from baselines.features import make_score_provider
     from onp.graph import build_neuron_graph, compute_node_features
+    baselines.register_score_providers()  # explicit: importing baselines registers nothing
     g = build_neuron_graph(bundle.model, torch.zeros(1, 1, 28, 28))
     x, names = compute_node_features(bundle.model, g, providers=("magnitude_score", "clp_score"), standardize=False)
     assert x.shape == (g.num_nodes, 2) and names == ["magnitude_score", "clp_score"]

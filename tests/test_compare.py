@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from onp import compare
+from onp.cli_common import run_cli
+from onp.compare_config import CompareConfig
+from onp.config import ConfigError, load_yaml
 from onp.executors import LocalExecutor, ProcessExecutor, make_executor, ray_available
 from onp.registry import UnknownNameError
 from onp.report import Cell, build_rows, fmt, stats, to_markdown
@@ -19,11 +22,16 @@ from onp.report import Cell, build_rows, fmt, stats, to_markdown
 LEAN = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "1000",
         "--defense-size", "300"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _argv(onp_cache, out, *extra):
     return LEAN + ["--cache-dir", str(onp_cache), "--out", str(out), "--quiet"] + list(extra)
+
+
+def _plan(argv):
+    """The grid plan of a command line (flags -> CompareConfig -> GridPlan)."""
+    return compare.GridPlan(compare.config_from_args(compare.build_parser().parse_args(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -307,10 +315,8 @@ def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setattr(onp.baseline, "run_baseline", lambda cfg, out, **kw: calls.update(baseline=(cfg, kw)))
     monkeypatch.setattr(onp.train, "run_training", lambda cfg, out, **kw: calls.update(policy=(cfg, kw)))
-    args = compare.build_parser().parse_args(
-        _argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma", "--seeds", "1",
-              "--set", "clp.u=2.5", "--train-set", "env.budget=3"))
-    plan = compare.GridPlan(args)
+    plan = _plan(_argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma",
+                       "--seeds", "1", "--set", "clp.u=2.5", "--train-set", "env.budget=3"))
     cells = {c.defense: c for c in plan.cells()}
     for c in cells.values():
         compare.run_cell(plan.cell_task(c, str(tmp_path / "model")))
@@ -329,12 +335,97 @@ def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path, monkeypatch):
 
 def test_only_cells_on_a_cuda_device_use_a_gpu(onp_cache, tmp_path):
     """Baseline cells run on the CPU and never ask Ray for a GPU; policy cells do with --device cuda."""
-    args = compare.build_parser().parse_args(
-        _argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma", "--seeds", "1",
-              "--device", "cuda", "--executor", "ray"))
-    plan = compare.GridPlan(args)
-    assert plan.out.is_absolute() and Path(args.cache_dir).is_absolute()  # Ray workers may run elsewhere
+    plan = _plan(_argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma",
+                       "--seeds", "1", "--device", "cuda", "--executor", "ray"))
+    assert plan.out.is_absolute() and plan.cache_dir.is_absolute()  # Ray workers may run elsewhere
     tasks = {c.defense: plan.cell_task(c, str(tmp_path / "model")) for c in plan.cells()}
     assert not compare.uses_gpu(tasks["clp"]) and compare.uses_gpu(tasks["greedy-gamma"])
     assert tasks["greedy-gamma"]["config"]["device"] == "cuda" and "device" not in tasks["clp"]["config"]
     assert compare.uses_gpu({"device": "cuda:1"}) and not compare.uses_gpu({"device": None})
+
+
+# ----------------------------------------------------------------------------------------------- CompareConfig
+
+
+def test_default_yaml_equals_the_typed_defaults():
+    data = load_yaml(ROOT / "configs" / "compare" / "default.yaml")
+    assert CompareConfig.from_dict(data) == CompareConfig()
+    assert data == CompareConfig().to_dict()  # every key spelled out, as its default
+    assert compare.config_from_args(compare.build_parser().parse_args([])) == CompareConfig()  # no flag: defaults
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--set", "seeds=abc"], "compare config key seeds: Input should be a valid integer (got 'abc')"),  # bad type
+    (["--set", "defense.oracle_max_fraction=.nan"], "defense.oracle_max_fraction: Input should be a finite number"),
+    (["--set", "train.timesteps=.inf"], "train.timesteps"),
+    (["--set", "execution.bogus=1"], "compare config key execution.bogus: unknown key"),
+    (["--set", "execution.jobs=0"], "execution.jobs: Input should be greater than or equal to 1"),  # out of range
+    (["--set", "seed_list=[0, -1]"], "seed_list.1"),
+    (["--set", "backdoor.width=0"], "width must be in [1, 4096]"),
+    (["--set", "backdoor.overrides.lr=.nan"], "lr"),
+    (["--set", "execution.executor=slurm"], "execution.executor"),
+    (["--set", "models=[]"], "models"),
+    (["--backdoor-set", "seed=3"], "may not set seed"),
+    (["--config", "{tmp}/bad.yaml"], "compare config key defense.oracle_max_fraction"),
+    (["--config", "{tmp}/unknown.yaml"], "compare config key bogus: unknown key"),
+])
+def test_bad_compare_config_is_one_error_line(tmp_path, capsys, monkeypatch, argv, culprit):
+    (tmp_path / "bad.yaml").write_text("defense: {oracle_max_fraction: 1.5}\n")
+    (tmp_path / "unknown.yaml").write_text("bogus: 1\n")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path / "grid")]
+    assert run_cli(compare.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and culprit in err, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip()]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_config_file_then_flags_then_set(tmp_path):
+    cfg_file = tmp_path / "grid.yaml"
+    cfg_file.write_text("attacks: [blend, sig]\ndefenses: [anp]\nseeds: 3\nbackdoor: {width: 8, overrides: "
+                        "{poison_rate: 0.2}}\ndefense: {params: {anp: {iterations: 9}}}\nexecution: {jobs: 4}\n")
+    cfg = compare.config_from_args(compare.build_parser().parse_args(
+        ["--config", str(cfg_file), "--attacks", "badnets", "--width", "4", "--backdoor-set", "epochs=2",
+         "--set", "anp.iterations=5", "--set", "execution.jobs=2", "--no-plots"]))
+    assert cfg.attacks == ["badnets"] and cfg.defenses == ["anp"] and cfg.seeds == 3  # the flag wins over the file
+    assert cfg.backdoor.width == 4 and cfg.backdoor.overrides == {"poison_rate": 0.2, "epochs": 2}
+    assert cfg.defense.params == {"anp": {"iterations": 5}} and cfg.execution.jobs == 2  # --set has the last word
+    assert cfg.output.plots is False and cfg.output.quiet is False
+    with pytest.raises(ConfigError, match="backdoor"):
+        CompareConfig.from_dict({"backdoor": {"dataset": "nope"}})
+
+
+def test_run_compare_is_the_library_entry(grid, capsys):
+    out, _ = grid
+    res = compare.run_compare({"models": ["small_cnn"], "attacks": ["badnets", "blend"],
+                               "defenses": ["magnitude", "clp", "greedy-gamma"], "seeds": 2,
+                               "output": {"out": str(out), "report_only": True, "plots": False}})
+    assert isinstance(res, compare.CompareResult) and res.ok and res.out == out
+    assert res.leaderboard["md"] == out / "leaderboard.md" and res.leaderboard["md"].exists()
+    assert {r.defense for r in res.rows} == {"no defense", "magnitude", "clp", "greedy-gamma"}
+    assert all(r.ok == 2 for r in res.rows)
+    saved = json.loads((out / "config.json").read_text())
+    assert CompareConfig.from_dict(saved["compare_config"]).defense.params == {"max_fraction": 0.1}
+
+
+def test_a_grid_written_before_compare_config_resumes(grid, tmp_path, monkeypatch):
+    """Older grids recorded --set / --backdoor-set / --train-set as KEY=VALUE lists: the same command
+    continues them (nothing is recomputed), other values are still refused."""
+    out, argv = grid
+    copy = tmp_path / "old"
+    shutil.copytree(out, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["settings"].update({"backdoor_set": [], "set": ["max_fraction=0.1"],
+                            "train_set": ["env.budget=3", "env.reward_batch=60"]})
+    (copy / "config.json").write_text(json.dumps(cfg))
+    argv = [str(copy) if a == str(out) else a for a in argv] + ["--no-plots"]
+    calls = []
+    monkeypatch.setattr(compare, "run_cell", lambda task: calls.append(task) or {})
+    assert compare.main(argv) == 0 and calls == []
+    from onp.io import RunExistsError
+    cfg["settings"]["set"] = ["max_fraction=0.2"]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunExistsError, match="differing: set"):
+        compare.main(argv)

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -144,6 +149,18 @@ def test_gym_make_and_checkers(tiny_bundle):
     e.close()
 
 
+def test_synthesized_cache_is_per_model_and_clean_images(tiny_bundle, tmp_path):
+    """Other clean images of the same count get their own reverse-engineered triggers (no stale cache)."""
+    import dataclasses
+    data = tiny_bundle.defense_data
+    build_probe("synthesized", tiny_bundle.model, None, data, steps=2, cache_dir=tmp_path)
+    build_probe("synthesized", tiny_bundle.model, None, data, steps=2, cache_dir=tmp_path)  # a cache hit
+    assert len(list((tmp_path / "synthesized").glob("*.pt"))) == 1
+    flipped = dataclasses.replace(data, train_x=data.train_x.flip(-1))
+    build_probe("synthesized", tiny_bundle.model, None, flipped, steps=2, cache_dir=tmp_path)
+    assert len(list((tmp_path / "synthesized").glob("*.pt"))) == 2
+
+
 def test_synthesized_estimator_needs_no_attack(tiny_bundle, onp_cache):
     data = tiny_bundle.defense_data
     probe = build_probe("synthesized", tiny_bundle.model, None, data, steps=15, cache_dir=onp_cache)
@@ -224,3 +241,27 @@ def test_preview_predicts_the_step_and_changes_nothing(tiny_bundle):
 def test_env_requires_the_model():
     with pytest.raises(ValueError, match="needs the model to prune"):
         gym.make(ENV_ID)
+
+
+def test_score_feature_providers_need_no_earlier_import(tmp_path):
+    """``feature_providers=["clp_score"]`` works in a fresh interpreter: the env registers the
+    baselines' score providers itself, and importing ``baselines`` registers none."""
+    code = """
+import torch
+torch.set_num_threads(1)
+from onp.graph import FEATURE_PROVIDERS
+import baselines
+assert "clp_score" not in FEATURE_PROVIDERS, "importing baselines must not register providers"
+from envs import NeuronPruningEnv
+from onp.zoo import BackdoorConfig
+cfg = BackdoorConfig(model="small_cnn", width=4, dataset="fashion-mnist", data_source="sample", attack="badnets",
+                     epochs=1, max_train=1000, defense_size=100, seed=0)
+env = NeuronPruningEnv(cfg, budget=2, reward_batch=20, delta=0.9, feature_providers=["structure", "clp_score"])
+assert "clp_score" in env.target.feature_names and "clp_score" in FEATURE_PROVIDERS
+env.close()
+print("ok")
+"""
+    envvars = {**os.environ, "ONP_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=envvars,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the command-line layer: ``python -m onp.<name>`` and the modules only they use
-CLI_MODULES = {"train", "baseline", "evaluate", "compare", "backdoor", "cli_common", "__main__"}
+CLI_MODULES = {"train", "baseline", "evaluate", "compare", "backdoor", "defend", "cli_common", "__main__"}
 UPPER = {"agents", "baselines", "envs"}
 
 

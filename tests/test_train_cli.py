@@ -113,16 +113,20 @@ def test_resume_after_interruption(tiny_bundle, tmp_path):
     assert steps == sorted(steps)
 
 
+#: no floor on the kept pruning (neither rollout.min_return nor the evidence rule): the agent's own episode
+NO_FLOOR = {"min_return": None, "evidence_alpha": None}
+
+
 def test_ranked_agent_through_run_training(tiny_bundle, tmp_path):
     """A parametric agent whose extra keywords are the baseline's hyperparameters gets only its own
     arguments (seed), never the run's device."""
     m = run_training(_tiny_config(agent="ranked:magnitude", warm_start={"baseline": None},
-                                  rollout={"min_return": None}), tmp_path / "ranked", quiet=True)
+                                  rollout=NO_FLOOR), tmp_path / "ranked", quiet=True)
     assert m["agent"] == "ranked:magnitude" and 1 <= m["n_pruned"] <= 8
 
 
 def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
-    m = run_training(_tiny_config(agent="greedy-gamma", rollout={"min_return": None}), tmp_path / "greedy", quiet=True)
+    m = run_training(_tiny_config(agent="greedy-gamma", rollout=NO_FLOOR), tmp_path / "greedy", quiet=True)
     # at most the budget (8); fewer when the episode ends on the delta constraint of this tiny model
     assert m["agent"] == "greedy-gamma" and 1 <= m["n_pruned"] <= 8 and m["env_steps_breakdown"]["train"] == 0
     # the env refuses the prune that crosses delta: the kept pruning respects it on defense-val
@@ -145,7 +149,8 @@ def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
     """))
     out = tmp_path / "file-agent"
     assert main(["--config", TINY, "--agent", f"{file}:FirstThree", "--set", "agent_params.k=2",
-                 "--set", "rollout.min_return=null", "--out", str(out), "--quiet"]) == 0
+                 "--set", "rollout.min_return=null", "--set", "rollout.evidence_alpha=null",
+                 "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_pruned"] == 2 and m["agent"].endswith(":FirstThree")
     assert (out / "agent.json").exists()  # BaseAgent.save
@@ -203,8 +208,9 @@ def test_module_entry_point_help():
 
 def test_pruning_worse_than_nothing_on_defense_val_falls_back_to_no_pruning(tiny_bundle, tmp_path):
     # greedy-gamma's episode on the tiny model has a negative defense-val return (it costs more clean
-    # accuracy than it removes ASR); with rollout.min_return = 0 (the default) nothing is pruned
-    raw = run_training(_tiny_config(agent="greedy-gamma", rollout={"min_return": None}), tmp_path / "raw", quiet=True)
+    # accuracy than it removes ASR); with rollout.min_return = 0 (the default) nothing is pruned (the
+    # evidence rule, onp.evidence, is switched off in the raw run: it would refuse this pruning too)
+    raw = run_training(_tiny_config(agent="greedy-gamma", rollout=NO_FLOOR), tmp_path / "raw", quiet=True)
     assert raw["n_pruned"] >= 1 and raw["val"]["return"] < 0 and raw["val"]["fallback"] is None
     safe = run_training(_tiny_config(agent="greedy-gamma"), tmp_path / "safe", quiet=True)
     assert safe["n_pruned"] == 0 and safe["val"]["return"] == 0.0
@@ -212,3 +218,16 @@ def test_pruning_worse_than_nothing_on_defense_val_falls_back_to_no_pruning(tiny
     assert safe["val"]["fallback"]["rejected_return"] == pytest.approx(raw["val"]["return"])
     assert safe["acc"] == pytest.approx(safe["before"]["acc"]) and safe["asr"] == pytest.approx(safe["before"]["asr"])
     assert json.loads((tmp_path / "safe" / "pruned.json").read_text())["indices"] == []
+
+
+def test_shared_backdoor_flags_set_backdoor_keys():
+    """The backdoored-model flags every onp tool shares (onp.cli_common) map onto backdoor.*; --list-agents
+    stays an alias of --list."""
+    from onp.train import build_parser, config_from_args
+    args = build_parser().parse_args(["--epochs", "2", "--defense-size", "300", "--max-train", "900",
+                                      "--backdoor-set", "poison_rate=0.2", "--width", "8", "--list-agents"])
+    assert args.list is True
+    assert config_from_args(args) == {"backdoor": {"epochs": 2, "defense_size": 300, "max_train": 900,
+                                                   "poison_rate": 0.2, "width": 8}}
+    cfg = resolve_config(config_from_args(args))
+    assert cfg["backdoor"]["poison_rate"] == 0.2 and cfg["backdoor"]["max_train"] == 900

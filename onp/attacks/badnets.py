@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .base import Attack, AttackParamError, register_attack
 
+__all__ = ["BadNets"]
+
 
 @register_attack
 class BadNets(Attack):

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .base import Attack, register_attack
 
+__all__ = ["Blend"]
+
 
 @register_attack
 class Blend(Attack):

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from .base import Attack, register_attack
 
+__all__ = ["SIG"]
+
 
 @register_attack
 class SIG(Attack):

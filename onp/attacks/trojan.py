@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .base import Attack, AttackParamError, register_attack
 
+__all__ = ["Trojan", "square_logo"]
+
 
 def square_logo(size: int) -> Tuple[Tensor, Tensor]:
     """A ``size x size`` square-in-square logo: ``(mask, pattern)``, both float ``(size, size)``.

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import register_model
 from .normalize import Normalize
+
+__all__ = ["MobileNetV2"]
 
 # (expansion, out_planes, num_blocks, stride)
 _CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -44,6 +47,7 @@ class InvertedResidual(nn.Module):
         return out
 
 
+@register_model("mobilenet_v2", default_width=16)
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import register_model
 from .normalize import Normalize
+
+__all__ = ["ResNet18", "PreActResNet18", "PreActResNet18BackdoorBench"]
 
 
 def _stage_widths(width: int) -> List[int]:
@@ -52,6 +55,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+@register_model("resnet18", default_width=16)
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: blocks [2, 2, 2, 2]."""
 
@@ -101,11 +105,16 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+@register_model("preact_resnet18", default_width=16)
 class PreActResNet18(nn.Module):
-    """PreAct-ResNet-18 (BackdoorBench's default backbone), CIFAR stem; a final BN+ReLU before pooling."""
+    """PreAct-ResNet-18 (He et al., 2016), CIFAR stem; by default a final BN+ReLU before pooling.
+
+    ``final_bn=False`` leaves that BN+ReLU out, as BackdoorBench's ``preactresnet18`` does
+    (:class:`PreActResNet18BackdoorBench`, registered as ``preact_resnet18_backdoorbench``).
+    """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), final_bn: bool = True):
         super().__init__()
         w = _stage_widths(width)
         self.normalize = Normalize(mean, std)
@@ -115,7 +124,7 @@ class PreActResNet18(nn.Module):
         self.layer2 = self._make_layer(w[1], 2, 2)
         self.layer3 = self._make_layer(w[2], 2, 2)
         self.layer4 = self._make_layer(w[3], 2, 2)
-        self.bn = nn.BatchNorm2d(w[3])
+        self.bn = nn.BatchNorm2d(w[3]) if final_bn else None
         self.linear = nn.Linear(w[3], num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -125,6 +134,17 @@ class PreActResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
+        if self.bn is not None:
+            out = F.relu(self.bn(out))
         out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return self.linear(out)
+
+
+@register_model("preact_resnet18_backdoorbench", default_width=16)
+class PreActResNet18BackdoorBench(PreActResNet18):
+    """BackdoorBench's ``preactresnet18`` layer for layer: no BN+ReLU after the last stage, so that its
+    ``attack_result.pt`` weights load exactly (:mod:`onp.foreign_weights`)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+        super().__init__(num_classes, in_channels, width, mean, std, final_bn=False)

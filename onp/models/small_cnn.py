@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import register_model
 from .normalize import Normalize
 
+__all__ = ["SmallCNN"]
 
+
+@register_model("small_cnn", default_width=8)
 class SmallCNN(nn.Module):
     """conv(w)-conv(w)-pool-conv(2w)-conv(2w)-pool-fc; every conv is followed by BatchNorm."""
 

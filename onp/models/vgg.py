@@ -10,7 +10,10 @@ from typing import List, Sequence, Union
 import torch
 from torch import nn
 
+from .base import register_model
 from .normalize import Normalize
+
+__all__ = ["VGG16BN"]
 
 _VGG16: List[Union[int, str]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -19,6 +22,7 @@ def _scale(c: int, width: int) -> int:
     return max(1, round(c * width / 64))
 
 
+@register_model("vgg16_bn", default_width=16)
 class VGG16BN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):

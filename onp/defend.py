@@ -1,0 +1,1065 @@
+"""``python -m onp.defend``: defend a model you received -- a backdoor verdict, then a pruning repair.
+
+Examples::
+
+    python -m onp.defend --arch resnet18 --weights suspect.pt --clean-data my_images/
+    python -m onp.defend --arch resnet18 --width 64 --weights suspect.safetensors --clean-data clean.npz --method auto
+    python -m onp.defend --arch my_net.py:Net --weights net.pt --clean-data clean.npz --mean 0.5 --std 0.5
+    python -m onp.defend ... --test-data test.npz --attack badnets      # adds test ACC / ASR (trigger-aware)
+
+Python (``onp.defend`` is this module, and calling it calls :func:`defend`)::
+
+    import onp
+    report = onp.defend(model, clean_x, clean_y)          # method="ppo-gnn"
+    print(report.verdict.summary(), report.metrics["val"])
+
+Steps (:func:`run_defense`): (1) split the clean images into defense-train and defense-validation
+(stratified, seeded); (2) **verdict before pruning**: reverse-engineer one trigger per class on
+defense-train (the ``synthesized`` ASR estimator, cached on disk) and take the MAD anomaly index of
+the estimated target class's trigger size; the model is *suspected* when it is at most
+``-anomaly_threshold`` (default 2, Neural Cleanse's); (3) if not suspected and not ``force``,
+prune nothing ("no backdoor found"); else run the method: ``ppo-gnn`` (learn a pruning policy on
+this model, as ``onp.train`` does), a baseline (its own operating point on defense data), or
+``auto`` (a portfolio; the best reward val ACC - estimated val ASR wins); (4) "no evidence, no
+pruning" (:mod:`onp.evidence`) for every method: a repair is kept only if it lowers the estimated
+ASR significantly at an allowed accuracy cost. Nothing is chosen on test data; ``--test-data`` (and
+``--attack``, trigger-aware) only add numbers to the report.
+
+The run folder (``--out``, default ``runs/defend/<arch>-<method>-s<seed>``; :func:`onp.io.run_folder`
+rules) holds the repaired weights under the user's own key names (``model.pt``, or
+``model.safetensors`` when the input was safetensors), ``pruned.json`` (neuron ids and names),
+``config.json``, ``train_config.json`` (the learned method's resolved settings), ``report.md``,
+``report.json`` (strict JSON), ``metrics.json``, ``trigger.png``, ``env.json`` and ``README.md``.
+
+``--arch path/file.py:Class`` or ``package.module:factory`` imports your code: onp does so only
+because you typed it (on the command line or in your Python call); ``onp.defend`` reads no config
+file, so nothing named inside a file is ever imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import io
+import math
+import re
+import sys
+import tempfile
+import time
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .cli_common import device_arg, finite_float, fraction, int_at_least, path_arg, run_cli
+from .config import deep_update, parse_overrides
+from .data.defense import DefenseData
+from .data.user_data import CleanImages, load_clean_images, split_defense, to_defense_data
+from .defend_config import DefendConfig, is_user_arch
+from .evidence import EvidenceRule, Judgement
+from .io import PathLike, atomic_write_bytes, atomic_write_text, cache_root, run_folder
+from .masks import apply_pruning
+from .metrics import accuracy, evaluate_backdoor, predict, with_der
+from .models import Normalize
+from .registry import Registry, UnknownNameError
+from .rundir import reproduce_line, write_run
+from .seeding import seed_everything
+from .train_config import RolloutConfig
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+
+    from envs import ASRProbe, NeuronPruningEnv
+    from envs.target import PruningTarget
+
+__all__ = ["defend", "run_defend", "run_defense", "DefenseReport", "Verdict", "RecoveredTrigger", "method_choices",
+           "build_user_model", "images_from_arrays", "write_defense_run", "report_markdown", "plot_trigger", "main"]
+
+#: what a run's log and report call the ASR it measures on defense-validation
+ASR_ESTIMATE_NOTE = ("estimate: the ASR of the reverse-engineered (synthesized) trigger on defense-validation images; "
+                     "onp never sees the real trigger")
+#: stamped clean images shown in trigger.png
+N_STAMPED = 4
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# what a defense returns
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the model looks backdoored, decided before any pruning from trigger inversion on
+    defense-train images (per class: the L1 size of the smallest mask that flips images to it).
+
+    Attributes:
+        suspected: ``anomaly_index <= -threshold``.
+        estimated_target: the class with the smallest working trigger.
+        anomaly_index: the MAD anomaly index of that class's trigger size (negative: smaller than usual).
+        threshold: the configured ``anomaly_threshold``.
+        estimator: the ASR estimator that inverted the triggers.
+        mask_l1, anomaly_indices, success: per class: trigger size, its anomaly index, and the fraction
+            of non-class defense-train images its trigger flips.
+    """
+
+    suspected: bool
+    estimated_target: int
+    anomaly_index: float
+    threshold: float
+    estimator: str
+    mask_l1: List[float]
+    anomaly_indices: List[float]
+    success: List[float]
+
+    def summary(self) -> str:
+        """One line: the verdict first, then the figure behind it."""
+        what, cmp = ("backdoor suspected", "<=") if self.suspected else ("no backdoor found", ">")
+        return (f"verdict: {what} (estimated target class {self.estimated_target}: its reverse-engineered trigger's "
+                f"size has anomaly index {self.anomaly_index:.2f} {cmp} -{self.threshold:g})")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RecoveredTrigger:
+    """The reverse-engineered trigger of the estimated target class (for ``trigger.png``).
+
+    Attributes:
+        stamp: ``mask * pattern`` ``(C, H, W)``: what the trigger adds to an image.
+        mask: ``(1, H, W)`` in [0, 1].
+        stamped: the first stamped defense-validation images ``(k, C, H, W)``.
+        pred_before / pred_after: the model's predictions on ``stamped`` before and after the repair.
+        target: the estimated target class.
+    """
+
+    stamp: Tensor
+    mask: Tensor
+    stamped: Tensor
+    target: int
+    pred_before: List[int] = field(default_factory=list)
+    pred_after: List[int] = field(default_factory=list)
+
+
+@dataclass
+class DefenseReport:
+    """What :func:`defend` / :func:`run_defend` return.
+
+    Attributes:
+        model: the repaired model (your module, pruned neurons masked in its BatchNorm weights; its
+            ``state_dict`` loads into a freshly built model of the same class).
+        pruned: pruned neuron ids (onp's graph numbering, docs/concepts.md "What a neuron is").
+        pruned_names: ``"<bn layer>[<channel>]"`` of each, in your model's module names.
+        verdict: the backdoor verdict before pruning (:class:`Verdict`).
+        judgement: "no evidence, no pruning" applied to the repair (:class:`onp.evidence.Judgement`;
+            ``verdict``: removed / not removed / nothing pruned, with val ACC/ASR before and after).
+        method: the method asked for (``ppo-gnn``, ``auto`` or a baseline); ``metrics["chosen_method"]``
+            names the one whose repair was kept.
+        metrics: validation ACC and estimated ASR before/after, pruned neurons per layer, the
+            per-method details, optional test metrics (JSON-ready).
+        wall_time: seconds of the whole defense.
+        trigger: the recovered trigger (not in :meth:`to_dict`; drawn into ``trigger.png``).
+        run_dir: the run folder, when one was written.
+    """
+
+    model: nn.Module
+    pruned: List[int]
+    pruned_names: List[str]
+    verdict: Verdict
+    judgement: Judgement
+    method: str
+    metrics: Dict[str, Any]
+    wall_time: float
+    trigger: Optional[RecoveredTrigger] = None
+    run_dir: Optional[Path] = None
+
+    @property
+    def outcome(self) -> str:
+        """removed / not removed / nothing pruned (:data:`onp.evidence.VERDICTS`)."""
+        return self.judgement.verdict
+
+    def summary_lines(self) -> List[str]:
+        """The verdict, the outcome of the repair, and the numbers (what the CLI prints)."""
+        m, v = self.metrics, self.metrics["val"]
+        method = m["chosen_method"] if m["chosen_method"] != "none" else "no repair"
+        line = (f"{method}: val ACC {v['acc_before']:.4f}->{v['acc_after']:.4f}  estimated val ASR "
+                f"{v['asr_before']:.4f}->{v['asr_after']:.4f} (estimate)  |  pruned {len(self.pruned)} of "
+                f"{m['num_neurons']} neurons")
+        test = m.get("test")
+        if test:
+            line += f"  |  test ACC {test['acc_before']:.4f}->{test['acc_after']:.4f}"
+            if "asr_before" in test:
+                line += f"  test ASR {test['asr_before']:.4f}->{test['asr_after']:.4f} (trigger-aware)"
+        line += f"  |  {self.wall_time:.0f}s" + (f"  -> {self.run_dir}" if self.run_dir else "")
+        outcome = self.judgement.summary().removeprefix("verdict: ")
+        return [self.verdict.summary(), f"outcome: {outcome}", line]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The report as JSON-ready values (``report.json``)."""
+        return {"verdict": self.verdict.to_dict(), "verdict_summary": self.verdict.summary(),
+                "outcome": self.outcome, "judgement": self.judgement.to_dict(), "method": self.method,
+                "pruned": list(self.pruned), "pruned_names": list(self.pruned_names), "metrics": self.metrics,
+                "wall_time": round(self.wall_time, 2)}
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+class _Normalized(nn.Module):
+    """``net`` behind a :class:`onp.models.Normalize` layer (the user's ``mean``/``std``); neuron names
+    leave out the ``net.`` prefix and the repaired weights are ``net``'s."""
+
+    PREFIX = "net."
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+        super().__init__()
+        mean, std = _per_channel(mean, channels), _per_channel(std, channels)
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
+def _per_channel(values: Sequence[float], channels: int) -> List[float]:
+    return list(values) * channels if len(values) == 1 else list(values)
+
+
+def _with_normalization(model: nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                        channels: int) -> nn.Module:
+    """``model``, behind a Normalize layer when ``mean``/``std`` are given."""
+    if mean is None or std is None:
+        return model
+    return _Normalized(model, mean, std, channels)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's own module inside a :class:`_Normalized` wrapper (else ``model``)."""
+    return model.net if isinstance(model, _Normalized) else model
+
+
+def _import_user_object(spec: str) -> Callable[..., Any]:
+    """The class or factory ``path/file.py:Name`` or ``package.module:name`` (imports the user's code)."""
+    left, _, attr = spec.rpartition(":")
+    if not left or not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise ValueError(f"malformed --arch {spec!r}; expected a registered architecture, path/to/file.py:ClassName "
+                         f"or package.module:factory")
+    if left.endswith(".py") or "/" in left or "\\" in left:
+        file = Path(left).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"--arch {spec}: no such file {file}")
+        name = "onp_user_arch_" + re.sub(r"\W", "_", str(file.resolve()))
+        module_spec = importlib.util.spec_from_file_location(name, file)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"--arch {spec}: cannot import {file} as a Python module")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise ValueError(f"--arch {spec}: importing {file} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(left)
+        except ImportError as exc:
+            raise ValueError(f"--arch {spec}: cannot import module {left!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            defined = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, nn.Module))
+            raise ValueError(f"--arch {spec}: {left} has no {attr!r}; nn.Module classes there: "
+                             f"{', '.join(defined) or '(none)'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--arch {spec}: {attr} is not a class or factory")
+    return obj
+
+
+def build_user_model(spec: str, *, num_classes: int, in_channels: int, width: Optional[int] = None) -> nn.Module:
+    """Build the user's ``nn.Module`` from ``path/file.py:Class`` or ``package.module:factory``.
+
+    The class or factory is called with those of ``num_classes``, ``in_channels`` and ``width``
+    (``width`` only when given) that its signature names; with none of them it is called without
+    arguments. This imports and runs the user's code: call it only with a spec the user gave.
+    """
+    factory = _import_user_object(spec)
+    offered: Dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels}
+    if width is not None:
+        offered["width"] = width
+    try:
+        names = set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        names = set()
+    try:
+        model = factory(**{k: v for k, v in offered.items() if k in names})
+    except Exception as exc:
+        raise ValueError(f"--arch {spec}: building the model failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--arch {spec} built a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def _build_arch(cfg: DefendConfig) -> nn.Module:
+    """The (untrained) model of ``cfg.arch``: registered (with its options) or the user's own."""
+    assert cfg.arch is not None
+    if is_user_arch(cfg.arch):
+        return build_user_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width)
+    from .models import build_model
+    if cfg.mean is None or cfg.std is None:
+        return build_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width)
+    return build_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width,
+                       mean=cfg.mean, std=cfg.std)
+
+
+def _check_output(model: nn.Module, channels: int, size: Tuple[int, int], num_classes: int, what: str) -> None:
+    """``model`` maps one ``channels x H x W`` image to ``num_classes`` logits; else a ValueError."""
+    shape = _output_shape(model, channels, size, what)
+    if shape != (1, num_classes):
+        raise ValueError(f"{what} outputs shape {shape} for one {channels}x{size[0]}x{size[1]} image; expected "
+                         f"(1, {num_classes}): check --num-classes, --in-channels and --input-size")
+
+
+def _output_shape(model: nn.Module, channels: int, size: Tuple[int, int], what: str) -> Tuple[int, ...]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters(), torch.zeros(0)).device
+            out = model(torch.zeros(1, channels, *size, device=device))
+    except Exception as exc:
+        raise ValueError(f"{what} fails on a {channels}x{size[0]}x{size[1]} image ({type(exc).__name__}: {exc}); "
+                         f"check --in-channels and --input-size") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor):
+        raise ValueError(f"{what} returns a {type(out).__name__}, not a tensor of logits")
+    return tuple(out.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# the defender's images given as arrays (the Python API)
+
+
+def _as_numpy(a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
+
+
+def _layout_of(shape: Tuple[int, ...]) -> Tuple[int, Tuple[int, int]]:
+    """Channels and ``(H, W)`` of an image batch ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)``."""
+    if len(shape) == 3:
+        return 1, (shape[1], shape[2])
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return shape[1], (shape[2], shape[3])
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return shape[3], (shape[1], shape[2])
+    raise ValueError(f"clean_x must be images (N, C, H, W), (N, H, W, C) or (N, H, W) with 1 or 3 channels; got "
+                     f"shape {shape}")
+
+
+def images_from_arrays(x: Any, y: Any, *, num_classes: int, channels: int, image_size: Tuple[int, int],
+                       what: str = "clean_x/clean_y") -> CleanImages:
+    """Clean images given as arrays (torch or numpy; uint8 0..255 or float in [0, 1]; NCHW, NHWC or
+    NHW) with integer labels, checked exactly as an ``.npz`` file is by
+    :func:`onp.data.user_data.load_clean_images` (size, channels, label range, counts)."""
+    with tempfile.TemporaryDirectory(prefix="onp-defend-") as tmp:
+        path = Path(tmp) / "arrays.npz"
+        np.savez(path, x=_as_numpy(x), y=_as_numpy(y))
+        try:
+            images = load_clean_images(path, num_classes=num_classes, channels=channels, image_size=image_size)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(str(path), what)) from None
+    images.source = what
+    return images
+
+
+# --------------------------------------------------------------------------------------------------
+# the defense
+
+
+@dataclass
+class _Session:
+    """One defense in progress: the model, the defender's split, the env that judges every repair."""
+
+    cfg: DefendConfig
+    model: nn.Module
+    data: DefenseData
+    env: gym.Env
+    train_cfg: Dict[str, Any]
+    rule: EvidenceRule
+    work_dir: Path
+    log: Log
+    progress: bool
+    source: str
+
+    @property
+    def base(self) -> NeuronPruningEnv:
+        return self.env.unwrapped  # type: ignore[return-value]
+
+    @property
+    def target(self) -> PruningTarget:
+        return self.base.target
+
+    @property
+    def n_triggered(self) -> int:
+        return int(len(self.target.probe.images))
+
+    @property
+    def initial(self) -> Dict[str, Any]:
+        """The unrepaired model on the env's reward batch (an env info: ``acc``, ``asr``, ``n_pruned``)."""
+        return {"acc": float(self.target.initial.acc), "asr": float(self.target.initial.asr), "n_pruned": 0}
+
+
+@dataclass
+class _Candidate:
+    """One method's repair after the evidence rule (``model`` is the unrepaired one when it was refused)."""
+
+    method: str
+    model: nn.Module
+    pruned: List[int]
+    judgement: Judgement
+    val: Dict[str, float]
+    seconds: float
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reward(self) -> float:
+        """val ACC - estimated val ASR of the kept repair (what ``auto`` maximises)."""
+        return self.val["acc"] - self.val["asr"]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"method": self.method, "outcome": self.judgement.verdict, "keep": self.judgement.keep,
+                "reason": self.judgement.reason, "n_pruned": len(self.pruned), "val_acc": self.val["acc"],
+                "val_asr": self.val["asr"], "reward": self.reward, "seconds": round(self.seconds, 2), **self.info}
+
+
+Runner = Callable[[_Session, str], _Candidate]
+#: defense methods of onp.defend other than the baselines (every baseline of ``baselines.DEFENSES`` is one too)
+METHODS: Registry[Runner] = Registry("defense method")
+
+
+def _baselines() -> Any:
+    import baselines
+    return baselines
+
+
+def method_choices() -> List[str]:
+    """Every ``method``: ``auto``, ``ppo-gnn`` and the baselines."""
+    return METHODS.names() + _baselines().DEFENSES.names()
+
+
+def _runner(name: str) -> Runner:
+    """The function that runs method ``name`` (:data:`METHODS`, else a baseline); unknown: the choices."""
+    if name in METHODS:
+        return METHODS.get(name)
+    if name in _baselines().DEFENSES:
+        return _run_baseline
+    raise UnknownNameError("defense method", name, method_choices())
+
+
+def _val_metrics(model: nn.Module, target: PruningTarget) -> Dict[str, float]:
+    """Clean ACC and estimated ASR of ``model`` on the env's reward batch (defense-validation images and
+    the same images stamped with the synthesized trigger): the figures every repair is judged on."""
+    pred = predict(model, target.batch.contiguous())
+    n = target.n_clean
+    return {"acc": accuracy(pred[:n], target.clean_y), "asr": accuracy(pred[n:], target.probe.target_labels)}
+
+
+def _candidate(s: _Session, name: str, model: nn.Module, pruned: List[int], judgement: Judgement, t0: float,
+               info: Dict[str, Any]) -> _Candidate:
+    """A :class:`_Candidate`; a repair the rule refused is replaced by the unrepaired model."""
+    if not judgement.keep:
+        model, pruned = copy.deepcopy(s.model), []
+    return _Candidate(name, model.eval(), pruned, judgement, _val_metrics(model, s.target),
+                      time.perf_counter() - t0, info)
+
+
+@METHODS.register("ppo-gnn")
+def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
+    """Learn a pruning policy on this model (MaskablePPO + GNN, ``onp.train``'s agent and settings), run
+    it once deterministically, keep its pruning by ``select_pruning`` and the evidence rule."""
+    from agents import build_agent, rollout, select_pruning
+
+    t0 = time.perf_counter()
+    cfg = s.train_cfg
+    work = s.work_dir / name
+    work.mkdir(parents=True, exist_ok=True)
+    s.log(f"[onp] {name}: learning a pruning policy ({cfg['ppo']['total_timesteps']} PPO env steps) in {work}")
+    agent = build_agent(name, s.env, seed=s.cfg.seed, device=s.cfg.device)
+    learned = agent.learn(s.env, cfg, work, progress=s.progress, log=s.log)
+    res = rollout(agent, s.env)
+    rc = RolloutConfig.from_dict(cfg["rollout"])
+    sel = select_pruning(res, select=rc.select, min_return=rc.min_return, evidence=s.rule,
+                         n_triggered=s.n_triggered, log=s.log)
+    pruned = [int(i) for i in sel["info"]["pruned"]]
+    model = apply_pruning(s.model, s.base.graph, pruned, cfg["env"]["mask_mode"])
+    info = {"timesteps": int(learned.timesteps), "episode_return": float(res["return"]), "fallback": sel["fallback"]}
+    return _candidate(s, name, model, pruned, sel["judgement"], t0, info)
+
+
+def _run_baseline(s: _Session, name: str) -> _Candidate:
+    """Fit baseline ``name`` on the defense data (its own operating point, on defense-validation), then
+    judge its repair by the evidence rule on the env's reward batch. A baseline that fine-tunes
+    instead of pruning (ft, ngf) is judged the same way: its changed weights are the repair."""
+    from .baseline import _jsonable
+
+    t0 = time.perf_counter()
+    params = s.cfg.params if name == s.cfg.method else {}
+    s.log(f"[onp] {name}: fitting the baseline on {len(s.data.train_y)} defense-train images")
+    result = _baselines().build_defense(name, **params).fit(s.model, s.data, seed=s.cfg.seed)
+    prunes = result.pruned is not None
+    pruned = [int(i) for i in result.pruned] if result.pruned is not None else []
+    after = _val_metrics(result.model, s.target)
+    judgement = s.rule.judge(s.initial, {**after, "n_pruned": len(pruned) if prunes else 1}, s.n_triggered)
+    if not prunes:
+        judgement = dataclasses.replace(judgement, n_pruned=0)
+    info = {"modifies": "bn masks" if prunes else "weights (fine-tuning)",
+            "operating_point": _jsonable(result.info.get("operating_point"))}
+    return _candidate(s, name, result.model, pruned, judgement, t0, info)
+
+
+@METHODS.register("auto")
+def _run_auto(s: _Session, name: str) -> _Candidate:
+    """Run every method of ``portfolio``; keep the repair with the best reward val ACC - estimated val
+    ASR on defense-validation (the first one on ties; refused repairs count as the unrepaired model)."""
+    t0 = time.perf_counter()
+    tried = []
+    for method in s.cfg.portfolio:
+        s.log(f"[onp] auto: trying {method}")
+        tried.append(_runner(method)(s, method))
+    best = max(tried, key=lambda c: c.reward)
+    s.log(f"[onp] auto: {best.method} has the best reward on defense-validation ({best.reward:+.4f}: val ACC "
+          f"{best.val['acc']:.3f} - estimated val ASR {best.val['asr']:.3f})")
+    return dataclasses.replace(best, seconds=time.perf_counter() - t0,
+                               info={**best.info, "portfolio": [c.to_dict() for c in tried]})
+
+
+def _no_defense(s: _Session, verdict: Verdict) -> _Candidate:
+    """Prune nothing: no backdoor is suspected (and ``force`` is off)."""
+    judgement = s.rule.judge(s.initial, s.initial, s.n_triggered)
+    judgement = dataclasses.replace(judgement, reason=f"no backdoor found (anomaly index {verdict.anomaly_index:.2f} "
+                                                      f"> -{verdict.threshold:g}); force=True (--force) defends anyway")
+    return _Candidate("none", copy.deepcopy(s.model).eval(), [], judgement, _val_metrics(s.model, s.target), 0.0)
+
+
+def _verdict(probe: ASRProbe, cfg: DefendConfig) -> Verdict:
+    """The backdoor verdict from the trigger inversion the estimator did (its probe's ``info``)."""
+    info = probe.info
+    missing = [k for k in ("estimated_target", "anomaly_index", "mask_l1", "success") if k not in info]
+    if missing:
+        raise ValueError(f"ASR estimator {cfg.asr_estimator!r} reports no {', '.join(missing)}; the backdoor verdict "
+                         f"needs a trigger-inversion estimator such as 'synthesized'")
+    target = int(info["estimated_target"])
+    index = float(info["anomaly_index"][target])
+    return Verdict(suspected=math.isfinite(index) and index <= -cfg.anomaly_threshold, estimated_target=target,
+                   anomaly_index=index, threshold=float(cfg.anomaly_threshold), estimator=cfg.asr_estimator,
+                   mask_l1=[float(v) for v in info["mask_l1"]],
+                   anomaly_indices=[float(v) for v in info["anomaly_index"]],
+                   success=[float(v) for v in info["success"]])
+
+
+def _fit_stamp(clean: Tensor, stamped: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(mask * pattern, mask)`` of ``stamped = (1 - mask) * clean + mask * pattern``, by least squares
+    per pixel over the images: ``stamped - clean`` is linear in ``clean`` with slope ``-mask`` and
+    intercept ``mask * pattern``. Where ``clean`` is constant over the images the slope is taken as 0."""
+    d = stamped - clean
+    xm, dm = clean.mean(0), d.mean(0)
+    var = ((clean - xm) ** 2).mean(0)
+    cov = ((clean - xm) * (d - dm)).mean(0)
+    slope = torch.where(var > 1e-6, cov / var.clamp_min(1e-6), torch.zeros_like(var))
+    return (dm - slope * xm).clamp(0, 1), (-slope).clamp(0, 1).amax(0, keepdim=True)
+
+
+def _recover_trigger(probe: ASRProbe, data: DefenseData, target: int) -> RecoveredTrigger:
+    """The estimated target's trigger: from the probe's ``info`` when the estimator records its
+    ``mask`` and ``pattern``, else fitted from the stamped images and their clean originals."""
+    info = probe.info
+    if "mask" in info and "pattern" in info:
+        mask, pattern = torch.as_tensor(info["mask"]), torch.as_tensor(info["pattern"])
+        stamp = mask * pattern
+    else:
+        clean = data.val_x[data.val_y != target][:len(probe.images)]
+        stamp, mask = _fit_stamp(clean, probe.images)
+    return RecoveredTrigger(stamp=stamp, mask=mask, stamped=probe.images[:N_STAMPED].clone(), target=target)
+
+
+@contextlib.contextmanager
+def _work_folder(work_dir: Optional[PathLike]) -> Iterator[Path]:
+    """``work_dir`` (a learned policy's files go there), or a temporary folder deleted afterwards."""
+    if work_dir is not None:
+        yield Path(work_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="onp-defend-") as tmp:
+        yield Path(tmp)
+
+
+def _open_session(model: nn.Module, images: CleanImages, cfg: DefendConfig, work: Path, log: Log,
+                  progress: bool) -> _Session:
+    """Split the images, build the env on the model (its ASR estimator inverts the triggers)."""
+    from agents.vec_envs import EnvFactory, env_kwargs_from_config
+    from envs import PruningSubject
+
+    train, val = split_defense(images, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data = to_defense_data(train, val)
+    subject = PruningSubject(copy.deepcopy(model).cpu().eval(), None, data, name="defended model")
+    train_cfg = cfg.learned_config()
+    env = EnvFactory(subject, env_kwargs_from_config(train_cfg["env"], cfg.cache_dir), seed=cfg.seed, monitor=False)()
+    delta = float(train_cfg["env"]["delta"])
+    rule = RolloutConfig.from_dict(train_cfg["rollout"]).evidence_rule(delta)
+    return _Session(cfg, subject.model, data, env, train_cfg, rule, work, log, progress, images.source)
+
+
+def _test_metrics(before: nn.Module, after: nn.Module, test: CleanImages, cfg: DefendConfig) -> Dict[str, Any]:
+    """Test ACC before/after; with ``cfg.attack`` also ASR, RA and DER (trigger-aware). Reporting only."""
+    out: Dict[str, Any] = {"n": len(test), "source": test.source,
+                           "acc_before": accuracy(predict(before, test.x), test.y),
+                           "acc_after": accuracy(predict(after, test.x), test.y)}
+    if cfg.attack is None:
+        return out
+    from .attacks import build_attack
+    attack = build_attack(cfg.attack, tuple(test.x.shape[1:]), test.num_classes, **cfg.attack_params)
+    b = evaluate_backdoor(before, test.x, test.y, attack)
+    a = with_der(b, evaluate_backdoor(after, test.x, test.y, attack))
+    out.update(asr_before=b["asr"], asr_after=a["asr"], ra_before=b["ra"], ra_after=a["ra"], der=a["der"],
+               trigger_aware=True, attack=attack.params(),
+               note="trigger-aware: ASR/RA with the real trigger of the attack you named (--attack), on the test "
+                    "images; for reporting only, never used by the defense")
+    return out
+
+
+def _pruned_per_layer(names: Sequence[str]) -> Dict[str, int]:
+    return dict(Counter(name.rsplit("[", 1)[0] for name in names))
+
+
+def _report(s: _Session, cand: _Candidate, verdict: Verdict, trigger: RecoveredTrigger,
+            test: Optional[CleanImages], t0: float) -> DefenseReport:
+    """The :class:`DefenseReport` of the kept repair (figures measured on the returned model)."""
+    graph = s.base.graph
+    names = graph.neuron_names(cand.pruned)
+    if isinstance(s.model, _Normalized):
+        names = [n.removeprefix(_Normalized.PREFIX) for n in names]
+    before = _val_metrics(s.model, s.target)
+    trigger.pred_before = predict(s.model, trigger.stamped).tolist()
+    trigger.pred_after = predict(cand.model, trigger.stamped).tolist()
+    metrics: Dict[str, Any] = {
+        "val": {"acc_before": before["acc"], "acc_after": cand.val["acc"], "asr_before": before["asr"],
+                "asr_after": cand.val["asr"], "n_clean": int(s.target.n_clean), "n_triggered": s.n_triggered,
+                "asr_is_estimate": True, "asr_note": ASR_ESTIMATE_NOTE},
+        "suspected": verdict.suspected, "forced": bool(s.cfg.force and not verdict.suspected),
+        "outcome": cand.judgement.verdict, "method": s.cfg.method, "chosen_method": cand.method,
+        "method_info": cand.info, "method_seconds": round(cand.seconds, 2),
+        "n_pruned": len(cand.pruned), "num_neurons": int(graph.num_nodes), "pruned_per_layer": _pruned_per_layer(names),
+        "asr_estimator": s.cfg.asr_estimator, "trigger_aware": False, "clean_source": s.source,
+        "n_defense_train": len(s.data.train_y), "n_defense_val": len(s.data.val_y),
+    }
+    if test is not None:
+        metrics["test"] = _test_metrics(s.model, cand.model, test, s.cfg)
+    wall = time.perf_counter() - t0
+    metrics["wall_time"] = round(wall, 2)
+    return DefenseReport(model=_unwrap(cand.model), pruned=list(cand.pruned), pruned_names=names, verdict=verdict,
+                         judgement=cand.judgement, method=s.cfg.method, metrics=metrics, wall_time=wall,
+                         trigger=trigger)
+
+
+def run_defense(model: nn.Module, images: CleanImages, cfg: DefendConfig, *, test: Optional[CleanImages] = None,
+                work_dir: Optional[PathLike] = None, log: Log = print, progress: bool = False) -> DefenseReport:
+    """Defend ``model`` with the defender's clean ``images`` as ``cfg`` says (the module doc's steps).
+
+    Args:
+        model: the model as it is defended: images in [0, 1] in, logits out (a :class:`_Normalized`
+            wrapper where the user gave ``mean``/``std``); not modified.
+        images: the clean images (:func:`onp.data.user_data.load_clean_images` or :func:`images_from_arrays`).
+        cfg: the settings (method, estimator, threshold, ``force``, seed ...).
+        test: optional held-out images: test ACC (and ASR with ``cfg.attack``) in the report only.
+        work_dir: where a learned method writes its policy (default: a temporary folder).
+        log: progress messages; progress: progress bars.
+    """
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        seed_everything(cfg.seed, deterministic=cfg.deterministic)
+        with _work_folder(work_dir) as work:
+            s = _open_session(model, images, cfg, work, log, progress)
+            try:
+                verdict = _verdict(s.target.probe, cfg)
+                log(f"[onp] {verdict.summary()}")
+                trigger = _recover_trigger(s.target.probe, s.data, verdict.estimated_target)
+                if verdict.suspected or cfg.force:
+                    if not verdict.suspected:
+                        log(f"[onp] force: defending anyway with {cfg.method}")
+                    cand = _runner(cfg.method)(s, cfg.method)
+                else:
+                    cand = _no_defense(s, verdict)
+                return _report(s, cand, verdict, trigger, test, t0)
+            finally:
+                s.env.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# the report files
+
+
+def plot_trigger(report: DefenseReport) -> bytes:
+    """``trigger.png``: the recovered trigger (mask x pattern) next to a few stamped clean images with
+    the model's prediction before and after the repair (PNG bytes; matplotlib's Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    trig = report.trigger
+    if trig is None:
+        raise ValueError("the report has no recovered trigger")
+    panels = [(trig.stamp, "recovered trigger\n(mask x pattern)")]
+    for i, img in enumerate(trig.stamped):
+        before = trig.pred_before[i] if i < len(trig.pred_before) else "?"
+        after = trig.pred_after[i] if i < len(trig.pred_after) else "?"
+        panels.append((img, f"stamped clean image\npred {before} -> {after}"))
+    fig = Figure(figsize=(2.2 * len(panels), 2.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (img, title) in zip(axes, panels):
+        arr = img.detach().float().clamp(0, 1).cpu()
+        if arr.shape[0] == 1:
+            ax.imshow(arr[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(arr.permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    v = report.verdict
+    fig.suptitle(f"estimated target class {v.estimated_target}, anomaly index {v.anomaly_index:.2f} "
+                 f"(reverse-engineered: an estimate)", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _row(label: str, before: float, after: float) -> str:
+    return f"| {label} | {before:.4f} | {after:.4f} |"
+
+
+def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -> str:
+    """``report.md``: the verdict, the outcome, validation (and test) figures, the pruned neurons per
+    layer, the per-class trigger inversion and the wall time."""
+    m, v, verdict = report.metrics, report.metrics["val"], report.verdict
+    lines = ["# onp.defend report", "", f"**{verdict.summary()}**", "",
+             f"**outcome:** {report.judgement.summary().removeprefix('verdict: ')}", "",
+             f"Method: `{report.method}`" + (f" (kept: `{m['chosen_method']}`)" if m["chosen_method"] != report.method
+                                             else "") + (" -- forced (`--force`)" if m["forced"] else ""), "",
+             "| | before | after |", "|---|---|---|",
+             _row(f"validation ACC ({v['n_clean']} clean defense-validation images)", v["acc_before"], v["acc_after"]),
+             _row(f"validation ASR, **estimate** (synthesized trigger on {v['n_triggered']} images)",
+                  v["asr_before"], v["asr_after"])]
+    test = m.get("test")
+    if test:
+        lines.append(_row(f"test ACC ({test['n']} images)", test["acc_before"], test["acc_after"]))
+        if "asr_before" in test:
+            lines.append(_row(f"test ASR (**trigger-aware**: attack `{test['attack']['name']}`)",
+                              test["asr_before"], test["asr_after"]))
+            lines.append(_row("test RA (trigger-aware)", test["ra_before"], test["ra_after"]))
+    lines += ["", f"The estimated ASR is an {ASR_ESTIMATE_NOTE}.", "",
+              f"Pruned neurons: {m['n_pruned']} of {m['num_neurons']}", ""]
+    if m["pruned_per_layer"]:
+        lines += ["| layer | pruned |", "|---|---|"] + [f"| `{k}` | {n} |" for k, n in m["pruned_per_layer"].items()]
+        lines += ["", "Neurons: " + ", ".join(f"`{n}`" for n in report.pruned_names), ""]
+    lines += ["## Trigger inversion per class", "", "| class | trigger L1 size | anomaly index | flips |",
+              "|---|---|---|---|"]
+    for c, (l1, a, ok) in enumerate(zip(verdict.mask_l1, verdict.anomaly_indices, verdict.success)):
+        mark = " (estimated target)" if c == verdict.estimated_target else ""
+        lines.append(f"| {c}{mark} | {l1:.2f} | {a:.2f} | {ok:.2f} |")
+    lines += ["", f"Suspected when the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's "
+                  f"threshold is 2).", "", "![recovered trigger](trigger.png)", "",
+              f"Wall time: {report.wall_time:.1f} s"]
+    if weights_name:
+        lines += ["", f"Repaired weights: `{weights_name}` (your model's own key names)."]
+    return "\n".join(lines) + "\n"
+
+
+def _weights_bytes(state: Mapping[str, Tensor], fmt: str) -> Tuple[str, bytes]:
+    """``(file name, bytes)`` of the repaired state_dict: safetensors for a safetensors input, else torch."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save
+        return "model.safetensors", save(tensors)
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return "model.pt", buf.getvalue()
+
+
+def write_defense_run(run_dir: Path, report: DefenseReport, cfg: DefendConfig, *, weights: Mapping[str, Tensor],
+                      weights_format: str = "state_dict", command: Optional[str] = None) -> Path:
+    """Write the run folder's files (module doc); ``weights`` is the repaired state_dict under the
+    user's key names, written as safetensors when ``weights_format == "safetensors"``."""
+    name, blob = _weights_bytes(weights, weights_format)
+    atomic_write_bytes(run_dir / name, blob)
+    if report.trigger is not None:
+        atomic_write_bytes(run_dir / "trigger.png", plot_trigger(report))
+    atomic_write_text(run_dir / "report.md", report_markdown(report, name))
+    write_run(run_dir, config=cfg.to_dict(), metrics=report.metrics, pruned=report.pruned,
+              pruned_names=report.pruned_names, command=command,
+              extra={"report.json": report.to_dict(), "train_config.json": cfg.learned_config()})
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# the two entry points
+
+
+def _check_names(cfg: DefendConfig) -> None:
+    """Every name of ``cfg`` (method, portfolio, baseline hyperparameters, estimator, attack), before any
+    model is loaded."""
+    _runner(cfg.method)
+    bl = _baselines()
+    if cfg.method in bl.DEFENSES:
+        bl.build_defense(cfg.method, **cfg.params)
+    elif cfg.params:
+        raise ValueError(f"params are a baseline's hyperparameters; method {cfg.method!r} takes none (the learned "
+                         f"method's settings go in train, e.g. --set train.ppo.total_timesteps=5000)")
+    if cfg.method == "auto":
+        for name in cfg.portfolio:
+            if name == "auto":
+                raise ValueError("portfolio: 'auto' cannot be part of its own portfolio")
+            _runner(name)
+    from envs import ASR_ESTIMATORS
+    ASR_ESTIMATORS.check(cfg.asr_estimator)
+    if cfg.attack is not None:
+        from .attacks import ATTACKS
+        ATTACKS.check(cfg.attack)
+
+
+def _printer(quiet: bool) -> Log:
+    return (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+
+
+def _print_summary(report: DefenseReport) -> None:
+    for line in report.summary_lines():
+        print(f"[onp] {line}", flush=True)
+
+
+def defend(model: nn.Module, clean_x: Any, clean_y: Any, method: str = "ppo-gnn", *, test_x: Any = None,
+           test_y: Any = None, out: Optional[PathLike] = None, overwrite: bool = False, quiet: bool = True,
+           **options: Any) -> DefenseReport:
+    """Defend ``model`` with a few hundred clean images: a backdoor verdict, then a repair.
+
+    Args:
+        model: your ``nn.Module`` (images in [0, 1] in, logits out; pass ``mean``/``std`` if it expects
+            normalised images). It is not modified.
+        clean_x, clean_y: clean images (torch or numpy; uint8 0..255 or float in [0, 1]; ``(N, C, H, W)``,
+            ``(N, H, W, C)`` or ``(N, H, W)``) and integer labels; at least 20.
+        method: ``"ppo-gnn"`` (default), ``"auto"`` or a baseline (``onp.defend.method_choices()``).
+        test_x, test_y: optional held-out images for test ACC (and ASR with ``attack=...``) in the report.
+        out: also write the run folder there (as ``python -m onp.defend`` does); ``overwrite`` replaces
+            an earlier onp run there.
+        quiet: print nothing (default); ``False`` prints progress and the summary.
+        **options: :class:`onp.defend_config.DefendConfig` keys, e.g. ``force=True``,
+            ``anomaly_threshold=2.0``, ``seed=1``, ``train={"ppo": {"total_timesteps": 5000}}``,
+            ``estimator_params={"steps": 150}``; ``num_classes``, ``in_channels`` and ``input_size`` are
+            read from the model and the images unless given.
+
+    Returns:
+        :class:`DefenseReport` (``report.model`` is the repaired model).
+    """
+    taken = sorted(k for k in ("arch", "weights", "clean_data", "indices", "test_data", "test_indices") if k in options)
+    if taken:
+        raise ValueError(f"defend() takes the model and the images themselves; {', '.join(taken)} are options of "
+                         f"python -m onp.defend (run_defend)")
+    channels, (height, width) = _layout_of(tuple(_as_numpy(clean_x).shape))
+    shape = {"in_channels": channels, "input_size": [height, width], **options, "method": method}
+    cfg = DefendConfig.from_dict(shape)  # every option checked before the model runs
+    channels, size = cfg.in_channels, cfg.image_size
+    wrapped = _with_normalization(model, cfg.mean, cfg.std, channels)
+    if "num_classes" not in options:
+        cfg = DefendConfig.from_dict({**shape, "num_classes": _output_shape(wrapped, channels, size, "the model")[-1]})
+    _check_names(cfg)
+    _check_output(wrapped, channels, size, cfg.num_classes, "the model")
+    images = images_from_arrays(clean_x, clean_y, num_classes=cfg.num_classes, channels=channels, image_size=size)
+    test = None if test_x is None else images_from_arrays(test_x, test_y, num_classes=cfg.num_classes,
+                                                          channels=channels, image_size=size, what="test_x/test_y")
+    log = _printer(quiet)
+    if out is None:
+        report = run_defense(wrapped, images, cfg, test=test, log=log, progress=not quiet)
+    else:
+        with run_folder(Path(out), tool="onp.defend", overwrite=overwrite) as run_dir:
+            report = run_defense(wrapped, images, cfg, test=test, work_dir=run_dir / "learn", log=log,
+                                 progress=not quiet)
+            write_defense_run(run_dir, report, cfg, weights=report.model.state_dict(), command="onp.defend(...)")
+        report.run_dir = Path(out)
+    if not quiet:
+        _print_summary(report)
+    return report
+
+
+def _load_images(cfg: DefendConfig, source: str, indices: Optional[str]) -> CleanImages:
+    """The images of ``source`` (a folder, an ``.npz`` or a dataset name with ``indices``) for this model."""
+    return load_clean_images(source, num_classes=cfg.num_classes, channels=cfg.in_channels, image_size=cfg.image_size,
+                             indices=indices, data_dir=cfg.data_dir, data_source=cfg.data_source)
+
+
+def default_run_dir(cfg: DefendConfig) -> Path:
+    """``runs/defend/<arch>-<method>-s<seed>`` (a file-based ``--arch`` is named by its class)."""
+    arch = (cfg.arch or "model").rsplit(":", 1)[-1]
+    return Path("runs") / "defend" / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{arch}-{cfg.method}-s{cfg.seed}")
+
+
+def run_defend(config: Union[DefendConfig, Mapping[str, Any]], out: Optional[PathLike] = None, *,
+               overwrite: bool = False, quiet: bool = False, command: Optional[str] = None) -> DefenseReport:
+    """``python -m onp.defend`` as a function: build ``arch``, load ``weights`` (:mod:`onp.foreign_weights`:
+    weights-only, key prefixes and layouts handled), read ``clean_data`` (and ``test_data``), defend
+    (:func:`run_defense`) and write the run folder ``out`` (:func:`write_defense_run`).
+
+    Every input is checked before the run folder is created: a bad one is a ``ValueError``,
+    ``FileNotFoundError`` or :class:`~onp.io.CheckpointError` naming it.
+    """
+    from .foreign_weights import load_into, to_user_keys
+
+    cfg = config if isinstance(config, DefendConfig) else DefendConfig.from_dict(config)
+    missing = [f"--{k.replace('_', '-')}" for k in ("arch", "weights", "clean_data") if getattr(cfg, k) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    assert cfg.weights is not None and cfg.clean_data is not None
+    _check_names(cfg)
+    cache_root(cfg.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
+    net = _build_arch(cfg)
+    loaded = load_into(net, cfg.weights)
+    model = net if not is_user_arch(cfg.arch or "") else _with_normalization(net, cfg.mean, cfg.std, cfg.in_channels)
+    _check_output(model, cfg.in_channels, cfg.image_size, cfg.num_classes, f"--arch {cfg.arch}")
+    images = _load_images(cfg, cfg.clean_data, cfg.indices)
+    test = _load_images(cfg, cfg.test_data, cfg.test_indices) if cfg.test_data else None
+    final = Path(out) if out is not None else default_run_dir(cfg)
+    log = _printer(quiet)
+    with run_folder(final, tool="onp.defend", overwrite=overwrite) as run_dir:
+        report = run_defense(model, images, cfg, test=test, work_dir=run_dir / "learn", log=log, progress=not quiet)
+        weights = to_user_keys(report.model.state_dict(), loaded.key_map)
+        write_defense_run(run_dir, report, cfg, weights=weights, weights_format=loaded.file.format,
+                          command=command)
+    report.run_dir = final
+    _print_summary(report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m onp.defend`` flags (each maps to one :class:`DefendConfig` key)."""
+    p = argparse.ArgumentParser(prog="python -m onp.defend", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See docs/defend.md for the verdict, the methods and the files written.")
+    m = p.add_argument_group("the model")
+    from .models import MODELS
+
+    m.add_argument("--arch", default=None, help=f"a registered architecture ({', '.join(MODELS.names())}) or your "
+                                                f"own: path/file.py:Class, package.module:factory (imports that code)")
+    m.add_argument("--weights", type=path_arg, default=None,
+                   help="state_dict .pt/.pth (weights-only), .safetensors, or BackdoorBench attack_result.pt")
+    m.add_argument("--width", type=int_at_least(1), default=None, help="first-stage width (default: the arch's)")
+    m.add_argument("--num-classes", type=int_at_least(2), default=None, help="classes (default 10)")
+    m.add_argument("--in-channels", type=int, choices=[1, 3], default=None, help="image channels (default 3)")
+    m.add_argument("--input-size", type=int_at_least(1), nargs="+", default=None, metavar="N",
+                   help="image size: H (square) or H W (default 32)")
+    m.add_argument("--mean", type=finite_float, nargs="+", default=None,
+                   help="per-channel normalisation your model expects (with --std); onp's own archs apply it inside")
+    m.add_argument("--std", type=finite_float, nargs="+", default=None)
+    d = p.add_argument_group("the defender's images")
+    d.add_argument("--clean-data", default=None, help="a folder (one sub-folder per class), an .npz with x and y, "
+                                                      "or a registered dataset name with --indices")
+    d.add_argument("--indices", type=path_arg, default=None, help="with a dataset name: its train-split indices")
+    d.add_argument("--val-fraction", type=fraction, default=None, help="share for defense-validation (default 0.5)")
+    d.add_argument("--test-data", default=None, help="optional held-out images (same formats): test ACC")
+    d.add_argument("--test-indices", type=path_arg, default=None)
+    d.add_argument("--attack", default=None, help="a registered attack: adds test ASR with its trigger "
+                                                  "(trigger-aware; needs --test-data)")
+    d.add_argument("--data-dir", type=path_arg, default=None)
+    d.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
+    f = p.add_argument_group("the defense")
+    f.add_argument("--method", default=None, help="ppo-gnn (default), auto, or a baseline (see --list)")
+    f.add_argument("--portfolio", nargs="+", default=None, help="the methods --method auto tries "
+                                                                "(default ppo-gnn clp fp)")
+    f.add_argument("--threshold", type=finite_float, default=None,
+                   help="suspected when the estimated target's anomaly index <= -threshold (default 2)")
+    f.add_argument("--force", action="store_true", default=None, help="defend even when no backdoor is suspected")
+    f.add_argument("--asr-estimator", default=None, help="synthesized (default; 'trigger' needs the real trigger)")
+    f.add_argument("--timesteps", type=int_at_least(0), default=None, help="ppo-gnn: PPO env steps")
+    f.add_argument("--budget", type=finite_float, default=None, help="ppo-gnn: most neurons pruned (fraction/count)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, dotted (train.ppo.n_steps=64, estimator_params.steps=150, params.delta=0.1)")
+    f.add_argument("--list", action="store_true", help="list the methods and exit")
+    r = p.add_argument_group("running")
+    r.add_argument("--seed", type=int_at_least(0), default=None)
+    r.add_argument("--deterministic", action="store_true", default=None)
+    r.add_argument("--device", type=device_arg, default=None, help="device of the learned policy")
+    r.add_argument("--torch-threads", type=int_at_least(1), default=None)
+    r.add_argument("--cache-dir", type=path_arg, default=None, help="cache of reverse-engineered triggers")
+    r.add_argument("--out", type=path_arg, default=None,
+                   help="run folder (default runs/defend/<arch>-<method>-s<seed>)")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier onp run folder (after success)")
+    r.add_argument("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+#: flag dest -> the :class:`DefendConfig` key it sets (dotted for nested ones)
+FLAG_KEYS = {"arch": "arch", "weights": "weights", "width": "width", "num_classes": "num_classes",
+             "in_channels": "in_channels", "input_size": "input_size", "mean": "mean", "std": "std",
+             "clean_data": "clean_data", "indices": "indices", "val_fraction": "val_fraction",
+             "test_data": "test_data", "test_indices": "test_indices", "attack": "attack", "data_dir": "data_dir",
+             "data_source": "data_source", "method": "method", "portfolio": "portfolio",
+             "threshold": "anomaly_threshold", "force": "force", "asr_estimator": "asr_estimator",
+             "timesteps": "train.ppo.total_timesteps", "budget": "train.env.budget", "seed": "seed",
+             "deterministic": "deterministic", "device": "device", "torch_threads": "torch_threads",
+             "cache_dir": "cache_dir"}
+
+
+def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The defend config of the command line: the flags, then ``--set`` (the last word)."""
+    nested: Dict[str, Any] = {}
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = str(value) if isinstance(value, Path) else value
+    return deep_update(nested, parse_overrides(args.set))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print("\n".join(method_choices()))
+        return 0
+    cfg = DefendConfig.from_dict(config_from_args(args))
+    line = reproduce_line(["python -m onp.defend"] + list(argv if argv is not None else sys.argv[1:]))
+    run_defend(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet, command=line)
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``onp.defend`` is both this module (``python -m onp.defend``) and the function the issue asks for
+    (``onp.defend(model, clean_x, clean_y)``): calling the module calls :func:`defend`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DefenseReport:
+        return defend(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,182 @@
+"""The typed configuration of one ``onp.defend`` run (:class:`DefendConfig`): defend a model you received.
+
+Types and ranges are checked when the config is built, before anything runs (a wrong type, NaN,
+infinity, an out-of-range number or an unknown key is one :class:`~onp.config.ConfigError` naming
+the key). Names that live above the core (the method: ``ppo-gnn``, ``auto`` or a baseline; the ASR
+estimator) are looked up in their registries by :func:`onp.defend.run_defend` before any model is
+loaded.
+
+>>> cfg = DefendConfig.from_dict({"arch": "resnet18", "weights": "suspect.pt", "clean_data": "imgs/"})
+>>> cfg.method, cfg.asr_estimator, cfg.anomaly_threshold
+('ppo-gnn', 'synthesized', 2.0)
+
+The backdoor verdict (docs/defend.md): before pruning, the ``synthesized`` estimator reverse-engineers
+one trigger per class from the defense-train images (Neural Cleanse, Wang et al., IEEE S&P 2019) and
+takes the class with the smallest working trigger as the estimated target. The model is
+**suspected** when that class's MAD anomaly index of the trigger's L1 size is at most
+``-anomaly_threshold`` (default 2: Neural Cleanse's threshold, an anomaly index above 2 in absolute
+value on the small side). Otherwise nothing is pruned unless ``force``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .config import check_finite
+from .train_config import TrainConfig, TypedConfig, check_device
+
+__all__ = ["DefendConfig", "DEFAULT_PORTFOLIO", "TRAIN_KEYS_FROM_DEFEND", "is_user_arch"]
+
+#: the methods ``method="auto"`` tries by default: the learned policy and two fast baselines
+DEFAULT_PORTFOLIO = ("ppo-gnn", "clp", "fp")
+#: training-config keys that ``train`` may not set: :class:`DefendConfig` sets them (one place each)
+TRAIN_KEYS_FROM_DEFEND = ("backdoor", "checkpoint", "data_dir", "seed", "device", "torch_threads", "cache_dir",
+                          "deterministic", "agent", "agent_params")
+#: ``train.env`` keys that :class:`DefendConfig` sets
+ENV_KEYS_FROM_DEFEND = ("asr_estimator", "estimator_params")
+
+
+def is_user_arch(arch: str) -> bool:
+    """Whether ``arch`` names the user's own code (``path/file.py:Class`` or ``package.module:factory``)
+    rather than a registered architecture."""
+    return ":" in arch
+
+
+class DefendConfig(TypedConfig):
+    """Everything one ``onp.defend`` run depends on (see the module doc and docs/defend.md).
+
+    The model is ``arch`` (a registered architecture built with ``width``, ``num_classes``,
+    ``in_channels`` and ``mean``/``std``, or ``path/file.py:Class`` / ``package.module:factory`` for
+    your own ``nn.Module``) with ``weights``; the Python API :func:`onp.defend.defend` takes the model
+    object instead and leaves both ``None``.
+    """
+
+    config_name: ClassVar[str] = "defend config"
+
+    # the model
+    arch: Optional[str] = Field(None, min_length=1, description="registered architecture or file.py:Class")
+    weights: Optional[str] = Field(None, min_length=1, description="state_dict .pt/.pth, .safetensors, BackdoorBench")
+    width: Optional[int] = Field(None, ge=1, le=4096, description="first-stage width (default: the architecture's)")
+    num_classes: int = Field(10, ge=2, le=100_000)
+    in_channels: Literal[1, 3] = 3
+    input_size: Union[int, List[int]] = Field(32, description="image height (= width), or [height, width]")
+    mean: Optional[List[float]] = Field(None, description="per-channel normalisation put in front of the model")
+    std: Optional[List[float]] = None
+
+    # the defender's data
+    clean_data: Optional[str] = Field(None, min_length=1, description="ImageFolder folder, .npz, or a dataset name")
+    indices: Optional[str] = Field(None, min_length=1, description="with a dataset name: its train-split indices")
+    test_data: Optional[str] = Field(None, min_length=1, description="optional held-out set (same formats)")
+    test_indices: Optional[str] = Field(None, min_length=1)
+    data_dir: Optional[str] = Field(None, min_length=1)
+    data_source: Literal["auto", "full", "sample"] = "auto"
+    val_fraction: float = Field(0.5, gt=0, lt=1, description="share of the clean images for defense-validation")
+
+    # the defense
+    method: str = Field("ppo-gnn", min_length=1, description="ppo-gnn, auto, or a baseline")
+    params: Dict[str, Any] = Field(default_factory=dict, description="the baseline's hyperparameters")
+    portfolio: List[str] = Field(default_factory=lambda: list(DEFAULT_PORTFOLIO), min_length=1,
+                                 description="the methods method='auto' tries")
+    asr_estimator: str = Field("synthesized", min_length=1)
+    estimator_params: Dict[str, Any] = Field(default_factory=dict, description="e.g. steps, l1_weight")
+    anomaly_threshold: float = Field(2.0, gt=0, le=100, description="suspected when the target's index <= -this")
+    force: bool = Field(False, description="defend even when no backdoor is suspected")
+    train: Dict[str, Any] = Field(default_factory=dict, description="onp.train config overrides (ppo-gnn)")
+
+    # trigger-aware test metrics (optional; never used to choose anything)
+    attack: Optional[str] = Field(None, min_length=1, description="a registered attack: test ASR (trigger-aware)")
+    attack_params: Dict[str, Any] = Field(default_factory=dict)
+
+    # running
+    seed: int = Field(0, ge=0)
+    deterministic: bool = False
+    device: str = "cpu"
+    torch_threads: Optional[int] = Field(None, ge=1, le=1024)
+    cache_dir: Optional[str] = Field(None, min_length=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or is_user_arch(v):
+            return v
+        from .models import MODELS
+        MODELS.check(v)
+        return v
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, v: Union[int, List[int]]) -> Union[int, List[int]]:
+        sizes = [v] if isinstance(v, int) else v
+        if len(sizes) not in (1, 2) or any(s < 1 or s > 65_536 for s in sizes):
+            raise ValueError(f"input_size must be a size >= 1 or [height, width]; got {v!r}")
+        return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _stats(cls, v: Optional[List[float]]) -> Optional[List[float]]:
+        if v is not None and not 1 <= len(v) <= 3:
+            raise ValueError(f"needs 1 value or one per channel; got {len(v)}")
+        return v
+
+    @field_validator("asr_estimator")
+    @classmethod
+    def _estimator(cls, v: str) -> str:
+        if v == "trigger":
+            raise ValueError("'trigger' needs the attack's real trigger, which a defender of a received model does "
+                             "not have; use 'synthesized' (reverse-engineered from the clean images)")
+        return v
+
+    @field_validator("params", "estimator_params", "attack_params")
+    @classmethod
+    def _finite(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        return check_finite(v)
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        taken = sorted(k for k in v if k in TRAIN_KEYS_FROM_DEFEND)
+        env = v.get("env")
+        if isinstance(env, Mapping):
+            taken += [f"env.{k}" for k in env if k in ENV_KEYS_FROM_DEFEND]
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set here: they are keys of the defend config itself")
+        TrainConfig.from_dict(v)  # types, ranges, unknown keys (a ConfigError names the key)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DefendConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together: give both or neither")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and len(values) not in (1, self.in_channels):
+                raise ValueError(f"{name} needs 1 value or {self.in_channels} (one per channel); got {len(values)}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be > 0; got {self.std}")
+        if self.test_indices is not None and self.test_data is None:
+            raise ValueError("test_indices needs test_data (a dataset name)")
+        if self.attack is None and self.attack_params:
+            raise ValueError("attack_params needs attack")
+        return self
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """``(height, width)`` of the model's input."""
+        sizes = [self.input_size] if isinstance(self.input_size, int) else list(self.input_size)
+        return (sizes[0], sizes[-1])
+
+    def learned_config(self) -> Dict[str, Any]:
+        """The resolved ``onp.train`` config of the learned method: the defaults, ``train``, and this
+        config's estimator, seed, device, threads and cache (a plain dict, as ``onp.train`` uses it)."""
+        env = {**dict(self.train.get("env") or {}), "asr_estimator": self.asr_estimator,
+               "estimator_params": dict(self.estimator_params)}
+        return TrainConfig.from_dict({**self.train, "env": env, "seed": self.seed, "device": self.device,
+                                      "torch_threads": self.torch_threads, "cache_dir": self.cache_dir,
+                                      "deterministic": self.deterministic}).to_dict()

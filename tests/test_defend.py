@@ -1,0 +1,399 @@
+"""Defend your own model (issue #16): ``onp.defend(...)`` and ``python -m onp.defend`` end to end.
+
+"The received model" is the session's ``tiny_bundle`` (a small_cnn backdoored with BadNets on the
+bundled Fashion-MNIST sample), exported the way a defender gets it: a ``state_dict`` (plain, with a
+``module.`` prefix, safetensors) and its 300 clean defender images as an ``.npz`` and a PNG
+ImageFolder. To stay fast the trigger inversion runs 30 steps (cached after the first run: every run
+here inverts the same model on the same split) and the verdict uses threshold 1.5: at 30 steps the
+backdoored model's target (class 0) has anomaly index -1.89 and a clean model's -0.51.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import onp
+from onp.cli_common import run_cli
+from onp.defend import DefenseReport, main, method_choices
+from onp.evidence import VERDICTS
+from onp.models import build_model
+
+from .conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FLAGS = ["--arch", "small_cnn", "--width", "16", "--num-classes", "10", "--in-channels", "1",
+               "--input-size", "28"]
+#: the fast verdict: 30 inversion steps, threshold 1.5 (module doc)
+FAST: Dict[str, Any] = {"estimator_params": {"steps": 30}, "anomaly_threshold": 1.5, "torch_threads": 1}
+#: a tiny ppo-gnn (configs/train/tiny.yaml with fewer PPO steps)
+TINY_TRAIN: Dict[str, Any] = {"env": {"budget": 8, "reward_batch": 80, "delta": 0.5},
+                              "policy": {"hidden": 16, "layers": 2, "head_hidden": 32},
+                              "ppo": {"total_timesteps": 64, "n_steps": 32, "batch_size": 16, "n_epochs": 2},
+                              "eval": {"freq": 32}, "warm_start": {"epochs": 40}}
+
+
+def _sets(prefix: str, mapping: Dict[str, Any]) -> List[str]:
+    """``--set`` flags for every leaf of ``mapping`` under ``prefix``."""
+    out: List[str] = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out += _sets(f"{prefix}{key}.", value)
+        else:
+            out += ["--set", f"{prefix}{key}={json.dumps(value)}"]
+    return out
+
+
+FAST_FLAGS = ["--threshold", "1.5", "--torch-threads", "1", "--quiet"] + _sets("", {"estimator_params": {"steps": 30}})
+TINY_PPO_FLAGS = _sets("train.", TINY_TRAIN)
+
+
+def _write_folder(root: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """An ImageFolder (sub-folders 0..9) whose files sort in the order of ``x`` (the same split as the npz)."""
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+    for i, (img, label) in enumerate(zip(x, y)):
+        Image.fromarray(img[0]).save(root / str(int(label)) / f"{i:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def received(tiny_bundle, tmp_path_factory):
+    """The received model's files and the defender's images (module doc)."""
+    root = tmp_path_factory.mktemp("received")
+    state = tiny_bundle.model.state_dict()
+    torch.save(state, root / "weights.pt")
+    torch.save({f"module.{k}": v for k, v in state.items()}, root / "weights_module.pt")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "weights.safetensors"))
+    data = tiny_bundle.defense_data
+    x = (data.all_x * 255).round().to(torch.uint8).numpy()  # the sample is uint8: exact
+    y = data.all_y.numpy()
+    np.savez(root / "clean.npz", x=x, y=y)
+    _write_folder(root / "clean_folder", x, y)
+    np.savez(root / "test.npz", x=(tiny_bundle.test_x[:300] * 255).round().to(torch.uint8).numpy(),
+             y=tiny_bundle.test_y[:300].numpy())
+    return SimpleNamespace(root=root, x=x, y=y, model=tiny_bundle.model, state=state)
+
+
+@pytest.fixture(scope="module")
+def clean_model(onp_cache):
+    """The same small_cnn trained without a backdoor (a few seconds)."""
+    from onp.zoo import BackdoorConfig, load_bundle
+    return load_bundle(BackdoorConfig(**{**TINY, "clean": True}), cache_dir=onp_cache, progress=False).model
+
+
+def _fresh() -> nn.Module:
+    return build_model("small_cnn", num_classes=10, in_channels=1, width=16)
+
+
+def _strict_json(path: Path) -> Any:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{path}: non-strict JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _bn_gammas(model: nn.Module, names: List[str]) -> List[float]:
+    mods = dict(model.named_modules())
+    out = []
+    for name in names:
+        layer, channel = re.fullmatch(r"(.+)\[(\d+)\]", name).groups()
+        out.append(float(mods[layer].weight.detach()[int(channel)]))
+    return out
+
+
+def _cli(argv: List[str], capsys) -> SimpleNamespace:
+    rc = run_cli(main, argv)
+    cap = capsys.readouterr()
+    return SimpleNamespace(rc=rc, out=cap.out, err=cap.err)
+
+
+def _check_report(report: DefenseReport) -> None:
+    """The report's fields and their consistency."""
+    assert report.outcome in VERDICTS and report.judgement.verdict == report.outcome
+    assert len(report.pruned) == len(report.pruned_names) == report.metrics["n_pruned"]
+    assert sum(report.metrics["pruned_per_layer"].values()) == len(report.pruned)
+    val = report.metrics["val"]
+    assert set(val) >= {"acc_before", "acc_after", "asr_before", "asr_after", "n_clean", "n_triggered"}
+    assert val["asr_is_estimate"] is True and "estimate" in val["asr_note"]
+    assert report.metrics["trigger_aware"] is False and report.wall_time > 0
+    json.dumps(report.to_dict(), allow_nan=False)  # strict JSON
+
+
+# --------------------------------------------------------------------------------------------------
+# the Python API
+
+
+def test_api_end_to_end_with_ppo_gnn(received):
+    before = {k: v.clone() for k, v in received.model.state_dict().items()}
+    report = onp.defend(received.model, received.x, received.y, method="ppo-gnn", train=TINY_TRAIN, **FAST)
+    _check_report(report)
+    assert {k: v for k, v in received.model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in received.model.state_dict().items())  # input untouched
+    v = report.verdict
+    assert v.suspected and v.estimated_target == 0 and v.anomaly_index <= -1.5 and v.threshold == 1.5
+    assert len(v.mask_l1) == len(v.anomaly_indices) == len(v.success) == 10
+    assert report.method == "ppo-gnn" and report.metrics["chosen_method"] == "ppo-gnn"
+    assert report.metrics["method_info"]["timesteps"] >= 64
+    # the learned pruning removes the estimated backdoor and is kept by "no evidence, no pruning"
+    assert report.outcome == "removed" and report.judgement.keep and report.pruned
+    assert report.metrics["val"]["asr_after"] < report.metrics["val"]["asr_before"]
+    # the repaired weights load into a freshly built model; the pruned neurons are masked (gamma mode)
+    fresh = _fresh()
+    fresh.load_state_dict(report.model.state_dict())
+    assert _bn_gammas(fresh, report.pruned_names) == [0.0] * len(report.pruned)
+    assert _bn_gammas(received.model, report.pruned_names) != [0.0] * len(report.pruned)
+    unpruned = [k for k in before if k.endswith(".weight") and k.startswith("conv")]
+    assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in unpruned)  # only BN weights change
+
+
+def test_api_without_a_suspected_backdoor_prunes_nothing_and_force_defends(received, clean_model, tmp_path):
+    x, y = torch.from_numpy(received.x).float() / 255, torch.from_numpy(received.y)  # float NCHW tensors too
+    report = onp.defend(clean_model, x, y, method="fp", **FAST)
+    _check_report(report)
+    assert not report.verdict.suspected and report.outcome == "nothing pruned" and report.pruned == []
+    assert "no backdoor found" in report.judgement.reason and report.metrics["chosen_method"] == "none"
+    assert all(torch.equal(a, b) for a, b in zip(report.model.state_dict().values(),
+                                                 clean_model.state_dict().values()))
+    forced = onp.defend(clean_model, x, y, method="fp", force=True, out=tmp_path / "run", **FAST)
+    _check_report(forced)
+    assert forced.metrics["forced"] and forced.metrics["chosen_method"] == "fp"
+    assert forced.run_dir == tmp_path / "run" and (tmp_path / "run" / "report.json").is_file()
+    assert set(torch.load(tmp_path / "run" / "model.pt", weights_only=True)) == set(clean_model.state_dict())
+
+
+def test_api_bad_input_is_one_clear_error(received):
+    with pytest.raises(ValueError, match="at least 20 clean images"):
+        onp.defend(received.model, received.x[:10], received.y[:10], **FAST)
+    with pytest.raises(ValueError, match=r"clean_x/clean_y: label 10 .*outside \[0, 10\)"):
+        onp.defend(received.model, received.x, np.where(received.y == 3, 10, received.y), **FAST)
+    with pytest.raises(ValueError, match="unknown defense method 'nope'; valid choices: auto, ppo-gnn, anp"):
+        onp.defend(received.model, received.x, received.y, method="nope")
+    with pytest.raises(ValueError, match="unknown key"):
+        onp.defend(received.model, received.x, received.y, no_such_option=1)
+    with pytest.raises(ValueError, match="'trigger' needs the attack's real trigger"):
+        onp.defend(received.model, received.x, received.y, asr_estimator="trigger")
+
+
+def test_auto_keeps_the_best_reward_of_its_portfolio(received):
+    report = onp.defend(received.model, received.x, received.y, method="auto", train=TINY_TRAIN, **FAST)
+    _check_report(report)
+    tried = report.metrics["method_info"]["portfolio"]
+    assert [c["method"] for c in tried] == ["ppo-gnn", "clp", "fp"]
+    best = max(tried, key=lambda c: c["reward"])
+    assert report.metrics["chosen_method"] == best["method"] and report.method == "auto"
+    val = report.metrics["val"]
+    assert val["acc_after"] - val["asr_after"] == pytest.approx(best["reward"])
+
+
+def test_the_recovered_trigger_is_fitted_exactly():
+    from onp.defend import _fit_stamp
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(50, 3, 8, 8, generator=gen)
+    mask = (torch.rand(1, 8, 8, generator=gen) > 0.7).float() * torch.rand(1, 8, 8, generator=gen)
+    pattern = torch.rand(3, 8, 8, generator=gen)
+    stamp, fitted = _fit_stamp(clean, (1 - mask) * clean + mask * pattern)
+    assert torch.allclose(stamp, mask * pattern, atol=1e-4) and torch.allclose(fitted, mask, atol=1e-4)
+
+
+def test_the_docs_example_runs(tiny_bundle, monkeypatch, capsys):
+    """docs/defend.md's Python example, verbatim, with this file's fast settings added to the call."""
+    import onp.defend as module
+    text = (ROOT / "docs" / "defend.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) <= 12
+    assert blocks[0] in (ROOT / "README.md").read_text()  # the README shows this very example
+    real = module.defend
+    monkeypatch.setattr(module, "defend", lambda *a, **kw: real(*a, **{**FAST, "train": TINY_TRAIN, **kw}))
+    namespace: Dict[str, Any] = {}
+    exec(compile(blocks[0], "docs/defend.md", "exec"), namespace)
+    report = namespace["report"]
+    assert isinstance(report, DefenseReport) and namespace["repaired"] is report.model
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[onp] using cached")]
+    assert printed[0].startswith("verdict: backdoor suspected (estimated target class 0")
+
+
+def test_onp_defend_is_the_module_and_callable():
+    import onp.defend as module
+    assert onp.defend is module and callable(onp.defend)
+    assert method_choices()[:2] == ["auto", "ppo-gnn"] and "clp" in method_choices()
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.mark.parametrize("weights,clean", [("weights.pt", "clean.npz"), ("weights_module.pt", "clean_folder"),
+                                           ("weights.safetensors", "clean.npz")])
+def test_cli_each_input_format(received, tmp_path, capsys, weights, clean):
+    out = tmp_path / "run"
+    res = _cli(MODEL_FLAGS + ["--weights", str(received.root / weights), "--clean-data", str(received.root / clean),
+                              "--method", "clp", "--out", str(out)] + FAST_FLAGS, capsys)
+    assert res.rc == 0, res.err
+    lines = res.out.splitlines()
+    assert lines[0].startswith("[onp] verdict: backdoor suspected (estimated target class 0")
+    assert lines[1].startswith("[onp] outcome: ")
+    weights_file = "model.safetensors" if weights.endswith(".safetensors") else "model.pt"
+    for name in (weights_file, "pruned.json", "config.json", "train_config.json", "report.md", "report.json",
+                 "metrics.json", "trigger.png", "env.json", "README.md", ".onp-run.json"):
+        assert (out / name).is_file(), name
+    # the repaired weights in the user's own key format: the same keys as the input file
+    if weights_file == "model.safetensors":
+        from safetensors.torch import load_file
+        repaired = load_file(str(out / weights_file))
+    else:
+        repaired = torch.load(out / weights_file, weights_only=True)
+    prefix = "module." if "module" in weights else ""
+    assert sorted(repaired) == sorted(prefix + k for k in received.state)  # safetensors stores keys sorted
+    fresh = _fresh()
+    fresh.load_state_dict({k.removeprefix(prefix): v for k, v in repaired.items()})
+    report = _strict_json(out / "report.json")
+    assert report["verdict"]["suspected"] and report["method"] == "clp"
+    pruned = _strict_json(out / "pruned.json")  # onp.rundir writes names: null for an empty pruning
+    assert report["outcome"] in VERDICTS and (pruned["names"] or []) == report["pruned_names"]
+    assert _strict_json(out / "config.json")["clean_data"] == str(received.root / clean)
+    md = (out / "report.md").read_text()
+    assert md.splitlines()[2].startswith("**verdict: backdoor suspected") and "**estimate**" in md
+    assert (out / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_ppo_gnn_with_test_data_and_a_known_attack(received, tmp_path, capsys):
+    out = tmp_path / "run"
+    res = _cli(MODEL_FLAGS + ["--weights", str(received.root / "weights.pt"),
+                              "--clean-data", str(received.root / "clean.npz"), "--test-data",
+                              str(received.root / "test.npz"), "--attack", "badnets", "--out", str(out)]
+               + FAST_FLAGS + TINY_PPO_FLAGS, capsys)
+    assert res.rc == 0, res.err
+    assert res.out.startswith("[onp] verdict: backdoor suspected")
+    assert "test ASR" in res.out and "(trigger-aware)" in res.out
+    report = _strict_json(out / "report.json")
+    test = report["metrics"]["test"]
+    assert test["trigger_aware"] is True and test["n"] == 300 and test["attack"]["name"] == "badnets"
+    assert test["asr_before"] > 0.9  # the real trigger works on the received model
+    assert report["outcome"] == "removed" and report["pruned"]
+    assert (out / "learn" / "ppo-gnn" / "policy.pt").is_file()
+    repaired = torch.load(out / "model.pt", weights_only=True)
+    fresh = _fresh()
+    fresh.load_state_dict(repaired)
+    assert _bn_gammas(fresh, report["pruned_names"]) == [0.0] * len(report["pruned"])
+    md = (out / "report.md").read_text()
+    assert "test ASR (**trigger-aware**: attack `badnets`)" in md and "Pruned neurons:" in md
+
+
+def test_cli_force_on_a_clean_model(received, clean_model, tmp_path, capsys):
+    torch.save(clean_model.state_dict(), tmp_path / "clean.pt")
+    args = MODEL_FLAGS + ["--weights", str(tmp_path / "clean.pt"), "--clean-data", str(received.root / "clean.npz"),
+                          "--method", "fp"] + FAST_FLAGS
+    res = _cli(args + ["--out", str(tmp_path / "plain")], capsys)
+    assert res.rc == 0, res.err
+    assert res.out.startswith("[onp] verdict: no backdoor found")
+    assert _strict_json(tmp_path / "plain" / "report.json")["outcome"] == "nothing pruned"
+    repaired = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    assert all(torch.equal(repaired[k], v) for k, v in clean_model.state_dict().items())  # returned unchanged
+    res = _cli(args + ["--out", str(tmp_path / "forced"), "--force"], capsys)
+    assert res.rc == 0, res.err
+    report = _strict_json(tmp_path / "forced" / "report.json")
+    assert report["metrics"]["forced"] and report["metrics"]["chosen_method"] == "fp"
+
+
+def test_cli_list_methods(capsys):
+    assert run_cli(main, ["--list"]) == 0
+    assert capsys.readouterr().out.split() == method_choices()
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: exit 2, one error line, no traceback, no run folder
+
+
+def _bad_inputs(received, tmp: Path) -> Dict[str, Any]:
+    """name -> (the flags that differ from a good run, a pattern of the error line)."""
+    x, y = received.x, received.y
+    np.savez(tmp / "size.npz", x=np.zeros((300, 1, 32, 32), np.uint8), y=y)
+    np.savez(tmp / "rgb.npz", x=np.stack([x[:, 0], x[:, 0] // 2, x[:, 0]], 1), y=y)
+    np.savez(tmp / "label.npz", x=x, y=np.where(y == 3, 10, y))
+    np.savez(tmp / "few.npz", x=x[:12], y=y[:12])
+    shutil.copytree(received.root / "clean_folder", tmp / "empty_class")
+    for f in (tmp / "empty_class" / "4").iterdir():
+        f.unlink()
+    torch.save(_fresh(), tmp / "whole_model.pt")
+    torch.save(build_model("small_cnn", num_classes=10, in_channels=1, width=8).state_dict(), tmp / "narrow.pt")
+    torch.save({**received.state, "extra.weight": torch.zeros(1)}, tmp / "extra.pt")
+    return {
+        "wrong image size": (["--clean-data", str(tmp / "size.npz")], r"expected 1-channel images of 28x28"),
+        "wrong channels": (["--clean-data", str(tmp / "rgb.npz")], r"RGB \(colour\) images for a 1-channel"),
+        "label out of range": (["--clean-data", str(tmp / "label.npz")], r"label 10 .* outside \[0, 10\)"),
+        "empty class": (["--clean-data", str(tmp / "empty_class")], r"empty class folder \(class 4"),
+        "fewer than 20 images": (["--clean-data", str(tmp / "few.npz")], r"12 image\(s\); onp needs at least 20"),
+        "pickled whole model": (["--weights", str(tmp / "whole_model.pt")], r'torch.save\(model.state_dict\(\)'),
+        "shape mismatch": (["--weights", str(tmp / "narrow.pt")], r"shape mismatches .*conv1.weight"),
+        "unexpected key": (["--weights", str(tmp / "extra.pt")], r"unexpected keys \['extra.weight'\]"),
+        "missing weights": (["--weights", str(tmp / "nope.pt")], r"weights file not found"),
+        "unknown arch": (["--arch", "resnet19"], r"arch: unknown model 'resnet19'; valid choices: mobilenet_v2, "),
+        "unknown method": (["--method", "prune-all"], r"unknown defense method 'prune-all'; valid choices: auto, "
+                                                      r"ppo-gnn, anp, awm"),
+        "trigger estimator": (["--asr-estimator", "trigger"], r"'trigger' needs the attack's real trigger"),
+        "bad train key": (["--set", "train.ppo.nsteps=3"], r"train: .*ppo.nsteps: unknown key"),
+        "missing arch file": (["--arch", str(tmp / "net.py") + ":Net"], r"no such file"),
+    }
+
+
+def test_cli_bad_inputs_exit_2_with_one_error_line(received, tmp_path, capsys):
+    cases = _bad_inputs(received, tmp_path)
+    good = {"--weights": str(received.root / "weights.pt"), "--clean-data": str(received.root / "clean.npz")}
+    for name, (flags, pattern) in cases.items():
+        argv = list(MODEL_FLAGS)
+        given = dict(zip(flags[::2], flags[1::2]))
+        for flag, value in good.items():
+            argv += [flag, given.pop(flag, value)]
+        for flag, value in given.items():
+            if flag in argv:
+                argv[argv.index(flag) + 1] = value
+            else:
+                argv += [flag, value]
+        out = tmp_path / "out" / name.replace(" ", "-")
+        res = _cli(argv + ["--out", str(out)] + FAST_FLAGS, capsys)
+        lines = res.err.strip().splitlines()
+        assert res.rc == 2, (name, res.err)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, res.err)
+        assert re.search(pattern, lines[0]), (name, lines[0])
+        assert "Traceback" not in res.err and not out.exists(), name
+
+
+def test_cli_user_module_with_mean_and_std(received, tmp_path, capsys):
+    """``--arch file.py:Class`` (your own nn.Module) with ``--mean/--std``: a Normalize layer goes in front;
+    the repaired weights and neuron names are your module's own."""
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__()\n"
+        "        conv = lambda cin: [nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]\n"
+        "        self.features = nn.Sequential(*conv(1), *conv(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "        self.head = nn.Linear(8, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.features(x))\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mynet_for_test", tmp_path / "mynet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.Net()
+    torch.save({f"model.{k}": v for k, v in net.state_dict().items()}, tmp_path / "net.pt")
+    out = tmp_path / "run"
+    res = _cli(["--arch", f"{tmp_path / 'mynet.py'}:Net", "--in-channels", "1", "--input-size", "28", "--mean", "0.3",
+                "--std", "0.3", "--weights", str(tmp_path / "net.pt"), "--clean-data", str(received.root / "clean.npz"),
+                "--method", "magnitude", "--force", "--out", str(out), "--set", "train.rollout.evidence_alpha=null"]
+               + FAST_FLAGS, capsys)  # an untrained net: no significance test, so magnitude's pruning is kept
+    assert res.rc == 0, res.err
+    repaired = torch.load(out / "model.pt", weights_only=True)
+    assert list(repaired) == [f"model.{k}" for k in net.state_dict()]  # no Normalize buffers, the user's prefix
+    report = _strict_json(out / "report.json")
+    assert report["pruned_names"] and all(re.fullmatch(r"features\.[14]\[\d\]", n) for n in report["pruned_names"])
+    assert _strict_json(out / "config.json")["mean"] == [0.3]
