@@ -20,16 +20,12 @@ Where agents come from (:func:`resolve_agent_factory`):
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import importlib.util
 import inspect
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -50,6 +46,7 @@ import numpy as np
 from onp.evidence import EvidenceRule
 from onp.io import CheckpointError, atomic_write_json, read_json
 from onp.registry import Registry, UnknownNameError
+from onp.user_code import import_object, is_code_spec
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -199,38 +196,6 @@ def available_agents() -> List[str]:
     return sorted(set(names) | set(_entry_points()))
 
 
-def _load_file_class(path: str, attr: str) -> Any:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"agent file not found: {file} (from --agent {path}:{attr})")
-    mod_name = "onp_agent_" + re.sub(r"\W", "_", str(file.resolve()))
-    spec = importlib.util.spec_from_file_location(mod_name, file)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot import {file} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(mod_name, None)
-        raise ValueError(f"importing agent file {file} failed: {type(exc).__name__}: {exc}") from exc
-    return _get_attr(module, attr, str(file))
-
-
-def _get_attr(module: ModuleType, attr: str, where: str) -> Any:
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            defined = sorted(n for n, v in vars(module).items()
-                             if inspect.isclass(v) and v.__module__ == module.__name__)
-            raise ValueError(f"{where} has no attribute {attr!r}; "
-                             f"classes defined there: {', '.join(defined) or '(none)'}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{where}:{attr} is not a class or factory")
-    return obj
-
-
 def resolve_agent_factory(spec: str) -> Tuple[AgentFactory, Dict[str, Any], str]:
     """``spec`` -> ``(factory, extra_params, canonical_name)``; clear errors for bad specs."""
     if not isinstance(spec, str) or not spec.strip():
@@ -238,10 +203,8 @@ def resolve_agent_factory(spec: str) -> Tuple[AgentFactory, Dict[str, Any], str]
     spec = spec.strip()
     if ":" in spec:
         left, right = spec.rsplit(":", 1)
-        if left.endswith(".py") or "/" in left or "\\" in left:
-            if not right or not all(p.isidentifier() for p in right.split(".")):
-                raise ValueError(f"malformed agent spec {spec!r}; expected path/to/file.py:ClassName")
-            return _load_file_class(left, right), {}, f"{Path(left).stem}.{right}"
+        if left.endswith(".py") or "/" in left or "\\" in left:  # path/to/file.py:Class
+            return import_object(spec, "agent"), {}, f"{Path(left).stem}.{right}"
         if left in PARAMETRIC and left in AGENTS:
             if not right:
                 raise ValueError(f"agent {left!r} needs an argument: {left}:<{PARAMETRIC[left]}>")
@@ -249,11 +212,7 @@ def resolve_agent_factory(spec: str) -> Tuple[AgentFactory, Dict[str, Any], str]
                 PARAMETRIC_CHECKS[left](right)
             return AGENTS.get(left), {PARAMETRIC[left]: right}, spec
         if "." in left and right.isidentifier():  # package.module:Class
-            try:
-                module = importlib.import_module(left)
-            except ImportError as exc:
-                raise ValueError(f"cannot import module {left!r} for agent {spec!r}: {exc}") from exc
-            return _get_attr(module, right, left), {}, spec
+            return import_object(spec, "agent"), {}, spec
         if left in AGENTS:
             raise ValueError(f"agent {left!r} takes no ':' argument; valid choices: {', '.join(available_agents())}")
         raise UnknownNameError("agent", spec, available_agents())
@@ -281,8 +240,7 @@ def imports_code(spec: Any) -> bool:
     if not isinstance(spec, str) or ":" not in spec:
         return isinstance(spec, str) and spec.strip().endswith(".py")
     left = spec.strip().rsplit(":", 1)[0]
-    return not (left in PARAMETRIC and left in AGENTS) and (left.endswith(".py") or "/" in left or "\\" in left
-                                                              or "." in left)
+    return not (left in PARAMETRIC and left in AGENTS) and is_code_spec(spec)
 
 
 def check_agent_source(spec: Any, explicit: Optional[str], *, where: Any) -> None:

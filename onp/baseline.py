@@ -26,7 +26,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Union
 
-import torch
 from torch import nn
 
 from .baseline_config import BaselineRunConfig
@@ -47,7 +46,7 @@ from .cli_common import (
 )
 from .config import deep_update
 from .data.augment import Augment
-from .io import cache_root, run_folder
+from .io import cache_root, run_folder, to_jsonable
 from .metrics import evaluate_backdoor, with_der
 from .rundir import RunResult, reproduce_line, write_run
 from .seeding import seed_everything
@@ -73,21 +72,6 @@ def defend(bundle: BackdoorBundle, method: str, params: Optional[Dict[str, Any]]
 
 def _uses_val(defense: Any) -> bool:
     return getattr(defense.params, "operating_point", None) == "delta"
-
-
-def _jsonable(obj: Any, max_len: int = 4096) -> Any:
-    """Info dicts -> JSON: drop ``_private`` keys, small tensors to lists, big ones summarised."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v, max_len) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, max_len) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist() if obj.numel() <= max_len else {"shape": list(obj.shape), "mean": obj.float().mean().item()}
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    return repr(obj)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,8 +236,8 @@ def _defend_and_report(bundle: BackdoorBundle, defense: Any, method: str, seed: 
     op = result.info.get("operating_point")
     metrics = {**after, "before": before, "method": method, "n_pruned": result.n_pruned,
                "wall_time": result.wall_time, "forward_passes": result.forward_passes,
-               "backward_passes": result.backward_passes, "operating_point": _jsonable(op),
-               "info": _jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
+               "backward_passes": result.backward_passes, "operating_point": to_jsonable(op),
+               "info": to_jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
                "reports": reports,
                "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
                "data_source": bundle.meta.get("data_source")}

@@ -5,6 +5,7 @@ Examples::
     python -m onp.defend --arch resnet18 --weights suspect.pt --clean-data my_images/
     python -m onp.defend --arch resnet18 --width 64 --weights suspect.safetensors --clean-data clean.npz --method auto
     python -m onp.defend --arch my_net.py:Net --weights net.pt --clean-data clean.npz --mean 0.5 --std 0.5
+    python -m onp.defend --weights attack_result.pt --clean-data clean.npz   # BackdoorBench: --arch from the file
     python -m onp.defend ... --test-data test.npz --attack badnets      # adds test ACC / ASR (trigger-aware)
 
 Python (``onp.defend`` is this module, and calling it calls :func:`defend`)::
@@ -29,11 +30,18 @@ The run folder (``--out``, default ``runs/defend/<arch>-<method>-s<seed>``; :fun
 rules) holds the repaired weights under the user's own key names (``model.pt``, or
 ``model.safetensors`` when the input was safetensors), ``pruned.json`` (neuron ids and names),
 ``config.json``, ``train_config.json`` (the learned method's resolved settings), ``report.md``,
-``report.json`` (strict JSON), ``metrics.json``, ``trigger.png``, ``env.json`` and ``README.md``.
+``report.json`` (strict JSON), ``metrics.json``, ``trigger.png``, ``env.json`` and ``README.md``
+(:func:`onp.defense_report.write_defense_run`).
 
 ``--arch path/file.py:Class`` or ``package.module:factory`` imports your code: onp does so only
 because you typed it (on the command line or in your Python call); ``onp.defend`` reads no config
-file, so nothing named inside a file is ever imported.
+file, so nothing named inside a file is ever imported. ``--arch`` may be left out for a BackdoorBench
+``attack_result.pt``, which names its architecture (:func:`resolve_arch`).
+
+Where the parts live: the result types and the run folder's files in :mod:`onp.defense_report`, the
+user's model (building, normalisation, output check) in :mod:`onp.user_model`, the import of user code
+in :mod:`onp.user_code`; this module runs the defense and the command line (it sits above the core:
+it uses ``agents``, ``baselines`` and ``envs``) and re-exports their public names.
 """
 
 from __future__ import annotations
@@ -42,10 +50,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import importlib
-import importlib.util
-import inspect
-import io
 import math
 import re
 import sys
@@ -66,15 +70,33 @@ from .config import deep_update, parse_overrides
 from .data.defense import DefenseData
 from .data.user_data import CleanImages, load_clean_images, split_defense, to_defense_data
 from .defend_config import DefendConfig, is_user_arch
+from .defense_report import (
+    ASR_ESTIMATE_NOTE,
+    DefenseReport,
+    RecoveredTrigger,
+    Verdict,
+    plot_trigger,
+    report_markdown,
+    write_defense_run,
+)
 from .evidence import EvidenceRule, Judgement
-from .io import PathLike, atomic_write_bytes, atomic_write_text, cache_root, run_folder
+from .io import PathLike, cache_root, run_folder, to_jsonable
 from .masks import apply_pruning
 from .metrics import accuracy, evaluate_backdoor, predict, with_der
-from .models import Normalize
 from .registry import Registry, UnknownNameError
-from .rundir import reproduce_line, write_run
+from .rundir import reproduce_line
 from .seeding import seed_everything
 from .train_config import RolloutConfig
+from .user_model import (
+    NormalizedModel,
+    build_arch,
+    build_user_model,
+    check_output,
+    output_shape,
+    resolve_arch,
+    unwrap,
+    with_normalization,
+)
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -82,271 +104,16 @@ if TYPE_CHECKING:
     from envs import ASRProbe, NeuronPruningEnv
     from envs.target import PruningTarget
 
-__all__ = ["defend", "run_defend", "run_defense", "DefenseReport", "Verdict", "RecoveredTrigger", "method_choices",
-           "build_user_model", "images_from_arrays", "write_defense_run", "report_markdown", "plot_trigger", "main"]
+    from .foreign_weights import WeightsFile
 
-#: what a run's log and report call the ASR it measures on defense-validation
-ASR_ESTIMATE_NOTE = ("estimate: the ASR of the reverse-engineered (synthesized) trigger on defense-validation images; "
-                     "onp never sees the real trigger")
+__all__ = ["defend", "run_defend", "run_defense", "DefenseReport", "Verdict", "RecoveredTrigger", "method_choices",
+           "build_user_model", "images_from_arrays", "write_defense_run", "report_markdown", "plot_trigger", "main",
+           "resolve_arch", "ASR_ESTIMATE_NOTE"]
+
 #: stamped clean images shown in trigger.png
 N_STAMPED = 4
 
 Log = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------------------------------
-# what a defense returns
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Whether the model looks backdoored, decided before any pruning from trigger inversion on
-    defense-train images (per class: the L1 size of the smallest mask that flips images to it).
-
-    Attributes:
-        suspected: ``anomaly_index <= -threshold``.
-        estimated_target: the class with the smallest working trigger.
-        anomaly_index: the MAD anomaly index of that class's trigger size (negative: smaller than usual).
-        threshold: the configured ``anomaly_threshold``.
-        estimator: the ASR estimator that inverted the triggers.
-        mask_l1, anomaly_indices, success: per class: trigger size, its anomaly index, and the fraction
-            of non-class defense-train images its trigger flips.
-    """
-
-    suspected: bool
-    estimated_target: int
-    anomaly_index: float
-    threshold: float
-    estimator: str
-    mask_l1: List[float]
-    anomaly_indices: List[float]
-    success: List[float]
-
-    def summary(self) -> str:
-        """One line: the verdict first, then the figure behind it."""
-        what, cmp = ("backdoor suspected", "<=") if self.suspected else ("no backdoor found", ">")
-        return (f"verdict: {what} (estimated target class {self.estimated_target}: its reverse-engineered trigger's "
-                f"size has anomaly index {self.anomaly_index:.2f} {cmp} -{self.threshold:g})")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class RecoveredTrigger:
-    """The reverse-engineered trigger of the estimated target class (for ``trigger.png``).
-
-    Attributes:
-        stamp: ``mask * pattern`` ``(C, H, W)``: what the trigger adds to an image.
-        mask: ``(1, H, W)`` in [0, 1].
-        stamped: the first stamped defense-validation images ``(k, C, H, W)``.
-        pred_before / pred_after: the model's predictions on ``stamped`` before and after the repair.
-        target: the estimated target class.
-    """
-
-    stamp: Tensor
-    mask: Tensor
-    stamped: Tensor
-    target: int
-    pred_before: List[int] = field(default_factory=list)
-    pred_after: List[int] = field(default_factory=list)
-
-
-@dataclass
-class DefenseReport:
-    """What :func:`defend` / :func:`run_defend` return.
-
-    Attributes:
-        model: the repaired model (your module, pruned neurons masked in its BatchNorm weights; its
-            ``state_dict`` loads into a freshly built model of the same class).
-        pruned: pruned neuron ids (onp's graph numbering, docs/concepts.md "What a neuron is").
-        pruned_names: ``"<bn layer>[<channel>]"`` of each, in your model's module names.
-        verdict: the backdoor verdict before pruning (:class:`Verdict`).
-        judgement: "no evidence, no pruning" applied to the repair (:class:`onp.evidence.Judgement`;
-            ``verdict``: removed / not removed / nothing pruned, with val ACC/ASR before and after).
-        method: the method asked for (``ppo-gnn``, ``auto`` or a baseline); ``metrics["chosen_method"]``
-            names the one whose repair was kept.
-        metrics: validation ACC and estimated ASR before/after, pruned neurons per layer, the
-            per-method details, optional test metrics (JSON-ready).
-        wall_time: seconds of the whole defense.
-        trigger: the recovered trigger (not in :meth:`to_dict`; drawn into ``trigger.png``).
-        run_dir: the run folder, when one was written.
-    """
-
-    model: nn.Module
-    pruned: List[int]
-    pruned_names: List[str]
-    verdict: Verdict
-    judgement: Judgement
-    method: str
-    metrics: Dict[str, Any]
-    wall_time: float
-    trigger: Optional[RecoveredTrigger] = None
-    run_dir: Optional[Path] = None
-
-    @property
-    def outcome(self) -> str:
-        """removed / not removed / nothing pruned (:data:`onp.evidence.VERDICTS`)."""
-        return self.judgement.verdict
-
-    def summary_lines(self) -> List[str]:
-        """The verdict, the outcome of the repair, and the numbers (what the CLI prints)."""
-        m, v = self.metrics, self.metrics["val"]
-        method = m["chosen_method"] if m["chosen_method"] != "none" else "no repair"
-        line = (f"{method}: val ACC {v['acc_before']:.4f}->{v['acc_after']:.4f}  estimated val ASR "
-                f"{v['asr_before']:.4f}->{v['asr_after']:.4f} (estimate)  |  pruned {len(self.pruned)} of "
-                f"{m['num_neurons']} neurons")
-        test = m.get("test")
-        if test:
-            line += f"  |  test ACC {test['acc_before']:.4f}->{test['acc_after']:.4f}"
-            if "asr_before" in test:
-                line += f"  test ASR {test['asr_before']:.4f}->{test['asr_after']:.4f} (trigger-aware)"
-        line += f"  |  {self.wall_time:.0f}s" + (f"  -> {self.run_dir}" if self.run_dir else "")
-        outcome = self.judgement.summary().removeprefix("verdict: ")
-        return [self.verdict.summary(), f"outcome: {outcome}", line]
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The report as JSON-ready values (``report.json``)."""
-        return {"verdict": self.verdict.to_dict(), "verdict_summary": self.verdict.summary(),
-                "outcome": self.outcome, "judgement": self.judgement.to_dict(), "method": self.method,
-                "pruned": list(self.pruned), "pruned_names": list(self.pruned_names), "metrics": self.metrics,
-                "wall_time": round(self.wall_time, 2)}
-
-
-# --------------------------------------------------------------------------------------------------
-# the model
-
-
-class _Normalized(nn.Module):
-    """``net`` behind a :class:`onp.models.Normalize` layer (the user's ``mean``/``std``); neuron names
-    leave out the ``net.`` prefix and the repaired weights are ``net``'s."""
-
-    PREFIX = "net."
-
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
-        super().__init__()
-        mean, std = _per_channel(mean, channels), _per_channel(std, channels)
-        self.normalize = Normalize(mean, std)
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(self.normalize(x))
-
-
-def _per_channel(values: Sequence[float], channels: int) -> List[float]:
-    return list(values) * channels if len(values) == 1 else list(values)
-
-
-def _with_normalization(model: nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
-                        channels: int) -> nn.Module:
-    """``model``, behind a Normalize layer when ``mean``/``std`` are given."""
-    if mean is None or std is None:
-        return model
-    return _Normalized(model, mean, std, channels)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's own module inside a :class:`_Normalized` wrapper (else ``model``)."""
-    return model.net if isinstance(model, _Normalized) else model
-
-
-def _import_user_object(spec: str) -> Callable[..., Any]:
-    """The class or factory ``path/file.py:Name`` or ``package.module:name`` (imports the user's code)."""
-    left, _, attr = spec.rpartition(":")
-    if not left or not attr or not all(part.isidentifier() for part in attr.split(".")):
-        raise ValueError(f"malformed --arch {spec!r}; expected a registered architecture, path/to/file.py:ClassName "
-                         f"or package.module:factory")
-    if left.endswith(".py") or "/" in left or "\\" in left:
-        file = Path(left).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"--arch {spec}: no such file {file}")
-        name = "onp_user_arch_" + re.sub(r"\W", "_", str(file.resolve()))
-        module_spec = importlib.util.spec_from_file_location(name, file)
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"--arch {spec}: cannot import {file} as a Python module")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise ValueError(f"--arch {spec}: importing {file} failed: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(left)
-        except ImportError as exc:
-            raise ValueError(f"--arch {spec}: cannot import module {left!r}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            defined = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, nn.Module))
-            raise ValueError(f"--arch {spec}: {left} has no {attr!r}; nn.Module classes there: "
-                             f"{', '.join(defined) or '(none)'}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"--arch {spec}: {attr} is not a class or factory")
-    return obj
-
-
-def build_user_model(spec: str, *, num_classes: int, in_channels: int, width: Optional[int] = None) -> nn.Module:
-    """Build the user's ``nn.Module`` from ``path/file.py:Class`` or ``package.module:factory``.
-
-    The class or factory is called with those of ``num_classes``, ``in_channels`` and ``width``
-    (``width`` only when given) that its signature names; with none of them it is called without
-    arguments. This imports and runs the user's code: call it only with a spec the user gave.
-    """
-    factory = _import_user_object(spec)
-    offered: Dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels}
-    if width is not None:
-        offered["width"] = width
-    try:
-        names = set(inspect.signature(factory).parameters)
-    except (TypeError, ValueError):
-        names = set()
-    try:
-        model = factory(**{k: v for k, v in offered.items() if k in names})
-    except Exception as exc:
-        raise ValueError(f"--arch {spec}: building the model failed: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"--arch {spec} built a {type(model).__name__}, not a torch nn.Module")
-    return model
-
-
-def _build_arch(cfg: DefendConfig) -> nn.Module:
-    """The (untrained) model of ``cfg.arch``: registered (with its options) or the user's own."""
-    assert cfg.arch is not None
-    if is_user_arch(cfg.arch):
-        return build_user_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width)
-    from .models import build_model
-    if cfg.mean is None or cfg.std is None:
-        return build_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width)
-    return build_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width,
-                       mean=cfg.mean, std=cfg.std)
-
-
-def _check_output(model: nn.Module, channels: int, size: Tuple[int, int], num_classes: int, what: str) -> None:
-    """``model`` maps one ``channels x H x W`` image to ``num_classes`` logits; else a ValueError."""
-    shape = _output_shape(model, channels, size, what)
-    if shape != (1, num_classes):
-        raise ValueError(f"{what} outputs shape {shape} for one {channels}x{size[0]}x{size[1]} image; expected "
-                         f"(1, {num_classes}): check --num-classes, --in-channels and --input-size")
-
-
-def _output_shape(model: nn.Module, channels: int, size: Tuple[int, int], what: str) -> Tuple[int, ...]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters(), torch.zeros(0)).device
-            out = model(torch.zeros(1, channels, *size, device=device))
-    except Exception as exc:
-        raise ValueError(f"{what} fails on a {channels}x{size[0]}x{size[1]} image ({type(exc).__name__}: {exc}); "
-                         f"check --in-channels and --input-size") from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, Tensor):
-        raise ValueError(f"{what} returns a {type(out).__name__}, not a tensor of logits")
-    return tuple(out.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,8 +280,6 @@ def _run_baseline(s: _Session, name: str) -> _Candidate:
     """Fit baseline ``name`` on the defense data (its own operating point, on defense-validation), then
     judge its repair by the evidence rule on the env's reward batch. A baseline that fine-tunes
     instead of pruning (ft, ngf) is judged the same way: its changed weights are the repair."""
-    from .baseline import _jsonable
-
     t0 = time.perf_counter()
     params = s.cfg.params if name == s.cfg.method else {}
     s.log(f"[onp] {name}: fitting the baseline on {len(s.data.train_y)} defense-train images")
@@ -526,7 +291,7 @@ def _run_baseline(s: _Session, name: str) -> _Candidate:
     if not prunes:
         judgement = dataclasses.replace(judgement, n_pruned=0)
     info = {"modifies": "bn masks" if prunes else "weights (fine-tuning)",
-            "operating_point": _jsonable(result.info.get("operating_point"))}
+            "operating_point": to_jsonable(result.info.get("operating_point"))}
     return _candidate(s, name, result.model, pruned, judgement, t0, info)
 
 
@@ -648,8 +413,8 @@ def _report(s: _Session, cand: _Candidate, verdict: Verdict, trigger: RecoveredT
     """The :class:`DefenseReport` of the kept repair (figures measured on the returned model)."""
     graph = s.base.graph
     names = graph.neuron_names(cand.pruned)
-    if isinstance(s.model, _Normalized):
-        names = [n.removeprefix(_Normalized.PREFIX) for n in names]
+    if isinstance(s.model, NormalizedModel):
+        names = [n.removeprefix(NormalizedModel.PREFIX) for n in names]
     before = _val_metrics(s.model, s.target)
     trigger.pred_before = predict(s.model, trigger.stamped).tolist()
     trigger.pred_after = predict(cand.model, trigger.stamped).tolist()
@@ -668,7 +433,7 @@ def _report(s: _Session, cand: _Candidate, verdict: Verdict, trigger: RecoveredT
         metrics["test"] = _test_metrics(s.model, cand.model, test, s.cfg)
     wall = time.perf_counter() - t0
     metrics["wall_time"] = round(wall, 2)
-    return DefenseReport(model=_unwrap(cand.model), pruned=list(cand.pruned), pruned_names=names, verdict=verdict,
+    return DefenseReport(model=unwrap(cand.model), pruned=list(cand.pruned), pruned_names=names, verdict=verdict,
                          judgement=cand.judgement, method=s.cfg.method, metrics=metrics, wall_time=wall,
                          trigger=trigger)
 
@@ -678,7 +443,7 @@ def run_defense(model: nn.Module, images: CleanImages, cfg: DefendConfig, *, tes
     """Defend ``model`` with the defender's clean ``images`` as ``cfg`` says (the module doc's steps).
 
     Args:
-        model: the model as it is defended: images in [0, 1] in, logits out (a :class:`_Normalized`
+        model: the model as it is defended: images in [0, 1] in, logits out (a :class:`~onp.user_model.NormalizedModel`
             wrapper where the user gave ``mean``/``std``); not modified.
         images: the clean images (:func:`onp.data.user_data.load_clean_images` or :func:`images_from_arrays`).
         cfg: the settings (method, estimator, threshold, ``force``, seed ...).
@@ -709,110 +474,6 @@ def run_defense(model: nn.Module, images: CleanImages, cfg: DefendConfig, *, tes
                 s.env.close()
     finally:
         torch.set_num_threads(threads)
-
-
-# --------------------------------------------------------------------------------------------------
-# the report files
-
-
-def plot_trigger(report: DefenseReport) -> bytes:
-    """``trigger.png``: the recovered trigger (mask x pattern) next to a few stamped clean images with
-    the model's prediction before and after the repair (PNG bytes; matplotlib's Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    trig = report.trigger
-    if trig is None:
-        raise ValueError("the report has no recovered trigger")
-    panels = [(trig.stamp, "recovered trigger\n(mask x pattern)")]
-    for i, img in enumerate(trig.stamped):
-        before = trig.pred_before[i] if i < len(trig.pred_before) else "?"
-        after = trig.pred_after[i] if i < len(trig.pred_after) else "?"
-        panels.append((img, f"stamped clean image\npred {before} -> {after}"))
-    fig = Figure(figsize=(2.2 * len(panels), 2.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (img, title) in zip(axes, panels):
-        arr = img.detach().float().clamp(0, 1).cpu()
-        if arr.shape[0] == 1:
-            ax.imshow(arr[0].numpy(), cmap="gray", vmin=0, vmax=1)
-        else:
-            ax.imshow(arr.permute(1, 2, 0).numpy())
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    v = report.verdict
-    fig.suptitle(f"estimated target class {v.estimated_target}, anomaly index {v.anomaly_index:.2f} "
-                 f"(reverse-engineered: an estimate)", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
-def _row(label: str, before: float, after: float) -> str:
-    return f"| {label} | {before:.4f} | {after:.4f} |"
-
-
-def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -> str:
-    """``report.md``: the verdict, the outcome, validation (and test) figures, the pruned neurons per
-    layer, the per-class trigger inversion and the wall time."""
-    m, v, verdict = report.metrics, report.metrics["val"], report.verdict
-    lines = ["# onp.defend report", "", f"**{verdict.summary()}**", "",
-             f"**outcome:** {report.judgement.summary().removeprefix('verdict: ')}", "",
-             f"Method: `{report.method}`" + (f" (kept: `{m['chosen_method']}`)" if m["chosen_method"] != report.method
-                                             else "") + (" -- forced (`--force`)" if m["forced"] else ""), "",
-             "| | before | after |", "|---|---|---|",
-             _row(f"validation ACC ({v['n_clean']} clean defense-validation images)", v["acc_before"], v["acc_after"]),
-             _row(f"validation ASR, **estimate** (synthesized trigger on {v['n_triggered']} images)",
-                  v["asr_before"], v["asr_after"])]
-    test = m.get("test")
-    if test:
-        lines.append(_row(f"test ACC ({test['n']} images)", test["acc_before"], test["acc_after"]))
-        if "asr_before" in test:
-            lines.append(_row(f"test ASR (**trigger-aware**: attack `{test['attack']['name']}`)",
-                              test["asr_before"], test["asr_after"]))
-            lines.append(_row("test RA (trigger-aware)", test["ra_before"], test["ra_after"]))
-    lines += ["", f"The estimated ASR is an {ASR_ESTIMATE_NOTE}.", "",
-              f"Pruned neurons: {m['n_pruned']} of {m['num_neurons']}", ""]
-    if m["pruned_per_layer"]:
-        lines += ["| layer | pruned |", "|---|---|"] + [f"| `{k}` | {n} |" for k, n in m["pruned_per_layer"].items()]
-        lines += ["", "Neurons: " + ", ".join(f"`{n}`" for n in report.pruned_names), ""]
-    lines += ["## Trigger inversion per class", "", "| class | trigger L1 size | anomaly index | flips |",
-              "|---|---|---|---|"]
-    for c, (l1, a, ok) in enumerate(zip(verdict.mask_l1, verdict.anomaly_indices, verdict.success)):
-        mark = " (estimated target)" if c == verdict.estimated_target else ""
-        lines.append(f"| {c}{mark} | {l1:.2f} | {a:.2f} | {ok:.2f} |")
-    lines += ["", f"Suspected when the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's "
-                  f"threshold is 2).", "", "![recovered trigger](trigger.png)", "",
-              f"Wall time: {report.wall_time:.1f} s"]
-    if weights_name:
-        lines += ["", f"Repaired weights: `{weights_name}` (your model's own key names)."]
-    return "\n".join(lines) + "\n"
-
-
-def _weights_bytes(state: Mapping[str, Tensor], fmt: str) -> Tuple[str, bytes]:
-    """``(file name, bytes)`` of the repaired state_dict: safetensors for a safetensors input, else torch."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    if fmt == "safetensors":
-        from safetensors.torch import save
-        return "model.safetensors", save(tensors)
-    buf = io.BytesIO()
-    torch.save(tensors, buf)
-    return "model.pt", buf.getvalue()
-
-
-def write_defense_run(run_dir: Path, report: DefenseReport, cfg: DefendConfig, *, weights: Mapping[str, Tensor],
-                      weights_format: str = "state_dict", command: Optional[str] = None) -> Path:
-    """Write the run folder's files (module doc); ``weights`` is the repaired state_dict under the
-    user's key names, written as safetensors when ``weights_format == "safetensors"``."""
-    name, blob = _weights_bytes(weights, weights_format)
-    atomic_write_bytes(run_dir / name, blob)
-    if report.trigger is not None:
-        atomic_write_bytes(run_dir / "trigger.png", plot_trigger(report))
-    atomic_write_text(run_dir / "report.md", report_markdown(report, name))
-    write_run(run_dir, config=cfg.to_dict(), metrics=report.metrics, pruned=report.pruned,
-              pruned_names=report.pruned_names, command=command,
-              extra={"report.json": report.to_dict(), "train_config.json": cfg.learned_config()})
-    return run_dir
 
 
 # --------------------------------------------------------------------------------------------------
@@ -881,11 +542,11 @@ def defend(model: nn.Module, clean_x: Any, clean_y: Any, method: str = "ppo-gnn"
     shape = {"in_channels": channels, "input_size": [height, width], **options, "method": method}
     cfg = DefendConfig.from_dict(shape)  # every option checked before the model runs
     channels, size = cfg.in_channels, cfg.image_size
-    wrapped = _with_normalization(model, cfg.mean, cfg.std, channels)
+    wrapped = with_normalization(model, cfg.mean, cfg.std, channels)
     if "num_classes" not in options:
-        cfg = DefendConfig.from_dict({**shape, "num_classes": _output_shape(wrapped, channels, size, "the model")[-1]})
+        cfg = DefendConfig.from_dict({**shape, "num_classes": output_shape(wrapped, channels, size, "the model")[-1]})
     _check_names(cfg)
-    _check_output(wrapped, channels, size, cfg.num_classes, "the model")
+    check_output(wrapped, channels, size, cfg.num_classes, "the model")
     images = images_from_arrays(clean_x, clean_y, num_classes=cfg.num_classes, channels=channels, image_size=size)
     test = None if test_x is None else images_from_arrays(test_x, test_y, num_classes=cfg.num_classes,
                                                           channels=channels, image_size=size, what="test_x/test_y")
@@ -915,11 +576,23 @@ def default_run_dir(cfg: DefendConfig) -> Path:
     return Path("runs") / "defend" / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{arch}-{cfg.method}-s{cfg.seed}")
 
 
+def _from_file_line(cfg: DefendConfig, wf: WeightsFile) -> str:
+    """The log line naming the model that a BackdoorBench file gave (no ``--arch``)."""
+    h, w = cfg.image_size
+    norm = f"--mean {cfg.mean} --std {cfg.std}" if cfg.mean is not None else "no --mean/--std"
+    return (f"the model, from the BackdoorBench file {wf.path.name} (model_name {wf.model_name!r}): "
+            f"--arch {cfg.arch} --width {cfg.width} --num-classes {cfg.num_classes} --in-channels {cfg.in_channels} "
+            f"--input-size {h} {w}, {norm}")
+
+
 def run_defend(config: Union[DefendConfig, Mapping[str, Any]], out: Optional[PathLike] = None, *,
                overwrite: bool = False, quiet: bool = False, command: Optional[str] = None) -> DefenseReport:
     """``python -m onp.defend`` as a function: build ``arch``, load ``weights`` (:mod:`onp.foreign_weights`:
     weights-only, key prefixes and layouts handled), read ``clean_data`` (and ``test_data``), defend
     (:func:`run_defense`) and write the run folder ``out`` (:func:`write_defense_run`).
+
+    ``arch`` may be left out when ``weights`` is a BackdoorBench ``attack_result.pt``: the architecture
+    and its options come from the file, settings given explicitly win (:func:`resolve_arch`).
 
     Every input is checked before the run folder is created: a bad one is a ``ValueError``,
     ``FileNotFoundError`` or :class:`~onp.io.CheckpointError` naming it.
@@ -927,20 +600,26 @@ def run_defend(config: Union[DefendConfig, Mapping[str, Any]], out: Optional[Pat
     from .foreign_weights import load_into, to_user_keys
 
     cfg = config if isinstance(config, DefendConfig) else DefendConfig.from_dict(config)
-    missing = [f"--{k.replace('_', '-')}" for k in ("arch", "weights", "clean_data") if getattr(cfg, k) is None]
+    needed = ("arch", "weights", "clean_data") if cfg.weights is None else ("weights", "clean_data")
+    missing = [f"--{k.replace('_', '-')}" for k in needed if getattr(cfg, k) is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
     assert cfg.weights is not None and cfg.clean_data is not None
     _check_names(cfg)
     cache_root(cfg.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
-    net = _build_arch(cfg)
-    loaded = load_into(net, cfg.weights)
-    model = net if not is_user_arch(cfg.arch or "") else _with_normalization(net, cfg.mean, cfg.std, cfg.in_channels)
-    _check_output(model, cfg.in_channels, cfg.image_size, cfg.num_classes, f"--arch {cfg.arch}")
+    cfg, read = resolve_arch(cfg)  # no --arch: a BackdoorBench file names it
+    assert cfg.arch is not None and cfg.weights is not None and cfg.clean_data is not None
+    log = _printer(quiet)
+    if read is not None:
+        log(f"[onp] {_from_file_line(cfg, read)}")
+    net = build_arch(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width,
+                     mean=cfg.mean, std=cfg.std)
+    loaded = load_into(net, read if read is not None else cfg.weights)
+    model = net if not is_user_arch(cfg.arch) else with_normalization(net, cfg.mean, cfg.std, cfg.in_channels)
+    check_output(model, cfg.in_channels, cfg.image_size, cfg.num_classes, f"--arch {cfg.arch}")
     images = _load_images(cfg, cfg.clean_data, cfg.indices)
     test = _load_images(cfg, cfg.test_data, cfg.test_indices) if cfg.test_data else None
     final = Path(out) if out is not None else default_run_dir(cfg)
-    log = _printer(quiet)
     with run_folder(final, tool="onp.defend", overwrite=overwrite) as run_dir:
         report = run_defense(model, images, cfg, test=test, work_dir=run_dir / "learn", log=log, progress=not quiet)
         weights = to_user_keys(report.model.state_dict(), loaded.key_map)
@@ -964,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
 
     m.add_argument("--arch", default=None, help=f"a registered architecture ({', '.join(MODELS.names())}) or your "
-                                                f"own: path/file.py:Class, package.module:factory (imports that code)")
+                                                f"own: path/file.py:Class, package.module:factory (imports that code); "
+                                                f"optional for a BackdoorBench attack_result.pt (read from the file)")
     m.add_argument("--weights", type=path_arg, default=None,
                    help="state_dict .pt/.pth (weights-only), .safetensors, or BackdoorBench attack_result.pt")
     m.add_argument("--width", type=int_at_least(1), default=None, help="first-stage width (default: the arch's)")

@@ -50,7 +50,8 @@ class DefendConfig(TypedConfig):
     The model is ``arch`` (a registered architecture built with ``width``, ``num_classes``,
     ``in_channels`` and ``mean``/``std``, or ``path/file.py:Class`` / ``package.module:factory`` for
     your own ``nn.Module``) with ``weights``; the Python API :func:`onp.defend.defend` takes the model
-    object instead and leaves both ``None``.
+    object instead and leaves both ``None``. ``arch`` may stay ``None`` with a BackdoorBench ``weights``
+    file, which names its architecture (:func:`onp.user_model.resolve_arch` fills in what was not given).
     """
 
     config_name: ClassVar[str] = "defend config"

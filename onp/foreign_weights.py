@@ -73,7 +73,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -521,7 +521,7 @@ def to_user_keys(onp_state_dict: Mapping[str, Tensor], key_map: KeyMap) -> Dict[
     return {u: onp_state_dict[o] for u, o in key_map.user_to_onp.items()}
 
 
-def load_into(model: nn.Module, path: PathLike) -> LoadedWeights:
+def load_into(model: nn.Module, path: Union[PathLike, WeightsFile]) -> LoadedWeights:
     """Load a user's weights file into an onp model.
 
     The file is read by :func:`load_weights_file` and renamed by :func:`adapt_state_dict`; then
@@ -530,7 +530,7 @@ def load_into(model: nn.Module, path: PathLike) -> LoadedWeights:
 
     Args:
         model: an onp model built with the file's architecture (see :func:`arch_options_from_backdoorbench`).
-        path: the user's file.
+        path: the user's file, or a :class:`WeightsFile` already read from it (by :func:`load_weights_file`).
 
     Returns:
         The file (format, BackdoorBench metadata) and the key map to write repaired weights back.
@@ -539,7 +539,7 @@ def load_into(model: nn.Module, path: PathLike) -> LoadedWeights:
         CheckpointError: the file cannot be read safely (see :func:`load_weights_file`).
         ValueError: the weights do not fit the model (see :func:`adapt_state_dict`).
     """
-    wf = load_weights_file(path)
+    wf = path if isinstance(path, WeightsFile) else load_weights_file(path)
     adapted, key_map = adapt_state_dict(wf.state_dict, model, source=wf.path)
     full = dict(model.state_dict())
     full.update(adapted)

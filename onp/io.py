@@ -98,6 +98,24 @@ def _strict_json(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def to_jsonable(obj: Any, max_len: int = 4096) -> Any:
+    """A loose info dict (a defense's ``info``, an operating point) as JSON-ready values, never failing:
+    ``_private`` keys dropped, tensors of at most ``max_len`` values as lists (bigger ones summarised
+    as their shape and mean), paths as strings, anything else as its ``repr``. (:func:`atomic_write_json`
+    is the strict writer: it refuses what it cannot represent.)"""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, max_len) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, max_len) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= max_len else {"shape": list(obj.shape), "mean": obj.float().mean().item()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
 def read_json(path: PathLike) -> Any:
     path = Path(path)
     try:
