@@ -79,8 +79,7 @@ class Agent(Protocol):
     """What ``onp.train`` and ``onp.evaluate`` need from an agent: ``predict``. A learning agent
     (``learns = True``) also has ``learn``, ``save`` and a classmethod ``load``, see :class:`BaseAgent`."""
 
-    def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
-        ...
+    def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int: ...
 
 
 @dataclass
@@ -133,9 +132,17 @@ class BaseAgent:
     def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         raise NotImplementedError
 
-    def learn(self, env: gym.Env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False,
-              callbacks: Sequence[Any] = (), progress: bool = True,
-              log: Callable[[str], None] = print) -> LearnResult:
+    def learn(
+        self,
+        env: gym.Env,
+        config: Dict[str, Any],
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        callbacks: Sequence[Any] = (),
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> LearnResult:
         return LearnResult()
 
     def save(self, run_dir: Path) -> None:
@@ -146,7 +153,7 @@ class BaseAgent:
         path = Path(run_dir) / AGENT_FILE
         data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("params", {}), dict):
-            raise CheckpointError(f"{path}: expected {{\"agent\": name, \"params\": {{...}}}}")
+            raise CheckpointError(f'{path}: expected {{"agent": name, "params": {{...}}}}')
         return cls(env, **data.get("params", {}))
 
 
@@ -156,12 +163,16 @@ def accepts(fn: Callable[..., Any], name: str, *, via_kwargs: bool = True) -> bo
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or (via_kwargs and any(p.kind is inspect.Parameter.VAR_KEYWORD
-                                                 for p in params.values()))
+    return name in params or (via_kwargs and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()))
 
 
-def register_agent(name: str, *, parametric: Optional[str] = None, overwrite: bool = False,
-                   check: Optional[Callable[[str], Any]] = None) -> Callable[[_D], _D]:
+def register_agent(
+    name: str,
+    *,
+    parametric: Optional[str] = None,
+    overwrite: bool = False,
+    check: Optional[Callable[[str], Any]] = None,
+) -> Callable[[_D], _D]:
     """Decorator registering an agent class or factory ``(env, **params) -> Agent`` as ``name``.
 
     ``parametric="argument"`` makes ``name:value`` call the factory with ``argument=value``;
@@ -219,8 +230,7 @@ def resolve_agent_factory(spec: str) -> Tuple[AgentFactory, Dict[str, Any], str]
     if spec.endswith(".py"):
         raise ValueError(f"malformed agent spec {spec!r}; expected path/to/file.py:ClassName")
     if spec in PARAMETRIC:
-        raise ValueError(f"agent {spec!r} needs an argument: {spec}:<{PARAMETRIC[spec]}> "
-                         f"(e.g. {spec}:rnp)")
+        raise ValueError(f"agent {spec!r} needs an argument: {spec}:<{PARAMETRIC[spec]}> (e.g. {spec}:rnp)")
     if spec in AGENTS:
         return AGENTS.get(spec), {}, spec
     eps = _entry_points()
@@ -252,9 +262,11 @@ def check_agent_source(spec: Any, explicit: Optional[str], *, where: Any) -> Non
     if explicit is not None and str(explicit).strip() != str(spec).strip():
         raise ValueError(f"--agent {explicit} does not match the agent {spec!r} that {where} was made with")
     if imports_code(spec) and explicit is None:
-        raise ValueError(f"{where} names the agent {spec!r}, which would import code from a file or module; onp "
-                         f"never imports code named inside a file. If you trust that code, pass --agent {spec} "
-                         f"explicitly")
+        raise ValueError(
+            f"{where} names the agent {spec!r}, which would import code from a file or module; onp "
+            f"never imports code named inside a file. If you trust that code, pass --agent {spec} "
+            f"explicitly"
+        )
 
 
 def build_agent(spec: str, env: Any = None, **params: Any) -> Any:
@@ -262,8 +274,10 @@ def build_agent(spec: str, env: Any = None, **params: Any) -> Any:
     factory, extra, _ = resolve_agent_factory(spec)
     agent = factory(env, **{**extra, **params})
     if not callable(getattr(agent, "predict", None)):
-        raise AgentError(f"agent {spec!r} built a {type(agent).__name__} without a predict(obs, action_mask) "
-                         f"method; an agent must define predict(obs, action_mask) -> int")
+        raise AgentError(
+            f"agent {spec!r} built a {type(agent).__name__} without a predict(obs, action_mask) "
+            f"method; an agent must define predict(obs, action_mask) -> int"
+        )
     return agent
 
 
@@ -281,8 +295,14 @@ def agent_label(spec: str) -> str:
 # rollouts
 
 
-def rollout(agent: Any, env: gym.Env, *, options: Optional[Dict[str, Any]] = None, seed: Optional[int] = None,
-            max_steps: Optional[int] = None) -> Dict[str, Any]:
+def rollout(
+    agent: Any,
+    env: gym.Env,
+    *,
+    options: Optional[Dict[str, Any]] = None,
+    seed: Optional[int] = None,
+    max_steps: Optional[int] = None,
+) -> Dict[str, Any]:
     """Run one episode of ``agent`` in ``env``; return ``{"return", "steps", "actions", "rewards",
     "info" (last), "infos"}``. ``agent`` is an :class:`Agent` or a function ``(obs, mask) -> action``."""
     act = agent if not hasattr(agent, "predict") else agent.predict
@@ -304,11 +324,20 @@ def rollout(agent: Any, env: gym.Env, *, options: Optional[Dict[str, Any]] = Non
         infos.append(info)
         done = term or trunc
     if invalid:
-        warnings.warn(f"{_agent_name(agent)} chose {invalid} masked (invalid) action(s) in {steps} steps: each was "
-                      f"a no-op with a penalty. An agent should pick among action_mask's valid actions",
-                      stacklevel=2)
-    return {"return": total, "steps": steps, "actions": actions, "rewards": rewards, "info": info, "infos": infos,
-            "invalid_actions": invalid}
+        warnings.warn(
+            f"{_agent_name(agent)} chose {invalid} masked (invalid) action(s) in {steps} steps: each was "
+            f"a no-op with a penalty. An agent should pick among action_mask's valid actions",
+            stacklevel=2,
+        )
+    return {
+        "return": total,
+        "steps": steps,
+        "actions": actions,
+        "rewards": rewards,
+        "info": info,
+        "infos": infos,
+        "invalid_actions": invalid,
+    }
 
 
 def _agent_name(agent: Any) -> str:
@@ -319,8 +348,10 @@ def _action_of(out: Any, agent: Any, num_nodes: int) -> int:
     """The agent's output as an int action, or :class:`AgentError` naming what it returned."""
     arr = np.asarray(out) if out is not None else None
     if arr is None or arr.size < 1 or arr.dtype.kind not in "iu":
-        raise AgentError(f"{_agent_name(agent)} returned {out!r}; predict(obs, action_mask) must return an integer "
-                         f"action in [0, {num_nodes}] ({num_nodes} = STOP)")
+        raise AgentError(
+            f"{_agent_name(agent)} returned {out!r}; predict(obs, action_mask) must return an integer "
+            f"action in [0, {num_nodes}] ({num_nodes} = STOP)"
+        )
     return int(arr.reshape(-1)[0])
 
 
@@ -335,9 +366,15 @@ def best_prefix(result: Dict[str, Any]) -> Dict[str, Any]:
 ROLLOUT_SELECT = ("final", "best_prefix")
 
 
-def select_pruning(result: Dict[str, Any], *, select: str = "final", min_return: Optional[float] = 0.0,
-                   evidence: Optional[EvidenceRule] = None, n_triggered: int = 0,
-                   log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+def select_pruning(
+    result: Dict[str, Any],
+    *,
+    select: str = "final",
+    min_return: Optional[float] = 0.0,
+    evidence: Optional[EvidenceRule] = None,
+    n_triggered: int = 0,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
     """The pruning a rollout ends with, as ``onp.train`` and ``onp.evaluate`` keep it.
 
     ``select``: ``"final"`` (the whole episode) or ``"best_prefix"`` (:func:`best_prefix`). If the
@@ -367,18 +404,26 @@ def select_pruning(result: Dict[str, Any], *, select: str = "final", min_return:
     if not judgement.keep:
         reason = judgement.reason
     elif min_return is not None and ret < float(min_return) and chosen["n_pruned"] > 0:
-        reason = (f"no backdoor neurons found within the budget (defense-val return {ret:+.4f} < rollout.min_return "
-                  f"{float(min_return):+.4f})")
+        reason = (
+            f"no backdoor neurons found within the budget (defense-val return {ret:+.4f} < rollout.min_return "
+            f"{float(min_return):+.4f})"
+        )
     fallback = None
     if reason is not None:
-        fallback = {"reason": reason, "rejected_n_pruned": int(chosen["n_pruned"]),
-                    "rejected_acc": float(chosen["acc"]), "rejected_asr": float(chosen["asr"]),
-                    "rejected_return": float(ret),
-                    "rejected_p_value": judgement.p_value}
+        fallback = {
+            "reason": reason,
+            "rejected_n_pruned": int(chosen["n_pruned"]),
+            "rejected_acc": float(chosen["acc"]),
+            "rejected_asr": float(chosen["asr"]),
+            "rejected_return": float(ret),
+            "rejected_p_value": judgement.p_value,
+        }
         if log is not None:
-            log(f"[onp] the policy's pruning of {int(chosen['n_pruned'])} neurons (defense-val return {ret:+.4f}, "
+            log(
+                f"[onp] the policy's pruning of {int(chosen['n_pruned'])} neurons (defense-val return {ret:+.4f}, "
                 f"ACC {chosen['acc']:.3f}, ASR {initial['asr']:.3f} -> {chosen['asr']:.3f}) is not kept: {reason}; "
-                f"pruning nothing instead")
+                f"pruning nothing instead"
+            )
         judgement = replace(judgement, keep=False, verdict="nothing pruned", reason=reason)
         chosen, ret = initial, 0.0
     return {"info": chosen, "return": float(ret), "fallback": fallback, "judgement": judgement}

@@ -40,9 +40,15 @@ class TrainState:
         self.finished = False
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"timesteps": self.timesteps, "learning_curve": self.learning_curve, "best": self.best,
-                "eval_env_steps": self.eval_env_steps, "train_seconds": self.train_seconds,
-                "warm_start": self.warm_start, "finished": self.finished}
+        return {
+            "timesteps": self.timesteps,
+            "learning_curve": self.learning_curve,
+            "best": self.best,
+            "eval_env_steps": self.eval_env_steps,
+            "train_seconds": self.train_seconds,
+            "warm_start": self.warm_start,
+            "finished": self.finished,
+        }
 
     def save(self) -> None:
         atomic_write_json(self.path, self.to_dict())
@@ -71,9 +77,15 @@ def evaluate_policy_episode(model: MaskablePPO, eval_env: gym.Env, n_episodes: i
 
     results = [rollout(act, eval_env) for _ in range(max(1, n_episodes))]
     last = results[-1]["info"]
-    return {"mean_return": float(np.mean([r["return"] for r in results])), "steps": sum(r["steps"] for r in results),
-            "acc": float(last["acc"]), "asr": float(last["asr"]), "n_pruned": int(last["n_pruned"]),
-            "pruned": list(last["pruned"]), "num_nodes": base.num_nodes}
+    return {
+        "mean_return": float(np.mean([r["return"] for r in results])),
+        "steps": sum(r["steps"] for r in results),
+        "acc": float(last["acc"]),
+        "asr": float(last["asr"]),
+        "n_pruned": int(last["n_pruned"]),
+        "pruned": list(last["pruned"]),
+        "num_nodes": base.num_nodes,
+    }
 
 
 class EvalCheckpointCallback(BaseCallback):
@@ -82,8 +94,16 @@ class EvalCheckpointCallback(BaseCallback):
     so far, and a resumable ``checkpoint.pt`` + ``checkpoint.json`` + ``train_state.json``. Also
     evaluates at the start and the end."""
 
-    def __init__(self, eval_env: gym.Env, run_dir: Path, state: TrainState, eval_freq: int = 256, n_episodes: int = 1,
-                 status: Optional[Dict[str, Any]] = None, verbose: int = 0):
+    def __init__(
+        self,
+        eval_env: gym.Env,
+        run_dir: Path,
+        state: TrainState,
+        eval_freq: int = 256,
+        n_episodes: int = 1,
+        status: Optional[Dict[str, Any]] = None,
+        verbose: int = 0,
+    ):
         super().__init__(verbose)
         self.eval_env = eval_env
         self.run_dir = Path(run_dir)
@@ -124,8 +144,14 @@ class EvalCheckpointCallback(BaseCallback):
     def evaluate(self) -> Dict[str, Any]:
         res = evaluate_policy_episode(self.ppo, self.eval_env, self.n_episodes)
         self.state.eval_env_steps += res["steps"]
-        point = {"timesteps": int(self.num_timesteps), "mean_return": res["mean_return"], "acc": res["acc"],
-                 "asr": res["asr"], "n_pruned": res["n_pruned"], "wall_time": round(self._elapsed(), 2)}
+        point = {
+            "timesteps": int(self.num_timesteps),
+            "mean_return": res["mean_return"],
+            "acc": res["acc"],
+            "asr": res["asr"],
+            "n_pruned": res["n_pruned"],
+            "wall_time": round(self._elapsed(), 2),
+        }
         self.state.learning_curve.append(point)
         self.logger.record("eval/mean_return", res["mean_return"])
         self.logger.record("eval/acc", res["acc"])
@@ -159,15 +185,15 @@ class TqdmCallback(BaseCallback):
         from tqdm.auto import tqdm
 
         total = int(self.locals.get("total_timesteps", self.model.num_timesteps))
-        self.bar = tqdm(total=total, initial=self.model.num_timesteps, unit="step", desc=self.desc,
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=self.model.num_timesteps, unit="step", desc=self.desc, dynamic_ncols=True)
 
     def _on_step(self) -> bool:
         if self.bar is not None:
             self.bar.update(self.training_env.num_envs)
             if "eval_return" in self.status:
-                self.bar.set_postfix(val_return=f"{self.status['eval_return']:+.3f}",
-                                     best=f"{self.status['best']:+.3f}", refresh=False)
+                self.bar.set_postfix(
+                    val_return=f"{self.status['eval_return']:+.3f}", best=f"{self.status['best']:+.3f}", refresh=False
+                )
         return True
 
     def _on_training_end(self) -> None:

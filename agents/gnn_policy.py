@@ -87,8 +87,12 @@ def _block_diagonal(crow: Tensor, col: Tensor, val: Tensor, n: int, batch: int) 
     """The CSR matrix of ``batch`` copies of one ``n x n`` CSR matrix on the diagonal (vectorised)."""
     nnz = col.numel()
     b = torch.arange(batch, device=col.device)
-    crow_b = torch.cat([(crow[:-1].unsqueeze(0) + b.unsqueeze(1) * nnz).reshape(-1),
-                        torch.tensor([batch * nnz], device=col.device, dtype=crow.dtype)])
+    crow_b = torch.cat(
+        [
+            (crow[:-1].unsqueeze(0) + b.unsqueeze(1) * nnz).reshape(-1),
+            torch.tensor([batch * nnz], device=col.device, dtype=crow.dtype),
+        ]
+    )
     col_b = (col.unsqueeze(0) + b.unsqueeze(1) * n).reshape(-1)
     val_b = val.repeat(batch)
     with warnings.catch_warnings():
@@ -110,15 +114,18 @@ def _make_conv(kind: str, dim: int, heads: int) -> nn.Module:
     from torch_geometric.nn import GATConv, GCNConv, SAGEConv
 
     if kind == "gcn":
+
         class _GCN(GCNConv):
             def message_and_aggregate(self, adj_t: Tensor, x: Tensor) -> Tensor:  # the adjacency is already normalised
                 return _spmm(adj_t, x)
 
         return _GCN(dim, dim, normalize=False, add_self_loops=False)
     if kind == "sage":
+
         class _SAGE(SAGEConv):
-            def message_and_aggregate(self, adj_t: Tensor,
-                                      x: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:  # row-normalised: weighted mean
+            def message_and_aggregate(
+                self, adj_t: Tensor, x: Union[Tensor, Tuple[Tensor, ...]]
+            ) -> Tensor:  # row-normalised: weighted mean
                 return _spmm(adj_t, x[0] if isinstance(x, tuple) else x)
 
         return _SAGE(dim, dim, aggr="sum")
@@ -130,15 +137,24 @@ def _make_conv(kind: str, dim: int, heads: int) -> nn.Module:
 
 
 def _as_edges(edge_index: TensorLike, edge_weight: Optional[TensorLike]) -> Tuple[Tensor, Tensor]:
-    ei = torch.as_tensor(np.asarray(edge_index) if not isinstance(edge_index, Tensor) else edge_index,
-                         dtype=torch.long).detach().cpu()
+    ei = (
+        torch.as_tensor(np.asarray(edge_index) if not isinstance(edge_index, Tensor) else edge_index, dtype=torch.long)
+        .detach()
+        .cpu()
+    )
     if ei.dim() != 2 or ei.shape[0] != 2:
         raise ValueError(f"edge_index must have shape (2, E); got {tuple(ei.shape)}")
     if edge_weight is None:
         ew = torch.ones(ei.shape[1])
     else:
-        ew = torch.as_tensor(np.asarray(edge_weight) if not isinstance(edge_weight, Tensor) else edge_weight,
-                             dtype=torch.float32).detach().cpu().reshape(-1)
+        ew = (
+            torch.as_tensor(
+                np.asarray(edge_weight) if not isinstance(edge_weight, Tensor) else edge_weight, dtype=torch.float32
+            )
+            .detach()
+            .cpu()
+            .reshape(-1)
+        )
     if ew.numel() != ei.shape[1]:
         raise ValueError(f"edge_weight has {ew.numel()} entries for {ei.shape[1]} edges")
     return ei, ew
@@ -153,9 +169,18 @@ class GraphEncoder(BaseFeaturesExtractor):
     edge_index: Tensor  # buffers
     edge_weight: Tensor
 
-    def __init__(self, observation_space: spaces.Dict, edge_index: TensorLike, edge_weight: Optional[TensorLike] = None,
-                 conv: str = "gcn", hidden: int = 32, layers: int = 2, heads: int = 4, symmetric: bool = True,
-                 clip: float = 10.0):
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        edge_index: TensorLike,
+        edge_weight: Optional[TensorLike] = None,
+        conv: str = "gcn",
+        hidden: int = 32,
+        layers: int = 2,
+        heads: int = 4,
+        symmetric: bool = True,
+        clip: float = 10.0,
+    ):
         if conv not in CONVS:
             raise ValueError(f"unknown conv {conv!r}; valid choices: {', '.join(CONVS)}")
         if hidden < 1 or layers < 0:
@@ -227,7 +252,8 @@ class GraphEncoder(BaseFeaturesExtractor):
             out = _block_diagonal(crow, col, val, self.num_nodes, batch)
             # read by _spmm; an attribute torch's Tensor type does not declare
             out._onp_transpose = _block_diagonal(  # type: ignore[attr-defined]
-                crow_t, col_t, val_t, self.num_nodes, batch)
+                crow_t, col_t, val_t, self.num_nodes, batch
+            )
         if len(self._cache) > 6:  # a few batch sizes recur (1 for rollouts, the minibatch size for updates)
             self._cache = {k: v for k, v in self._cache.items() if k[0] == 0}
         self._cache[key] = out
@@ -289,33 +315,70 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         head_hidden: width of the heads' hidden layer; clip: input feature clamp.
     """
 
-    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Discrete, lr_schedule: Schedule,
-                 edge_index: Optional[TensorLike] = None, edge_weight: Optional[TensorLike] = None, conv: str = "gcn",
-                 hidden: int = 32, layers: int = 2, heads: int = 4, symmetric: bool = True, head_hidden: int = 64,
-                 clip: float = 10.0, optimizer_class: Type[torch.optim.Optimizer] = torch.optim.Adam,
-                 optimizer_kwargs: Optional[Dict[str, Any]] = None, **unused: Any):
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        lr_schedule: Schedule,
+        edge_index: Optional[TensorLike] = None,
+        edge_weight: Optional[TensorLike] = None,
+        conv: str = "gcn",
+        hidden: int = 32,
+        layers: int = 2,
+        heads: int = 4,
+        symmetric: bool = True,
+        head_hidden: int = 64,
+        clip: float = 10.0,
+        optimizer_class: Type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: Optional[Dict[str, Any]] = None,
+        **unused: Any,
+    ):
         if edge_index is None:
             raise ValueError("GNNMaskablePolicy needs edge_index (pass policy_kwargs=policy_kwargs_for(env))")
-        if (not isinstance(observation_space, spaces.Dict)
-                or not {"x", "pruned", "budget"} <= set(observation_space.spaces)):
+        if not isinstance(observation_space, spaces.Dict) or not {"x", "pruned", "budget"} <= set(
+            observation_space.spaces
+        ):
             raise ValueError("GNNMaskablePolicy expects the NeuronPruningEnv Dict observation (x, pruned, budget)")
         n = cast(spaces.Box, observation_space["x"]).shape[0]
         if not isinstance(action_space, spaces.Discrete) or int(action_space.n) != n + 1:
             raise ValueError(f"expected a Discrete({n + 1}) action space (N neurons + STOP); got {action_space}")
-        for key in ("net_arch", "features_extractor_class", "features_extractor_kwargs", "share_features_extractor",
-                    "ortho_init", "activation_fn"):
+        for key in (
+            "net_arch",
+            "features_extractor_class",
+            "features_extractor_kwargs",
+            "share_features_extractor",
+            "ortho_init",
+            "activation_fn",
+        ):
             unused.pop(key, None)  # fixed by this policy (present when SB3 rebuilds it from saved parameters)
         if unused:
             raise ValueError(f"unknown GNNMaskablePolicy argument(s) {sorted(unused)}")
         ei, ew = _as_edges(edge_index, edge_weight)
-        self.gnn_kwargs: Dict[str, Any] = dict(edge_index=ei, edge_weight=ew, conv=conv, hidden=int(hidden),
-                                               layers=int(layers), heads=int(heads), symmetric=bool(symmetric),
-                                               clip=float(clip))
+        self.gnn_kwargs: Dict[str, Any] = dict(
+            edge_index=ei,
+            edge_weight=ew,
+            conv=conv,
+            hidden=int(hidden),
+            layers=int(layers),
+            heads=int(heads),
+            symmetric=bool(symmetric),
+            clip=float(clip),
+        )
         self.head_hidden = int(head_hidden)
-        super().__init__(observation_space, action_space, lr_schedule, net_arch=[], activation_fn=nn.ReLU,
-                         ortho_init=False, features_extractor_class=GraphEncoder,
-                         features_extractor_kwargs=self.gnn_kwargs, share_features_extractor=True,
-                         normalize_images=False, optimizer_class=optimizer_class, optimizer_kwargs=optimizer_kwargs)
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch=[],
+            activation_fn=nn.ReLU,
+            ortho_init=False,
+            features_extractor_class=GraphEncoder,
+            features_extractor_kwargs=self.gnn_kwargs,
+            share_features_extractor=True,
+            normalize_images=False,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+        )
 
     # -- construction -----------------------------------------------------------------------------
     def _build(self, lr_schedule: Schedule) -> None:
@@ -324,8 +387,11 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         self.mlp_extractor = nn.Identity()  # type: ignore[assignment]  # unused; kept for code that expects it
         head = GraphActionHead(hidden, self.head_hidden)
         self.action_net = head
-        self.value_net = nn.Sequential(nn.Linear(2 * hidden, self.head_hidden), nn.ReLU(),  # type: ignore[assignment]
-                                       nn.Linear(self.head_hidden, 1))
+        self.value_net = nn.Sequential(
+            nn.Linear(2 * hidden, self.head_hidden),
+            nn.ReLU(),  # type: ignore[assignment]
+            nn.Linear(self.head_hidden, 1),
+        )
         stop_out = cast(nn.Linear, head.stop[-1])
         with torch.no_grad():  # start near the uniform policy over valid actions
             head.node_out.weight.mul_(0.01)
@@ -333,13 +399,23 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
             stop_out.weight.mul_(0.01)
             stop_out.bias.zero_()
         # as in SB3: Optimizer's own signature has no lr, its subclasses do
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1),  # type: ignore[call-arg]
-                                              **self.optimizer_kwargs)
+        self.optimizer = self.optimizer_class(
+            self.parameters(),
+            lr=lr_schedule(1),  # type: ignore[call-arg]
+            **self.optimizer_kwargs,
+        )
 
     def _get_constructor_parameters(self) -> Dict[str, Any]:
         data = BasePolicy._get_constructor_parameters(self)
-        data.update(dict(lr_schedule=self._dummy_schedule, optimizer_class=self.optimizer_class,
-                         optimizer_kwargs=self.optimizer_kwargs, head_hidden=self.head_hidden, **self.gnn_kwargs))
+        data.update(
+            dict(
+                lr_schedule=self._dummy_schedule,
+                optimizer_class=self.optimizer_class,
+                optimizer_kwargs=self.optimizer_kwargs,
+                head_hidden=self.head_hidden,
+                **self.gnn_kwargs,
+            )
+        )
         data.pop("normalize_images", None)
         return data
 
@@ -366,8 +442,9 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
             dist.apply_masking(action_masks)
         return dist
 
-    def forward(self, obs: PyTorchObs, deterministic: bool = False,
-                action_masks: Optional[np.ndarray] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, obs: PyTorchObs, deterministic: bool = False, action_masks: Optional[np.ndarray] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         nodes, pooled = self._encode(obs)
         values = self.value_net(pooled)
         dist = self._dist(nodes, pooled, action_masks)
@@ -375,8 +452,9 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         log_prob = dist.log_prob(actions)
         return actions.reshape((-1, *(self.action_space.shape or ()))), values, log_prob
 
-    def evaluate_actions(self, obs: PyTorchObs, actions: Tensor,
-                         action_masks: MaybeMasks = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    def evaluate_actions(
+        self, obs: PyTorchObs, actions: Tensor, action_masks: MaybeMasks = None
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         nodes, pooled = self._encode(obs)
         dist = self._dist(nodes, pooled, action_masks)
         return self.value_net(pooled), dist.log_prob(actions), dist.entropy()

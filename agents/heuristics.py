@@ -91,8 +91,12 @@ def bn_gamma_abs(env: gym.Env) -> np.ndarray:
     """``|gamma|`` per node in the env's graph numbering."""
     base = _unwrapped(env)
     model = base.target.model
-    return torch.cat([cast(nn.BatchNorm2d, model.get_submodule(layer.bn_name)).weight.detach().abs().flatten().cpu()
-                      for layer in base.graph.layers]).numpy()
+    return torch.cat(
+        [
+            cast(nn.BatchNorm2d, model.get_submodule(layer.bn_name)).weight.detach().abs().flatten().cpu()
+            for layer in base.graph.layers
+        ]
+    ).numpy()
 
 
 @torch.no_grad()
@@ -104,6 +108,7 @@ def _mean_bn_maps(model: nn.Module, names: Sequence[str], x: torch.Tensor, batch
         def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
             s = out.detach().float().sum(0)
             sums[name] = s if name not in sums else sums[name] + s
+
         return hook
 
     for name in names:
@@ -112,7 +117,7 @@ def _mean_bn_maps(model: nn.Module, names: Sequence[str], x: torch.Tensor, batch
     model.eval()
     try:
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            model(x[i : i + batch_size])
     finally:
         for h in handles:
             h.remove()
@@ -151,22 +156,34 @@ def check_ranked_baseline(baseline: str) -> str:
         exc.args = (f"{exc.args[0]} (the baselines that ranked:<baseline> can rank by)",)
         raise exc
     if baseline not in valid:
-        raise ValueError(f"baseline {baseline!r} does not score neurons, so ranked:{baseline} cannot rank them; "
-                         f"use one of: {', '.join(valid)}")
+        raise ValueError(
+            f"baseline {baseline!r} does not score neurons, so ranked:{baseline} cannot rank them; "
+            f"use one of: {', '.join(valid)}"
+        )
     return baseline
 
 
-def baseline_scores(source: Union[BackdoorBundle, PruningSubject], baseline: str,
-                    params: Optional[Dict[str, Any]] = None, seed: int = 0,
-                    graph: Optional[NeuronGraph] = None) -> np.ndarray:
+def baseline_scores(
+    source: Union[BackdoorBundle, PruningSubject],
+    baseline: str,
+    params: Optional[Dict[str, Any]] = None,
+    seed: int = 0,
+    graph: Optional[NeuronGraph] = None,
+) -> np.ndarray:
     """:func:`baselines.baseline_scores` of ``source``'s model on its defense data (with the dataset's
     augmentation), checked against ``graph``'s numbering, as a numpy array."""
     import baselines as bl
     from onp.data.augment import Augment
 
     spec = getattr(source, "spec", None)
-    scores = bl.baseline_scores(baseline, source.model, source.defense_data, seed=seed,
-                                augment=Augment.for_spec(spec) if spec is not None else None, **dict(params or {}))
+    scores = bl.baseline_scores(
+        baseline,
+        source.model,
+        source.defense_data,
+        seed=seed,
+        augment=Augment.for_spec(spec) if spec is not None else None,
+        **dict(params or {}),
+    )
     if graph is not None:
         bl.check_layout_matches_graph(bl.neuron_layout(source.model), graph)
     return scores.float().numpy()

@@ -78,16 +78,20 @@ def _read_pair(folder: Path, stem: str, fmt: str) -> Tuple[Dict[str, Any], Any]:
         raise CheckpointError(f"{meta_path}: not an onp file of format {fmt!r} (found {got!r})")
     digest = _sha256(pt_path.read_bytes())
     if meta.get("sha256") != digest:
-        raise CheckpointError(f"{pt_path}: does not match {meta_path.name} (SHA-256 differs): the pair was torn "
-                              f"or modified; re-run the training that wrote it")
+        raise CheckpointError(
+            f"{pt_path}: does not match {meta_path.name} (SHA-256 differs): the pair was torn "
+            f"or modified; re-run the training that wrote it"
+        )
     return meta, load_checkpoint(pt_path)
 
 
 def _legacy_hint(folder: Path, stem: str) -> str:
     zip_path = folder / f"{stem}.zip"
     if zip_path.exists():
-        return (f" ({zip_path.name} is there: SB3's pickle format, which onp no longer loads because loading it can "
-                f"execute code; re-run onp.train to write {stem}.pt + {stem}.json)")
+        return (
+            f" ({zip_path.name} is there: SB3's pickle format, which onp no longer loads because loading it can "
+            f"execute code; re-run onp.train to write {stem}.pt + {stem}.json)"
+        )
     return ""
 
 
@@ -99,9 +103,14 @@ def policy_metadata(policy: GNNMaskablePolicy) -> Dict[str, Any]:
     """What ``policy.json`` records: architecture and sizes (the graph itself is in the tensors)."""
     enc = policy.encoder
     arch = {k: policy.gnn_kwargs[k] for k in ARCH_KEYS}
-    return {"format": POLICY_FORMAT, "policy": "GNNMaskablePolicy", "arch": {**arch, "head_hidden": policy.head_hidden},
-            "num_nodes": int(enc.num_nodes), "num_features": int(enc.in_features),
-            "num_actions": int(cast(spaces.Discrete, policy.action_space).n)}
+    return {
+        "format": POLICY_FORMAT,
+        "policy": "GNNMaskablePolicy",
+        "arch": {**arch, "head_hidden": policy.head_hidden},
+        "num_nodes": int(enc.num_nodes),
+        "num_features": int(enc.in_features),
+        "num_actions": int(cast(spaces.Discrete, policy.action_space).n),
+    }
 
 
 def save_policy(policy: GNNMaskablePolicy, folder: PathLike, *, stem: str = "policy") -> None:
@@ -118,8 +127,10 @@ def _check_sizes(meta: Dict[str, Any], env: gym.Env, where: Path) -> None:
     diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if diff:
         parts = ", ".join(f"{k} {a} (policy) vs {b} (env)" for k, (a, b) in diff.items())
-        raise CheckpointError(f"{where}: the policy does not fit this env: {parts}. A policy applies only to models "
-                              f"of the same architecture and the same env feature settings")
+        raise CheckpointError(
+            f"{where}: the policy does not fit this env: {parts}. A policy applies only to models "
+            f"of the same architecture and the same env feature settings"
+        )
 
 
 def _arch_kwargs(meta: Dict[str, Any], where: Path) -> Dict[str, Any]:
@@ -137,8 +148,9 @@ def _arch_kwargs(meta: Dict[str, Any], where: Path) -> Dict[str, Any]:
 def build_policy(env: gym.Env, arch: Mapping[str, Any]) -> GNNMaskablePolicy:
     """A fresh :class:`GNNMaskablePolicy` for ``env``'s spaces and neuron graph."""
     base = cast("NeuronPruningEnv", getattr(env, "unwrapped", env))
-    return GNNMaskablePolicy(base.observation_space, base.action_space, lambda _: 0.0,
-                             **policy_kwargs_for(base, **dict(arch)))
+    return GNNMaskablePolicy(
+        base.observation_space, base.action_space, lambda _: 0.0, **policy_kwargs_for(base, **dict(arch))
+    )
 
 
 def _load_weights(policy: torch.nn.Module, state: Any, where: Path) -> None:
@@ -150,8 +162,10 @@ def _load_weights(policy: torch.nn.Module, state: Any, where: Path) -> None:
     missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
     shape = [k for k in own & set(weights) if tuple(weights[k].shape) != tuple(policy.state_dict()[k].shape)]
     if missing or unexpected or shape:
-        raise CheckpointError(f"{where}: tensors do not match the policy architecture (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, shape mismatches {shape[:5]})")
+        raise CheckpointError(
+            f"{where}: tensors do not match the policy architecture (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {shape[:5]})"
+        )
     policy.load_state_dict(weights, strict=False)
 
 
@@ -179,8 +193,13 @@ def save_checkpoint(model: MaskablePPO, folder: PathLike) -> None:
     folder = Path(folder)
     policy = cast(GNNMaskablePolicy, model.policy)
     tensors = {"policy": _state_dict(policy), "optimizer": policy.optimizer.state_dict()}
-    meta = {**policy_metadata(policy), "format": CHECKPOINT_FORMAT, "num_timesteps": int(model.num_timesteps),
-            "n_updates": int(getattr(model, "_n_updates", 0)), "episode_num": int(getattr(model, "_episode_num", 0))}
+    meta = {
+        **policy_metadata(policy),
+        "format": CHECKPOINT_FORMAT,
+        "num_timesteps": int(model.num_timesteps),
+        "n_updates": int(getattr(model, "_n_updates", 0)),
+        "episode_num": int(getattr(model, "_episode_num", 0)),
+    }
     _write_pair(folder, "checkpoint", tensors, meta)
 
 
@@ -242,8 +261,9 @@ def has_checkpoint(folder: PathLike) -> bool:
 # optional export
 
 
-def export_sb3_zip(policy_folder: PathLike, env: gym.Env, path: PathLike, *,
-                   ppo: Optional[Dict[str, Any]] = None) -> Path:
+def export_sb3_zip(
+    policy_folder: PathLike, env: gym.Env, path: PathLike, *, ppo: Optional[Dict[str, Any]] = None
+) -> Path:
     """Export a stored policy as SB3's ``.zip`` (``MaskablePPO.load`` opens it) for use outside onp.
 
     SB3's format unpickles on load: only open such files from sources you trust. onp never reads them.
@@ -257,6 +277,7 @@ def export_sb3_zip(policy_folder: PathLike, env: gym.Env, path: PathLike, *,
     vec = DummyVecEnv([lambda: env])
     model = make_ppo(vec, policy_kwargs_for(env, **_arch_kwargs(meta, Path(policy_folder))), ppo)
     model.policy.load_state_dict(policy.state_dict())
-    model.save(path, exclude=["_last_obs", "_last_original_obs", "_last_episode_starts", "ep_info_buffer",
-                              "ep_success_buffer"])
+    model.save(
+        path, exclude=["_last_obs", "_last_original_obs", "_last_episode_starts", "ep_info_buffer", "ep_success_buffer"]
+    )
     return Path(path)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 def _unwrapped(env: gym.Env) -> NeuronPruningEnv:
     return cast("NeuronPruningEnv", env.unwrapped)
 
+
 #: defaults of the ``policy``, ``ppo`` and ``warm_start`` sections: those of :class:`onp.train_config.TrainConfig`
 #: (``PPOGNNAgent`` and ``make_ppo`` used directly get no warm start)
 POLICY_DEFAULTS: Dict[str, Any] = PolicyConfig().model_dump()
@@ -52,8 +53,16 @@ WARM_START_DEFAULTS: Dict[str, Any] = {**WarmStartConfig().model_dump(), "baseli
 _NOT_PPO_ARGS = PPOConfig.NOT_PPO_ARGS
 
 
-def make_ppo(vec_env: VecEnv, policy_kwargs: Dict[str, Any], ppo: Optional[Dict[str, Any]] = None, *, seed: int = 0,
-             device: str = "cpu", tensorboard_log: Optional[str] = None, verbose: int = 0) -> MaskablePPO:
+def make_ppo(
+    vec_env: VecEnv,
+    policy_kwargs: Dict[str, Any],
+    ppo: Optional[Dict[str, Any]] = None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    tensorboard_log: Optional[str] = None,
+    verbose: int = 0,
+) -> MaskablePPO:
     """A ``MaskablePPO`` with :class:`GNNMaskablePolicy` (``ppo``: the config's ``ppo`` section)."""
     from sb3_contrib import MaskablePPO
 
@@ -62,8 +71,16 @@ def make_ppo(vec_env: VecEnv, policy_kwargs: Dict[str, Any], ppo: Optional[Dict[
     if n_steps * vec_env.num_envs < 2:
         raise ValueError("ppo.n_steps * n_envs must be >= 2")
     args["batch_size"] = min(batch, n_steps * vec_env.num_envs)
-    return MaskablePPO(GNNMaskablePolicy, vec_env, policy_kwargs=policy_kwargs, seed=seed, device=device,
-                       tensorboard_log=tensorboard_log, verbose=verbose, **args)
+    return MaskablePPO(
+        GNNMaskablePolicy,
+        vec_env,
+        policy_kwargs=policy_kwargs,
+        seed=seed,
+        device=device,
+        tensorboard_log=tensorboard_log,
+        verbose=verbose,
+        **args,
+    )
 
 
 @register_agent("ppo-gnn")
@@ -82,25 +99,48 @@ class PPOGNNAgent(BaseAgent):
 
     learns = True
 
-    def __init__(self, env: Any = None, seed: int = 0, device: str = "cpu",
-                 policy: Optional[GNNMaskablePolicy] = None, **params: Any) -> None:
+    def __init__(
+        self,
+        env: Any = None,
+        seed: int = 0,
+        device: str = "cpu",
+        policy: Optional[GNNMaskablePolicy] = None,
+        **params: Any,
+    ) -> None:
         super().__init__(env, seed=seed, device=device, **params)
         self.seed, self.device, self.policy = seed, device, policy
 
-    def learn(self, env: gym.Env, config: Dict[str, Any], run_dir: Path, *, resume: bool = False,
-              callbacks: Sequence[Any] = (), progress: bool = True,
-              log: Callable[[str], None] = print) -> LearnResult:
+    def learn(
+        self,
+        env: gym.Env,
+        config: Dict[str, Any],
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        callbacks: Sequence[Any] = (),
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> LearnResult:
         bundle = _unwrapped(env).bundles[0]
-        out = train_ppo_gnn(bundle, config, run_dir, eval_env=env, resume=resume, progress=progress,
-                            callbacks=callbacks, log=log)
+        out = train_ppo_gnn(
+            bundle, config, run_dir, eval_env=env, resume=resume, progress=progress, callbacks=callbacks, log=log
+        )
         state = out["state"]
         self.policy = load_policy(run_dir, env, device=self.device)
         warm = state.warm_start or {}
-        return LearnResult(timesteps=out["timesteps"], eval_env_steps=state.eval_env_steps - warm.get("env_steps", 0),
-                           warm_start_env_steps=warm.get("env_steps", 0), seconds=state.train_seconds,
-                           learning_curve=state.learning_curve,
-                           info={"timesteps": out["timesteps"], "best_timesteps": (state.best or {}).get("timesteps"),
-                                 "resumed_from": out["resumed_from"], "warm_start": state.warm_start})
+        return LearnResult(
+            timesteps=out["timesteps"],
+            eval_env_steps=state.eval_env_steps - warm.get("env_steps", 0),
+            warm_start_env_steps=warm.get("env_steps", 0),
+            seconds=state.train_seconds,
+            learning_curve=state.learning_curve,
+            info={
+                "timesteps": out["timesteps"],
+                "best_timesteps": (state.best or {}).get("timesteps"),
+                "resumed_from": out["resumed_from"],
+                "warm_start": state.warm_start,
+            },
+        )
 
     def predict(self, obs: Dict[str, np.ndarray], action_mask: np.ndarray) -> int:
         if self.policy is None:
@@ -130,8 +170,13 @@ def _stack_obs(obs_list: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarra
     return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
 
 
-def demonstrate(env: gym.Env, order: Union[Sequence[int], np.ndarray], *, skip_harmful: bool = False,
-                max_previews: Optional[int] = None) -> Dict[str, Any]:
+def demonstrate(
+    env: gym.Env,
+    order: Union[Sequence[int], np.ndarray],
+    *,
+    skip_harmful: bool = False,
+    max_previews: Optional[int] = None,
+) -> Dict[str, Any]:
     """One episode of ``env`` that prunes along ``order`` (a node priority list): the demonstration
     that :func:`behaviour_clone` imitates.
 
@@ -188,10 +233,21 @@ def _returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
     return rtg
 
 
-def behaviour_clone(model: MaskablePPO, env: gym.Env, order: Union[Sequence[int], np.ndarray], *, epochs: int = 100,
-                    lr: float = 3e-3, batch_size: int = 32,
-                    value_coef: float = 0.5, gamma: float = 1.0, seed: int = 0, skip_harmful: bool = False,
-                    max_previews: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def behaviour_clone(
+    model: MaskablePPO,
+    env: gym.Env,
+    order: Union[Sequence[int], np.ndarray],
+    *,
+    epochs: int = 100,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    value_coef: float = 0.5,
+    gamma: float = 1.0,
+    seed: int = 0,
+    skip_harmful: bool = False,
+    max_previews: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
     """Pretrain ``model.policy`` to follow ``order`` (a node priority list) in ``env``.
 
     The order is rolled out in ``env`` by :func:`demonstrate` (with ``skip_harmful`` and
@@ -221,7 +277,7 @@ def behaviour_clone(model: MaskablePPO, env: gym.Env, order: Union[Sequence[int]
         perm = torch.randperm(n, generator=gen).to(policy.device)
         total = 0.0
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             nodes, pooled = policy._encode({k: v[idx] for k, v in obs_t.items()})
             logits = policy.action_net(nodes, pooled).masked_fill(~mask_t[idx], -1e9)
             values = policy.value_net(pooled).squeeze(-1)
@@ -237,16 +293,27 @@ def behaviour_clone(model: MaskablePPO, env: gym.Env, order: Union[Sequence[int]
         nodes, pooled = policy._encode(obs_t)
         pred = policy.action_net(nodes, pooled).masked_fill(~mask_t, -1e9).argmax(1)
         imitation = float((pred == act_t).float().mean())
-    out = {"states": n, "env_steps": n + demo["previews"], "epochs": int(epochs),
-           "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-           "imitation_accuracy": imitation,
-           "order_return": order_return, "stopped_at_delta": bool(info.get("rejected")),
-           "skip_harmful": bool(skip_harmful), "previews": demo["previews"], "skipped": demo["skipped"],
-           "order_val_acc": float(info["acc"]), "order_val_asr": float(info["asr"]),
-           "seconds": round(time.perf_counter() - t0, 2)}
-    log(f"[onp] warm start: cloned {n} steps of the order (val return {order_return:+.4f}, ACC {info['acc']:.3f}, "
+    out = {
+        "states": n,
+        "env_steps": n + demo["previews"],
+        "epochs": int(epochs),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "imitation_accuracy": imitation,
+        "order_return": order_return,
+        "stopped_at_delta": bool(info.get("rejected")),
+        "skip_harmful": bool(skip_harmful),
+        "previews": demo["previews"],
+        "skipped": demo["skipped"],
+        "order_val_acc": float(info["acc"]),
+        "order_val_asr": float(info["asr"]),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log(
+        f"[onp] warm start: cloned {n} steps of the order (val return {order_return:+.4f}, ACC {info['acc']:.3f}, "
         f"ASR {info['asr']:.3f}); loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}, "
-        f"imitation accuracy {imitation:.2f}")
+        f"imitation accuracy {imitation:.2f}"
+    )
     return out
 
 
@@ -254,29 +321,54 @@ def behaviour_clone(model: MaskablePPO, env: gym.Env, order: Union[Sequence[int]
 # the training loop of onp.train
 
 
-def _warm_start(model: MaskablePPO, bundle: Union[BackdoorBundle, PruningSubject], eval_env: gym.Env,
-                ws_cfg: Dict[str, Any], *, gamma: float, seed: int, log: Callable[[str], None]) -> Dict[str, Any]:
+def _warm_start(
+    model: MaskablePPO,
+    bundle: Union[BackdoorBundle, PruningSubject],
+    eval_env: gym.Env,
+    ws_cfg: Dict[str, Any],
+    *,
+    gamma: float,
+    seed: int,
+    log: Callable[[str], None],
+) -> Dict[str, Any]:
     """Warm start (c): fit the ``warm_start.baseline`` defense and clone its pruning order into
     ``model``'s policy (:func:`behaviour_clone`); returns what ``train_state.json`` keeps of it."""
     from .heuristics import baseline_scores
 
-    log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on the defense data to clone its "
-        f"pruning order")
+    log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on the defense data to clone its pruning order")
     t0 = time.perf_counter()
-    scores = baseline_scores(bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed,
-                             graph=_unwrapped(eval_env).graph)
+    scores = baseline_scores(
+        bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed, graph=_unwrapped(eval_env).graph
+    )
     fit_seconds = time.perf_counter() - t0
-    info = behaviour_clone(model, eval_env, np.argsort(-scores, kind="stable"),
-                           epochs=ws_cfg["epochs"], lr=ws_cfg["lr"], batch_size=ws_cfg["batch_size"],
-                           value_coef=ws_cfg["value_coef"], gamma=gamma, seed=seed,
-                           skip_harmful=bool(ws_cfg["skip_harmful"]), max_previews=ws_cfg["max_previews"],
-                           log=log)
+    info = behaviour_clone(
+        model,
+        eval_env,
+        np.argsort(-scores, kind="stable"),
+        epochs=ws_cfg["epochs"],
+        lr=ws_cfg["lr"],
+        batch_size=ws_cfg["batch_size"],
+        value_coef=ws_cfg["value_coef"],
+        gamma=gamma,
+        seed=seed,
+        skip_harmful=bool(ws_cfg["skip_harmful"]),
+        max_previews=ws_cfg["max_previews"],
+        log=log,
+    )
     return {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
 
 
-def train_ppo_gnn(bundle: Union[BackdoorBundle, PruningSubject], config: Dict[str, Any], run_dir: Path, *,
-                  eval_env: Optional[gym.Env] = None, resume: bool = False, progress: bool = True,
-                  callbacks: Sequence[Any] = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+def train_ppo_gnn(
+    bundle: Union[BackdoorBundle, PruningSubject],
+    config: Dict[str, Any],
+    run_dir: Path,
+    *,
+    eval_env: Optional[gym.Env] = None,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
     """Train MaskablePPO + GNN on ``bundle`` as configured (see ``configs/train/default.yaml``).
 
     Returns ``{"eval_env", "policy_dir" (holds policy.pt + policy.json), "state" (TrainState), "timesteps",
@@ -300,23 +392,42 @@ def train_ppo_gnn(bundle: Union[BackdoorBundle, PruningSubject], config: Dict[st
     resumed_from = None
     try:
         if resume and has_checkpoint(run_dir):
-            model = make_ppo(vec_env, policy_kwargs_for(eval_env, **pol_cfg), ppo_cfg, seed=seed, device=device,
-                             tensorboard_log=str(run_dir / "tb"))
+            model = make_ppo(
+                vec_env,
+                policy_kwargs_for(eval_env, **pol_cfg),
+                ppo_cfg,
+                seed=seed,
+                device=device,
+                tensorboard_log=str(run_dir / "tb"),
+            )
             resumed_from = load_checkpoint_into(model, run_dir)
             log(f"[onp] resuming from {run_dir / 'checkpoint.pt'} at {resumed_from} / {total} env steps")
         else:
             if resume:
                 log(f"[onp] --resume: no checkpoint in {run_dir}; starting from scratch")
                 state = TrainState(run_dir)
-            model = make_ppo(vec_env, policy_kwargs_for(eval_env, **pol_cfg), ppo_cfg, seed=seed, device=device,
-                             tensorboard_log=str(run_dir / "tb"))
+            model = make_ppo(
+                vec_env,
+                policy_kwargs_for(eval_env, **pol_cfg),
+                ppo_cfg,
+                seed=seed,
+                device=device,
+                tensorboard_log=str(run_dir / "tb"),
+            )
             if ws_cfg.get("baseline"):
-                state.warm_start = _warm_start(model, bundle, eval_env, ws_cfg, gamma=float(ppo_cfg["gamma"]),
-                                               seed=seed, log=log)
+                state.warm_start = _warm_start(
+                    model, bundle, eval_env, ws_cfg, gamma=float(ppo_cfg["gamma"]), seed=seed, log=log
+                )
                 state.eval_env_steps += state.warm_start["env_steps"]
         status: Dict[str, Any] = {}
-        eval_cb = EvalCheckpointCallback(eval_env, run_dir, state, eval_freq=int(eval_cfg["freq"]),
-                                         n_episodes=int(eval_cfg["episodes"]), status=status)
+        eval_cb = EvalCheckpointCallback(
+            eval_env,
+            run_dir,
+            state,
+            eval_freq=int(eval_cfg["freq"]),
+            n_episodes=int(eval_cfg["episodes"]),
+            status=status,
+        )
         cbs: List = [eval_cb]
         if progress:
             cbs.append(TqdmCallback(status, desc="PPO" if not ws_cfg.get("baseline") else "PPO (warm start)"))
@@ -326,8 +437,9 @@ def train_ppo_gnn(bundle: Union[BackdoorBundle, PruningSubject], config: Dict[st
         remaining = total - start_steps
         try:
             if remaining > 0:
-                model.learn(remaining, callback=CallbackList(cbs), reset_num_timesteps=resumed_from is None,
-                            tb_log_name="ppo")
+                model.learn(
+                    remaining, callback=CallbackList(cbs), reset_num_timesteps=resumed_from is None, tb_log_name="ppo"
+                )
             elif not all((run_dir / name).exists() for name in POLICY_FILES):
                 eval_cb.init_callback(model)
                 eval_cb.num_timesteps = model.num_timesteps
@@ -338,8 +450,10 @@ def train_ppo_gnn(bundle: Union[BackdoorBundle, PruningSubject], config: Dict[st
                     cb.bar.close()
             eval_cb.num_timesteps = int(model.num_timesteps)
             eval_cb.checkpoint()
-            log(f"\n[onp] interrupted at {model.num_timesteps} env steps; checkpoint saved in {run_dir}. "
-                f"Continue with the same command plus --resume")
+            log(
+                f"\n[onp] interrupted at {model.num_timesteps} env steps; checkpoint saved in {run_dir}. "
+                f"Continue with the same command plus --resume"
+            )
             raise
         learn_seconds = time.perf_counter() - t0
         state.timesteps = int(model.num_timesteps)
@@ -350,8 +464,12 @@ def train_ppo_gnn(bundle: Union[BackdoorBundle, PruningSubject], config: Dict[st
             vec_env.close()
         except Exception:  # workers already gone after Ctrl-C
             pass
-    return {"eval_env": eval_env, "policy_dir": run_dir, "state": state,
-            "timesteps": int(model.num_timesteps), "train_env_steps": int(model.num_timesteps) - start_steps,
-            "learn_seconds": learn_seconds, "resumed_from": resumed_from}
-
-
+    return {
+        "eval_env": eval_env,
+        "policy_dir": run_dir,
+        "state": state,
+        "timesteps": int(model.num_timesteps),
+        "train_env_steps": int(model.num_timesteps) - start_steps,
+        "learn_seconds": learn_seconds,
+        "resumed_from": resumed_from,
+    }

@@ -48,10 +48,12 @@ class EnvFactory:
         source = self.source
         if isinstance(source, (str, Path)):
             from onp.zoo import open_bundle
+
             source = open_bundle(source)
         env: gym.Env = NeuronPruningEnv(source, seed=self.seed, **self.env_kwargs)
         if self.monitor:
             from stable_baselines3.common.monitor import Monitor
+
             env = Monitor(env)
         env.reset(seed=self.seed + self.rank)
         return env
@@ -62,14 +64,17 @@ class EnvFactory:
         if not isinstance(src, (str, Path)):
             path = getattr(src, "path", None)
             if path is None:
-                raise ValueError("SubprocVecEnv needs a model saved in the zoo (an artifact directory); "
-                                 "use vec_env='dummy' for an in-memory model")
+                raise ValueError(
+                    "SubprocVecEnv needs a model saved in the zoo (an artifact directory); "
+                    "use vec_env='dummy' for an in-memory model"
+                )
             src = str(path)
         return EnvFactory(str(src), dict(self.env_kwargs), self.seed, self.rank, self.threads, self.monitor)
 
 
-def make_vec_env(factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy",
-                 start_method: Optional[str] = None) -> VecEnv:
+def make_vec_env(
+    factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy", start_method: Optional[str] = None
+) -> VecEnv:
     """``DummyVecEnv`` or ``SubprocVecEnv`` of ``n_envs`` copies built by ``factory`` (one per rank)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
@@ -78,13 +83,15 @@ def make_vec_env(factory: EnvFactory, n_envs: int = 1, vec_env: str = "dummy",
     if vec_env == "dummy":
         fns: List[Callable[[], gym.Env]] = [
             EnvFactory(factory.source, dict(factory.env_kwargs), factory.seed, r, factory.threads, factory.monitor)
-            for r in range(n_envs)]
+            for r in range(n_envs)
+        ]
         return DummyVecEnv(fns)
     if vec_env == "subproc":
         base = factory.for_subprocess()
         threads = base.threads or max(1, torch.get_num_threads() // n_envs)
-        fns = [EnvFactory(base.source, dict(base.env_kwargs), base.seed, r, threads, base.monitor)
-               for r in range(n_envs)]
+        fns = [
+            EnvFactory(base.source, dict(base.env_kwargs), base.seed, r, threads, base.monitor) for r in range(n_envs)
+        ]
         return SubprocVecEnv(fns, start_method=start_method)
     raise ValueError(f"unknown vec_env {vec_env!r}; valid choices: dummy, subproc")
 

@@ -32,9 +32,28 @@ from .base import (
 from .features import NON_SCORING, baseline_scores, register_score_providers
 from .operating_point import ORACLE_LABEL, choose_pruning, delta_rule, oracle_sweep, prune_model, pruning_grid
 
-__all__ = ["DEFENSES", "Defense", "DefenseError", "DefenseParams", "DefenseResult", "NeuronLayout", "PassCounter",
-           "PruningParams", "build_defense", "register_defense", "neuron_layout", "check_layout_matches_graph",
-           "ORACLE_LABEL", "choose_pruning", "delta_rule", "oracle_sweep", "prune_model", "pruning_grid",
-           "NON_SCORING", "baseline_scores", "register_score_providers"]
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "DefenseError",
+    "DefenseParams",
+    "DefenseResult",
+    "NeuronLayout",
+    "PassCounter",
+    "PruningParams",
+    "build_defense",
+    "register_defense",
+    "neuron_layout",
+    "check_layout_matches_graph",
+    "ORACLE_LABEL",
+    "choose_pruning",
+    "delta_rule",
+    "oracle_sweep",
+    "prune_model",
+    "pruning_grid",
+    "NON_SCORING",
+    "baseline_scores",
+    "register_score_providers",
+]
 
 import_submodules(__name__, __path__)  # each method module registers itself

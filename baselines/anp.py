@@ -109,6 +109,7 @@ class NeuronPerturbation:
                 bias = cast(nn.BatchNorm2d, module).bias
                 beta = bias.view(1, -1, 1, 1) if bias is not None else 0.0
                 self._raw[layer.bn_name] = out - beta  # gamma * x_hat, before the mask
+
         return hook
 
     def _perturb(self, layer: NeuronLayer) -> Callable[[nn.Module, Any, Tensor], Optional[Tensor]]:
@@ -122,6 +123,7 @@ class NeuronPerturbation:
             if bias is not None:
                 out = out + self.xi[layer.slice].view(1, -1, 1, 1) * bias.view(1, -1, 1, 1)
             return out
+
         return hook
 
     def reset(self, rand_init: bool, gen: torch.Generator) -> None:
@@ -143,8 +145,15 @@ class NeuronPerturbation:
         self._handles = []
 
 
-def _adversarial_perturbation(pert: NeuronPerturbation, model: nn.Module, xb: Tensor, yb: Tensor, p: ANPParams,
-                              gen: torch.Generator, counter: PassCounter) -> None:
+def _adversarial_perturbation(
+    pert: NeuronPerturbation,
+    model: nn.Module,
+    xb: Tensor,
+    yb: Tensor,
+    p: ANPParams,
+    gen: torch.Generator,
+    counter: PassCounter,
+) -> None:
     """Step 1 of an ANP iteration: the adversarial neuron perturbation (random start, ``pgd_steps``
     signed ascent steps, projected onto the eps-ball with ``perturbation="projected"``); leaves
     ``pert`` enabled."""
@@ -179,8 +188,17 @@ class ANP(Defense):
         if p.perturbation not in PERTURBATIONS:
             raise DefenseError(f"anp: unknown perturbation {p.perturbation!r}; valid: {', '.join(PERTURBATIONS)}")
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         from onp.masks import NeuronMasks
 
         p = self.params
@@ -224,19 +242,40 @@ class ANP(Defense):
                 with torch.no_grad():
                     mask.clamp_(0.0, 1.0)
                 if (it + 1) % max(1, p.iterations // 10) == 0 or it + 1 == p.iterations:
-                    history.append({"iteration": it + 1, "loss": loss.item(), "loss_nat": loss_nat.item(),
-                                    "mask_mean": mask.mean().item()})
+                    history.append(
+                        {
+                            "iteration": it + 1,
+                            "loss": loss.item(),
+                            "loss_nat": loss_nat.item(),
+                            "mask_mean": mask.mean().item(),
+                        }
+                    )
         finally:
             pert.remove()
             masks.remove()
         m = mask.detach().clone()
         scores = 1.0 - m
-        pruned_model, pruned, op = finalize_pruning(original, layout, scores, data, p, counter,
-                                                    threshold_values=m, threshold=p.threshold)
-        return DefenseResult(pruned_model, scores=scores, pruned=pruned,
-                             info={"operating_point": op, "history": history, "max_abs_delta": max_delta,
-                                   "max_abs_xi": max_xi, "eps": p.eps,
-                                   "perturbation": p.perturbation, "mask_min": float(m.min()),
-                                   "mask_mean": float(m.mean()), "n_mask_le_threshold": int((m <= p.threshold).sum()),
-                                   "train_mode": p.train_mode, "score": "1 - ANP mask",
-                                   "_mask": m, "_last_delta": pert.delta.clone(), "_last_xi": pert.xi.clone()})
+        pruned_model, pruned, op = finalize_pruning(
+            original, layout, scores, data, p, counter, threshold_values=m, threshold=p.threshold
+        )
+        return DefenseResult(
+            pruned_model,
+            scores=scores,
+            pruned=pruned,
+            info={
+                "operating_point": op,
+                "history": history,
+                "max_abs_delta": max_delta,
+                "max_abs_xi": max_xi,
+                "eps": p.eps,
+                "perturbation": p.perturbation,
+                "mask_min": float(m.min()),
+                "mask_mean": float(m.mean()),
+                "n_mask_le_threshold": int((m <= p.threshold).sum()),
+                "train_mode": p.train_mode,
+                "score": "1 - ANP mask",
+                "_mask": m,
+                "_last_delta": pert.delta.clone(),
+                "_last_xi": pert.xi.clone(),
+            },
+        )

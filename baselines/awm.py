@@ -108,8 +108,12 @@ class ElementMask(nn.Module):
         return w * self.mask
 
 
-def random_resized_crop(x: Tensor, gen: torch.Generator, scale: Tuple[float, float] = (0.08, 1.0),
-                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+def random_resized_crop(
+    x: Tensor,
+    gen: torch.Generator,
+    scale: Tuple[float, float] = (0.08, 1.0),
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
     """torchvision-style RandomResizedCrop of each image back to its own size (bilinear)."""
     n, _, h, w = x.shape
     out = torch.empty_like(x)
@@ -124,13 +128,14 @@ def random_resized_crop(x: Tensor, gen: torch.Generator, scale: Tuple[float, flo
             ch, cw = h, w
         top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
         left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-        crop = x[i:i + 1, :, top:top + ch, left:left + cw]
+        crop = x[i : i + 1, :, top : top + ch, left : left + cw]
         out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
     return out.clamp_(0, 1)
 
 
-def one_shot_set(x: Tensor, y: Tensor, num_classes: int, n_aug: int, hflip: bool,
-                 gen: torch.Generator) -> Tuple[Tensor, Tensor]:
+def one_shot_set(
+    x: Tensor, y: Tensor, num_classes: int, n_aug: int, hflip: bool, gen: torch.Generator
+) -> Tuple[Tensor, Tensor]:
     """One image per class (seeded choice) plus ``n_aug`` augmented copies of each."""
     xs: List[Tensor] = []
     ys: List[Tensor] = []
@@ -167,8 +172,17 @@ def _batches_with_replacement(n: int, batch_size: int, gen: torch.Generator) -> 
         yield sample_batch(n, batch_size, gen)
 
 
-def _trigger_phase(model: nn.Module, x: Tensor, batches: Iterator[Tensor], mask_params: List[nn.Parameter], *,
-                   steps: int, lr: float, tau: float, counter: PassCounter) -> Tensor:
+def _trigger_phase(
+    model: nn.Module,
+    x: Tensor,
+    batches: Iterator[Tensor],
+    mask_params: List[nn.Parameter],
+    *,
+    steps: int,
+    lr: float,
+    tau: float,
+    counter: PassCounter,
+) -> Tensor:
     """Phase 1 of an outer epoch: a universal trigger against the model's own predictions (masks
     fixed), scaled back to L1 norm ``tau``; returns it detached."""
     for q in mask_params:
@@ -189,9 +203,20 @@ def _trigger_phase(model: nn.Module, x: Tensor, batches: Iterator[Tensor], mask_
     return delta.detach()
 
 
-def _mask_phase(model: nn.Module, x: Tensor, y: Tensor, batches: Iterator[Tensor], delta: Tensor,
-                mask_params: List[nn.Parameter], opt: torch.optim.Optimizer, *, steps: int, alpha: float,
-                gamma: float, counter: PassCounter) -> Tensor:
+def _mask_phase(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batches: Iterator[Tensor],
+    delta: Tensor,
+    mask_params: List[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    *,
+    steps: int,
+    alpha: float,
+    gamma: float,
+    counter: PassCounter,
+) -> Tensor:
     """Phase 2 of an outer epoch: ``steps`` (>= 1) steps of the soft weight masks on clean and
     triggered images; returns the last step's loss."""
     for q in mask_params:
@@ -201,9 +226,11 @@ def _mask_phase(model: nn.Module, x: Tensor, y: Tensor, batches: Iterator[Tensor
         xb, yb = x[idx], y[idx]
         x_adv = (xb + delta).clamp(0, 1)
         logits = counter(model, torch.cat([xb, x_adv]))  # eval mode: same as two passes
-        loss = alpha * F.cross_entropy(logits[:len(yb)], yb) \
-            + (1 - alpha) * F.cross_entropy(logits[len(yb):], yb) \
+        loss = (
+            alpha * F.cross_entropy(logits[: len(yb)], yb)
+            + (1 - alpha) * F.cross_entropy(logits[len(yb) :], yb)
             + gamma * sum(q.abs().sum() for q in mask_params)
+        )
         opt.zero_grad(set_to_none=True)
         counter.backward(loss)
         opt.step()
@@ -213,8 +240,9 @@ def _mask_phase(model: nn.Module, x: Tensor, y: Tensor, batches: Iterator[Tensor
     return loss
 
 
-def _channel_scores(model: nn.Module, layout: Optional[NeuronLayout],
-                    final_masks: Dict[str, Tensor]) -> Optional[Tensor]:
+def _channel_scores(
+    model: nn.Module, layout: Optional[NeuronLayout], final_masks: Dict[str, Tensor]
+) -> Optional[Tensor]:
     """Per neuron: 1 - the mean element mask of its feeding conv's output channel (None for a model
     without BatchNorm2d)."""
     lay: Optional[NeuronLayout]
@@ -255,8 +283,17 @@ class AWM(Defense):
             return float(self.params.trigger_norm)
         return REFERENCE_TRIGGER_NORM * math.prod(image_shape) / REFERENCE_NUMEL
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         p = self.params
         data = require_data(self.name, data)
         gen = torch.Generator().manual_seed(seed)
@@ -287,12 +324,24 @@ class AWM(Defense):
         history: List[Dict[str, Any]] = []
         delta = torch.zeros(1, *x.shape[1:])
         for epoch in range(p.outer_epochs):
-            delta = _trigger_phase(model, x, batches, mask_params, steps=n_iters, lr=p.trigger_lr, tau=tau,
-                                   counter=counter)
+            delta = _trigger_phase(
+                model, x, batches, mask_params, steps=n_iters, lr=p.trigger_lr, tau=tau, counter=counter
+            )
             n_trigger_steps += n_iters
             trigger_l1.append(delta.abs().sum().item())
-            loss = _mask_phase(model, x, y, batches, delta, mask_params, opt, steps=n_iters, alpha=p.alpha,
-                               gamma=p.gamma, counter=counter)
+            loss = _mask_phase(
+                model,
+                x,
+                y,
+                batches,
+                delta,
+                mask_params,
+                opt,
+                steps=n_iters,
+                alpha=p.alpha,
+                gamma=p.gamma,
+                counter=counter,
+            )
             n_mask_steps += n_iters
             history.append({"epoch": epoch + 1, "loss": loss.item(), "trigger_l1": trigger_l1[-1]})
         final_masks = {n: m.detach().clone() for n, m in masks.items()}
@@ -301,13 +350,25 @@ class AWM(Defense):
         freeze(model).eval()
         scores = _channel_scores(model, layout, final_masks)
         allm = torch.cat([m.flatten() for m in final_masks.values()])
-        return DefenseResult(model, scores=scores, pruned=None,
-                             info={"trigger_norm": tau, "trigger_l1": trigger_l1, "history": history,
-                                   "inner_iters": n_iters, "n_trigger_steps": n_trigger_steps,
-                                   "n_mask_steps": n_mask_steps, "n_images": len(y), "one_shot": p.one_shot,
-                                   "val_acc_before": val_before,
-                                   "val_acc_after": eval_accuracy(model, data.val_x, data.val_y, counter),
-                                   "mask_mean": allm.mean().item(), "mask_frac_below_half": (allm < 0.5).float()
-                                   .mean().item(),
-                                   "score": "1 - mean element mask of the feeding conv's output channel",
-                                   "_masks": final_masks, "_trigger": delta})
+        return DefenseResult(
+            model,
+            scores=scores,
+            pruned=None,
+            info={
+                "trigger_norm": tau,
+                "trigger_l1": trigger_l1,
+                "history": history,
+                "inner_iters": n_iters,
+                "n_trigger_steps": n_trigger_steps,
+                "n_mask_steps": n_mask_steps,
+                "n_images": len(y),
+                "one_shot": p.one_shot,
+                "val_acc_before": val_before,
+                "val_acc_after": eval_accuracy(model, data.val_x, data.val_y, counter),
+                "mask_mean": allm.mean().item(),
+                "mask_frac_below_half": (allm < 0.5).float().mean().item(),
+                "score": "1 - mean element mask of the feeding conv's output channel",
+                "_masks": final_masks,
+                "_trigger": delta,
+            },
+        )

@@ -166,8 +166,10 @@ def neuron_layout(model: nn.Module) -> NeuronLayout:
     if order is None or not order:
         order = [(n, None) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if not order:
-        raise DefenseError(f"{type(model).__name__} has no BatchNorm2d layer; this defense masks or prunes BN "
-                           f"channels (neurons) and needs a model with BatchNorm2d after its convolutions")
+        raise DefenseError(
+            f"{type(model).__name__} has no BatchNorm2d layer; this defense masks or prunes BN "
+            f"channels (neurons) and needs a model with BatchNorm2d after its convolutions"
+        )
     layers, off = [], 0
     for name, conv in order:
         c = mods[name].num_features
@@ -206,12 +208,15 @@ def require_layout(name: str, layout: Optional[NeuronLayout]) -> NeuronLayout:
     return layout
 
 
-def require_images(name: str, n_have: int, n_need: int, what: str = "defense-train images",
-                   hint: str = "batch_size") -> None:
+def require_images(
+    name: str, n_have: int, n_need: int, what: str = "defense-train images", hint: str = "batch_size"
+) -> None:
     if n_have < n_need:
-        raise DefenseError(f"defense {name!r} needs at least {n_need} {what} for one batch of {n_need} "
-                           f"but got {n_have}; use more defense data or a smaller {hint} "
-                           f"(e.g. --set {hint}={max(1, n_have)})")
+        raise DefenseError(
+            f"defense {name!r} needs at least {n_need} {what} for one batch of {n_need} "
+            f"but got {n_have}; use more defense data or a smaller {hint} "
+            f"(e.g. --set {hint}={max(1, n_have)})"
+        )
 
 
 def default_augment(x: Tensor, hflip: bool = False) -> Augment:
@@ -225,7 +230,7 @@ def epoch_batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool
     perm = torch.randperm(n, generator=gen)
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for i in range(0, stop, batch_size):
-        yield perm[i:i + batch_size]
+        yield perm[i : i + batch_size]
 
 
 def sample_batch(n: int, batch_size: int, gen: torch.Generator) -> Tensor:
@@ -234,8 +239,9 @@ def sample_batch(n: int, batch_size: int, gen: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor, counter: Optional[PassCounter] = None,
-                  batch_size: int = 512) -> float:
+def eval_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, counter: Optional[PassCounter] = None, batch_size: int = 512
+) -> float:
     """Clean accuracy in eval mode (restores the previous mode); counts forward passes."""
     if len(y) == 0:
         return 0.0
@@ -243,9 +249,9 @@ def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor, counter: Optional[Pass
     model.eval()
     correct: float = 0
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
+        xb = x[i : i + batch_size]
         logits = counter(model, xb) if counter is not None else model(xb)
-        correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
     model.train(was)
     return correct / len(y)
 
@@ -275,6 +281,7 @@ def _conform(tp: Any, value: Any) -> Tuple[bool, Any]:
     if tp is Any:
         try:
             from onp.config import check_finite
+
             check_finite(value)
         except ValueError:
             return False, value
@@ -313,8 +320,9 @@ def _describe(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if origin in (tuple, list):
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-            dict: "a mapping"}.get(origin or tp, getattr(tp, "__name__", str(tp)))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}.get(
+        origin or tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def check_param_types(params_cls: type, params: Dict[str, Any], defense: str) -> Dict[str, Any]:
@@ -328,10 +336,15 @@ def check_param_types(params_cls: type, params: Dict[str, Any], defense: str) ->
     for key, value in params.items():
         ok, out[key] = _conform(hints.get(key, Any), value)
         if not ok:
-            example = "" if defaults.get(key, dataclasses.MISSING) in (None, dataclasses.MISSING) else \
-                f" (default {defaults[key]!r})"
-            raise DefenseError(f"defense {defense!r}: hyperparameter {key} must be {_describe(hints.get(key, Any))}"
-                               f"{example}; got {value!r}")
+            example = (
+                ""
+                if defaults.get(key, dataclasses.MISSING) in (None, dataclasses.MISSING)
+                else f" (default {defaults[key]!r})"
+            )
+            raise DefenseError(
+                f"defense {defense!r}: hyperparameter {key} must be {_describe(hints.get(key, Any))}"
+                f"{example}; got {value!r}"
+            )
     return out
 
 
@@ -366,8 +379,9 @@ class Defense:
         valid = [f.name for f in dataclasses.fields(self.Params)]
         unknown = sorted(set(params) - set(valid))
         if unknown:
-            raise DefenseError(f"unknown hyperparameter(s) {unknown} for defense {self.name!r}; "
-                               f"valid: {', '.join(valid)}")
+            raise DefenseError(
+                f"unknown hyperparameter(s) {unknown} for defense {self.name!r}; valid: {', '.join(valid)}"
+            )
         self.params = self.Params(**check_param_types(self.Params, params, self.name))
         if isinstance(self.params, PruningParams):
             self._validate_operating_point(self.params)
@@ -375,11 +389,15 @@ class Defense:
 
     def _validate_operating_point(self, p: PruningParams) -> None:
         if p.operating_point not in OPERATING_POINT_RULES:
-            raise DefenseError(f"unknown operating_point {p.operating_point!r} for {self.name!r}; valid choices: "
-                               f"{', '.join(OPERATING_POINT_RULES)}")
+            raise DefenseError(
+                f"unknown operating_point {p.operating_point!r} for {self.name!r}; valid choices: "
+                f"{', '.join(OPERATING_POINT_RULES)}"
+            )
         if p.operating_point == "threshold" and not hasattr(p, "threshold"):
-            raise DefenseError(f"operating_point='threshold' needs a mask-based method (rnp, anp); {self.name!r} "
-                               f"supports delta or number")
+            raise DefenseError(
+                f"operating_point='threshold' needs a mask-based method (rnp, anp); {self.name!r} "
+                f"supports delta or number"
+            )
         if p.operating_point == "number" and (p.n_prune is None or p.n_prune < 0):
             raise DefenseError("operating_point='number' needs n_prune >= 0 (e.g. --set n_prune=20)")
         if p.delta < 0 or not 0 < p.max_fraction <= 1 or not 0 < p.grid_step <= 1:
@@ -392,8 +410,15 @@ class Defense:
     def defaults(cls) -> Dict[str, Any]:
         return cls.Params().to_dict()
 
-    def fit(self, model: nn.Module, defense_data: Optional[DefenseData], *, seed: int = 0,
-            augment: Optional[Augment] = None, report_fn: Optional[ReportFn] = None) -> DefenseResult:
+    def fit(
+        self,
+        model: nn.Module,
+        defense_data: Optional[DefenseData],
+        *,
+        seed: int = 0,
+        augment: Optional[Augment] = None,
+        report_fn: Optional[ReportFn] = None,
+    ) -> DefenseResult:
         """Run the defense on a copy of ``model`` using only ``defense_data``.
 
         Args:
@@ -409,8 +434,9 @@ class Defense:
         layout = neuron_layout(work) if self.needs_bn else None
         counter = PassCounter()
         t0 = time.perf_counter()
-        result = self._fit(work, defense_data, layout=layout, seed=seed, augment=augment,
-                           report_fn=report_fn, counter=counter)
+        result = self._fit(
+            work, defense_data, layout=layout, seed=seed, augment=augment, report_fn=report_fn, counter=counter
+        )
         result.wall_time = time.perf_counter() - t0
         result.forward_passes = counter.forward
         result.backward_passes = counter.backward_count
@@ -419,8 +445,17 @@ class Defense:
         result.model.eval()
         return result
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         raise NotImplementedError
 
     def __repr__(self) -> str:

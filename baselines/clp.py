@@ -65,8 +65,17 @@ class CLP(Defense):
         if self.params.prune_mode not in ("channel", "gamma"):
             raise DefenseError(f"clp: prune_mode must be 'channel' or 'gamma', got {self.params.prune_mode!r}")
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         layout = require_layout(self.name, layout)
         mods = dict(model.named_modules())
         scores = torch.zeros(layout.num_neurons)
@@ -75,8 +84,9 @@ class CLP(Defense):
         for layer in layout.layers:
             if layer.conv_name is None:
                 continue
-            uclc = channel_lipschitz(cast(torch.nn.Conv2d, mods[layer.conv_name]),
-                                     cast(torch.nn.BatchNorm2d, mods[layer.bn_name]))
+            uclc = channel_lipschitz(
+                cast(torch.nn.Conv2d, mods[layer.conv_name]), cast(torch.nn.BatchNorm2d, mods[layer.bn_name])
+            )
             mean, std = uclc.mean(), uclc.std() if len(uclc) > 1 else torch.tensor(0.0)
             z = (uclc - mean) / std if std > 0 else torch.zeros_like(uclc)
             scores[layer.slice] = z
@@ -85,8 +95,18 @@ class CLP(Defense):
             per_layer[layer.bn_name] = int(len(hit))
         pruned.sort()
         out = prune_model(model, layout, pruned, self.params.prune_mode)
-        return DefenseResult(out, scores=scores, pruned=pruned,
-                             info={"operating_point": {"rule": "clp", "u": self.params.u, "n_pruned": len(pruned),
-                                                       "prune_mode": self.params.prune_mode,
-                                                       "note": "UCLC > mean + u*std per layer (data-free)"},
-                                   "pruned_per_layer": per_layer})
+        return DefenseResult(
+            out,
+            scores=scores,
+            pruned=pruned,
+            info={
+                "operating_point": {
+                    "rule": "clp",
+                    "u": self.params.u,
+                    "n_pruned": len(pruned),
+                    "prune_mode": self.params.prune_mode,
+                    "note": "UCLC > mean + u*std per layer (data-free)",
+                },
+                "pruned_per_layer": per_layer,
+            },
+        )

@@ -54,22 +54,30 @@ def _fingerprint(*tensors: Tensor) -> str:
 
 
 @torch.no_grad()
-def as_defense_data(model: nn.Module, data: Union[Tensor, DefenseData, None], num_classes: Optional[int] = None
-                    ) -> Optional[DefenseData]:
+def as_defense_data(
+    model: nn.Module, data: Union[Tensor, DefenseData, None], num_classes: Optional[int] = None
+) -> Optional[DefenseData]:
     """A DefenseData from images (labels = the model's predictions; first half train, second half val)."""
     if data is None or isinstance(data, DefenseData):
         return data
     was = model.training
     model.eval()
-    logits = torch.cat([model(data[i:i + 256]) for i in range(0, len(data), 256)])
+    logits = torch.cat([model(data[i : i + 256]) for i in range(0, len(data), 256)])
     model.train(was)
     y = logits.argmax(1)
     half = max(1, len(data) // 2)
     return DefenseData(data[:half], y[:half], data[half:], y[half:], num_classes or logits.shape[1])
 
 
-def baseline_scores(method: str, model: nn.Module, data: Union[Tensor, DefenseData, None], *, seed: int = 0,
-                    augment: Optional["Augment"] = None, **params: Any) -> Tensor:
+def baseline_scores(
+    method: str,
+    model: nn.Module,
+    data: Union[Tensor, DefenseData, None],
+    *,
+    seed: int = 0,
+    augment: Optional["Augment"] = None,
+    **params: Any,
+) -> Tensor:
     """Per-neuron scores of baseline ``method`` (graph numbering, higher = more suspicious), cached
     per model/data/params. ``augment``: the crop/flip augmentation of the dataset for the methods
     that train (as ``onp.baseline`` passes it). A method that scores no neuron is a ``ValueError``
@@ -80,23 +88,30 @@ def baseline_scores(method: str, model: nn.Module, data: Union[Tensor, DefenseDa
         params = {"operating_point": "number", "n_prune": 0, **params}
     if dd is not None and "batch_size" in cls.defaults() and "batch_size" not in params:
         params["batch_size"] = min(cls.defaults()["batch_size"], len(dd.train_y))
-    key = (method, model_digest(model), seed, tuple(sorted((k, repr(v)) for k, v in params.items())),
-           _fingerprint(dd.train_x, dd.train_y, dd.val_x, dd.val_y) if dd is not None else None,
-           None if augment is None else (augment.padding, augment.hflip))
+    key = (
+        method,
+        model_digest(model),
+        seed,
+        tuple(sorted((k, repr(v)) for k, v in params.items())),
+        _fingerprint(dd.train_x, dd.train_y, dd.val_x, dd.val_y) if dd is not None else None,
+        None if augment is None else (augment.padding, augment.hflip),
+    )
     if key not in _CACHE:
         result = build_defense(method, **params).fit(model, dd, seed=seed, augment=augment)
         if result.scores is None:
             scoring = [n for n in DEFENSES.names() if n not in NON_SCORING]
-            raise ValueError(f"baseline {method!r} does not score neurons, so it cannot rank them; "
-                             f"use one of: {', '.join(scoring)}")
+            raise ValueError(
+                f"baseline {method!r} does not score neurons, so it cannot rank them; use one of: {', '.join(scoring)}"
+            )
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = result.scores.detach().float().cpu()
     return _CACHE[key].clone()
 
 
-def make_score_provider(method: str, defense_data: Optional[DefenseData] = None, *, seed: int = 0,
-                        **params: Any) -> Callable[..., Tensor]:
+def make_score_provider(
+    method: str, defense_data: Optional[DefenseData] = None, *, seed: int = 0, **params: Any
+) -> Callable[..., Tensor]:
     """A provider ``(model, graph, data) -> Tensor (N,)`` for ``method``.
 
     With ``defense_data`` given it uses that (real labels) and ignores the provider's ``data``;
@@ -104,12 +119,12 @@ def make_score_provider(method: str, defense_data: Optional[DefenseData] = None,
     """
     DEFENSES.check(method)
 
-    def provider(model: nn.Module, graph: Optional[NeuronGraph],
-                 data: Union[Tensor, DefenseData, None] = None) -> Tensor:
+    def provider(
+        model: nn.Module, graph: Optional[NeuronGraph], data: Union[Tensor, DefenseData, None] = None
+    ) -> Tensor:
         if graph is not None:
             check_layout_matches_graph(neuron_layout(model), graph)
-        return baseline_scores(method, model, defense_data if defense_data is not None else data, seed=seed,
-                               **params)
+        return baseline_scores(method, model, defense_data if defense_data is not None else data, seed=seed, **params)
 
     provider.__name__ = f"{method}_score_provider"
     return provider
@@ -125,7 +140,8 @@ def register_score_providers(overwrite: bool = False) -> None:
             continue
         needs = DEFENSES.get(method).needs_data
         register_feature_provider(name, names=[name], requires_data=needs, overwrite=overwrite)(
-            make_score_provider(method))
+            make_score_provider(method)
+        )
 
 
 def clear_cache() -> None:

@@ -98,16 +98,18 @@ class FPResult(DefenseResult):
 
 
 @torch.no_grad()
-def mean_activations(model: nn.Module, layout: NeuronLayout, x: Tensor, counter: PassCounter,
-                     batch_size: int = 512) -> Tensor:
+def mean_activations(
+    model: nn.Module, layout: NeuronLayout, x: Tensor, counter: PassCounter, batch_size: int = 512
+) -> Tensor:
     """Mean post-ReLU BN output per neuron over ``x`` (eval mode)."""
     bn_means, _ = _activation_means(model, layout, None, x, counter, batch_size)
     return cast(Tensor, bn_means)  # computed: a layout is given
 
 
 @torch.no_grad()
-def classifier_inputs(model: nn.Module, linear: nn.Linear, x: Tensor, counter: PassCounter,
-                      batch_size: int = 512) -> Tensor:
+def classifier_inputs(
+    model: nn.Module, linear: nn.Linear, x: Tensor, counter: PassCounter, batch_size: int = 512
+) -> Tensor:
     """The inputs of ``linear`` (the classifier) for every image of ``x``, shape ``(N, in_features)``,
     in eval mode: the units as the classifier sees them."""
     feats: List[Tensor] = []
@@ -122,8 +124,14 @@ def classifier_inputs(model: nn.Module, linear: nn.Linear, x: Tensor, counter: P
 
 
 @torch.no_grad()
-def _activation_means(model: nn.Module, layout: Optional[NeuronLayout], linear: Optional[nn.Linear], x: Tensor,
-                      counter: PassCounter, batch_size: int = 512) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def _activation_means(
+    model: nn.Module,
+    layout: Optional[NeuronLayout],
+    linear: Optional[nn.Linear],
+    x: Tensor,
+    counter: PassCounter,
+    batch_size: int = 512,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """One eval pass over ``x``: mean post-ReLU output per BN neuron (if ``layout``) and mean input per
     classifier unit (if ``linear``)."""
     handles: List[RemovableHandle] = []
@@ -133,13 +141,17 @@ def _activation_means(model: nn.Module, layout: Optional[NeuronLayout], linear: 
         sums = bn_sums = torch.zeros(layout.num_neurons)
         mods = dict(model.named_modules())
         for layer in layout.layers:
+
             def hook(module: nn.Module, inp: Any, out: Tensor, sl: slice = layer.slice) -> None:
                 sums[sl] += out.clamp_min(0).mean(dim=(2, 3)).sum(0)
+
             handles.append(mods[layer.bn_name].register_forward_hook(hook))
     if linear is not None:
+
         def unit_hook(module: nn.Module, inp: Tuple[Tensor, ...]) -> None:
             s = inp[0].detach().flatten(1).sum(0)
             unit_sums["sum"] = unit_sums["sum"] + s if "sum" in unit_sums else s
+
         handles.append(linear.register_forward_pre_hook(unit_hook))
     try:
         _eval_passes(model, x, counter, batch_size)
@@ -157,7 +169,7 @@ def _eval_passes(model: nn.Module, x: Tensor, counter: PassCounter, batch_size: 
     model.eval()
     try:
         for i in range(0, len(x), batch_size):
-            counter(model, x[i:i + batch_size])
+            counter(model, x[i : i + batch_size])
     finally:
         model.train(was)
 
@@ -173,15 +185,18 @@ def remove_units(linear: nn.Linear, units: List[int]) -> None:
 
 
 @torch.no_grad()
-def unit_delta_rule(feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, *, delta: float,
-                    max_fraction: float, grid_step: float) -> Dict[str, Any]:
+def unit_delta_rule(
+    feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, *, delta: float, max_fraction: float, grid_step: float
+) -> Dict[str, Any]:
     """The largest count k (grid over the units) whose defense-val ACC drop is <= ``delta`` when the k
     first units of ``order`` are masked for the classifier. ``feats`` are the classifier inputs of the
     defense-val images (masking a unit changes nothing before the classifier, so they are computed
     once)."""
     if len(y) == 0:
-        raise DefenseError("the 'delta' operating-point rule needs defense-validation images (DefenseData.val_x); "
-                           "got none. Use operating_point=number, or a nonzero validation fraction")
+        raise DefenseError(
+            "the 'delta' operating-point rule needs defense-validation images (DefenseData.val_x); "
+            "got none. Use operating_point=number, or a nonzero validation fraction"
+        )
     sweep = []
     for k in pruning_grid(len(order), max_fraction, grid_step):
         keep = torch.ones(feats.shape[1])
@@ -191,10 +206,16 @@ def unit_delta_rule(feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, 
     base = sweep[0]["val_acc"]
     ok = [s for s in sweep if base - s["val_acc"] <= delta + 1e-12]
     best = max(ok, key=lambda s: s["n_pruned"])
-    return {"rule": "delta", "delta": delta, "n_pruned": best["n_pruned"], "val_acc_before": base,
-            "val_acc_after": best["val_acc"], "max_fraction": max_fraction, "val_sweep": sweep,
-            "note": "largest number of classifier units masked whose clean-ACC drop on defense-validation "
-                    "is <= delta"}
+    return {
+        "rule": "delta",
+        "delta": delta,
+        "n_pruned": best["n_pruned"],
+        "val_acc_before": base,
+        "val_acc_after": best["val_acc"],
+        "max_fraction": max_fraction,
+        "val_sweep": sweep,
+        "note": "largest number of classifier units masked whose clean-ACC drop on defense-validation is <= delta",
+    }
 
 
 # -------------------------------------------------------------------------------------------------- defense
@@ -213,26 +234,52 @@ class FinePruning(Defense):
         if p.units not in UNIT_KINDS:
             raise DefenseError(f"fp: unknown units {p.units!r}; valid: {', '.join(UNIT_KINDS)}")
         if p.units == "classifier" and p.layer != "last":
-            raise DefenseError("fp: 'layer' selects BN channels and applies to units=bn only; Fine-Pruning's "
-                               "units (units=classifier) are always the classifier's inputs")
+            raise DefenseError(
+                "fp: 'layer' selects BN channels and applies to units=bn only; Fine-Pruning's "
+                "units (units=classifier) are always the classifier's inputs"
+            )
         if p.ft_epochs < 0:
             raise DefenseError(f"fp: ft_epochs must be >= 0, got {p.ft_epochs}")
 
     def _finetune_params(self) -> FTParams:
         p = self.params
-        return FTParams(lr=p.ft_lr, momentum=p.ft_momentum, weight_decay=p.ft_weight_decay, epochs=p.ft_epochs,
-                        batch_size=p.batch_size, augment=p.augment)
+        return FTParams(
+            lr=p.ft_lr,
+            momentum=p.ft_momentum,
+            weight_decay=p.ft_weight_decay,
+            epochs=p.ft_epochs,
+            batch_size=p.batch_size,
+            augment=p.augment,
+        )
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         data = require_data(self.name, data)
         if self.params.units == "bn":
-            return self._fit_bn(model, data, layout=require_layout(self.name, layout), seed=seed, augment=augment,
-                                counter=counter)
+            return self._fit_bn(
+                model, data, layout=require_layout(self.name, layout), seed=seed, augment=augment, counter=counter
+            )
         return self._fit_classifier(model, data, layout=layout, seed=seed, augment=augment, counter=counter)
 
-    def _fit_classifier(self, model: nn.Module, data: DefenseData, *, layout: Optional[NeuronLayout], seed: int,
-                        augment: Optional[Augment], counter: PassCounter) -> FPResult:
+    def _fit_classifier(
+        self,
+        model: nn.Module,
+        data: DefenseData,
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        counter: PassCounter,
+    ) -> FPResult:
         p = self.params
         name, linear = last_linear(model)
         bn_act, unit_act = _activation_means(model, layout, linear, data.train_x, counter)
@@ -241,8 +288,9 @@ class FinePruning(Defense):
         order = order_from_scores(-unit_act)  # most dormant first; ties: lower index first
         if p.operating_point == "delta":
             feats = classifier_inputs(model, linear, data.val_x, counter)
-            op = unit_delta_rule(feats, data.val_y, linear, order, delta=p.delta, max_fraction=p.max_fraction,
-                                 grid_step=p.grid_step)
+            op = unit_delta_rule(
+                feats, data.val_y, linear, order, delta=p.delta, max_fraction=p.max_fraction, grid_step=p.grid_step
+            )
             k = op["n_pruned"]
         else:  # number (threshold is rejected by the base class: FP has no mask)
             if p.n_prune is None:
@@ -254,19 +302,47 @@ class FinePruning(Defense):
         remove_units(linear, units)
         ft_info: Dict[str, Any] = {}
         if p.ft_epochs > 0:
-            model, ft_info = finetune(model, data, self._finetune_params(), seed=seed, augment=augment,
-                                      counter=counter, name="fp", after_step=lambda: remove_units(linear, units))
+            model, ft_info = finetune(
+                model,
+                data,
+                self._finetune_params(),
+                seed=seed,
+                augment=augment,
+                counter=counter,
+                name="fp",
+                after_step=lambda: remove_units(linear, units),
+            )
         remove_units(linear, units)
-        return FPResult(model, scores=-bn_act if bn_act is not None else None, pruned=None, pruned_units=units,
-                        info={"operating_point": op, "finetune": ft_info, "units": "classifier",
-                              "classifier": name, "num_units": len(order), "pruned_units": units,
-                              "n_pruned_units": len(units), "unit_scores": (-unit_act).tolist(),
-                              "score": "-mean post-ReLU activation of every BN neuron (graph features / oracle "
-                                       "sweep); FP prunes classifier units by info['unit_scores']",
-                              "_unit_activation": unit_act})
+        return FPResult(
+            model,
+            scores=-bn_act if bn_act is not None else None,
+            pruned=None,
+            pruned_units=units,
+            info={
+                "operating_point": op,
+                "finetune": ft_info,
+                "units": "classifier",
+                "classifier": name,
+                "num_units": len(order),
+                "pruned_units": units,
+                "n_pruned_units": len(units),
+                "unit_scores": (-unit_act).tolist(),
+                "score": "-mean post-ReLU activation of every BN neuron (graph features / oracle "
+                "sweep); FP prunes classifier units by info['unit_scores']",
+                "_unit_activation": unit_act,
+            },
+        )
 
-    def _fit_bn(self, model: nn.Module, data: DefenseData, *, layout: NeuronLayout, seed: int,
-                augment: Optional[Augment], counter: PassCounter) -> DefenseResult:
+    def _fit_bn(
+        self,
+        model: nn.Module,
+        data: DefenseData,
+        *,
+        layout: NeuronLayout,
+        seed: int,
+        augment: Optional[Augment],
+        counter: PassCounter,
+    ) -> DefenseResult:
         from onp.masks import NeuronMasks
 
         p = self.params
@@ -280,22 +356,33 @@ class FinePruning(Defense):
         else:
             names = layout.bn_names
             if p.layer not in names:
-                raise DefenseError(f"fp: layer {p.layer!r} is not a BatchNorm2d of the model; valid: last, all, "
-                                   f"{', '.join(names)}")
+                raise DefenseError(
+                    f"fp: layer {p.layer!r} is not a BatchNorm2d of the model; valid: last, all, {', '.join(names)}"
+                )
             candidates[layout.layers[names.index(p.layer)].slice] = True
         pruned_model, pruned, op = finalize_pruning(model, layout, scores, data, p, counter, candidates=candidates)
         masks = NeuronMasks(pruned_model, layout.bn_names, mode="gamma")  # keep the pruned neurons pruned
         masks.prune(pruned)
         try:
             if p.ft_epochs > 0:
-                pruned_model, ft_info = finetune(pruned_model, data, self._finetune_params(), seed=seed,
-                                                 augment=augment, counter=counter, name="fp")
+                pruned_model, ft_info = finetune(
+                    pruned_model, data, self._finetune_params(), seed=seed, augment=augment, counter=counter, name="fp"
+                )
             else:
                 ft_info = {}
             state = masks.export_state_dict()
         finally:
             masks.remove()
         pruned_model.load_state_dict(state)
-        return DefenseResult(pruned_model, scores=scores, pruned=pruned,
-                             info={"operating_point": op, "finetune": ft_info, "units": "bn",
-                                   "candidate_layer": p.layer, "score": "-mean post-ReLU activation"})
+        return DefenseResult(
+            pruned_model,
+            scores=scores,
+            pruned=pruned,
+            info={
+                "operating_point": op,
+                "finetune": ft_info,
+                "units": "bn",
+                "candidate_layer": p.layer,
+                "score": "-mean post-ReLU activation",
+            },
+        )

@@ -46,9 +46,17 @@ class FTParams(DefenseParams):
     augment: bool = True
 
 
-def finetune(model: nn.Module, data: DefenseData, p: FTParams, *, seed: int, augment: Optional[Augment],
-             counter: PassCounter, name: str = "ft",
-             after_step: Optional[Callable[[], None]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+def finetune(
+    model: nn.Module,
+    data: DefenseData,
+    p: FTParams,
+    *,
+    seed: int,
+    augment: Optional[Augment],
+    counter: PassCounter,
+    name: str = "ft",
+    after_step: Optional[Callable[[], None]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
     """Fine-tune ``model`` in place for ``p.epochs``; returns (best-val model, history)."""
     require_images(name, len(data.train_y), p.batch_size)
     gen = torch.Generator().manual_seed(seed)
@@ -60,8 +68,17 @@ def finetune(model: nn.Module, data: DefenseData, p: FTParams, *, seed: int, aug
     best_acc = -1.0
     for epoch in range(1, p.epochs + 1):
         model.train()
-        loss, acc = run_epoch(model, data.train_x, data.train_y, opt, batch_size=p.batch_size, gen=gen,
-                              counter=counter, augment=aug, after_step=after_step)
+        loss, acc = run_epoch(
+            model,
+            data.train_x,
+            data.train_y,
+            opt,
+            batch_size=p.batch_size,
+            gen=gen,
+            counter=counter,
+            augment=aug,
+            after_step=after_step,
+        )
         val = eval_accuracy(model, data.val_x, data.val_y, counter)
         history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val})
         if val >= best_acc:
@@ -83,8 +100,17 @@ class FineTuning(Defense):
         if self.params.epochs < 1:
             raise DefenseError("ft: epochs must be >= 1")
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         data = require_data(self.name, data)
         model, info = finetune(model, data, self.params, seed=seed, augment=augment, counter=counter)
         return DefenseResult(model, info=info)

@@ -34,10 +34,20 @@ class MagnitudePruning(Defense):
     Params = MagnitudeParams
     params: MagnitudeParams
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         layout = require_layout(self.name, layout)
         scores = -bn_gammas(model, layout).abs()
         pruned_model, pruned, info = finalize_pruning(model, layout, scores, data, self.params, counter)
-        return DefenseResult(pruned_model, scores=scores, pruned=pruned,
-                             info={"operating_point": info, "score": "-|gamma|"})
+        return DefenseResult(
+            pruned_model, scores=scores, pruned=pruned, info={"operating_point": info, "score": "-|gamma|"}
+        )

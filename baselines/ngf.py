@@ -173,8 +173,9 @@ def _layer_matrix(layer: nn.Linear, grad: bool = False) -> Tensor:
 
 
 @torch.no_grad()
-def diagonal_fisher(model: nn.Module, layer: nn.Linear, x: Tensor, y: Tensor, counter: PassCounter,
-                    batch_size: int = 256) -> Tensor:
+def diagonal_fisher(
+    model: nn.Module, layer: nn.Linear, x: Tensor, y: Tensor, counter: PassCounter, batch_size: int = 256
+) -> Tensor:
     """Diagonal empirical Fisher of ``[W | b]``: mean over examples of the squared per-example gradient
     of the CE loss (for a linear layer the per-example gradient is ``g_i a_i^T``)."""
     feats: Dict[str, Tensor] = {}
@@ -182,9 +183,9 @@ def diagonal_fisher(model: nn.Module, layer: nn.Linear, x: Tensor, y: Tensor, co
     fisher = torch.zeros(layer.out_features, layer.in_features + 1)
     try:
         for i in range(0, len(x), batch_size):
-            logits = counter(model, x[i:i + batch_size])
+            logits = counter(model, x[i : i + batch_size])
             a = _with_ones(feats["a"].flatten(1))
-            g = F.softmax(logits, 1) - F.one_hot(y[i:i + batch_size], logits.shape[1]).float()  # dCE/dlogits
+            g = F.softmax(logits, 1) - F.one_hot(y[i : i + batch_size], logits.shape[1]).float()  # dCE/dlogits
             fisher += torch.einsum("bo,bi->oi", g.pow(2), a.pow(2))
     finally:
         h.remove()
@@ -278,8 +279,9 @@ class NGF(Defense):
         if p.scope not in SCOPES:
             raise DefenseError(f"ngf: unknown scope {p.scope!r}; valid: {', '.join(SCOPES)}")
         if any(not 0.0 <= f <= 1.0 for f in p.lr_milestones):
-            raise DefenseError(f"ngf: lr_milestones are fractions of the rounds, each in [0, 1]; got "
-                               f"{list(p.lr_milestones)}")
+            raise DefenseError(
+                f"ngf: lr_milestones are fractions of the rounds, each in [0, 1]; got {list(p.lr_milestones)}"
+            )
         if min(p.t_cov, p.t_inv, p.t_scal) < 1 or not 0.0 <= p.stat_decay < 1.0:
             raise DefenseError("ngf: t_cov, t_inv, t_scal must be >= 1 and stat_decay in [0, 1)")
         if p.fisher_coef < 0 or p.damping < 0 or p.kl_clip <= 0:
@@ -298,8 +300,17 @@ class NGF(Defense):
             model.eval()  # BN statistics stay exactly as they were
         return [q for q in model.parameters() if q.requires_grad]
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         p = self.params
         data = require_data(self.name, data)
         require_images(self.name, len(data.train_y), p.batch_size)
@@ -347,10 +358,10 @@ class NGF(Defense):
                 kfac.update_stats()
                 grad = _layer_matrix(layer, grad=True)
                 direction = kfac.precondition(grad)
-                vg = (direction * grad).sum().item() * lr ** 2
+                vg = (direction * grad).sum().item() * lr**2
                 nu = min(1.0, (p.kl_clip / vg) ** 0.5) if vg > 0 else 1.0
                 with torch.no_grad():
-                    _grad_of(layer.weight).copy_(nu * direction[:, :layer.in_features])
+                    _grad_of(layer.weight).copy_(nu * direction[:, : layer.in_features])
                     if layer.bias is not None:
                         _grad_of(layer.bias).copy_(nu * direction[:, -1])
                 opt.step()
@@ -361,12 +372,26 @@ class NGF(Defense):
             handle.remove()
         freeze(model).eval()
         val_after = eval_accuracy(model, data.val_x, data.val_y, counter)
-        note = ("reference regime: every parameter trained in train mode (last layer preconditioned, the rest "
-                "SGD-momentum, BN statistics re-estimated)" if p.scope == "all" else
-                "only the last Linear layer is trained; eval mode throughout")
-        return DefenseResult(model, info={"layer": name, "scope": p.scope, "val_acc_before": val_before,
-                                          "val_acc_after": val_after, "final_ce": losses[-1],
-                                          "mean_kl_nu": sum(nus) / len(nus), "fisher_coef": p.fisher_coef,
-                                          "lr_schedule": lr_schedule(p), "kfac_cov_updates": kfac.n_cov_updates,
-                                          "ekfac_scale_updates": kfac.n_scale_updates, "note": note,
-                                          "_lr_per_iteration": torch.tensor(lrs, dtype=torch.float64)})
+        note = (
+            "reference regime: every parameter trained in train mode (last layer preconditioned, the rest "
+            "SGD-momentum, BN statistics re-estimated)"
+            if p.scope == "all"
+            else "only the last Linear layer is trained; eval mode throughout"
+        )
+        return DefenseResult(
+            model,
+            info={
+                "layer": name,
+                "scope": p.scope,
+                "val_acc_before": val_before,
+                "val_acc_after": val_after,
+                "final_ce": losses[-1],
+                "mean_kl_nu": sum(nus) / len(nus),
+                "fisher_coef": p.fisher_coef,
+                "lr_schedule": lr_schedule(p),
+                "kfac_cov_updates": kfac.n_cov_updates,
+                "ekfac_scale_updates": kfac.n_scale_updates,
+                "note": note,
+                "_lr_per_iteration": torch.tensor(lrs, dtype=torch.float64),
+            },
+        )

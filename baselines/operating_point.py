@@ -66,16 +66,28 @@ class OperatingPoint:
 
 
 @torch.no_grad()
-def delta_rule(model: nn.Module, layout: NeuronLayout, order: Tensor, data: DefenseData, *, delta: float = 0.05,
-               max_fraction: float = 0.5, grid_step: float = 0.01, mode: str = "gamma",
-               counter: Optional[PassCounter] = None, grid: Optional[Sequence[int]] = None) -> OperatingPoint:
+def delta_rule(
+    model: nn.Module,
+    layout: NeuronLayout,
+    order: Tensor,
+    data: DefenseData,
+    *,
+    delta: float = 0.05,
+    max_fraction: float = 0.5,
+    grid_step: float = 0.01,
+    mode: str = "gamma",
+    counter: Optional[PassCounter] = None,
+    grid: Optional[Sequence[int]] = None,
+) -> OperatingPoint:
     """The largest pruning (in ``order``) whose defense-val clean-ACC drop is <= ``delta``.
 
     Reads ``data.val_x`` / ``data.val_y`` only.
     """
     if len(data.val_y) == 0:
-        raise DefenseError("the 'delta' operating-point rule needs defense-validation images (DefenseData.val_x); "
-                           "got none. Use operating_point=threshold or number, or a nonzero validation fraction")
+        raise DefenseError(
+            "the 'delta' operating-point rule needs defense-validation images (DefenseData.val_x); "
+            "got none. Use operating_point=threshold or number, or a nonzero validation fraction"
+        )
     n = len(order)
     counts = list(grid) if grid is not None else pruning_grid(n, max_fraction, grid_step)
     work = copy.deepcopy(model)
@@ -89,23 +101,47 @@ def delta_rule(model: nn.Module, layout: NeuronLayout, order: Tensor, data: Defe
             sweep.append({"n_pruned": int(k), "val_acc": eval_accuracy(work, data.val_x, data.val_y, counter)})
     finally:
         masks.remove()
-    base = sweep[0]["val_acc"] if sweep and sweep[0]["n_pruned"] == 0 else eval_accuracy(model, data.val_x,
-                                                                                          data.val_y, counter)
+    base = (
+        sweep[0]["val_acc"]
+        if sweep and sweep[0]["n_pruned"] == 0
+        else eval_accuracy(model, data.val_x, data.val_y, counter)
+    )
     ok = [s for s in sweep if base - s["val_acc"] <= delta + 1e-12]
     best: Dict[str, Any] = max(ok, key=lambda s: s["n_pruned"]) if ok else {"n_pruned": 0, "val_acc": base}
     k = best["n_pruned"]
-    return OperatingPoint("delta", [int(i) for i in order[:k]],
-                          {"rule": "delta", "delta": delta, "n_pruned": k, "val_acc_before": base,
-                           "val_acc_after": best["val_acc"], "max_fraction": max_fraction,
-                           "val_sweep": sweep,
-                           "note": "largest pruning whose clean-ACC drop on defense-validation is <= delta"})
+    return OperatingPoint(
+        "delta",
+        [int(i) for i in order[:k]],
+        {
+            "rule": "delta",
+            "delta": delta,
+            "n_pruned": k,
+            "val_acc_before": base,
+            "val_acc_after": best["val_acc"],
+            "max_fraction": max_fraction,
+            "val_sweep": sweep,
+            "note": "largest pruning whose clean-ACC drop on defense-validation is <= delta",
+        },
+    )
 
 
-def choose_pruning(model: nn.Module, layout: NeuronLayout, scores: Tensor, data: Optional[DefenseData], *,
-                   rule: str, delta: float = 0.05, max_fraction: float = 0.5, grid_step: float = 0.01,
-                   threshold_values: Optional[Tensor] = None, threshold: Optional[float] = None,
-                   n_prune: Optional[int] = None, mode: str = "gamma",
-                   counter: Optional[PassCounter] = None, candidates: Optional[Tensor] = None) -> OperatingPoint:
+def choose_pruning(
+    model: nn.Module,
+    layout: NeuronLayout,
+    scores: Tensor,
+    data: Optional[DefenseData],
+    *,
+    rule: str,
+    delta: float = 0.05,
+    max_fraction: float = 0.5,
+    grid_step: float = 0.01,
+    threshold_values: Optional[Tensor] = None,
+    threshold: Optional[float] = None,
+    n_prune: Optional[int] = None,
+    mode: str = "gamma",
+    counter: Optional[PassCounter] = None,
+    candidates: Optional[Tensor] = None,
+) -> OperatingPoint:
     """Dispatch on ``rule`` (see the module docstring). ``threshold_values`` are the method's masks
     (pruned where <= ``threshold``); ``candidates`` (bool ``(N,)``) restricts pruning to some neurons."""
     order = order_from_scores(scores)
@@ -114,15 +150,31 @@ def choose_pruning(model: nn.Module, layout: NeuronLayout, scores: Tensor, data:
     if rule == "delta":
         if data is None:
             raise DefenseError("the 'delta' operating-point rule needs defense data; use operating_point=number")
-        return delta_rule(model, layout, order, data, delta=delta, max_fraction=max_fraction, grid_step=grid_step,
-                          mode=mode, counter=counter)
+        return delta_rule(
+            model,
+            layout,
+            order,
+            data,
+            delta=delta,
+            max_fraction=max_fraction,
+            grid_step=grid_step,
+            mode=mode,
+            counter=counter,
+        )
     if rule == "threshold":
         if threshold_values is None or threshold is None:
             raise DefenseError("operating_point='threshold' is only available for mask-based methods (rnp, anp)")
         chosen = [int(i) for i in order if threshold_values[i] <= threshold]
-        return OperatingPoint("threshold", chosen, {"rule": "threshold", "threshold": threshold,
-                                                    "n_pruned": len(chosen),
-                                                    "note": "prune every neuron whose mask <= threshold"})
+        return OperatingPoint(
+            "threshold",
+            chosen,
+            {
+                "rule": "threshold",
+                "threshold": threshold,
+                "n_pruned": len(chosen),
+                "note": "prune every neuron whose mask <= threshold",
+            },
+        )
     if rule == "number":
         if n_prune is None or n_prune < 0:
             raise DefenseError("operating_point='number' needs n_prune >= 0 (e.g. --set n_prune=20)")
@@ -132,10 +184,19 @@ def choose_pruning(model: nn.Module, layout: NeuronLayout, scores: Tensor, data:
 
 
 @torch.no_grad()
-def oracle_sweep(model: nn.Module, layout: NeuronLayout, scores: Tensor, test_x: Tensor, test_y: Tensor,
-                 attack: Attack, *,
-                 counts: Optional[Sequence[int]] = None, max_fraction: float = 0.5, grid_step: float = 0.01,
-                 mode: str = "gamma") -> Dict[str, Any]:
+def oracle_sweep(
+    model: nn.Module,
+    layout: NeuronLayout,
+    scores: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    attack: Attack,
+    *,
+    counts: Optional[Sequence[int]] = None,
+    max_fraction: float = 0.5,
+    grid_step: float = 0.01,
+    mode: str = "gamma",
+) -> Dict[str, Any]:
     """Test ACC / ASR / RA of ``model`` with the top-k neurons (by ``scores``) pruned, for k on a grid.
 
     FOR ANALYSIS ONLY: uses the test set and the attack's real trigger; never used to choose anything.
@@ -158,16 +219,36 @@ def oracle_sweep(model: nn.Module, layout: NeuronLayout, scores: Tensor, test_x:
     return {"label": ORACLE_LABEL, "prune_mode": mode, "num_neurons": layout.num_neurons, "sweep": rows}
 
 
-def finalize_pruning(model: nn.Module, layout: NeuronLayout, scores: Tensor, data: Optional[DefenseData],
-                     params: PruningParams, counter: Optional[PassCounter] = None, *,
-                     threshold_values: Optional[Tensor] = None, threshold: Optional[float] = None,
-                     mode: str = "gamma", candidates: Optional[Tensor] = None
-                     ) -> Tuple[nn.Module, List[int], Dict[str, Any]]:
+def finalize_pruning(
+    model: nn.Module,
+    layout: NeuronLayout,
+    scores: Tensor,
+    data: Optional[DefenseData],
+    params: PruningParams,
+    counter: Optional[PassCounter] = None,
+    *,
+    threshold_values: Optional[Tensor] = None,
+    threshold: Optional[float] = None,
+    mode: str = "gamma",
+    candidates: Optional[Tensor] = None,
+) -> Tuple[nn.Module, List[int], Dict[str, Any]]:
     """Apply the operating-point rule of ``params`` (a :class:`~baselines.base.PruningParams`) and prune
     ``model`` (not modified). Returns ``(pruned_model, pruned_ids, info)``."""
-    op = choose_pruning(model, layout, scores, data, rule=params.operating_point, delta=params.delta,
-                        max_fraction=params.max_fraction, grid_step=params.grid_step,
-                        threshold_values=threshold_values, threshold=threshold, n_prune=params.n_prune, mode=mode,
-                        counter=counter, candidates=candidates)
+    op = choose_pruning(
+        model,
+        layout,
+        scores,
+        data,
+        rule=params.operating_point,
+        delta=params.delta,
+        max_fraction=params.max_fraction,
+        grid_step=params.grid_step,
+        threshold_values=threshold_values,
+        threshold=threshold,
+        n_prune=params.n_prune,
+        mode=mode,
+        counter=counter,
+        candidates=candidates,
+    )
     op.info["prune_mode"] = mode
     return prune_model(model, layout, op.pruned, mode), op.pruned, op.info

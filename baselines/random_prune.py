@@ -36,10 +36,23 @@ class RandomPruning(Defense):
     Params = RandomParams
     params: RandomParams
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         layout = require_layout(self.name, layout)
         scores = torch.rand(layout.num_neurons, generator=torch.Generator().manual_seed(seed))
         pruned_model, pruned, info = finalize_pruning(model, layout, scores, data, self.params, counter)
-        return DefenseResult(pruned_model, scores=scores, pruned=pruned,
-                             info={"operating_point": info, "score": f"uniform random (seed {seed})"})
+        return DefenseResult(
+            pruned_model,
+            scores=scores,
+            pruned=pruned,
+            info={"operating_point": info, "score": f"uniform random (seed {seed})"},
+        )

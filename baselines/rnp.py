@@ -73,18 +73,35 @@ class RNPParams(PruningParams):
     keep_intermediate: bool = False  # keep the unlearned model in info["_unlearned_model"] (tests, analysis)
 
 
-def unlearn(model: nn.Module, data: DefenseData, p: RNPParams, *, gen: torch.Generator, aug: Optional[Augment],
-            counter: PassCounter) -> Tuple[List[Dict[str, Any]], bool]:
+def unlearn(
+    model: nn.Module,
+    data: DefenseData,
+    p: RNPParams,
+    *,
+    gen: torch.Generator,
+    aug: Optional[Augment],
+    counter: PassCounter,
+) -> Tuple[List[Dict[str, Any]], bool]:
     """Gradient ascent until the running train accuracy is <= ``clean_threshold``; returns the history."""
-    opt = torch.optim.SGD(model.parameters(), lr=p.unlearn_lr, momentum=p.unlearn_momentum,
-                          weight_decay=p.unlearn_weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=p.unlearn_lr, momentum=p.unlearn_momentum, weight_decay=p.unlearn_weight_decay
+    )
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(p.unlearn_milestones), gamma=0.1)
     history: List[Dict[str, Any]] = []
     reached = False
     for epoch in range(1, p.unlearn_epochs + 1):
         model.train()
-        loss, acc = run_epoch(model, data.train_x, data.train_y, opt, batch_size=p.batch_size, gen=gen,
-                              counter=counter, augment=aug, ascent=True)
+        loss, acc = run_epoch(
+            model,
+            data.train_x,
+            data.train_y,
+            opt,
+            batch_size=p.batch_size,
+            gen=gen,
+            counter=counter,
+            augment=aug,
+            ascent=True,
+        )
         sched.step()
         history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc})
         if acc <= p.clean_threshold:
@@ -93,9 +110,16 @@ def unlearn(model: nn.Module, data: DefenseData, p: RNPParams, *, gen: torch.Gen
     return history, reached
 
 
-def recover_masks(unlearned: nn.Module, layout: NeuronLayout, data: DefenseData, p: RNPParams, *,
-                  gen: torch.Generator, aug: Optional[Augment],
-                  counter: PassCounter) -> Tuple[Tensor, List[Dict[str, Any]]]:
+def recover_masks(
+    unlearned: nn.Module,
+    layout: NeuronLayout,
+    data: DefenseData,
+    p: RNPParams,
+    *,
+    gen: torch.Generator,
+    aug: Optional[Augment],
+    counter: PassCounter,
+) -> Tuple[Tensor, List[Dict[str, Any]]]:
     """Learn per-neuron masks on the frozen unlearned model; returns (mask tensor, history)."""
     from onp.masks import NeuronMasks
 
@@ -113,8 +137,18 @@ def recover_masks(unlearned: nn.Module, layout: NeuronLayout, data: DefenseData,
     try:
         for epoch in range(1, p.recover_epochs + 1):
             unlearned.train()
-            loss, acc = run_epoch(unlearned, data.train_x, data.train_y, opt, batch_size=p.batch_size, gen=gen,
-                                  counter=counter, augment=aug, loss_scale=p.alpha, after_step=clamp)
+            loss, acc = run_epoch(
+                unlearned,
+                data.train_x,
+                data.train_y,
+                opt,
+                batch_size=p.batch_size,
+                gen=gen,
+                counter=counter,
+                augment=aug,
+                loss_scale=p.alpha,
+                after_step=clamp,
+            )
             history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc})
     finally:
         masks.remove()
@@ -134,8 +168,17 @@ class RNP(Defense):
         if p.unlearn_epochs < 1 or p.recover_epochs < 0:
             raise DefenseError("rnp: unlearn_epochs must be >= 1 and recover_epochs >= 0")
 
-    def _fit(self, model: nn.Module, data: Optional[DefenseData], *, layout: Optional[NeuronLayout], seed: int,
-             augment: Optional[Augment], report_fn: Optional[ReportFn], counter: PassCounter) -> DefenseResult:
+    def _fit(
+        self,
+        model: nn.Module,
+        data: Optional[DefenseData],
+        *,
+        layout: Optional[NeuronLayout],
+        seed: int,
+        augment: Optional[Augment],
+        report_fn: Optional[ReportFn],
+        counter: PassCounter,
+    ) -> DefenseResult:
         p = self.params
         data, layout = require_data(self.name, data), require_layout(self.name, layout)
         require_images(self.name, len(data.train_y), p.batch_size)
@@ -147,31 +190,39 @@ class RNP(Defense):
         unlearned_val = eval_accuracy(unlearned, data.val_x, data.val_y, counter)
         if report_fn is not None:
             report_fn("unlearned", unlearned)
-        unlearned_state = {k: v.detach().clone() for k, v in unlearned.named_parameters()} \
-            if p.keep_intermediate else None
+        unlearned_state = (
+            {k: v.detach().clone() for k, v in unlearned.named_parameters()} if p.keep_intermediate else None
+        )
         mask, rec_history = recover_masks(unlearned, layout, data, p, gen=gen, aug=aug, counter=counter)
         if report_fn is not None:  # the unlearned model under the recovered masks (the paper's log line)
             from onp.masks import NeuronMasks
+
             with NeuronMasks(unlearned, layout.bn_names, mode="gamma") as soft:
                 soft.set_mask(mask)
                 report_fn("recovered_unlearned", unlearned)
         scores = 1.0 - mask
-        pruned_model, pruned, op = finalize_pruning(original, layout, scores, data, p, counter,
-                                                    threshold_values=mask, threshold=p.threshold)
-        info = {"operating_point": op,
-                "unlearning_reached_threshold": reached,
-                "unlearning_epochs": len(history),
-                "unlearning_train_acc": history[-1]["train_acc"],
-                "unlearned_val_acc": unlearned_val,
-                "unlearning_history": history,
-                "recovery_history": rec_history,
-                "mask_min": float(mask.min()), "mask_mean": float(mask.mean()),
-                "n_mask_le_threshold": int((mask <= p.threshold).sum()),
-                "score": "1 - recovered mask",
-                "_mask": mask}
+        pruned_model, pruned, op = finalize_pruning(
+            original, layout, scores, data, p, counter, threshold_values=mask, threshold=p.threshold
+        )
+        info = {
+            "operating_point": op,
+            "unlearning_reached_threshold": reached,
+            "unlearning_epochs": len(history),
+            "unlearning_train_acc": history[-1]["train_acc"],
+            "unlearned_val_acc": unlearned_val,
+            "unlearning_history": history,
+            "recovery_history": rec_history,
+            "mask_min": float(mask.min()),
+            "mask_mean": float(mask.mean()),
+            "n_mask_le_threshold": int((mask <= p.threshold).sum()),
+            "score": "1 - recovered mask",
+            "_mask": mask,
+        }
         if p.keep_intermediate:
             info.update(_unlearned_params=unlearned_state, _unlearned_model=unlearned)
         if not reached:
-            info["note"] = (f"unlearning never reached train accuracy <= {p.clean_threshold} in {p.unlearn_epochs} "
-                            f"epochs; continued with the last unlearned state")
+            info["note"] = (
+                f"unlearning never reached train accuracy <= {p.clean_threshold} in {p.unlearn_epochs} "
+                f"epochs; continued with the last unlearned state"
+            )
         return DefenseResult(pruned_model, scores=scores, pruned=pruned, info=info)

@@ -13,9 +13,20 @@ from onp.data.augment import Augment
 from .base import PassCounter, epoch_batches
 
 
-def run_epoch(model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, *, batch_size: int,
-              gen: torch.Generator, counter: PassCounter, augment: Optional[Augment] = None, ascent: bool = False,
-              loss_scale: float = 1.0, after_step: Optional[Callable[[], None]] = None) -> Tuple[float, float]:
+def run_epoch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    gen: torch.Generator,
+    counter: PassCounter,
+    augment: Optional[Augment] = None,
+    ascent: bool = False,
+    loss_scale: float = 1.0,
+    after_step: Optional[Callable[[], None]] = None,
+) -> Tuple[float, float]:
     """One shuffled pass over ``(x, y)``; returns (mean CE, running accuracy over the epoch).
 
     ``ascent=True`` maximises the cross-entropy (RNP unlearning: the step minimises -CE).

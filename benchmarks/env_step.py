@@ -48,9 +48,14 @@ def main() -> None:
     data = DefenseData(as_float(tr.images), tr.labels, as_float(va.images), va.labels, ds.spec.num_classes)
     model = build_model_for(args.model, ds.spec, args.width).eval()
     attack = build_attack("badnets", ds.spec.image_shape, ds.spec.num_classes)
-    env = NeuronPruningEnv(PruningSubject(model, attack, data, name=f"{args.model}-w{args.width}"),
-                           budget=1.0 - 1e-9, delta=10.0, reward_batch=args.reward_batch,
-                           use_suffix_cache=not args.no_cache, top_k=16)
+    env = NeuronPruningEnv(
+        PruningSubject(model, attack, data, name=f"{args.model}-w{args.width}"),
+        budget=1.0 - 1e-9,
+        delta=10.0,
+        reward_batch=args.reward_batch,
+        use_suffix_cache=not args.no_cache,
+        top_k=16,
+    )
     target = env.target
     batch = target.batch
     with torch.inference_mode():
@@ -82,10 +87,19 @@ def main() -> None:
         env.reset()
         resets.append(time.perf_counter() - t)
     f, s, r = statistics.median(fwd), statistics.median(steps), statistics.median(resets)
-    out = {"model": args.model, "width": args.width, "neurons": env.num_nodes, "reward_images": len(batch),
-           "threads": torch.get_num_threads(), "suffix_cache": not args.no_cache,
-           "forward_ms": round(f * 1e3, 2), "step_ms": round(s * 1e3, 2), "reset_ms": round(r * 1e3, 3),
-           "step_over_forward": round(s / f, 3), "reset_over_forward": round(r / f, 4)}
+    out = {
+        "model": args.model,
+        "width": args.width,
+        "neurons": env.num_nodes,
+        "reward_images": len(batch),
+        "threads": torch.get_num_threads(),
+        "suffix_cache": not args.no_cache,
+        "forward_ms": round(f * 1e3, 2),
+        "step_ms": round(s * 1e3, 2),
+        "reset_ms": round(r * 1e3, 3),
+        "step_over_forward": round(s / f, 3),
+        "reset_over_forward": round(r / f, 4),
+    }
     print(json.dumps(out))
 
 

@@ -10,5 +10,13 @@ ENV_ID = "onp/NeuronPruning-v0"
 if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="envs.neuron_pruning:NeuronPruningEnv")
 
-__all__ = ["ENV_ID", "NeuronPruningEnv", "PruningSubject", "ASR_ESTIMATORS", "ASRProbe", "build_probe",
-           "register_asr_estimator", "ensure_feature_providers"]
+__all__ = [
+    "ENV_ID",
+    "NeuronPruningEnv",
+    "PruningSubject",
+    "ASR_ESTIMATORS",
+    "ASRProbe",
+    "build_probe",
+    "register_asr_estimator",
+    "ensure_feature_providers",
+]

@@ -48,8 +48,9 @@ class ASRProbe:
     def limit(self, n: Optional[int]) -> "ASRProbe":
         if n is None or n >= len(self.images):
             return self
-        return ASRProbe(self.name, self.images[:n], self.target_labels[:n], self.true_labels[:n],
-                        self.trigger_aware, self.info)
+        return ASRProbe(
+            self.name, self.images[:n], self.target_labels[:n], self.true_labels[:n], self.trigger_aware, self.info
+        )
 
 
 #: ``(model, attack, defense_data, *, seed, cache_dir, **params) -> ASRProbe``
@@ -60,26 +61,55 @@ def register_asr_estimator(name: str) -> Callable[[ProbeBuilder], ProbeBuilder]:
     return ASR_ESTIMATORS.register(name)
 
 
-def build_probe(name: str, model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *, seed: int = 0,
-                cache_dir: Optional[Path] = None, **params: Any) -> ASRProbe:
+def build_probe(
+    name: str,
+    model: nn.Module,
+    attack: Optional[Attack],
+    defense_data: DefenseData,
+    *,
+    seed: int = 0,
+    cache_dir: Optional[Path] = None,
+    **params: Any,
+) -> ASRProbe:
     """Build the probe of estimator ``name`` (see the module docstring)."""
     return ASR_ESTIMATORS.get(name)(model, attack, defense_data, seed=seed, cache_dir=cache_dir, **params)
 
 
 @register_asr_estimator("trigger")
-def trigger_probe(model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *, seed: int = 0,
-                  cache_dir: Optional[Path] = None) -> ASRProbe:
+def trigger_probe(
+    model: nn.Module,
+    attack: Optional[Attack],
+    defense_data: DefenseData,
+    *,
+    seed: int = 0,
+    cache_dir: Optional[Path] = None,
+) -> ASRProbe:
     """The real trigger on defense-validation images (target-class images excluded, all-to-one)."""
     if attack is None:
         raise ValueError("the 'trigger' ASR estimator needs the attack; use asr_estimator='synthesized'")
     x, y_target, y_true = attack.poisoned_eval_set(defense_data.val_x, defense_data.val_y)
-    return ASRProbe("trigger", x, y_target, y_true, trigger_aware=True,
-                    info={"note": "trigger-aware: uses the attack's real trigger", "attack": attack.params()})
+    return ASRProbe(
+        "trigger",
+        x,
+        y_target,
+        y_true,
+        trigger_aware=True,
+        info={"note": "trigger-aware: uses the attack's real trigger", "attack": attack.params()},
+    )
 
 
-def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-                              steps: int = 150, batch_size: int = 128, lr: float = 0.1, l1_weight: float = 1e-3,
-                              seed: int = 0) -> Dict[str, torch.Tensor]:
+def reverse_engineer_triggers(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int = 150,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    l1_weight: float = 1e-3,
+    seed: int = 0,
+) -> Dict[str, torch.Tensor]:
     """Neural-Cleanse-style optimisation of one (mask, pattern) per class on clean images.
 
     Returns ``mask`` (K, 1, H, W), ``pattern`` (K, C, H, W), ``mask_l1`` (K,), ``success`` (K,)
@@ -102,7 +132,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor
             idx = torch.randint(0, len(xs), (min(batch_size, len(xs)),), generator=gen)
             m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
             xb = (1 - m) * xs[idx] + m * p
-            loss = F.cross_entropy(model(xb), target[:len(idx)]) + l1_weight * m.abs().sum()
+            loss = F.cross_entropy(model(xb), target[: len(idx)]) + l1_weight * m.abs().sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -116,21 +146,34 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     norms_t = torch.stack(norms)
     med = norms_t.median()
     mad = (norms_t - med).abs().median() * 1.4826 + 1e-12
-    return {"mask": torch.stack(masks), "pattern": torch.stack(patterns), "mask_l1": norms_t,
-            "success": torch.stack(success), "anomaly": (norms_t - med) / mad}
+    return {
+        "mask": torch.stack(masks),
+        "pattern": torch.stack(patterns),
+        "mask_l1": norms_t,
+        "success": torch.stack(success),
+        "anomaly": (norms_t - med) / mad,
+    }
 
 
 def _checked_reversal(rev: Any, path: Path, data: DefenseData) -> Dict[str, torch.Tensor]:
     """A cached :func:`reverse_engineer_triggers` result, checked against the model's data shapes."""
     k, (c, h, w) = data.num_classes, tuple(data.val_x.shape[1:])
     want = {"mask": (k, 1, h, w), "pattern": (k, c, h, w), "mask_l1": (k,), "success": (k,), "anomaly": (k,)}
-    ok = isinstance(rev, dict) and set(rev) == set(want) and all(
-        isinstance(rev[key], torch.Tensor) and tuple(rev[key].shape) == shape and bool(torch.isfinite(rev[key]).all()
-                                                                                       or key == "anomaly")
-        for key, shape in want.items())
+    ok = (
+        isinstance(rev, dict)
+        and set(rev) == set(want)
+        and all(
+            isinstance(rev[key], torch.Tensor)
+            and tuple(rev[key].shape) == shape
+            and bool(torch.isfinite(rev[key]).all() or key == "anomaly")
+            for key, shape in want.items()
+        )
+    )
     if not ok:
-        raise CheckpointError(f"{path}: not a synthesized-trigger cache for this model (expected the tensors "
-                              f"{want}); delete the file to recompute it")
+        raise CheckpointError(
+            f"{path}: not a synthesized-trigger cache for this model (expected the tensors "
+            f"{want}); delete the file to recompute it"
+        )
     return rev
 
 
@@ -145,9 +188,17 @@ def _images_digest(data: DefenseData) -> str:
 
 
 @register_asr_estimator("synthesized")
-def synthesized_probe(model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *, seed: int = 0,
-                      cache_dir: Optional[Path] = None,
-                      steps: int = 150, l1_weight: float = 1e-3, min_success: float = 0.5) -> ASRProbe:
+def synthesized_probe(
+    model: nn.Module,
+    attack: Optional[Attack],
+    defense_data: DefenseData,
+    *,
+    seed: int = 0,
+    cache_dir: Optional[Path] = None,
+    steps: int = 150,
+    l1_weight: float = 1e-3,
+    min_success: float = 0.5,
+) -> ASRProbe:
     """A reverse-engineered trigger from defense-train images only (no knowledge of the attack).
 
     The estimated target is the class with the smallest trigger among those whose trigger flips at
@@ -160,8 +211,15 @@ def synthesized_probe(model: nn.Module, attack: Optional[Attack], defense_data: 
         rev = _checked_reversal(load_checkpoint(path), path, defense_data)
     else:
         with torch.enable_grad():
-            rev = reverse_engineer_triggers(model, defense_data.train_x, defense_data.train_y,
-                                            defense_data.num_classes, steps=steps, l1_weight=l1_weight, seed=seed)
+            rev = reverse_engineer_triggers(
+                model,
+                defense_data.train_x,
+                defense_data.train_y,
+                defense_data.num_classes,
+                steps=steps,
+                l1_weight=l1_weight,
+                seed=seed,
+            )
         atomic_torch_save(path, rev)
     ok = rev["success"] >= min_success
     norms = torch.where(ok, rev["mask_l1"], torch.full_like(rev["mask_l1"], float("inf")))
@@ -171,7 +229,17 @@ def synthesized_probe(model: nn.Module, attack: Optional[Attack], defense_data: 
     m, p = rev["mask"][t], rev["pattern"][t]
     with torch.no_grad():
         x_trig = ((1 - m) * xv + m * p).clamp(0, 1)
-    return ASRProbe("synthesized", x_trig, torch.full_like(yv, t), yv, trigger_aware=False,
-                    info={"estimated_target": t, "mask_l1": rev["mask_l1"].tolist(),
-                          "anomaly_index": rev["anomaly"].tolist(), "success": rev["success"].tolist(),
-                          "note": "trigger-agnostic: reverse-engineered from defense-train images only"})
+    return ASRProbe(
+        "synthesized",
+        x_trig,
+        torch.full_like(yv, t),
+        yv,
+        trigger_aware=False,
+        info={
+            "estimated_target": t,
+            "mask_l1": rev["mask_l1"].tolist(),
+            "anomaly_index": rev["anomaly"].tolist(),
+            "success": rev["success"].tolist(),
+            "note": "trigger-agnostic: reverse-engineered from defense-train images only",
+        },
+    )

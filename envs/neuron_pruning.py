@@ -53,6 +53,7 @@ def _as_bundle(spec: BackdoorSpec, cache_dir: Optional[Path]) -> Union[BackdoorB
         return spec
     if isinstance(spec, (str, Path)):
         from onp.zoo import open_bundle
+
         return open_bundle(spec)
     return load_bundle(spec, cache_dir=cache_dir, progress=True)
 
@@ -88,14 +89,27 @@ class NeuronPruningEnv(gym.Env):
     observation_space: spaces.Dict
     action_space: spaces.Discrete
 
-    def __init__(self, backdoor: Union[BackdoorSpec, List[BackdoorSpec], Tuple[BackdoorSpec, ...], None] = None, *,
-                 budget: float = 0.05, lam: float = 1.0, delta: float = 0.1, reward_batch: Optional[int] = None,
-                 asr_estimator: str = "trigger", estimator_params: Optional[Dict[str, Any]] = None,
-                 feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
-                 top_k: Optional[int] = 16, exclude_layer_types: Sequence[str] = ("stem",),
-                 mask_mode: str = "gamma", group_pruning: bool = False, invalid_action_penalty: float = 0.01,
-                 reject_violations: bool = True, use_suffix_cache: bool = True, cache_dir: Optional[Path] = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        backdoor: Union[BackdoorSpec, List[BackdoorSpec], Tuple[BackdoorSpec, ...], None] = None,
+        *,
+        budget: float = 0.05,
+        lam: float = 1.0,
+        delta: float = 0.1,
+        reward_batch: Optional[int] = None,
+        asr_estimator: str = "trigger",
+        estimator_params: Optional[Dict[str, Any]] = None,
+        feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
+        top_k: Optional[int] = 16,
+        exclude_layer_types: Sequence[str] = ("stem",),
+        mask_mode: str = "gamma",
+        group_pruning: bool = False,
+        invalid_action_penalty: float = 0.01,
+        reject_violations: bool = True,
+        use_suffix_cache: bool = True,
+        cache_dir: Optional[Path] = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if budget <= 0:
             raise ValueError(f"budget must be > 0 (a fraction in (0, 1) or a neuron count); got {budget}")
@@ -104,20 +118,36 @@ class NeuronPruningEnv(gym.Env):
         if delta <= 0:
             raise ValueError(f"delta must be > 0; got {delta}")
         from .asr_estimators import ASR_ESTIMATORS
+
         ASR_ESTIMATORS.check(asr_estimator)
         ensure_feature_providers(feature_providers)  # registers the baselines' <method>_score on first use
         if backdoor is None or (isinstance(backdoor, (list, tuple)) and not backdoor):
-            raise ValueError("NeuronPruningEnv needs the model to prune: pass backdoor=<a BackdoorBundle, a "
-                             "BackdoorConfig or dict (fetched from the zoo, trained on first use), or a model "
-                             "folder>, e.g. gym.make('onp/NeuronPruning-v0', "
-                             "backdoor=BackdoorConfig(model='resnet18'))")
+            raise ValueError(
+                "NeuronPruningEnv needs the model to prune: pass backdoor=<a BackdoorBundle, a "
+                "BackdoorConfig or dict (fetched from the zoo, trained on first use), or a model "
+                "folder>, e.g. gym.make('onp/NeuronPruning-v0', "
+                "backdoor=BackdoorConfig(model='resnet18'))"
+            )
         specs = list(backdoor) if isinstance(backdoor, (list, tuple)) else [backdoor]
         self.bundles = [_as_bundle(s, cache_dir) for s in specs]
         self.targets: List[PruningTarget] = [
-            PruningTarget(b.model, b.attack, b.defense_data, reward_batch=reward_batch, asr_estimator=asr_estimator,
-                          estimator_params=estimator_params, feature_providers=feature_providers, top_k=top_k,
-                          mask_mode=mask_mode, seed=seed, cache_dir=cache_dir, use_suffix_cache=use_suffix_cache,
-                          name=_name_of(b)) for b in self.bundles]
+            PruningTarget(
+                b.model,
+                b.attack,
+                b.defense_data,
+                reward_batch=reward_batch,
+                asr_estimator=asr_estimator,
+                estimator_params=estimator_params,
+                feature_providers=feature_providers,
+                top_k=top_k,
+                mask_mode=mask_mode,
+                seed=seed,
+                cache_dir=cache_dir,
+                use_suffix_cache=use_suffix_cache,
+                name=_name_of(b),
+            )
+            for b in self.bundles
+        ]
         sizes = {t.num_nodes for t in self.targets}
         if len(sizes) != 1:
             raise ValueError(f"multi-model mode needs models of one architecture; got neuron counts {sorted(sizes)}")
@@ -134,13 +164,17 @@ class NeuronPruningEnv(gym.Env):
         self.exclude_layer_types = tuple(exclude_layer_types)
         unknown = sorted(set(self.exclude_layer_types) - set(LAYER_TYPES))
         if isinstance(exclude_layer_types, str) or unknown:
-            raise ValueError(f"exclude_layer_types: unknown layer type(s) {unknown or [exclude_layer_types]}; "
-                             f"valid: {', '.join(LAYER_TYPES)} (a list, e.g. ['stem'])")
-        self.observation_space = spaces.Dict({
-            "x": spaces.Box(-np.inf, np.inf, shape=(n, f), dtype=np.float32),
-            "pruned": spaces.MultiBinary(n),
-            "budget": spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32),
-        })
+            raise ValueError(
+                f"exclude_layer_types: unknown layer type(s) {unknown or [exclude_layer_types]}; "
+                f"valid: {', '.join(LAYER_TYPES)} (a list, e.g. ['stem'])"
+            )
+        self.observation_space = spaces.Dict(
+            {
+                "x": spaces.Box(-np.inf, np.inf, shape=(n, f), dtype=np.float32),
+                "pruned": spaces.MultiBinary(n),
+                "budget": spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32),
+            }
+        )
         self.action_space = spaces.Discrete(n + 1)
         self.stop_action = n
         self._select(0)
@@ -165,14 +199,24 @@ class NeuronPruningEnv(gym.Env):
         return self.target.feature_names
 
     def _obs(self) -> Dict[str, np.ndarray]:
-        return {"x": self.target.features.numpy().copy(), "pruned": self._pruned.astype(np.int8),
-                "budget": np.array([(self.budget - self._used) / self.budget], dtype=np.float32)}
+        return {
+            "x": self.target.features.numpy().copy(),
+            "pruned": self._pruned.astype(np.int8),
+            "budget": np.array([(self.budget - self._used) / self.budget], dtype=np.float32),
+        }
 
     def _info(self) -> Dict[str, Any]:
-        return {"acc": self.current.acc, "asr": self.current.asr, "acc0": self.target.initial.acc,
-                "asr0": self.target.initial.asr, "n_pruned": int(self._pruned.sum()),
-                "pruned": np.flatnonzero(self._pruned).tolist(), "asr_estimator": self.asr_estimator,
-                "trigger_aware": self.target.probe.trigger_aware, "model": self.target.name}
+        return {
+            "acc": self.current.acc,
+            "asr": self.current.asr,
+            "acc0": self.target.initial.acc,
+            "asr0": self.target.initial.asr,
+            "n_pruned": int(self._pruned.sum()),
+            "pruned": np.flatnonzero(self._pruned).tolist(),
+            "asr_estimator": self.asr_estimator,
+            "trigger_aware": self.target.probe.trigger_aware,
+            "model": self.target.name,
+        }
 
     def _nodes_of(self, action: int) -> List[int]:
         """The neurons one prune action removes: the neuron, or its unpruned residual group."""
@@ -190,8 +234,9 @@ class NeuronPruningEnv(gym.Env):
         return valid
 
     # -- gym API -------------------------------------------------------------------------------
-    def reset(self, *, seed: Optional[int] = None,
-              options: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    def reset(
+        self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None
+    ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
         super().reset(seed=seed)
         options = options or {}
         if "model_index" in options:
@@ -222,12 +267,15 @@ class NeuronPruningEnv(gym.Env):
         if arr.dtype.kind not in "iu" or arr.ndim != 1:
             raise ValueError(f"initial_pruned must be a list of integer neuron indices; got {initial!r}")
         if arr.min() < 0 or arr.max() >= self.num_nodes:
-            raise ValueError(f"initial_pruned indices must be in [0, {self.num_nodes}); got min {arr.min()}, "
-                             f"max {arr.max()}")
+            raise ValueError(
+                f"initial_pruned indices must be in [0, {self.num_nodes}); got min {arr.min()}, max {arr.max()}"
+            )
         protected = arr[~self._prunable[arr]]
         if len(protected):
-            raise ValueError(f"initial_pruned includes neurons of excluded layer types {self.exclude_layer_types}: "
-                             f"{protected[:8].tolist()}")
+            raise ValueError(
+                f"initial_pruned includes neurons of excluded layer types {self.exclude_layer_types}: "
+                f"{protected[:8].tolist()}"
+            )
         return arr.astype(np.int64)
 
     def _as_action(self, action: Any) -> int:
@@ -238,8 +286,10 @@ class NeuronPruningEnv(gym.Env):
         if isinstance(action, np.ndarray) and action.size == 1:
             action = action.reshape(-1)[0]
         if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
-            raise TypeError(f"action must be an integer in [0, {self.num_nodes}] ({self.num_nodes} = STOP); got "
-                            f"{action!r} ({type(action).__name__})")
+            raise TypeError(
+                f"action must be an integer in [0, {self.num_nodes}] ({self.num_nodes} = STOP); got "
+                f"{action!r} ({type(action).__name__})"
+            )
         return int(action)
 
     def step(self, action: Any) -> Tuple[Dict[str, np.ndarray], float, bool, bool, Dict[str, Any]]:

@@ -55,16 +55,29 @@ class PruningTarget:
             triggered batch is the estimator's probe, capped at the same size.
     """
 
-    def __init__(self, model: nn.Module, attack: Optional[Attack], defense_data: DefenseData, *,
-                 reward_batch: Optional[int] = None, asr_estimator: str = "trigger",
-                 estimator_params: Optional[Dict[str, Any]] = None,
-                 feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
-                 top_k: Optional[int] = 16, mask_mode: str = "gamma", seed: int = 0,
-                 cache_dir: Optional[Path] = None, use_suffix_cache: bool = True, name: str = "model"):
+    def __init__(
+        self,
+        model: nn.Module,
+        attack: Optional[Attack],
+        defense_data: DefenseData,
+        *,
+        reward_batch: Optional[int] = None,
+        asr_estimator: str = "trigger",
+        estimator_params: Optional[Dict[str, Any]] = None,
+        feature_providers: Sequence[str] = ("structure", "bn", "weight_norms", "activation"),
+        top_k: Optional[int] = 16,
+        mask_mode: str = "gamma",
+        seed: int = 0,
+        cache_dir: Optional[Path] = None,
+        use_suffix_cache: bool = True,
+        name: str = "model",
+    ):
         n_val = len(defense_data.val_y)
         if reward_batch is not None and not 0 < reward_batch <= n_val:
-            raise ValueError(f"reward_batch must be in [1, {n_val}] (the defense-validation set has {n_val} "
-                             f"images); got {reward_batch}")
+            raise ValueError(
+                f"reward_batch must be in [1, {n_val}] (the defense-validation set has {n_val} "
+                f"images); got {reward_batch}"
+            )
         self.name = name
         self.model = copy.deepcopy(model).eval()  # the env's own copy: mask hooks never leak into the caller's model
         for p in self.model.parameters():
@@ -72,12 +85,14 @@ class PruningTarget:
         ensure_feature_providers(feature_providers)
         example = defense_data.val_x[:2]
         self.graph: NeuronGraph = build_neuron_graph(self.model, example, top_k=top_k)
-        self.features, self.feature_names = compute_node_features(self.model, self.graph, providers=feature_providers,
-                                                                  data=defense_data.train_x)
+        self.features, self.feature_names = compute_node_features(
+            self.model, self.graph, providers=feature_providers, data=defense_data.train_x
+        )
         self.features = self.features.float()
         self.masks = NeuronMasks(self.model, self.graph, mode=mask_mode)
-        self.probe: ASRProbe = build_probe(asr_estimator, self.model, attack, defense_data, seed=seed,
-                                           cache_dir=cache_dir, **(estimator_params or {})).limit(reward_batch)
+        self.probe: ASRProbe = build_probe(
+            asr_estimator, self.model, attack, defense_data, seed=seed, cache_dir=cache_dir, **(estimator_params or {})
+        ).limit(reward_batch)
         n = reward_batch or n_val
         self.clean_y = defense_data.val_y[:n]
         self.n_clean = len(self.clean_y)
@@ -99,8 +114,8 @@ class PruningTarget:
 
     def _score(self, logits: torch.Tensor) -> Evaluation:
         pred = logits.argmax(1)
-        acc = (pred[:self.n_clean] == self.clean_y).float().mean().item()
-        trig = pred[self.n_clean:]
+        acc = (pred[: self.n_clean] == self.clean_y).float().mean().item()
+        trig = pred[self.n_clean :]
         asr = (trig == self.probe.target_labels).float().mean().item() if len(trig) else 0.0
         return Evaluation(acc, asr)
 

@@ -20,5 +20,6 @@ def __getattr__(name: str) -> Any:
     """``onp.defend`` on first use: the module, which is callable as :func:`onp.defend.defend`."""
     if name == "defend":
         import importlib
+
         return importlib.import_module(".defend", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,20 +42,30 @@ OWN_KEYS = ("poison_rate", "target", "mode")
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m onp.backdoor`` flags; they map onto a :class:`BackdoorConfig` (:func:`config_from_args`)."""
-    p = argparse.ArgumentParser(prog="python -m onp.backdoor", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m onp.backdoor", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--config", type=path_arg, default=None, help="YAML file with BackdoorConfig keys")
-    add_set_flag(p, help="override a BackdoorConfig key (this tool's run config), dotted for nested ones "
-                         "(e.g. lr=0.05, attack_params.alpha=0.3; repeatable)")
+    add_set_flag(
+        p,
+        help="override a BackdoorConfig key (this tool's run config), dotted for nested ones "
+        "(e.g. lr=0.05, attack_params.alpha=0.3; repeatable)",
+    )
     add_list_flag(p, "the attacks, models and datasets")
-    g = add_backdoor_flags(p, title="backdoored model (default: resnet18, fashion-mnist, badnets, seed 0)",
-                           skip=("checkpoint",))
+    g = add_backdoor_flags(
+        p, title="backdoored model (default: resnet18, fashion-mnist, badnets, seed 0)", skip=("checkpoint",)
+    )
     g.add_argument("--poison-rate", type=float, default=None)
     g.add_argument("--target", type=int, default=None)
     g.add_argument("--mode", choices=["all2one", "all2all"], default=None)
     g.add_argument("--clean", action="store_true", help="train an unpoisoned model with the same recipe")
-    g.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="attack parameter, e.g. alpha=0.3 (repeatable)")
+    g.add_argument(
+        "--attack-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="attack parameter, e.g. alpha=0.3 (repeatable)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--overwrite", action="store_true", help="retrain even if a cached model exists")
     r.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps")
@@ -79,8 +89,11 @@ def config_from_args(args: argparse.Namespace) -> BackdoorConfig:
 
 def listing() -> List[str]:
     """What ``--list`` prints: the names this tool accepts."""
-    return [f"attacks: {', '.join(ATTACKS.names())}", f"models: {', '.join(MODELS.names())}",
-            f"datasets: {', '.join(DATASETS.names())}"]
+    return [
+        f"attacks: {', '.join(ATTACKS.names())}",
+        f"models: {', '.join(MODELS.names())}",
+        f"datasets: {', '.join(DATASETS.names())}",
+    ]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -90,11 +103,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return print_listing(listing())
     cfg = config_from_args(args)
     cache_root(args.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
-    bundle = load_bundle(cfg, cache_dir=args.cache_dir, data_dir=args.data_dir, overwrite=args.overwrite,
-                         device=args.device, progress=not args.quiet)
+    bundle = load_bundle(
+        cfg,
+        cache_dir=args.cache_dir,
+        data_dir=args.data_dir,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.quiet,
+    )
     m = bundle.meta
-    print(json.dumps({"path": str(bundle.path), "test_metrics": m["test_metrics"],
-                      "train_seconds": m["train_seconds"], "data_source": m["data_source"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "path": str(bundle.path),
+                "test_metrics": m["test_metrics"],
+                "train_seconds": m["train_seconds"],
+                "data_source": m["data_source"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -55,11 +55,18 @@ from .zoo import BackdoorBundle, BackdoorConfig, load_bundle, open_bundle
 
 def _baselines() -> ModuleType:
     import baselines  # noqa: F401  (registers the defenses)
+
     return baselines
 
 
-def defend(bundle: BackdoorBundle, method: str, params: Optional[Dict[str, Any]] = None, *, seed: int = 0,
-           report_fn: Optional[Callable[[str, nn.Module], None]] = None) -> Any:
+def defend(
+    bundle: BackdoorBundle,
+    method: str,
+    params: Optional[Dict[str, Any]] = None,
+    *,
+    seed: int = 0,
+    report_fn: Optional[Callable[[str, nn.Module], None]] = None,
+) -> Any:
     """Run defense ``method`` on ``bundle``'s model using **only** ``bundle.defense_data`` (plus the
     dataset spec for the crop/flip augmentation). Never touches ``bundle.test_x`` / ``test_y`` /
     ``attack``; ``report_fn(event, model)`` is the only way out for test-time logging."""
@@ -77,28 +84,41 @@ def _uses_val(defense: Any) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m onp.baseline`` flags; they map onto a :class:`BaselineRunConfig` (:func:`config_from_args`)."""
     methods = _baselines().DEFENSES.names()
-    p = argparse.ArgumentParser(prog="python -m onp.baseline", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m onp.baseline", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--method", default=None, help=f"one of {', '.join(methods)}")
     add_list_flag(p, "the methods with their default hyperparameters")
-    add_set_flag(p, help="override a baseline run config key, dotted (e.g. oracle_step=0.02; repeatable); a key that "
-                         "is not one is a hyperparameter of the method, short for params.KEY (e.g. iterations=500; "
-                         "see --list)")
-    p.add_argument("--delta", type=finite_float, default=None,
-                   help="max clean-ACC drop on defense-val (pruning methods)")
+    add_set_flag(
+        p,
+        help="override a baseline run config key, dotted (e.g. oracle_step=0.02; repeatable); a key that "
+        "is not one is a hyperparameter of the method, short for params.KEY (e.g. iterations=500; "
+        "see --list)",
+    )
+    p.add_argument(
+        "--delta", type=finite_float, default=None, help="max clean-ACC drop on defense-val (pruning methods)"
+    )
     p.add_argument("--operating-point", choices=["delta", "threshold", "number"], default=None)
     p.add_argument("--defense-seed", type=int_at_least(0), default=None, help="seed of the defense (default: --seed)")
     add_backdoor_flags(p, title="backdoored model (default: resnet18, fashion-mnist, badnets, seed 0; or --checkpoint)")
     o = p.add_argument_group("oracle sweep (test-set analysis, never used to choose)")
     o.add_argument("--no-oracle", action="store_true", help="skip the oracle sweep (analysis only)")
-    o.add_argument("--oracle-max-fraction", type=fraction, default=0.5,
-                   help="oracle sweep: largest fraction of neurons pruned")
-    o.add_argument("--oracle-step", type=fraction, default=0.01,
-                   help="oracle sweep: grid step as a fraction of all neurons (plus powers of two)")
+    o.add_argument(
+        "--oracle-max-fraction", type=fraction, default=0.5, help="oracle sweep: largest fraction of neurons pruned"
+    )
+    o.add_argument(
+        "--oracle-step",
+        type=fraction,
+        default=0.01,
+        help="oracle sweep: grid step as a fraction of all neurons (plus powers of two)",
+    )
     r = p.add_argument_group("run directory")
     r.add_argument("--out", type=path_arg, default=None, help="run directory")
-    r.add_argument("--overwrite", action="store_true",
-                   help="replace an existing onp run directory (only once the new run succeeded)")
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing onp run directory (only once the new run succeeded)",
+    )
     r.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
     r.add_argument("--quiet", action="store_true")
     return p
@@ -122,10 +142,17 @@ def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
     defense_seed = args.defense_seed
     if defense_seed is None and source["checkpoint"] is not None:
         defense_seed = args.seed  # the model folder has its own seed: --seed is the defense's
-    data: Dict[str, Any] = {"method": args.method, "params": params, "defense_seed": defense_seed,
-                            "deterministic": args.deterministic, "oracle": not args.no_oracle,
-                            "oracle_max_fraction": args.oracle_max_fraction, "oracle_step": args.oracle_step,
-                            "cache_dir": source["cache_dir"], "data_dir": source["data_dir"]}
+    data: Dict[str, Any] = {
+        "method": args.method,
+        "params": params,
+        "defense_seed": defense_seed,
+        "deterministic": args.deterministic,
+        "oracle": not args.no_oracle,
+        "oracle_max_fraction": args.oracle_max_fraction,
+        "oracle_step": args.oracle_step,
+        "cache_dir": source["cache_dir"],
+        "data_dir": source["data_dir"],
+    }
     if source["checkpoint"] is not None:
         data["checkpoint"] = source["checkpoint"]
     else:
@@ -169,8 +196,14 @@ def default_run_dir(method: str, backdoor: Dict[str, Any], seed: int) -> Path:
     return Path("runs") / "baseline" / f"{method}-{name}-{backdoor['model']}-s{seed}"
 
 
-def run_baseline(config: Union[BaselineRunConfig, Dict[str, Any]], out: Optional[Path] = None, *,
-                 overwrite: bool = False, quiet: bool = False, command: Optional[str] = None) -> RunResult:
+def run_baseline(
+    config: Union[BaselineRunConfig, Dict[str, Any]],
+    out: Optional[Path] = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    command: Optional[str] = None,
+) -> RunResult:
     """Run one baseline defense as configured and write its run folder; return the :class:`RunResult`.
 
     The method and its hyperparameters are checked (names, types, ranges) before any model is loaded.
@@ -196,15 +229,24 @@ def run_baseline(config: Union[BaselineRunConfig, Dict[str, Any]], out: Optional
         if bundle is None:
             bundle = load_bundle(backdoor, cache_dir=cfg.cache_dir, data_dir=data_dir, progress=not quiet)
         metrics = _defend_and_report(bundle, defense, method, seed, cfg, work, command)
-        print(f"[onp] {method} on {backdoor.model}/{'clean' if backdoor.clean else backdoor.attack}: "
-              f"ACC {metrics['before']['acc']:.4f}->{metrics['acc']:.4f}  "
-              f"ASR {metrics['before']['asr']:.4f}->{metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
-              f"DER {metrics['der']:.4f}  pruned {metrics['n_pruned']}  {metrics['wall_time']:.1f}s  -> {out}")
+        print(
+            f"[onp] {method} on {backdoor.model}/{'clean' if backdoor.clean else backdoor.attack}: "
+            f"ACC {metrics['before']['acc']:.4f}->{metrics['acc']:.4f}  "
+            f"ASR {metrics['before']['asr']:.4f}->{metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
+            f"DER {metrics['der']:.4f}  pruned {metrics['n_pruned']}  {metrics['wall_time']:.1f}s  -> {out}"
+        )
     return RunResult(out, metrics)
 
 
-def _defend_and_report(bundle: BackdoorBundle, defense: Any, method: str, seed: int, cfg: BaselineRunConfig, work: Path,
-                       command: Optional[str]) -> Dict[str, Any]:
+def _defend_and_report(
+    bundle: BackdoorBundle,
+    defense: Any,
+    method: str,
+    seed: int,
+    cfg: BaselineRunConfig,
+    work: Path,
+    command: Optional[str],
+) -> Dict[str, Any]:
     """Fit ``defense`` on the defense data, measure before/after on the test set, write the run."""
     bl = _baselines()
     before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
@@ -224,29 +266,62 @@ def _defend_and_report(bundle: BackdoorBundle, defense: Any, method: str, seed: 
     if cfg.oracle:
         if result.scores is not None and layout is not None:
             mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
-            sweep = bl.oracle_sweep(bundle.model, layout, result.scores, bundle.test_x, bundle.test_y,
-                                    bundle.attack, max_fraction=cfg.oracle_max_fraction,
-                                    grid_step=cfg.oracle_step, mode=mode)
+            sweep = bl.oracle_sweep(
+                bundle.model,
+                layout,
+                result.scores,
+                bundle.test_x,
+                bundle.test_y,
+                bundle.attack,
+                max_fraction=cfg.oracle_max_fraction,
+                grid_step=cfg.oracle_step,
+                mode=mode,
+            )
             sweep["method"] = method
             sweep["note"] = "test metrics after pruning the ORIGINAL model in the method's score order"
         else:
-            sweep = {"label": bl.ORACLE_LABEL, "method": method, "sweep": [],
-                     "note": f"{method} does not score neurons; nothing to sweep"}
+            sweep = {
+                "label": bl.ORACLE_LABEL,
+                "method": method,
+                "sweep": [],
+                "note": f"{method} does not score neurons; nothing to sweep",
+            }
         extra["oracle_sweep.json"] = sweep
     op = result.info.get("operating_point")
-    metrics = {**after, "before": before, "method": method, "n_pruned": result.n_pruned,
-               "wall_time": result.wall_time, "forward_passes": result.forward_passes,
-               "backward_passes": result.backward_passes, "operating_point": to_jsonable(op),
-               "info": to_jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
-               "reports": reports,
-               "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
-               "data_source": bundle.meta.get("data_source")}
-    config = {"method": method, "params": defense.params.to_dict(), "defense_seed": seed,
-              "deterministic": cfg.deterministic, "backdoor": bundle.config.to_dict(), "model_dir": str(bundle.path),
-              "run_config": cfg.to_dict()}
-    write_run(work, config=config, metrics=metrics, pruned=result.pruned if result.pruned is not None else None,
-              pruned_names=pruned_names, model_state=result.model.state_dict(), scores=result.scores, extra=extra,
-              command=command)
+    metrics = {
+        **after,
+        "before": before,
+        "method": method,
+        "n_pruned": result.n_pruned,
+        "wall_time": result.wall_time,
+        "forward_passes": result.forward_passes,
+        "backward_passes": result.backward_passes,
+        "operating_point": to_jsonable(op),
+        "info": to_jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
+        "reports": reports,
+        "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
+        "data_source": bundle.meta.get("data_source"),
+    }
+    config = {
+        "method": method,
+        "params": defense.params.to_dict(),
+        "defense_seed": seed,
+        "deterministic": cfg.deterministic,
+        "backdoor": bundle.config.to_dict(),
+        "model_dir": str(bundle.path),
+        "run_config": cfg.to_dict(),
+    }
+    write_run(
+        work,
+        config=config,
+        metrics=metrics,
+        pruned=result.pruned if result.pruned is not None else None,
+        pruned_names=pruned_names,
+        model_state=result.model.state_dict(),
+        scores=result.scores,
+        extra=extra,
+        command=command,
+    )
     return metrics
 
 

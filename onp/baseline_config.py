@@ -63,4 +63,3 @@ class BaselineRunConfig(TypedConfig):
         if data.get("backdoor") is None and data.get("checkpoint") is None:
             return {**data, "backdoor": {}}
         return data
-

@@ -56,8 +56,14 @@ class TrainRecipe:
     seed: int = 0
 
 
-def _batch_images(images_u8: torch.Tensor, idx: torch.Tensor, plan: PoisonPlan, attack: Optional[Attack],
-                  augment: Augment, gen: torch.Generator) -> torch.Tensor:
+def _batch_images(
+    images_u8: torch.Tensor,
+    idx: torch.Tensor,
+    plan: PoisonPlan,
+    attack: Optional[Attack],
+    augment: Augment,
+    gen: torch.Generator,
+) -> torch.Tensor:
     x = images_u8[idx].float().div_(255.0)
     if attack is not None:
         p = plan.poisoned[idx]
@@ -69,10 +75,19 @@ def _batch_images(images_u8: torch.Tensor, idx: torch.Tensor, plan: PoisonPlan, 
     return augment(x, gen)
 
 
-def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan, *, attack: Optional[Attack] = None,
-                     augment: Augment, recipe: TrainRecipe, state_path: Optional[Path] = None,
-                     device: str = "cpu", progress: bool = True,
-                     on_epoch_end: Optional[Callable[[int, nn.Module], None]] = None) -> float:
+def train_classifier(
+    model: nn.Module,
+    images_u8: torch.Tensor,
+    plan: PoisonPlan,
+    *,
+    attack: Optional[Attack] = None,
+    augment: Augment,
+    recipe: TrainRecipe,
+    state_path: Optional[Path] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    on_epoch_end: Optional[Callable[[int, nn.Module], None]] = None,
+) -> float:
     """Train ``model`` in place with SGD + one-cycle LR; returns wall seconds spent in this call.
 
     ``state_path`` is written after every epoch and on ``KeyboardInterrupt`` (model, optimizer,
@@ -83,8 +98,9 @@ def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan
     model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stubs
     n = len(plan.labels)
     steps = (n + recipe.batch_size - 1) // recipe.batch_size
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay, nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=True
+    )
     total = recipe.epochs * steps
     sched: torch.optim.lr_scheduler.LRScheduler
     if total >= 8:
@@ -103,8 +119,15 @@ def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan
 
     def _save(epoch: int) -> None:
         if state_path is not None:
-            atomic_torch_save(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                           "scheduler": sched.state_dict(), "epoch": epoch})
+            atomic_torch_save(
+                state_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch,
+                },
+            )
 
     t0 = time.time()
     epoch = start_epoch
@@ -113,14 +136,19 @@ def train_classifier(model: nn.Module, images_u8: torch.Tensor, plan: PoisonPlan
             model.train()
             gen = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch)
             perm = torch.randperm(n, generator=gen)
-            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not progress,
-                       leave=False, mininterval=2.0)
+            bar = tqdm(
+                range(steps),
+                desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                disable=not progress,
+                leave=False,
+                mininterval=2.0,
+            )
             snapshot = {k: v.clone() for k, v in model.state_dict().items()}
             opt_snapshot = opt.state_dict()
             sched_snapshot = sched.state_dict()
             try:
                 for s in bar:
-                    idx = perm[s * recipe.batch_size:(s + 1) * recipe.batch_size]
+                    idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size]
                     x = _batch_images(images_u8, idx, plan, attack, augment, gen)
                     x = x.to(device).contiguous(memory_format=torch.channels_last)
                     loss = F.cross_entropy(model(x), plan.labels[idx].to(device))

@@ -31,8 +31,15 @@ from .data.registry import DatasetNotFoundError
 from .io import CheckpointError, RunExistsError, UnwritableFolderError
 from .registry import UnknownNameError
 
-USER_ERRORS = (UnknownNameError, DatasetNotFoundError, CheckpointError, RunExistsError, UnwritableFolderError,
-               ValueError, FileNotFoundError)
+USER_ERRORS = (
+    UnknownNameError,
+    DatasetNotFoundError,
+    CheckpointError,
+    RunExistsError,
+    UnwritableFolderError,
+    ValueError,
+    FileNotFoundError,
+)
 
 
 def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
@@ -43,8 +50,11 @@ def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue "
-              "(add --resume where the command has it, e.g. onp.train)", file=sys.stderr)
+        print(
+            "interrupted; run the same command again to continue "
+            "(add --resume where the command has it, e.g. onp.train)",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -106,6 +116,7 @@ def device_name(text: str) -> str:
     """An ``argparse`` type: a device name torch understands (``cpu``, ``cuda``, ``cuda:N``, ``mps``),
     without asking whether this machine has it (``onp.compare --executor ray``: the workers run it)."""
     import torch
+
     try:
         kind = torch.device(text).type
     except (RuntimeError, TypeError):
@@ -119,6 +130,7 @@ def device_arg(text: str) -> str:
     """An ``argparse`` type: a device that exists on this machine (:func:`onp.train_config.check_device`);
     ``--device cuda`` without CUDA is refused, never run on the CPU instead."""
     from .train_config import check_device
+
     try:
         return check_device(text)
     except ValueError as exc:
@@ -171,33 +183,66 @@ def backdoor_flags() -> Dict[str, Flag]:
         "model": Flag(("--model",), {"metavar": "NAME", "help": f"architecture: {', '.join(MODELS.names())}"}),
         "dataset": Flag(("--dataset",), {"metavar": "NAME", "help": f"dataset: {', '.join(DATASETS.names())}"}),
         "attack": Flag(("--attack",), {"metavar": "NAME", "help": f"attack: {', '.join(ATTACKS.names())}"}),
-        "width": Flag(("--width",), {"type": int, "help": "first-stage width, 1 .. 4096 (64 = the standard ResNet-18; "
-                                                          "default: the architecture's, 16 for resnet18)"}),
+        "width": Flag(
+            ("--width",),
+            {
+                "type": int,
+                "help": "first-stage width, 1 .. 4096 (64 = the standard ResNet-18; "
+                "default: the architecture's, 16 for resnet18)",
+            },
+        ),
         "epochs": Flag(("--epochs",), {"type": int_at_least(1), "help": "epochs of training the backdoored model"}),
-        "seed": Flag(("--seed",), {"type": int_at_least(0),
-                                   "help": "seed of the backdoored model, and of the agent or defense that the tool "
-                                           "trains or fits (--agent-seed / --defense-seed: theirs only)"}),
-        "data_source": Flag(("--data-source",), {"choices": ["auto", "full", "sample"],
-                                                 "help": "auto: the full dataset when found, else the bundled sample"}),
-        "data_dir": Flag(("--data-dir",), {"type": path_arg,
-                                           "help": "folder with the dataset's files (an error if they are not there)"}),
-        "defense_size": Flag(("--defense-size",), {"type": int_at_least(2),
-                                                   "help": "clean images held out for the defender"}),
-        "max_train": Flag(("--max-train",), {"type": int_at_least(1),
-                                             "help": "cap the attacker's training set (quick runs)"}),
-        "backdoor_set": Flag(("--backdoor-set",), {"action": "append", "default": [], "metavar": "KEY=VALUE",
-                                                   "help": "override any BackdoorConfig key, dotted for nested ones "
-                                                           "(e.g. poison_rate=0.05; repeatable)"}),
-        "checkpoint": Flag(("--checkpoint",), {"type": path_arg,
-                                               "help": "an existing model folder (a zoo artifact directory) instead "
-                                                       "of a zoo config"}),
-        "cache_dir": Flag(("--cache-dir",), {"type": path_arg,
-                                             "help": "artifact cache (default $ONP_CACHE or ~/.cache/onp)"}),
+        "seed": Flag(
+            ("--seed",),
+            {
+                "type": int_at_least(0),
+                "help": "seed of the backdoored model, and of the agent or defense that the tool "
+                "trains or fits (--agent-seed / --defense-seed: theirs only)",
+            },
+        ),
+        "data_source": Flag(
+            ("--data-source",),
+            {
+                "choices": ["auto", "full", "sample"],
+                "help": "auto: the full dataset when found, else the bundled sample",
+            },
+        ),
+        "data_dir": Flag(
+            ("--data-dir",),
+            {"type": path_arg, "help": "folder with the dataset's files (an error if they are not there)"},
+        ),
+        "defense_size": Flag(
+            ("--defense-size",), {"type": int_at_least(2), "help": "clean images held out for the defender"}
+        ),
+        "max_train": Flag(
+            ("--max-train",), {"type": int_at_least(1), "help": "cap the attacker's training set (quick runs)"}
+        ),
+        "backdoor_set": Flag(
+            ("--backdoor-set",),
+            {
+                "action": "append",
+                "default": [],
+                "metavar": "KEY=VALUE",
+                "help": "override any BackdoorConfig key, dotted for nested ones (e.g. poison_rate=0.05; repeatable)",
+            },
+        ),
+        "checkpoint": Flag(
+            ("--checkpoint",),
+            {"type": path_arg, "help": "an existing model folder (a zoo artifact directory) instead of a zoo config"},
+        ),
+        "cache_dir": Flag(
+            ("--cache-dir",), {"type": path_arg, "help": "artifact cache (default $ONP_CACHE or ~/.cache/onp)"}
+        ),
     }
 
 
-def add_backdoor_flags(parser: argparse.ArgumentParser, *, title: str = "backdoored model (onp.zoo)",
-                       description: Optional[str] = None, skip: Collection[str] = ()) -> argparse._ArgumentGroup:
+def add_backdoor_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    title: str = "backdoored model (onp.zoo)",
+    description: Optional[str] = None,
+    skip: Collection[str] = (),
+) -> argparse._ArgumentGroup:
     """Add the shared backdoored-model flags (all but ``skip``, by ``dest``) as one argument group;
     returns the group (a tool adds its own model flags to it, e.g. ``onp.evaluate --clean``)."""
     unknown = set(skip) - set(backdoor_flags())

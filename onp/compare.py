@@ -75,12 +75,14 @@ if TYPE_CHECKING:
 
 def _defense_names() -> List[str]:
     import baselines
+
     return baselines.DEFENSES.names()
 
 
 def agent_names() -> List[str]:
     """Names of the agents (``agents.available_agents``)."""
     import agents
+
     return list(agents.available_agents())
 
 
@@ -89,6 +91,7 @@ def check_policy_name(name: str, baseline_names: Sequence[str]) -> None:
     accepts: an unknown name lists every valid defense; a known agent with a bad argument
     (``ranked:<unknown baseline>``) or a malformed spec gets the agent resolver's own message."""
     from .registry import UnknownNameError
+
     try:
         import agents
     except ImportError:
@@ -114,14 +117,28 @@ def _dirname(name: str) -> str:
 
 #: flag (argparse dest) -> the CompareConfig key it sets; unset flags (None) keep the config's value
 FLAG_KEYS: Dict[str, str] = {
-    "models": "models", "attacks": "attacks", "defenses": "defenses", "seeds": "seeds", "seed_list": "seed_list",
-    "data_dir": "backdoor.data_dir", "cache_dir": "backdoor.cache_dir",
-    "oracle": "defense.oracle", "oracle_max_fraction": "defense.oracle_max_fraction",
-    "train_config": "train.config", "timesteps": "train.timesteps", "asr_estimator": "train.asr_estimator",
+    "models": "models",
+    "attacks": "attacks",
+    "defenses": "defenses",
+    "seeds": "seeds",
+    "seed_list": "seed_list",
+    "data_dir": "backdoor.data_dir",
+    "cache_dir": "backdoor.cache_dir",
+    "oracle": "defense.oracle",
+    "oracle_max_fraction": "defense.oracle_max_fraction",
+    "train_config": "train.config",
+    "timesteps": "train.timesteps",
+    "asr_estimator": "train.asr_estimator",
     "device": "train.device",
-    "executor": "execution.executor", "jobs": "execution.jobs", "ray_address": "execution.ray_address",
-    "ray_num_cpus": "execution.ray_num_cpus", "deterministic": "execution.deterministic",
-    "out": "output.out", "overwrite": "output.overwrite", "report_only": "output.report_only", "plots": "output.plots",
+    "executor": "execution.executor",
+    "jobs": "execution.jobs",
+    "ray_address": "execution.ray_address",
+    "ray_num_cpus": "execution.ray_num_cpus",
+    "deterministic": "execution.deterministic",
+    "out": "output.out",
+    "overwrite": "output.overwrite",
+    "report_only": "output.report_only",
+    "plots": "output.plots",
     "quiet": "output.quiet",
 }
 #: where an onp.compare --set key that is not a CompareConfig key goes: a defense hyperparameter
@@ -131,59 +148,124 @@ SET_SHORTHAND = "defense.params"
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m onp.compare`` flags; each sets one :class:`CompareConfig` key (:data:`FLAG_KEYS`)."""
     d = CompareConfig()
-    p = argparse.ArgumentParser(prog="python -m onp.compare", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter,
-                                epilog="Every flag sets one key of onp.compare_config.CompareConfig; "
-                                       "configs/compare/default.yaml lists them all with their defaults.")
-    p.add_argument("--config", type=path_arg, default=None, metavar="FILE.yaml",
-                   help="YAML of CompareConfig keys merged onto the defaults; the flags and --set override it")
-    add_set_flag(p, help="override a CompareConfig key, dotted (e.g. execution.jobs=2, repeatable). A key that is "
-                         "not one is a defense hyperparameter (short for defense.params.KEY): 'anp.iterations=500' "
-                         "for one defense, 'delta=0.1' for every selected baseline that has the key")
+    p = argparse.ArgumentParser(
+        prog="python -m onp.compare",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
+        epilog="Every flag sets one key of onp.compare_config.CompareConfig; "
+        "configs/compare/default.yaml lists them all with their defaults.",
+    )
+    p.add_argument(
+        "--config",
+        type=path_arg,
+        default=None,
+        metavar="FILE.yaml",
+        help="YAML of CompareConfig keys merged onto the defaults; the flags and --set override it",
+    )
+    add_set_flag(
+        p,
+        help="override a CompareConfig key, dotted (e.g. execution.jobs=2, repeatable). A key that is "
+        "not one is a defense hyperparameter (short for defense.params.KEY): 'anp.iterations=500' "
+        "for one defense, 'delta=0.1' for every selected baseline that has the key",
+    )
     add_list_flag(p, "the defenses (baselines and agents)")
     g = p.add_argument_group("grid")
-    g.add_argument("--models", "--model", dest="models", nargs="+", default=None, metavar="NAME",
-                   help=f"architecture(s), from onp.models.MODELS (default: {' '.join(d.models)})")
-    g.add_argument("--attacks", "--attack", dest="attacks", nargs="+", default=None, metavar="NAME",
-                   help=f"attack(s), from onp.attacks.ATTACKS (default: {' '.join(d.attacks)})")
-    g.add_argument("--defenses", nargs="+", default=None, metavar="NAME",
-                   help="baseline defenses (python -m onp.baseline --list) and/or learned-policy agents "
-                        f"(python -m onp.train --list, e.g. ppo-gnn) (default: {' '.join(d.defenses)})")
-    g.add_argument("--seeds", type=int_at_least(1), default=None,
-                   help=f"number of seeds (0 .. N-1; default {d.seeds}), or see --seed-list")
-    g.add_argument("--seed-list", "--seed", dest="seed_list", type=int_at_least(0), nargs="+", default=None,
-                   metavar="SEED",
-                   help="explicit seeds of the backdoored models and of the defenses (overrides --seeds)")
-    add_backdoor_flags(p, title="backdoored models (the zoo)", skip=("model", "attack", "seed", "checkpoint"),
-                       description=f"one model per (model, attack, seed) of the grid; dataset default: "
-                                   f"{d.backdoor.dataset}")
+    g.add_argument(
+        "--models",
+        "--model",
+        dest="models",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"architecture(s), from onp.models.MODELS (default: {' '.join(d.models)})",
+    )
+    g.add_argument(
+        "--attacks",
+        "--attack",
+        dest="attacks",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"attack(s), from onp.attacks.ATTACKS (default: {' '.join(d.attacks)})",
+    )
+    g.add_argument(
+        "--defenses",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="baseline defenses (python -m onp.baseline --list) and/or learned-policy agents "
+        f"(python -m onp.train --list, e.g. ppo-gnn) (default: {' '.join(d.defenses)})",
+    )
+    g.add_argument(
+        "--seeds",
+        type=int_at_least(1),
+        default=None,
+        help=f"number of seeds (0 .. N-1; default {d.seeds}), or see --seed-list",
+    )
+    g.add_argument(
+        "--seed-list",
+        "--seed",
+        dest="seed_list",
+        type=int_at_least(0),
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="explicit seeds of the backdoored models and of the defenses (overrides --seeds)",
+    )
+    add_backdoor_flags(
+        p,
+        title="backdoored models (the zoo)",
+        skip=("model", "attack", "seed", "checkpoint"),
+        description=f"one model per (model, attack, seed) of the grid; dataset default: {d.backdoor.dataset}",
+    )
     o = p.add_argument_group("defenses")
-    o.add_argument("--oracle-max-fraction", type=fraction, default=None,
-                   help="baselines' oracle sweep: largest fraction pruned (analysis only)")
-    o.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
-                   help="skip the baselines' oracle sweeps")
+    o.add_argument(
+        "--oracle-max-fraction",
+        type=fraction,
+        default=None,
+        help="baselines' oracle sweep: largest fraction pruned (analysis only)",
+    )
+    o.add_argument(
+        "--no-oracle", dest="oracle", action="store_false", default=None, help="skip the baselines' oracle sweeps"
+    )
     t = p.add_argument_group("learned policies (onp.train)")
     t.add_argument("--timesteps", type=int_at_least(0), default=None, help="PPO env steps (ppo.total_timesteps)")
     t.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
     t.add_argument("--train-config", type=path_arg, default=None, help="YAML config for onp.train (its --config)")
-    t.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an onp.train config key (its --set)")
-    t.add_argument("--device", type=device_name, default=None,
-                   help="device for onp.train and backdoor training (e.g. cuda); with --executor ray it need not "
-                        "exist on this machine, only on the workers")
+    t.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an onp.train config key (its --set)",
+    )
+    t.add_argument(
+        "--device",
+        type=device_name,
+        default=None,
+        help="device for onp.train and backdoor training (e.g. cuda); with --executor ray it need not "
+        "exist on this machine, only on the workers",
+    )
     r = p.add_argument_group("execution")
-    r.add_argument("--executor", choices=["local", "processes", "ray"], default=None,
-                   help=f"default {d.execution.executor}")
-    r.add_argument("--jobs", type=int_at_least(1), default=None,
-                   help="parallel local processes (implies --executor processes)")
+    r.add_argument(
+        "--executor", choices=["local", "processes", "ray"], default=None, help=f"default {d.execution.executor}"
+    )
+    r.add_argument(
+        "--jobs", type=int_at_least(1), default=None, help="parallel local processes (implies --executor processes)"
+    )
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     r.add_argument("--ray-num-cpus", type=int_at_least(1), default=None, help="CPUs of a locally started Ray")
-    r.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic torch algorithms in every cell")
+    r.add_argument(
+        "--deterministic", action="store_true", default=None, help="deterministic torch algorithms in every cell"
+    )
     w = p.add_argument_group("output")
     w.add_argument("--out", type=path_arg, default=None, help="output folder (default runs/compare/<model>)")
-    w.add_argument("--overwrite", action="store_true", default=None,
-                   help="start the grid again; the old grid is deleted only once the new one has finished")
+    w.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start the grid again; the old grid is deleted only once the new one has finished",
+    )
     w.add_argument("--report-only", action="store_true", default=None, help="only rebuild the leaderboard and plots")
     w.add_argument("--no-plots", dest="plots", action="store_false", default=None)
     w.add_argument("--quiet", action="store_true", default=None)
@@ -243,14 +325,16 @@ class GridPlan:
             self.cache_dir = None if self.cache_dir is None else self.cache_dir.expanduser().resolve()
             self.data_dir = None if self.data_dir is None else self.data_dir.expanduser().resolve()
         self.defense_params = self._defense_params()
-        self.backdoor = {(m, a, s): self._backdoor_config(m, a, s)
-                         for m in self.models for a in self.attacks for s in self.seeds}
+        self.backdoor = {
+            (m, a, s): self._backdoor_config(m, a, s) for m in self.models for a in self.attacks for s in self.seeds
+        }
         self._check_before_any_work()
 
     def _check_names(self) -> None:
         from .attacks import ATTACKS
         from .data import DATASETS
         from .models import MODELS
+
         c = self.config
         for m in c.models:
             MODELS.check(m)
@@ -265,21 +349,25 @@ class GridPlan:
     def _check_before_any_work(self) -> None:
         """The cache, the device, the onp.train settings and the dataset, before any model is trained."""
         from .io import cache_root
+
         cache_root(self.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
         device = self.config.train.device
         if device is not None and self.config.execution.executor != "ray":  # Ray workers check their own
             from .train_config import check_device
+
             check_device(device)  # --device cuda without CUDA: an error, never a CPU run recorded as cuda
         if self.policies:
             self._check_train_settings()
         if self.data_dir is not None and not self.config.output.report_only:
             from .data import load_dataset  # a --data-dir without the dataset fails here, not in every cell
+
             for source in sorted({c.data_source for c in self.backdoor.values()}):
                 load_dataset(self.config.backdoor.dataset, data_dir=self.data_dir, source=source)
 
     # -- configs ---------------------------------------------------------------------------------
     def _backdoor_config(self, model: str, attack: str, seed: int) -> "BackdoorConfig":
         from .zoo import BackdoorConfig
+
         return BackdoorConfig.from_dict(self.config.backdoor.for_cell(model, attack, seed)).resolved()
 
     def _check_train_settings(self) -> None:
@@ -287,6 +375,7 @@ class GridPlan:
         --train-set, --train-config, --timesteps, ...) before any model is trained."""
         from .config import ConfigError
         from .train import resolve_config
+
         first: Dict[str, Cell] = {}
         for cell in self.cells():
             if cell.kind == "policy":
@@ -298,14 +387,17 @@ class GridPlan:
             try:
                 resolve_config(cfg)
             except ConfigError as exc:
-                raise ConfigError(f"the onp.train settings of the {cell.defense} cells (--train-set, --train-config, "
-                                  f"--timesteps, --asr-estimator): {exc}") from None
+                raise ConfigError(
+                    f"the onp.train settings of the {cell.defense} cells (--train-set, --train-config, "
+                    f"--timesteps, --asr-estimator): {exc}"
+                ) from None
 
     def _defense_params(self) -> Dict[str, Dict[str, Any]]:
         """The hyperparameters of each selected defense: its own ``params[DEFENSE]``, then every
         unscoped ``params[KEY]`` that it has (baselines only; an unscoped key no selected baseline has
         is an error). The baselines' hyperparameters are validated here, before any work."""
         import baselines
+
         scoped: Dict[str, Dict[str, Any]] = {d: {} for d in self.defenses}
         unscoped: Dict[str, Any] = {}
         for key, val in self.config.defense.params.items():
@@ -316,8 +408,10 @@ class GridPlan:
         for key, val in unscoped.items():
             takers = [d for d in self.baselines if key in baselines.DEFENSES.get(d).defaults()]
             if not takers:
-                raise ValueError(f"--set {key}=...: no selected baseline has a hyperparameter {key!r} "
-                                 f"(scope it as DEFENSE.{key}=... for one defense, or use --train-set for onp.train)")
+                raise ValueError(
+                    f"--set {key}=...: no selected baseline has a hyperparameter {key!r} "
+                    f"(scope it as DEFENSE.{key}=... for one defense, or use --train-set for onp.train)"
+                )
             for d in takers:
                 scoped[d] = deep_update(scoped[d], {key: copy.deepcopy(val)})
         for d in self.baselines:  # validate hyperparameters before any work
@@ -332,22 +426,45 @@ class GridPlan:
         tc = None
         if t.config is not None:
             tc = {"path": t.config, "sha256": hashlib.sha256(Path(t.config).read_bytes()).hexdigest()[:16]}
-        return {"models": self.models, "dataset": b.dataset, "width": b.width, "epochs": b.epochs,
-                "data_source": b.data_source, "defense_size": b.defense_size, "max_train": b.max_train,
-                "backdoor_set": b.overrides, "set": c.defense.params,
-                "oracle_max_fraction": c.defense.oracle_max_fraction, "no_oracle": not c.defense.oracle,
-                "timesteps": t.timesteps, "asr_estimator": t.asr_estimator, "train_config": tc,
-                "train_set": t.overrides, "deterministic": c.execution.deterministic}
+        return {
+            "models": self.models,
+            "dataset": b.dataset,
+            "width": b.width,
+            "epochs": b.epochs,
+            "data_source": b.data_source,
+            "defense_size": b.defense_size,
+            "max_train": b.max_train,
+            "backdoor_set": b.overrides,
+            "set": c.defense.params,
+            "oracle_max_fraction": c.defense.oracle_max_fraction,
+            "no_oracle": not c.defense.oracle,
+            "timesteps": t.timesteps,
+            "asr_estimator": t.asr_estimator,
+            "train_config": tc,
+            "train_set": t.overrides,
+            "deterministic": c.execution.deterministic,
+        }
 
     def to_json(self) -> Dict[str, Any]:
         """What the grid's ``config.json`` holds: the resolved grid, its settings and its CompareConfig."""
         e = self.config.execution
-        return {"models": self.models, "attacks": self.attacks, "defenses": self.defenses, "seeds": self.seeds,
-                "baselines": self.baselines, "policies": self.policies, "settings": self.settings(),
-                "executor": e.executor, "jobs": e.jobs, "ray_address": e.ray_address, "out": str(self.out),
-                "backdoor_configs": {f"{m}/{at}/s{s}": c.to_dict() for (m, at, s), c in self.backdoor.items()},
-                "defense_sets": self.defense_params, "compare_config": self.config.to_dict(),
-                "command": self.command or reproduce_line()}
+        return {
+            "models": self.models,
+            "attacks": self.attacks,
+            "defenses": self.defenses,
+            "seeds": self.seeds,
+            "baselines": self.baselines,
+            "policies": self.policies,
+            "settings": self.settings(),
+            "executor": e.executor,
+            "jobs": e.jobs,
+            "ray_address": e.ray_address,
+            "out": str(self.out),
+            "backdoor_configs": {f"{m}/{at}/s{s}": c.to_dict() for (m, at, s), c in self.backdoor.items()},
+            "defense_sets": self.defense_params,
+            "compare_config": self.config.to_dict(),
+            "command": self.command or reproduce_line(),
+        }
 
     # -- cells -----------------------------------------------------------------------------------
     def cell_dir(self, model: str, attack: str, defense: str, seed: int) -> Path:
@@ -357,28 +474,48 @@ class GridPlan:
         return base / attack / _dirname(defense) / f"s{seed}"
 
     def cells(self) -> List[Cell]:
-        return [Cell(m, a, d, s, "baseline" if d in self.baselines else "policy", self.cell_dir(m, a, d, s))
-                for m in self.models for a in self.attacks for d in self.defenses for s in self.seeds]
+        return [
+            Cell(m, a, d, s, "baseline" if d in self.baselines else "policy", self.cell_dir(m, a, d, s))
+            for m in self.models
+            for a in self.attacks
+            for d in self.defenses
+            for s in self.seeds
+        ]
 
     def cell_task(self, cell: Cell, model_dir: str) -> Dict[str, Any]:
         """One cell as a picklable task for the executors: the run function's config, the run folder,
         and whether an earlier attempt left it unfinished (a policy then resumes, a baseline restarts)."""
         run_dir = Path(cell.run_dir)
         started = run_dir.exists() and any(run_dir.iterdir())
-        config = (self.baseline_config(cell, model_dir) if cell.kind == "baseline"
-                  else self.train_config(cell, model_dir))
-        return {"key": cell.key, "kind": cell.kind, "config": config, "run_dir": str(run_dir), "started": started,
-                "seed": cell.seed, "model_dir": str(model_dir), "deterministic": self.config.execution.deterministic,
-                "device": self.config.train.device if cell.kind == "policy" else None,  # baselines run on the CPU
-                "log": str(self.out / "logs" / (_dirname(cell.key.replace("/", "-")) + ".log"))}
+        config = (
+            self.baseline_config(cell, model_dir) if cell.kind == "baseline" else self.train_config(cell, model_dir)
+        )
+        return {
+            "key": cell.key,
+            "kind": cell.kind,
+            "config": config,
+            "run_dir": str(run_dir),
+            "started": started,
+            "seed": cell.seed,
+            "model_dir": str(model_dir),
+            "deterministic": self.config.execution.deterministic,
+            "device": self.config.train.device if cell.kind == "policy" else None,  # baselines run on the CPU
+            "log": str(self.out / "logs" / (_dirname(cell.key.replace("/", "-")) + ".log")),
+        }
 
     def baseline_config(self, cell: Cell, model_dir: str) -> Dict[str, Any]:
         """The :class:`onp.baseline_config.BaselineRunConfig` of a baseline cell (as a mapping)."""
         c = self.config
-        cfg: Dict[str, Any] = {"method": cell.defense, "params": copy.deepcopy(self.defense_params[cell.defense]),
-                               "checkpoint": str(model_dir), "defense_seed": cell.seed,
-                               "deterministic": c.execution.deterministic, "oracle": c.defense.oracle,
-                               "cache_dir": path_str(self.cache_dir), "data_dir": path_str(self.data_dir)}
+        cfg: Dict[str, Any] = {
+            "method": cell.defense,
+            "params": copy.deepcopy(self.defense_params[cell.defense]),
+            "checkpoint": str(model_dir),
+            "defense_seed": cell.seed,
+            "deterministic": c.execution.deterministic,
+            "oracle": c.defense.oracle,
+            "cache_dir": path_str(self.cache_dir),
+            "data_dir": path_str(self.data_dir),
+        }
         if c.defense.oracle_max_fraction is not None:
             cfg["oracle_max_fraction"] = c.defense.oracle_max_fraction
         return cfg
@@ -390,8 +527,13 @@ class GridPlan:
         c = self.config
         t = c.train
         cfg: Dict[str, Any] = load_yaml(Path(t.config)) if t.config is not None else {}
-        grid: Dict[str, Any] = {"agent": cell.defense, "seed": cell.seed, "cache_dir": path_str(self.cache_dir),
-                                "data_dir": path_str(self.data_dir), "deterministic": c.execution.deterministic}
+        grid: Dict[str, Any] = {
+            "agent": cell.defense,
+            "seed": cell.seed,
+            "cache_dir": path_str(self.cache_dir),
+            "data_dir": path_str(self.data_dir),
+            "deterministic": c.execution.deterministic,
+        }
         if model_dir is None:
             grid["backdoor"] = self.backdoor[(cell.model, cell.attack, cell.seed)].to_dict()
         else:
@@ -415,14 +557,30 @@ class GridPlan:
 def prepare_model(task: Dict[str, Any]) -> Dict[str, Any]:
     """Train (or fetch) one backdoored model from the zoo; returns its artifact path and test metrics."""
     from .zoo import BackdoorConfig, load_bundle
+
     try:
-        bundle = load_bundle(BackdoorConfig.from_dict(task["config"]), cache_dir=task.get("cache_dir"),
-                             data_dir=task.get("data_dir"), device=task.get("device") or "cpu", progress=False)
-        return {"key": task["key"], "ok": True, "path": str(bundle.path),
-                "test_metrics": bundle.meta.get("test_metrics"), "config": task["config"]}
+        bundle = load_bundle(
+            BackdoorConfig.from_dict(task["config"]),
+            cache_dir=task.get("cache_dir"),
+            data_dir=task.get("data_dir"),
+            device=task.get("device") or "cpu",
+            progress=False,
+        )
+        return {
+            "key": task["key"],
+            "ok": True,
+            "path": str(bundle.path),
+            "test_metrics": bundle.meta.get("test_metrics"),
+            "config": task["config"],
+        }
     except Exception as exc:  # reported per cell
-        return {"key": task["key"], "ok": False, "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(), "config": task["config"]}
+        return {
+            "key": task["key"],
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+            "config": task["config"],
+        }
 
 
 def uses_gpu(task: Dict[str, Any]) -> bool:
@@ -435,6 +593,7 @@ def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
     process. Seeds python / numpy / torch with the cell's seed first; console output goes to
     ``task["log"]``. Errors are returned (``ok: False``); KeyboardInterrupt propagates."""
     from .seeding import seed_everything
+
     t0 = time.time()
     seed_everything(int(task["seed"]), deterministic=bool(task.get("deterministic")))
     buf = io.StringIO()
@@ -444,11 +603,13 @@ def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
         with contextlib.redirect_stdout(buf):
             if task["kind"] == "baseline":
                 from .baseline import baseline_command, run_baseline
+
                 # an unfinished earlier attempt is started again
                 command = baseline_command(task["config"], run_dir) + "\n\n(one cell of an onp.compare grid)"
                 run_baseline(task["config"], run_dir, overwrite=bool(task.get("started")), quiet=True, command=command)
             else:
                 from .train import run_training
+
                 run_training(task["config"], run_dir, resume=bool(task.get("started")), quiet=True)
         if not (run_dir / "metrics.json").exists():
             ok, error = False, "the run finished without writing metrics.json"
@@ -470,6 +631,7 @@ def run_cell(task: Dict[str, Any]) -> Dict[str, Any]:
 def make_executor(config: CompareConfig) -> "Executor":
     """The executor of ``config.execution`` (a seam for tests)."""
     from .executors import make_executor as _make
+
     e = config.execution
     return _make(e.executor, jobs=e.jobs, ray_address=e.ray_address, ray_num_cpus=e.ray_num_cpus)
 
@@ -486,16 +648,25 @@ def _grid_folder(plan: GridPlan) -> Iterator[Path]:
     """
     output = plan.config.output
     replace = bool(output.overwrite and not output.report_only)
-    with run_folder(plan.out, tool="onp.compare", overwrite=replace, resume=not replace, done_file="config.json",
-                    resumable=("models.json", "cells"), stage=False) as out:
+    with run_folder(
+        plan.out,
+        tool="onp.compare",
+        overwrite=replace,
+        resume=not replace,
+        done_file="config.json",
+        resumable=("models.json", "cells"),
+        stage=False,
+    ) as out:
         cfg_path = out / "config.json"
         if not replace and cfg_path.exists() and not output.report_only:
             old = _comparable_settings(read_json(cfg_path).get("settings"))
             new = _comparable_settings(plan.settings())
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise RunExistsError(f"{out} holds a grid run with other settings (differing: {', '.join(diff)}); "
-                                     f"pass --overwrite to start again or choose another --out")
+                raise RunExistsError(
+                    f"{out} holds a grid run with other settings (differing: {', '.join(diff)}); "
+                    f"pass --overwrite to start again or choose another --out"
+                )
         yield out
 
 
@@ -512,6 +683,7 @@ def model_layers(model_dir: Optional[str]) -> Optional[List[tuple]]:
     from baselines import DefenseError, neuron_layout
 
     from .zoo import load_model
+
     try:
         layout = neuron_layout(load_model(Path(model_dir)))
     except (OSError, ValueError, CheckpointError, DefenseError):
@@ -519,8 +691,9 @@ def model_layers(model_dir: Optional[str]) -> Optional[List[tuple]]:
     return [(layer.bn_name, layer.offset, layer.num_channels) for layer in layout.layers]
 
 
-def build_report(plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, plots: bool = True,
-                 quiet: bool = False) -> Dict[str, Any]:
+def build_report(
+    plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, plots: bool = True, quiet: bool = False
+) -> Dict[str, Any]:
     """Read every cell, write the leaderboard and the plots; returns their paths and the rows."""
     failures = failures or {}
     cells = [c.load() for c in plan.cells()]
@@ -529,15 +702,21 @@ def build_report(plan: GridPlan, *, failures: Optional[Dict[str, str]] = None, p
             c.status, c.error = "failed", failures[c.key]
     models = _load_models_json(plan.out)
     before = {k: v.get("test_metrics") for k, v in models.items() if v.get("test_metrics")}
-    rows = build_rows(cells, models=plan.models, attacks=plan.attacks, defenses=plan.defenses, seeds=plan.seeds,
-                      before=before)
+    rows = build_rows(
+        cells, models=plan.models, attacks=plan.attacks, defenses=plan.defenses, seeds=plan.seeds, before=before
+    )
     title = f"Leaderboard: {', '.join(plan.models)} on {plan.config.backdoor.dataset}"
-    paths = write_leaderboard(rows, plan.out, title=title, notes=LEADERBOARD_NOTES,
-                              extra={"models": plan.models, "attacks": plan.attacks, "defenses": plan.defenses,
-                                     "seeds": plan.seeds})
+    paths = write_leaderboard(
+        rows,
+        plan.out,
+        title=title,
+        notes=LEADERBOARD_NOTES,
+        extra={"models": plan.models, "attacks": plan.attacks, "defenses": plan.defenses, "seeds": plan.seeds},
+    )
     out = {"leaderboard": paths, "rows": rows, "cells": cells, "plots": []}
     if plots:
         from . import plots as _plots
+
         try:
             out["plots"] = _plots.make_all(plan.out / "plots", cells, rows, models=models, layers_of=model_layers)
         except Exception as exc:  # plots must never lose a finished grid
@@ -562,8 +741,9 @@ class CompareResult:
         return not self.failures
 
 
-def run_compare(config: Union[CompareConfig, Mapping[str, Any], None] = None, *,
-                command: Optional[str] = None) -> CompareResult:
+def run_compare(
+    config: Union[CompareConfig, Mapping[str, Any], None] = None, *, command: Optional[str] = None
+) -> CompareResult:
     """Run the grid of ``config`` (a :class:`CompareConfig`, or a partial nested mapping of its keys merged
     onto its defaults) and build its leaderboard; see the module doc.
 
@@ -588,14 +768,24 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _prepare_models(plan: GridPlan, executor: "Executor", failures: Dict[str, str]) -> Dict[str, Any]:
     """The backdoored models, one per (model, attack, seed), before any cell: ``models.json``'s entries."""
     from tqdm.auto import tqdm
+
     out, c = plan.out, plan.config
     models = _load_models_json(out)
     todo = [cell for cell in plan.cells() if not (Path(cell.run_dir) / "metrics.json").exists()]
-    need = sorted({(cell.model, cell.attack, cell.seed) for cell in todo}
-                  | {k for k in plan.backdoor if f"{k[0]}/{k[1]}/s{k[2]}" not in models})
-    tasks = [{"key": f"{m}/{a}/s{s}", "config": plan.backdoor[(m, a, s)].to_dict(),
-              "cache_dir": path_str(plan.cache_dir), "data_dir": path_str(plan.data_dir), "device": c.train.device}
-             for (m, a, s) in need]
+    need = sorted(
+        {(cell.model, cell.attack, cell.seed) for cell in todo}
+        | {k for k in plan.backdoor if f"{k[0]}/{k[1]}/s{k[2]}" not in models}
+    )
+    tasks = [
+        {
+            "key": f"{m}/{a}/s{s}",
+            "config": plan.backdoor[(m, a, s)].to_dict(),
+            "cache_dir": path_str(plan.cache_dir),
+            "data_dir": path_str(plan.data_dir),
+            "device": c.train.device,
+        }
+        for (m, a, s) in need
+    ]
     if tasks:
         bar = tqdm(total=len(tasks), desc="backdoored models", disable=c.output.quiet, file=sys.stderr)
         for _, res in executor.run(prepare_model, tasks, gpu_task=uses_gpu):
@@ -613,10 +803,16 @@ def _prepare_models(plan: GridPlan, executor: "Executor", failures: Dict[str, st
 def _run_cells(plan: GridPlan, executor: "Executor", models: Dict[str, Any], failures: Dict[str, str]) -> None:
     """Run every unfinished cell whose backdoored model is there; a failure is recorded, never raised."""
     from tqdm.auto import tqdm
+
     cells = plan.cells()
     todo = [c for c in cells if not (Path(c.run_dir) / "metrics.json").exists()]
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="grid cells", disable=plan.config.output.quiet,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(cells),
+        initial=len(cells) - len(todo),
+        desc="grid cells",
+        disable=plan.config.output.quiet,
+        file=sys.stderr,
+    )
     cell_tasks = []
     for c in todo:
         mkey = f"{c.model}/{c.attack}/s{c.seed}"
@@ -642,12 +838,16 @@ def _run_grid(plan: GridPlan) -> CompareResult:
         print(f"[onp] leaderboard: {rep['leaderboard']['md']}")
         return CompareResult(out, rep["leaderboard"], rep["rows"], rep["plots"])
     from .seeding import seed_everything
+
     seed_everything(plan.seeds[0], deterministic=c.execution.deterministic)
     atomic_write_json(out / "config.json", plan.to_json())
     atomic_write_json(out / "env.json", environment_info())
-    atomic_write_text(out / "README.md", f"Reproduce (or resume) this grid with:\n\n    "
-                                         f"{plan.command or reproduce_line()}\n\n"
-                                         f"The leaderboard is in leaderboard.md; plots in plots/.\n")
+    atomic_write_text(
+        out / "README.md",
+        f"Reproduce (or resume) this grid with:\n\n    "
+        f"{plan.command or reproduce_line()}\n\n"
+        f"The leaderboard is in leaderboard.md; plots in plots/.\n",
+    )
     failures: Dict[str, str] = {}
     interrupted = False
     executor = make_executor(c)  # fails early (e.g. Ray missing) before any work
@@ -668,8 +868,11 @@ def _run_grid(plan: GridPlan) -> CompareResult:
         print(rep["leaderboard"]["md"].read_text())
     print(f"[onp] leaderboard: {rep['leaderboard']['md']}  plots: {out / 'plots'}")
     if failures:
-        print(f"[onp] {len(failures)} cell(s) failed (see {out / 'failures.json'} and {out / 'logs'}); "
-              f"run the same command again to retry them", file=sys.stderr)
+        print(
+            f"[onp] {len(failures)} cell(s) failed (see {out / 'failures.json'} and {out / 'logs'}); "
+            f"run the same command again to retry them",
+            file=sys.stderr,
+        )
     return CompareResult(out, rep["leaderboard"], rep["rows"], rep["plots"], failures)
 
 

@@ -30,8 +30,15 @@ from typing_extensions import Annotated, Self
 from .config import check_finite, deep_update
 from .train_config import TypedConfig, resolved_backdoor
 
-__all__ = ["CompareConfig", "GridBackdoorConfig", "GridDefenseConfig", "GridTrainConfig", "ExecutionConfig",
-           "OutputConfig", "GRID_AXES"]
+__all__ = [
+    "CompareConfig",
+    "GridBackdoorConfig",
+    "GridDefenseConfig",
+    "GridTrainConfig",
+    "ExecutionConfig",
+    "OutputConfig",
+    "GRID_AXES",
+]
 
 #: BackdoorConfig keys that the grid's axes set per cell (``models``, ``attacks``, seeds)
 GRID_AXES = ("model", "attack", "seed")
@@ -50,8 +57,9 @@ class GridBackdoorConfig(TypedConfig):
     data_source: Optional[Literal["auto", "full", "sample"]] = None
     defense_size: Optional[int] = None
     max_train: Optional[int] = None
-    overrides: Dict[str, Any] = Field(default_factory=dict,
-                                      description="any other BackdoorConfig key (--backdoor-set), e.g. poison_rate")
+    overrides: Dict[str, Any] = Field(
+        default_factory=dict, description="any other BackdoorConfig key (--backdoor-set), e.g. poison_rate"
+    )
     data_dir: Optional[str] = Field(None, min_length=1, description="folder holding the dataset (an error if not)")
     cache_dir: Optional[str] = Field(None, min_length=1, description="artifact cache (default $ONP_CACHE)")
 
@@ -80,9 +88,11 @@ class GridBackdoorConfig(TypedConfig):
 class GridDefenseConfig(TypedConfig):
     """The defenses' hyperparameters and the baselines' oracle sweep (analysis only)."""
 
-    params: Dict[str, Any] = Field(default_factory=dict,
-                                   description="{DEFENSE: {KEY: VALUE}} for one defense; {KEY: VALUE} for every "
-                                               "selected baseline that has the key")
+    params: Dict[str, Any] = Field(
+        default_factory=dict,
+        description="{DEFENSE: {KEY: VALUE}} for one defense; {KEY: VALUE} for every "
+        "selected baseline that has the key",
+    )
     oracle: bool = Field(True, description="the baselines' oracle sweeps (oracle_sweep.json)")
     oracle_max_fraction: Optional[float] = Field(None, gt=0, le=1, description="None: the baseline run's default")
 
@@ -96,9 +106,10 @@ class GridTrainConfig(TypedConfig):
     """The ``onp.train`` settings of the learned-policy cells (agents such as ``ppo-gnn``)."""
 
     config: Optional[str] = Field(None, min_length=1, description="a YAML training config (onp.train --config)")
-    overrides: Dict[str, Any] = Field(default_factory=dict,
-                                      description="TrainConfig keys (onp.train --set); checked as a TrainConfig, "
-                                                  "per learned policy, before any work")
+    overrides: Dict[str, Any] = Field(
+        default_factory=dict,
+        description="TrainConfig keys (onp.train --set); checked as a TrainConfig, per learned policy, before any work",
+    )
     timesteps: Optional[int] = Field(None, ge=0, le=10**9, description="ppo.total_timesteps")
     asr_estimator: Optional[str] = Field(None, min_length=1, description="env.asr_estimator")
     device: Optional[str] = Field(None, description="of onp.train and of training the backdoored models")
@@ -147,8 +158,11 @@ class CompareConfig(TypedConfig):
 
     models: List[Name] = Field(default_factory=lambda: ["resnet18"], min_length=1)
     attacks: List[Name] = Field(default_factory=lambda: ["badnets"], min_length=1)
-    defenses: List[Name] = Field(default_factory=lambda: ["clp", "magnitude"], min_length=1,
-                                 description="baselines (onp.baseline --list) and/or agents (onp.train --list)")
+    defenses: List[Name] = Field(
+        default_factory=lambda: ["clp", "magnitude"],
+        min_length=1,
+        description="baselines (onp.baseline --list) and/or agents (onp.train --list)",
+    )
     seeds: int = Field(1, ge=1, le=10_000, description="seeds 0 .. seeds-1 (unless seed_list)")
     seed_list: Optional[List[Seed]] = Field(None, min_length=1, description="explicit seeds (win over seeds)")
     backdoor: GridBackdoorConfig = Field(default_factory=GridBackdoorConfig)

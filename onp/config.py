@@ -119,8 +119,9 @@ def check_types(obj: Any, what: str) -> None:
     if cls not in _SCHEMAS:
         hints = typing.get_type_hints(cls)
         fields: Dict[str, Any] = {f.name: (hints[f.name], ...) for f in dataclasses.fields(cls)}
-        _SCHEMAS[cls] = create_model(cls.__name__, __config__=ConfigDict(strict=True, allow_inf_nan=False,
-                                                                         extra="forbid"), **fields)
+        _SCHEMAS[cls] = create_model(
+            cls.__name__, __config__=ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"), **fields
+        )
     try:
         _SCHEMAS[cls].model_validate({f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)})
     except ValidationError as exc:

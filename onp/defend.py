@@ -106,9 +106,23 @@ if TYPE_CHECKING:
 
     from .foreign_weights import WeightsFile
 
-__all__ = ["defend", "run_defend", "run_defense", "DefenseReport", "Verdict", "RecoveredTrigger", "method_choices",
-           "build_user_model", "images_from_arrays", "write_defense_run", "report_markdown", "plot_trigger", "main",
-           "resolve_arch", "ASR_ESTIMATE_NOTE"]
+__all__ = [
+    "defend",
+    "run_defend",
+    "run_defense",
+    "DefenseReport",
+    "Verdict",
+    "RecoveredTrigger",
+    "method_choices",
+    "build_user_model",
+    "images_from_arrays",
+    "write_defense_run",
+    "report_markdown",
+    "plot_trigger",
+    "main",
+    "resolve_arch",
+    "ASR_ESTIMATE_NOTE",
+]
 
 #: stamped clean images shown in trigger.png
 N_STAMPED = 4
@@ -132,12 +146,14 @@ def _layout_of(shape: Tuple[int, ...]) -> Tuple[int, Tuple[int, int]]:
         return shape[1], (shape[2], shape[3])
     if len(shape) == 4 and shape[3] in (1, 3):
         return shape[3], (shape[1], shape[2])
-    raise ValueError(f"clean_x must be images (N, C, H, W), (N, H, W, C) or (N, H, W) with 1 or 3 channels; got "
-                     f"shape {shape}")
+    raise ValueError(
+        f"clean_x must be images (N, C, H, W), (N, H, W, C) or (N, H, W) with 1 or 3 channels; got shape {shape}"
+    )
 
 
-def images_from_arrays(x: Any, y: Any, *, num_classes: int, channels: int, image_size: Tuple[int, int],
-                       what: str = "clean_x/clean_y") -> CleanImages:
+def images_from_arrays(
+    x: Any, y: Any, *, num_classes: int, channels: int, image_size: Tuple[int, int], what: str = "clean_x/clean_y"
+) -> CleanImages:
     """Clean images given as arrays (torch or numpy; uint8 0..255 or float in [0, 1]; NCHW, NHWC or
     NHW) with integer labels, checked exactly as an ``.npz`` file is by
     :func:`onp.data.user_data.load_clean_images` (size, channels, label range, counts)."""
@@ -207,9 +223,18 @@ class _Candidate:
         return self.val["acc"] - self.val["asr"]
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"method": self.method, "outcome": self.judgement.verdict, "keep": self.judgement.keep,
-                "reason": self.judgement.reason, "n_pruned": len(self.pruned), "val_acc": self.val["acc"],
-                "val_asr": self.val["asr"], "reward": self.reward, "seconds": round(self.seconds, 2), **self.info}
+        return {
+            "method": self.method,
+            "outcome": self.judgement.verdict,
+            "keep": self.judgement.keep,
+            "reason": self.judgement.reason,
+            "n_pruned": len(self.pruned),
+            "val_acc": self.val["acc"],
+            "val_asr": self.val["asr"],
+            "reward": self.reward,
+            "seconds": round(self.seconds, 2),
+            **self.info,
+        }
 
 
 Runner = Callable[[_Session, str], _Candidate]
@@ -219,6 +244,7 @@ METHODS: Registry[Runner] = Registry("defense method")
 
 def _baselines() -> Any:
     import baselines
+
     return baselines
 
 
@@ -244,13 +270,15 @@ def _val_metrics(model: nn.Module, target: PruningTarget) -> Dict[str, float]:
     return {"acc": accuracy(pred[:n], target.clean_y), "asr": accuracy(pred[n:], target.probe.target_labels)}
 
 
-def _candidate(s: _Session, name: str, model: nn.Module, pruned: List[int], judgement: Judgement, t0: float,
-               info: Dict[str, Any]) -> _Candidate:
+def _candidate(
+    s: _Session, name: str, model: nn.Module, pruned: List[int], judgement: Judgement, t0: float, info: Dict[str, Any]
+) -> _Candidate:
     """A :class:`_Candidate`; a repair the rule refused is replaced by the unrepaired model."""
     if not judgement.keep:
         model, pruned = copy.deepcopy(s.model), []
-    return _Candidate(name, model.eval(), pruned, judgement, _val_metrics(model, s.target),
-                      time.perf_counter() - t0, info)
+    return _Candidate(
+        name, model.eval(), pruned, judgement, _val_metrics(model, s.target), time.perf_counter() - t0, info
+    )
 
 
 @METHODS.register("ppo-gnn")
@@ -268,8 +296,9 @@ def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
     learned = agent.learn(s.env, cfg, work, progress=s.progress, log=s.log)
     res = rollout(agent, s.env)
     rc = RolloutConfig.from_dict(cfg["rollout"])
-    sel = select_pruning(res, select=rc.select, min_return=rc.min_return, evidence=s.rule,
-                         n_triggered=s.n_triggered, log=s.log)
+    sel = select_pruning(
+        res, select=rc.select, min_return=rc.min_return, evidence=s.rule, n_triggered=s.n_triggered, log=s.log
+    )
     pruned = [int(i) for i in sel["info"]["pruned"]]
     model = apply_pruning(s.model, s.base.graph, pruned, cfg["env"]["mask_mode"])
     info = {"timesteps": int(learned.timesteps), "episode_return": float(res["return"]), "fallback": sel["fallback"]}
@@ -290,8 +319,10 @@ def _run_baseline(s: _Session, name: str) -> _Candidate:
     judgement = s.rule.judge(s.initial, {**after, "n_pruned": len(pruned) if prunes else 1}, s.n_triggered)
     if not prunes:
         judgement = dataclasses.replace(judgement, n_pruned=0)
-    info = {"modifies": "bn masks" if prunes else "weights (fine-tuning)",
-            "operating_point": to_jsonable(result.info.get("operating_point"))}
+    info = {
+        "modifies": "bn masks" if prunes else "weights (fine-tuning)",
+        "operating_point": to_jsonable(result.info.get("operating_point")),
+    }
     return _candidate(s, name, result.model, pruned, judgement, t0, info)
 
 
@@ -305,17 +336,23 @@ def _run_auto(s: _Session, name: str) -> _Candidate:
         s.log(f"[onp] auto: trying {method}")
         tried.append(_runner(method)(s, method))
     best = max(tried, key=lambda c: c.reward)
-    s.log(f"[onp] auto: {best.method} has the best reward on defense-validation ({best.reward:+.4f}: val ACC "
-          f"{best.val['acc']:.3f} - estimated val ASR {best.val['asr']:.3f})")
-    return dataclasses.replace(best, seconds=time.perf_counter() - t0,
-                               info={**best.info, "portfolio": [c.to_dict() for c in tried]})
+    s.log(
+        f"[onp] auto: {best.method} has the best reward on defense-validation ({best.reward:+.4f}: val ACC "
+        f"{best.val['acc']:.3f} - estimated val ASR {best.val['asr']:.3f})"
+    )
+    return dataclasses.replace(
+        best, seconds=time.perf_counter() - t0, info={**best.info, "portfolio": [c.to_dict() for c in tried]}
+    )
 
 
 def _no_defense(s: _Session, verdict: Verdict) -> _Candidate:
     """Prune nothing: no backdoor is suspected (and ``force`` is off)."""
     judgement = s.rule.judge(s.initial, s.initial, s.n_triggered)
-    judgement = dataclasses.replace(judgement, reason=f"no backdoor found (anomaly index {verdict.anomaly_index:.2f} "
-                                                      f"> -{verdict.threshold:g}); force=True (--force) defends anyway")
+    judgement = dataclasses.replace(
+        judgement,
+        reason=f"no backdoor found (anomaly index {verdict.anomaly_index:.2f} "
+        f"> -{verdict.threshold:g}); force=True (--force) defends anyway",
+    )
     return _Candidate("none", copy.deepcopy(s.model).eval(), [], judgement, _val_metrics(s.model, s.target), 0.0)
 
 
@@ -324,15 +361,22 @@ def _verdict(probe: ASRProbe, cfg: DefendConfig) -> Verdict:
     info = probe.info
     missing = [k for k in ("estimated_target", "anomaly_index", "mask_l1", "success") if k not in info]
     if missing:
-        raise ValueError(f"ASR estimator {cfg.asr_estimator!r} reports no {', '.join(missing)}; the backdoor verdict "
-                         f"needs a trigger-inversion estimator such as 'synthesized'")
+        raise ValueError(
+            f"ASR estimator {cfg.asr_estimator!r} reports no {', '.join(missing)}; the backdoor verdict "
+            f"needs a trigger-inversion estimator such as 'synthesized'"
+        )
     target = int(info["estimated_target"])
     index = float(info["anomaly_index"][target])
-    return Verdict(suspected=math.isfinite(index) and index <= -cfg.anomaly_threshold, estimated_target=target,
-                   anomaly_index=index, threshold=float(cfg.anomaly_threshold), estimator=cfg.asr_estimator,
-                   mask_l1=[float(v) for v in info["mask_l1"]],
-                   anomaly_indices=[float(v) for v in info["anomaly_index"]],
-                   success=[float(v) for v in info["success"]])
+    return Verdict(
+        suspected=math.isfinite(index) and index <= -cfg.anomaly_threshold,
+        estimated_target=target,
+        anomaly_index=index,
+        threshold=float(cfg.anomaly_threshold),
+        estimator=cfg.asr_estimator,
+        mask_l1=[float(v) for v in info["mask_l1"]],
+        anomaly_indices=[float(v) for v in info["anomaly_index"]],
+        success=[float(v) for v in info["success"]],
+    )
 
 
 def _fit_stamp(clean: Tensor, stamped: Tensor) -> Tuple[Tensor, Tensor]:
@@ -355,7 +399,7 @@ def _recover_trigger(probe: ASRProbe, data: DefenseData, target: int) -> Recover
         mask, pattern = torch.as_tensor(info["mask"]), torch.as_tensor(info["pattern"])
         stamp = mask * pattern
     else:
-        clean = data.val_x[data.val_y != target][:len(probe.images)]
+        clean = data.val_x[data.val_y != target][: len(probe.images)]
         stamp, mask = _fit_stamp(clean, probe.images)
     return RecoveredTrigger(stamp=stamp, mask=mask, stamped=probe.images[:N_STAMPED].clone(), target=target)
 
@@ -370,8 +414,9 @@ def _work_folder(work_dir: Optional[PathLike]) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _open_session(model: nn.Module, images: CleanImages, cfg: DefendConfig, work: Path, log: Log,
-                  progress: bool) -> _Session:
+def _open_session(
+    model: nn.Module, images: CleanImages, cfg: DefendConfig, work: Path, log: Log, progress: bool
+) -> _Session:
     """Split the images, build the env on the model (its ASR estimator inverts the triggers)."""
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
     from envs import PruningSubject
@@ -388,19 +433,30 @@ def _open_session(model: nn.Module, images: CleanImages, cfg: DefendConfig, work
 
 def _test_metrics(before: nn.Module, after: nn.Module, test: CleanImages, cfg: DefendConfig) -> Dict[str, Any]:
     """Test ACC before/after; with ``cfg.attack`` also ASR, RA and DER (trigger-aware). Reporting only."""
-    out: Dict[str, Any] = {"n": len(test), "source": test.source,
-                           "acc_before": accuracy(predict(before, test.x), test.y),
-                           "acc_after": accuracy(predict(after, test.x), test.y)}
+    out: Dict[str, Any] = {
+        "n": len(test),
+        "source": test.source,
+        "acc_before": accuracy(predict(before, test.x), test.y),
+        "acc_after": accuracy(predict(after, test.x), test.y),
+    }
     if cfg.attack is None:
         return out
     from .attacks import build_attack
+
     attack = build_attack(cfg.attack, tuple(test.x.shape[1:]), test.num_classes, **cfg.attack_params)
     b = evaluate_backdoor(before, test.x, test.y, attack)
     a = with_der(b, evaluate_backdoor(after, test.x, test.y, attack))
-    out.update(asr_before=b["asr"], asr_after=a["asr"], ra_before=b["ra"], ra_after=a["ra"], der=a["der"],
-               trigger_aware=True, attack=attack.params(),
-               note="trigger-aware: ASR/RA with the real trigger of the attack you named (--attack), on the test "
-                    "images; for reporting only, never used by the defense")
+    out.update(
+        asr_before=b["asr"],
+        asr_after=a["asr"],
+        ra_before=b["ra"],
+        ra_after=a["ra"],
+        der=a["der"],
+        trigger_aware=True,
+        attack=attack.params(),
+        note="trigger-aware: ASR/RA with the real trigger of the attack you named (--attack), on the test "
+        "images; for reporting only, never used by the defense",
+    )
     return out
 
 
@@ -408,8 +464,9 @@ def _pruned_per_layer(names: Sequence[str]) -> Dict[str, int]:
     return dict(Counter(name.rsplit("[", 1)[0] for name in names))
 
 
-def _report(s: _Session, cand: _Candidate, verdict: Verdict, trigger: RecoveredTrigger,
-            test: Optional[CleanImages], t0: float) -> DefenseReport:
+def _report(
+    s: _Session, cand: _Candidate, verdict: Verdict, trigger: RecoveredTrigger, test: Optional[CleanImages], t0: float
+) -> DefenseReport:
     """The :class:`DefenseReport` of the kept repair (figures measured on the returned model)."""
     graph = s.base.graph
     names = graph.neuron_names(cand.pruned)
@@ -419,27 +476,59 @@ def _report(s: _Session, cand: _Candidate, verdict: Verdict, trigger: RecoveredT
     trigger.pred_before = predict(s.model, trigger.stamped).tolist()
     trigger.pred_after = predict(cand.model, trigger.stamped).tolist()
     metrics: Dict[str, Any] = {
-        "val": {"acc_before": before["acc"], "acc_after": cand.val["acc"], "asr_before": before["asr"],
-                "asr_after": cand.val["asr"], "n_clean": int(s.target.n_clean), "n_triggered": s.n_triggered,
-                "asr_is_estimate": True, "asr_note": ASR_ESTIMATE_NOTE},
-        "suspected": verdict.suspected, "forced": bool(s.cfg.force and not verdict.suspected),
-        "outcome": cand.judgement.verdict, "method": s.cfg.method, "chosen_method": cand.method,
-        "method_info": cand.info, "method_seconds": round(cand.seconds, 2),
-        "n_pruned": len(cand.pruned), "num_neurons": int(graph.num_nodes), "pruned_per_layer": _pruned_per_layer(names),
-        "asr_estimator": s.cfg.asr_estimator, "trigger_aware": False, "clean_source": s.source,
-        "n_defense_train": len(s.data.train_y), "n_defense_val": len(s.data.val_y),
+        "val": {
+            "acc_before": before["acc"],
+            "acc_after": cand.val["acc"],
+            "asr_before": before["asr"],
+            "asr_after": cand.val["asr"],
+            "n_clean": int(s.target.n_clean),
+            "n_triggered": s.n_triggered,
+            "asr_is_estimate": True,
+            "asr_note": ASR_ESTIMATE_NOTE,
+        },
+        "suspected": verdict.suspected,
+        "forced": bool(s.cfg.force and not verdict.suspected),
+        "outcome": cand.judgement.verdict,
+        "method": s.cfg.method,
+        "chosen_method": cand.method,
+        "method_info": cand.info,
+        "method_seconds": round(cand.seconds, 2),
+        "n_pruned": len(cand.pruned),
+        "num_neurons": int(graph.num_nodes),
+        "pruned_per_layer": _pruned_per_layer(names),
+        "asr_estimator": s.cfg.asr_estimator,
+        "trigger_aware": False,
+        "clean_source": s.source,
+        "n_defense_train": len(s.data.train_y),
+        "n_defense_val": len(s.data.val_y),
     }
     if test is not None:
         metrics["test"] = _test_metrics(s.model, cand.model, test, s.cfg)
     wall = time.perf_counter() - t0
     metrics["wall_time"] = round(wall, 2)
-    return DefenseReport(model=unwrap(cand.model), pruned=list(cand.pruned), pruned_names=names, verdict=verdict,
-                         judgement=cand.judgement, method=s.cfg.method, metrics=metrics, wall_time=wall,
-                         trigger=trigger)
+    return DefenseReport(
+        model=unwrap(cand.model),
+        pruned=list(cand.pruned),
+        pruned_names=names,
+        verdict=verdict,
+        judgement=cand.judgement,
+        method=s.cfg.method,
+        metrics=metrics,
+        wall_time=wall,
+        trigger=trigger,
+    )
 
 
-def run_defense(model: nn.Module, images: CleanImages, cfg: DefendConfig, *, test: Optional[CleanImages] = None,
-                work_dir: Optional[PathLike] = None, log: Log = print, progress: bool = False) -> DefenseReport:
+def run_defense(
+    model: nn.Module,
+    images: CleanImages,
+    cfg: DefendConfig,
+    *,
+    test: Optional[CleanImages] = None,
+    work_dir: Optional[PathLike] = None,
+    log: Log = print,
+    progress: bool = False,
+) -> DefenseReport:
     """Defend ``model`` with the defender's clean ``images`` as ``cfg`` says (the module doc's steps).
 
     Args:
@@ -488,17 +577,21 @@ def _check_names(cfg: DefendConfig) -> None:
     if cfg.method in bl.DEFENSES:
         bl.build_defense(cfg.method, **cfg.params)
     elif cfg.params:
-        raise ValueError(f"params are a baseline's hyperparameters; method {cfg.method!r} takes none (the learned "
-                         f"method's settings go in train, e.g. --set train.ppo.total_timesteps=5000)")
+        raise ValueError(
+            f"params are a baseline's hyperparameters; method {cfg.method!r} takes none (the learned "
+            f"method's settings go in train, e.g. --set train.ppo.total_timesteps=5000)"
+        )
     if cfg.method == "auto":
         for name in cfg.portfolio:
             if name == "auto":
                 raise ValueError("portfolio: 'auto' cannot be part of its own portfolio")
             _runner(name)
     from envs import ASR_ESTIMATORS
+
     ASR_ESTIMATORS.check(cfg.asr_estimator)
     if cfg.attack is not None:
         from .attacks import ATTACKS
+
         ATTACKS.check(cfg.attack)
 
 
@@ -511,9 +604,19 @@ def _print_summary(report: DefenseReport) -> None:
         print(f"[onp] {line}", flush=True)
 
 
-def defend(model: nn.Module, clean_x: Any, clean_y: Any, method: str = "ppo-gnn", *, test_x: Any = None,
-           test_y: Any = None, out: Optional[PathLike] = None, overwrite: bool = False, quiet: bool = True,
-           **options: Any) -> DefenseReport:
+def defend(
+    model: nn.Module,
+    clean_x: Any,
+    clean_y: Any,
+    method: str = "ppo-gnn",
+    *,
+    test_x: Any = None,
+    test_y: Any = None,
+    out: Optional[PathLike] = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+    **options: Any,
+) -> DefenseReport:
     """Defend ``model`` with a few hundred clean images: a backdoor verdict, then a repair.
 
     Args:
@@ -536,8 +639,10 @@ def defend(model: nn.Module, clean_x: Any, clean_y: Any, method: str = "ppo-gnn"
     """
     taken = sorted(k for k in ("arch", "weights", "clean_data", "indices", "test_data", "test_indices") if k in options)
     if taken:
-        raise ValueError(f"defend() takes the model and the images themselves; {', '.join(taken)} are options of "
-                         f"python -m onp.defend (run_defend)")
+        raise ValueError(
+            f"defend() takes the model and the images themselves; {', '.join(taken)} are options of "
+            f"python -m onp.defend (run_defend)"
+        )
     channels, (height, width) = _layout_of(tuple(_as_numpy(clean_x).shape))
     shape = {"in_channels": channels, "input_size": [height, width], **options, "method": method}
     cfg = DefendConfig.from_dict(shape)  # every option checked before the model runs
@@ -548,15 +653,21 @@ def defend(model: nn.Module, clean_x: Any, clean_y: Any, method: str = "ppo-gnn"
     _check_names(cfg)
     check_output(wrapped, channels, size, cfg.num_classes, "the model")
     images = images_from_arrays(clean_x, clean_y, num_classes=cfg.num_classes, channels=channels, image_size=size)
-    test = None if test_x is None else images_from_arrays(test_x, test_y, num_classes=cfg.num_classes,
-                                                          channels=channels, image_size=size, what="test_x/test_y")
+    test = (
+        None
+        if test_x is None
+        else images_from_arrays(
+            test_x, test_y, num_classes=cfg.num_classes, channels=channels, image_size=size, what="test_x/test_y"
+        )
+    )
     log = _printer(quiet)
     if out is None:
         report = run_defense(wrapped, images, cfg, test=test, log=log, progress=not quiet)
     else:
         with run_folder(Path(out), tool="onp.defend", overwrite=overwrite) as run_dir:
-            report = run_defense(wrapped, images, cfg, test=test, work_dir=run_dir / "learn", log=log,
-                                 progress=not quiet)
+            report = run_defense(
+                wrapped, images, cfg, test=test, work_dir=run_dir / "learn", log=log, progress=not quiet
+            )
             write_defense_run(run_dir, report, cfg, weights=report.model.state_dict(), command="onp.defend(...)")
         report.run_dir = Path(out)
     if not quiet:
@@ -566,8 +677,15 @@ def defend(model: nn.Module, clean_x: Any, clean_y: Any, method: str = "ppo-gnn"
 
 def _load_images(cfg: DefendConfig, source: str, indices: Optional[str]) -> CleanImages:
     """The images of ``source`` (a folder, an ``.npz`` or a dataset name with ``indices``) for this model."""
-    return load_clean_images(source, num_classes=cfg.num_classes, channels=cfg.in_channels, image_size=cfg.image_size,
-                             indices=indices, data_dir=cfg.data_dir, data_source=cfg.data_source)
+    return load_clean_images(
+        source,
+        num_classes=cfg.num_classes,
+        channels=cfg.in_channels,
+        image_size=cfg.image_size,
+        indices=indices,
+        data_dir=cfg.data_dir,
+        data_source=cfg.data_source,
+    )
 
 
 def default_run_dir(cfg: DefendConfig) -> Path:
@@ -580,13 +698,21 @@ def _from_file_line(cfg: DefendConfig, wf: WeightsFile) -> str:
     """The log line naming the model that a BackdoorBench file gave (no ``--arch``)."""
     h, w = cfg.image_size
     norm = f"--mean {cfg.mean} --std {cfg.std}" if cfg.mean is not None else "no --mean/--std"
-    return (f"the model, from the BackdoorBench file {wf.path.name} (model_name {wf.model_name!r}): "
-            f"--arch {cfg.arch} --width {cfg.width} --num-classes {cfg.num_classes} --in-channels {cfg.in_channels} "
-            f"--input-size {h} {w}, {norm}")
+    return (
+        f"the model, from the BackdoorBench file {wf.path.name} (model_name {wf.model_name!r}): "
+        f"--arch {cfg.arch} --width {cfg.width} --num-classes {cfg.num_classes} --in-channels {cfg.in_channels} "
+        f"--input-size {h} {w}, {norm}"
+    )
 
 
-def run_defend(config: Union[DefendConfig, Mapping[str, Any]], out: Optional[PathLike] = None, *,
-               overwrite: bool = False, quiet: bool = False, command: Optional[str] = None) -> DefenseReport:
+def run_defend(
+    config: Union[DefendConfig, Mapping[str, Any]],
+    out: Optional[PathLike] = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    command: Optional[str] = None,
+) -> DefenseReport:
     """``python -m onp.defend`` as a function: build ``arch``, load ``weights`` (:mod:`onp.foreign_weights`:
     weights-only, key prefixes and layouts handled), read ``clean_data`` (and ``test_data``), defend
     (:func:`run_defense`) and write the run folder ``out`` (:func:`write_defense_run`).
@@ -612,8 +738,9 @@ def run_defend(config: Union[DefendConfig, Mapping[str, Any]], out: Optional[Pat
     log = _printer(quiet)
     if read is not None:
         log(f"[onp] {_from_file_line(cfg, read)}")
-    net = build_arch(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width,
-                     mean=cfg.mean, std=cfg.std)
+    net = build_arch(
+        cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels, width=cfg.width, mean=cfg.mean, std=cfg.std
+    )
     loaded = load_into(net, read if read is not None else cfg.weights)
     model = net if not is_user_arch(cfg.arch) else with_normalization(net, cfg.mean, cfg.std, cfg.in_channels)
     check_output(model, cfg.in_channels, cfg.image_size, cfg.num_classes, f"--arch {cfg.arch}")
@@ -623,8 +750,7 @@ def run_defend(config: Union[DefendConfig, Mapping[str, Any]], out: Optional[Pat
     with run_folder(final, tool="onp.defend", overwrite=overwrite) as run_dir:
         report = run_defense(model, images, cfg, test=test, work_dir=run_dir / "learn", log=log, progress=not quiet)
         weights = to_user_keys(report.model.state_dict(), loaded.key_map)
-        write_defense_run(run_dir, report, cfg, weights=weights, weights_format=loaded.file.format,
-                          command=command)
+        write_defense_run(run_dir, report, cfg, weights=weights, weights_format=loaded.file.format, command=command)
     report.run_dir = final
     _print_summary(report)
     return report
@@ -636,48 +762,86 @@ def run_defend(config: Union[DefendConfig, Mapping[str, Any]], out: Optional[Pat
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m onp.defend`` flags (each maps to one :class:`DefendConfig` key)."""
-    p = argparse.ArgumentParser(prog="python -m onp.defend", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See docs/defend.md for the verdict, the methods and the files written.")
+    p = argparse.ArgumentParser(
+        prog="python -m onp.defend",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See docs/defend.md for the verdict, the methods and the files written.",
+    )
     m = p.add_argument_group("the model")
     from .models import MODELS
 
-    m.add_argument("--arch", default=None, help=f"a registered architecture ({', '.join(MODELS.names())}) or your "
-                                                f"own: path/file.py:Class, package.module:factory (imports that code); "
-                                                f"optional for a BackdoorBench attack_result.pt (read from the file)")
-    m.add_argument("--weights", type=path_arg, default=None,
-                   help="state_dict .pt/.pth (weights-only), .safetensors, or BackdoorBench attack_result.pt")
+    m.add_argument(
+        "--arch",
+        default=None,
+        help=f"a registered architecture ({', '.join(MODELS.names())}) or your "
+        f"own: path/file.py:Class, package.module:factory (imports that code); "
+        f"optional for a BackdoorBench attack_result.pt (read from the file)",
+    )
+    m.add_argument(
+        "--weights",
+        type=path_arg,
+        default=None,
+        help="state_dict .pt/.pth (weights-only), .safetensors, or BackdoorBench attack_result.pt",
+    )
     m.add_argument("--width", type=int_at_least(1), default=None, help="first-stage width (default: the arch's)")
     m.add_argument("--num-classes", type=int_at_least(2), default=None, help="classes (default 10)")
     m.add_argument("--in-channels", type=int, choices=[1, 3], default=None, help="image channels (default 3)")
-    m.add_argument("--input-size", type=int_at_least(1), nargs="+", default=None, metavar="N",
-                   help="image size: H (square) or H W (default 32)")
-    m.add_argument("--mean", type=finite_float, nargs="+", default=None,
-                   help="per-channel normalisation your model expects (with --std); onp's own archs apply it inside")
+    m.add_argument(
+        "--input-size",
+        type=int_at_least(1),
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="image size: H (square) or H W (default 32)",
+    )
+    m.add_argument(
+        "--mean",
+        type=finite_float,
+        nargs="+",
+        default=None,
+        help="per-channel normalisation your model expects (with --std); onp's own archs apply it inside",
+    )
     m.add_argument("--std", type=finite_float, nargs="+", default=None)
     d = p.add_argument_group("the defender's images")
-    d.add_argument("--clean-data", default=None, help="a folder (one sub-folder per class), an .npz with x and y, "
-                                                      "or a registered dataset name with --indices")
+    d.add_argument(
+        "--clean-data",
+        default=None,
+        help="a folder (one sub-folder per class), an .npz with x and y, or a registered dataset name with --indices",
+    )
     d.add_argument("--indices", type=path_arg, default=None, help="with a dataset name: its train-split indices")
     d.add_argument("--val-fraction", type=fraction, default=None, help="share for defense-validation (default 0.5)")
     d.add_argument("--test-data", default=None, help="optional held-out images (same formats): test ACC")
     d.add_argument("--test-indices", type=path_arg, default=None)
-    d.add_argument("--attack", default=None, help="a registered attack: adds test ASR with its trigger "
-                                                  "(trigger-aware; needs --test-data)")
+    d.add_argument(
+        "--attack",
+        default=None,
+        help="a registered attack: adds test ASR with its trigger (trigger-aware; needs --test-data)",
+    )
     d.add_argument("--data-dir", type=path_arg, default=None)
     d.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
     f = p.add_argument_group("the defense")
     f.add_argument("--method", default=None, help="ppo-gnn (default), auto, or a baseline (see --list)")
-    f.add_argument("--portfolio", nargs="+", default=None, help="the methods --method auto tries "
-                                                                "(default ppo-gnn clp fp)")
-    f.add_argument("--threshold", type=finite_float, default=None,
-                   help="suspected when the estimated target's anomaly index <= -threshold (default 2)")
+    f.add_argument(
+        "--portfolio", nargs="+", default=None, help="the methods --method auto tries (default ppo-gnn clp fp)"
+    )
+    f.add_argument(
+        "--threshold",
+        type=finite_float,
+        default=None,
+        help="suspected when the estimated target's anomaly index <= -threshold (default 2)",
+    )
     f.add_argument("--force", action="store_true", default=None, help="defend even when no backdoor is suspected")
     f.add_argument("--asr-estimator", default=None, help="synthesized (default; 'trigger' needs the real trigger)")
     f.add_argument("--timesteps", type=int_at_least(0), default=None, help="ppo-gnn: PPO env steps")
     f.add_argument("--budget", type=finite_float, default=None, help="ppo-gnn: most neurons pruned (fraction/count)")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted (train.ppo.n_steps=64, estimator_params.steps=150, params.delta=0.1)")
+    f.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, dotted (train.ppo.n_steps=64, estimator_params.steps=150, params.delta=0.1)",
+    )
     f.add_argument("--list", action="store_true", help="list the methods and exit")
     r = p.add_argument_group("running")
     r.add_argument("--seed", type=int_at_least(0), default=None)
@@ -685,23 +849,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", type=device_arg, default=None, help="device of the learned policy")
     r.add_argument("--torch-threads", type=int_at_least(1), default=None)
     r.add_argument("--cache-dir", type=path_arg, default=None, help="cache of reverse-engineered triggers")
-    r.add_argument("--out", type=path_arg, default=None,
-                   help="run folder (default runs/defend/<arch>-<method>-s<seed>)")
+    r.add_argument(
+        "--out", type=path_arg, default=None, help="run folder (default runs/defend/<arch>-<method>-s<seed>)"
+    )
     r.add_argument("--overwrite", action="store_true", help="replace an earlier onp run folder (after success)")
     r.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
 
 
 #: flag dest -> the :class:`DefendConfig` key it sets (dotted for nested ones)
-FLAG_KEYS = {"arch": "arch", "weights": "weights", "width": "width", "num_classes": "num_classes",
-             "in_channels": "in_channels", "input_size": "input_size", "mean": "mean", "std": "std",
-             "clean_data": "clean_data", "indices": "indices", "val_fraction": "val_fraction",
-             "test_data": "test_data", "test_indices": "test_indices", "attack": "attack", "data_dir": "data_dir",
-             "data_source": "data_source", "method": "method", "portfolio": "portfolio",
-             "threshold": "anomaly_threshold", "force": "force", "asr_estimator": "asr_estimator",
-             "timesteps": "train.ppo.total_timesteps", "budget": "train.env.budget", "seed": "seed",
-             "deterministic": "deterministic", "device": "device", "torch_threads": "torch_threads",
-             "cache_dir": "cache_dir"}
+FLAG_KEYS = {
+    "arch": "arch",
+    "weights": "weights",
+    "width": "width",
+    "num_classes": "num_classes",
+    "in_channels": "in_channels",
+    "input_size": "input_size",
+    "mean": "mean",
+    "std": "std",
+    "clean_data": "clean_data",
+    "indices": "indices",
+    "val_fraction": "val_fraction",
+    "test_data": "test_data",
+    "test_indices": "test_indices",
+    "attack": "attack",
+    "data_dir": "data_dir",
+    "data_source": "data_source",
+    "method": "method",
+    "portfolio": "portfolio",
+    "threshold": "anomaly_threshold",
+    "force": "force",
+    "asr_estimator": "asr_estimator",
+    "timesteps": "train.ppo.total_timesteps",
+    "budget": "train.env.budget",
+    "seed": "seed",
+    "deterministic": "deterministic",
+    "device": "device",
+    "torch_threads": "torch_threads",
+    "cache_dir": "cache_dir",
+}
 
 
 def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:

@@ -32,8 +32,18 @@ __all__ = ["DefendConfig", "DEFAULT_PORTFOLIO", "TRAIN_KEYS_FROM_DEFEND", "is_us
 #: the methods ``method="auto"`` tries by default: the learned policy and two fast baselines
 DEFAULT_PORTFOLIO = ("ppo-gnn", "clp", "fp")
 #: training-config keys that ``train`` may not set: :class:`DefendConfig` sets them (one place each)
-TRAIN_KEYS_FROM_DEFEND = ("backdoor", "checkpoint", "data_dir", "seed", "device", "torch_threads", "cache_dir",
-                          "deterministic", "agent", "agent_params")
+TRAIN_KEYS_FROM_DEFEND = (
+    "backdoor",
+    "checkpoint",
+    "data_dir",
+    "seed",
+    "device",
+    "torch_threads",
+    "cache_dir",
+    "deterministic",
+    "agent",
+    "agent_params",
+)
 #: ``train.env`` keys that :class:`DefendConfig` sets
 ENV_KEYS_FROM_DEFEND = ("asr_estimator", "estimator_params")
 
@@ -78,8 +88,9 @@ class DefendConfig(TypedConfig):
     # the defense
     method: str = Field("ppo-gnn", min_length=1, description="ppo-gnn, auto, or a baseline")
     params: Dict[str, Any] = Field(default_factory=dict, description="the baseline's hyperparameters")
-    portfolio: List[str] = Field(default_factory=lambda: list(DEFAULT_PORTFOLIO), min_length=1,
-                                 description="the methods method='auto' tries")
+    portfolio: List[str] = Field(
+        default_factory=lambda: list(DEFAULT_PORTFOLIO), min_length=1, description="the methods method='auto' tries"
+    )
     asr_estimator: str = Field("synthesized", min_length=1)
     estimator_params: Dict[str, Any] = Field(default_factory=dict, description="e.g. steps, l1_weight")
     anomaly_threshold: float = Field(2.0, gt=0, le=100, description="suspected when the target's index <= -this")
@@ -103,6 +114,7 @@ class DefendConfig(TypedConfig):
         if v is None or is_user_arch(v):
             return v
         from .models import MODELS
+
         MODELS.check(v)
         return v
 
@@ -125,8 +137,10 @@ class DefendConfig(TypedConfig):
     @classmethod
     def _estimator(cls, v: str) -> str:
         if v == "trigger":
-            raise ValueError("'trigger' needs the attack's real trigger, which a defender of a received model does "
-                             "not have; use 'synthesized' (reverse-engineered from the clean images)")
+            raise ValueError(
+                "'trigger' needs the attack's real trigger, which a defender of a received model does "
+                "not have; use 'synthesized' (reverse-engineered from the clean images)"
+            )
         return v
 
     @field_validator("params", "estimator_params", "attack_params")
@@ -176,8 +190,19 @@ class DefendConfig(TypedConfig):
     def learned_config(self) -> Dict[str, Any]:
         """The resolved ``onp.train`` config of the learned method: the defaults, ``train``, and this
         config's estimator, seed, device, threads and cache (a plain dict, as ``onp.train`` uses it)."""
-        env = {**dict(self.train.get("env") or {}), "asr_estimator": self.asr_estimator,
-               "estimator_params": dict(self.estimator_params)}
-        return TrainConfig.from_dict({**self.train, "env": env, "seed": self.seed, "device": self.device,
-                                      "torch_threads": self.torch_threads, "cache_dir": self.cache_dir,
-                                      "deterministic": self.deterministic}).to_dict()
+        env = {
+            **dict(self.train.get("env") or {}),
+            "asr_estimator": self.asr_estimator,
+            "estimator_params": dict(self.estimator_params),
+        }
+        return TrainConfig.from_dict(
+            {
+                **self.train,
+                "env": env,
+                "seed": self.seed,
+                "device": self.device,
+                "torch_threads": self.torch_threads,
+                "cache_dir": self.cache_dir,
+                "deterministic": self.deterministic,
+            }
+        ).to_dict()

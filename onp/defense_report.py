@@ -27,12 +27,21 @@ from .evidence import Judgement
 from .io import atomic_write_bytes, atomic_write_text
 from .rundir import write_run
 
-__all__ = ["Verdict", "RecoveredTrigger", "DefenseReport", "plot_trigger", "report_markdown", "write_defense_run",
-           "ASR_ESTIMATE_NOTE"]
+__all__ = [
+    "Verdict",
+    "RecoveredTrigger",
+    "DefenseReport",
+    "plot_trigger",
+    "report_markdown",
+    "write_defense_run",
+    "ASR_ESTIMATE_NOTE",
+]
 
 #: what a run's log and report call the ASR it measures on defense-validation
-ASR_ESTIMATE_NOTE = ("estimate: the ASR of the reverse-engineered (synthesized) trigger on defense-validation images; "
-                     "onp never sees the real trigger")
+ASR_ESTIMATE_NOTE = (
+    "estimate: the ASR of the reverse-engineered (synthesized) trigger on defense-validation images; "
+    "onp never sees the real trigger"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,8 +75,10 @@ class Verdict:
     def summary(self) -> str:
         """One line: the verdict first, then the figure behind it."""
         what, cmp = ("backdoor suspected", "<=") if self.suspected else ("no backdoor found", ">")
-        return (f"verdict: {what} (estimated target class {self.estimated_target}: its reverse-engineered trigger's "
-                f"size has anomaly index {self.anomaly_index:.2f} {cmp} -{self.threshold:g})")
+        return (
+            f"verdict: {what} (estimated target class {self.estimated_target}: its reverse-engineered trigger's "
+            f"size has anomaly index {self.anomaly_index:.2f} {cmp} -{self.threshold:g})"
+        )
 
     def to_dict(self) -> Dict[str, Any]:
         """The verdict as JSON-ready values (``report.json``'s ``verdict``)."""
@@ -135,9 +146,11 @@ class DefenseReport:
         """The verdict, the outcome of the repair, and the numbers (what the CLI prints)."""
         m, v = self.metrics, self.metrics["val"]
         method = m["chosen_method"] if m["chosen_method"] != "none" else "no repair"
-        line = (f"{method}: val ACC {v['acc_before']:.4f}->{v['acc_after']:.4f}  estimated val ASR "
-                f"{v['asr_before']:.4f}->{v['asr_after']:.4f} (estimate)  |  pruned {len(self.pruned)} of "
-                f"{m['num_neurons']} neurons")
+        line = (
+            f"{method}: val ACC {v['acc_before']:.4f}->{v['acc_after']:.4f}  estimated val ASR "
+            f"{v['asr_before']:.4f}->{v['asr_after']:.4f} (estimate)  |  pruned {len(self.pruned)} of "
+            f"{m['num_neurons']} neurons"
+        )
         test = m.get("test")
         if test:
             line += f"  |  test ACC {test['acc_before']:.4f}->{test['acc_after']:.4f}"
@@ -149,10 +162,17 @@ class DefenseReport:
 
     def to_dict(self) -> Dict[str, Any]:
         """The report as JSON-ready values (``report.json``)."""
-        return {"verdict": self.verdict.to_dict(), "verdict_summary": self.verdict.summary(),
-                "outcome": self.outcome, "judgement": self.judgement.to_dict(), "method": self.method,
-                "pruned": list(self.pruned), "pruned_names": list(self.pruned_names), "metrics": self.metrics,
-                "wall_time": round(self.wall_time, 2)}
+        return {
+            "verdict": self.verdict.to_dict(),
+            "verdict_summary": self.verdict.summary(),
+            "outcome": self.outcome,
+            "judgement": self.judgement.to_dict(),
+            "method": self.method,
+            "pruned": list(self.pruned),
+            "pruned_names": list(self.pruned_names),
+            "metrics": self.metrics,
+            "wall_time": round(self.wall_time, 2),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,8 +205,11 @@ def plot_trigger(report: DefenseReport) -> bytes:
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     v = report.verdict
-    fig.suptitle(f"estimated target class {v.estimated_target}, anomaly index {v.anomaly_index:.2f} "
-                 f"(reverse-engineered: an estimate)", fontsize=9)
+    fig.suptitle(
+        f"estimated target class {v.estimated_target}, anomaly index {v.anomaly_index:.2f} "
+        f"(reverse-engineered: an estimate)",
+        fontsize=9,
+    )
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -200,34 +223,66 @@ def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -
     """``report.md``: the verdict, the outcome, validation (and test) figures, the pruned neurons per
     layer, the per-class trigger inversion and the wall time."""
     m, v, verdict = report.metrics, report.metrics["val"], report.verdict
-    lines = ["# onp.defend report", "", f"**{verdict.summary()}**", "",
-             f"**outcome:** {report.judgement.summary().removeprefix('verdict: ')}", "",
-             f"Method: `{report.method}`" + (f" (kept: `{m['chosen_method']}`)" if m["chosen_method"] != report.method
-                                             else "") + (" -- forced (`--force`)" if m["forced"] else ""), "",
-             "| | before | after |", "|---|---|---|",
-             _row(f"validation ACC ({v['n_clean']} clean defense-validation images)", v["acc_before"], v["acc_after"]),
-             _row(f"validation ASR, **estimate** (synthesized trigger on {v['n_triggered']} images)",
-                  v["asr_before"], v["asr_after"])]
+    lines = [
+        "# onp.defend report",
+        "",
+        f"**{verdict.summary()}**",
+        "",
+        f"**outcome:** {report.judgement.summary().removeprefix('verdict: ')}",
+        "",
+        f"Method: `{report.method}`"
+        + (f" (kept: `{m['chosen_method']}`)" if m["chosen_method"] != report.method else "")
+        + (" -- forced (`--force`)" if m["forced"] else ""),
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        _row(f"validation ACC ({v['n_clean']} clean defense-validation images)", v["acc_before"], v["acc_after"]),
+        _row(
+            f"validation ASR, **estimate** (synthesized trigger on {v['n_triggered']} images)",
+            v["asr_before"],
+            v["asr_after"],
+        ),
+    ]
     test = m.get("test")
     if test:
         lines.append(_row(f"test ACC ({test['n']} images)", test["acc_before"], test["acc_after"]))
         if "asr_before" in test:
-            lines.append(_row(f"test ASR (**trigger-aware**: attack `{test['attack']['name']}`)",
-                              test["asr_before"], test["asr_after"]))
+            lines.append(
+                _row(
+                    f"test ASR (**trigger-aware**: attack `{test['attack']['name']}`)",
+                    test["asr_before"],
+                    test["asr_after"],
+                )
+            )
             lines.append(_row("test RA (trigger-aware)", test["ra_before"], test["ra_after"]))
-    lines += ["", f"The estimated ASR is an {ASR_ESTIMATE_NOTE}.", "",
-              f"Pruned neurons: {m['n_pruned']} of {m['num_neurons']}", ""]
+    lines += [
+        "",
+        f"The estimated ASR is an {ASR_ESTIMATE_NOTE}.",
+        "",
+        f"Pruned neurons: {m['n_pruned']} of {m['num_neurons']}",
+        "",
+    ]
     if m["pruned_per_layer"]:
         lines += ["| layer | pruned |", "|---|---|"] + [f"| `{k}` | {n} |" for k, n in m["pruned_per_layer"].items()]
         lines += ["", "Neurons: " + ", ".join(f"`{n}`" for n in report.pruned_names), ""]
-    lines += ["## Trigger inversion per class", "", "| class | trigger L1 size | anomaly index | flips |",
-              "|---|---|---|---|"]
+    lines += [
+        "## Trigger inversion per class",
+        "",
+        "| class | trigger L1 size | anomaly index | flips |",
+        "|---|---|---|---|",
+    ]
     for c, (l1, a, ok) in enumerate(zip(verdict.mask_l1, verdict.anomaly_indices, verdict.success)):
         mark = " (estimated target)" if c == verdict.estimated_target else ""
         lines.append(f"| {c}{mark} | {l1:.2f} | {a:.2f} | {ok:.2f} |")
-    lines += ["", f"Suspected when the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's "
-                  f"threshold is 2).", "", "![recovered trigger](trigger.png)", "",
-              f"Wall time: {report.wall_time:.1f} s"]
+    lines += [
+        "",
+        f"Suspected when the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's "
+        f"threshold is 2).",
+        "",
+        "![recovered trigger](trigger.png)",
+        "",
+        f"Wall time: {report.wall_time:.1f} s",
+    ]
     if weights_name:
         lines += ["", f"Repaired weights: `{weights_name}` (your model's own key names)."]
     return "\n".join(lines) + "\n"
@@ -238,14 +293,22 @@ def _weights_bytes(state: Mapping[str, Tensor], fmt: str) -> Tuple[str, bytes]:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     if fmt == "safetensors":
         from safetensors.torch import save
+
         return "model.safetensors", save(tensors)
     buf = io.BytesIO()
     torch.save(tensors, buf)
     return "model.pt", buf.getvalue()
 
 
-def write_defense_run(run_dir: Path, report: DefenseReport, cfg: DefendConfig, *, weights: Mapping[str, Tensor],
-                      weights_format: str = "state_dict", command: Optional[str] = None) -> Path:
+def write_defense_run(
+    run_dir: Path,
+    report: DefenseReport,
+    cfg: DefendConfig,
+    *,
+    weights: Mapping[str, Tensor],
+    weights_format: str = "state_dict",
+    command: Optional[str] = None,
+) -> Path:
     """Write the run folder's files (module doc); ``weights`` is the repaired state_dict under the
     user's key names, written as safetensors when ``weights_format == "safetensors"``."""
     name, blob = _weights_bytes(weights, weights_format)
@@ -253,7 +316,13 @@ def write_defense_run(run_dir: Path, report: DefenseReport, cfg: DefendConfig, *
     if report.trigger is not None:
         atomic_write_bytes(run_dir / "trigger.png", plot_trigger(report))
     atomic_write_text(run_dir / "report.md", report_markdown(report, name))
-    write_run(run_dir, config=cfg.to_dict(), metrics=report.metrics, pruned=report.pruned,
-              pruned_names=report.pruned_names, command=command,
-              extra={"report.json": report.to_dict(), "train_config.json": cfg.learned_config()})
+    write_run(
+        run_dir,
+        config=cfg.to_dict(),
+        metrics=report.metrics,
+        pruned=report.pruned,
+        pruned_names=report.pruned_names,
+        command=command,
+        extra={"report.json": report.to_dict(), "train_config.json": cfg.learned_config()},
+    )
     return run_dir

@@ -89,16 +89,19 @@ def read_source(run_dir: Path, kind: str) -> Dict[str, Any]:
     metrics = _json_object(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
     backdoor = cfg.get("backdoor") or {}
     if not isinstance(backdoor, dict):
-        raise CheckpointError(f"{run_dir / 'config.json'}: 'backdoor' must be a mapping of BackdoorConfig keys; got "
-                              f"{type(backdoor).__name__}")
+        raise CheckpointError(
+            f"{run_dir / 'config.json'}: 'backdoor' must be a mapping of BackdoorConfig keys; got "
+            f"{type(backdoor).__name__}"
+        )
     for key in ("seed", "defense_seed"):
         val = cfg.get(key)
         if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
             raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be an integer >= 0; got {val!r}")
     for key in ("env", "params"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
-            raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be a mapping; "
-                                  f"got {type(cfg[key]).__name__}")
+            raise CheckpointError(
+                f"{run_dir / 'config.json'}: {key!r} must be a mapping; got {type(cfg[key]).__name__}"
+            )
     if "agent" in cfg and not (isinstance(cfg["agent"], str) and cfg["agent"].strip()):
         raise CheckpointError(f"{run_dir / 'config.json'}: 'agent' must be an agent name; got {cfg['agent']!r}")
     return {"dir": run_dir, "config": cfg, "metrics": metrics, "backdoor": backdoor}
@@ -108,8 +111,10 @@ def _json_object(path: Path) -> Dict[str, Any]:
     """A JSON file that must hold an object (a run's config.json, metrics.json, pruned.json)."""
     data = read_json(path)
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object (a mapping of keys to values); got "
-                              f"{type(data).__name__}. Is it a file of an onp run?")
+        raise CheckpointError(
+            f"{path}: expected a JSON object (a mapping of keys to values); got "
+            f"{type(data).__name__}. Is it a file of an onp run?"
+        )
     return data
 
 
@@ -129,8 +134,9 @@ def read_pruned(run_dir: Path) -> Dict[str, Any]:
     if len(set(indices)) != len(indices):
         raise CheckpointError(f"{path}: 'indices' lists a neuron more than once")
     names = data.get("names")
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
-                              or len(names) != len(indices)):
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) != len(indices)
+    ):
         raise CheckpointError(f"{path}: 'names' must be a list of one neuron name per index")
     return {"indices": indices, "names": names}
 
@@ -139,8 +145,14 @@ def _arch(b: Dict[str, Any]) -> Dict[str, Any]:
     return {"model": b.get("model"), "width": b.get("width"), "dataset": b.get("dataset")}
 
 
-def check_architecture(source_backdoor: Dict[str, Any], target_cfg: BackdoorConfig, *, what: str,
-                       n_source: Optional[int] = None, n_target: Optional[int] = None) -> None:
+def check_architecture(
+    source_backdoor: Dict[str, Any],
+    target_cfg: BackdoorConfig,
+    *,
+    what: str,
+    n_source: Optional[int] = None,
+    n_target: Optional[int] = None,
+) -> None:
     """Raise :class:`ArchitectureMismatchError` if the model name / width / dataset or neuron count differ."""
     src = _arch(source_backdoor)
     tgt = {"model": target_cfg.model, "width": target_cfg.width, "dataset": target_cfg.dataset}
@@ -153,7 +165,8 @@ def check_architecture(source_backdoor: Dict[str, Any], target_cfg: BackdoorConf
         raise ArchitectureMismatchError(
             f"architecture mismatch: the {what} was made for {s}) but the target model is {t}); differing: "
             f"{', '.join(diff)}. A {what} applies only to models of the same architecture (another seed, "
-            f"attack or trigger of it)")
+            f"attack or trigger of it)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- target
@@ -162,6 +175,7 @@ def check_architecture(source_backdoor: Dict[str, Any], target_cfg: BackdoorConf
 def target_config(cfg: EvaluateConfig, source_backdoor: Dict[str, Any]) -> BackdoorConfig:
     """The target's :class:`~onp.zoo.BackdoorConfig`: the source's with ``cfg.target`` changed."""
     from .zoo import BackdoorConfig
+
     data = dict(source_backdoor) or {}
     if not data:
         raise ValueError("the source run has no backdoor config; pass --checkpoint")
@@ -173,19 +187,32 @@ def target_config(cfg: EvaluateConfig, source_backdoor: Dict[str, Any]) -> Backd
 def target_bundle(cfg: EvaluateConfig, source_backdoor: Dict[str, Any], *, quiet: bool = False) -> BackdoorBundle:
     """The model to evaluate on: ``cfg.checkpoint``, or :func:`target_config` from the zoo."""
     from .zoo import load_bundle, open_bundle
+
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     if cfg.checkpoint is not None:
         return open_bundle(cfg.checkpoint, data_dir=data_dir)
-    return load_bundle(target_config(cfg, source_backdoor), cache_dir=cfg.cache_dir, data_dir=data_dir,
-                       device=cfg.device or "cpu", progress=not quiet)
+    return load_bundle(
+        target_config(cfg, source_backdoor),
+        cache_dir=cfg.cache_dir,
+        data_dir=data_dir,
+        device=cfg.device or "cpu",
+        progress=not quiet,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- policy
 
 
-def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional[int] = None, device: str = "cpu",
-               cache_dir: Optional[Path] = None, log: Optional[Callable[[str], None]] = None,
-               agent: Optional[str] = None) -> Dict[str, Any]:
+def run_policy(
+    source: Dict[str, Any],
+    bundle: BackdoorBundle,
+    *,
+    seed: Optional[int] = None,
+    device: str = "cpu",
+    cache_dir: Optional[Path] = None,
+    log: Optional[Callable[[str], None]] = None,
+    agent: Optional[str] = None,
+) -> Dict[str, Any]:
     """One deterministic episode of the source run's policy in an env on ``bundle``'s model.
 
     ``agent`` is the ``--agent`` the user passed: an agent that the run's ``config.json`` names by a
@@ -201,8 +228,9 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
     cfg = source["config"]
     run_dir: Path = source["dir"]
     if "env" not in cfg or "agent" not in cfg:
-        raise CheckpointError(f"{run_dir}: not an onp.train run (config.json has no 'env'/'agent'); "
-                              f"use --pruned for a baseline run")
+        raise CheckpointError(
+            f"{run_dir}: not an onp.train run (config.json has no 'env'/'agent'); use --pruned for a baseline run"
+        )
     check_architecture(source["backdoor"], bundle.config, what="policy")
     agent_name = cfg["agent"]
     check_agent_source(agent_name, agent, where=run_dir / "config.json")
@@ -215,8 +243,13 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
         if getattr(factory, "learns", False):  # a learned agent: what onp.train saved, applied as it is
             meta = read_json(run_dir / "policy.json") if (run_dir / "policy.json").is_file() else {}
             n_policy = meta.get("num_nodes") if isinstance(meta, dict) else None
-            check_architecture(source["backdoor"], bundle.config, what="policy",
-                               n_source=n_policy if isinstance(n_policy, int) else None, n_target=base.num_nodes)
+            check_architecture(
+                source["backdoor"],
+                bundle.config,
+                what="policy",
+                n_source=n_policy if isinstance(n_policy, int) else None,
+                n_target=base.num_nodes,
+            )
             # e.g. ppo-gnn: built on the TARGET model's graph from weights only; nothing unpickled
             act = factory.load(run_dir, env, **({"device": device} if accepts(factory.load, "device") else {}))
         else:  # a fixed agent is rebuilt from its parameters
@@ -226,8 +259,14 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
             act = build_agent(agent_name, env, **params)
         res = rollout(act, env, seed=seed)
         ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
-        sel = select_pruning(res, select=ro.select, min_return=ro.min_return, evidence=ro.evidence_rule(base.delta),
-                             n_triggered=len(base.target.probe.images), log=log)
+        sel = select_pruning(
+            res,
+            select=ro.select,
+            min_return=ro.min_return,
+            evidence=ro.evidence_rule(base.delta),
+            n_triggered=len(base.target.probe.images),
+            log=log,
+        )
         chosen = sel["info"]
         pruned = [int(i) for i in chosen["pruned"]]
         g = base.graph
@@ -235,15 +274,29 @@ def run_policy(source: Dict[str, Any], bundle: BackdoorBundle, *, seed: Optional
         mask_mode = cfg["env"].get("mask_mode", "gamma")
         model = apply_pruning(bundle.fresh_model(), g, pruned, mask_mode).eval()
         info0 = res["infos"][0]
-        return {"pruned": pruned, "pruned_names": names, "model": model, "mask_mode": mask_mode,
-                "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
-                        "asr0": float(info0["asr"]), "episode_steps": res["steps"],
-                        "return": sel["return"], "fallback": sel["fallback"],
-                        "n_triggered": len(base.target.probe.images),
-                        "note": "the chosen episode on the target's defense-validation reward batch"},
-                "judgement": sel["judgement"],
-                "asr_estimator": base.asr_estimator, "trigger_aware": bool(base.target.probe.trigger_aware),
-                "env_steps": res["steps"], "num_neurons": base.num_nodes, "agent": agent_name}
+        return {
+            "pruned": pruned,
+            "pruned_names": names,
+            "model": model,
+            "mask_mode": mask_mode,
+            "val": {
+                "acc": float(chosen["acc"]),
+                "asr": float(chosen["asr"]),
+                "acc0": float(info0["acc"]),
+                "asr0": float(info0["asr"]),
+                "episode_steps": res["steps"],
+                "return": sel["return"],
+                "fallback": sel["fallback"],
+                "n_triggered": len(base.target.probe.images),
+                "note": "the chosen episode on the target's defense-validation reward batch",
+            },
+            "judgement": sel["judgement"],
+            "asr_estimator": base.asr_estimator,
+            "trigger_aware": bool(base.target.probe.trigger_aware),
+            "env_steps": res["steps"],
+            "num_neurons": base.num_nodes,
+            "agent": agent_name,
+        }
     finally:
         env.close()
 
@@ -262,10 +315,12 @@ def _prune_mode_of(source: Dict[str, Any]) -> str:
     return params.get("prune_mode") or "gamma"
 
 
-def apply_pruned_set(source: Dict[str, Any], bundle: BackdoorBundle, *,
-                     prune_mode: Optional[str] = None) -> Dict[str, Any]:
+def apply_pruned_set(
+    source: Dict[str, Any], bundle: BackdoorBundle, *, prune_mode: Optional[str] = None
+) -> Dict[str, Any]:
     """Prune ``source``'s ``pruned.json`` indices on ``bundle``'s model (same numbering required)."""
     import baselines
+
     run_dir: Path = source["dir"]
     path = run_dir / "pruned.json"
     if not path.exists():
@@ -275,22 +330,36 @@ def apply_pruned_set(source: Dict[str, Any], bundle: BackdoorBundle, *,
     indices, names = data["indices"], data["names"]
     layout = baselines.neuron_layout(bundle.model)
     n_src = source["metrics"].get("num_neurons")
-    check_architecture(source["backdoor"], bundle.config, what="pruned set",
-                       n_source=int(n_src) if n_src else None, n_target=layout.num_neurons)
+    check_architecture(
+        source["backdoor"],
+        bundle.config,
+        what="pruned set",
+        n_source=int(n_src) if n_src else None,
+        n_target=layout.num_neurons,
+    )
     if indices and max(indices) >= layout.num_neurons:
         raise ArchitectureMismatchError(
             f"architecture mismatch: {path} prunes neuron {max(indices)} but the target model has only "
-            f"{layout.num_neurons} neurons")
+            f"{layout.num_neurons} neurons"
+        )
     ours = layout.names(indices)
     if names and list(names) != ours:
-        bad = next((a, b) for a, b in zip(names, ours) if a != b) if len(names) == len(ours) else (len(names),
-                                                                                                  len(ours))
-        raise ArchitectureMismatchError(f"architecture mismatch: {path} names neurons that differ from the target "
-                                        f"model's numbering (e.g. {bad[0]} vs {bad[1]})")
+        bad = (
+            next((a, b) for a, b in zip(names, ours) if a != b) if len(names) == len(ours) else (len(names), len(ours))
+        )
+        raise ArchitectureMismatchError(
+            f"architecture mismatch: {path} names neurons that differ from the target "
+            f"model's numbering (e.g. {bad[0]} vs {bad[1]})"
+        )
     mode = prune_mode or _prune_mode_of(source)
     model = baselines.prune_model(bundle.model, layout, indices, mode)
-    return {"pruned": indices, "pruned_names": ours, "model": model, "mask_mode": mode,
-            "num_neurons": layout.num_neurons}
+    return {
+        "pruned": indices,
+        "pruned_names": ours,
+        "model": model,
+        "mask_mode": mode,
+        "num_neurons": layout.num_neurons,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -298,33 +367,54 @@ def apply_pruned_set(source: Dict[str, Any], bundle: BackdoorBundle, *,
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m onp.evaluate`` flags; they map onto an :class:`EvaluateConfig` (:func:`config_from_args`)."""
-    p = argparse.ArgumentParser(prog="python -m onp.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m onp.evaluate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     src = p.add_mutually_exclusive_group()  # one of them is required (main), but not for --list
-    src.add_argument("--policy", type=path_arg,
-                     help="an onp.train run directory (policy.pt + policy.json + config.json)")
+    src.add_argument(
+        "--policy", type=path_arg, help="an onp.train run directory (policy.pt + policy.json + config.json)"
+    )
     src.add_argument("--pruned", type=path_arg, help="any run directory with pruned.json (transfer a fixed pruned set)")
-    add_set_flag(p, help="override an evaluate config key, dotted (e.g. target.poison_rate=0.05, env_seed=3; "
-                         "repeatable)")
+    add_set_flag(
+        p, help="override an evaluate config key, dotted (e.g. target.poison_rate=0.05, env_seed=3; repeatable)"
+    )
     add_list_flag(p, "the agents (whose onp.train runs --policy applies)")
-    t = add_backdoor_flags(p, title="target model",
-                           description="--checkpoint (a model folder), or from the zoo: the source run's backdoored "
-                                       "model with these flags changed (trained on first use)")
+    t = add_backdoor_flags(
+        p,
+        title="target model",
+        description="--checkpoint (a model folder), or from the zoo: the source run's backdoored "
+        "model with these flags changed (trained on first use)",
+    )
     t.add_argument("--clean", action="store_true", help="an unpoisoned model (false-positive cost: ACC lost)")
-    p.add_argument("--agent", default=None, metavar="SPEC",
-                   help="--policy of a plug-in agent given by a file or module path (path/file.py:Class): repeat "
-                        "that spec here to allow importing it; a run folder never makes onp import code by itself")
-    p.add_argument("--env-seed", type=int_at_least(0), default=None,
-                   help="env / rollout seed (default: the policy's seed)")
-    p.add_argument("--prune-mode", choices=["gamma", "channel"], default=None,
-                   help="--pruned: how to prune (default: as the source run did)")
+    p.add_argument(
+        "--agent",
+        default=None,
+        metavar="SPEC",
+        help="--policy of a plug-in agent given by a file or module path (path/file.py:Class): repeat "
+        "that spec here to allow importing it; a run folder never makes onp import code by itself",
+    )
+    p.add_argument(
+        "--env-seed", type=int_at_least(0), default=None, help="env / rollout seed (default: the policy's seed)"
+    )
+    p.add_argument(
+        "--prune-mode",
+        choices=["gamma", "channel"],
+        default=None,
+        help="--pruned: how to prune (default: as the source run did)",
+    )
     p.add_argument("--device", type=device_arg, default=None, help="device of the policy: cpu, cuda, cuda:N or mps")
     p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
-    p.add_argument("--out", type=path_arg, default=None,
-                   help="run directory (default runs/evaluate/<source>-on-<target>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing onp run directory (only once the new run succeeded)")
+    p.add_argument(
+        "--out", type=path_arg, default=None, help="run directory (default runs/evaluate/<source>-on-<target>)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing onp run directory (only once the new run succeeded)",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -333,35 +423,55 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     """The :class:`EvaluateConfig` of the command line: the flags, then ``--set``."""
     source = model_source(args)
     data: Dict[str, Any] = {
-        "policy": path_str(args.policy), "pruned": path_str(args.pruned), "checkpoint": source["checkpoint"],
-        "target": backdoor_overrides(args, {"clean": True} if args.clean else None), "agent": args.agent,
-        "env_seed": args.env_seed, "prune_mode": args.prune_mode, "device": args.device,
-        "deterministic": args.deterministic, "cache_dir": source["cache_dir"], "data_dir": source["data_dir"]}
+        "policy": path_str(args.policy),
+        "pruned": path_str(args.pruned),
+        "checkpoint": source["checkpoint"],
+        "target": backdoor_overrides(args, {"clean": True} if args.clean else None),
+        "agent": args.agent,
+        "env_seed": args.env_seed,
+        "prune_mode": args.prune_mode,
+        "device": args.device,
+        "deterministic": args.deterministic,
+        "cache_dir": source["cache_dir"],
+        "data_dir": source["data_dir"],
+    }
     return EvaluateConfig.from_dict(deep_update(data, set_overrides(args.set, EvaluateConfig.model_fields)))
 
 
-def run_evaluate(config: Union[EvaluateConfig, Dict[str, Any]], out: Optional[Path] = None, *,
-                 overwrite: bool = False, quiet: bool = False) -> RunResult:
+def run_evaluate(
+    config: Union[EvaluateConfig, Dict[str, Any]],
+    out: Optional[Path] = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> RunResult:
     """Apply a learned policy or a fixed pruned set to a target model (no re-fitting) and write the run
     folder; return its :class:`~onp.rundir.RunResult`. Everything about the source is checked (files,
     architecture, agent) before the target model is loaded or trained."""
     from .seeding import seed_everything
+
     cfg = config if isinstance(config, EvaluateConfig) else EvaluateConfig.from_dict(config)
     t0 = time.perf_counter()
     kind = cfg.kind
     source = read_source(Path(cfg.source), kind)
     if kind == "policy" and ("env" not in source["config"] or "agent" not in source["config"]):
-        raise CheckpointError(f"{source['dir']}: not an onp.train run (config.json has no 'env'/'agent'); "
-                              f"use --pruned to transfer its pruned set")
+        raise CheckpointError(
+            f"{source['dir']}: not an onp.train run (config.json has no 'env'/'agent'); "
+            f"use --pruned to transfer its pruned set"
+        )
     if kind == "pruned":
         if not (source["dir"] / "pruned.json").exists():
             method = source["config"].get("method") or source["config"].get("agent") or "this run"
-            raise CheckpointError(f"{source['dir']}: no pruned.json ({method} does not prune neurons); "
-                                  f"nothing to transfer")
+            raise CheckpointError(
+                f"{source['dir']}: no pruned.json ({method} does not prune neurons); nothing to transfer"
+            )
         read_pruned(source["dir"])  # a malformed pruned.json fails before any model is loaded
     cache_root(cfg.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
-    seed = cfg.env_seed if cfg.env_seed is not None else int(source["config"].get(
-        "seed", source["config"].get("defense_seed", 0)) or 0)
+    seed = (
+        cfg.env_seed
+        if cfg.env_seed is not None
+        else int(source["config"].get("seed", source["config"].get("defense_seed", 0)) or 0)
+    )
     seed_everything(seed, deterministic=cfg.deterministic)
     what = "policy" if kind == "policy" else "pruned set"
     if cfg.checkpoint is None and source["backdoor"]:  # check the architecture before any training
@@ -373,25 +483,41 @@ def run_evaluate(config: Union[EvaluateConfig, Dict[str, Any]], out: Optional[Pa
         bundle = target_bundle(cfg, source["backdoor"], quiet=quiet)
         if source["backdoor"]:
             check_architecture(source["backdoor"], bundle.config, what=what)
-        out = Path(out) if out is not None else \
-            Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
+        out = (
+            Path(out) if out is not None else Path("runs") / "evaluate" / f"{source['dir'].name}-on-{bundle.path.name}"
+        )
         if work is None:
             work = stack.enter_context(run_folder(out, tool="onp.evaluate", overwrite=overwrite))
         metrics = _evaluate_into(work, out, cfg=cfg, source=source, bundle=bundle, seed=seed, t0=t0, quiet=quiet)
     return RunResult(out, metrics)
 
 
-def _evaluate_into(work: Path, out: Path, *, cfg: EvaluateConfig, source: Dict[str, Any], bundle: BackdoorBundle,
-                   seed: int, t0: float, quiet: bool) -> Dict[str, Any]:
+def _evaluate_into(
+    work: Path,
+    out: Path,
+    *,
+    cfg: EvaluateConfig,
+    source: Dict[str, Any],
+    bundle: BackdoorBundle,
+    seed: int,
+    t0: float,
+    quiet: bool,
+) -> Dict[str, Any]:
     """Apply the policy / pruned set to ``bundle``; write the run into ``work`` (``out`` or its staging
     folder under --overwrite) and return its metrics."""
     kind = cfg.kind
     tcfg = bundle.config
     target_name = "clean" if tcfg.clean else tcfg.attack
     if kind == "policy":
-        res = run_policy(source, bundle, seed=seed, device=cfg.device or "cpu",
-                         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                         log=None if quiet else print, agent=cfg.agent)
+        res = run_policy(
+            source,
+            bundle,
+            seed=seed,
+            device=cfg.device or "cpu",
+            cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+            log=None if quiet else print,
+            agent=cfg.agent,
+        )
     else:
         res = apply_pruned_set(source, bundle, prune_mode=cfg.prune_mode)
     before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
@@ -399,18 +525,33 @@ def _evaluate_into(work: Path, out: Path, *, cfg: EvaluateConfig, source: Dict[s
     clean = bool(bundle.meta.get("clean"))
     src_cfg = source["config"]
     metrics: Dict[str, Any] = {
-        **after, "before": before, "n_pruned": len(res["pruned"]), "num_neurons": res.get("num_neurons"),
-        "acc_lost": before["acc"] - after["acc"], "clean_model": clean,
+        **after,
+        "before": before,
+        "n_pruned": len(res["pruned"]),
+        "num_neurons": res.get("num_neurons"),
+        "acc_lost": before["acc"] - after["acc"],
+        "clean_model": clean,
         "method": f"{kind}:{src_cfg.get('agent') or src_cfg.get('method') or source['dir'].name}",
-        "asr_estimator": res.get("asr_estimator"), "trigger_aware": res.get("trigger_aware"),
-        "val": res.get("val"), "env_steps": res.get("env_steps", 0), "mask_mode": res["mask_mode"],
+        "asr_estimator": res.get("asr_estimator"),
+        "trigger_aware": res.get("trigger_aware"),
+        "val": res.get("val"),
+        "env_steps": res.get("env_steps", 0),
+        "mask_mode": res["mask_mode"],
         "wall_time": round(time.perf_counter() - t0, 2),
-        "source": {"kind": kind, "run_dir": str(source["dir"]), "backdoor": source["backdoor"],
-                   "agent": src_cfg.get("agent"), "method": src_cfg.get("method")},
+        "source": {
+            "kind": kind,
+            "run_dir": str(source["dir"]),
+            "backdoor": source["backdoor"],
+            "agent": src_cfg.get("agent"),
+            "method": src_cfg.get("method"),
+        },
         "target": {"model_dir": str(bundle.path), "attack": target_name, "seed": tcfg.seed, "clean": clean},
         "data_source": bundle.meta.get("data_source"),
-        "note": ("clean (unpoisoned) model: acc_lost is the false-positive cost; ASR measures the trigger's "
-                 "natural effect") if clean else "test metrics; the policy / pruned set was not re-fitted",
+        "note": (
+            "clean (unpoisoned) model: acc_lost is the false-positive cost; ASR measures the trigger's natural effect"
+        )
+        if clean
+        else "test metrics; the policy / pruned set was not re-fitted",
     }
     if kind == "pruned":
         for key in ("asr_estimator", "trigger_aware", "val"):
@@ -418,18 +559,34 @@ def _evaluate_into(work: Path, out: Path, *, cfg: EvaluateConfig, source: Dict[s
     else:  # the defense-validation verdict (no evidence, no pruning: onp.evidence)
         metrics["verdict"] = res["judgement"].verdict
         metrics["evidence"] = res["judgement"].to_dict()
-    config = {"kind": kind, "source": str(source["dir"]), "source_config": src_cfg, "env_seed": seed,
-              "target_backdoor": tcfg.to_dict(), "model_dir": str(bundle.path), "prune_mode": res["mask_mode"],
-              "deterministic": cfg.deterministic, "run_config": cfg.to_dict()}
-    write_run(work, config=config, metrics=metrics, pruned=res["pruned"], pruned_names=res["pruned_names"],
-              model_state=res["model"].state_dict())
+    config = {
+        "kind": kind,
+        "source": str(source["dir"]),
+        "source_config": src_cfg,
+        "env_seed": seed,
+        "target_backdoor": tcfg.to_dict(),
+        "model_dir": str(bundle.path),
+        "prune_mode": res["mask_mode"],
+        "deterministic": cfg.deterministic,
+        "run_config": cfg.to_dict(),
+    }
+    write_run(
+        work,
+        config=config,
+        metrics=metrics,
+        pruned=res["pruned"],
+        pruned_names=res["pruned_names"],
+        model_state=res["model"].state_dict(),
+    )
     if "verdict" in metrics:
         print(f"[onp] {res['judgement'].summary()}", flush=True)
-    print(f"[onp] {metrics['method']} on {tcfg.model}/{target_name} s{tcfg.seed}"
-          + (" (CLEAN model)" if clean else "")
-          + f": ACC {before['acc']:.4f}->{after['acc']:.4f} (lost {metrics['acc_lost']:.4f})  "
-            f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
-            f"pruned {metrics['n_pruned']}  -> {out}")
+    print(
+        f"[onp] {metrics['method']} on {tcfg.model}/{target_name} s{tcfg.seed}"
+        + (" (CLEAN model)" if clean else "")
+        + f": ACC {before['acc']:.4f}->{after['acc']:.4f} (lost {metrics['acc_lost']:.4f})  "
+        f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
+        f"pruned {metrics['n_pruned']}  -> {out}"
+    )
     return metrics
 
 
@@ -439,9 +596,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         from agents import available_agents
+
         return print_listing(list(available_agents()))
-    if args.policy is None and args.pruned is None and not {"policy", "pruned"} & set(
-            set_overrides(args.set, EvaluateConfig.model_fields)):
+    if (
+        args.policy is None
+        and args.pruned is None
+        and not {"policy", "pruned"} & set(set_overrides(args.set, EvaluateConfig.model_fields))
+    ):
         parser.error("one of the arguments --policy --pruned is required")
     run_evaluate(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0

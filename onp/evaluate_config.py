@@ -66,4 +66,3 @@ class EvaluateConfig(TypedConfig):
     @property
     def source(self) -> str:
         return self.policy if self.policy is not None else str(self.pruned)
-

@@ -75,8 +75,10 @@ class Judgement:
 
     def summary(self) -> str:
         """One line: the verdict first, then the defense-validation figures behind it."""
-        figures = (f"estimated val ASR {self.asr_before:.3f} -> {self.asr_after:.3f} (n={self.n_triggered} triggered, "
-                   f"p={self.p_value:.2g}), val ACC {self.acc_before:.3f} -> {self.acc_after:.3f}")
+        figures = (
+            f"estimated val ASR {self.asr_before:.3f} -> {self.asr_after:.3f} (n={self.n_triggered} triggered, "
+            f"p={self.p_value:.2g}), val ACC {self.acc_before:.3f} -> {self.acc_after:.3f}"
+        )
         if self.verdict == "nothing pruned":
             rejected = f"; the rejected pruning of {self.n_pruned} neurons: " if self.n_pruned else "; "
             return f"verdict: nothing pruned: {self.reason}{rejected}{figures}"
@@ -120,14 +122,30 @@ class EvidenceRule:
             verdict, reason = "nothing pruned", "the policy pruned no neuron"
         elif self.alpha is not None and p > alpha:
             keep, verdict = False, "nothing pruned"
-            reason = (f"no backdoor neurons found within the budget (the estimated ASR drop is not significant: "
-                      f"p={p:.2g} > alpha={alpha:g})")
+            reason = (
+                f"no backdoor neurons found within the budget (the estimated ASR drop is not significant: "
+                f"p={p:.2g} > alpha={alpha:g})"
+            )
         elif acc0 - acc1 > self.max_acc_drop + 1e-12:
             keep, verdict = False, "nothing pruned"
-            reason = (f"no backdoor neurons found within the budget (the pruning costs {acc0 - acc1:.3f} of val ACC "
-                      f"> {self.max_acc_drop:g} allowed)")
-        return Judgement(keep=keep, verdict=verdict, reason=reason, n_pruned=n_pruned, acc_before=acc0,
-                         acc_after=acc1, asr_before=asr0, asr_after=asr1, n_triggered=int(n_triggered), p_value=p,
-                         alpha=alpha, max_acc_drop=float(self.max_acc_drop))
+            reason = (
+                f"no backdoor neurons found within the budget (the pruning costs {acc0 - acc1:.3f} of val ACC "
+                f"> {self.max_acc_drop:g} allowed)"
+            )
+        return Judgement(
+            keep=keep,
+            verdict=verdict,
+            reason=reason,
+            n_pruned=n_pruned,
+            acc_before=acc0,
+            acc_after=acc1,
+            asr_before=asr0,
+            asr_after=asr1,
+            n_triggered=int(n_triggered),
+            p_value=p,
+            alpha=alpha,
+            max_acc_drop=float(self.max_acc_drop),
+        )
+
 
 __all__ = ["VERDICTS", "EvidenceRule", "Judgement", "asr_drop_p_value"]

@@ -31,8 +31,9 @@ EXECUTORS = ("local", "processes", "ray")
 class Executor:
     name = "base"
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
-            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
+    def run(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], gpu_task: Optional[Callable[[Any], bool]] = None
+    ) -> Iterator[Tuple[Any, Any]]:
         """Yield ``(task, fn(task))`` as tasks finish. ``gpu_task(task)`` says whether a task uses a
         GPU; only the Ray executor reserves GPUs, the others ignore it."""
         raise NotImplementedError
@@ -52,14 +53,16 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
-            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
+    def run(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], gpu_task: Optional[Callable[[Any], bool]] = None
+    ) -> Iterator[Tuple[Any, Any]]:
         for task in tasks:
             yield task, fn(task)
 
 
 def _init_worker(threads: int) -> None:
     import torch
+
     torch.set_num_threads(max(1, threads))
 
 
@@ -74,15 +77,20 @@ class ProcessExecutor(Executor):
         self.jobs = jobs
         self.threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
-            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
+    def run(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], gpu_task: Optional[Callable[[Any], bool]] = None
+    ) -> Iterator[Tuple[Any, Any]]:
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
         tasks = list(tasks)
         if not tasks:
             return
-        pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(tasks)),
-                                   mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.threads,))
+        pool = ProcessPoolExecutor(
+            max_workers=min(self.jobs, len(tasks)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.threads,),
+        )
         futures: Dict[Any, Any] = {}
         try:
             futures = {pool.submit(fn, t): t for t in tasks}
@@ -100,6 +108,7 @@ class ProcessExecutor(Executor):
 def ray_available() -> bool:
     try:
         import ray  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -110,19 +119,23 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, address: Optional[str] = None, num_cpus: Optional[int] = None,
-                 gpus_per_task: Optional[float] = None,
-                 init_kwargs: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        num_cpus: Optional[int] = None,
+        gpus_per_task: Optional[float] = None,
+        init_kwargs: Optional[Dict[str, Any]] = None,
+    ):
         try:
             import ray
         except ImportError as exc:
-            raise ValueError("--executor ray needs Ray: pip install 'onp[ray]' (or pip install 'ray[default]')") \
-                from exc
+            raise ValueError(
+                "--executor ray needs Ray: pip install 'onp[ray]' (or pip install 'ray[default]')"
+            ) from exc
         self.ray = ray
         self._started = False
         if not ray.is_initialized():
-            kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
-                                      "ignore_reinit_error": True}
+            kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "ignore_reinit_error": True}
             if address:
                 kwargs["address"] = address
             elif num_cpus is not None:
@@ -134,8 +147,9 @@ class RayExecutor(Executor):
             gpus_per_task = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         self.gpus_per_task = gpus_per_task
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
-            gpu_task: Optional[Callable[[Any], bool]] = None) -> Iterator[Tuple[Any, Any]]:
+    def run(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], gpu_task: Optional[Callable[[Any], bool]] = None
+    ) -> Iterator[Tuple[Any, Any]]:
         """Like :meth:`Executor.run`; ``gpu_task(task)`` says whether a task uses a GPU (default: all do).
         A task that does not use one requests none, so it never holds a GPU idle."""
         ray = self.ray
@@ -170,8 +184,14 @@ class RayExecutor(Executor):
             self._started = False
 
 
-def make_executor(name: str = "local", *, jobs: int = 1, ray_address: Optional[str] = None,
-                  ray_num_cpus: Optional[int] = None, ray_init_kwargs: Optional[Dict[str, Any]] = None) -> Executor:
+def make_executor(
+    name: str = "local",
+    *,
+    jobs: int = 1,
+    ray_address: Optional[str] = None,
+    ray_num_cpus: Optional[int] = None,
+    ray_init_kwargs: Optional[Dict[str, Any]] = None,
+) -> Executor:
     """``local`` (``jobs > 1`` turns it into ``processes``), ``processes`` or ``ray``."""
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")

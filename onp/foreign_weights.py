@@ -96,9 +96,9 @@ BACKDOORBENCH_ARCHS = {"preactresnet18": "preact_resnet18_backdoorbench"}
 #: why the other BackdoorBench architectures are not loaded
 BACKDOORBENCH_UNSUPPORTED = {
     "resnet18": "BackdoorBench's resnet18 is torchvision's ImageNet ResNet-18 (7x7 stride-2 conv1 and a max-pool); "
-                "onp's resnet18 has the CIFAR stem (3x3 stride-1 conv1, no max-pool), so the weights do not fit",
+    "onp's resnet18 has the CIFAR stem (3x3 stride-1 conv1, no max-pool), so the weights do not fit",
     "vgg19_bn": "BackdoorBench's vgg19_bn is torchvision's (16 convolutions with biases, a 3-layer classifier); "
-                "onp's vgg16_bn has 13 bias-free convolutions and one linear layer, a different network",
+    "onp's vgg16_bn has 13 bias-free convolutions and one linear layer, a different network",
 }
 #: the input normalisation BackdoorBench applies in its data transforms, per ``clean_data`` (from its
 #: ``utils/aggregate_block/dataset_and_transform_generate.py``, ``get_dataset_normalization``); onp
@@ -113,8 +113,10 @@ BACKDOORBENCH_NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 #: how to export weights that onp can read (part of every refusal of a pickled object)
-EXPORT_HINT = ('export the weights where you trust the file: torch.save(model.state_dict(), "weights.pt") '
-               '(or safetensors.torch.save_file(model.state_dict(), "weights.safetensors")), then pass that file')
+EXPORT_HINT = (
+    'export the weights where you trust the file: torch.save(model.state_dict(), "weights.pt") '
+    '(or safetensors.torch.save_file(model.state_dict(), "weights.safetensors")), then pass that file'
+)
 #: the build_model options a mismatch message tells the user to check
 CHECK_HINT = "check --arch, --width, --num-classes and --in-channels against the network that produced the file"
 
@@ -207,8 +209,11 @@ def _sniff(path: Path) -> str:
     begin with the pickle byte 0x80."""
     with open(path, "rb") as fh:
         head = fh.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and (
-            int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size or path.suffix == ".safetensors"):
+    if (
+        len(head) == 9
+        and head[8:9] == b"{"
+        and (int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size or path.suffix == ".safetensors")
+    ):
         return "safetensors"
     if head.startswith(b"PK") or head.startswith(b"\x80"):
         return "torch"
@@ -242,10 +247,12 @@ def _torch_load(path: Path) -> Any:
     """``torch.load(..., weights_only=True)`` with :func:`numpy_allowlist`. The file is passed open, so
     that the content decides the format (torch >= 2.13 reads any ``*.safetensors`` path as safetensors)."""
     if _is_torchscript(path):
-        raise CheckpointError(f"{path}: is a TorchScript archive (torch.jit.save), which holds code as well as "
-                              f"weights; onp does not load it. Export the weights where you trust the file: "
-                              f'torch.save(torch.jit.load("{path.name}").state_dict(), "weights.pt"), '
-                              f"then pass that file")
+        raise CheckpointError(
+            f"{path}: is a TorchScript archive (torch.jit.save), which holds code as well as "
+            f"weights; onp does not load it. Export the weights where you trust the file: "
+            f'torch.save(torch.jit.load("{path.name}").state_dict(), "weights.pt"), '
+            f"then pass that file"
+        )
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     try:
         with open(path, "rb") as fh:
@@ -256,47 +263,70 @@ def _torch_load(path: Path) -> Any:
     except Exception as exc:
         what = _refused_object(exc)
         if what is not None:
-            extra = (" (BackdoorBench keeps poisoned images in memory as PIL images when run without a "
-                     "save folder; export its 'model' entry)") if what.startswith("PIL.") else ""
+            extra = (
+                (
+                    " (BackdoorBench keeps poisoned images in memory as PIL images when run without a "
+                    "save folder; export its 'model' entry)"
+                )
+                if what.startswith("PIL.")
+                else ""
+            )
             raise CheckpointError(
                 f"{path}: holds a pickled Python object ({what}), not only tensors and plain values: a whole "
                 f"model saved with torch.save(model, ...) for instance. onp never unpickles objects, because "
-                f"loading them can execute code{extra}; {EXPORT_HINT}") from exc
-        raise CheckpointError(f"{path}: cannot be read as a torch file: it is corrupt or truncated "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+                f"loading them can execute code{extra}; {EXPORT_HINT}"
+            ) from exc
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch file: it is corrupt or truncated "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from exc
 
 
 def _safetensors_load(path: Path) -> Dict[str, Tensor]:
     from safetensors.torch import load_file
+
     try:
         return dict(load_file(str(path), device="cpu"))
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read as a safetensors file: it is corrupt or truncated "
-                              f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise CheckpointError(
+            f"{path}: cannot be read as a safetensors file: it is corrupt or truncated "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
 
 
 def _tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
 
 
 def _check_state_dict(path: Path, state: Any, where: str) -> Dict[str, Tensor]:
     """``state`` as a dict of tensors; refuses non-tensor values and NaN/inf, naming the key."""
     if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(f"{path}: {where} is not a state_dict (a dict of tensor names to tensors): "
-                              f"{type(state).__name__}{' (empty)' if isinstance(state, Mapping) else ''}; "
-                              f"{EXPORT_HINT}")
-    bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(k, str) or
-           not isinstance(v, Tensor)]
+        raise CheckpointError(
+            f"{path}: {where} is not a state_dict (a dict of tensor names to tensors): "
+            f"{type(state).__name__}{' (empty)' if isinstance(state, Mapping) else ''}; "
+            f"{EXPORT_HINT}"
+        )
+    bad = [
+        f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)
+    ]
     if bad:
-        raise CheckpointError(f"{path}: {where} holds values that are not tensors: {', '.join(bad[:_SHOWN])}"
-                              f"{' ...' if len(bad) > _SHOWN else ''}; {EXPORT_HINT}")
-    broken = [k for k, v in state.items()
-              if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+        raise CheckpointError(
+            f"{path}: {where} holds values that are not tensors: {', '.join(bad[:_SHOWN])}"
+            f"{' ...' if len(bad) > _SHOWN else ''}; {EXPORT_HINT}"
+        )
+    broken = [
+        k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+    ]
     if broken:
         more = f" (and {len(broken) - 1} more: {broken[1:_SHOWN]})" if len(broken) > 1 else ""
-        raise CheckpointError(f"{path}: tensor {broken[0]!r}{more} holds NaN or infinite values; these weights "
-                              f"are broken and onp refuses them")
+        raise CheckpointError(
+            f"{path}: tensor {broken[0]!r}{more} holds NaN or infinite values; these weights "
+            f"are broken and onp refuses them"
+        )
     return dict(state)
 
 
@@ -320,10 +350,16 @@ def _backdoorbench(path: Path, obj: Mapping) -> WeightsFile:
             raise CheckpointError(f"{path}: BackdoorBench field 'img_size' is {size!r}, not a list of integers")
         image_size = tuple(int(s) for s in size)
     dataset = obj.get("clean_data")
-    return WeightsFile(path=path, state_dict=_check_state_dict(path, obj["model"], "its 'model' entry"),
-                       format="backdoorbench", container_key="model", model_name=name,
-                       num_classes=_int_field(path, obj, "num_classes"), image_size=image_size,
-                       dataset=dataset if isinstance(dataset, str) else None)
+    return WeightsFile(
+        path=path,
+        state_dict=_check_state_dict(path, obj["model"], "its 'model' entry"),
+        format="backdoorbench",
+        container_key="model",
+        model_name=name,
+        num_classes=_int_field(path, obj, "num_classes"),
+        image_size=image_size,
+        dataset=dataset if isinstance(dataset, str) else None,
+    )
 
 
 def load_weights_file(path: PathLike) -> WeightsFile:
@@ -349,11 +385,14 @@ def load_weights_file(path: PathLike) -> WeightsFile:
         raise CheckpointError(f"{path}: the file is empty")
     kind = _sniff(path)
     if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
-        return WeightsFile(path=path, state_dict=_check_state_dict(path, _safetensors_load(path), "the file"),
-                           format="safetensors")
+        return WeightsFile(
+            path=path, state_dict=_check_state_dict(path, _safetensors_load(path), "the file"), format="safetensors"
+        )
     if kind == "unknown":
-        raise CheckpointError(f"{path}: is neither a torch file nor a safetensors file (corrupt, truncated or "
-                              f"another format); {EXPORT_HINT}")
+        raise CheckpointError(
+            f"{path}: is neither a torch file nor a safetensors file (corrupt, truncated or "
+            f"another format); {EXPORT_HINT}"
+        )
     obj = _torch_load(path)
     if isinstance(obj, Mapping) and all(k in obj for k in BACKDOORBENCH_KEYS):
         return _backdoorbench(path, obj)
@@ -361,13 +400,19 @@ def load_weights_file(path: PathLike) -> WeightsFile:
         return WeightsFile(path=path, state_dict=_check_state_dict(path, obj, "the file"), format="state_dict")
     for key in CONTAINER_KEYS:
         if _tensor_dict(obj.get(key)):
-            return WeightsFile(path=path, state_dict=_check_state_dict(path, obj[key], f"its {key!r} entry"),
-                               format="state_dict", container_key=key)
+            return WeightsFile(
+                path=path,
+                state_dict=_check_state_dict(path, obj[key], f"its {key!r} entry"),
+                format="state_dict",
+                container_key=key,
+            )
     if any(isinstance(v, Tensor) for v in obj.values()):  # a state_dict with foreign values: named
         _check_state_dict(path, obj, "the file")
     keys = [str(k) for k in obj][:_SHOWN]
-    raise CheckpointError(f"{path}: holds a dict that is not a state_dict (keys {keys}) and has none under "
-                          f"{list(CONTAINER_KEYS)}; {EXPORT_HINT}")
+    raise CheckpointError(
+        f"{path}: holds a dict that is not a state_dict (keys {keys}) and has none under "
+        f"{list(CONTAINER_KEYS)}; {EXPORT_HINT}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +422,7 @@ def load_weights_file(path: PathLike) -> WeightsFile:
 def _torchvision_resnet_name(onp_key: str) -> str:
     """torchvision's name for a key of onp's ``resnet18`` (the two use the same names otherwise)."""
     key = onp_key.replace(".shortcut.", ".downsample.")
-    return "fc." + key[len("linear."):] if key.startswith("linear.") else key
+    return "fc." + key[len("linear.") :] if key.startswith("linear.") else key
 
 
 #: name layouts: (the onp model classes they apply to, onp key -> the layout's key)
@@ -418,38 +463,56 @@ def _shape_facts(state: Mapping[str, Tensor]) -> str:
     facts = []
     if convs:
         c = convs[0]
-        facts.append(f"its first convolution has {c.shape[1]} input channels, {c.shape[0]} output channels and a "
-                     f"{c.shape[2]}x{c.shape[3]} kernel")
+        facts.append(
+            f"its first convolution has {c.shape[1]} input channels, {c.shape[0]} output channels and a "
+            f"{c.shape[2]}x{c.shape[3]} kernel"
+        )
     if linears:
         facts.append(f"its last linear layer has {linears[-1].shape[0]} outputs")
     return f"; in the file, {' and '.join(facts)}" if facts else ""
 
 
-def _mismatch(model: nn.Module, layout: str, missing: List[str], unexpected: List[str], shapes: List[str],
-              state: Mapping[str, Tensor], source: Optional[PathLike]) -> ValueError:
+def _mismatch(
+    model: nn.Module,
+    layout: str,
+    missing: List[str],
+    unexpected: List[str],
+    shapes: List[str],
+    state: Mapping[str, Tensor],
+    source: Optional[PathLike],
+) -> ValueError:
     def listed(what: str, items: List[str]) -> str:
         return f"{len(items)} {what} {items[:_SHOWN]}{' ...' if len(items) > _SHOWN else ''}"
 
-    parts = [listed(what, items) for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                     ("shape mismatches", shapes)) if items]
+    parts = [
+        listed(what, items)
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
     notes = []
     if missing and all(k.startswith("bn.") for k in missing) and isinstance(model, PreActResNet18):
-        notes.append("the file's PreAct-ResNet-18 has no BatchNorm+ReLU after its last stage (BackdoorBench's "
-                     "preactresnet18 has none) while onp's preact_resnet18 has one ('bn'): the two networks compute "
-                     "different functions; build preact_resnet18_backdoorbench (--arch "
-                     "preact_resnet18_backdoorbench), BackdoorBench's network layer for layer")
+        notes.append(
+            "the file's PreAct-ResNet-18 has no BatchNorm+ReLU after its last stage (BackdoorBench's "
+            "preactresnet18 has none) while onp's preact_resnet18 has one ('bn'): the two networks compute "
+            "different functions; build preact_resnet18_backdoorbench (--arch "
+            "preact_resnet18_backdoorbench), BackdoorBench's network layer for layer"
+        )
     conv1 = state.get("conv1.weight")
     if isinstance(model, ResNet18) and conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 7:
-        notes.append("conv1 is 7x7: a torchvision ImageNet-stem ResNet (7x7 stride-2 conv1 and a max-pool); onp's "
-                     "resnet18 has the CIFAR stem (3x3 stride-1 conv1, no max-pool) and cannot hold it")
+        notes.append(
+            "conv1 is 7x7: a torchvision ImageNet-stem ResNet (7x7 stride-2 conv1 and a max-pool); onp's "
+            "resnet18 has the CIFAR stem (3x3 stride-1 conv1, no max-pool) and cannot hold it"
+        )
     where = f"{source}: " if source is not None else ""
-    return ValueError(f"{where}the weights do not match the onp model {type(model).__name__} (names read in the "
-                      f"{layout!r} layout): " + "; ".join(parts) + "; " + "; ".join(notes + [CHECK_HINT])
-                      + _shape_facts(state))
+    return ValueError(
+        f"{where}the weights do not match the onp model {type(model).__name__} (names read in the "
+        f"{layout!r} layout): " + "; ".join(parts) + "; " + "; ".join(notes + [CHECK_HINT]) + _shape_facts(state)
+    )
 
 
-def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, *,
-                     source: Optional[PathLike] = None) -> Tuple[Dict[str, Tensor], KeyMap]:
+def adapt_state_dict(
+    state_dict: Mapping[str, Tensor], model: nn.Module, *, source: Optional[PathLike] = None
+) -> Tuple[Dict[str, Tensor], KeyMap]:
     """Rename a user's state_dict onto an onp model (built by :func:`onp.models.build_model`).
 
     Prefixes (:data:`PREFIXES`) shared by every key are stripped; the names are then read in the
@@ -472,7 +535,7 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, *,
     own = model.state_dict()
     keys = list(state_dict)
     prefix = _strip_prefix(keys, list(own))
-    stripped = {k: k[len(prefix):] for k in keys}
+    stripped = {k: k[len(prefix) :] for k in keys}
     best: Optional[Tuple[int, str, Dict[str, str]]] = None
     for layout, (classes, rename) in LAYOUTS.items():
         if not isinstance(model, classes):
@@ -488,8 +551,11 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, *,
     provided = set(user_to_onp.values())
     optional = set(_optional_keys(model))
     missing = [k for k in own if k not in provided and k not in optional]
-    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[o].shape)}"
-              for k, o in user_to_onp.items() if tuple(state_dict[k].shape) != tuple(own[o].shape)]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[o].shape)}"
+        for k, o in user_to_onp.items()
+        if tuple(state_dict[k].shape) != tuple(own[o].shape)
+    ]
     if missing or unexpected or shapes:
         by_onp = {names[s]: state_dict[k] for k, s in stripped.items() if s in names}
         in_model_order = {k: by_onp[k] for k in own if k in by_onp}  # (a safetensors file is sorted by name)
@@ -565,27 +631,50 @@ def arch_options_from_backdoorbench(wf: WeightsFile) -> Dict[str, Any]:
     name = BACKDOORBENCH_ARCHS.get(wf.model_name)
     if name is None:
         why = BACKDOORBENCH_UNSUPPORTED.get(wf.model_name, "onp has no such architecture")
-        raise ValueError(f"{wf.path}: BackdoorBench model {wf.model_name!r} is not supported: {why}; onp loads "
-                         f"BackdoorBench's {sorted(BACKDOORBENCH_ARCHS)}")
+        raise ValueError(
+            f"{wf.path}: BackdoorBench model {wf.model_name!r} is not supported: {why}; onp loads "
+            f"BackdoorBench's {sorted(BACKDOORBENCH_ARCHS)}"
+        )
     state = wf.state_dict
     prefix = _strip_prefix(list(state))
     if f"{prefix}conv1.weight" not in state:
         raise ValueError(f"{wf.path}: the BackdoorBench {wf.model_name} weights have no 'conv1.weight'")
     conv1 = state[f"{prefix}conv1.weight"]
     linear = state.get(f"{prefix}linear.weight")
-    num_classes = wf.num_classes if wf.num_classes is not None else (
-        int(linear.shape[0]) if linear is not None else None)
+    num_classes = (
+        wf.num_classes if wf.num_classes is not None else (int(linear.shape[0]) if linear is not None else None)
+    )
     if linear is not None and num_classes != int(linear.shape[0]):
-        raise ValueError(f"{wf.path}: num_classes is {wf.num_classes} but the classifier 'linear.weight' has "
-                         f"{int(linear.shape[0])} outputs")
-    options: Dict[str, Any] = {"name": name, "num_classes": num_classes, "in_channels": int(conv1.shape[1]),
-                               "width": int(conv1.shape[0])}
+        raise ValueError(
+            f"{wf.path}: num_classes is {wf.num_classes} but the classifier 'linear.weight' has "
+            f"{int(linear.shape[0])} outputs"
+        )
+    options: Dict[str, Any] = {
+        "name": name,
+        "num_classes": num_classes,
+        "in_channels": int(conv1.shape[1]),
+        "width": int(conv1.shape[0]),
+    }
     if wf.dataset in BACKDOORBENCH_NORMALIZATION:
         mean, std = BACKDOORBENCH_NORMALIZATION[cast(str, wf.dataset)]
         options.update(mean=mean, std=std)
     return options
 
 
-__all__ = ["WeightsFile", "WeightsFormat", "KeyMap", "LoadedWeights", "load_weights_file", "adapt_state_dict",
-           "to_user_keys", "load_into", "arch_options_from_backdoorbench", "numpy_allowlist", "CONTAINER_KEYS",
-           "PREFIXES", "LAYOUTS", "BACKDOORBENCH_ARCHS", "BACKDOORBENCH_NORMALIZATION"]
+__all__ = [
+    "WeightsFile",
+    "WeightsFormat",
+    "KeyMap",
+    "LoadedWeights",
+    "load_weights_file",
+    "adapt_state_dict",
+    "to_user_keys",
+    "load_into",
+    "arch_options_from_backdoorbench",
+    "numpy_allowlist",
+    "CONTAINER_KEYS",
+    "PREFIXES",
+    "LAYOUTS",
+    "BACKDOORBENCH_ARCHS",
+    "BACKDOORBENCH_NORMALIZATION",
+]

@@ -136,8 +136,10 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     except pickle.UnpicklingError as exc:  # objects other than tensors and plain containers
         lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln] or [type(exc).__name__]
         first = lines[0].split(" was not an allowed global")[0].split("error: ")[-1][:200]
-        raise CheckpointError(f"{path}: holds objects other than tensors and plain values, which onp refuses to "
-                              f"load because loading them could execute code ({first})") from exc
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain values, which onp refuses to "
+            f"load because loading them could execute code ({first})"
+        ) from exc
     except Exception as exc:  # truncated zip archives, not a torch file, ...
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({exc})") from exc
 
@@ -147,8 +149,11 @@ def load_state_dict_into(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shape:
         parts = []
         if missing:
@@ -170,8 +175,11 @@ def _folder_kind(tool: str) -> str:
 def write_marker(path: PathLike, tool: str) -> Path:
     """Write :data:`MARKER` into ``path``: the proof that onp created the folder."""
     from . import __version__
-    return atomic_write_json(Path(path) / MARKER, {"tool": tool, "kind": _folder_kind(tool), "onp": __version__,
-                                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    return atomic_write_json(
+        Path(path) / MARKER,
+        {"tool": tool, "kind": _folder_kind(tool), "onp": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    )
 
 
 def _read_marker(path: Path) -> Optional[dict]:
@@ -192,8 +200,9 @@ def _legacy_onp_folder(path: Path) -> bool:
             return True
     except (OSError, ValueError):
         pass
-    return ((path / "config.json").is_file() and (path / "train_state.json").is_file()) or \
-        ((path / "splits.npz").is_file() and (path / "train_state.pt").is_file())
+    return ((path / "config.json").is_file() and (path / "train_state.json").is_file()) or (
+        (path / "splits.npz").is_file() and (path / "train_state.pt").is_file()
+    )
 
 
 def is_onp_folder(path: PathLike, tool: Optional[str] = None) -> bool:
@@ -225,44 +234,62 @@ def _clear(path: Path, remove_dir: bool) -> None:
             child.unlink(missing_ok=True)
 
 
-def _folder_mode(path: Path, *, tool: str, overwrite: bool, resume: bool, done_file: str,
-                 resumable: Sequence[str]) -> str:
+def _folder_mode(
+    path: Path, *, tool: str, overwrite: bool, resume: bool, done_file: str, resumable: Sequence[str]
+) -> str:
     """``fresh``, ``in_place`` or ``replace`` for ``path``; raises the refusals of :func:`run_folder`."""
     name = os.path.abspath(path)  # messages name the folder in full (also for --out .)
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"{name} is a file, not a folder; choose another --out")
     previous = _sibling(Path(os.path.realpath(path)), "previous")
     if previous.exists():
-        raise RunExistsError(f"{previous} holds the previous content of {name} from a replacement that was killed "
-                             f"before it finished; move it back to {name} (or delete it), then run again")
+        raise RunExistsError(
+            f"{previous} holds the previous content of {name} from a replacement that was killed "
+            f"before it finished; move it back to {name} (or delete it), then run again"
+        )
     if not path.exists() or not any(path.iterdir()):
         return "fresh"
     if not is_onp_folder(path):
         raise NotAnOnpFolderError(
             f"{name} is not empty and was not created by onp (no {MARKER} marker); onp writes into, replaces or "
-            f"deletes only folders it created{', also with --overwrite' if overwrite else ''}: choose another --out")
+            f"deletes only folders it created{', also with --overwrite' if overwrite else ''}: choose another --out"
+        )
     if not is_onp_folder(path, tool):
         marker = _read_marker(path) or {}
-        raise NotAnOnpFolderError(f"{name} holds an onp {marker.get('kind')} folder (made by {marker.get('tool')}), "
-                                  f"not a {_folder_kind(tool)} folder of {tool}; choose another --out")
+        raise NotAnOnpFolderError(
+            f"{name} holds an onp {marker.get('kind')} folder (made by {marker.get('tool')}), "
+            f"not a {_folder_kind(tool)} folder of {tool}; choose another --out"
+        )
     if resume:
         return "in_place"
     if overwrite:
         return "replace"
     if (path / done_file).exists():
-        raise RunExistsError(f"{name} already exists and holds a finished run; pass --overwrite to replace it "
-                             f"(the old run is kept until the new one succeeds)"
-                             + (" or --resume to continue it" if resumable else "") + ", or choose another --out")
+        raise RunExistsError(
+            f"{name} already exists and holds a finished run; pass --overwrite to replace it "
+            f"(the old run is kept until the new one succeeds)"
+            + (" or --resume to continue it" if resumable else "")
+            + ", or choose another --out"
+        )
     if any((path / name).exists() for name in resumable):
-        raise RunExistsError(f"{name} already exists and holds an interrupted run with a checkpoint; pass --resume "
-                             f"to continue it or --overwrite to start again")
+        raise RunExistsError(
+            f"{name} already exists and holds an interrupted run with a checkpoint; pass --resume "
+            f"to continue it or --overwrite to start again"
+        )
     return "replace"  # an unfinished run without a checkpoint: nothing in it is worth keeping
 
 
 @contextlib.contextmanager
-def run_folder(path: PathLike, *, tool: str, overwrite: bool = False, resume: bool = False,
-               done_file: str = "metrics.json", resumable: Sequence[str] = (),
-               stage: bool = True) -> Iterator[Path]:
+def run_folder(
+    path: PathLike,
+    *,
+    tool: str,
+    overwrite: bool = False,
+    resume: bool = False,
+    done_file: str = "metrics.json",
+    resumable: Sequence[str] = (),
+    stage: bool = True,
+) -> Iterator[Path]:
     """Open the output folder ``path`` of ``tool`` and yield the folder to write the run into.
 
     The one rule for every folder onp writes (run folders, ``onp.compare`` grids, zoo artifacts):
@@ -288,8 +315,7 @@ def run_folder(path: PathLike, *, tool: str, overwrite: bool = False, resume: bo
     deleted: the call is refused with a message naming it.
     """
     path = Path(path)
-    mode = _folder_mode(path, tool=tool, overwrite=overwrite, resume=resume, done_file=done_file,
-                        resumable=resumable)
+    mode = _folder_mode(path, tool=tool, overwrite=overwrite, resume=resume, done_file=done_file, resumable=resumable)
     _check_writable(path, tool, replace=mode == "replace")
     if mode == "in_place":
         if not (path / MARKER).exists():
@@ -303,8 +329,9 @@ def run_folder(path: PathLike, *, tool: str, overwrite: bool = False, resume: bo
         except OSError as exc:  # e.g. a read-only file system that os.access did not report
             if created:
                 shutil.rmtree(path, ignore_errors=True)
-            raise UnwritableFolderError(f"cannot create {os.path.abspath(path)} ({exc.strerror or exc}); "
-                                        f"choose another {_option(tool)}") from None
+            raise UnwritableFolderError(
+                f"cannot create {os.path.abspath(path)} ({exc.strerror or exc}); choose another {_option(tool)}"
+            ) from None
         try:
             yield path
         except BaseException:
@@ -332,12 +359,15 @@ def _check_writable(path: Path, tool: str, *, replace: bool) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UnwritableFolderError(f"cannot create {os.path.abspath(path)}: {probe} is a file, not a folder; "
-                                    f"choose another {_option(tool)}")
+        raise UnwritableFolderError(
+            f"cannot create {os.path.abspath(path)}: {probe} is a file, not a folder; choose another {_option(tool)}"
+        )
     for folder in (probe, probe.parent) if replace else (probe,):
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise UnwritableFolderError(f"cannot write {os.path.abspath(path)}: {folder} is read-only (no write "
-                                        f"permission); choose another {_option(tool)}")
+            raise UnwritableFolderError(
+                f"cannot write {os.path.abspath(path)}: {folder} is read-only (no write "
+                f"permission); choose another {_option(tool)}"
+            )
 
 
 @contextlib.contextmanager
@@ -397,13 +427,16 @@ def cache_root(override: Optional[PathLike] = None) -> Path:
     else:
         return Path.home() / ".cache" / "onp"
     if not value.strip():
-        raise UnwritableFolderError(f"{what} is set but empty; set it to a folder for onp's cache"
-                                    + (" or unset it (default ~/.cache/onp)" if what == "ONP_CACHE" else ""))
+        raise UnwritableFolderError(
+            f"{what} is set but empty; set it to a folder for onp's cache"
+            + (" or unset it (default ~/.cache/onp)" if what == "ONP_CACHE" else "")
+        )
     path = Path(value)
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise UnwritableFolderError(f"{what} {value}: {probe} is a file, not a folder; set {what} to a folder "
-                                    f"for onp's cache")
+        raise UnwritableFolderError(
+            f"{what} {value}: {probe} is a file, not a folder; set {what} to a folder for onp's cache"
+        )
     return path

@@ -60,8 +60,9 @@ def _channel_apply(out: Tensor, m: Tensor, beta: Optional[Tensor]) -> Tensor:
 
 MASK_MODES: Registry[MaskMode] = Registry("mask mode")
 MASK_MODES.register("gamma", MaskMode("gamma", _gamma_apply, lambda g, b, m: (g * m, b)))
-MASK_MODES.register("channel", MaskMode("channel", _channel_apply,
-                                        lambda g, b, m: (g * m, None if b is None else b * m)))
+MASK_MODES.register(
+    "channel", MaskMode("channel", _channel_apply, lambda g, b, m: (g * m, None if b is None else b * m))
+)
 
 
 @dataclass(frozen=True)
@@ -231,8 +232,12 @@ class NeuronMasks:
         return model
 
 
-def export_pruned_model(model: nn.Module, graph: NeuronGraph, pruned_indices: Union[Sequence[int], Tensor],
-                        example_input: Optional[Tensor] = None) -> nn.Module:
+def export_pruned_model(
+    model: nn.Module,
+    graph: NeuronGraph,
+    pruned_indices: Union[Sequence[int], Tensor],
+    example_input: Optional[Tensor] = None,
+) -> nn.Module:
     """(Optional) A structurally smaller deep copy of ``model`` without the pruned channels.
 
     Uses Torch-Pruning: a neuron is removed only when its whole coupling group (``graph.group``) is
@@ -274,15 +279,17 @@ def export_pruned_model(model: nn.Module, graph: NeuronGraph, pruned_indices: Un
     pruned_model.eval()
     dg = tp.DependencyGraph().build_dependency(pruned_model, example_inputs=x, verbose=False)
     for name, channels in by_layer.items():
-        group = dg.get_pruning_group(pruned_model.get_submodule(name), tp.prune_batchnorm_out_channels,
-                                     idxs=sorted(channels))
+        group = dg.get_pruning_group(
+            pruned_model.get_submodule(name), tp.prune_batchnorm_out_channels, idxs=sorted(channels)
+        )
         group.prune()
     pruned_model.train(was_training)
     return pruned_model
 
 
-def apply_pruning(model: nn.Module, graph_or_bn_names: GraphOrNames, pruned: Sequence[int],
-                  mode: str = "gamma") -> nn.Module:
+def apply_pruning(
+    model: nn.Module, graph_or_bn_names: GraphOrNames, pruned: Sequence[int], mode: str = "gamma"
+) -> nn.Module:
     """A pruned deep copy of ``model``: each neuron in ``pruned`` (global ids) gets mask 0 written
     into its BN parameters; the copy carries no hooks. The one way onp applies a pruning (the
     learned agents' runs, every baseline, transfers).

@@ -21,15 +21,16 @@ if TYPE_CHECKING:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512,
-            device: Optional[torch.device] = None) -> torch.Tensor:
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """Predicted labels for a float image tensor (N, C, H, W) in [0, 1]; the model is put in eval mode."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        out.append(model(x[i:i + batch_size].to(device)).argmax(1).cpu())
+        out.append(model(x[i : i + batch_size].to(device)).argmax(1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
@@ -48,8 +49,9 @@ def der(acc_before: float, asr_before: float, acc_after: float, asr_after: float
     return (max(0.0, d_asr) - max(0.0, d_acc) + 1.0) / 2.0
 
 
-def evaluate_backdoor(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor, attack: Attack,
-                      batch_size: int = 512) -> Dict[str, float]:
+def evaluate_backdoor(
+    model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor, attack: Attack, batch_size: int = 512
+) -> Dict[str, float]:
     """ACC on ``(clean_x, clean_y)``, and ASR and RA on the attack's poisoned version of the same images.
 
     ``attack`` is an :class:`onp.attacks.Attack`; its ``poisoned_eval_set`` drops target-class images

@@ -48,8 +48,9 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def plot_sweeps(cells: Sequence[Cell], path: Path, *, model: str, attack: str,
-                defenses: Sequence[str]) -> Optional[Path]:
+def plot_sweeps(
+    cells: Sequence[Cell], path: Path, *, model: str, attack: str, defenses: Sequence[str]
+) -> Optional[Path]:
     """ACC and ASR vs #pruned for one (model, attack)."""
     mine = [c for c in cells if c.model == model and c.attack == attack and c.status == "ok"]
     if not mine:
@@ -79,8 +80,16 @@ def plot_sweeps(cells: Sequence[Cell], path: Path, *, model: str, attack: str,
         for i, c in enumerate(group):
             n = c.ok_metrics.get("n_pruned") or 0
             for ax, m in zip(axes, ("acc", "asr")):
-                ax.plot([n], [100 * c.ok_metrics[m]], marker, ms=size, mec="black", mew=0.6,
-                        label=(f"{d} (chosen)" if i == 0 and m == "acc" else None), **kwargs)
+                ax.plot(
+                    [n],
+                    [100 * c.ok_metrics[m]],
+                    marker,
+                    ms=size,
+                    mec="black",
+                    mew=0.6,
+                    label=(f"{d} (chosen)" if i == 0 and m == "acc" else None),
+                    **kwargs,
+                )
     before = [c.ok_metrics["before"] for c in mine if isinstance(c.ok_metrics.get("before"), dict)]
     if before:
         for ax, m in zip(axes, ("acc", "asr")):
@@ -94,8 +103,11 @@ def plot_sweeps(cells: Sequence[Cell], path: Path, *, model: str, attack: str,
     axes[1].set_title(f"{model} / {attack}: ASR vs pruned")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.suptitle(f"lines = {SWEEP_LABEL}; markers = each method's chosen operating point" if any_sweep else
-                 "each method's chosen operating point (no oracle sweeps in this grid)")
+    fig.suptitle(
+        f"lines = {SWEEP_LABEL}; markers = each method's chosen operating point"
+        if any_sweep
+        else "each method's chosen operating point (no oracle sweeps in this grid)"
+    )
     return _save(fig, path)
 
 
@@ -160,8 +172,16 @@ def plot_learning_curves(cells: Sequence[Cell], path: Path) -> Optional[Path]:
         ys = [p["mean_return"] for p in lc]
         label = f"{c.defense} / {c.attack}" if (c.defense, c.attack) not in seen else None
         seen.add((c.defense, c.attack))
-        ax.plot(xs, ys, styles[policies.index(c.defense) % len(styles)], color=colors[c.attack], lw=1.2,
-                marker="." if len(xs) < 30 else None, label=label, alpha=0.85)
+        ax.plot(
+            xs,
+            ys,
+            styles[policies.index(c.defense) % len(styles)],
+            color=colors[c.attack],
+            lw=1.2,
+            marker="." if len(xs) < 30 else None,
+            label=label,
+            alpha=0.85,
+        )
     ax.set_xlabel("timesteps")
     ax.set_ylabel("mean episode return")
     ax.set_title("learned policies: learning curves (one line per seed)")
@@ -176,9 +196,9 @@ def layer_of_names(names: Sequence[str]) -> List[str]:
     for n in names:
         n = str(n)
         if n.endswith("]") and "[" in n:
-            out.append(n[:n.rindex("[")])
+            out.append(n[: n.rindex("[")])
         elif ":" in n:
-            out.append(n[:n.rindex(":")])
+            out.append(n[: n.rindex(":")])
         else:
             out.append(n)
     return out
@@ -202,8 +222,14 @@ def pruned_layers(cell: Cell, layer_slices: Optional[List[tuple]] = None) -> Opt
     return None
 
 
-def plot_pruned_per_layer(cells: Sequence[Cell], path: Path, *, model: str, defenses: Sequence[str],
-                          layer_slices: Optional[List[tuple]] = None) -> Optional[Path]:
+def plot_pruned_per_layer(
+    cells: Sequence[Cell],
+    path: Path,
+    *,
+    model: str,
+    defenses: Sequence[str],
+    layer_slices: Optional[List[tuple]] = None,
+) -> Optional[Path]:
     """Grouped bars: mean number of pruned neurons per BN layer, one bar per method."""
     counts: Dict[str, List[Dict[str, int]]] = {}
     order: List[str] = [s[0] for s in layer_slices] if layer_slices else []
@@ -239,9 +265,14 @@ def plot_pruned_per_layer(cells: Sequence[Cell], path: Path, *, model: str, defe
     return _save(fig, path)
 
 
-def make_all(plot_dir: Path, cells: Sequence[Cell], rows: Sequence[Row], *,
-             models: Optional[Dict[str, Any]] = None,
-             layers_of: Optional[Callable[[Optional[str]], Optional[List[tuple]]]] = None) -> List[Path]:
+def make_all(
+    plot_dir: Path,
+    cells: Sequence[Cell],
+    rows: Sequence[Row],
+    *,
+    models: Optional[Dict[str, Any]] = None,
+    layers_of: Optional[Callable[[Optional[str]], Optional[List[tuple]]]] = None,
+) -> List[Path]:
     """Every plot of a grid; returns the files written. ``models`` is compare's ``models.json``;
     ``layers_of(model_dir)`` gives ``[(bn_name, offset, num_channels)]`` of a model (per-layer plot)."""
     plot_dir = Path(plot_dir)
@@ -251,12 +282,19 @@ def make_all(plot_dir: Path, cells: Sequence[Cell], rows: Sequence[Row], *,
     defenses = list(dict.fromkeys(c.defense for c in cells))
     for m in model_names:
         for a in attacks:
-            written.append(plot_sweeps(cells, plot_dir / f"sweep_{_safe(m)}_{_safe(a)}.png", model=m, attack=a,
-                                       defenses=defenses))
+            written.append(
+                plot_sweeps(cells, plot_dir / f"sweep_{_safe(m)}_{_safe(a)}.png", model=m, attack=a, defenses=defenses)
+            )
         written.append(plot_der(rows, plot_dir / f"der_{_safe(m)}.png", model=m))
         model_dir = next((v.get("path") for k, v in (models or {}).items() if k.split("/")[0] == m), None)
-        written.append(plot_pruned_per_layer(cells, plot_dir / f"pruned_per_layer_{_safe(m)}.png", model=m,
-                                             defenses=defenses,
-                                             layer_slices=layers_of(model_dir) if layers_of else None))
+        written.append(
+            plot_pruned_per_layer(
+                cells,
+                plot_dir / f"pruned_per_layer_{_safe(m)}.png",
+                model=m,
+                defenses=defenses,
+                layer_slices=layers_of(model_dir) if layers_of else None,
+            )
+        )
     written.append(plot_learning_curves(cells, plot_dir / "learning_curve.png"))
     return [p for p in written if p is not None]

@@ -89,8 +89,9 @@ class Registry(Generic[T]):
 Factory = Callable[..., T]
 
 
-def import_submodules(package: str, path: Iterable[str],
-                      namespace: Optional[MutableMapping[str, Any]] = None) -> List[str]:
+def import_submodules(
+    package: str, path: Iterable[str], namespace: Optional[MutableMapping[str, Any]] = None
+) -> List[str]:
     """Import every module of one of onp's own packages, so that each registers what it defines.
 
     A package ``__init__`` calls ``import_submodules(__name__, __path__, globals())``: a new module

@@ -126,14 +126,31 @@ class Row:
         return "; ".join(parts)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"model": self.model, "attack": self.attack, "defense": self.defense, "kind": self.kind,
-                "seeds_expected": self.expected, "seeds_ok": self.ok, "seeds_failed": self.failed,
-                "seeds": self.seeds_ok, "status": self.status, "asr_estimator": self.asr_estimator,
-                "metrics": self.metrics, "errors": self.errors}
+        return {
+            "model": self.model,
+            "attack": self.attack,
+            "defense": self.defense,
+            "kind": self.kind,
+            "seeds_expected": self.expected,
+            "seeds_ok": self.ok,
+            "seeds_failed": self.failed,
+            "seeds": self.seeds_ok,
+            "status": self.status,
+            "asr_estimator": self.asr_estimator,
+            "metrics": self.metrics,
+            "errors": self.errors,
+        }
 
 
-def build_rows(cells: Iterable[Cell], *, models: Sequence[str], attacks: Sequence[str], defenses: Sequence[str],
-               seeds: Sequence[int], before: Optional[Dict[str, Dict[str, float]]] = None) -> List[Row]:
+def build_rows(
+    cells: Iterable[Cell],
+    *,
+    models: Sequence[str],
+    attacks: Sequence[str],
+    defenses: Sequence[str],
+    seeds: Sequence[int],
+    before: Optional[Dict[str, Dict[str, float]]] = None,
+) -> List[Row]:
     """Rows grouped by (model, attack): ``no defense`` first, then the defenses in the given order.
 
     ``before`` maps ``"model/attack/s<seed>"`` to the backdoored model's test metrics (used for the
@@ -172,8 +189,7 @@ def build_rows(cells: Iterable[Cell], *, models: Sequence[str], attacks: Sequenc
                 for m in METRICS + ("n_pruned", "wall_time"):
                     row.metrics[m] = stats([c.ok_metrics.get(m) for c in ok])
                 labels = sorted({estimator_label(c.ok_metrics, c.kind) for c in ok})
-                row.asr_estimator = ", ".join(labels) if labels else (BASELINE_ESTIMATOR if kind == "baseline"
-                                                                      else "-")
+                row.asr_estimator = ", ".join(labels) if labels else (BASELINE_ESTIMATOR if kind == "baseline" else "-")
                 row.errors = [f"s{c.seed}: {c.error}" for c in failed if c.error]
                 rows.append(row)
     return rows
@@ -189,8 +205,17 @@ def fmt(st: Dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
     return f"{st['mean'] * scale:.{digits}f} ± {st['std'] * scale:.{digits}f}"
 
 
-MD_COLUMNS = ("Defense", "ACC (%)", "ASR (%)", "RA (%)", "DER (%)", "#pruned", "Wall time (s)", "ASR estimator",
-              "Seeds")
+MD_COLUMNS = (
+    "Defense",
+    "ACC (%)",
+    "ASR (%)",
+    "RA (%)",
+    "DER (%)",
+    "#pruned",
+    "Wall time (s)",
+    "ASR estimator",
+    "Seeds",
+)
 
 
 def _md_cells(row: Row) -> List[str]:
@@ -199,8 +224,17 @@ def _md_cells(row: Row) -> List[str]:
         wall = "-"
     else:
         wall = fmt(m["wall_time"], 1.0, 1)
-    return [row.defense, fmt(m["acc"]), fmt(m["asr"]), fmt(m["ra"]), fmt(m["der"]), fmt(m["n_pruned"], 1.0, 1),
-            wall, row.asr_estimator, row.status]
+    return [
+        row.defense,
+        fmt(m["acc"]),
+        fmt(m["asr"]),
+        fmt(m["ra"]),
+        fmt(m["der"]),
+        fmt(m["n_pruned"], 1.0, 1),
+        wall,
+        row.asr_estimator,
+        row.status,
+    ]
 
 
 def to_markdown(rows: Sequence[Row], *, title: str = "Leaderboard", notes: Sequence[str] = ()) -> str:
@@ -227,9 +261,11 @@ def to_markdown(rows: Sequence[Row], *, title: str = "Leaderboard", notes: Seque
     return "\n".join(lines)
 
 
-CSV_FIELDS = ["model", "attack", "defense", "kind"] + [f"{m}_{s}" for m in METRICS + ("n_pruned", "wall_time")
-                                                      for s in ("mean", "std")] + [
-    "asr_estimator", "seeds_ok", "seeds_expected", "seeds_failed", "status"]
+CSV_FIELDS = (
+    ["model", "attack", "defense", "kind"]
+    + [f"{m}_{s}" for m in METRICS + ("n_pruned", "wall_time") for s in ("mean", "std")]
+    + ["asr_estimator", "seeds_ok", "seeds_expected", "seeds_failed", "status"]
+)
 
 
 def to_csv(rows: Sequence[Row]) -> str:
@@ -237,9 +273,17 @@ def to_csv(rows: Sequence[Row]) -> str:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        rec: Dict[str, Any] = {"model": r.model, "attack": r.attack, "defense": r.defense, "kind": r.kind,
-                               "asr_estimator": r.asr_estimator, "seeds_ok": r.ok, "seeds_expected": r.expected,
-                               "seeds_failed": r.failed, "status": r.status}
+        rec: Dict[str, Any] = {
+            "model": r.model,
+            "attack": r.attack,
+            "defense": r.defense,
+            "kind": r.kind,
+            "asr_estimator": r.asr_estimator,
+            "seeds_ok": r.ok,
+            "seeds_expected": r.expected,
+            "seeds_failed": r.failed,
+            "status": r.status,
+        }
         for m in METRICS + ("n_pruned", "wall_time"):
             st = r.metrics.get(m) or {}
             for s in ("mean", "std"):
@@ -249,17 +293,30 @@ def to_csv(rows: Sequence[Row]) -> str:
     return buf.getvalue()
 
 
-def write_leaderboard(rows: Sequence[Row], out_dir: Path, *, title: str = "Leaderboard",
-                      notes: Sequence[str] = (), extra: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
+def write_leaderboard(
+    rows: Sequence[Row],
+    out_dir: Path,
+    *,
+    title: str = "Leaderboard",
+    notes: Sequence[str] = (),
+    extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Path]:
     """Write ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.json`` atomically."""
     out_dir = Path(out_dir)
-    paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv",
-             "json": out_dir / "leaderboard.json"}
+    paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "json": out_dir / "leaderboard.json"}
     atomic_write_text(paths["md"], to_markdown(rows, title=title, notes=notes))
     atomic_write_text(paths["csv"], to_csv(rows))
-    atomic_write_json(paths["json"], {"title": title, "notes": list(notes), "units": "fractions in [0, 1]",
-                                      "std": "sample standard deviation over seeds (0 for one seed)",
-                                      **(extra or {}), "rows": [r.to_dict() for r in rows]})
+    atomic_write_json(
+        paths["json"],
+        {
+            "title": title,
+            "notes": list(notes),
+            "units": "fractions in [0, 1]",
+            "std": "sample standard deviation over seeds (0 for one seed)",
+            **(extra or {}),
+            "rows": [r.to_dict() for r in rows],
+        },
+    )
     return paths
 
 

@@ -34,15 +34,25 @@ from . import __version__
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 #: env.json key -> distribution name of the packages whose versions every run records
-_PACKAGES = {"numpy": "numpy", "gymnasium": "gymnasium", "stable_baselines3": "stable-baselines3",
-             "sb3_contrib": "sb3-contrib", "torch_geometric": "torch-geometric", "torch_pruning": "torch-pruning",
-             "networkx": "networkx", "matplotlib": "matplotlib", "yaml": "PyYAML", "ray": "ray"}
+_PACKAGES = {
+    "numpy": "numpy",
+    "gymnasium": "gymnasium",
+    "stable_baselines3": "stable-baselines3",
+    "sb3_contrib": "sb3-contrib",
+    "torch_geometric": "torch-geometric",
+    "torch_pruning": "torch-pruning",
+    "networkx": "networkx",
+    "matplotlib": "matplotlib",
+    "yaml": "PyYAML",
+    "ray": "ray",
+}
 
 
 def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except Exception:
         return None
@@ -51,8 +61,13 @@ def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
 def git_dirty(cwd: Optional[Path] = None) -> Optional[bool]:
     """True when tracked files differ from the commit (None outside a git checkout)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                             cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return bool(out.stdout.strip()) if out.returncode == 0 else None
     except Exception:
         return None
@@ -60,11 +75,18 @@ def git_dirty(cwd: Optional[Path] = None) -> Optional[bool]:
 
 def environment_info() -> Dict[str, Any]:
     """Git commit, package versions and hardware, saved with every run."""
-    info: Dict[str, Any] = {"onp": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                            "git_commit": git_commit(), "git_dirty": git_dirty()}
+    info: Dict[str, Any] = {
+        "onp": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+    }
     for key, dist in _PACKAGES.items():  # read from the installed metadata: no (slow) imports
         try:
             info[key] = importlib.metadata.version(dist)
@@ -78,22 +100,32 @@ def reproduce_line(argv: Optional[Iterable[str]] = None) -> str:
     prog = argv[0]
     if prog.endswith(".py") or "/" in prog:
         mod = Path(prog).with_suffix("").parts
-        prog = "python -m " + ".".join(mod[mod.index("onp"):]) if "onp" in mod else "python " + prog
+        prog = "python -m " + ".".join(mod[mod.index("onp") :]) if "onp" in mod else "python " + prog
     return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
 
 
-def write_run(run_dir: Path, *, config: Dict[str, Any], metrics: Dict[str, Any],
-              pruned: Optional[Iterable[int]] = None, pruned_names: Optional[Iterable[str]] = None,
-              model_state: Optional[Dict[str, torch.Tensor]] = None, scores: Optional[torch.Tensor] = None,
-              command: Optional[str] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
+def write_run(
+    run_dir: Path,
+    *,
+    config: Dict[str, Any],
+    metrics: Dict[str, Any],
+    pruned: Optional[Iterable[int]] = None,
+    pruned_names: Optional[Iterable[str]] = None,
+    model_state: Optional[Dict[str, torch.Tensor]] = None,
+    scores: Optional[torch.Tensor] = None,
+    command: Optional[str] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
     """Write every file of the run-directory format atomically (``metrics.json`` last)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", config)
     atomic_write_json(run_dir / "env.json", environment_info())
     if pruned is not None:
-        atomic_write_json(run_dir / "pruned.json", {"indices": [int(i) for i in pruned],
-                                                    "names": list(pruned_names) if pruned_names else None})
+        atomic_write_json(
+            run_dir / "pruned.json",
+            {"indices": [int(i) for i in pruned], "names": list(pruned_names) if pruned_names else None},
+        )
     if model_state is not None:
         atomic_torch_save(run_dir / "model.pt", {k: v.detach().cpu() for k, v in model_state.items()})
     if scores is not None:

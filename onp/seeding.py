@@ -12,7 +12,7 @@ import torch
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed python, numpy and torch; ``deterministic`` also turns on deterministic algorithms."""
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -91,12 +91,15 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     cfg = TrainConfig.from_dict(config).to_dict()
     if cfg["checkpoint"]:  # an existing model folder: its own backdoor config is the run's
         from .zoo import model_config
+
         cfg["backdoor"] = model_config(cfg["checkpoint"]).resolved().to_dict()
     import baselines
     from envs import ASR_ESTIMATORS, ensure_feature_providers
+
     ASR_ESTIMATORS.check(cfg["env"]["asr_estimator"])
     ensure_feature_providers(cfg["env"]["feature_providers"])  # registers the score-based ones (clp_score, ...)
     from agents import resolve_agent_factory
+
     resolve_agent_factory(cfg["agent"])  # fail early on an unknown / malformed agent (ranked:<baseline> too)
     if cfg["warm_start"]["baseline"]:
         baselines.DEFENSES.check(cfg["warm_start"]["baseline"])
@@ -105,6 +108,7 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
 
 def default_run_dir(cfg: Dict[str, Any]) -> Path:
     from agents import agent_label
+
     b = cfg["backdoor"]
     label = agent_label(cfg["agent"])
     if cfg["warm_start"].get("baseline"):
@@ -126,13 +130,16 @@ def _check_resume_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
     path = run_dir / "config.json"
     diff = _resume_config_diff(run_dir, cfg)
     if diff:
-        raise ValueError(f"--resume: the configuration differs from the one in {path} at {', '.join(diff)}; "
-                         f"use the same settings (only {', '.join(RESUMABLE_CHANGES)} may change) or --overwrite")
+        raise ValueError(
+            f"--resume: the configuration differs from the one in {path} at {', '.join(diff)}; "
+            f"use the same settings (only {', '.join(RESUMABLE_CHANGES)} may change) or --overwrite"
+        )
 
 
 def _count_neurons(b: Dict[str, Any]) -> int:
     from .data import DATASETS
     from .models import build_model_for
+
     model = build_model_for(b["model"], DATASETS.get(b["dataset"]).spec, b["width"])
     return sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
@@ -145,40 +152,58 @@ def _budget_count(budget: float, n: int) -> int:
 def _load_bundle(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool) -> "BackdoorBundle":
     """Load (or train) the backdoored model; print the header lines first."""
     from .zoo import BackdoorConfig, load_bundle, open_bundle
+
     bcfg = BackdoorConfig.from_dict(cfg["backdoor"])
     cache_dir, data_dir = cfg.get("cache_dir"), cfg.get("data_dir")
     try:
-        bundle = open_bundle(cfg["checkpoint"], data_dir=data_dir) if cfg.get("checkpoint") else \
-            load_bundle(bcfg, cache_dir=cache_dir, data_dir=data_dir, progress=False, train_if_missing=False)
+        bundle = (
+            open_bundle(cfg["checkpoint"], data_dir=data_dir)
+            if cfg.get("checkpoint")
+            else load_bundle(bcfg, cache_dir=cache_dir, data_dir=data_dir, progress=False, train_if_missing=False)
+        )
         source, cached = bundle.meta.get("data_source"), True
     except FileNotFoundError:
         from .data import load_dataset
+
         bundle, cached = None, False
         source = load_dataset(bcfg.dataset, data_dir=data_dir, source=bcfg.data_source).source
     b, e = cfg["backdoor"], cfg["env"]
     n = _count_neurons(b)
     k = _budget_count(float(e["budget"]), n)
     trig = e["asr_estimator"] == "trigger"
-    log(f"[onp] data: {b['dataset']} from {source}  |  model: {b['model']} width {b['width']} ({n} neurons)  |  "
-        f"attack: {'clean (no attack)' if b.get('clean') else b['attack']}")
-    log(f"[onp] ASR estimator: {e['asr_estimator']}"
+    log(
+        f"[onp] data: {b['dataset']} from {source}  |  model: {b['model']} width {b['width']} ({n} neurons)  |  "
+        f"attack: {'clean (no attack)' if b.get('clean') else b['attack']}"
+    )
+    log(
+        f"[onp] ASR estimator: {e['asr_estimator']}"
         + ("  (TRIGGER-AWARE: uses the real trigger)" if trig else "  (trigger-agnostic)")
         + f"  |  budget: {k} neurons ({100.0 * k / n:.1f}%)  |  lam {e['lam']}  delta {e['delta']}  |  "
-          f"agent: {cfg['agent']}" + (f" + warm start from {cfg['warm_start']['baseline']}"
-                                      if cfg["warm_start"].get("baseline") else ""))
+        f"agent: {cfg['agent']}"
+        + (f" + warm start from {cfg['warm_start']['baseline']}" if cfg["warm_start"].get("baseline") else "")
+    )
     if not cached:
         log("[onp] the backdoored model is not cached yet: training it first (once)")
-        bundle = load_bundle(bcfg, cache_dir=cache_dir, data_dir=data_dir, progress=progress,
-                             device=cfg.get("device", "cpu"))
+        bundle = load_bundle(
+            bcfg, cache_dir=cache_dir, data_dir=data_dir, progress=progress, device=cfg.get("device", "cpu")
+        )
     else:
         assert bundle is not None
         log(f"[onp] using cached model {bundle.path}")
     return bundle
 
 
-def run_training(config: Union[TrainConfig, Dict[str, Any], None] = None, out_dir: Union[str, Path, None] = None, *,
-                 overwrite: bool = False, resume: bool = False, progress: bool = True, quiet: bool = False,
-                 callbacks: Sequence[Any] = (), command: Optional[str] = None) -> RunResult:
+def run_training(
+    config: Union[TrainConfig, Dict[str, Any], None] = None,
+    out_dir: Union[str, Path, None] = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    callbacks: Sequence[Any] = (),
+    command: Optional[str] = None,
+) -> RunResult:
     """Train (or run) an agent as configured and write the run directory; return its
     :class:`~onp.rundir.RunResult` (the run folder and ``metrics.json``).
 
@@ -192,34 +217,59 @@ def run_training(config: Union[TrainConfig, Dict[str, Any], None] = None, out_di
     """
     threads = torch.get_num_threads()
     try:
-        return _run_training(config, out_dir, overwrite=overwrite, resume=resume, progress=progress, quiet=quiet,
-                             callbacks=callbacks, command=command)
+        return _run_training(
+            config,
+            out_dir,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+            quiet=quiet,
+            callbacks=callbacks,
+            command=command,
+        )
     finally:
         torch.set_num_threads(threads)  # torch_threads applies to this run only
 
 
-def _resumes_automatically(run_dir: Path, cfg: Dict[str, Any], *, overwrite: bool, resume: bool,
-                           quiet: bool) -> bool:
+def _resumes_automatically(run_dir: Path, cfg: Dict[str, Any], *, overwrite: bool, resume: bool, quiet: bool) -> bool:
     """Whether to continue ``run_dir``: ``--resume``, or an interrupted onp.train run there (a
     checkpoint, no metrics.json) whose configuration ``--resume`` would accept: the identical
     command resumes it. With another configuration the call is refused (pass --overwrite)."""
-    if resume or overwrite or not is_onp_folder(run_dir) or (run_dir / "metrics.json").exists() \
-            or not any((run_dir / name).exists() for name in TRAIN_CHECKPOINTS):
+    if (
+        resume
+        or overwrite
+        or not is_onp_folder(run_dir)
+        or (run_dir / "metrics.json").exists()
+        or not any((run_dir / name).exists() for name in TRAIN_CHECKPOINTS)
+    ):
         return resume
     diff = _resume_config_diff(run_dir, cfg)
     if diff:
-        raise RunExistsError(f"{run_dir} holds an interrupted onp.train run with another configuration (differing: "
-                             f"{', '.join(diff)}); pass --overwrite to start again (the old run is kept until the "
-                             f"new one succeeds) or choose another --out")
+        raise RunExistsError(
+            f"{run_dir} holds an interrupted onp.train run with another configuration (differing: "
+            f"{', '.join(diff)}); pass --overwrite to start again (the old run is kept until the "
+            f"new one succeeds) or choose another --out"
+        )
     if not quiet:
-        print(f"[onp] {run_dir} holds an interrupted run of this configuration: resuming it "
-              f"(pass --overwrite to start again)", flush=True)
+        print(
+            f"[onp] {run_dir} holds an interrupted run of this configuration: resuming it "
+            f"(pass --overwrite to start again)",
+            flush=True,
+        )
     return True
 
 
-def _run_training(config: Union[TrainConfig, Dict[str, Any], None], out_dir: Union[str, Path, None], *,
-                  overwrite: bool, resume: bool, progress: bool, quiet: bool, callbacks: Sequence[Any],
-                  command: Optional[str]) -> RunResult:
+def _run_training(
+    config: Union[TrainConfig, Dict[str, Any], None],
+    out_dir: Union[str, Path, None],
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    quiet: bool,
+    callbacks: Sequence[Any],
+    command: Optional[str],
+) -> RunResult:
     """Open the run folder (:func:`onp.io.run_folder`) and train into it.
 
     A missing or empty ``out_dir`` is created; a failed run removes it again unless it holds a
@@ -231,23 +281,46 @@ def _run_training(config: Union[TrainConfig, Dict[str, Any], None], out_dir: Uni
     cfg = resolve_config(config.to_dict() if isinstance(config, TrainConfig) else config)
     final_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     resume = _resumes_automatically(final_dir, cfg, overwrite=overwrite, resume=resume, quiet=quiet)
-    with run_folder(final_dir, tool="onp.train", overwrite=overwrite, resume=resume,
-                    resumable=TRAIN_CHECKPOINTS) as run_dir:
+    with run_folder(
+        final_dir, tool="onp.train", overwrite=overwrite, resume=resume, resumable=TRAIN_CHECKPOINTS
+    ) as run_dir:
         if resume:
             _check_resume_config(run_dir, cfg)
         try:
-            metrics = _train_into(cfg, run_dir, final_dir=final_dir, t_start=t_start, resume=resume,
-                                  progress=progress, quiet=quiet, callbacks=callbacks, command=command)
+            metrics = _train_into(
+                cfg,
+                run_dir,
+                final_dir=final_dir,
+                t_start=t_start,
+                resume=resume,
+                progress=progress,
+                quiet=quiet,
+                callbacks=callbacks,
+                command=command,
+            )
             return RunResult(final_dir, metrics)
         except KeyboardInterrupt:
             if run_dir != final_dir:  # the staging folder of --overwrite: deleted, the old run stays
-                print(f"[onp] the interrupted --overwrite run is discarded; {final_dir} still holds the previous "
-                      f"run", file=sys.stderr, flush=True)
+                print(
+                    f"[onp] the interrupted --overwrite run is discarded; {final_dir} still holds the previous run",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise
 
 
-def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start: float, resume: bool,
-                progress: bool, quiet: bool, callbacks: Sequence, command: Optional[str]) -> Dict[str, Any]:
+def _train_into(
+    cfg: Dict[str, Any],
+    run_dir: Path,
+    *,
+    final_dir: Path,
+    t_start: float,
+    resume: bool,
+    progress: bool,
+    quiet: bool,
+    callbacks: Sequence,
+    command: Optional[str],
+) -> Dict[str, Any]:
     """Train and write the run into ``run_dir`` (``final_dir``, or its staging folder under --overwrite)."""
     atomic_write_json(run_dir / "config.json", cfg)
     log: Callable[[str], None] = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
@@ -255,6 +328,7 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg["torch_threads"]))
     from .seeding import seed_everything
+
     seed = int(cfg["seed"])
     seed_everything(seed, deterministic=bool(cfg["deterministic"]))
 
@@ -278,8 +352,12 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
         learned = agent.learn(env, cfg, run_dir, resume=resume, callbacks=callbacks, progress=progress, log=log)
     if callable(getattr(agent, "save", None)):
         agent.save(run_dir)  # what onp.evaluate loads: weights-only tensors or JSON (BaseAgent: agent.json)
-    steps = {"train": learned.timesteps if learned else 0, "eval": learned.eval_env_steps if learned else 0,
-             "warm_start": learned.warm_start_env_steps if learned else 0, "final": 0}
+    steps = {
+        "train": learned.timesteps if learned else 0,
+        "eval": learned.eval_env_steps if learned else 0,
+        "warm_start": learned.warm_start_env_steps if learned else 0,
+        "final": 0,
+    }
 
     # the chosen episode: deterministic, on the defense-validation reward batch
     t_roll = time.perf_counter()
@@ -289,16 +367,29 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     base = cast("NeuronPruningEnv", env.unwrapped)
     n_triggered = int(len(base.target.probe.images))
     rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
-    sel = select_pruning(res, select=rollout_cfg.select, min_return=rollout_cfg.min_return,
-                         evidence=rollout_cfg.evidence_rule(base.delta), n_triggered=n_triggered, log=log)
+    sel = select_pruning(
+        res,
+        select=rollout_cfg.select,
+        min_return=rollout_cfg.min_return,
+        evidence=rollout_cfg.evidence_rule(base.delta),
+        n_triggered=n_triggered,
+        log=log,
+    )
     chosen, ret, fallback, judgement = sel["info"], sel["return"], sel["fallback"], sel["judgement"]
     if learned is not None:
         learn_seconds, curve, train_info = learned.seconds, learned.learning_curve, learned.info
     else:  # a fixed agent: its one episode is the whole story
         learn_seconds, train_info = time.perf_counter() - t_roll, {"timesteps": 0}
-        curve = [{"timesteps": 0, "mean_return": res["return"], "acc": float(res["info"]["acc"]),
-                  "asr": float(res["info"]["asr"]), "n_pruned": int(res["info"]["n_pruned"]),
-                  "wall_time": round(time.perf_counter() - t_learn0, 2)}]
+        curve = [
+            {
+                "timesteps": 0,
+                "mean_return": res["return"],
+                "acc": float(res["info"]["acc"]),
+                "asr": float(res["info"]["asr"]),
+                "n_pruned": int(res["info"]["n_pruned"]),
+                "wall_time": round(time.perf_counter() - t_learn0, 2),
+            }
+        ]
     pruned = [int(i) for i in chosen["pruned"]]
     graph = base.graph
     mask_mode = cfg["env"]["mask_mode"]
@@ -316,34 +407,63 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
     names = graph.neuron_names(pruned)
     wall = time.perf_counter() - t_start
     metrics: Dict[str, Any] = {
-        **after, "before": before, "n_pruned": len(pruned), "num_neurons": base.num_nodes, "budget": base.budget,
-        "agent": cfg["agent"], "asr_estimator": cfg["env"]["asr_estimator"],
+        **after,
+        "before": before,
+        "n_pruned": len(pruned),
+        "num_neurons": base.num_nodes,
+        "budget": base.budget,
+        "agent": cfg["agent"],
+        "asr_estimator": cfg["env"]["asr_estimator"],
         "trigger_aware": bool(base.target.probe.trigger_aware),
-        "verdict": judgement.verdict, "evidence": judgement.to_dict(),
-        "val_acc": float(chosen["acc"]), "val_asr": float(chosen["asr"]),
-        "val": {"acc": float(chosen["acc"]), "asr": float(chosen["asr"]), "acc0": float(info0["acc"]),
-                "asr0": float(info0["asr"]), "return": float(ret), "select": cfg["rollout"]["select"],
-                "fallback": fallback,
-                "episode_steps": res["steps"], "n_clean": int(base.target.n_clean),
-                "n_triggered": n_triggered,
-                "note": "the chosen episode on the env's reward batch (defense-validation images)"},
-        "wall_time": round(wall, 2), "learn_seconds": round(learn_seconds, 2), "env_steps": total_steps,
-        "env_steps_breakdown": steps, "steps_per_second": round(rate_steps / max(rate_seconds, 1e-9), 3),
+        "verdict": judgement.verdict,
+        "evidence": judgement.to_dict(),
+        "val_acc": float(chosen["acc"]),
+        "val_asr": float(chosen["asr"]),
+        "val": {
+            "acc": float(chosen["acc"]),
+            "asr": float(chosen["asr"]),
+            "acc0": float(info0["acc"]),
+            "asr0": float(info0["asr"]),
+            "return": float(ret),
+            "select": cfg["rollout"]["select"],
+            "fallback": fallback,
+            "episode_steps": res["steps"],
+            "n_clean": int(base.target.n_clean),
+            "n_triggered": n_triggered,
+            "note": "the chosen episode on the env's reward batch (defense-validation images)",
+        },
+        "wall_time": round(wall, 2),
+        "learn_seconds": round(learn_seconds, 2),
+        "env_steps": total_steps,
+        "env_steps_breakdown": steps,
+        "steps_per_second": round(rate_steps / max(rate_seconds, 1e-9), 3),
         "steps_per_second_note": "training env steps per second of training (incl. updates and evaluations)"
-                                 if learns else "env steps per second",
-        "data_source": bundle.meta.get("data_source"), "model_dir": str(bundle.path), **train_info,
+        if learns
+        else "env steps per second",
+        "data_source": bundle.meta.get("data_source"),
+        "model_dir": str(bundle.path),
+        **train_info,
         "test_note": "ACC on the clean test set; ASR/RA with the attack's real trigger on non-target test images",
     }
-    write_run(run_dir, config=cfg, metrics=metrics, pruned=pruned, pruned_names=names,
-              model_state=pruned_model.state_dict(),
-              command=command or f"python -m onp.train --config {final_dir / 'config.json'} --out {final_dir}-repro",
-              extra={"learning_curve.json": curve})
+    write_run(
+        run_dir,
+        config=cfg,
+        metrics=metrics,
+        pruned=pruned,
+        pruned_names=names,
+        model_state=pruned_model.state_dict(),
+        command=command or f"python -m onp.train --config {final_dir / 'config.json'} --out {final_dir}-repro",
+        extra={"learning_curve.json": curve},
+    )
     env.close()
     print(f"[onp] {judgement.summary()}", flush=True)  # the defense-validation verdict comes first
-    print(f"[onp] {cfg['agent']} on {cfg['backdoor']['model']}/{cfg['backdoor']['attack']}: "
-          f"test ACC {before['acc']:.4f}->{after['acc']:.4f}  ASR {before['asr']:.4f}->{after['asr']:.4f}  "
-          f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(pruned)}  val ACC {chosen['acc']:.3f} "
-          f"ASR {chosen['asr']:.3f}  |  {total_steps} env steps, {wall:.0f}s  -> {final_dir}", flush=True)
+    print(
+        f"[onp] {cfg['agent']} on {cfg['backdoor']['model']}/{cfg['backdoor']['attack']}: "
+        f"test ACC {before['acc']:.4f}->{after['acc']:.4f}  ASR {before['asr']:.4f}->{after['asr']:.4f}  "
+        f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(pruned)}  val ACC {chosen['acc']:.3f} "
+        f"ASR {chosen['asr']:.3f}  |  {total_steps} env steps, {wall:.0f}s  -> {final_dir}",
+        flush=True,
+    )
     return metrics
 
 
@@ -354,35 +474,60 @@ def _train_into(cfg: Dict[str, Any], run_dir: Path, *, final_dir: Path, t_start:
 #: onp.train flag (argparse dest) -> the TrainConfig key it sets; the backdoored-model flags (the group
 #: shared by every onp tool, onp.cli_common.add_backdoor_flags) set backdoor.* and checkpoint/cache_dir/data_dir
 FLAG_KEYS: Dict[str, str] = {
-    "agent": "agent", "warm_start": "warm_start.baseline", "timesteps": "ppo.total_timesteps", "budget": "env.budget",
-    "asr_estimator": "env.asr_estimator", "device": "device", "deterministic": "deterministic",
+    "agent": "agent",
+    "warm_start": "warm_start.baseline",
+    "timesteps": "ppo.total_timesteps",
+    "budget": "env.budget",
+    "asr_estimator": "env.asr_estimator",
+    "device": "device",
+    "deterministic": "deterministic",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m onp.train`` flags; each sets keys of the :class:`TrainConfig` (:func:`config_from_args`)."""
-    p = argparse.ArgumentParser(prog="python -m onp.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See configs/train/default.yaml for every config key and docs/agents.md for "
-                                       "agents.")
+    p = argparse.ArgumentParser(
+        prog="python -m onp.train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See configs/train/default.yaml for every config key and docs/agents.md for agents.",
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML (or JSON) training config merged onto the defaults")
-    add_set_flag(p, help="override a training config key, dotted for nested ones (e.g. ppo.n_steps=128, "
-                         "env.budget=0.03; repeatable)")
+    add_set_flag(
+        p,
+        help="override a training config key, dotted for nested ones (e.g. ppo.n_steps=128, "
+        "env.budget=0.03; repeatable)",
+    )
     add_list_flag(p, "the available agents", "--list-agents")
-    add_backdoor_flags(p, title="backdoored model (backdoor.* of the training config; default: resnet18, width 16, "
-                                "fashion-mnist, badnets, seed 0)")
+    add_backdoor_flags(
+        p,
+        title="backdoored model (backdoor.* of the training config; default: resnet18, width 16, "
+        "fashion-mnist, badnets, seed 0)",
+    )
     a = p.add_argument_group("agent")
-    a.add_argument("--agent", default=None, help="ppo-gnn (default), random, greedy-gamma, greedy-activation, "
-                                                 "ranked:<baseline>, an installed entry point, or path/file.py:Class")
+    a.add_argument(
+        "--agent",
+        default=None,
+        help="ppo-gnn (default), random, greedy-gamma, greedy-activation, "
+        "ranked:<baseline>, an installed entry point, or path/file.py:Class",
+    )
     a.add_argument("--agent-seed", type=int, default=None, help="seed of the agent only (default: --seed)")
-    a.add_argument("--warm-start", default=None, metavar="BASELINE",
-                   help="behaviour-clone a baseline's pruning order before PPO (default clp; 'none' = cold start)")
+    a.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="BASELINE",
+        help="behaviour-clone a baseline's pruning order before PPO (default clp; 'none' = cold start)",
+    )
     a.add_argument("--timesteps", type=int, default=None, help="PPO env steps (ppo.total_timesteps)")
     a.add_argument("--budget", type=float, default=None, help="pruning budget: fraction of neurons or a count")
     a.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
     a.add_argument("--device", default=None, help="device of the policy (and of zoo training): cpu, cuda, ...")
-    a.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic torch algorithms (config key 'deterministic')")
+    a.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic torch algorithms (config key 'deterministic')",
+    )
     r = p.add_argument_group("run directory")
     r.add_argument("--out", type=path_arg, default=None, help="run directory")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -398,6 +543,7 @@ def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     sets = set_overrides(args.set, TrainConfig.model_fields)
     if "agent" in cfg:  # a config file is untrusted: it never makes onp import code by itself
         from agents.base import check_agent_source
+
         if args.agent is None and "agent" not in sets:  # else the flag replaces it
             check_agent_source(cfg["agent"], None, where=args.config)
     flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
@@ -418,13 +564,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         from agents import available_agents
+
         return print_listing(list(available_agents()))
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     cfg = config_from_args(args)
     line = reproduce_line(["python -m onp.train"] + list(argv if argv is not None else sys.argv[1:]))
-    run_training(cfg, args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-                 quiet=args.quiet, command=line)
+    run_training(
+        cfg,
+        args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.quiet,
+        quiet=args.quiet,
+        command=line,
+    )
     return 0
 
 

@@ -27,8 +27,18 @@ from typing_extensions import Self
 from .config import ConfigError, check_finite, validation_message
 from .evidence import EvidenceRule
 
-__all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "PPOConfig", "EvalConfig", "WarmStartConfig", "RolloutConfig",
-           "TrainConfig", "NO_WARM_START", "check_device"]
+__all__ = [
+    "ConfigError",
+    "EnvConfig",
+    "PolicyConfig",
+    "PPOConfig",
+    "EvalConfig",
+    "WarmStartConfig",
+    "RolloutConfig",
+    "TrainConfig",
+    "NO_WARM_START",
+    "check_device",
+]
 
 #: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
 NO_WARM_START = ("none", "null", "")
@@ -66,8 +76,9 @@ class EnvConfig(TypedConfig):
     reward_batch: Optional[int] = Field(None, ge=1, description="defense-validation images per reward (None: all)")
     asr_estimator: str = Field("trigger", min_length=1)
     estimator_params: Dict[str, Any] = Field(default_factory=dict)
-    feature_providers: List[str] = Field(default_factory=lambda: ["structure", "bn", "weight_norms", "activation"],
-                                         min_length=1)
+    feature_providers: List[str] = Field(
+        default_factory=lambda: ["structure", "bn", "weight_norms", "activation"], min_length=1
+    )
     top_k: Optional[int] = Field(16, ge=1, le=10**6)
     mask_mode: Literal["gamma", "channel"] = "gamma"
     group_pruning: bool = False
@@ -162,10 +173,15 @@ class RolloutConfig(TypedConfig):
     select: Literal["final", "best_prefix"] = "final"
     min_return: Optional[float] = 0.0
     evidence_alpha: Optional[float] = Field(
-        0.05, gt=0, lt=1, description="no evidence, no pruning: keep a pruning only if its estimated-ASR drop is "
-                                      "significant at this level (one-sided Fisher exact test; null: off)")
-    removed_asr: float = Field(0.1, ge=0, le=1, description="a kept pruning with estimated val ASR at most this is "
-                                                            "reported as 'removed'")
+        0.05,
+        gt=0,
+        lt=1,
+        description="no evidence, no pruning: keep a pruning only if its estimated-ASR drop is "
+        "significant at this level (one-sided Fisher exact test; null: off)",
+    )
+    removed_asr: float = Field(
+        0.1, ge=0, le=1, description="a kept pruning with estimated val ASR at most this is reported as 'removed'"
+    )
 
     def evidence_rule(self, max_acc_drop: float) -> EvidenceRule:
         """The :class:`onp.evidence.EvidenceRule` of this config (``max_acc_drop``: the env's ``delta``)."""
@@ -176,6 +192,7 @@ def resolved_backdoor(data: Mapping[str, Any]) -> Dict[str, Any]:
     """A backdoored-model config (:class:`onp.zoo.BackdoorConfig` keys) filled in and checked, as a
     dict; a bad key is named ``backdoor.<key>`` (for the ``backdoor`` field of the run configs)."""
     from .zoo import BackdoorConfig
+
     try:
         return BackdoorConfig.from_dict(dict(data)).resolved().to_dict()
     except ConfigError as exc:
@@ -189,8 +206,10 @@ def check_device(device: str) -> str:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this torch build or machine has no CUDA; pass "
-                         f"--device cpu, or install a CUDA build of torch")
+        raise ValueError(
+            f"device {device!r} asked for, but this torch build or machine has no CUDA; pass "
+            f"--device cpu, or install a CUDA build of torch"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -209,9 +228,18 @@ class TrainConfig(TypedConfig):
     on defense-validation, docs/results.md §3).
     """
 
-    backdoor: Dict[str, Any] = Field(default_factory=lambda: {
-        "model": "resnet18", "width": 16, "dataset": "fashion-mnist", "data_source": "auto", "attack": "badnets",
-        "seed": 0}, validate_default=True, description="onp.zoo.BackdoorConfig keys (filled in and checked)")
+    backdoor: Dict[str, Any] = Field(
+        default_factory=lambda: {
+            "model": "resnet18",
+            "width": 16,
+            "dataset": "fashion-mnist",
+            "data_source": "auto",
+            "attack": "badnets",
+            "seed": 0,
+        },
+        validate_default=True,
+        description="onp.zoo.BackdoorConfig keys (filled in and checked)",
+    )
     env: EnvConfig = Field(default_factory=EnvConfig)
     agent: str = Field("ppo-gnn", min_length=1)
     agent_params: Dict[str, Any] = Field(default_factory=dict)
@@ -257,8 +285,9 @@ class TrainConfig(TypedConfig):
         if isinstance(ws, dict):
             asked = ws.get("baseline")
             if isinstance(asked, str) and asked.strip().lower() not in NO_WARM_START:
-                raise ValueError("--warm-start applies to the ppo-gnn agent only (use --warm-start none with other "
-                                 "agents)")
+                raise ValueError(
+                    "--warm-start applies to the ppo-gnn agent only (use --warm-start none with other agents)"
+                )
             ws["baseline"] = None
         elif ws is None:
             ws = {"baseline": None}

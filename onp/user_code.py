@@ -101,8 +101,10 @@ def import_object(spec: str, what: str) -> Any:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec}: {where} has no attribute {attr!r}; classes defined there: "
-                             f"{', '.join(_defined_classes(module)) or '(none)'}")
+            raise ValueError(
+                f"{what} {spec}: {where} has no attribute {attr!r}; classes defined there: "
+                f"{', '.join(_defined_classes(module)) or '(none)'}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"{what} {spec}: {attr} is not a class or factory")

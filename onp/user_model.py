@@ -26,8 +26,17 @@ from .foreign_weights import WeightsFile, arch_options_from_backdoorbench, load_
 from .models import Normalize
 from .user_code import import_object
 
-__all__ = ["NormalizedModel", "per_channel", "with_normalization", "unwrap", "build_user_model", "build_arch",
-           "check_output", "output_shape", "resolve_arch"]
+__all__ = [
+    "NormalizedModel",
+    "per_channel",
+    "with_normalization",
+    "unwrap",
+    "build_user_model",
+    "build_arch",
+    "check_output",
+    "output_shape",
+    "resolve_arch",
+]
 
 
 class NormalizedModel(nn.Module):
@@ -51,8 +60,9 @@ def per_channel(values: Sequence[float], channels: int) -> List[float]:
     return list(values) * channels if len(values) == 1 else list(values)
 
 
-def with_normalization(model: nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
-                       channels: int) -> nn.Module:
+def with_normalization(
+    model: nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]], channels: int
+) -> nn.Module:
     """``model``, behind a Normalize layer when ``mean``/``std`` are given (:class:`NormalizedModel`)."""
     if mean is None or std is None:
         return model
@@ -93,14 +103,22 @@ def build_user_model(spec: str, *, num_classes: int, in_channels: int, width: Op
     return model
 
 
-def build_arch(arch: str, *, num_classes: int, in_channels: int, width: Optional[int] = None,
-               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> nn.Module:
+def build_arch(
+    arch: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    width: Optional[int] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> nn.Module:
     """The untrained model of ``arch``: a registered architecture (``mean``/``std``, when both are given,
     normalise inside it), or the user's own (``path/file.py:Class``, ``package.module:factory``:
     :func:`build_user_model`; ``mean``/``std`` are not applied here: see :func:`with_normalization`)."""
     if is_user_arch(arch):
         return build_user_model(arch, num_classes=num_classes, in_channels=in_channels, width=width)
     from .models import build_model
+
     if mean is None or std is None:
         return build_model(arch, num_classes=num_classes, in_channels=in_channels, width=width)
     return build_model(arch, num_classes=num_classes, in_channels=in_channels, width=width, mean=mean, std=std)
@@ -111,8 +129,10 @@ def check_output(model: nn.Module, channels: int, size: Tuple[int, int], num_cla
     (``what`` names the model in the message)."""
     shape = output_shape(model, channels, size, what)
     if shape != (1, num_classes):
-        raise ValueError(f"{what} outputs shape {shape} for one {channels}x{size[0]}x{size[1]} image; expected "
-                         f"(1, {num_classes}): check --num-classes, --in-channels and --input-size")
+        raise ValueError(
+            f"{what} outputs shape {shape} for one {channels}x{size[0]}x{size[1]} image; expected "
+            f"(1, {num_classes}): check --num-classes, --in-channels and --input-size"
+        )
 
 
 def output_shape(model: nn.Module, channels: int, size: Tuple[int, int], what: str) -> Tuple[int, ...]:
@@ -125,8 +145,10 @@ def output_shape(model: nn.Module, channels: int, size: Tuple[int, int], what: s
             device = next(model.parameters(), torch.zeros(0)).device
             out = model(torch.zeros(1, channels, *size, device=device))
     except Exception as exc:
-        raise ValueError(f"{what} fails on a {channels}x{size[0]}x{size[1]} image ({type(exc).__name__}: {exc}); "
-                         f"check --in-channels and --input-size") from None
+        raise ValueError(
+            f"{what} fails on a {channels}x{size[0]}x{size[1]} image ({type(exc).__name__}: {exc}); "
+            f"check --in-channels and --input-size"
+        ) from None
     finally:
         model.train(was_training)
     if not isinstance(out, Tensor):
@@ -157,12 +179,18 @@ def resolve_arch(cfg: DefendConfig) -> Tuple[DefendConfig, Optional[WeightsFile]
     wf = load_weights_file(cfg.weights)
     if wf.format != "backdoorbench":
         kind = "a safetensors file" if wf.format == "safetensors" else "a plain state_dict"
-        raise ValueError(f"--arch is required: {wf.path} is {kind}, which does not name its architecture; pass "
-                         f"--arch (a registered architecture, or path/file.py:Class for your own nn.Module). Only a "
-                         f"BackdoorBench attack_result.pt names its own")
+        raise ValueError(
+            f"--arch is required: {wf.path} is {kind}, which does not name its architecture; pass "
+            f"--arch (a registered architecture, or path/file.py:Class for your own nn.Module). Only a "
+            f"BackdoorBench attack_result.pt names its own"
+        )
     opts = arch_options_from_backdoorbench(wf)
-    found: Dict[str, Any] = {"arch": opts["name"], "num_classes": opts["num_classes"],
-                             "in_channels": opts["in_channels"], "width": opts["width"]}
+    found: Dict[str, Any] = {
+        "arch": opts["name"],
+        "num_classes": opts["num_classes"],
+        "in_channels": opts["in_channels"],
+        "width": opts["width"],
+    }
     if wf.image_size is not None and len(wf.image_size) >= 2:
         found["input_size"] = [int(wf.image_size[0]), int(wf.image_size[1])]
     given = {k for k in cfg.model_fields_set if getattr(cfg, k) is not None}

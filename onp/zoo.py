@@ -113,8 +113,9 @@ class BackdoorConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not 1 <= self.batch_size <= 100_000 or (self.epochs or 0) > 100_000:
-            raise ValueError(f"batch_size must be in [1, 100000] and epochs <= 100000; got {self.batch_size}, "
-                             f"{self.epochs}")
+            raise ValueError(
+                f"batch_size must be in [1, 100000] and epochs <= 100000; got {self.batch_size}, {self.epochs}"
+            )
         if self.max_train is not None and self.max_train < 1:
             raise ValueError(f"max_train must be >= 1 or null, got {self.max_train}")
         return self
@@ -196,8 +197,15 @@ def artifact_dir(config: BackdoorConfig, dataset: Dataset, cache_dir: Optional[P
 
 
 def _make_attack(cfg: BackdoorConfig, spec: DatasetSpec) -> Attack:
-    return build_attack(cfg.attack, spec.image_shape, spec.num_classes, target=cfg.target, mode=cfg.mode,
-                        seed=cfg.seed, **cfg.attack_params)
+    return build_attack(
+        cfg.attack,
+        spec.image_shape,
+        spec.num_classes,
+        target=cfg.target,
+        mode=cfg.mode,
+        seed=cfg.seed,
+        **cfg.attack_params,
+    )
 
 
 def _is_complete(path: Path) -> bool:
@@ -218,10 +226,15 @@ def load_model(path: Path, meta: Optional[Dict[str, Any]] = None) -> nn.Module:
     return model.eval()
 
 
-def get_backdoored(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *,
-                   cache_dir: Optional[PathLike] = None,
-                   data_dir: Optional[Path] = None, overwrite: bool = False, device: str = "cpu",
-                   progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+def get_backdoored(
+    config: Union[BackdoorConfig, Dict[str, Any], None] = None,
+    *,
+    cache_dir: Optional[PathLike] = None,
+    data_dir: Optional[Path] = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Tuple[nn.Module, Dict[str, Any]]:
     """Return ``(model, metadata)`` for ``config``, training and caching it on the first call.
 
     A second identical call loads the cached artifact at once. ``overwrite=True`` retrains (the cached
@@ -229,14 +242,22 @@ def get_backdoored(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *
     last completed epoch on the next call; a training that fails or diverges (non-finite weights:
     ``ValueError`` naming ``lr``) caches nothing that a later call could load.
     """
-    bundle = load_bundle(config, cache_dir=cache_dir, data_dir=data_dir, overwrite=overwrite, device=device,
-                         progress=progress)
+    bundle = load_bundle(
+        config, cache_dir=cache_dir, data_dir=data_dir, overwrite=overwrite, device=device, progress=progress
+    )
     return bundle.model, bundle.meta
 
 
-def load_bundle(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *, cache_dir: Optional[PathLike] = None,
-                data_dir: Optional[Path] = None, overwrite: bool = False, device: str = "cpu",
-                progress: bool = True, train_if_missing: bool = True) -> BackdoorBundle:
+def load_bundle(
+    config: Union[BackdoorConfig, Dict[str, Any], None] = None,
+    *,
+    cache_dir: Optional[PathLike] = None,
+    data_dir: Optional[Path] = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    train_if_missing: bool = True,
+) -> BackdoorBundle:
     """Like :func:`get_backdoored` but returns a :class:`BackdoorBundle` with the splits and attack."""
     cfg = config if isinstance(config, BackdoorConfig) else BackdoorConfig.from_dict(config or {})
     cfg = cfg.resolved()
@@ -250,8 +271,14 @@ def load_bundle(config: Union[BackdoorConfig, Dict[str, Any], None] = None, *, c
         _adopt_legacy_artifact(path)
         # a failed training leaves nothing but a resumable epoch checkpoint; overwrite=True retrains in a
         # staging folder next to the artifact and replaces it only once the new model is complete
-        with run_folder(path, tool="onp.zoo", overwrite=overwrite, resume=not overwrite, done_file="meta.json",
-                        resumable=(TRAIN_STATE,)) as work:
+        with run_folder(
+            path,
+            tool="onp.zoo",
+            overwrite=overwrite,
+            resume=not overwrite,
+            done_file="meta.json",
+            resumable=(TRAIN_STATE,),
+        ) as work:
             _train_artifact(cfg, dataset, work, device=device, progress=progress)
     elif progress:
         print(f"[onp] using cached model {path}")
@@ -273,16 +300,19 @@ def model_config(path: Union[str, Path]) -> BackdoorConfig:
     return _read_meta(Path(path))[1]
 
 
-def open_bundle(path: Union[str, Path], *, dataset: Optional[Dataset] = None,
-                data_dir: Optional[Path] = None) -> BackdoorBundle:
+def open_bundle(
+    path: Union[str, Path], *, dataset: Optional[Dataset] = None, data_dir: Optional[Path] = None
+) -> BackdoorBundle:
     """Open an existing artifact directory (e.g. one passed as ``--checkpoint``)."""
     path = Path(path)
     meta, cfg = _read_meta(path)
     if dataset is None:
         dataset = load_dataset(cfg.dataset, data_dir=data_dir, source=cfg.data_source)
     if _data_key(dataset) != meta.get("data"):
-        raise CheckpointError(f"{path}: the model was trained on {meta.get('data')} but the dataset found now is "
-                              f"{_data_key(dataset)} ({dataset.source}); pass the same --data-dir/data_source")
+        raise CheckpointError(
+            f"{path}: the model was trained on {meta.get('data')} but the dataset found now is "
+            f"{_data_key(dataset)} ({dataset.source}); pass the same --data-dir/data_source"
+        )
     splits = Splits.load(path / "splits.npz")
     if splits.digest() != meta.get("split_sha256"):
         raise CheckpointError(f"{path / 'splits.npz'}: split index file does not match meta.json's split_sha256")
@@ -293,8 +323,12 @@ def open_bundle(path: Union[str, Path], *, dataset: Optional[Dataset] = None,
 def _adopt_legacy_artifact(path: Path) -> None:
     """Mark an artifact folder cached before onp wrote markers (it holds only an artifact's own files)."""
     known = set(ARTIFACT_FILES) | {"env.json", TRAIN_STATE}
-    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()) \
-            and all(p.name in known or p.name.endswith(".tmp") for p in path.iterdir()):
+    if (
+        path.is_dir()
+        and not (path / MARKER).exists()
+        and any(path.iterdir())
+        and all(p.name in known or p.name.endswith(".tmp") for p in path.iterdir())
+    ):
         write_marker(path, "onp.zoo")
 
 
@@ -306,9 +340,11 @@ def _check_finite(model: nn.Module, metrics: Dict[str, Any], cfg: BackdoorConfig
     bad += [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         state_path.unlink(missing_ok=True)
-        raise ValueError(f"training {cfg.model} on {cfg.dataset} diverged: non-finite values in {', '.join(bad[:3])}"
-                         f"{' ...' if len(bad) > 3 else ''} with lr={cfg.lr} (weight_decay={cfg.weight_decay}); "
-                         f"nothing was cached: lower the config key lr (the default is 0.1)")
+        raise ValueError(
+            f"training {cfg.model} on {cfg.dataset} diverged: non-finite values in {', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''} with lr={cfg.lr} (weight_decay={cfg.weight_decay}); "
+            f"nothing was cached: lower the config key lr (the default is 0.1)"
+        )
 
 
 def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device: str, progress: bool) -> None:
@@ -323,25 +359,42 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
         splits.save(splits_path)
     attacker = splits.attacker_train
     if cfg.max_train is not None:
-        attacker = np.sort(np.random.default_rng(cfg.seed).choice(attacker, min(cfg.max_train, len(attacker)),
-                                                                   replace=False))
+        attacker = np.sort(
+            np.random.default_rng(cfg.seed).choice(attacker, min(cfg.max_train, len(attacker)), replace=False)
+        )
     train = dataset.train.subset(attacker)
     attack = _make_attack(cfg, spec)
-    plan = PoisonPlan.clean(train.labels) if cfg.clean else PoisonPlan.for_attack(
-        attack, train.labels, cfg.poison_rate, cfg.seed)
-    kind = "clean (unpoisoned)" if cfg.clean else f"{cfg.attack} ({cfg.mode}, target {cfg.target}, " \
-                                                  f"{int(plan.poisoned.sum())} poisoned images)"
+    plan = (
+        PoisonPlan.clean(train.labels)
+        if cfg.clean
+        else PoisonPlan.for_attack(attack, train.labels, cfg.poison_rate, cfg.seed)
+    )
+    kind = (
+        "clean (unpoisoned)"
+        if cfg.clean
+        else f"{cfg.attack} ({cfg.mode}, target {cfg.target}, {int(plan.poisoned.sum())} poisoned images)"
+    )
     if progress:
-        print(f"[onp] training {cfg.model} (width {cfg.width}) on {cfg.dataset} [{dataset.source}], "
-              f"{len(train)} attacker images, {kind}, {cfg.epochs} epochs")
+        print(
+            f"[onp] training {cfg.model} (width {cfg.width}) on {cfg.dataset} [{dataset.source}], "
+            f"{len(train)} attacker images, {kind}, {cfg.epochs} epochs"
+        )
     seed_everything(cfg.seed)
     model = build_model_for(cfg.model, spec, cfg.width)
     recipe = TrainRecipe(int(cfg.epochs or 0), cfg.batch_size, cfg.lr, 0.9, cfg.weight_decay, cfg.seed)
     state_path = path / TRAIN_STATE
     t0 = time.time()
-    train_classifier(model, train.images, plan, attack=None if cfg.clean else attack,
-                     augment=Augment.for_spec(spec), recipe=recipe, state_path=state_path, device=device,
-                     progress=progress)
+    train_classifier(
+        model,
+        train.images,
+        plan,
+        attack=None if cfg.clean else attack,
+        augment=Augment.for_spec(spec),
+        recipe=recipe,
+        state_path=state_path,
+        device=device,
+        progress=progress,
+    )
     train_seconds = time.time() - t0
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # not in the stubs
     metrics = evaluate_backdoor(model, as_float(dataset.test.images), dataset.test.labels, attack)
@@ -349,16 +402,27 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
     env = environment_info()  # git commit, package versions, hardware
     meta = {
         "config": cfg.to_dict(),
-        "model": cfg.model, "width": cfg.width, "dataset": cfg.dataset, "data_source": dataset.source,
+        "model": cfg.model,
+        "width": cfg.width,
+        "dataset": cfg.dataset,
+        "data_source": dataset.source,
         "data": _data_key(dataset),
-        "attack": None if cfg.clean else attack.params(), "clean": cfg.clean,
-        "target": cfg.target, "mode": cfg.mode, "poison_rate": 0.0 if cfg.clean else cfg.poison_rate,
-        "num_poisoned": int(plan.poisoned.sum()), "num_attacker_train": len(train),
-        "split_sha256": splits.digest(), "split_sizes": splits.sizes(), "seed": cfg.seed,
-        "versions": env, "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
+        "attack": None if cfg.clean else attack.params(),
+        "clean": cfg.clean,
+        "target": cfg.target,
+        "mode": cfg.mode,
+        "poison_rate": 0.0 if cfg.clean else cfg.poison_rate,
+        "num_poisoned": int(plan.poisoned.sum()),
+        "num_attacker_train": len(train),
+        "split_sha256": splits.digest(),
+        "split_sizes": splits.sizes(),
+        "seed": cfg.seed,
+        "versions": env,
+        "train_seconds": round(train_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
         "test_metrics": metrics,
         "test_metrics_note": "ASR/RA use the attack's real trigger on non-target test images"
-                             + (" (clean model: measures the trigger's natural effect)" if cfg.clean else ""),
+        + (" (clean model: measures the trigger's natural effect)" if cfg.clean else ""),
     }
     atomic_torch_save(path / "trigger.pt", attack.trigger_pattern())
     atomic_write_json(path / "config.json", cfg.to_dict())
@@ -368,5 +432,7 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
     if state_path.exists():
         state_path.unlink()
     if progress:
-        print(f"[onp] {path.name}: test ACC {metrics['acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
-              f"(train {train_seconds:.0f}s)")
+        print(
+            f"[onp] {path.name}: test ACC {metrics['acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
+            f"(train {train_seconds:.0f}s)"
+        )

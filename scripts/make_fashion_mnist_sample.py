@@ -25,8 +25,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for prefix, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
         x, y = read_idx(files[f"{prefix}_images"]), read_idx(files[f"{prefix}_labels"])
-        idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False)
-                                      for c in range(10)]))
+        idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in range(10)]))
         write_idx(out / (IDX_FILES[f"{prefix}_images"] + ".gz"), x[idx])
         write_idx(out / (IDX_FILES[f"{prefix}_labels"] + ".gz"), y[idx])
         print(prefix, len(idx))

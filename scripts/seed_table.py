@@ -24,8 +24,10 @@ def _pm(values: List[float], scale: float = 100.0, digits: int = 2, unit: str = 
 
 def rows(run_dirs: List[Path]) -> List[str]:
     """The Markdown lines of the table."""
-    head = ("| run | seed | model test ACC | defense-val ACC / ASR | test ACC | ACC drop (points) | test ASR | RA "
-            "| DER | #pruned | kept policy at PPO step | env steps | steps/s | wall |")
+    head = (
+        "| run | seed | model test ACC | defense-val ACC / ASR | test ACC | ACC drop (points) | test ASR | RA "
+        "| DER | #pruned | kept policy at PPO step | env steps | steps/s | wall |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     ms: List[Dict[str, Any]] = []
     for d in run_dirs:
@@ -33,16 +35,20 @@ def rows(run_dirs: List[Path]) -> List[str]:
         seed = json.loads((d / "config.json").read_text()).get("seed")
         ms.append(m)
         b = m["before"]
-        lines.append(f"| {d.name} | {seed} | {100 * b['acc']:.2f}% | {100 * m['val']['acc']:.1f}% / "
-                     f"{100 * m['val']['asr']:.1f}% | {100 * m['acc']:.2f}% | {100 * (b['acc'] - m['acc']):.2f} | "
-                     f"{100 * m['asr']:.2f}% | {100 * m['ra']:.2f}% | {m['der']:.3f} | {m['n_pruned']} | "
-                     f"{m.get('best_timesteps')} | {m['env_steps']:,} | {m['steps_per_second']:.1f} | "
-                     f"{m['wall_time']:.0f} s |")
+        lines.append(
+            f"| {d.name} | {seed} | {100 * b['acc']:.2f}% | {100 * m['val']['acc']:.1f}% / "
+            f"{100 * m['val']['asr']:.1f}% | {100 * m['acc']:.2f}% | {100 * (b['acc'] - m['acc']):.2f} | "
+            f"{100 * m['asr']:.2f}% | {100 * m['ra']:.2f}% | {m['der']:.3f} | {m['n_pruned']} | "
+            f"{m.get('best_timesteps')} | {m['env_steps']:,} | {m['steps_per_second']:.1f} | "
+            f"{m['wall_time']:.0f} s |"
+        )
     if len(ms) > 1:
-        lines.append(f"| **mean ± std** | | | | **{_pm([m['acc'] for m in ms])}** | "
-                     f"**{_pm([m['before']['acc'] - m['acc'] for m in ms], unit='')}** | "
-                     f"**{_pm([m['asr'] for m in ms])}** | {_pm([m['ra'] for m in ms])} | "
-                     f"{_pm([m['der'] for m in ms], scale=1.0, digits=3, unit='')} | | | | | |")
+        lines.append(
+            f"| **mean ± std** | | | | **{_pm([m['acc'] for m in ms])}** | "
+            f"**{_pm([m['before']['acc'] - m['acc'] for m in ms], unit='')}** | "
+            f"**{_pm([m['asr'] for m in ms])}** | {_pm([m['ra'] for m in ms])} | "
+            f"{_pm([m['der'] for m in ms], scale=1.0, digits=3, unit='')} | | | | | |"
+        )
     return lines
 
 

@@ -9,8 +9,17 @@ import torch
 # the 2-core CI machine runs anything else (measured 4-6x faster than two threads under load).
 torch.set_num_threads(1)
 
-TINY = dict(model="small_cnn", width=16, dataset="fashion-mnist", data_source="sample", attack="badnets",
-            epochs=3, max_train=6000, defense_size=300, seed=0)
+TINY = dict(
+    model="small_cnn",
+    width=16,
+    dataset="fashion-mnist",
+    data_source="sample",
+    attack="badnets",
+    epochs=3,
+    max_train=6000,
+    defense_size=300,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,4 +39,5 @@ def onp_cache(tmp_path_factory):
 def tiny_bundle(onp_cache):
     """A small_cnn backdoored with BadNets on 6,000 sample images (a few seconds on CPU)."""
     from onp.zoo import BackdoorConfig, load_bundle
+
     return load_bundle(BackdoorConfig(**TINY), cache_dir=onp_cache, progress=False)

@@ -32,7 +32,6 @@ ENV_KW = dict(budget=8, reward_batch=80, delta=0.9)
 POLICY = dict(hidden=16, layers=2, head_hidden=32)
 
 
-
 @pytest.fixture(scope="module")
 def env(tiny_bundle):
     e = NeuronPruningEnv(tiny_bundle, **ENV_KW)
@@ -41,8 +40,9 @@ def env(tiny_bundle):
 
 
 def _policy(env, **kw):
-    return GNNMaskablePolicy(env.observation_space, env.action_space, lambda _: 1e-3,
-                             **policy_kwargs_for(env, **{**POLICY, **kw}))
+    return GNNMaskablePolicy(
+        env.observation_space, env.action_space, lambda _: 1e-3, **policy_kwargs_for(env, **{**POLICY, **kw})
+    )
 
 
 def _batch(env, rng, b):
@@ -64,7 +64,7 @@ def test_policy_shapes_and_batching(env, conv):
     with torch.no_grad():
         actions, values, log_prob = pol(obs)
         logits = pol.action_logits(obs)
-        singles = torch.cat([pol.action_logits({k: v[i:i + 1] for k, v in obs.items()}) for i in range(5)])
+        singles = torch.cat([pol.action_logits({k: v[i : i + 1] for k, v in obs.items()}) for i in range(5)])
     assert actions.shape == (5,) and values.shape == (5, 1) and log_prob.shape == (5,)
     assert logits.shape == (5, env.num_nodes + 1)
     # the disjoint-graph batch gives exactly the per-sample results
@@ -100,8 +100,11 @@ def test_masked_actions_never_sampled(env):
     with torch.no_grad():
         dist = pol.get_distribution(obs, action_masks=np.repeat(mask[None], 1000, 0))
         acts = dist.get_actions().numpy()
-        det = pol.get_distribution({k: v[:1] for k, v in obs.items()},
-                                   action_masks=mask[None]).get_actions(deterministic=True).numpy()
+        det = (
+            pol.get_distribution({k: v[:1] for k, v in obs.items()}, action_masks=mask[None])
+            .get_actions(deterministic=True)
+            .numpy()
+        )
     assert acts.shape == (1000,) and mask[acts].all()
     assert mask[det].all()
     # SB3 predict with the env's own masks
@@ -180,11 +183,11 @@ def test_greedy_gamma_order_and_ranked_baseline(env, tiny_bundle):
     gamma = bn_gamma_abs(env)
     res = rollout(build_agent("greedy-gamma", env), env)
     prunable = env._prunable
-    expected = [i for i in np.argsort(gamma, kind="stable") if prunable[i]][:env.budget]
+    expected = [i for i in np.argsort(gamma, kind="stable") if prunable[i]][: env.budget]
     assert res["actions"] == expected
     ranked = build_agent("ranked:magnitude", env)
     assert ranked.scores.shape == (env.num_nodes,)
-    top = [i for i in np.argsort(-ranked.scores, kind="stable") if prunable[i]][:env.budget]
+    top = [i for i in np.argsort(-ranked.scores, kind="stable") if prunable[i]][: env.budget]
     assert rollout(ranked, env)["actions"] == top
 
 
@@ -218,7 +221,8 @@ def test_bad_agent_names(env, tmp_path):
 
 def test_path_py_class_loading(env, tmp_path):
     file = tmp_path / "my_agents.py"
-    file.write_text(textwrap.dedent("""
+    file.write_text(
+        textwrap.dedent("""
         from agents import BaseAgent
 
         class LastValid(BaseAgent):
@@ -227,7 +231,8 @@ def test_path_py_class_loading(env, tmp_path):
 
         def helper():
             return 1
-    """))
+    """)
+    )
     agent = build_agent(f"{file}:LastValid", env)
     res = rollout(agent, env)
     assert res["info"]["n_pruned"] == env.budget and res["actions"][0] == int(np.flatnonzero(env._prunable)[-1])
@@ -243,13 +248,15 @@ def test_entry_point_plugin(env, tmp_path, monkeypatch):
     """A package installed with an ``onp.agents`` entry point (a dist-info on sys.path) is found by name."""
     pkg = tmp_path / "onp_plugin_pkg"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text(textwrap.dedent("""
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent("""
         from agents import BaseAgent
 
         class FirstValid(BaseAgent):
             def predict(self, obs, action_mask):
                 return int(action_mask.nonzero()[0][0])
-    """))
+    """)
+    )
     dist = tmp_path / "onp_plugin_pkg-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: onp-plugin-pkg\nVersion: 0.1\n")
@@ -336,6 +343,7 @@ def test_behaviour_cloning_clones_stop_where_the_env_refuses_the_order(tiny_bund
 def test_select_pruning_selects_falls_back_and_ignores_a_refused_prune():
     def info(n, acc, asr, **kw):
         return {"n_pruned": n, "pruned": list(range(n)), "acc": acc, "asr": asr, **kw}
+
     infos = [info(0, 0.9, 1.0), info(1, 0.9, 0.5), info(2, 0.7, 0.9)]
     res = {"rewards": [0.5, -0.6], "return": -0.1, "info": infos[-1], "infos": infos}
     final = select_pruning(res)  # the whole episode returns -0.1 < 0: prune nothing
@@ -355,6 +363,7 @@ def test_select_pruning_selects_falls_back_and_ignores_a_refused_prune():
 
 def test_demonstration_skips_neurons_that_would_cost_more_than_they_remove(tiny_bundle):
     from agents.ppo_gnn import demonstrate
+
     env = NeuronPruningEnv(tiny_bundle, **{**ENV_KW, "budget": 12})
     order = build_agent("greedy-gamma", env).order  # low-|gamma| first: mostly harmless, some costly
     plain = demonstrate(env, order)
@@ -397,7 +406,11 @@ def test_docs_learned_agent_example(tiny_bundle, tmp_path):
     resumed = run_training(cfg, tmp_path / "run", resume=True, quiet=True)
     assert resumed["env_steps_breakdown"]["train"] >= 128
     out = tmp_path / "ev"
-    assert evaluate.main(["--policy", str(tmp_path / "run"), "--checkpoint", str(tiny_bundle.path), "--out", str(out),
-                          "--quiet"]) == 0
+    assert (
+        evaluate.main(
+            ["--policy", str(tmp_path / "run"), "--checkpoint", str(tiny_bundle.path), "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     ev = json.loads((out / "metrics.json").read_text())
     assert ev["source"]["agent"] == "mlp-ppo" and ev["n_pruned"] == resumed["n_pruned"]

@@ -78,14 +78,14 @@ def test_badnets_patch_bottom_right(shape):
     x = images(shape, low=0.3, high=0.7)  # never equal to 0 or 1, so every patch pixel changes
     changed = (atk.apply(x) != x).any(dim=0).any(dim=0)
     expected = torch.zeros(h, w, dtype=torch.bool)
-    expected[h - 4:h - 1, w - 4:w - 1] = True
+    expected[h - 4 : h - 1, w - 4 : w - 1] = True
     assert torch.equal(changed, expected)
-    patch = atk.apply(x)[:, :, h - 4:h - 1, w - 4:w - 1]
+    patch = atk.apply(x)[:, :, h - 4 : h - 1, w - 4 : w - 1]
     checker = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
     assert torch.equal(patch, checker.expand_as(patch))
     big = BadNets(shape, K, patch_size=5, margin=0)
     changed = (big.apply(x) != x).any(dim=0).any(dim=0)
-    assert changed[h - 5:, w - 5:].all() and changed.sum() == 25
+    assert changed[h - 5 :, w - 5 :].all() and changed.sum() == 25
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -94,6 +94,7 @@ def test_agent_class_without_predict(tmp_path):
 
 def test_synthesized_cache_with_wrong_shapes(tiny_bundle, tmp_path):
     from envs.asr_estimators import build_probe
+
     data = tiny_bundle.defense_data
     build_probe("synthesized", tiny_bundle.model, None, data, steps=2, cache_dir=tmp_path)
     (path,) = (tmp_path / "synthesized").glob("*.pt")
@@ -111,10 +112,13 @@ def test_cli_agent_errors_are_one_line(tiny_bundle, tmp_path, capsys):
     """A plug-in agent without predict, or returning None: exit 2, the agent named, no traceback."""
     from onp import train
     from tests.test_train_cli import TINY
+
     mod = tmp_path / "plugins.py"
-    mod.write_text("class NoPredict:\n    def __init__(self, env, **params):\n        pass\n\n"
-                   "class ReturnsNone:\n    def __init__(self, env, **params):\n        pass\n"
-                   "    def predict(self, obs, mask):\n        return None\n")
+    mod.write_text(
+        "class NoPredict:\n    def __init__(self, env, **params):\n        pass\n\n"
+        "class ReturnsNone:\n    def __init__(self, env, **params):\n        pass\n"
+        "    def predict(self, obs, mask):\n        return None\n"
+    )
     for cls, text in (("NoPredict", "without a predict"), ("ReturnsNone", "returned None")):
         argv = ["--config", TINY, "--agent", f"{mod}:{cls}", "--out", str(tmp_path / cls), "--quiet"]
         assert run_cli(train.main, argv) == 2

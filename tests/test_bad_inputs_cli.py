@@ -23,8 +23,17 @@ TINY_TRAIN = str(ROOT / "configs" / "train" / "tiny.yaml")
 #: the tiny width-4 setup (a backdoored model would train in seconds; no case gets that far)
 T = ["--model", "small_cnn", "--width", "4", "--epochs", "1", "--max-train", "1000", "--defense-size", "300"]
 S = T + ["--data-source", "sample"]
-BACKDOOR = dict(model="small_cnn", width=4, dataset="fashion-mnist", data_source="auto", attack="badnets", epochs=1,
-                max_train=1000, defense_size=300, seed=0)
+BACKDOOR = dict(
+    model="small_cnn",
+    width=4,
+    dataset="fashion-mnist",
+    data_source="auto",
+    attack="badnets",
+    epochs=1,
+    max_train=1000,
+    defense_size=300,
+    seed=0,
+)
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
@@ -53,11 +62,13 @@ def tree(tmp_path, monkeypatch):
         write_idx(corrupt / (IDX_FILES[f"{prefix}_labels"] + ".gz"), np.arange(20) % 10)
     labels = corrupt / (IDX_FILES["train_labels"] + ".gz")
     labels.write_bytes(labels.read_bytes()[:20])
-    for name, config, pruned in (("src_list", [1, 2], {"indices": [0]}),
-                                 ("src_ok", {"method": "clp", "backdoor": BACKDOOR}, {"indices": [0, 1]}),
-                                 ("src_neg", {"method": "clp", "backdoor": BACKDOOR}, {"indices": [3, -1]}),
-                                 ("src_float", {"method": "clp", "backdoor": BACKDOOR}, {"indices": [1.5]}),
-                                 ("src_pruned_list", {"method": "clp", "backdoor": BACKDOOR}, [0, 1])):
+    for name, config, pruned in (
+        ("src_list", [1, 2], {"indices": [0]}),
+        ("src_ok", {"method": "clp", "backdoor": BACKDOOR}, {"indices": [0, 1]}),
+        ("src_neg", {"method": "clp", "backdoor": BACKDOOR}, {"indices": [3, -1]}),
+        ("src_float", {"method": "clp", "backdoor": BACKDOOR}, {"indices": [1.5]}),
+        ("src_pruned_list", {"method": "clp", "backdoor": BACKDOOR}, [0, 1]),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         (tmp_path / name / "pruned.json").write_text(json.dumps(pruned))
@@ -102,139 +113,340 @@ CASES = [
     # item 6: --device (validated at parsing, before anything loads) -------------------------------------
     ("baseline-device", "baseline", ["--method", "clp", *S, "--device", "cuda", *OUT], ["--device"]),
     ("backdoor-device-bogus", "backdoor", [*S, "--device", "bogus"], ["--device", "'bogus'", "cpu, cuda"]),
-    ("evaluate-device-bogus", "evaluate", ["--pruned", "{tmp}/src_ok", "--device", "gpu0", *OUT],
-     ["--device", "'gpu0'"]),
-    ("compare-device-bogus-ray", "compare", [*S, "--defenses", "clp", "--device", "tpu", "--executor", "ray", *OUT],
-     ["--device", "'tpu'"]),
-    pytest.param("backdoor-device-cuda", "backdoor", [*S, "--device", "cuda"], ["--device", "'cuda'", "no CUDA"],
-                 marks=NO_CUDA),
-    pytest.param("evaluate-device-cuda", "evaluate", ["--pruned", "{tmp}/src_ok", "--device", "cuda:0", *OUT],
-                 ["'cuda:0'", "no CUDA"], marks=NO_CUDA),
-    pytest.param("compare-device-cuda", "compare", [*S, "--defenses", "clp", "--device", "cuda", *OUT],
-                 ["'cuda'", "no CUDA"], marks=NO_CUDA),
+    (
+        "evaluate-device-bogus",
+        "evaluate",
+        ["--pruned", "{tmp}/src_ok", "--device", "gpu0", *OUT],
+        ["--device", "'gpu0'"],
+    ),
+    (
+        "compare-device-bogus-ray",
+        "compare",
+        [*S, "--defenses", "clp", "--device", "tpu", "--executor", "ray", *OUT],
+        ["--device", "'tpu'"],
+    ),
+    pytest.param(
+        "backdoor-device-cuda", "backdoor", [*S, "--device", "cuda"], ["--device", "'cuda'", "no CUDA"], marks=NO_CUDA
+    ),
+    pytest.param(
+        "evaluate-device-cuda",
+        "evaluate",
+        ["--pruned", "{tmp}/src_ok", "--device", "cuda:0", *OUT],
+        ["'cuda:0'", "no CUDA"],
+        marks=NO_CUDA,
+    ),
+    pytest.param(
+        "compare-device-cuda",
+        "compare",
+        [*S, "--defenses", "clp", "--device", "cuda", *OUT],
+        ["'cuda'", "no CUDA"],
+        marks=NO_CUDA,
+    ),
     # item 6: an explicit --data-dir without the dataset is an error (no other location, no sample) ------
-    ("baseline-data-dir-empty", "baseline", ["--method", "clp", *T, "--data-dir", "{tmp}/empty", *OUT],
-     ["{tmp}/empty", "How to get it", "--data-dir"]),
-    ("baseline-data-dir-missing", "baseline", ["--method", "clp", *T, "--data-dir", "{tmp}/missing", *OUT],
-     ["--data-dir {tmp}/missing does not exist", "How to get it"]),
+    (
+        "baseline-data-dir-empty",
+        "baseline",
+        ["--method", "clp", *T, "--data-dir", "{tmp}/empty", *OUT],
+        ["{tmp}/empty", "How to get it", "--data-dir"],
+    ),
+    (
+        "baseline-data-dir-missing",
+        "baseline",
+        ["--method", "clp", *T, "--data-dir", "{tmp}/missing", *OUT],
+        ["--data-dir {tmp}/missing does not exist", "How to get it"],
+    ),
     ("backdoor-data-dir-file", "backdoor", [*T, "--data-dir", "{tmp}/afile"], ["{tmp}/afile is a file"]),
-    ("compare-data-dir-empty", "compare", [*T, "--defenses", "clp", "--data-dir", "{tmp}/empty", *OUT],
-     ["{tmp}/empty", "How to get it"]),
-    ("evaluate-data-dir-empty", "evaluate", ["--pruned", "{tmp}/src_ok", "--data-dir", "{tmp}/empty", *OUT],
-     ["{tmp}/empty", "How to get it"]),
+    (
+        "compare-data-dir-empty",
+        "compare",
+        [*T, "--defenses", "clp", "--data-dir", "{tmp}/empty", *OUT],
+        ["{tmp}/empty", "How to get it"],
+    ),
+    (
+        "evaluate-data-dir-empty",
+        "evaluate",
+        ["--pruned", "{tmp}/src_ok", "--data-dir", "{tmp}/empty", *OUT],
+        ["{tmp}/empty", "How to get it"],
+    ),
     # item 8: a corrupt .gz in --data-dir names the file ------------------------------------------------
-    ("backdoor-corrupt-gz", "backdoor", [*T, "--data-dir", "{tmp}/corrupt"],
-     ["{tmp}/corrupt/fashion-mnist/train-labels-idx1-ubyte.gz", "corrupt or truncated"]),
-    ("baseline-corrupt-gz", "baseline", ["--method", "clp", *T, "--data-dir", "{tmp}/corrupt", *OUT],
-     ["train-labels-idx1-ubyte.gz"]),
-    ("compare-corrupt-gz", "compare", [*T, "--defenses", "clp", "--data-dir", "{tmp}/corrupt", *OUT],
-     ["train-labels-idx1-ubyte.gz"]),
+    (
+        "backdoor-corrupt-gz",
+        "backdoor",
+        [*T, "--data-dir", "{tmp}/corrupt"],
+        ["{tmp}/corrupt/fashion-mnist/train-labels-idx1-ubyte.gz", "corrupt or truncated"],
+    ),
+    (
+        "baseline-corrupt-gz",
+        "baseline",
+        ["--method", "clp", *T, "--data-dir", "{tmp}/corrupt", *OUT],
+        ["train-labels-idx1-ubyte.gz"],
+    ),
+    (
+        "compare-corrupt-gz",
+        "compare",
+        [*T, "--defenses", "clp", "--data-dir", "{tmp}/corrupt", *OUT],
+        ["train-labels-idx1-ubyte.gz"],
+    ),
     # items 7, 8: ONP_CACHE empty or at a file, --cache-dir at a file --------------------------------------
     ("backdoor-onp-cache-empty", "backdoor", ["ONP_CACHE=", *S], ["ONP_CACHE is set but empty"]),
-    ("evaluate-onp-cache-empty", "evaluate", ["ONP_CACHE=", "--pruned", "{tmp}/src_ok", *OUT],
-     ["ONP_CACHE is set but empty"]),
-    ("baseline-onp-cache-file", "baseline", ["ONP_CACHE={tmp}/afile", "--method", "clp", *S, *OUT],
-     ["ONP_CACHE {tmp}/afile", "is a file"]),
-    ("compare-onp-cache-file", "compare", ["ONP_CACHE={tmp}/afile", *S, "--defenses", "clp", *OUT],
-     ["ONP_CACHE", "{tmp}/afile is a file"]),
-    ("baseline-cache-dir-file", "baseline", ["--method", "clp", *S, "--cache-dir", "{tmp}/afile", *OUT],
-     ["--cache-dir {tmp}/afile", "is a file"]),
+    (
+        "evaluate-onp-cache-empty",
+        "evaluate",
+        ["ONP_CACHE=", "--pruned", "{tmp}/src_ok", *OUT],
+        ["ONP_CACHE is set but empty"],
+    ),
+    (
+        "baseline-onp-cache-file",
+        "baseline",
+        ["ONP_CACHE={tmp}/afile", "--method", "clp", *S, *OUT],
+        ["ONP_CACHE {tmp}/afile", "is a file"],
+    ),
+    (
+        "compare-onp-cache-file",
+        "compare",
+        ["ONP_CACHE={tmp}/afile", *S, "--defenses", "clp", *OUT],
+        ["ONP_CACHE", "{tmp}/afile is a file"],
+    ),
+    (
+        "baseline-cache-dir-file",
+        "baseline",
+        ["--method", "clp", *S, "--cache-dir", "{tmp}/afile", *OUT],
+        ["--cache-dir {tmp}/afile", "is a file"],
+    ),
     ("backdoor-cache-dir-under-file", "backdoor", [*S, "--cache-dir", "{tmp}/afile/cache"], ["{tmp}/afile is a file"]),
-    ("compare-cache-dir-file", "compare", [*S, "--defenses", "clp", "--cache-dir", "{tmp}/afile", *OUT],
-     ["--cache-dir", "{tmp}/afile is a file"]),
+    (
+        "compare-cache-dir-file",
+        "compare",
+        [*S, "--defenses", "clp", "--cache-dir", "{tmp}/afile", *OUT],
+        ["--cache-dir", "{tmp}/afile is a file"],
+    ),
     ("baseline-cache-dir-empty", "baseline", ["--method", "clp", *S, "--cache-dir", "", *OUT], ["--cache-dir"]),
     # item 8: --out at a file, or below one -------------------------------------------------------------
     ("baseline-out-file", "baseline", ["--method", "clp", *S, "--out", "{tmp}/afile"], ["{tmp}/afile is a file"]),
-    ("baseline-out-under-file", "baseline", ["--method", "clp", *S, "--out", "{tmp}/afile/run"],
-     ["cannot create {tmp}/afile/run", "{tmp}/afile is a file", "--out"]),
-    ("evaluate-out-under-file", "evaluate", ["--pruned", "{tmp}/src_ok", "--out", "{tmp}/afile/run"],
-     ["{tmp}/afile is a file", "--out"]),
+    (
+        "baseline-out-under-file",
+        "baseline",
+        ["--method", "clp", *S, "--out", "{tmp}/afile/run"],
+        ["cannot create {tmp}/afile/run", "{tmp}/afile is a file", "--out"],
+    ),
+    (
+        "evaluate-out-under-file",
+        "evaluate",
+        ["--pruned", "{tmp}/src_ok", "--out", "{tmp}/afile/run"],
+        ["{tmp}/afile is a file", "--out"],
+    ),
     ("compare-out-file", "compare", [*S, "--defenses", "clp", "--out", "{tmp}/afile"], ["{tmp}/afile is a file"]),
     # item 7: --jobs 0, --oracle-step 0 and other counts / fractions out of range ----------------------------
     ("compare-jobs-0", "compare", [*S, "--defenses", "clp", "--jobs", "0", *OUT], ["--jobs", ">= 1", "got 0"]),
     ("compare-jobs-negative", "compare", [*S, "--defenses", "clp", "--jobs", "-2", *OUT], ["--jobs", "got -2"]),
     ("compare-ray-num-cpus-0", "compare", [*S, "--defenses", "clp", "--ray-num-cpus", "0", *OUT], ["--ray-num-cpus"]),
     ("compare-seeds-0", "compare", [*S, "--defenses", "clp", "--seeds", "0", *OUT], ["--seeds"]),
-    ("compare-seed-list-negative", "compare", [*S, "--defenses", "clp", "--seed-list", "0", "-1", *OUT],
-     ["--seed-list", "got -1"]),
-    ("compare-oracle-max-fraction-0", "compare", [*S, "--defenses", "clp", "--oracle-max-fraction", "0", *OUT],
-     ["--oracle-max-fraction", "(0, 1]"]),
-    ("baseline-oracle-step-0", "baseline", ["--method", "clp", *S, "--oracle-step", "0", *OUT],
-     ["--oracle-step", "(0, 1]", "got 0"]),
-    ("baseline-oracle-max-fraction-nan", "baseline", ["--method", "clp", *S, "--oracle-max-fraction", "nan", *OUT],
-     ["--oracle-max-fraction", "nan"]),
+    (
+        "compare-seed-list-negative",
+        "compare",
+        [*S, "--defenses", "clp", "--seed-list", "0", "-1", *OUT],
+        ["--seed-list", "got -1"],
+    ),
+    (
+        "compare-oracle-max-fraction-0",
+        "compare",
+        [*S, "--defenses", "clp", "--oracle-max-fraction", "0", *OUT],
+        ["--oracle-max-fraction", "(0, 1]"],
+    ),
+    (
+        "baseline-oracle-step-0",
+        "baseline",
+        ["--method", "clp", *S, "--oracle-step", "0", *OUT],
+        ["--oracle-step", "(0, 1]", "got 0"],
+    ),
+    (
+        "baseline-oracle-max-fraction-nan",
+        "baseline",
+        ["--method", "clp", *S, "--oracle-max-fraction", "nan", *OUT],
+        ["--oracle-max-fraction", "nan"],
+    ),
     ("baseline-delta-nan", "baseline", ["--method", "anp", *S, "--delta", "nan", *OUT], ["--delta", "finite"]),
     ("baseline-seed-negative", "baseline", ["--method", "clp", *S, "--seed", "-1", *OUT], ["--seed", "got -1"]),
-    ("baseline-defense-seed-negative", "baseline", ["--method", "clp", *S, "--defense-seed", "-1", *OUT],
-     ["--defense-seed"]),
+    (
+        "baseline-defense-seed-negative",
+        "baseline",
+        ["--method", "clp", *S, "--defense-seed", "-1", *OUT],
+        ["--defense-seed"],
+    ),
     ("evaluate-env-seed-negative", "evaluate", ["--pruned", "{tmp}/src_ok", "--env-seed", "-3", *OUT], ["--env-seed"]),
     # item 8: defense hyperparameters (--set) are type-checked against each defense's declared types -----
-    ("baseline-set-int-str", "baseline", ["--method", "anp", *S, "--set", "iterations=abc", *OUT],
-     ["iterations", "an integer", "'abc'"]),
-    ("baseline-set-int-float", "baseline", ["--method", "anp", *S, "--set", "iterations=2.5", *OUT],
-     ["iterations", "2.5"]),
+    (
+        "baseline-set-int-str",
+        "baseline",
+        ["--method", "anp", *S, "--set", "iterations=abc", *OUT],
+        ["iterations", "an integer", "'abc'"],
+    ),
+    (
+        "baseline-set-int-float",
+        "baseline",
+        ["--method", "anp", *S, "--set", "iterations=2.5", *OUT],
+        ["iterations", "2.5"],
+    ),
     ("baseline-set-nan", "baseline", ["--method", "clp", *S, "--set", "u=.nan", *OUT], ["params.u", "nan"]),
     ("baseline-set-inf", "baseline", ["--method", "anp", *S, "--set", "delta=.inf", *OUT], ["delta", "inf"]),
-    ("baseline-set-nested", "baseline", ["--method", "anp", *S, "--set", "iterations.x=1", *OUT],
-     ["iterations", "{'x': 1}"]),
-    ("baseline-set-bool", "baseline", ["--method", "anp", *S, "--set", "augment=3", *OUT],
-     ["augment", "true or false"]),
-    ("baseline-set-list", "baseline", ["--method", "rnp", *S, "--set", "unlearn_milestones=[5, x]", *OUT],
-     ["unlearn_milestones", "list of integers"]),
-    ("compare-set-str", "compare", [*S, "--defenses", "anp", "--set", "anp.iterations=abc", *OUT],
-     ["iterations", "'abc'"]),
+    (
+        "baseline-set-nested",
+        "baseline",
+        ["--method", "anp", *S, "--set", "iterations.x=1", *OUT],
+        ["iterations", "{'x': 1}"],
+    ),
+    (
+        "baseline-set-bool",
+        "baseline",
+        ["--method", "anp", *S, "--set", "augment=3", *OUT],
+        ["augment", "true or false"],
+    ),
+    (
+        "baseline-set-list",
+        "baseline",
+        ["--method", "rnp", *S, "--set", "unlearn_milestones=[5, x]", *OUT],
+        ["unlearn_milestones", "list of integers"],
+    ),
+    (
+        "compare-set-str",
+        "compare",
+        [*S, "--defenses", "anp", "--set", "anp.iterations=abc", *OUT],
+        ["iterations", "'abc'"],
+    ),
     ("compare-set-nan", "compare", [*S, "--defenses", "clp", "--set", "u=.nan", *OUT], ["u", "nan"]),
-    ("compare-train-set-inf", "compare", [*S, "--defenses", "greedy-gamma", "--train-set", "env.budget=.inf", *OUT],
-     ["greedy-gamma", "env.budget", "finite"]),
-    ("compare-train-set-section", "compare", [*S, "--defenses", "greedy-gamma", "--train-set", "env=3", *OUT],
-     ["key env", "got 3"]),
-    ("compare-train-set-unknown", "compare", [*S, "--defenses", "random", "greedy-gamma", "--train-set",
-                                              "env.budget.x=1", *OUT], ["env.budget"]),
+    (
+        "compare-train-set-inf",
+        "compare",
+        [*S, "--defenses", "greedy-gamma", "--train-set", "env.budget=.inf", *OUT],
+        ["greedy-gamma", "env.budget", "finite"],
+    ),
+    (
+        "compare-train-set-section",
+        "compare",
+        [*S, "--defenses", "greedy-gamma", "--train-set", "env=3", *OUT],
+        ["key env", "got 3"],
+    ),
+    (
+        "compare-train-set-unknown",
+        "compare",
+        [*S, "--defenses", "random", "greedy-gamma", "--train-set", "env.budget.x=1", *OUT],
+        ["env.budget"],
+    ),
     # item 8: files of a source run that are not what they should be --------------------------------------
-    ("evaluate-config-list", "evaluate", ["--pruned", "{tmp}/src_list", *OUT],
-     ["{tmp}/src_list/config.json", "expected a JSON object", "list"]),
-    ("evaluate-pruned-negative", "evaluate", ["--pruned", "{tmp}/src_neg", *OUT],
-     ["{tmp}/src_neg/pruned.json", ">= 0", "-1"]),
-    ("evaluate-pruned-float", "evaluate", ["--pruned", "{tmp}/src_float", *OUT],
-     ["{tmp}/src_float/pruned.json", "integer"]),
-    ("evaluate-pruned-list", "evaluate", ["--pruned", "{tmp}/src_pruned_list", *OUT],
-     ["{tmp}/src_pruned_list/pruned.json", "JSON object"]),
+    (
+        "evaluate-config-list",
+        "evaluate",
+        ["--pruned", "{tmp}/src_list", *OUT],
+        ["{tmp}/src_list/config.json", "expected a JSON object", "list"],
+    ),
+    (
+        "evaluate-pruned-negative",
+        "evaluate",
+        ["--pruned", "{tmp}/src_neg", *OUT],
+        ["{tmp}/src_neg/pruned.json", ">= 0", "-1"],
+    ),
+    (
+        "evaluate-pruned-float",
+        "evaluate",
+        ["--pruned", "{tmp}/src_float", *OUT],
+        ["{tmp}/src_float/pruned.json", "integer"],
+    ),
+    (
+        "evaluate-pruned-list",
+        "evaluate",
+        ["--pruned", "{tmp}/src_pruned_list", *OUT],
+        ["{tmp}/src_pruned_list/pruned.json", "JSON object"],
+    ),
     # item 9: ranked:<baseline> is checked when the agent spec is resolved ----------------------------------
-    ("train-ranked-unknown", "train", ["--config", TINY_TRAIN, "--agent", "ranked:bogus", *OUT],
-     ["'bogus'", "valid choices: anp", "rnp"]),
-    ("train-ranked-not-scoring", "train", ["--config", TINY_TRAIN, "--agent", "ranked:ft", *OUT],
-     ["'ft' does not score neurons", "rnp"]),
-    ("compare-ranked-unknown", "compare", [*S, "--defenses", "clp", "ranked:bogus", *OUT],
-     ["'bogus'", "valid choices: anp"]),
-    ("compare-unknown-defense", "compare", [*S, "--defenses", "clp", "bogus", *OUT],
-     ["unknown defense 'bogus'", "ranked:<baseline>"]),
+    (
+        "train-ranked-unknown",
+        "train",
+        ["--config", TINY_TRAIN, "--agent", "ranked:bogus", *OUT],
+        ["'bogus'", "valid choices: anp", "rnp"],
+    ),
+    (
+        "train-ranked-not-scoring",
+        "train",
+        ["--config", TINY_TRAIN, "--agent", "ranked:ft", *OUT],
+        ["'ft' does not score neurons", "rnp"],
+    ),
+    (
+        "compare-ranked-unknown",
+        "compare",
+        [*S, "--defenses", "clp", "ranked:bogus", *OUT],
+        ["'bogus'", "valid choices: anp"],
+    ),
+    (
+        "compare-unknown-defense",
+        "compare",
+        [*S, "--defenses", "clp", "bogus", *OUT],
+        ["unknown defense 'bogus'", "ranked:<baseline>"],
+    ),
     # issue #15: --set overrides each tool's own run config; the shared backdoored-model flags are validated ----
-    ("compare-set-unknown-config-key", "compare", [*S, "--defenses", "clp", "--set", "execution.bogus=1", *OUT],
-     ["compare config key execution.bogus", "unknown key"]),
-    ("compare-set-jobs-0", "compare", [*S, "--defenses", "clp", "--set", "execution.jobs=0", *OUT],
-     ["execution.jobs", "greater than or equal to 1"]),
-    ("compare-config-not-a-mapping", "compare", [*S, "--defenses", "clp", "--config", "{tmp}/afile", *OUT],
-     ["{tmp}/afile", "mapping"]),
-    ("compare-backdoor-set-grid-axis", "compare", [*S, "--defenses", "clp", "--backdoor-set", "seed=3", *OUT],
-     ["may not set seed"]),
-    ("baseline-set-run-config-type", "baseline", ["--method", "clp", *S, "--set", "oracle_step=abc", *OUT],
-     ["oracle_step", "'abc'"]),
-    ("evaluate-set-unknown-key", "evaluate", ["--pruned", "{tmp}/src_ok", "--set", "bogus=1", *OUT],
-     ["evaluate config key bogus", "unknown key"]),
+    (
+        "compare-set-unknown-config-key",
+        "compare",
+        [*S, "--defenses", "clp", "--set", "execution.bogus=1", *OUT],
+        ["compare config key execution.bogus", "unknown key"],
+    ),
+    (
+        "compare-set-jobs-0",
+        "compare",
+        [*S, "--defenses", "clp", "--set", "execution.jobs=0", *OUT],
+        ["execution.jobs", "greater than or equal to 1"],
+    ),
+    (
+        "compare-config-not-a-mapping",
+        "compare",
+        [*S, "--defenses", "clp", "--config", "{tmp}/afile", *OUT],
+        ["{tmp}/afile", "mapping"],
+    ),
+    (
+        "compare-backdoor-set-grid-axis",
+        "compare",
+        [*S, "--defenses", "clp", "--backdoor-set", "seed=3", *OUT],
+        ["may not set seed"],
+    ),
+    (
+        "baseline-set-run-config-type",
+        "baseline",
+        ["--method", "clp", *S, "--set", "oracle_step=abc", *OUT],
+        ["oracle_step", "'abc'"],
+    ),
+    (
+        "evaluate-set-unknown-key",
+        "evaluate",
+        ["--pruned", "{tmp}/src_ok", "--set", "bogus=1", *OUT],
+        ["evaluate config key bogus", "unknown key"],
+    ),
     ("backdoor-set-unknown-key", "backdoor", [*S, "--set", "bogus=1"], ["'bogus'", "valid keys"]),
-    ("train-set-unknown-key", "train", ["--config", TINY_TRAIN, "--set", "bogus=1", *OUT],
-     ["training config key bogus", "unknown key"]),
+    (
+        "train-set-unknown-key",
+        "train",
+        ["--config", TINY_TRAIN, "--set", "bogus=1", *OUT],
+        ["training config key bogus", "unknown key"],
+    ),
     ("train-epochs-0", "train", ["--config", TINY_TRAIN, "--epochs", "0", *OUT], ["--epochs", "got 0"]),
-    ("evaluate-defense-size-1", "evaluate", ["--pruned", "{tmp}/src_ok", "--defense-size", "1", *OUT],
-     ["--defense-size", "got 1"]),
+    (
+        "evaluate-defense-size-1",
+        "evaluate",
+        ["--pruned", "{tmp}/src_ok", "--defense-size", "1", *OUT],
+        ["--defense-size", "got 1"],
+    ),
     ("compare-max-train-0", "compare", [*S, "--defenses", "clp", "--max-train", "0", *OUT], ["--max-train"]),
-    ("evaluate-data-source-bogus", "evaluate", ["--pruned", "{tmp}/src_ok", "--data-source", "web", *OUT],
-     ["--data-source", "'web'"]),
+    (
+        "evaluate-data-source-bogus",
+        "evaluate",
+        ["--pruned", "{tmp}/src_ok", "--data-source", "web", *OUT],
+        ["--data-source", "'web'"],
+    ),
 ]
 
 
-PARAMS = [pytest.param(*c, id=c[0]) if type(c) is tuple else pytest.param(*c.values, id=c.values[0], marks=c.marks)
-          for c in CASES]
+PARAMS = [
+    pytest.param(*c, id=c[0]) if type(c) is tuple else pytest.param(*c.values, id=c.values[0], marks=c.marks)
+    for c in CASES
+]
 
 
 @pytest.mark.parametrize("case,tool,argv,culprits", PARAMS)
@@ -246,22 +458,33 @@ def test_bad_input_is_one_error_line(tree, monkeypatch, capsys, case, tool, argv
     _check(tree, tool, argv, culprits, capsys)
 
 
-@pytest.mark.parametrize("tool,argv", [
-    ("baseline", ["--method", "clp", *S]),
-    ("evaluate", ["--pruned", "{tmp}/src_ok"]),
-    ("compare", [*S, "--defenses", "clp"]),
-])
+@pytest.mark.parametrize(
+    "tool,argv",
+    [
+        ("baseline", ["--method", "clp", *S]),
+        ("evaluate", ["--pruned", "{tmp}/src_ok"]),
+        ("compare", [*S, "--defenses", "clp"]),
+    ],
+)
 def test_out_in_a_read_only_folder(tree, monkeypatch, capsys, tool, argv):
     ro = tree / "ro"
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
     if os.geteuid() == 0:  # root writes anywhere: let the permission check see what a user would
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(ro)) and mode & os.W_OK
-                            else real(p, mode, **kw))
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda p, mode, **kw: False if str(p).startswith(str(ro)) and mode & os.W_OK else real(p, mode, **kw),
+        )
     try:
-        _check(tree, tool, [*argv, "--out", "{tmp}/ro/run"], ["cannot write {tmp}/ro/run", "{tmp}/ro is read-only",
-                                                             "--out"], capsys)
+        _check(
+            tree,
+            tool,
+            [*argv, "--out", "{tmp}/ro/run"],
+            ["cannot write {tmp}/ro/run", "{tmp}/ro is read-only", "--out"],
+            capsys,
+        )
     finally:
         ro.chmod(stat.S_IRWXU)
 
@@ -272,8 +495,11 @@ def test_read_only_cache_names_the_cache_option(tree, monkeypatch, capsys):
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
     if os.geteuid() == 0:
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(ro)) and mode & os.W_OK
-                            else real(p, mode, **kw))
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda p, mode, **kw: False if str(p).startswith(str(ro)) and mode & os.W_OK else real(p, mode, **kw),
+        )
     try:
         _check(tree, "backdoor", [*S, "--quiet"], ["{tmp}/cache", "read-only", "--cache-dir (or ONP_CACHE)"], capsys)
     finally:

@@ -34,7 +34,6 @@ FAST = {
 }
 
 
-
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle):
     return tiny_bundle
@@ -47,9 +46,13 @@ def data(bundle):
 
 def _rand_data(n_train=40, n_val=20, shape=(1, 28, 28), classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return DefenseData(torch.rand(n_train, *shape, generator=g), torch.randint(0, classes, (n_train,), generator=g),
-                       torch.rand(n_val, *shape, generator=g), torch.randint(0, classes, (n_val,), generator=g),
-                       classes)
+    return DefenseData(
+        torch.rand(n_train, *shape, generator=g),
+        torch.randint(0, classes, (n_train,), generator=g),
+        torch.rand(n_val, *shape, generator=g),
+        torch.randint(0, classes, (n_val,), generator=g),
+        classes,
+    )
 
 
 def _state(model):
@@ -87,6 +90,7 @@ def test_every_method_runs_and_never_mutates_the_input(method):
 
 def test_neuron_numbering_matches_the_graph():
     from onp.graph import build_neuron_graph
+
     for name in ("small_cnn", "resnet18"):
         m = build_model(name, in_channels=1, width=4).eval()
         g = build_neuron_graph(m, torch.zeros(1, 1, 28, 28))
@@ -145,8 +149,9 @@ def test_anp_perturbation_hook_matches_the_formula():
 
 
 def test_anp_projected_perturbations_stay_within_eps_and_masks_in_unit_interval(bundle, data):
-    res = build_defense("anp", eps=0.3, iterations=15, batch_size=32,
-                        perturbation="projected").fit(bundle.model, data, seed=0)
+    res = build_defense("anp", eps=0.3, iterations=15, batch_size=32, perturbation="projected").fit(
+        bundle.model, data, seed=0
+    )
     info = res.info
     # random start in [-eps, eps] plus a step of eps would reach 2*eps without the projection
     # (the default, perturbation="reference": tests/test_baselines_reference.py)
@@ -192,8 +197,15 @@ def test_rnp_unlearning_stops_at_threshold_and_recovery_touches_only_masks(bundl
 
 
 def test_rnp_max_epoch_guard(bundle, data):
-    res = build_defense("rnp", batch_size=32, unlearn_epochs=1, clean_threshold=0.0, recover_epochs=1,
-                        operating_point="number", n_prune=2).fit(bundle.model, data, seed=0)
+    res = build_defense(
+        "rnp",
+        batch_size=32,
+        unlearn_epochs=1,
+        clean_threshold=0.0,
+        recover_epochs=1,
+        operating_point="number",
+        n_prune=2,
+    ).fit(bundle.model, data, seed=0)
     assert res.info["unlearning_reached_threshold"] is False and "never reached" in res.info["note"]
     assert len(res.pruned) == 2
 
@@ -210,7 +222,7 @@ def test_awm_trigger_budget_masks_and_only_masks_change(bundle, data):
     assert set(masks) == {n for n, m in bundle.model.named_modules() if isinstance(m, nn.Conv2d)}
     assert set(out) == set(original)
     for k, v in original.items():
-        conv = k[:-len(".weight")]
+        conv = k[: -len(".weight")]
         if conv in masks:
             m = masks[conv]
             assert m.shape == v.shape and m.min() >= 0 and m.max() <= 1
@@ -300,13 +312,15 @@ class _NoTestBundle:
 @pytest.mark.parametrize("method", ["anp", "magnitude"])
 def test_operating_point_never_reads_test_data(bundle, method):
     from onp.baseline import defend
+
     res = defend(_NoTestBundle(bundle), method, FAST[method], seed=0)
     op = res.info["operating_point"]
     assert op["rule"] == "delta" and op["n_pruned"] == len(res.pruned)
     assert op["val_acc_before"] - op["val_acc_after"] <= 0.05 + 1e-9
     # the largest admissible count on the grid was chosen
-    assert all(s["n_pruned"] <= op["n_pruned"] for s in op["val_sweep"]
-               if op["val_acc_before"] - s["val_acc"] <= 0.05 + 1e-9)
+    assert all(
+        s["n_pruned"] <= op["n_pruned"] for s in op["val_sweep"] if op["val_acc_before"] - s["val_acc"] <= 0.05 + 1e-9
+    )
 
 
 def test_pruning_grid():
@@ -321,6 +335,7 @@ def test_pruning_grid():
 def test_score_feature_providers(bundle, data):
     from baselines.features import make_score_provider
     from onp.graph import build_neuron_graph, compute_node_features
+
     baselines.register_score_providers()  # explicit: importing baselines registers nothing
     g = build_neuron_graph(bundle.model, torch.zeros(1, 1, 28, 28))
     x, names = compute_node_features(bundle.model, g, providers=("magnitude_score", "clp_score"), standardize=False)
@@ -340,20 +355,62 @@ def test_score_feature_providers(bundle, data):
 def test_cli_end_to_end_and_refuses_to_overwrite(bundle, onp_cache, tmp_path, capsys):
     from onp.baseline import main
     from onp.cli_common import run_cli
+
     cfg = bundle.config
     out = tmp_path / "run"
-    argv = ["--method", "magnitude", "--model", cfg.model, "--width", str(cfg.width), "--data-source",
-            cfg.data_source, "--epochs", str(cfg.epochs), "--max-train", str(cfg.max_train), "--defense-size",
-            str(cfg.defense_size), "--seed", str(cfg.seed), "--attack", cfg.attack, "--dataset", cfg.dataset,
-            "--cache-dir", str(onp_cache), "--out", str(out), "--quiet"]
+    argv = [
+        "--method",
+        "magnitude",
+        "--model",
+        cfg.model,
+        "--width",
+        str(cfg.width),
+        "--data-source",
+        cfg.data_source,
+        "--epochs",
+        str(cfg.epochs),
+        "--max-train",
+        str(cfg.max_train),
+        "--defense-size",
+        str(cfg.defense_size),
+        "--seed",
+        str(cfg.seed),
+        "--attack",
+        cfg.attack,
+        "--dataset",
+        cfg.dataset,
+        "--cache-dir",
+        str(onp_cache),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert run_cli(main, argv + ["--delta", "0.1", "--oracle-max-fraction", "0.02"]) == 0
     assert "magnitude on small_cnn/badnets" in capsys.readouterr().out
-    for f in ("config.json", "env.json", "metrics.json", "model.pt", "scores.pt", "pruned.json",
-              "oracle_sweep.json", "README.md"):
+    for f in (
+        "config.json",
+        "env.json",
+        "metrics.json",
+        "model.pt",
+        "scores.pt",
+        "pruned.json",
+        "oracle_sweep.json",
+        "README.md",
+    ):
         assert (out / f).exists(), f
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("acc", "asr", "ra", "der", "before", "n_pruned", "wall_time", "forward_passes", "backward_passes",
-                "operating_point"):
+    for key in (
+        "acc",
+        "asr",
+        "ra",
+        "der",
+        "before",
+        "n_pruned",
+        "wall_time",
+        "forward_passes",
+        "backward_passes",
+        "operating_point",
+    ):
         assert key in metrics, key
     assert metrics["operating_point"]["delta"] == 0.1
     pruned = json.loads((out / "pruned.json").read_text())

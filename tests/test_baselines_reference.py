@@ -19,9 +19,13 @@ from onp.models import build_model
 
 def _rand_data(n_train=64, n_val=32, shape=(1, 28, 28), classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return DefenseData(torch.rand(n_train, *shape, generator=g), torch.randint(0, classes, (n_train,), generator=g),
-                       torch.rand(n_val, *shape, generator=g), torch.randint(0, classes, (n_val,), generator=g),
-                       classes)
+    return DefenseData(
+        torch.rand(n_train, *shape, generator=g),
+        torch.randint(0, classes, (n_train,), generator=g),
+        torch.rand(n_val, *shape, generator=g),
+        torch.randint(0, classes, (n_val,), generator=g),
+        classes,
+    )
 
 
 def _classifier_inputs(model, x):
@@ -35,10 +39,12 @@ def _classifier_inputs(model, x):
 
 def _logits_with_unit_shifted(model, x, unit, amount=10.0):
     """Logits when feature ``unit`` of the classifier's input is shifted by ``amount``."""
+
     def shift(m, inp):
         z = inp[0].clone()
         z[:, unit] += amount
         return (z,)
+
     h = model.linear.register_forward_pre_hook(shift)
     with torch.no_grad():
         out = model.eval()(x)
@@ -76,8 +82,9 @@ def test_fp_masks_the_least_active_units_for_the_classifier(resnet):
 @pytest.mark.parametrize("ft_epochs", [0, 1])
 def test_fp_with_every_unit_pruned_the_logits_are_constant(resnet, ft_epochs):
     data = _rand_data()
-    res = build_defense("fp", operating_point="number", n_prune=32, ft_epochs=ft_epochs,
-                        batch_size=32).fit(resnet, data, seed=0)
+    res = build_defense("fp", operating_point="number", n_prune=32, ft_epochs=ft_epochs, batch_size=32).fit(
+        resnet, data, seed=0
+    )
     out = res.model.eval()(data.val_x).detach()
     assert torch.allclose(out, out[:1].expand_as(out), atol=1e-6)
     assert torch.allclose(out[0], res.model.linear.bias.detach())
@@ -89,8 +96,9 @@ def test_fp_bn_mode_leaves_the_residual_path_open(resnet):
     """The pre-issue-#13 rule (units=bn): zeroing every gamma of layer4.1.bn2 does not remove any
     classifier unit, because the identity skip carries layer4.0's output past it."""
     data = _rand_data()
-    res = build_defense("fp", units="bn", layer="layer4.1.bn2", operating_point="number", n_prune=32,
-                        ft_epochs=0).fit(resnet, data, seed=0)
+    res = build_defense("fp", units="bn", layer="layer4.1.bn2", operating_point="number", n_prune=32, ft_epochs=0).fit(
+        resnet, data, seed=0
+    )
     assert torch.all(res.model.layer4[1].bn2.weight == 0) and res.n_pruned == 32
     out = res.model.eval()(data.val_x).detach()
     assert not torch.allclose(out, out[:1].expand_as(out), atol=1e-3)  # still input-dependent
@@ -128,7 +136,7 @@ def test_ngf_kfac_factors_start_at_identity_and_move_by_running_average():
     assert kf.n_scale_updates == 0 and torch.allclose(kf.S, (lg[:, None] * la[None, :]).float(), atol=1e-5)
     # ... so no direction is amplified by more than 1 / 0.95^2 on step 0 (the identity's weight)
     grad = torch.randn(3, 7)
-    assert kf.precondition(grad).norm() <= grad.norm() / 0.95 ** 2
+    assert kf.precondition(grad).norm() <= grad.norm() / 0.95**2
     A0 = kf.A.clone()
     for _ in range(9):  # steps 1-9: no factor or scale update
         kf.capture(torch.randn(16, 6), torch.randn(16, 3))
@@ -203,14 +211,16 @@ def test_anp_reference_perturbation_exceeds_eps_but_never_two_eps():
             nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.5, 0.5)
     data, eps = _rand_data(), 0.3
     for steps in (1, 3):
-        res = build_defense("anp", eps=eps, pgd_steps=steps, iterations=4, batch_size=32,
-                            operating_point="number", n_prune=0).fit(model, data, seed=0)
+        res = build_defense(
+            "anp", eps=eps, pgd_steps=steps, iterations=4, batch_size=32, operating_point="number", n_prune=0
+        ).fit(model, data, seed=0)
         info = res.info
         assert info["perturbation"] == "reference"
         assert eps < info["max_abs_delta"] <= 2 * eps + 1e-6 and eps < info["max_abs_xi"] <= 2 * eps + 1e-6
         assert info["_last_delta"].abs().max() <= 2 * eps + 1e-6
-    proj = build_defense("anp", eps=eps, iterations=4, batch_size=32, perturbation="projected",
-                         operating_point="number", n_prune=0).fit(model, data, seed=0)
+    proj = build_defense(
+        "anp", eps=eps, iterations=4, batch_size=32, perturbation="projected", operating_point="number", n_prune=0
+    ).fit(model, data, seed=0)
     assert proj.info["max_abs_delta"] <= eps + 1e-6 and proj.info["max_abs_xi"] <= eps + 1e-6
     with pytest.raises(DefenseError, match="perturbation"):
         build_defense("anp", perturbation="clipped")

@@ -78,14 +78,17 @@ def test_help_renders(tool):
 # ----------------------------------------------------------------------------------------------- --list, --set
 
 
-@pytest.mark.parametrize("tool, argv, expect", [
-    ("train", ["--list"], "ppo-gnn"),
-    ("train", ["--list-agents"], "ppo-gnn"),
-    ("baseline", ["--list"], "anp: {"),
-    ("evaluate", ["--list"], "greedy-gamma"),
-    ("compare", ["--list"], "agents: "),
-    ("backdoor", ["--list"], "attacks: badnets"),
-])
+@pytest.mark.parametrize(
+    "tool, argv, expect",
+    [
+        ("train", ["--list"], "ppo-gnn"),
+        ("train", ["--list-agents"], "ppo-gnn"),
+        ("baseline", ["--list"], "anp: {"),
+        ("evaluate", ["--list"], "greedy-gamma"),
+        ("compare", ["--list"], "agents: "),
+        ("backdoor", ["--list"], "attacks: badnets"),
+    ],
+)
 def test_list_lists_and_exits_0(tool, argv, expect, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out, err = _run(tool, argv, capsys)
@@ -93,16 +96,19 @@ def test_list_lists_and_exits_0(tool, argv, expect, capsys, tmp_path, monkeypatc
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("tool, argv, culprit", [
-    ("train", ["--set", "bogus.key=1"], "training config key bogus: unknown key"),
-    ("train", ["--set", "env.bogus=1"], "env.bogus: unknown key"),
-    ("baseline", ["--method", "clp", "--set", "bogus=1"], "unknown hyperparameter(s) ['bogus']"),
-    ("baseline", ["--method", "clp", "--set", "oracle.x=1"], "baseline config key oracle"),
-    ("evaluate", ["--pruned", "src", "--set", "bogus=1"], "evaluate config key bogus: unknown key"),
-    ("compare", ["--set", "output.bogus=1"], "compare config key output.bogus: unknown key"),
-    ("compare", ["--set", "bogus=1"], "no selected baseline has a hyperparameter 'bogus'"),
-    ("backdoor", ["--set", "bogus=1"], "unknown backdoor config key(s) ['bogus']"),
-])
+@pytest.mark.parametrize(
+    "tool, argv, culprit",
+    [
+        ("train", ["--set", "bogus.key=1"], "training config key bogus: unknown key"),
+        ("train", ["--set", "env.bogus=1"], "env.bogus: unknown key"),
+        ("baseline", ["--method", "clp", "--set", "bogus=1"], "unknown hyperparameter(s) ['bogus']"),
+        ("baseline", ["--method", "clp", "--set", "oracle.x=1"], "baseline config key oracle"),
+        ("evaluate", ["--pruned", "src", "--set", "bogus=1"], "evaluate config key bogus: unknown key"),
+        ("compare", ["--set", "output.bogus=1"], "compare config key output.bogus: unknown key"),
+        ("compare", ["--set", "bogus=1"], "no selected baseline has a hyperparameter 'bogus'"),
+        ("backdoor", ["--set", "bogus=1"], "unknown backdoor config key(s) ['bogus']"),
+    ],
+)
 def test_set_of_an_unknown_key_is_one_clear_error(tool, argv, culprit, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out, err = _run(tool, argv + ([] if tool == "backdoor" else ["--out", str(tmp_path / "run")]), capsys)
@@ -113,35 +119,64 @@ def test_set_of_an_unknown_key_is_one_clear_error(tool, argv, culprit, capsys, t
 
 def test_set_overrides_the_run_config_keys():
     from onp import baseline, evaluate, train
+
     args = train.build_parser().parse_args(["--set", "env.budget=7", "--set", "backdoor.poison_rate=0.2"])
     assert train.config_from_args(args) == {"env": {"budget": 7}, "backdoor": {"poison_rate": 0.2}}
-    cfg = baseline.config_from_args(baseline.build_parser().parse_args(
-        ["--method", "anp", "--set", "oracle_step=0.02", "--set", "params.iterations=5", "--set", "batch_size=16",
-         "--set", "backdoor.poison_rate=0.2"]))
+    cfg = baseline.config_from_args(
+        baseline.build_parser().parse_args(
+            [
+                "--method",
+                "anp",
+                "--set",
+                "oracle_step=0.02",
+                "--set",
+                "params.iterations=5",
+                "--set",
+                "batch_size=16",
+                "--set",
+                "backdoor.poison_rate=0.2",
+            ]
+        )
+    )
     assert cfg.oracle_step == 0.02 and cfg.params == {"iterations": 5, "batch_size": 16}
     assert cfg.backdoor["poison_rate"] == 0.2
-    cfg = evaluate.config_from_args(evaluate.build_parser().parse_args(
-        ["--set", "pruned=runs/x", "--set", "target.poison_rate=0.2", "--set", "env_seed=3"]))
+    cfg = evaluate.config_from_args(
+        evaluate.build_parser().parse_args(
+            ["--set", "pruned=runs/x", "--set", "target.poison_rate=0.2", "--set", "env_seed=3"]
+        )
+    )
     assert cfg.kind == "pruned" and cfg.target == {"poison_rate": 0.2} and cfg.env_seed == 3
-    cfg = compare.config_from_args(compare.build_parser().parse_args(
-        ["--set", "execution.jobs=3", "--set", "anp.iterations=5", "--set", "delta=0.1", "--set", "seeds=2"]))
+    cfg = compare.config_from_args(
+        compare.build_parser().parse_args(
+            ["--set", "execution.jobs=3", "--set", "anp.iterations=5", "--set", "delta=0.1", "--set", "seeds=2"]
+        )
+    )
     assert cfg.execution.jobs == 3 and cfg.seeds == 2
     assert cfg.defense.params == {"anp": {"iterations": 5}, "delta": 0.1}
 
 
 def test_seed_means_the_backdoored_model_and_the_fitted_defense_or_agent():
     from onp import backdoor, baseline, evaluate, train
-    assert train.config_from_args(train.build_parser().parse_args(["--seed", "3"])) == \
-        {"seed": 3, "backdoor": {"seed": 3}}
-    assert train.config_from_args(train.build_parser().parse_args(["--seed", "3", "--agent-seed", "5"])) == \
-        {"seed": 5, "backdoor": {"seed": 3}}
+
+    assert train.config_from_args(train.build_parser().parse_args(["--seed", "3"])) == {
+        "seed": 3,
+        "backdoor": {"seed": 3},
+    }
+    assert train.config_from_args(train.build_parser().parse_args(["--seed", "3", "--agent-seed", "5"])) == {
+        "seed": 5,
+        "backdoor": {"seed": 3},
+    }
     b = baseline.config_from_args(baseline.build_parser().parse_args(["--method", "clp", "--seed", "3"]))
     assert b.backdoor["seed"] == 3 and b.defense_seed is None  # the run seeds the defense with the model's seed
-    b = baseline.config_from_args(baseline.build_parser().parse_args(["--method", "clp", "--checkpoint", "m",
-                                                                      "--seed", "3"]))
+    b = baseline.config_from_args(
+        baseline.build_parser().parse_args(["--method", "clp", "--checkpoint", "m", "--seed", "3"])
+    )
     assert b.defense_seed == 3
-    b = baseline.config_from_args(baseline.build_parser().parse_args(["--method", "clp", "--checkpoint", "m",
-                                                                      "--seed", "3", "--defense-seed", "4"]))
+    b = baseline.config_from_args(
+        baseline.build_parser().parse_args(
+            ["--method", "clp", "--checkpoint", "m", "--seed", "3", "--defense-seed", "4"]
+        )
+    )
     assert b.defense_seed == 4
     e = evaluate.config_from_args(evaluate.build_parser().parse_args(["--pruned", "x", "--seed", "3"]))
     assert e.target == {"seed": 3} and e.env_seed is None  # a policy is applied, not trained: --env-seed
@@ -166,8 +201,9 @@ def _plain(obj):
     return json.loads(json.dumps(obj))
 
 
-@pytest.mark.parametrize("tool, index", [(t, i) for t in ("train", "baseline", "evaluate", "backdoor")
-                                         for i in range(len(GOLDEN[t]))])
+@pytest.mark.parametrize(
+    "tool, index", [(t, i) for t in ("train", "baseline", "evaluate", "backdoor") for i in range(len(GOLDEN[t]))]
+)
 def test_same_flags_give_the_same_config_as_before(golden_dir, tool, index):
     case = GOLDEN[tool][index]
     mod = importlib.import_module(f"onp.{tool}")
@@ -181,14 +217,19 @@ def test_same_flags_give_the_same_grid_as_before(golden_dir, index):
     case = GOLDEN["compare"][index]
     plan = compare.GridPlan(compare.config_from_args(compare.build_parser().parse_args(case["argv"])))
     cells = plan.cells()
-    got = _plain({
-        "out": str(plan.out), "seeds": plan.seeds, "baselines": plan.baselines, "policies": plan.policies,
-        "backdoor": {f"{m}/{a}/s{s}": c.to_dict() for (m, a, s), c in plan.backdoor.items()},
-        "defense_params": plan.defense_params,
-        "settings": compare._comparable_settings(plan.settings()),
-        "tasks": {c.key: plan.cell_task(c, "M") for c in cells},
-        "train_configs_before_models": {c.key: plan.train_config(c, None) for c in cells if c.kind == "policy"},
-    })
+    got = _plain(
+        {
+            "out": str(plan.out),
+            "seeds": plan.seeds,
+            "baselines": plan.baselines,
+            "policies": plan.policies,
+            "backdoor": {f"{m}/{a}/s{s}": c.to_dict() for (m, a, s), c in plan.backdoor.items()},
+            "defense_params": plan.defense_params,
+            "settings": compare._comparable_settings(plan.settings()),
+            "tasks": {c.key: plan.cell_task(c, "M") for c in cells},
+            "train_configs_before_models": {c.key: plan.train_config(c, None) for c in cells if c.kind == "policy"},
+        }
+    )
     # the settings of a grid recorded the override flags as KEY=VALUE lists; now as mappings (both resume)
     expected = {**case["config"], "settings": compare._comparable_settings(case["config"]["settings"])}
     assert got == expected

@@ -19,8 +19,20 @@ from onp.executors import LocalExecutor, ProcessExecutor, make_executor, ray_ava
 from onp.registry import UnknownNameError
 from onp.report import Cell, build_rows, fmt, stats, to_markdown
 
-LEAN = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "1000",
-        "--defense-size", "300"]
+LEAN = [
+    "--model",
+    "small_cnn",
+    "--width",
+    "4",
+    "--data-source",
+    "sample",
+    "--epochs",
+    "1",
+    "--max-train",
+    "1000",
+    "--defense-size",
+    "300",
+]
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +50,27 @@ def _plan(argv):
 def grid(onp_cache, tmp_path_factory):
     """2 attacks x (2 baselines + a learned-policy agent run by onp.train) x 2 seeds."""
     out = tmp_path_factory.mktemp("grid") / "g"
-    argv = _argv(onp_cache, out, "--attacks", "badnets", "blend", "--defenses", "magnitude", "clp", "greedy-gamma",
-                 "--seeds", "2", "--set", "max_fraction=0.1", "--oracle-max-fraction", "0.1",
-                 "--train-set", "env.budget=3", "--train-set", "env.reward_batch=60")
+    argv = _argv(
+        onp_cache,
+        out,
+        "--attacks",
+        "badnets",
+        "blend",
+        "--defenses",
+        "magnitude",
+        "clp",
+        "greedy-gamma",
+        "--seeds",
+        "2",
+        "--set",
+        "max_fraction=0.1",
+        "--oracle-max-fraction",
+        "0.1",
+        "--train-set",
+        "env.budget=3",
+        "--train-set",
+        "env.reward_batch=60",
+    )
     assert compare.main(argv) == 0
     return out, argv
 
@@ -99,8 +129,13 @@ def test_grid_outputs_and_provenance(grid):
     base = json.loads((out / "cells" / "badnets" / "magnitude" / "s1" / "config.json").read_text())
     assert pol["model_dir"] == base["model_dir"] == models["small_cnn/badnets/s1"]["path"]
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    for name in ("sweep_small_cnn_badnets.png", "sweep_small_cnn_blend.png", "der_small_cnn.png",
-                 "pruned_per_layer_small_cnn.png", "learning_curve.png"):
+    for name in (
+        "sweep_small_cnn_badnets.png",
+        "sweep_small_cnn_blend.png",
+        "der_small_cnn.png",
+        "pruned_per_layer_small_cnn.png",
+        "learning_curve.png",
+    ):
         assert name in plots
         data = (out / "plots" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000, name
@@ -128,6 +163,7 @@ def test_names_are_validated_before_any_work(onp_cache, tmp_path):
 def test_settings_change_is_refused(grid, onp_cache):
     out, argv = grid
     from onp.io import RunExistsError
+
     with pytest.raises(RunExistsError, match="other settings.*epochs"):
         compare.main(argv + ["--epochs", "2"])
 
@@ -150,8 +186,20 @@ class _Interrupt(LocalExecutor):
 
 def test_interrupted_grid_resumes_where_it_stopped(grid, onp_cache, tmp_path, monkeypatch):
     out = tmp_path / "resume"
-    argv = _argv(onp_cache, out, "--attacks", "badnets", "--defenses", "magnitude", "clp", "--seeds", "2",
-                 "--no-oracle", "--set", "max_fraction=0.1")
+    argv = _argv(
+        onp_cache,
+        out,
+        "--attacks",
+        "badnets",
+        "--defenses",
+        "magnitude",
+        "clp",
+        "--seeds",
+        "2",
+        "--no-oracle",
+        "--set",
+        "max_fraction=0.1",
+    )
     calls = []
     real = compare.run_cell
 
@@ -187,8 +235,21 @@ def test_partial_grid_shows_missing_cells(grid, onp_cache, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "cells" / "blend" / "clp" / "s1")
-    argv = _argv(onp_cache, copy, "--attacks", "badnets", "blend", "--defenses", "magnitude", "clp", "random",
-                 "--seeds", "3", "--report-only", "--no-plots")
+    argv = _argv(
+        onp_cache,
+        copy,
+        "--attacks",
+        "badnets",
+        "blend",
+        "--defenses",
+        "magnitude",
+        "clp",
+        "random",
+        "--seeds",
+        "3",
+        "--report-only",
+        "--no-plots",
+    )
     assert compare.main(argv) == 0
     assert not (copy / "cells" / "badnets" / "random").exists()  # --report-only runs nothing
     md = (copy / "leaderboard.md").read_text()
@@ -205,8 +266,15 @@ def test_report_rows_failed_and_missing(tmp_path):
     def cell(d, s, status, acc=0.9):
         c = Cell("m", "a", d, s, "baseline", tmp_path / f"{d}{s}", status=status)
         if status == "ok":
-            c.metrics = {"acc": acc, "asr": 0.1, "ra": 0.8, "der": 0.9, "n_pruned": 3, "wall_time": 2.0,
-                         "before": {"acc": 0.92, "asr": 1.0, "ra": 0.0}}
+            c.metrics = {
+                "acc": acc,
+                "asr": 0.1,
+                "ra": 0.8,
+                "der": 0.9,
+                "n_pruned": 3,
+                "wall_time": 2.0,
+                "before": {"acc": 0.92, "asr": 1.0, "ra": 0.0},
+            }
         else:
             c.error = "boom"
         return c
@@ -235,24 +303,57 @@ def test_process_executor_runs_tasks():
 @pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install 'onp[ray]')")
 def test_ray_executor_grid(grid, onp_cache, tmp_path):
     out = tmp_path / "ray"
-    argv = _argv(onp_cache, out, "--attacks", "badnets", "blend", "--defenses", "magnitude", "clp", "--seeds", "1",
-                 "--no-oracle", "--set", "max_fraction=0.1", "--executor", "ray", "--ray-num-cpus", "2", "--no-plots")
+    argv = _argv(
+        onp_cache,
+        out,
+        "--attacks",
+        "badnets",
+        "blend",
+        "--defenses",
+        "magnitude",
+        "clp",
+        "--seeds",
+        "1",
+        "--no-oracle",
+        "--set",
+        "max_fraction=0.1",
+        "--executor",
+        "ray",
+        "--ray-num-cpus",
+        "2",
+        "--no-plots",
+    )
     assert compare.main(argv) == 0
     import ray
+
     assert not ray.is_initialized()  # the executor shut down the Ray instance it started
     board = json.loads((out / "leaderboard.json").read_text())
     assert all(r["status"] == "1/1" for r in board["rows"])
     # same cells as the local grid (same models, same seeds) -> same numbers
     local = json.loads((grid[0] / "cells" / "blend" / "magnitude" / "s0" / "metrics.json").read_text())
     remote = json.loads((out / "cells" / "blend" / "magnitude" / "s0" / "metrics.json").read_text())
-    assert {k: remote[k] for k in ("acc", "asr", "ra", "der", "n_pruned")} == \
-           {k: local[k] for k in ("acc", "asr", "ra", "der", "n_pruned")}
+    assert {k: remote[k] for k in ("acc", "asr", "ra", "der", "n_pruned")} == {
+        k: local[k] for k in ("acc", "asr", "ra", "der", "n_pruned")
+    }
 
 
 def test_failed_cell_is_reported_not_dropped(grid, onp_cache, tmp_path):
     out = tmp_path / "fail"
-    argv = _argv(onp_cache, out, "--attacks", "badnets", "--defenses", "anp", "clp", "--seeds", "1", "--no-oracle",
-                 "--no-plots", "--set", "anp.batch_size=1000")  # more than the 150 defense-train images
+    argv = _argv(
+        onp_cache,
+        out,
+        "--attacks",
+        "badnets",
+        "--defenses",
+        "anp",
+        "clp",
+        "--seeds",
+        "1",
+        "--no-oracle",
+        "--no-plots",
+        "--set",
+        "anp.batch_size=1000",
+    )  # more than the 150 defense-train images
     assert compare.main(argv) == 1
     failures = json.loads((out / "failures.json").read_text())
     assert list(failures) == ["small_cnn/badnets/anp/s0"] and "at least 1000" in failures["small_cnn/badnets/anp/s0"]
@@ -315,8 +416,23 @@ def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setattr(onp.baseline, "run_baseline", lambda cfg, out, **kw: calls.update(baseline=(cfg, kw)))
     monkeypatch.setattr(onp.train, "run_training", lambda cfg, out, **kw: calls.update(policy=(cfg, kw)))
-    plan = _plan(_argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma",
-                       "--seeds", "1", "--set", "clp.u=2.5", "--train-set", "env.budget=3"))
+    plan = _plan(
+        _argv(
+            onp_cache,
+            tmp_path / "plan",
+            "--attacks",
+            "badnets",
+            "--defenses",
+            "clp",
+            "greedy-gamma",
+            "--seeds",
+            "1",
+            "--set",
+            "clp.u=2.5",
+            "--train-set",
+            "env.budget=3",
+        )
+    )
     cells = {c.defense: c for c in plan.cells()}
     for c in cells.values():
         compare.run_cell(plan.cell_task(c, str(tmp_path / "model")))
@@ -335,8 +451,23 @@ def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path, monkeypatch):
 
 def test_only_cells_on_a_cuda_device_use_a_gpu(onp_cache, tmp_path):
     """Baseline cells run on the CPU and never ask Ray for a GPU; policy cells do with --device cuda."""
-    plan = _plan(_argv(onp_cache, tmp_path / "plan", "--attacks", "badnets", "--defenses", "clp", "greedy-gamma",
-                       "--seeds", "1", "--device", "cuda", "--executor", "ray"))
+    plan = _plan(
+        _argv(
+            onp_cache,
+            tmp_path / "plan",
+            "--attacks",
+            "badnets",
+            "--defenses",
+            "clp",
+            "greedy-gamma",
+            "--seeds",
+            "1",
+            "--device",
+            "cuda",
+            "--executor",
+            "ray",
+        )
+    )
     assert plan.out.is_absolute() and plan.cache_dir.is_absolute()  # Ray workers may run elsewhere
     tasks = {c.defense: plan.cell_task(c, str(tmp_path / "model")) for c in plan.cells()}
     assert not compare.uses_gpu(tasks["clp"]) and compare.uses_gpu(tasks["greedy-gamma"])
@@ -354,21 +485,24 @@ def test_default_yaml_equals_the_typed_defaults():
     assert compare.config_from_args(compare.build_parser().parse_args([])) == CompareConfig()  # no flag: defaults
 
 
-@pytest.mark.parametrize("argv, culprit", [
-    (["--set", "seeds=abc"], "compare config key seeds: Input should be a valid integer (got 'abc')"),  # bad type
-    (["--set", "defense.oracle_max_fraction=.nan"], "defense.oracle_max_fraction: Input should be a finite number"),
-    (["--set", "train.timesteps=.inf"], "train.timesteps"),
-    (["--set", "execution.bogus=1"], "compare config key execution.bogus: unknown key"),
-    (["--set", "execution.jobs=0"], "execution.jobs: Input should be greater than or equal to 1"),  # out of range
-    (["--set", "seed_list=[0, -1]"], "seed_list.1"),
-    (["--set", "backdoor.width=0"], "width must be in [1, 4096]"),
-    (["--set", "backdoor.overrides.lr=.nan"], "lr"),
-    (["--set", "execution.executor=slurm"], "execution.executor"),
-    (["--set", "models=[]"], "models"),
-    (["--backdoor-set", "seed=3"], "may not set seed"),
-    (["--config", "{tmp}/bad.yaml"], "compare config key defense.oracle_max_fraction"),
-    (["--config", "{tmp}/unknown.yaml"], "compare config key bogus: unknown key"),
-])
+@pytest.mark.parametrize(
+    "argv, culprit",
+    [
+        (["--set", "seeds=abc"], "compare config key seeds: Input should be a valid integer (got 'abc')"),  # bad type
+        (["--set", "defense.oracle_max_fraction=.nan"], "defense.oracle_max_fraction: Input should be a finite number"),
+        (["--set", "train.timesteps=.inf"], "train.timesteps"),
+        (["--set", "execution.bogus=1"], "compare config key execution.bogus: unknown key"),
+        (["--set", "execution.jobs=0"], "execution.jobs: Input should be greater than or equal to 1"),  # out of range
+        (["--set", "seed_list=[0, -1]"], "seed_list.1"),
+        (["--set", "backdoor.width=0"], "width must be in [1, 4096]"),
+        (["--set", "backdoor.overrides.lr=.nan"], "lr"),
+        (["--set", "execution.executor=slurm"], "execution.executor"),
+        (["--set", "models=[]"], "models"),
+        (["--backdoor-set", "seed=3"], "may not set seed"),
+        (["--config", "{tmp}/bad.yaml"], "compare config key defense.oracle_max_fraction"),
+        (["--config", "{tmp}/unknown.yaml"], "compare config key bogus: unknown key"),
+    ],
+)
 def test_bad_compare_config_is_one_error_line(tmp_path, capsys, monkeypatch, argv, culprit):
     (tmp_path / "bad.yaml").write_text("defense: {oracle_max_fraction: 1.5}\n")
     (tmp_path / "unknown.yaml").write_text("bogus: 1\n")
@@ -384,11 +518,29 @@ def test_bad_compare_config_is_one_error_line(tmp_path, capsys, monkeypatch, arg
 
 def test_config_file_then_flags_then_set(tmp_path):
     cfg_file = tmp_path / "grid.yaml"
-    cfg_file.write_text("attacks: [blend, sig]\ndefenses: [anp]\nseeds: 3\nbackdoor: {width: 8, overrides: "
-                        "{poison_rate: 0.2}}\ndefense: {params: {anp: {iterations: 9}}}\nexecution: {jobs: 4}\n")
-    cfg = compare.config_from_args(compare.build_parser().parse_args(
-        ["--config", str(cfg_file), "--attacks", "badnets", "--width", "4", "--backdoor-set", "epochs=2",
-         "--set", "anp.iterations=5", "--set", "execution.jobs=2", "--no-plots"]))
+    cfg_file.write_text(
+        "attacks: [blend, sig]\ndefenses: [anp]\nseeds: 3\nbackdoor: {width: 8, overrides: "
+        "{poison_rate: 0.2}}\ndefense: {params: {anp: {iterations: 9}}}\nexecution: {jobs: 4}\n"
+    )
+    cfg = compare.config_from_args(
+        compare.build_parser().parse_args(
+            [
+                "--config",
+                str(cfg_file),
+                "--attacks",
+                "badnets",
+                "--width",
+                "4",
+                "--backdoor-set",
+                "epochs=2",
+                "--set",
+                "anp.iterations=5",
+                "--set",
+                "execution.jobs=2",
+                "--no-plots",
+            ]
+        )
+    )
     assert cfg.attacks == ["badnets"] and cfg.defenses == ["anp"] and cfg.seeds == 3  # the flag wins over the file
     assert cfg.backdoor.width == 4 and cfg.backdoor.overrides == {"poison_rate": 0.2, "epochs": 2}
     assert cfg.defense.params == {"anp": {"iterations": 5}} and cfg.execution.jobs == 2  # --set has the last word
@@ -399,9 +551,15 @@ def test_config_file_then_flags_then_set(tmp_path):
 
 def test_run_compare_is_the_library_entry(grid, capsys):
     out, _ = grid
-    res = compare.run_compare({"models": ["small_cnn"], "attacks": ["badnets", "blend"],
-                               "defenses": ["magnitude", "clp", "greedy-gamma"], "seeds": 2,
-                               "output": {"out": str(out), "report_only": True, "plots": False}})
+    res = compare.run_compare(
+        {
+            "models": ["small_cnn"],
+            "attacks": ["badnets", "blend"],
+            "defenses": ["magnitude", "clp", "greedy-gamma"],
+            "seeds": 2,
+            "output": {"out": str(out), "report_only": True, "plots": False},
+        }
+    )
     assert isinstance(res, compare.CompareResult) and res.ok and res.out == out
     assert res.leaderboard["md"] == out / "leaderboard.md" and res.leaderboard["md"].exists()
     assert {r.defense for r in res.rows} == {"no defense", "magnitude", "clp", "greedy-gamma"}
@@ -417,14 +575,16 @@ def test_a_grid_written_before_compare_config_resumes(grid, tmp_path, monkeypatc
     copy = tmp_path / "old"
     shutil.copytree(out, copy)
     cfg = json.loads((copy / "config.json").read_text())
-    cfg["settings"].update({"backdoor_set": [], "set": ["max_fraction=0.1"],
-                            "train_set": ["env.budget=3", "env.reward_batch=60"]})
+    cfg["settings"].update(
+        {"backdoor_set": [], "set": ["max_fraction=0.1"], "train_set": ["env.budget=3", "env.reward_batch=60"]}
+    )
     (copy / "config.json").write_text(json.dumps(cfg))
     argv = [str(copy) if a == str(out) else a for a in argv] + ["--no-plots"]
     calls = []
     monkeypatch.setattr(compare, "run_cell", lambda task: calls.append(task) or {})
     assert compare.main(argv) == 0 and calls == []
     from onp.io import RunExistsError
+
     cfg["settings"]["set"] = ["max_fraction=0.2"]
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RunExistsError, match="differing: set"):

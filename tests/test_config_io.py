@@ -23,6 +23,7 @@ def test_overrides_and_hash():
 
 def test_from_dict_rejects_unknown_keys():
     from onp.zoo import BackdoorConfig
+
     with pytest.raises(ValueError, match="valid keys"):
         from_dict(BackdoorConfig, {"modle": "resnet18"})
 

@@ -24,6 +24,7 @@ from onp.data.download import DownloadError, download_file
 # fixtures and writers
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """No real cache, no $ONP_DATA, and no network unless a test provides a fake urlopen."""
@@ -56,13 +57,18 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _cifar_batch(n: int, num_classes: int, label_key: bytes, seed: int,
-                 protocol: int) -> Tuple[np.ndarray, list, bytes]:
+def _cifar_batch(
+    n: int, num_classes: int, label_key: bytes, seed: int, protocol: int
+) -> Tuple[np.ndarray, list, bytes]:
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, num_classes, size=n)]
-    batch = {b"batch_label": b"testing batch", label_key: labels, b"data": data,
-             b"filenames": [b"img_%d.png" % i for i in range(n)]}
+    batch = {
+        b"batch_label": b"testing batch",
+        label_key: labels,
+        b"data": data,
+        b"filenames": [b"img_%d.png" % i for i in range(n)],
+    }
     if label_key == b"fine_labels":
         batch[b"coarse_labels"] = [v % 20 for v in labels]
     return data, labels, pickle.dumps(batch, protocol=protocol)
@@ -100,8 +106,9 @@ def _cifar_files(layout: cifar.CifarLayout, protocol: int = 2):
 def _write_cifar_tarball(directory: Path, layout: cifar.CifarLayout, protocol: int = 2):
     files, expected = _cifar_files(layout, protocol)
     directory.mkdir(parents=True, exist_ok=True)
-    path = _write_tar(directory / layout.archive, {f"{layout.folder}/{n}": b for n, b in files.items()},
-                      dirs=(layout.folder,))
+    path = _write_tar(
+        directory / layout.archive, {f"{layout.folder}/{n}": b for n, b in files.items()}, dirs=(layout.folder,)
+    )
     return path, expected
 
 
@@ -124,6 +131,7 @@ def _check_cifar(ds, layout: cifar.CifarLayout, expected) -> None:
 # registry
 # --------------------------------------------------------------------------------------------------
 
+
 def test_datasets_registered():
     for name in ("cifar10", "cifar100", "gtsrb"):
         assert name in DATASETS, f"{name} not registered: did onp.data.{name[:5]} fail to import?"
@@ -137,6 +145,7 @@ def test_datasets_registered():
 # --------------------------------------------------------------------------------------------------
 # CIFAR
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("protocol", [2, 5])
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -181,8 +190,9 @@ def test_cifar_python2_pickles():
     """The official files were written by Python 2 cPickle with numpy 1 (numpy.core.multiarray)."""
     data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
     buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump({"batch_label": "training batch 1 of 5", "labels": [6, 9], "data": data,
-                                       "filenames": ["a.png", "b.png"]})
+    _Py2Pickler(buf, protocol=2).dump(
+        {"batch_label": "training batch 1 of 5", "labels": [6, 9], "data": data, "filenames": ["a.png", "b.png"]}
+    )
     legacy = buf.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
     assert b"numpy.core.multiarray\n" in legacy and b"_codecs" not in legacy
     x, y = cifar.parse_cifar_batch(legacy, b"labels", "legacy", 10)
@@ -207,8 +217,9 @@ def test_cifar_bad_batch_messages():
     with pytest.raises(ValueError, match="fine_labels"):
         cifar.parse_cifar_batch(raw, b"fine_labels", "x")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
-        cifar.parse_cifar_batch(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [5]}),
-                                b"labels", "x", 3)
+        cifar.parse_cifar_batch(
+            pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [5]}), b"labels", "x", 3
+        )
     with pytest.raises(ValueError, match=r"\(N, 3072\)"):
         cifar.parse_cifar_batch(pickle.dumps({b"data": np.zeros((1, 100), np.uint8), b"labels": [0]}), b"labels")
 
@@ -253,8 +264,10 @@ def test_cifar_download_verifies_and_extracts(tmp_path, monkeypatch):
 # tar safety and downloads
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", ["../evil.txt", "/tmp/onp-evil-abs.txt", "cifar-10-batches-py/../../evil.txt",
-                                 "symlink"])
+
+@pytest.mark.parametrize(
+    "bad", ["../evil.txt", "/tmp/onp-evil-abs.txt", "cifar-10-batches-py/../../evil.txt", "symlink"]
+)
 def test_safe_extract_rejects_unsafe_members(tmp_path, bad):
     tar_path = tmp_path / "bad.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
@@ -296,11 +309,15 @@ def test_download_file_checksum(tmp_path, monkeypatch):
 # missing datasets
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,url", [
-    ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    ("cifar100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-    ("gtsrb", "GTSRB_Final_Training_Images.zip"),
-])
+
+@pytest.mark.parametrize(
+    "name,url",
+    [
+        ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+        ("cifar100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+        ("gtsrb", "GTSRB_Final_Training_Images.zip"),
+    ],
+)
 def test_missing_dataset_says_how_to_get_it(tmp_path, name, url):
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset(name, data_dir=tmp_path / "empty", download=False)
@@ -377,7 +394,8 @@ def _gtsrb_members():
         exp_test.append((c, _colour(c, 9)))
     # the official test zip ships an annotation file without ClassId; it must not be used
     test["GTSRB/Final_Test/Images/GT-final_test.test.csv"] = (
-        "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2\r\n00000.ppm;35;33;5;5;30;28\r\n").encode()
+        "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2\r\n00000.ppm;35;33;5;5;30;28\r\n"
+    ).encode()
     gt = {"GT-final_test.csv": _csv(rows)}
     return train, test, gt, {"train": exp_train, "test": exp_test}
 

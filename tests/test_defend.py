@@ -30,15 +30,28 @@ from onp.models import build_model
 from .conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FLAGS = ["--arch", "small_cnn", "--width", "16", "--num-classes", "10", "--in-channels", "1",
-               "--input-size", "28"]
+MODEL_FLAGS = [
+    "--arch",
+    "small_cnn",
+    "--width",
+    "16",
+    "--num-classes",
+    "10",
+    "--in-channels",
+    "1",
+    "--input-size",
+    "28",
+]
 #: the fast verdict: 30 inversion steps, threshold 1.5 (module doc)
 FAST: Dict[str, Any] = {"estimator_params": {"steps": 30}, "anomaly_threshold": 1.5, "torch_threads": 1}
 #: a tiny ppo-gnn (configs/train/tiny.yaml with fewer PPO steps)
-TINY_TRAIN: Dict[str, Any] = {"env": {"budget": 8, "reward_batch": 80, "delta": 0.5},
-                              "policy": {"hidden": 16, "layers": 2, "head_hidden": 32},
-                              "ppo": {"total_timesteps": 64, "n_steps": 32, "batch_size": 16, "n_epochs": 2},
-                              "eval": {"freq": 32}, "warm_start": {"epochs": 40}}
+TINY_TRAIN: Dict[str, Any] = {
+    "env": {"budget": 8, "reward_batch": 80, "delta": 0.5},
+    "policy": {"hidden": 16, "layers": 2, "head_hidden": 32},
+    "ppo": {"total_timesteps": 64, "n_steps": 32, "batch_size": 16, "n_epochs": 2},
+    "eval": {"freq": 32},
+    "warm_start": {"epochs": 40},
+}
 
 
 def _sets(prefix: str, mapping: Dict[str, Any]) -> List[str]:
@@ -73,14 +86,18 @@ def received(tiny_bundle, tmp_path_factory):
     torch.save(state, root / "weights.pt")
     torch.save({f"module.{k}": v for k, v in state.items()}, root / "weights_module.pt")
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in state.items()}, str(root / "weights.safetensors"))
     data = tiny_bundle.defense_data
     x = (data.all_x * 255).round().to(torch.uint8).numpy()  # the sample is uint8: exact
     y = data.all_y.numpy()
     np.savez(root / "clean.npz", x=x, y=y)
     _write_folder(root / "clean_folder", x, y)
-    np.savez(root / "test.npz", x=(tiny_bundle.test_x[:300] * 255).round().to(torch.uint8).numpy(),
-             y=tiny_bundle.test_y[:300].numpy())
+    np.savez(
+        root / "test.npz",
+        x=(tiny_bundle.test_x[:300] * 255).round().to(torch.uint8).numpy(),
+        y=tiny_bundle.test_y[:300].numpy(),
+    )
     return SimpleNamespace(root=root, x=x, y=y, model=tiny_bundle.model, state=state)
 
 
@@ -88,6 +105,7 @@ def received(tiny_bundle, tmp_path_factory):
 def clean_model(onp_cache):
     """The same small_cnn trained without a backdoor (a few seconds)."""
     from onp.zoo import BackdoorConfig, load_bundle
+
     return load_bundle(BackdoorConfig(**{**TINY, "clean": True}), cache_dir=onp_cache, progress=False).model
 
 
@@ -98,6 +116,7 @@ def _fresh() -> nn.Module:
 def _strict_json(path: Path) -> Any:
     def refuse(name: str) -> None:
         raise ValueError(f"{path}: non-strict JSON constant {name}")
+
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
@@ -161,8 +180,7 @@ def test_api_without_a_suspected_backdoor_prunes_nothing_and_force_defends(recei
     _check_report(report)
     assert not report.verdict.suspected and report.outcome == "nothing pruned" and report.pruned == []
     assert "no backdoor found" in report.judgement.reason and report.metrics["chosen_method"] == "none"
-    assert all(torch.equal(a, b) for a, b in zip(report.model.state_dict().values(),
-                                                 clean_model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(report.model.state_dict().values(), clean_model.state_dict().values()))
     forced = onp.defend(clean_model, x, y, method="fp", force=True, out=tmp_path / "run", **FAST)
     _check_report(forced)
     assert forced.metrics["forced"] and forced.metrics["chosen_method"] == "fp"
@@ -196,6 +214,7 @@ def test_auto_keeps_the_best_reward_of_its_portfolio(received):
 
 def test_the_recovered_trigger_is_fitted_exactly():
     from onp.defend import _fit_stamp
+
     gen = torch.Generator().manual_seed(0)
     clean = torch.rand(50, 3, 8, 8, generator=gen)
     mask = (torch.rand(1, 8, 8, generator=gen) > 0.7).float() * torch.rand(1, 8, 8, generator=gen)
@@ -207,6 +226,7 @@ def test_the_recovered_trigger_is_fitted_exactly():
 def test_the_docs_example_runs(tiny_bundle, monkeypatch, capsys):
     """docs/defend.md's Python example, verbatim, with this file's fast settings added to the call."""
     import onp.defend as module
+
     text = (ROOT / "docs" / "defend.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) <= 12
@@ -223,6 +243,7 @@ def test_the_docs_example_runs(tiny_bundle, monkeypatch, capsys):
 
 def test_onp_defend_is_the_module_and_callable():
     import onp.defend as module
+
     assert onp.defend is module and callable(onp.defend)
     assert method_choices()[:2] == ["auto", "ppo-gnn"] and "clp" in method_choices()
 
@@ -231,29 +252,57 @@ def test_onp_defend_is_the_module_and_callable():
 # the command line
 
 
-@pytest.mark.parametrize("weights,clean", [("weights.pt", "clean.npz"), ("weights_module.pt", "clean_folder"),
-                                           ("weights.safetensors", "clean.npz")])
+@pytest.mark.parametrize(
+    "weights,clean",
+    [("weights.pt", "clean.npz"), ("weights_module.pt", "clean_folder"), ("weights.safetensors", "clean.npz")],
+)
 def test_cli_each_input_format(received, tmp_path, capsys, weights, clean):
     out = tmp_path / "run"
     # The ImageFolder gives the same images in another order, so the 30-step trigger inversion of these
     # tests (a cache keyed on the images) draws other minibatches and its anomaly index lands near the
     # test threshold: that case defends with --force and checks the files, not the verdict.
     folder = clean == "clean_folder"
-    res = _cli(MODEL_FLAGS + ["--weights", str(received.root / weights), "--clean-data", str(received.root / clean),
-                              "--method", "clp", "--out", str(out)] + FAST_FLAGS + (["--force"] if folder else []),
-               capsys)
+    res = _cli(
+        MODEL_FLAGS
+        + [
+            "--weights",
+            str(received.root / weights),
+            "--clean-data",
+            str(received.root / clean),
+            "--method",
+            "clp",
+            "--out",
+            str(out),
+        ]
+        + FAST_FLAGS
+        + (["--force"] if folder else []),
+        capsys,
+    )
     assert res.rc == 0, res.err
     lines = res.out.splitlines()
-    assert lines[0].startswith("[onp] verdict: " if folder else
-                               "[onp] verdict: backdoor suspected (estimated target class 0")
+    assert lines[0].startswith(
+        "[onp] verdict: " if folder else "[onp] verdict: backdoor suspected (estimated target class 0"
+    )
     assert lines[1].startswith("[onp] outcome: ")
     weights_file = "model.safetensors" if weights.endswith(".safetensors") else "model.pt"
-    for name in (weights_file, "pruned.json", "config.json", "train_config.json", "report.md", "report.json",
-                 "metrics.json", "trigger.png", "env.json", "README.md", ".onp-run.json"):
+    for name in (
+        weights_file,
+        "pruned.json",
+        "config.json",
+        "train_config.json",
+        "report.md",
+        "report.json",
+        "metrics.json",
+        "trigger.png",
+        "env.json",
+        "README.md",
+        ".onp-run.json",
+    ):
         assert (out / name).is_file(), name
     # the repaired weights in the user's own key format: the same keys as the input file
     if weights_file == "model.safetensors":
         from safetensors.torch import load_file
+
         repaired = load_file(str(out / weights_file))
     else:
         repaired = torch.load(out / weights_file, weights_only=True)
@@ -274,10 +323,24 @@ def test_cli_each_input_format(received, tmp_path, capsys, weights, clean):
 
 def test_cli_ppo_gnn_with_test_data_and_a_known_attack(received, tmp_path, capsys):
     out = tmp_path / "run"
-    res = _cli(MODEL_FLAGS + ["--weights", str(received.root / "weights.pt"),
-                              "--clean-data", str(received.root / "clean.npz"), "--test-data",
-                              str(received.root / "test.npz"), "--attack", "badnets", "--out", str(out)]
-               + FAST_FLAGS + TINY_PPO_FLAGS, capsys)
+    res = _cli(
+        MODEL_FLAGS
+        + [
+            "--weights",
+            str(received.root / "weights.pt"),
+            "--clean-data",
+            str(received.root / "clean.npz"),
+            "--test-data",
+            str(received.root / "test.npz"),
+            "--attack",
+            "badnets",
+            "--out",
+            str(out),
+        ]
+        + FAST_FLAGS
+        + TINY_PPO_FLAGS,
+        capsys,
+    )
     assert res.rc == 0, res.err
     assert res.out.startswith("[onp] verdict: backdoor suspected")
     assert "test ASR" in res.out and "(trigger-aware)" in res.out
@@ -297,8 +360,11 @@ def test_cli_ppo_gnn_with_test_data_and_a_known_attack(received, tmp_path, capsy
 
 def test_cli_force_on_a_clean_model(received, clean_model, tmp_path, capsys):
     torch.save(clean_model.state_dict(), tmp_path / "clean.pt")
-    args = MODEL_FLAGS + ["--weights", str(tmp_path / "clean.pt"), "--clean-data", str(received.root / "clean.npz"),
-                          "--method", "fp"] + FAST_FLAGS
+    args = (
+        MODEL_FLAGS
+        + ["--weights", str(tmp_path / "clean.pt"), "--clean-data", str(received.root / "clean.npz"), "--method", "fp"]
+        + FAST_FLAGS
+    )
     res = _cli(args + ["--out", str(tmp_path / "plain")], capsys)
     assert res.rc == 0, res.err
     assert res.out.startswith("[onp] verdict: no backdoor found")
@@ -339,13 +405,16 @@ def _bad_inputs(received, tmp: Path) -> Dict[str, Any]:
         "label out of range": (["--clean-data", str(tmp / "label.npz")], r"label 10 .* outside \[0, 10\)"),
         "empty class": (["--clean-data", str(tmp / "empty_class")], r"empty class folder \(class 4"),
         "fewer than 20 images": (["--clean-data", str(tmp / "few.npz")], r"12 image\(s\); onp needs at least 20"),
-        "pickled whole model": (["--weights", str(tmp / "whole_model.pt")], r'torch.save\(model.state_dict\(\)'),
+        "pickled whole model": (["--weights", str(tmp / "whole_model.pt")], r"torch.save\(model.state_dict\(\)"),
         "shape mismatch": (["--weights", str(tmp / "narrow.pt")], r"shape mismatches .*conv1.weight"),
         "unexpected key": (["--weights", str(tmp / "extra.pt")], r"unexpected keys \['extra.weight'\]"),
         "missing weights": (["--weights", str(tmp / "nope.pt")], r"weights file not found"),
         "unknown arch": (["--arch", "resnet19"], r"arch: unknown model 'resnet19'; valid choices: mobilenet_v2, "),
-        "unknown method": (["--method", "prune-all"], r"unknown defense method 'prune-all'; valid choices: auto, "
-                                                      r"ppo-gnn, anp, awm"),
+        "unknown method": (
+            ["--method", "prune-all"],
+            r"unknown defense method 'prune-all'; valid choices: auto, "
+            r"ppo-gnn, anp, awm",
+        ),
         "trigger estimator": (["--asr-estimator", "trigger"], r"'trigger' needs the attack's real trigger"),
         "bad train key": (["--set", "train.ppo.nsteps=3"], r"train: .*ppo.nsteps: unknown key"),
         "missing arch file": (["--arch", str(tmp / "net.py") + ":Net"], r"no such file"),
@@ -386,18 +455,43 @@ def test_cli_user_module_with_mean_and_std(received, tmp_path, capsys):
         "        self.features = nn.Sequential(*conv(1), *conv(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
         "        self.head = nn.Linear(8, num_classes)\n"
         "    def forward(self, x):\n"
-        "        return self.head(self.features(x))\n")
+        "        return self.head(self.features(x))\n"
+    )
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("mynet_for_test", tmp_path / "mynet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     net = module.Net()
     torch.save({f"model.{k}": v for k, v in net.state_dict().items()}, tmp_path / "net.pt")
     out = tmp_path / "run"
-    res = _cli(["--arch", f"{tmp_path / 'mynet.py'}:Net", "--in-channels", "1", "--input-size", "28", "--mean", "0.3",
-                "--std", "0.3", "--weights", str(tmp_path / "net.pt"), "--clean-data", str(received.root / "clean.npz"),
-                "--method", "magnitude", "--force", "--out", str(out), "--set", "train.rollout.evidence_alpha=null"]
-               + FAST_FLAGS, capsys)  # an untrained net: no significance test, so magnitude's pruning is kept
+    res = _cli(
+        [
+            "--arch",
+            f"{tmp_path / 'mynet.py'}:Net",
+            "--in-channels",
+            "1",
+            "--input-size",
+            "28",
+            "--mean",
+            "0.3",
+            "--std",
+            "0.3",
+            "--weights",
+            str(tmp_path / "net.pt"),
+            "--clean-data",
+            str(received.root / "clean.npz"),
+            "--method",
+            "magnitude",
+            "--force",
+            "--out",
+            str(out),
+            "--set",
+            "train.rollout.evidence_alpha=null",
+        ]
+        + FAST_FLAGS,
+        capsys,
+    )  # an untrained net: no significance test, so magnitude's pruning is kept
     assert res.rc == 0, res.err
     repaired = torch.load(out / "model.pt", weights_only=True)
     assert list(repaired) == [f"model.{k}" for k in net.state_dict()]  # no Normalize buffers, the user's prefix
@@ -423,27 +517,47 @@ def test_cli_backdoorbench_file_without_arch(received, tmp_path, capsys):
     torch.save(_attack_result(state, img_size=(28, 28, 1), clean_data="mnist", data_path="./data/mnist"), path)
     clean = str(received.root / "clean.npz")
     out = tmp_path / "run"
-    res = _cli(["--weights", str(path), "--clean-data", clean, "--method", "clp", "--force", "--out", str(out)]
-               + FAST_FLAGS, capsys)
+    res = _cli(
+        ["--weights", str(path), "--clean-data", clean, "--method", "clp", "--force", "--out", str(out)] + FAST_FLAGS,
+        capsys,
+    )
     assert res.rc == 0, res.err
     assert res.out.splitlines()[0].startswith("[onp] verdict: ")
     repaired = torch.load(out / "model.pt", weights_only=True)
     assert list(repaired) == list(state)  # the file's own keys (its "module." prefix), nothing added
     config = _strict_json(out / "config.json")
     assert {k: config[k] for k in ("arch", "width", "num_classes", "in_channels", "input_size", "mean", "std")} == {
-        "arch": "preact_resnet18_backdoorbench", "width": 4, "num_classes": 10, "in_channels": 1,
-        "input_size": [28, 28], "mean": [0.5], "std": [0.5]}  # BackdoorBench's mnist normalisation
+        "arch": "preact_resnet18_backdoorbench",
+        "width": 4,
+        "num_classes": 10,
+        "in_channels": 1,
+        "input_size": [28, 28],
+        "mean": [0.5],
+        "std": [0.5],
+    }  # BackdoorBench's mnist normalisation
     assert _strict_json(out / "report.json")["metrics"]["chosen_method"] in ("clp", "none")
 
     # explicit settings win over the file's
-    cfg, read = resolve_arch(DefendConfig.from_dict({"weights": str(path), "clean_data": clean, "mean": [0.3],
-                                                     "std": [0.3], "input_size": 32}))
+    cfg, read = resolve_arch(
+        DefendConfig.from_dict(
+            {"weights": str(path), "clean_data": clean, "mean": [0.3], "std": [0.3], "input_size": 32}
+        )
+    )
     assert read is not None and read.format == "backdoorbench"
-    assert (cfg.arch, cfg.width, cfg.in_channels, cfg.mean, cfg.std, cfg.image_size) == \
-        ("preact_resnet18_backdoorbench", 4, 1, [0.3], [0.3], (32, 32))
+    assert (cfg.arch, cfg.width, cfg.in_channels, cfg.mean, cfg.std, cfg.image_size) == (
+        "preact_resnet18_backdoorbench",
+        4,
+        1,
+        [0.3],
+        [0.3],
+        (32, 32),
+    )
 
     # a plain state_dict names no architecture: --arch is required, said in one line, before any work
-    res = _cli(["--weights", str(received.root / "weights.pt"), "--clean-data", clean,
-                "--out", str(tmp_path / "plain")] + FAST_FLAGS, capsys)
+    res = _cli(
+        ["--weights", str(received.root / "weights.pt"), "--clean-data", clean, "--out", str(tmp_path / "plain")]
+        + FAST_FLAGS,
+        capsys,
+    )
     assert res.rc == 2 and res.err.strip().startswith("error: --arch is required: ")
     assert "plain state_dict" in res.err and not (tmp_path / "plain").exists()

@@ -53,7 +53,7 @@ def test_masked_action_is_a_penalised_noop(env):
     stem = int(np.flatnonzero(~env.action_masks()[:-1])[0])
     obs, r, term, trunc, info = env.step(stem)
     assert r == -env.invalid_action_penalty and not term and not trunc and info["n_pruned"] == 0
-    obs, r, *_ = env.step(10 ** 6)  # out of range: also a no-op, never an exception
+    obs, r, *_ = env.step(10**6)  # out of range: also a no-op, never an exception
     assert r == -env.invalid_action_penalty
 
 
@@ -104,6 +104,7 @@ def test_determinism(tiny_bundle):
         rewards = [e.step(_random_valid(e, rng))[1] for _ in range(6)]
         e.close()
         return obs["x"], rewards
+
     (x1, r1), (x2, r2) = rollout(), rollout()
     assert np.array_equal(x1, x2) and r1 == r2
 
@@ -116,7 +117,7 @@ def test_warm_start_and_multi_model(tiny_bundle):
     seen = {e.reset(seed=s)[1]["model"] and e.target_index for s in range(12)}
     assert seen == {0, 1}
     with pytest.raises(ValueError, match="initial_pruned"):
-        e.reset(options={"initial_pruned": [10 ** 6]})
+        e.reset(options={"initial_pruned": [10**6]})
     e.close()
 
 
@@ -125,6 +126,7 @@ def test_group_pruning_prunes_the_coupled_channels(onp_cache):
     from onp.attacks import build_attack
     from onp.data.defense import DefenseData
     from onp.models import build_model
+
     torch.manual_seed(0)
     model = build_model("resnet18", in_channels=1, width=4).eval()
     x = torch.rand(40, 1, 28, 28)
@@ -143,6 +145,7 @@ def test_group_pruning_prunes_the_coupled_channels(onp_cache):
 def test_gym_make_and_checkers(tiny_bundle):
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
     e = gym.make(ENV_ID, backdoor=tiny_bundle, budget=4, reward_batch=40).unwrapped
     check_env(e, skip_render_check=True)
     sb3_check_env(e)
@@ -152,6 +155,7 @@ def test_gym_make_and_checkers(tiny_bundle):
 def test_synthesized_cache_is_per_model_and_clean_images(tiny_bundle, tmp_path):
     """Other clean images of the same count get their own reverse-engineered triggers (no stale cache)."""
     import dataclasses
+
     data = tiny_bundle.defense_data
     build_probe("synthesized", tiny_bundle.model, None, data, steps=2, cache_dir=tmp_path)
     build_probe("synthesized", tiny_bundle.model, None, data, steps=2, cache_dir=tmp_path)  # a cache hit
@@ -168,8 +172,14 @@ def test_synthesized_estimator_needs_no_attack(tiny_bundle, onp_cache):
     assert (probe.target_labels == probe.info["estimated_target"]).all()
     assert probe.images.min() >= 0 and probe.images.max() <= 1
     assert list((onp_cache / "synthesized").glob("*.pt"))  # cached once per model
-    e = NeuronPruningEnv(tiny_bundle, budget=3, reward_batch=50, asr_estimator="synthesized",
-                         estimator_params={"steps": 15}, cache_dir=onp_cache)
+    e = NeuronPruningEnv(
+        tiny_bundle,
+        budget=3,
+        reward_batch=50,
+        asr_estimator="synthesized",
+        estimator_params={"steps": 15},
+        cache_dir=onp_cache,
+    )
     _, info = e.reset(seed=0)
     assert info["asr_estimator"] == "synthesized" and info["trigger_aware"] is False
     e.close()
@@ -180,8 +190,9 @@ def test_trigger_estimator_uses_the_real_trigger(tiny_bundle):
     assert probe.trigger_aware and (probe.true_labels != tiny_bundle.attack.target_of(probe.true_labels)).all()
 
 
-@pytest.mark.parametrize("kwargs, match", [({"budget": 0}, "budget"), ({"lam": -1}, "lam"),
-                                           ({"reward_batch": 10 ** 5}, "reward_batch")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"budget": 0}, "budget"), ({"lam": -1}, "lam"), ({"reward_batch": 10**5}, "reward_batch")]
+)
 def test_bad_input_rejected(tiny_bundle, kwargs, match):
     with pytest.raises(ValueError, match=match):
         NeuronPruningEnv(tiny_bundle, **kwargs)
@@ -262,6 +273,12 @@ env.close()
 print("ok")
 """
     envvars = {**os.environ, "ONP_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=envvars,
-                         cwd=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=envvars,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

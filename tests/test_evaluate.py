@@ -11,27 +11,76 @@ from onp.cli_common import run_cli
 from onp.evaluate import ArchitectureMismatchError
 from onp.io import CheckpointError
 
-LEAN = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "1000",
-        "--defense-size", "300"]
-TRAIN_FAST = ["--timesteps", "16", "--train-set", "ppo.n_steps=16", "--train-set", "ppo.batch_size=16",
-              "--train-set", "ppo.n_epochs=1", "--train-set", "eval.freq=16", "--train-set", "env.budget=3",
-              "--train-set", "env.reward_batch=60", "--train-set", "policy.hidden=8",
-              "--train-set", "policy.head_hidden=16"]
-
+LEAN = [
+    "--model",
+    "small_cnn",
+    "--width",
+    "4",
+    "--data-source",
+    "sample",
+    "--epochs",
+    "1",
+    "--max-train",
+    "1000",
+    "--defense-size",
+    "300",
+]
+TRAIN_FAST = [
+    "--timesteps",
+    "16",
+    "--train-set",
+    "ppo.n_steps=16",
+    "--train-set",
+    "ppo.batch_size=16",
+    "--train-set",
+    "ppo.n_epochs=1",
+    "--train-set",
+    "eval.freq=16",
+    "--train-set",
+    "env.budget=3",
+    "--train-set",
+    "env.reward_batch=60",
+    "--train-set",
+    "policy.hidden=8",
+    "--train-set",
+    "policy.head_hidden=16",
+]
 
 
 @pytest.fixture(scope="module")
 def sources(onp_cache, tmp_path_factory):
     """A ppo-gnn training run and a magnitude baseline run on the badnets seed-0 model (via onp.compare)."""
     out = tmp_path_factory.mktemp("eval-src") / "grid"
-    argv = LEAN + ["--cache-dir", str(onp_cache), "--out", str(out), "--quiet", "--attacks", "badnets",
-                   "--defenses", "magnitude", "ppo-gnn", "--seeds", "1", "--no-oracle", "--no-plots",
-                   "--set", "max_fraction=0.1"] + TRAIN_FAST
+    argv = (
+        LEAN
+        + [
+            "--cache-dir",
+            str(onp_cache),
+            "--out",
+            str(out),
+            "--quiet",
+            "--attacks",
+            "badnets",
+            "--defenses",
+            "magnitude",
+            "ppo-gnn",
+            "--seeds",
+            "1",
+            "--no-oracle",
+            "--no-plots",
+            "--set",
+            "max_fraction=0.1",
+        ]
+        + TRAIN_FAST
+    )
     assert compare.main(argv) == 0
     pol = out / "cells" / "badnets" / "ppo-gnn" / "s0"
     assert (pol / "policy.pt").exists() and (pol / "policy.json").exists() and (pol / "learning_curve.json").exists()
-    return {"policy": pol, "pruned": out / "cells" / "badnets" / "magnitude" / "s0",
-            "models": json.loads((out / "models.json").read_text())}
+    return {
+        "policy": pol,
+        "pruned": out / "cells" / "badnets" / "magnitude" / "s0",
+        "models": json.loads((out / "models.json").read_text()),
+    }
 
 
 def _run(onp_cache, out, *argv):
@@ -41,6 +90,7 @@ def _run(onp_cache, out, *argv):
 
 def test_policy_applied_to_another_seed_and_attack(sources, onp_cache, tmp_path, monkeypatch):
     import agents.policy_io
+
     built = []
     real = agents.policy_io.build_policy
 
@@ -55,8 +105,21 @@ def test_policy_applied_to_another_seed_and_attack(sources, onp_cache, tmp_path,
     env, policy = built[0]
     assert "blend" in env.unwrapped.bundles[0].path.name
     assert torch.equal(policy.encoder.edge_index, torch.as_tensor(env.unwrapped.edge_index))
-    for key in ("acc", "asr", "ra", "der", "before", "n_pruned", "acc_lost", "asr_estimator", "trigger_aware",
-                "val", "wall_time", "source", "target"):
+    for key in (
+        "acc",
+        "asr",
+        "ra",
+        "der",
+        "before",
+        "n_pruned",
+        "acc_lost",
+        "asr_estimator",
+        "trigger_aware",
+        "val",
+        "wall_time",
+        "source",
+        "target",
+    ):
         assert key in m, key
     assert m["target"]["attack"] == "blend" and m["target"]["seed"] == 1 and not m["clean_model"]
     assert m["source"]["agent"] == "ppo-gnn" and m["asr_estimator"] == "trigger" and m["trigger_aware"] is True
@@ -90,13 +153,16 @@ def test_clean_model_reports_acc_lost(sources, onp_cache, tmp_path):
 
 def test_architecture_mismatch_is_a_clear_error(sources, onp_cache, tmp_path, capsys):
     from onp.zoo import BackdoorConfig, load_bundle
-    other = load_bundle(BackdoorConfig(model="small_cnn", width=2, data_source="sample", epochs=1, max_train=1000,
-                                       defense_size=300), cache_dir=onp_cache, progress=False)
+
+    other = load_bundle(
+        BackdoorConfig(model="small_cnn", width=2, data_source="sample", epochs=1, max_train=1000, defense_size=300),
+        cache_dir=onp_cache,
+        progress=False,
+    )
     for flag in ("--policy", "--pruned"):
         src = sources["policy"] if flag == "--policy" else sources["pruned"]
         with pytest.raises(ArchitectureMismatchError, match="architecture mismatch.*width 4.*width 2"):
-            evaluate.main([flag, str(src), "--checkpoint", str(other.path), "--out", str(tmp_path / "x"),
-                           "--quiet"])
+            evaluate.main([flag, str(src), "--checkpoint", str(other.path), "--out", str(tmp_path / "x"), "--quiet"])
         with pytest.raises(ArchitectureMismatchError, match="same architecture"):  # before any training
             evaluate.main([flag, str(src), "--model", "resnet18", "--out", str(tmp_path / "y"), "--quiet"])
     argv = ["--policy", str(sources["policy"]), "--width", "8", "--out", str(tmp_path / "z"), "--quiet"]

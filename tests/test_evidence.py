@@ -98,8 +98,17 @@ def _inert_probe(model, attack, defense_data, *, seed=0, cache_dir=None):
 
 def _train(tmp_path, estimator, capsys):
     from onp.train import run_training
-    result = run_training({"backdoor": TINY, "agent": "ranked:clp", "env": {"budget": 0.1, "asr_estimator": estimator},
-                           "ppo": {"total_timesteps": 0}}, tmp_path / estimator, progress=False)
+
+    result = run_training(
+        {
+            "backdoor": TINY,
+            "agent": "ranked:clp",
+            "env": {"budget": 0.1, "asr_estimator": estimator},
+            "ppo": {"total_timesteps": 0},
+        },
+        tmp_path / estimator,
+        progress=False,
+    )
     out = capsys.readouterr().out.splitlines()
     return result, out
 
@@ -119,6 +128,7 @@ def test_no_neuron_changes_the_estimate_so_nothing_is_pruned(tiny_bundle, tmp_pa
 
 def test_a_pruning_that_removes_the_backdoor_is_kept_and_the_verdict_travels(tiny_bundle, tmp_path, capsys):
     from onp.evaluate import run_evaluate
+
     result, out = _train(tmp_path, "trigger", capsys)
     assert result["n_pruned"] > 0 and result["verdict"] in ("removed", "not removed")
     assert result["evidence"]["p_value"] <= 0.05 and result["val"]["fallback"] is None
@@ -126,6 +136,7 @@ def test_a_pruning_that_removes_the_backdoor_is_kept_and_the_verdict_travels(tin
     assert json.loads((tmp_path / "trigger" / "metrics.json").read_text())["verdict"] == result["verdict"]
     assert any(line.startswith("[onp] verdict: backdoor") for line in out)
     # onp.evaluate applies the policy again on the same model: the same verdict, on its own figures
-    evaluated = run_evaluate({"policy": str(tmp_path / "trigger"), "checkpoint": str(tiny_bundle.path)},
-                             tmp_path / "eval", quiet=True)
+    evaluated = run_evaluate(
+        {"policy": str(tmp_path / "trigger"), "checkpoint": str(tiny_bundle.path)}, tmp_path / "eval", quiet=True
+    )
     assert evaluated["verdict"] == result["verdict"] and evaluated["n_pruned"] == result["n_pruned"]

@@ -20,15 +20,45 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: the names registered when the packages switched to self-registration (none may go missing)
 ATTACK_NAMES = ["badnets", "blend", "sig", "trojan", "wanet"]
-MODEL_NAMES = ["mobilenet_v2", "preact_resnet18", "preact_resnet18_backdoorbench", "resnet18", "small_cnn",
-               "vgg16_bn"]
-WIDTHS = {"resnet18": 16, "preact_resnet18": 16, "preact_resnet18_backdoorbench": 16, "vgg16_bn": 16,
-          "mobilenet_v2": 16, "small_cnn": 8}
-PUBLIC = {"onp.attacks": ["Attack", "ATTACKS", "MODES", "AttackParamError", "build_attack", "register_attack",
-                          "BadNets", "Blend", "Trojan", "SIG", "WaNet", "square_logo"],
-          "onp.models": ["MODELS", "DEFAULT_WIDTH", "build_model", "build_model_for", "model_digest", "Normalize",
-                         "ResNet18", "PreActResNet18", "PreActResNet18BackdoorBench", "VGG16BN", "MobileNetV2",
-                         "SmallCNN"]}
+MODEL_NAMES = ["mobilenet_v2", "preact_resnet18", "preact_resnet18_backdoorbench", "resnet18", "small_cnn", "vgg16_bn"]
+WIDTHS = {
+    "resnet18": 16,
+    "preact_resnet18": 16,
+    "preact_resnet18_backdoorbench": 16,
+    "vgg16_bn": 16,
+    "mobilenet_v2": 16,
+    "small_cnn": 8,
+}
+PUBLIC = {
+    "onp.attacks": [
+        "Attack",
+        "ATTACKS",
+        "MODES",
+        "AttackParamError",
+        "build_attack",
+        "register_attack",
+        "BadNets",
+        "Blend",
+        "Trojan",
+        "SIG",
+        "WaNet",
+        "square_logo",
+    ],
+    "onp.models": [
+        "MODELS",
+        "DEFAULT_WIDTH",
+        "build_model",
+        "build_model_for",
+        "model_digest",
+        "Normalize",
+        "ResNet18",
+        "PreActResNet18",
+        "PreActResNet18BackdoorBench",
+        "VGG16BN",
+        "MobileNetV2",
+        "SmallCNN",
+    ],
+}
 
 
 def _modules_named_in_init(package_dir: Path) -> set:
@@ -65,7 +95,7 @@ def test_no_registered_or_public_name_went_missing():
         assert not missing, f"{package} lost {missing}"
 
 
-NEW_ATTACK = '''
+NEW_ATTACK = """
 from typing import Any, ClassVar, Dict, Mapping
 
 import torch
@@ -89,9 +119,9 @@ class Invert(Attack):
 
     def trigger_pattern(self) -> Dict[str, Tensor]:
         return {"pattern": torch.ones(self.image_shape)}
-'''
+"""
 
-NEW_MODEL = '''
+NEW_MODEL = """
 from typing import Sequence
 
 import torch
@@ -116,9 +146,9 @@ class TinyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn(self.conv(self.normalize(x))))
         return self.fc(out.mean((2, 3)))
-'''
+"""
 
-CHECK = '''
+CHECK = """
 import torch
 from onp.attacks import ATTACKS, Invert, build_attack
 from onp.models import DEFAULT_WIDTH, MODELS, TinyNet, build_model
@@ -128,17 +158,24 @@ assert isinstance(atk, Invert) and torch.equal(atk.apply(torch.zeros(2, 1, 8, 8)
 m = build_model("tinynet", num_classes=4, in_channels=1)
 assert isinstance(m, TinyNet) and m.conv.out_channels == 3 and m(torch.rand(2, 1, 8, 8)).shape == (2, 4)
 print("ok")
-'''
+"""
 
 
 def test_a_new_attack_and_architecture_are_one_file_each(tmp_path):
     """In a copy of ``onp``, dropping one module into ``onp/attacks/`` and one into ``onp/models/``
     registers and exports both, with no other file touched."""
-    shutil.copytree(ROOT / "onp", tmp_path / "onp",
-                    ignore=shutil.ignore_patterns("__pycache__", "sample", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "onp", tmp_path / "onp", ignore=shutil.ignore_patterns("__pycache__", "sample", "*.egg-info")
+    )
     (tmp_path / "onp" / "attacks" / "invert.py").write_text(NEW_ATTACK)
     (tmp_path / "onp" / "models" / "tinynet.py").write_text(NEW_MODEL)
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "ONP_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", f"import onp; assert onp.__file__.startswith({str(tmp_path)!r})\n"
-                          + CHECK], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", f"import onp; assert onp.__file__.startswith({str(tmp_path)!r})\n" + CHECK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -41,8 +41,11 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if t.is_floating_point() and not name.startswith("normalize."):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
-                        else torch.randn(t.shape, generator=g) * 0.3)
+                t.copy_(
+                    torch.rand(t.shape, generator=g) + 0.5
+                    if name.endswith("running_var")
+                    else torch.randn(t.shape, generator=g) * 0.3
+                )
     return model.eval()
 
 
@@ -73,8 +76,16 @@ def _file_keys(path: Path) -> list:
     return list(torch.load(path, map_location="cpu", weights_only=True))
 
 
-@pytest.mark.parametrize("suffix,prefix", [(".pt", ""), (".pth", "module."), (".safetensors", "model."),
-                                           (".pt", "module._orig_mod."), (".safetensors", "_orig_mod.")])
+@pytest.mark.parametrize(
+    "suffix,prefix",
+    [
+        (".pt", ""),
+        (".pth", "module."),
+        (".safetensors", "model."),
+        (".pt", "module._orig_mod."),
+        (".safetensors", "_orig_mod."),
+    ],
+)
 @pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16_bn"])
 def test_round_trip(tmp_path, suffix, prefix, arch):
     source = _onp(arch, seed=1, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
@@ -167,15 +178,19 @@ class TVResNet18(nn.Module):
 
     def __init__(self, width: int = 4, num_classes: int = 7, in_channels: int = 3, cifar_stem: bool = True):
         super().__init__()
-        self.conv1 = (nn.Conv2d(in_channels, width, 3, 1, 1, bias=False) if cifar_stem
-                      else nn.Conv2d(in_channels, width, 7, 2, 3, bias=False))
+        self.conv1 = (
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+            if cifar_stem
+            else nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        )
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
         cin = width
         for i, (planes, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)], 1):
-            setattr(self, f"layer{i}", nn.Sequential(TVBasicBlock(cin, planes, stride),
-                                                     TVBasicBlock(planes, planes, 1)))
+            setattr(
+                self, f"layer{i}", nn.Sequential(TVBasicBlock(cin, planes, stride), TVBasicBlock(planes, planes, 1))
+            )
             cin = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
@@ -248,8 +263,9 @@ class BBPreActResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         cin = width
         for i, (planes, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)], 1):
-            setattr(self, f"layer{i}", nn.Sequential(BBPreActBlock(cin, planes, stride),
-                                                     BBPreActBlock(planes, planes, 1)))
+            setattr(
+                self, f"layer{i}", nn.Sequential(BBPreActBlock(cin, planes, stride), BBPreActBlock(planes, planes, 1))
+            )
             cin = planes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(cin, num_classes)
@@ -314,14 +330,26 @@ def test_backdoorbench_attack_result(tmp_path, prefix, numpy1):
         path = tmp_path / "np1.pt"
 
     wf = load_weights_file(path)
-    assert (wf.format, wf.container_key, wf.model_name, wf.num_classes, wf.image_size, wf.dataset) == \
-        ("backdoorbench", "model", "preactresnet18", 10, (32, 32, 3), "cifar10")
+    assert (wf.format, wf.container_key, wf.model_name, wf.num_classes, wf.image_size, wf.dataset) == (
+        "backdoorbench",
+        "model",
+        "preactresnet18",
+        10,
+        (32, 32, 3),
+        "cifar10",
+    )
     assert list(wf.state_dict) == [prefix + k for k in bb.state_dict()]
 
     mean, std = BACKDOORBENCH_NORMALIZATION["cifar10"]
     opts = arch_options_from_backdoorbench(wf)
-    assert opts == {"name": "preact_resnet18_backdoorbench", "num_classes": 10, "in_channels": 3, "width": 4,
-                    "mean": mean, "std": std}
+    assert opts == {
+        "name": "preact_resnet18_backdoorbench",
+        "num_classes": 10,
+        "in_channels": 3,
+        "width": 4,
+        "mean": mean,
+        "std": std,
+    }
 
     # onp's preact_resnet18 has a BN+ReLU after layer4 that BackdoorBench's lacks: refused, explained
     with pytest.raises(ValueError) as err:
@@ -346,15 +374,26 @@ def test_backdoorbench_defense_result_and_derived_options(tmp_path):
     torch.save({"model_name": "preactresnet18", "num_classes": 43, "model": bb.state_dict()}, tmp_path / "d.pt")
     wf = load_weights_file(tmp_path / "d.pt")
     assert wf.format == "backdoorbench" and wf.image_size is None and wf.dataset is None
-    assert arch_options_from_backdoorbench(wf) == {"name": "preact_resnet18_backdoorbench", "num_classes": 43,
-                                                   "in_channels": 1, "width": 8}
+    assert arch_options_from_backdoorbench(wf) == {
+        "name": "preact_resnet18_backdoorbench",
+        "num_classes": 43,
+        "in_channels": 1,
+        "width": 8,
+    }
 
 
-@pytest.mark.parametrize("name,why", [("resnet18", "7x7"), ("vgg19_bn", "13 bias-free convolutions"),
-                                      ("efficientnet_b0", "no such architecture")])
+@pytest.mark.parametrize(
+    "name,why",
+    [("resnet18", "7x7"), ("vgg19_bn", "13 bias-free convolutions"), ("efficientnet_b0", "no such architecture")],
+)
 def test_unsupported_backdoorbench_architectures(tmp_path, name, why):
-    wf = WeightsFile(path=tmp_path / "a.pt", state_dict={"conv1.weight": torch.zeros(4, 3, 3, 3)},
-                     format="backdoorbench", model_name=name, num_classes=10)
+    wf = WeightsFile(
+        path=tmp_path / "a.pt",
+        state_dict={"conv1.weight": torch.zeros(4, 3, 3, 3)},
+        format="backdoorbench",
+        model_name=name,
+        num_classes=10,
+    )
     with pytest.raises(ValueError, match=why) as err:
         arch_options_from_backdoorbench(wf)
     assert "not supported" in str(err.value) and "preactresnet18" in str(err.value)
@@ -362,8 +401,13 @@ def test_unsupported_backdoorbench_architectures(tmp_path, name, why):
 
 def test_arch_options_check_the_classifier(tmp_path):
     bb = BBPreActResNet18(width=4, num_classes=10)
-    wf = WeightsFile(path=tmp_path / "a.pt", state_dict=bb.state_dict(), format="backdoorbench",
-                     model_name="preactresnet18", num_classes=12)
+    wf = WeightsFile(
+        path=tmp_path / "a.pt",
+        state_dict=bb.state_dict(),
+        format="backdoorbench",
+        model_name="preactresnet18",
+        num_classes=12,
+    )
     with pytest.raises(ValueError, match="num_classes is 12 but the classifier 'linear.weight' has 10 outputs"):
         arch_options_from_backdoorbench(wf)
     with pytest.raises(ValueError, match="not a BackdoorBench"):
@@ -392,7 +436,8 @@ def _payload_files(tmp_path: Path, marker: Path) -> list:
         "checkpoint.pt": lambda p: torch.save({"state_dict": bb, "extra": [Payload(marker)]}, p),
         "attack_result.pt": lambda p: torch.save(_attack_result(bb, bd_train={"x": Payload(marker)}), p),
         "object_array.pt": lambda p: torch.save(
-            _attack_result(bb, bd_test={"original_index_array": np.array([Payload(marker)], dtype=object)}), p),
+            _attack_result(bb, bd_test={"original_index_array": np.array([Payload(marker)], dtype=object)}), p
+        ),
         "renamed.safetensors": lambda p: torch.save({"a": Payload(marker)}, p),
         "legacy.pt": lambda p: p.write_bytes(pickle.dumps(Payload(marker), protocol=2)),
         "legacy_torch.pt": lambda p: torch.save({"a": Payload(marker)}, p, _use_new_zipfile_serialization=False),
@@ -507,8 +552,11 @@ def test_a_different_architecture_lists_the_first_keys_with_counts():
         adapt_state_dict(state, _onp("resnet18"))
     msg = str(err.value)
     # missing: all but the optional Normalize buffers and BN counters; unexpected: all but the Normalize buffers
-    n_missing = sum(1 for k in _onp("resnet18").state_dict()
-                    if not k.startswith("normalize.") and not k.endswith("num_batches_tracked"))
+    n_missing = sum(
+        1
+        for k in _onp("resnet18").state_dict()
+        if not k.startswith("normalize.") and not k.endswith("num_batches_tracked")
+    )
     n_unexpected = sum(1 for k in state if not k.startswith("normalize."))
     assert n_missing > 100 and n_unexpected > 70
     assert f"{n_missing} missing keys ['conv1.weight', 'bn1.weight'," in msg
@@ -521,8 +569,10 @@ def test_shape_mismatches_name_the_shapes_and_what_the_file_says():
     with pytest.raises(ValueError) as err:
         adapt_state_dict(_onp(num_classes=10).state_dict(), _onp(num_classes=5))
     msg = str(err.value)
-    assert "2 shape mismatches ['linear.weight: file (10, 32) vs model (5, 32)', " \
-           "'linear.bias: file (10,) vs model (5,)']" in msg
+    assert (
+        "2 shape mismatches ['linear.weight: file (10, 32) vs model (5, 32)', "
+        "'linear.bias: file (10,) vs model (5,)']" in msg
+    )
     assert "last linear layer has 10 outputs" in msg and "--num-classes" in msg
     assert "missing" not in msg and "unexpected" not in msg
 
@@ -538,8 +588,11 @@ def test_shape_mismatches_name_the_shapes_and_what_the_file_says():
 
 
 def test_to_user_keys_needs_every_mapped_key():
-    key_map = KeyMap(user_to_onp={"module.fc.weight": "linear.weight", "module.fc.bias": "linear.bias"},
-                     prefix="module.", layout="torchvision")
+    key_map = KeyMap(
+        user_to_onp={"module.fc.weight": "linear.weight", "module.fc.bias": "linear.bias"},
+        prefix="module.",
+        layout="torchvision",
+    )
     assert key_map.onp_to_user == {"linear.weight": "module.fc.weight", "linear.bias": "module.fc.bias"}
     with pytest.raises(KeyError, match="linear.bias"):
         to_user_keys({"linear.weight": torch.zeros(1)}, key_map)
@@ -547,8 +600,14 @@ def test_to_user_keys_needs_every_mapped_key():
 
 def test_the_module_loads_torch_files_weights_only():
     tree = ast.parse((ROOT / "onp" / "foreign_weights.py").read_text())
-    loads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-             and n.func.attr == "load" and getattr(n.func.value, "id", None) == "torch"]
+    loads = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr == "load"
+        and getattr(n.func.value, "id", None) == "torch"
+    ]
     assert loads
     for call in loads:
         assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in call.keywords)

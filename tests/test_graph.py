@@ -190,8 +190,11 @@ def test_resnet18_coupling():
     for c in (0, WIDTH - 1):
         assert groups_of(g, "bn1", c) == {("bn1", c), ("layer1.0.bn2", c), ("layer1.1.bn2", c)}
     for s in (2, 3, 4):
-        assert groups_of(g, f"layer{s}.0.bn2", 1) == {(f"layer{s}.0.shortcut.1", 1), (f"layer{s}.0.bn2", 1),
-                                                      (f"layer{s}.1.bn2", 1)}
+        assert groups_of(g, f"layer{s}.0.bn2", 1) == {
+            (f"layer{s}.0.shortcut.1", 1),
+            (f"layer{s}.0.bn2", 1),
+            (f"layer{s}.1.bn2", 1),
+        }
     for layer in g.layers:
         if layer.bn_name.endswith(".bn1"):
             assert groups_of(g, layer.bn_name, 0) == {(layer.bn_name, 0)}
@@ -364,8 +367,9 @@ def test_generic_cnn_with_view_mean_dropout_identity():
     class Generic(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.1),
-                                      nn.Identity(), nn.MaxPool2d(2))
+            self.body = nn.Sequential(
+                nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.1), nn.Identity(), nn.MaxPool2d(2)
+            )
             self.conv, self.bn = nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)
             self.fc = nn.Linear(5 * 4, 2)
 
@@ -433,8 +437,9 @@ def test_node_features_shapes_names_and_standardisation():
     assert names[:2] == ["depth", "type_stem"] and "act_std" in names and "out_weight_l1" in names
     assert torch.allclose(x.mean(0), torch.zeros(len(names)), atol=1e-5)
     raw, _ = compute_node_features(model, g, data=data, standardize=False)
-    assert torch.equal(raw[:, names.index("bn_gamma")], torch.cat([model.get_submodule(n).weight.detach()
-                                                                   for n in g.bn_names]))
+    assert torch.equal(
+        raw[:, names.index("bn_gamma")], torch.cat([model.get_submodule(n).weight.detach() for n in g.bn_names])
+    )
     conv1 = model.conv1.weight.detach()
     assert torch.allclose(raw[:4, names.index("in_weight_l1")], conv1.abs().sum((1, 2, 3))[:4])
     with torch.no_grad():  # activation stats of bn2 by hand
@@ -461,8 +466,7 @@ def test_custom_feature_provider():
         return (graph.node_channel % 2).float()
 
     try:
-        x, names = compute_node_features(model, g, providers=("structure", "test_channel_parity"),
-                                         standardize=False)
+        x, names = compute_node_features(model, g, providers=("structure", "test_channel_parity"), standardize=False)
         assert names[-1] == "parity" and torch.equal(x[:, -1], (g.node_channel % 2).float())
         with pytest.raises(ValueError, match="already registered"):
             register_feature_provider("test_channel_parity")(parity)
@@ -476,6 +480,7 @@ def test_coupling_found_on_a_frozen_model():
     """Defenses and the env freeze parameters; the residual coupling must not depend on that."""
     from onp.graph import build_neuron_graph
     from onp.models import build_model
+
     m = build_model("resnet18", in_channels=1, width=4).eval()
     for p in m.parameters():
         p.requires_grad_(False)

@@ -52,8 +52,8 @@ def random_mask(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(n)
     perm = torch.randperm(n, generator=g)
-    mask[perm[: n // 4]] = 0.0                                   # hard-pruned
-    mask[perm[n // 4: n // 3]] = torch.rand(n // 3 - n // 4, generator=g)  # soft
+    mask[perm[: n // 4]] = 0.0  # hard-pruned
+    mask[perm[n // 4 : n // 3]] = torch.rand(n // 3 - n // 4, generator=g)  # soft
     return mask
 
 
@@ -62,7 +62,7 @@ def edit_by_hand(model: nn.Module, graph, mask: torch.Tensor, mode: str) -> nn.M
     with torch.no_grad():
         for layer in graph.layers:
             bn = ref.get_submodule(layer.bn_name)
-            m = mask[layer.offset: layer.offset + layer.num_channels]
+            m = mask[layer.offset : layer.offset + layer.num_channels]
             bn.weight.mul_(m)
             if mode == "channel":
                 bn.bias.mul_(m)
@@ -174,8 +174,9 @@ def test_prune_reset_and_indices():
 def test_bn_names_constructor_matches_graph_order():
     model, graph, x = setup("resnet18")
     masks_a = NeuronMasks(model, graph.bn_names, mode="gamma")
-    assert [(layer.bn_name, layer.offset, layer.num_channels) for layer in masks_a.layers] == \
-        [(layer.bn_name, layer.offset, layer.num_channels) for layer in graph.layers]
+    assert [(layer.bn_name, layer.offset, layer.num_channels) for layer in masks_a.layers] == [
+        (layer.bn_name, layer.offset, layer.num_channels) for layer in graph.layers
+    ]
     masks_a.prune(graph.node_index("layer2.0.bn1", 3))
     with torch.no_grad():
         out_a = model(x)
@@ -189,8 +190,12 @@ def test_bn_names_constructor_matches_graph_order():
 
 def test_export_pruned_model_small_cnn():
     model, graph, x = setup("small_cnn")
-    pruned = [graph.node_index("bn2", 0), graph.node_index("bn2", 2), graph.node_index("bn3", 1),
-              graph.node_index("bn4", 7)]
+    pruned = [
+        graph.node_index("bn2", 0),
+        graph.node_index("bn2", 2),
+        graph.node_index("bn3", 1),
+        graph.node_index("bn4", 7),
+    ]
     small = export_pruned_model(model, graph, pruned)
     assert small.bn2.num_features == 2 and small.conv3.in_channels == 2 and small.bn3.num_features == 7
     assert small.linear.in_features == 7 and model.bn2.num_features == 4  # original untouched

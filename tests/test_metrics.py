@@ -9,14 +9,17 @@ def test_accuracy_hand_computed():
     assert accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) == 0.0
 
 
-@pytest.mark.parametrize("before, after, expected", [
-    ((0.92, 1.00), (0.92, 0.00), 1.0),     # ASR removed, no ACC loss
-    ((0.92, 1.00), (0.92, 1.00), 0.5),     # nothing changed
-    ((0.92, 1.00), (0.82, 0.00), 0.95),    # (1 - 0.10 + 1) / 2
-    ((0.90, 0.50), (0.95, 0.80), 0.5),     # ASR *rose* and ACC rose: both clipped at 0
-    ((0.90, 0.50), (0.80, 0.90), 0.45),    # ASR rose (clipped), ACC fell 0.10 -> (0 - 0.1 + 1)/2
-    ((0.90, 0.90), (0.00, 0.00), 0.5),     # killing the model: ASR gain cancelled by ACC loss
-])
+@pytest.mark.parametrize(
+    "before, after, expected",
+    [
+        ((0.92, 1.00), (0.92, 0.00), 1.0),  # ASR removed, no ACC loss
+        ((0.92, 1.00), (0.92, 1.00), 0.5),  # nothing changed
+        ((0.92, 1.00), (0.82, 0.00), 0.95),  # (1 - 0.10 + 1) / 2
+        ((0.90, 0.50), (0.95, 0.80), 0.5),  # ASR *rose* and ACC rose: both clipped at 0
+        ((0.90, 0.50), (0.80, 0.90), 0.45),  # ASR rose (clipped), ACC fell 0.10 -> (0 - 0.1 + 1)/2
+        ((0.90, 0.90), (0.00, 0.00), 0.5),  # killing the model: ASR gain cancelled by ACC loss
+    ],
+)
 def test_der_sign_and_values(before, after, expected):
     assert der(before[0], before[1], after[0], after[1]) == pytest.approx(expected)
 

@@ -13,9 +13,20 @@ from onp.seeding import seed_everything
 
 #: keys that measure time, not results
 TIMING = {"wall_time", "learn_seconds", "steps_per_second", "train_seconds", "seconds", "baseline_seconds"}
-LEAN = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "1000",
-        "--defense-size", "300"]
-
+LEAN = [
+    "--model",
+    "small_cnn",
+    "--width",
+    "4",
+    "--data-source",
+    "sample",
+    "--epochs",
+    "1",
+    "--max-train",
+    "1000",
+    "--defense-size",
+    "300",
+]
 
 
 def _strip(obj):
@@ -50,19 +61,41 @@ def test_seed_everything_seeds_python_numpy_torch():
 def test_baseline_cell_twice_is_identical(tiny_bundle, tmp_path):
     """A stochastic baseline (ANP: random perturbations and batches) on the tiny model, run twice."""
     from onp.baseline import main
+
     runs = []
     for i in range(2):
         out = tmp_path / f"r{i}"
         seed_everything(123)  # different global RNG state before each run: the CLI must seed itself
         torch.rand(i + 1)
-        assert main(["--method", "anp", "--checkpoint", str(tiny_bundle.path), "--seed", "0", "--set",
-                     "iterations=8", "--set", "batch_size=32", "--set", "max_fraction=0.1", "--no-oracle",
-                     "--out", str(out), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "--method",
+                    "anp",
+                    "--checkpoint",
+                    str(tiny_bundle.path),
+                    "--seed",
+                    "0",
+                    "--set",
+                    "iterations=8",
+                    "--set",
+                    "batch_size=32",
+                    "--set",
+                    "max_fraction=0.1",
+                    "--no-oracle",
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         runs.append(out)
     assert _metrics(runs[0]) == _metrics(runs[1])
     assert _same_state(runs[0] / "model.pt", runs[1] / "model.pt")
-    assert torch.equal(torch.load(runs[0] / "scores.pt", weights_only=True),
-                       torch.load(runs[1] / "scores.pt", weights_only=True))
+    assert torch.equal(
+        torch.load(runs[0] / "scores.pt", weights_only=True), torch.load(runs[1] / "scores.pt", weights_only=True)
+    )
 
 
 def test_compare_twice_gives_identical_leaderboards(onp_cache, tmp_path):
@@ -70,9 +103,26 @@ def test_compare_twice_gives_identical_leaderboards(onp_cache, tmp_path):
     for i in range(2):
         out = tmp_path / f"c{i}"
         seed_everything(7 + i)
-        argv = LEAN + ["--cache-dir", str(onp_cache), "--attacks", "badnets", "--defenses", "magnitude", "random",
-                       "--seeds", "1", "--set", "max_fraction=0.1", "--oracle-max-fraction", "0.1",
-                       "--deterministic", "--no-plots", "--quiet", "--out", str(out)]
+        argv = LEAN + [
+            "--cache-dir",
+            str(onp_cache),
+            "--attacks",
+            "badnets",
+            "--defenses",
+            "magnitude",
+            "random",
+            "--seeds",
+            "1",
+            "--set",
+            "max_fraction=0.1",
+            "--oracle-max-fraction",
+            "0.1",
+            "--deterministic",
+            "--no-plots",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
         assert compare.main(argv) == 0
         board = json.loads((out / "leaderboard.json").read_text())
         for row in board["rows"]:
@@ -94,12 +144,41 @@ def test_deterministic_flag_is_applied_and_recorded(tiny_bundle, onp_cache, tmp_
     """``--deterministic`` on onp.baseline and onp.train turns on deterministic algorithms and is saved."""
     from onp.baseline import main as baseline_main
     from onp.train import main as train_main
+
     runs = {"baseline": tmp_path / "b", "train": tmp_path / "t"}
-    calls = {"baseline": lambda out: baseline_main(["--method", "magnitude", "--checkpoint", str(tiny_bundle.path),
-                                                    "--no-oracle", "--out", str(out), "--quiet", "--deterministic"]),
-             "train": lambda out: train_main(["--config", str(TINY_TRAIN), "--agent", "random", "--warm-start", "none",
-                                              "--timesteps", "8", "--cache-dir", str(onp_cache), "--out", str(out),
-                                              "--quiet", "--deterministic"])}
+    calls = {
+        "baseline": lambda out: baseline_main(
+            [
+                "--method",
+                "magnitude",
+                "--checkpoint",
+                str(tiny_bundle.path),
+                "--no-oracle",
+                "--out",
+                str(out),
+                "--quiet",
+                "--deterministic",
+            ]
+        ),
+        "train": lambda out: train_main(
+            [
+                "--config",
+                str(TINY_TRAIN),
+                "--agent",
+                "random",
+                "--warm-start",
+                "none",
+                "--timesteps",
+                "8",
+                "--cache-dir",
+                str(onp_cache),
+                "--out",
+                str(out),
+                "--quiet",
+                "--deterministic",
+            ]
+        ),
+    }
     try:
         for name, run in calls.items():
             torch.use_deterministic_algorithms(False)
@@ -114,13 +193,27 @@ def test_deterministic_flag_is_applied_and_recorded(tiny_bundle, onp_cache, tmp_
 def train_runs(tiny_bundle, onp_cache, tmp_path_factory):
     """onp.train's tiny profile (the session's tiny model), twice, with fewer timesteps."""
     from onp.train import main
+
     base = tmp_path_factory.mktemp("train-repro")
     runs = []
     for i in range(2):
         out = base / f"t{i}"
         seed_everything(1000 + i)  # the command must not depend on the caller's RNG state
-        argv = ["--config", str(TINY_TRAIN), "--timesteps", "48", "--set", "ppo.n_steps=16", "--set", "eval.freq=16",
-                "--cache-dir", str(onp_cache), "--out", str(out), "--quiet"]
+        argv = [
+            "--config",
+            str(TINY_TRAIN),
+            "--timesteps",
+            "48",
+            "--set",
+            "ppo.n_steps=16",
+            "--set",
+            "eval.freq=16",
+            "--cache-dir",
+            str(onp_cache),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         assert main(argv) == 0
         runs.append(out)
     assert json.loads((runs[0] / "metrics.json").read_text())["model_dir"] == str(tiny_bundle.path)
@@ -140,11 +233,17 @@ def test_evaluate_twice_is_identical(train_runs, tiny_bundle, tmp_path):
     outs = []
     for i in range(2):
         out = tmp_path / f"e{i}"
-        assert evaluate.main(["--policy", str(train_runs[0]), "--checkpoint", str(tiny_bundle.path),
-                              "--out", str(out), "--quiet"]) == 0
+        assert (
+            evaluate.main(
+                ["--policy", str(train_runs[0]), "--checkpoint", str(tiny_bundle.path), "--out", str(out), "--quiet"]
+            )
+            == 0
+        )
         outs.append(out)
     assert _metrics(outs[0]) == _metrics(outs[1])
     assert json.loads((outs[0] / "pruned.json").read_text()) == json.loads((outs[1] / "pruned.json").read_text())
     # on the model it was trained on, the transferred policy makes the same choice as at the end of training
-    assert json.loads((outs[0] / "pruned.json").read_text())["indices"] == \
-        json.loads((train_runs[0] / "pruned.json").read_text())["indices"]
+    assert (
+        json.loads((outs[0] / "pruned.json").read_text())["indices"]
+        == json.loads((train_runs[0] / "pruned.json").read_text())["indices"]
+    )

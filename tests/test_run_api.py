@@ -21,22 +21,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_functions_take_typed_configs_and_return_run_results(tiny_bundle, tmp_path):
-    base = run_baseline(BaselineRunConfig(method="magnitude", checkpoint=str(tiny_bundle.path), oracle=False,
-                                          params={"delta": 0.5}), tmp_path / "mag", quiet=True)
+    base = run_baseline(
+        BaselineRunConfig(method="magnitude", checkpoint=str(tiny_bundle.path), oracle=False, params={"delta": 0.5}),
+        tmp_path / "mag",
+        quiet=True,
+    )
     assert isinstance(base, RunResult) and base.run_dir == tmp_path / "mag"
     on_disk = json.loads((tmp_path / "mag" / "metrics.json").read_text())
     assert base.acc == on_disk["acc"] and base.der == on_disk["der"] and base.n_pruned == on_disk["n_pruned"] >= 1
     assert base["method"] == "magnitude" and dict(base) == on_disk
 
-    cfg = TrainConfig.from_dict({**load_yaml(ROOT / "configs" / "train" / "tiny.yaml"), "agent": "greedy-gamma",
-                                 "rollout": {"min_return": None}, "checkpoint": str(tiny_bundle.path)})
+    cfg = TrainConfig.from_dict(
+        {
+            **load_yaml(ROOT / "configs" / "train" / "tiny.yaml"),
+            "agent": "greedy-gamma",
+            "rollout": {"min_return": None},
+            "checkpoint": str(tiny_bundle.path),
+        }
+    )
     pol = run_training(cfg, tmp_path / "greedy", quiet=True)
     assert isinstance(pol, RunResult) and pol["agent"] == "greedy-gamma" and pol["model_dir"] == str(tiny_bundle.path)
     saved = json.loads((tmp_path / "greedy" / "config.json").read_text())
     assert saved["backdoor"] == tiny_bundle.config.to_dict()  # the model folder's own config is recorded
 
-    ev = run_evaluate(EvaluateConfig(pruned=str(tmp_path / "mag"), checkpoint=str(tiny_bundle.path)),
-                      tmp_path / "ev", quiet=True)
+    ev = run_evaluate(
+        EvaluateConfig(pruned=str(tmp_path / "mag"), checkpoint=str(tiny_bundle.path)), tmp_path / "ev", quiet=True
+    )
     assert isinstance(ev, RunResult) and ev.n_pruned == base.n_pruned and ev.acc == pytest.approx(base.acc)
 
 

@@ -29,8 +29,10 @@ LEAN = dict(model="small_cnn", width=4, data_source="sample", epochs=1, max_trai
 
 def _tree(root: Path) -> Dict[str, str]:
     """Every file and folder under ``root`` with its sha256 (folders: ``dir``)."""
-    return {str(p.relative_to(root)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _leftovers(folder: Path):
@@ -217,8 +219,19 @@ def baseline_argv(lean_bundle):
 
 
 def _train_argv(out: Path, *extra):
-    return ["--config", TINY, "--agent", "greedy-gamma", "--warm-start", "none", "--set", "rollout.min_return=null",
-            "--out", str(out), "--quiet"] + list(extra)
+    return [
+        "--config",
+        TINY,
+        "--agent",
+        "greedy-gamma",
+        "--warm-start",
+        "none",
+        "--set",
+        "rollout.min_return=null",
+        "--out",
+        str(out),
+        "--quiet",
+    ] + list(extra)
 
 
 def test_cli_refuse_a_foreign_out_folder(lean_bundle, baseline_argv, tmp_path, capsys):
@@ -231,10 +244,25 @@ def test_cli_refuse_a_foreign_out_folder(lean_bundle, baseline_argv, tmp_path, c
     clis = {
         "train": (train_mod.main, _train_argv(user, "--overwrite")),
         "baseline": (baseline.main, baseline_argv + ["--out", str(user), "--overwrite"]),
-        "evaluate": (evaluate.main, ["--pruned", str(src), "--checkpoint", str(lean_bundle.path), "--out", str(user),
-                                     "--overwrite", "--quiet"]),
-        "compare": (compare.main, ["--model", "small_cnn", "--attacks", "badnets", "--defenses", "magnitude",
-                                   "--out", str(user), "--overwrite", "--quiet"]),
+        "evaluate": (
+            evaluate.main,
+            ["--pruned", str(src), "--checkpoint", str(lean_bundle.path), "--out", str(user), "--overwrite", "--quiet"],
+        ),
+        "compare": (
+            compare.main,
+            [
+                "--model",
+                "small_cnn",
+                "--attacks",
+                "badnets",
+                "--defenses",
+                "magnitude",
+                "--out",
+                str(user),
+                "--overwrite",
+                "--quiet",
+            ],
+        ),
     }
     for name, (main, argv) in clis.items():
         assert run_cli(main, argv) == 2, name
@@ -242,8 +270,7 @@ def test_cli_refuse_a_foreign_out_folder(lean_bundle, baseline_argv, tmp_path, c
     assert _tree(tmp_path) == before
 
 
-def test_baseline_overwrite_keeps_the_old_run_until_the_new_one_succeeds(baseline_argv, tmp_path, capsys,
-                                                                          monkeypatch):
+def test_baseline_overwrite_keeps_the_old_run_until_the_new_one_succeeds(baseline_argv, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert run_cli(baseline.main, baseline_argv + ["--out", str(run)]) == 0
     before = _tree(tmp_path)
@@ -296,16 +323,38 @@ def test_train_resumes_an_interrupted_run_of_the_same_config(tmp_path):
         auto(run, other, overwrite=False, resume=False, quiet=True)
 
 
-def test_evaluate_and_compare_overwrite_keep_the_old_output_on_failure(lean_bundle, baseline_argv, onp_cache,
-                                                                       tmp_path, capsys, monkeypatch):
+def test_evaluate_and_compare_overwrite_keep_the_old_output_on_failure(
+    lean_bundle, baseline_argv, onp_cache, tmp_path, capsys, monkeypatch
+):
     src = tmp_path / "src"
     assert run_cli(baseline.main, baseline_argv + ["--out", str(src)]) == 0
     ev = ["--pruned", str(src), "--checkpoint", str(lean_bundle.path), "--out", str(tmp_path / "ev"), "--quiet"]
     assert run_cli(evaluate.main, ev) == 0
     grid = tmp_path / "grid"
-    cmp = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "1000",
-           "--defense-size", "300", "--cache-dir", str(onp_cache), "--attacks", "badnets", "--defenses", "magnitude",
-           "--out", str(grid), "--quiet", "--no-plots"]
+    cmp = [
+        "--model",
+        "small_cnn",
+        "--width",
+        "4",
+        "--data-source",
+        "sample",
+        "--epochs",
+        "1",
+        "--max-train",
+        "1000",
+        "--defense-size",
+        "300",
+        "--cache-dir",
+        str(onp_cache),
+        "--attacks",
+        "badnets",
+        "--defenses",
+        "magnitude",
+        "--out",
+        str(grid),
+        "--quiet",
+        "--no-plots",
+    ]
     assert run_cli(compare.main, cmp + ["--report-only"]) == 0
     (grid / "config.json").write_text('{"settings": {"epochs": 99}}')
     before = _tree(tmp_path)
@@ -326,8 +375,23 @@ def test_evaluate_and_compare_overwrite_keep_the_old_output_on_failure(lean_bund
 def test_nan_or_diverging_lr_raises_and_caches_nothing(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"\blr\b.*finite"):
         load_bundle(BackdoorConfig(**QUICK, lr=float("nan")), cache_dir=tmp_path, progress=False)
-    args = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "300",
-            "--defense-size", "100", "--cache-dir", str(tmp_path), "--quiet"]
+    args = [
+        "--model",
+        "small_cnn",
+        "--width",
+        "4",
+        "--data-source",
+        "sample",
+        "--epochs",
+        "1",
+        "--max-train",
+        "300",
+        "--defense-size",
+        "100",
+        "--cache-dir",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert run_cli(backdoor_main, args + ["--set", "lr=nan"]) == 2
     _assert_error_line(capsys, "lr")
     assert run_cli(backdoor_main, args + ["--set", "lr=1.0e+30"]) == 2  # finite, but the weights blow up
@@ -342,6 +406,7 @@ def test_failed_zoo_training_is_never_loaded_as_complete(tmp_path, monkeypatch):
     def fails_after_first_epoch(*args, **kwargs):
         def boom(epoch, model):
             raise RuntimeError("disk full")
+
         return real(*args, on_epoch_end=boom, **kwargs)
 
     monkeypatch.setattr(zoo, "train_classifier", _boom)  # fails before any epoch: nothing is left

@@ -55,6 +55,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_idx_reader_roundtrip_and_data_dir(tmp_path, monkeypatch):
     from onp.data.idx import IDX_FILES, write_idx
+
     monkeypatch.setenv("ONP_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     d = tmp_path / "mnist"

@@ -18,11 +18,23 @@ from onp.train import DEFAULT_CONFIG, main, resolve_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "train" / "tiny.yaml")
-RUN_FILES = {"config.json", "env.json", "metrics.json", "pruned.json", "model.pt", "README.md",
-             "learning_curve.json"}
-METRIC_KEYS = {"acc", "asr", "ra", "der", "before", "n_pruned", "wall_time", "env_steps", "steps_per_second",
-               "asr_estimator", "trigger_aware", "val_acc", "val_asr", "val"}
-
+RUN_FILES = {"config.json", "env.json", "metrics.json", "pruned.json", "model.pt", "README.md", "learning_curve.json"}
+METRIC_KEYS = {
+    "acc",
+    "asr",
+    "ra",
+    "der",
+    "before",
+    "n_pruned",
+    "wall_time",
+    "env_steps",
+    "steps_per_second",
+    "asr_estimator",
+    "trigger_aware",
+    "val_acc",
+    "val_asr",
+    "val",
+}
 
 
 def _tiny_config(**sections):
@@ -37,8 +49,7 @@ def _check_pruned_model(run: Path, tiny_bundle):
     state = load_checkpoint(run / "model.pt")
     model = tiny_bundle.fresh_model()
     model.load_state_dict(state)
-    gammas = torch.cat([m.weight.detach().flatten() for m in model.modules()
-                        if isinstance(m, torch.nn.BatchNorm2d)])
+    gammas = torch.cat([m.weight.detach().flatten() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
     assert pruned["indices"] and all(gammas[i] == 0 for i in pruned["indices"])
     assert len(pruned["names"]) == len(pruned["indices"])
 
@@ -52,8 +63,9 @@ def test_cli_end_to_end(tiny_bundle, tmp_path, capsys):
     assert "ASR estimator: trigger" in first[1] and "TRIGGER-AWARE: uses the real trigger" in first[1]
     assert "budget: 8 neurons" in first[1]
     names = {p.name for p in run.iterdir()}
-    assert RUN_FILES | {"policy.pt", "policy.json", "tb", "checkpoint.pt", "checkpoint.json",
-                        "train_state.json"} <= names
+    assert (
+        RUN_FILES | {"policy.pt", "policy.json", "tb", "checkpoint.pt", "checkpoint.json", "train_state.json"} <= names
+    )
     assert not any(name.endswith(".zip") for name in names)  # no SB3 pickle archives
     assert any((run / "tb").rglob("events.out.tfevents*"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -120,8 +132,11 @@ NO_FLOOR = {"min_return": None, "evidence_alpha": None}
 def test_ranked_agent_through_run_training(tiny_bundle, tmp_path):
     """A parametric agent whose extra keywords are the baseline's hyperparameters gets only its own
     arguments (seed), never the run's device."""
-    m = run_training(_tiny_config(agent="ranked:magnitude", warm_start={"baseline": None},
-                                  rollout=NO_FLOOR), tmp_path / "ranked", quiet=True)
+    m = run_training(
+        _tiny_config(agent="ranked:magnitude", warm_start={"baseline": None}, rollout=NO_FLOOR),
+        tmp_path / "ranked",
+        quiet=True,
+    )
     assert m["agent"] == "ranked:magnitude" and 1 <= m["n_pruned"] <= 8
 
 
@@ -134,7 +149,8 @@ def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
     assert len(json.loads((tmp_path / "greedy" / "pruned.json").read_text())["indices"]) == m["n_pruned"]
     assert RUN_FILES <= {p.name for p in (tmp_path / "greedy").iterdir()}
     file = tmp_path / "my_agent.py"
-    file.write_text(textwrap.dedent("""
+    file.write_text(
+        textwrap.dedent("""
         from agents import BaseAgent
 
         class FirstThree(BaseAgent):
@@ -146,11 +162,29 @@ def test_heuristic_and_file_agents(tiny_bundle, tmp_path):
                 if obs["pruned"].sum() >= self.k:
                     return len(action_mask) - 1
                 return int(action_mask[:-1].nonzero()[0][0])
-    """))
+    """)
+    )
     out = tmp_path / "file-agent"
-    assert main(["--config", TINY, "--agent", f"{file}:FirstThree", "--set", "agent_params.k=2",
-                 "--set", "rollout.min_return=null", "--set", "rollout.evidence_alpha=null",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                TINY,
+                "--agent",
+                f"{file}:FirstThree",
+                "--set",
+                "agent_params.k=2",
+                "--set",
+                "rollout.min_return=null",
+                "--set",
+                "rollout.evidence_alpha=null",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_pruned"] == 2 and m["agent"].endswith(":FirstThree")
     assert (out / "agent.json").exists()  # BaseAgent.save
@@ -201,8 +235,9 @@ def test_default_config_file_matches_code_and_paper_config_resolves():
 
 
 def test_module_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "onp.train", "--help"], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "onp.train", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert out.returncode == 0 and "--warm-start" in out.stdout and "--resume" in out.stdout
 
 
@@ -224,10 +259,25 @@ def test_shared_backdoor_flags_set_backdoor_keys():
     """The backdoored-model flags every onp tool shares (onp.cli_common) map onto backdoor.*; --list-agents
     stays an alias of --list."""
     from onp.train import build_parser, config_from_args
-    args = build_parser().parse_args(["--epochs", "2", "--defense-size", "300", "--max-train", "900",
-                                      "--backdoor-set", "poison_rate=0.2", "--width", "8", "--list-agents"])
+
+    args = build_parser().parse_args(
+        [
+            "--epochs",
+            "2",
+            "--defense-size",
+            "300",
+            "--max-train",
+            "900",
+            "--backdoor-set",
+            "poison_rate=0.2",
+            "--width",
+            "8",
+            "--list-agents",
+        ]
+    )
     assert args.list is True
-    assert config_from_args(args) == {"backdoor": {"epochs": 2, "defense_size": 300, "max_train": 900,
-                                                   "poison_rate": 0.2, "width": 8}}
+    assert config_from_args(args) == {
+        "backdoor": {"epochs": 2, "defense_size": 300, "max_train": 900, "poison_rate": 0.2, "width": 8}
+    }
     cfg = resolve_config(config_from_args(args))
     assert cfg["backdoor"]["poison_rate"] == 0.2 and cfg["backdoor"]["max_train"] == 900

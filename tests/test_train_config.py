@@ -33,31 +33,36 @@ def test_default_yaml_equals_the_typed_defaults():
 
 def test_agents_take_their_defaults_from_the_typed_config():
     from agents import ppo_gnn
+
     assert ppo_gnn.PPO_DEFAULTS == PPOConfig().model_dump()
     assert ppo_gnn.POLICY_DEFAULTS == TrainConfig().policy.model_dump()
-    assert {k: v for k, v in ppo_gnn.WARM_START_DEFAULTS.items() if k != "baseline"} == \
-        {k: v for k, v in TrainConfig().warm_start.model_dump().items() if k != "baseline"}
+    assert {k: v for k, v in ppo_gnn.WARM_START_DEFAULTS.items() if k != "baseline"} == {
+        k: v for k, v in TrainConfig().warm_start.model_dump().items() if k != "baseline"
+    }
 
 
-@pytest.mark.parametrize("bad, key", [
-    ({"env": {"delta": math.nan}}, "env.delta"),
-    ({"env": {"lam": math.nan}}, "env.lam"),
-    ({"env": {"budget": math.inf}}, "env.budget"),
-    ({"env": {"budget": 20.7}}, "env.budget"),
-    ({"env": 3}, "env"),
-    ({"env": {"budget": {"x": 1}}}, "env.budget"),
-    ({"env": {"bogus": 1}}, "env.bogus"),
-    ({"backdoor": {"width": "sixteen"}}, "backdoor.width"),
-    ({"backdoor": {"lr": math.nan}}, "backdoor.lr"),
-    ({"ppo": {"n_steps": "128"}}, "ppo.n_steps"),
-    ({"ppo": {"learning_rate": -1.0}}, "ppo.learning_rate"),
-    ({"policy": {"hidden": 10**9}}, "policy.hidden"),
-    ({"seed": -1}, "seed"),
-    ({"torch_threads": -1}, "torch_threads"),
-    ({"device": "bogus"}, "device"),
-    ({"rollout": {"min_return": math.nan}}, "rollout.min_return"),
-    ({"agent_params": {"k": math.inf}}, "agent_params"),
-])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"env": {"delta": math.nan}}, "env.delta"),
+        ({"env": {"lam": math.nan}}, "env.lam"),
+        ({"env": {"budget": math.inf}}, "env.budget"),
+        ({"env": {"budget": 20.7}}, "env.budget"),
+        ({"env": 3}, "env"),
+        ({"env": {"budget": {"x": 1}}}, "env.budget"),
+        ({"env": {"bogus": 1}}, "env.bogus"),
+        ({"backdoor": {"width": "sixteen"}}, "backdoor.width"),
+        ({"backdoor": {"lr": math.nan}}, "backdoor.lr"),
+        ({"ppo": {"n_steps": "128"}}, "ppo.n_steps"),
+        ({"ppo": {"learning_rate": -1.0}}, "ppo.learning_rate"),
+        ({"policy": {"hidden": 10**9}}, "policy.hidden"),
+        ({"seed": -1}, "seed"),
+        ({"torch_threads": -1}, "torch_threads"),
+        ({"device": "bogus"}, "device"),
+        ({"rollout": {"min_return": math.nan}}, "rollout.min_return"),
+        ({"agent_params": {"k": math.inf}}, "agent_params"),
+    ],
+)
 def test_bad_values_name_their_key(bad, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         TrainConfig.from_dict(bad)
@@ -65,6 +70,7 @@ def test_bad_values_name_their_key(bad, key):
 
 def test_cuda_without_cuda_is_an_error():
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="no CUDA"):
@@ -89,8 +95,11 @@ def test_backdoor_config_checks_types():
 
 
 def _tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 class _Accepted(Exception):
@@ -140,15 +149,38 @@ def test_cli_yaml_with_wrong_type(tmp_path, capsys, no_model):
 
 
 def _schema_keys():
-    keys = [f"{section}.{name}" for section, field in TrainConfig.model_fields.items()
-            if hasattr(field.annotation, "model_fields") for name in field.annotation.model_fields]
+    keys = [
+        f"{section}.{name}"
+        for section, field in TrainConfig.model_fields.items()
+        if hasattr(field.annotation, "model_fields")
+        for name in field.annotation.model_fields
+    ]
     keys += [k for k, f in TrainConfig.model_fields.items() if not hasattr(f.annotation, "model_fields")]
     keys += [f"backdoor.{k}" for k in BackdoorConfig().to_dict()]
     return sorted(keys)
 
 
-FUZZ_VALUES = [".nan", ".inf", "-.inf", "-1", "0", "1", "3", "0.5", "-0.5", "1e30", "100000000000000", "abc",
-               "true", "null", "[1, 2]", "{a: 1}", "''", "2.5", "-100000000000000"]
+FUZZ_VALUES = [
+    ".nan",
+    ".inf",
+    "-.inf",
+    "-1",
+    "0",
+    "1",
+    "3",
+    "0.5",
+    "-0.5",
+    "1e30",
+    "100000000000000",
+    "abc",
+    "true",
+    "null",
+    "[1, 2]",
+    "{a: 1}",
+    "''",
+    "2.5",
+    "-100000000000000",
+]
 
 
 def test_fuzz_random_overrides_never_traceback(tmp_path, capsys, no_model):

@@ -82,8 +82,11 @@ def unpickling_loads(tree: ast.AST, rel: str):
                 yield node.lineno, "imports cloudpickle/dill"
             if isinstance(node, ast.ImportFrom) and node.module and "save_util" in node.module:
                 yield node.lineno, "SB3 save_util"
-        if isinstance(node, ast.Attribute) and _dotted(node) in ("pickle.load", "pickle.loads", "pickle.Unpickler") \
-                and rel != "onp/data/cifar.py":
+        if (
+            isinstance(node, ast.Attribute)
+            and _dotted(node) in ("pickle.load", "pickle.loads", "pickle.Unpickler")
+            and rel != "onp/data/cifar.py"
+        ):
             yield node.lineno, _dotted(node)
         if not isinstance(node, ast.Call):
             continue
@@ -100,8 +103,11 @@ def unpickling_loads(tree: ast.AST, rel: str):
 
 def test_sources_hold_no_unpickling_load():
     assert len(SOURCES) > 50
-    bad = [f"{p.relative_to(ROOT)}:{line}: {what}" for p in SOURCES
-           for line, what in unpickling_loads(ast.parse(p.read_text()), p.relative_to(ROOT).as_posix())]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {what}"
+        for p in SOURCES
+        for line, what in unpickling_loads(ast.parse(p.read_text()), p.relative_to(ROOT).as_posix())
+    ]
     assert not bad, "loads that can unpickle:\n" + "\n".join(bad)
     cifar = (ROOT / "onp" / "data" / "cifar.py").read_text()
     assert "class RestrictedUnpickler(pickle.Unpickler)" in cifar and "def find_class" in cifar
@@ -110,11 +116,24 @@ def test_sources_hold_no_unpickling_load():
 def test_the_source_check_finds_unpickling_loads():
     # source text parsed, never run; lines 3-7 and 9 are the loads the check must flag, and the two
     # safe ones (weights_only=True, allow_pickle=False) must pass
-    code = "\n".join([
-        "import torch, numpy as np", "from sb3_contrib import MaskablePPO", "import cloudpickle",
-        "torch.load(p)  # weights_only=True missing", "torch.load(p, weights_only=False)", "np.load(p)",
-        "MaskablePPO.load(p)", "import pickle", "pickle.loads(b)", "torch.load(p, weights_only=True)",
-        "np.load(p, allow_pickle=False)"]) + "\n"
+    code = (
+        "\n".join(
+            [
+                "import torch, numpy as np",
+                "from sb3_contrib import MaskablePPO",
+                "import cloudpickle",
+                "torch.load(p)  # weights_only=True missing",
+                "torch.load(p, weights_only=False)",
+                "np.load(p)",
+                "MaskablePPO.load(p)",
+                "import pickle",
+                "pickle.loads(b)",
+                "torch.load(p, weights_only=True)",
+                "np.load(p, allow_pickle=False)",
+            ]
+        )
+        + "\n"
+    )
     found = [line for line, _ in unpickling_loads(ast.parse(code), "x.py")]
     assert sorted(found) == [3, 4, 5, 6, 7, 9]
 
@@ -131,8 +150,16 @@ def run(tiny_bundle, tmp_path_factory):
     cfg["warm_start"] = {"baseline": None}
     path = tmp_path_factory.mktemp("untrusted") / "run"
     train.run_training(cfg, path, quiet=True)
-    for name in ("policy.pt", "policy.json", "checkpoint.pt", "checkpoint.json", "config.json", "metrics.json",
-                 "pruned.json", "train_state.json"):
+    for name in (
+        "policy.pt",
+        "policy.json",
+        "checkpoint.pt",
+        "checkpoint.json",
+        "config.json",
+        "metrics.json",
+        "pruned.json",
+        "train_state.json",
+    ):
         assert (path / name).is_file(), name
     return path
 
@@ -147,14 +174,24 @@ def copy(run, tmp_path):
 def _set_digest(folder: Path, stem: str) -> None:
     """Make ``<stem>.json`` vouch for the planted ``<stem>.pt`` (so only weights-only loading stops it)."""
     import hashlib
+
     meta = json.loads((folder / f"{stem}.json").read_text())
     meta["sha256"] = hashlib.sha256((folder / f"{stem}.pt").read_bytes()).hexdigest()
     (folder / f"{stem}.json").write_text(json.dumps(meta))
 
 
 def _evaluate(folder: Path, onp_cache, out: Path, kind: str = "--policy"):
-    return [kind, str(folder), "--checkpoint", str(_model_dir(folder)), "--cache-dir", str(onp_cache),
-            "--out", str(out), "--quiet"]
+    return [
+        kind,
+        str(folder),
+        "--checkpoint",
+        str(_model_dir(folder)),
+        "--cache-dir",
+        str(onp_cache),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
 
 
 def _model_dir(folder: Path) -> Path:
@@ -229,8 +266,9 @@ def test_run_folder_never_imports_the_agent_it_names(copy, onp_cache, tmp_path, 
     err = _error_of(evaluate.main, _evaluate(copy, onp_cache, tmp_path / "ev"), capsys)
     assert "evil.py:X" in err and "--agent" in err and not marker.exists()
     # onp.train --config <received config.json>: the same rule
-    err = _error_of(train.main, ["--config", str(copy / "config.json"), "--out", str(tmp_path / "t"), "--quiet"],
-                    capsys)
+    err = _error_of(
+        train.main, ["--config", str(copy / "config.json"), "--out", str(tmp_path / "t"), "--quiet"], capsys
+    )
     assert "evil.py:X" in err and "--agent" in err and not marker.exists()
     assert not (tmp_path / "t").exists()
 
@@ -249,6 +287,7 @@ def cached_model(tiny_bundle, tmp_path):
 @pytest.mark.parametrize("name", ["model.pt", "meta.json", "splits.npz"])
 def test_payload_in_cached_model(cached_model, tmp_path, name):
     from onp.zoo import open_bundle
+
     marker = tmp_path / "PWNED"
     if name == "model.pt":
         (cached_model / name).write_bytes(_torch_bytes(marker))
@@ -276,6 +315,7 @@ def test_payload_in_torch_cache_files(tmp_path):
 
 def test_payload_in_synthesized_trigger_cache(tiny_bundle, tmp_path):
     from envs.asr_estimators import build_probe
+
     marker = tmp_path / "PWNED"
     cache = tmp_path / "cache"
     data = tiny_bundle.defense_data
@@ -304,11 +344,22 @@ def test_json_files_are_strict_json(tmp_path):
     """NaN and infinity never reach a JSON file onp writes (metrics.json included): they become null."""
     from onp.io import atomic_write_json
 
-    path = atomic_write_json(tmp_path / "m.json", {"acc": float("nan"), "curve": [float("inf"), 0.5],
-                                                   "asr": np.float32("nan"), "t": torch.tensor([1.0, float("-inf")])})
+    path = atomic_write_json(
+        tmp_path / "m.json",
+        {
+            "acc": float("nan"),
+            "curve": [float("inf"), 0.5],
+            "asr": np.float32("nan"),
+            "t": torch.tensor([1.0, float("-inf")]),
+        },
+    )
 
     def refuse(const):
         raise ValueError(f"non-strict JSON constant {const}")
 
-    assert json.loads(path.read_text(), parse_constant=refuse) == {"acc": None, "curve": [None, 0.5], "asr": None,
-                                                                   "t": [1.0, None]}
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "acc": None,
+        "curve": [None, 0.5],
+        "asr": None,
+        "t": [1.0, None],
+    }

@@ -167,8 +167,15 @@ def test_missing_path(tmp_path: Path) -> None:
         load_clean_images(tmp_path / "nowhere", num_classes=10, channels=1, image_size=28)
 
 
-@pytest.mark.parametrize("kw, match", [(dict(num_classes=1), "num_classes"), (dict(channels=2), "channels"),
-                                       (dict(image_size=(28,)), "image_size"), (dict(image_size=0), "image_size")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_classes=1), "num_classes"),
+        (dict(channels=2), "channels"),
+        (dict(image_size=(28,)), "image_size"),
+        (dict(image_size=0), "image_size"),
+    ],
+)
 def test_bad_arguments(tmp_path: Path, kw: Dict[str, Any], match: str) -> None:
     args = dict(num_classes=2, channels=1, image_size=28) | kw
     with pytest.raises(ValueError, match=match):
@@ -189,21 +196,28 @@ def test_npz_layouts_agree(tmp_path: Path) -> None:
     nhwc = _rgb(30)
     y = np.arange(30) % 10
     expected = torch.from_numpy(nhwc).permute(0, 3, 1, 2).float() / 255.0
-    for x in (nhwc, nhwc.transpose(0, 3, 1, 2), nhwc.astype(np.float32) / 255.0,
-              nhwc.transpose(0, 3, 1, 2).astype(np.float64) / 255.0):
+    for x in (
+        nhwc,
+        nhwc.transpose(0, 3, 1, 2),
+        nhwc.astype(np.float32) / 255.0,
+        nhwc.transpose(0, 3, 1, 2).astype(np.float64) / 255.0,
+    ):
         imgs = load_clean_images(_npz(tmp_path, x=x, y=y), num_classes=10, channels=3, image_size=32)
         assert imgs.x.dtype == torch.float32 and torch.allclose(imgs.x, expected, atol=1e-7)
         assert imgs.y.tolist() == y.tolist() and imgs.y.dtype == torch.int64
         assert imgs.class_names == [str(c) for c in range(10)] and imgs.source.startswith("npz:")
-    assert torch.equal(load_clean_images(_npz(tmp_path, x=nhwc, y=y), num_classes=10, channels=3,
-                                         image_size=32).x, expected)  # uint8: exact
+    assert torch.equal(
+        load_clean_images(_npz(tmp_path, x=nhwc, y=y), num_classes=10, channels=3, image_size=32).x, expected
+    )  # uint8: exact
 
 
 def test_npz_grayscale_nhw_nchw_nhwc(tmp_path: Path) -> None:
     g = _gray(20)
     y = np.arange(20, dtype=np.uint8) % 2
-    results = [load_clean_images(_npz(tmp_path, x=x, y=y), num_classes=2, channels=1, image_size=28).x
-               for x in (g, g[:, None], g[..., None], np.stack([g] * 3, -1))]
+    results = [
+        load_clean_images(_npz(tmp_path, x=x, y=y), num_classes=2, channels=1, image_size=28).x
+        for x in (g, g[:, None], g[..., None], np.stack([g] * 3, -1))
+    ]
     for r in results:
         assert torch.equal(r, results[0]) and tuple(r.shape) == (20, 1, 28, 28)
 
@@ -222,37 +236,42 @@ def test_npz_all_classes_present_no_warning(tmp_path: Path) -> None:
         load_clean_images(_npz(tmp_path, x=_gray(20), y=np.arange(20) % 2), num_classes=2, channels=1, image_size=28)
 
 
-@pytest.mark.parametrize("arrays, match", [
-    (dict(x=_gray(20), y=np.arange(20)), r"d\.npz: label 10 \(image 10; 10 such label\(s\)\) is outside \[0, 10\)"),
-    (dict(x=_gray(20), y=-(np.arange(20) % 2)), r"label -1 .* outside \[0, 10\)"),
-    (dict(x=np.full((20, 28, 28), np.nan, np.float32), y=np.zeros(20, int)), r"d\.npz: x holds NaN or infinite"),
-    (dict(x=np.where(np.eye(28) > 0, np.inf, 0.5)[None].repeat(20, 0), y=np.zeros(20, int)), "NaN or infinite"),
-    (dict(x=_gray(20).astype(np.float32), y=np.arange(20) % 2), r"float x must lie in \[0, 1\]; found \[0, 255\]"),
-    (dict(x=_gray(20).astype(np.float32) / 255 - 0.5, y=np.arange(20) % 2), "look normalised"),
-    (dict(x=_gray(20).astype(np.int64), y=np.arange(20) % 2), r"x has dtype int64; onp takes uint8"),
-    (dict(x=np.array([["a"] * 28] * 28)[None].repeat(20, 0), y=np.arange(20) % 2), r"x has dtype <U1"),
-    (dict(x=_gray(20), y=(np.arange(20) % 2).astype(float)), r"labels y must be integers; got dtype float64"),
-    (dict(x=_gray(20), y=np.array(["cat", "dog"] * 10)), r"labels y must be integers"),
-    (dict(x=_gray(20), y=np.eye(2, dtype=int)[np.arange(20) % 2]), r"shape \(N,\); got \(20, 2\)"),
-    (dict(x=_gray(20), y=np.arange(19) % 2), r"20 images in x but 19 labels"),
-    (dict(x=_gray(20)), r"d\.npz: no array y \(found: x\)"),
-    (dict(images=_gray(20), labels=np.arange(20)), r"no array x or y"),
-    (dict(x=_gray(20, size=30), y=np.arange(20) % 2), r"x has shape \(20, 30, 30\); expected \(N, 28, 28\)"),
-    (dict(x=_rgb(20, 28)[:, :, :27], y=np.arange(20) % 2), r"expected 1-channel images of 28x28"),
-    (dict(x=_rgb(20, 28), y=np.arange(20) % 2), r"RGB \(colour\) images for a 1-channel"),
-    (dict(x=_gray(20)[:, 0], y=np.arange(20) % 2), r"x must be images .* got shape \(20, 28\)"),
-    (dict(x=_gray(10), y=np.arange(10) % 2), r"10 image\(s\); onp needs at least 20"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(x=_gray(20), y=np.arange(20)), r"d\.npz: label 10 \(image 10; 10 such label\(s\)\) is outside \[0, 10\)"),
+        (dict(x=_gray(20), y=-(np.arange(20) % 2)), r"label -1 .* outside \[0, 10\)"),
+        (dict(x=np.full((20, 28, 28), np.nan, np.float32), y=np.zeros(20, int)), r"d\.npz: x holds NaN or infinite"),
+        (dict(x=np.where(np.eye(28) > 0, np.inf, 0.5)[None].repeat(20, 0), y=np.zeros(20, int)), "NaN or infinite"),
+        (dict(x=_gray(20).astype(np.float32), y=np.arange(20) % 2), r"float x must lie in \[0, 1\]; found \[0, 255\]"),
+        (dict(x=_gray(20).astype(np.float32) / 255 - 0.5, y=np.arange(20) % 2), "look normalised"),
+        (dict(x=_gray(20).astype(np.int64), y=np.arange(20) % 2), r"x has dtype int64; onp takes uint8"),
+        (dict(x=np.array([["a"] * 28] * 28)[None].repeat(20, 0), y=np.arange(20) % 2), r"x has dtype <U1"),
+        (dict(x=_gray(20), y=(np.arange(20) % 2).astype(float)), r"labels y must be integers; got dtype float64"),
+        (dict(x=_gray(20), y=np.array(["cat", "dog"] * 10)), r"labels y must be integers"),
+        (dict(x=_gray(20), y=np.eye(2, dtype=int)[np.arange(20) % 2]), r"shape \(N,\); got \(20, 2\)"),
+        (dict(x=_gray(20), y=np.arange(19) % 2), r"20 images in x but 19 labels"),
+        (dict(x=_gray(20)), r"d\.npz: no array y \(found: x\)"),
+        (dict(images=_gray(20), labels=np.arange(20)), r"no array x or y"),
+        (dict(x=_gray(20, size=30), y=np.arange(20) % 2), r"x has shape \(20, 30, 30\); expected \(N, 28, 28\)"),
+        (dict(x=_rgb(20, 28)[:, :, :27], y=np.arange(20) % 2), r"expected 1-channel images of 28x28"),
+        (dict(x=_rgb(20, 28), y=np.arange(20) % 2), r"RGB \(colour\) images for a 1-channel"),
+        (dict(x=_gray(20)[:, 0], y=np.arange(20) % 2), r"x must be images .* got shape \(20, 28\)"),
+        (dict(x=_gray(10), y=np.arange(10) % 2), r"10 image\(s\); onp needs at least 20"),
+    ],
+)
 def test_npz_bad_inputs(tmp_path: Path, arrays: Dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        load_clean_images(_npz(tmp_path, **arrays), num_classes=10 if "label" in match else 2,
-                          channels=1, image_size=28)
+        load_clean_images(
+            _npz(tmp_path, **arrays), num_classes=10 if "label" in match else 2, channels=1, image_size=28
+        )
 
 
 def test_npz_grayscale_for_rgb_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"d\.npz: grayscale images for a 3-channel"):
-        load_clean_images(_npz(tmp_path, x=_gray(20, 32), y=np.arange(20) % 2), num_classes=2, channels=3,
-                          image_size=32)
+        load_clean_images(
+            _npz(tmp_path, x=_gray(20, 32), y=np.arange(20) % 2), num_classes=2, channels=3, image_size=32
+        )
 
 
 def test_npz_ambiguous_layout_is_explained(tmp_path: Path) -> None:
@@ -272,11 +291,14 @@ def test_npz_object_arrays_are_refused_never_unpickled(tmp_path: Path) -> None:
         load_clean_images(path, num_classes=2, channels=1, image_size=28)
 
 
-@pytest.mark.parametrize("content, name, match", [
-    (b"not a zip at all", "junk.npz", r"junk\.npz: not a valid \.npz file"),
-    (b"", "empty.npz", r"empty\.npz: not a valid \.npz file"),
-    (None, "one.npy", r"one\.npy: a single \.npy array"),
-])
+@pytest.mark.parametrize(
+    "content, name, match",
+    [
+        (b"not a zip at all", "junk.npz", r"junk\.npz: not a valid \.npz file"),
+        (b"", "empty.npz", r"empty\.npz: not a valid \.npz file"),
+        (None, "one.npy", r"one\.npy: a single \.npy array"),
+    ],
+)
 def test_not_an_npz(tmp_path: Path, content: Optional[bytes], name: str, match: str) -> None:
     path = tmp_path / name
     if content is None:
@@ -299,65 +321,91 @@ def sample() -> Dataset:
 def test_dataset_with_index_files(tmp_path: Path, sample: Dataset) -> None:
     idx = np.random.default_rng(1).choice(len(sample.train), 60, replace=False)
     expected = sample.train.subset(idx)
-    (tmp_path / "i.txt").write_text("# my clean images\n" + "\n".join(f"{i}," for i in idx[:30]) + "\n"
-                                    + " ".join(map(str, idx[30:])) + "  # rest\n")
+    (tmp_path / "i.txt").write_text(
+        "# my clean images\n"
+        + "\n".join(f"{i}," for i in idx[:30])
+        + "\n"
+        + " ".join(map(str, idx[30:]))
+        + "  # rest\n"
+    )
     (tmp_path / "i.json").write_text(json.dumps({"indices": idx.tolist()}))
     (tmp_path / "l.json").write_text(json.dumps(idx.tolist()))
     np.save(tmp_path / "i.npy", idx.astype(np.int32))
     for name in ("i.txt", "i.json", "l.json", "i.npy"):
-        imgs = load_clean_images("fashion-mnist", num_classes=10, channels=1, image_size=28,
-                                 indices=tmp_path / name, data_source="sample")
+        imgs = load_clean_images(
+            "fashion-mnist", num_classes=10, channels=1, image_size=28, indices=tmp_path / name, data_source="sample"
+        )
         assert torch.equal(imgs.x, expected.float_images()), name
         assert torch.equal(imgs.y, expected.labels), name
         assert "fashion-mnist" in imgs.source and name in imgs.source
 
 
-@pytest.mark.parametrize("write, match", [
-    (lambda p: p.write_text("1 2 12000"), r"i\.txt: index 12000 is outside the 12000-image train split"),
-    (lambda p: p.write_text("1 2 -3"), r"index -3 is outside"),
-    (lambda p: p.write_text(" ".join(map(str, list(range(30)) + [7]))), r"i\.txt: index 7 appears more than once"),
-    (lambda p: p.write_text("1 2 x3"), r"i\.txt \(indices\): not a valid indices file \('x3' is not an integer\)"),
-    (lambda p: p.write_text("1.5 2"), r"'1\.5' is not an integer"),
-    (lambda p: p.write_text(""), r"0 image\(s\); onp needs at least 20"),
-])
-def test_dataset_bad_index_files(tmp_path: Path, sample: Dataset, write: Callable[[Path], object],
-                                  match: str) -> None:
+@pytest.mark.parametrize(
+    "write, match",
+    [
+        (lambda p: p.write_text("1 2 12000"), r"i\.txt: index 12000 is outside the 12000-image train split"),
+        (lambda p: p.write_text("1 2 -3"), r"index -3 is outside"),
+        (lambda p: p.write_text(" ".join(map(str, list(range(30)) + [7]))), r"i\.txt: index 7 appears more than once"),
+        (lambda p: p.write_text("1 2 x3"), r"i\.txt \(indices\): not a valid indices file \('x3' is not an integer\)"),
+        (lambda p: p.write_text("1.5 2"), r"'1\.5' is not an integer"),
+        (lambda p: p.write_text(""), r"0 image\(s\); onp needs at least 20"),
+    ],
+)
+def test_dataset_bad_index_files(tmp_path: Path, sample: Dataset, write: Callable[[Path], object], match: str) -> None:
     path = tmp_path / "i.txt"
     write(path)
     with pytest.raises(ValueError, match=match):
-        load_clean_images("fashion-mnist", num_classes=10, channels=1, image_size=28, indices=path,
-                          data_source="sample")
+        load_clean_images(
+            "fashion-mnist", num_classes=10, channels=1, image_size=28, indices=path, data_source="sample"
+        )
 
 
-@pytest.mark.parametrize("name, write, match", [
-    ("i.json", lambda p: p.write_text('[1, 2.5]'), r"i\.json \(indices\): not a valid indices file \(expected a JSON"),
-    ("i.json", lambda p: p.write_text('{"idx": [1]}'), r"expected a JSON list"),
-    ("i.json", lambda p: p.write_text('[1, 2'), r"i\.json \(indices\): not a valid indices file"),
-    ("i.npy", lambda p: np.save(p, np.array([1.0, 2.0])), r"i\.npy \(indices\): indices must be integers; got dtype "
-                                                           r"float64"),
-    ("i.npy", lambda p: np.save(p, np.array([object()])), r"i\.npy \(indices\): not a valid indices file"),
-    ("i.npy", lambda p: np.save(p, np.zeros((5, 5), int)), r"flat list; got shape \(5, 5\)"),
-])
+@pytest.mark.parametrize(
+    "name, write, match",
+    [
+        (
+            "i.json",
+            lambda p: p.write_text("[1, 2.5]"),
+            r"i\.json \(indices\): not a valid indices file \(expected a JSON",
+        ),
+        ("i.json", lambda p: p.write_text('{"idx": [1]}'), r"expected a JSON list"),
+        ("i.json", lambda p: p.write_text("[1, 2"), r"i\.json \(indices\): not a valid indices file"),
+        (
+            "i.npy",
+            lambda p: np.save(p, np.array([1.0, 2.0])),
+            r"i\.npy \(indices\): indices must be integers; got dtype "
+            r"float64",
+        ),
+        ("i.npy", lambda p: np.save(p, np.array([object()])), r"i\.npy \(indices\): not a valid indices file"),
+        ("i.npy", lambda p: np.save(p, np.zeros((5, 5), int)), r"flat list; got shape \(5, 5\)"),
+    ],
+)
 def test_dataset_bad_index_formats(tmp_path: Path, name: str, write: Callable[[Path], object], match: str) -> None:
     path = tmp_path / name
     write(path)
     with pytest.raises(ValueError, match=match):
-        load_clean_images("fashion-mnist", num_classes=10, channels=1, image_size=28, indices=path,
-                          data_source="sample")
+        load_clean_images(
+            "fashion-mnist", num_classes=10, channels=1, image_size=28, indices=path, data_source="sample"
+        )
 
 
 def test_dataset_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"dataset 'fashion-mnist' needs indices"):
         load_clean_images("fashion-mnist", num_classes=10, channels=1, image_size=28, data_source="sample")
     with pytest.raises(FileNotFoundError, match=r"no such file or folder: .*nope\.txt \(the indices file\)"):
-        load_clean_images("fashion-mnist", num_classes=10, channels=1, image_size=28, indices=tmp_path / "nope.txt",
-                          data_source="sample")
+        load_clean_images(
+            "fashion-mnist",
+            num_classes=10,
+            channels=1,
+            image_size=28,
+            indices=tmp_path / "nope.txt",
+            data_source="sample",
+        )
     (tmp_path / "i.txt").write_text("1 2 3")
     with pytest.raises(ValueError, match=r"dataset 'fashion-mnist' has 10 classes of 1-channel 28x28"):
         load_clean_images("fashion-mnist", num_classes=10, channels=3, image_size=32, indices=tmp_path / "i.txt")
     with pytest.raises(ValueError, match=r"indices is only used with a registered dataset name"):
-        load_clean_images(_gray_folder(tmp_path), num_classes=2, channels=1, image_size=28,
-                          indices=tmp_path / "i.txt")
+        load_clean_images(_gray_folder(tmp_path), num_classes=2, channels=1, image_size=28, indices=tmp_path / "i.txt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,8 +421,10 @@ def _labelled(counts: Sequence[int]) -> CleanImages:
 def test_split_is_stratified_disjoint_covering_and_deterministic() -> None:
     imgs = _labelled([50, 7, 2, 31, 3, 1])
     tr, va = split_defense(imgs, val_fraction=0.5, seed=3)
-    ids_tr, ids_va = set((tr.x[:, 0, 0, 0] * len(imgs)).round().long().tolist()), \
-        set((va.x[:, 0, 0, 0] * len(imgs)).round().long().tolist())
+    ids_tr, ids_va = (
+        set((tr.x[:, 0, 0, 0] * len(imgs)).round().long().tolist()),
+        set((va.x[:, 0, 0, 0] * len(imgs)).round().long().tolist()),
+    )
     assert not ids_tr & ids_va and len(ids_tr | ids_va) == len(imgs) == len(tr) + len(va)
     assert len(va) == round(len(imgs) * 0.5)
     for c, n in enumerate([50, 7, 2, 31, 3, 1]):
@@ -391,8 +441,9 @@ def test_split_is_stratified_disjoint_covering_and_deterministic() -> None:
 
 
 def test_split_fraction_and_to_defense_data(tmp_path: Path) -> None:
-    imgs = load_clean_images(_npz(tmp_path, x=_gray(100), y=np.arange(100) % 10), num_classes=10, channels=1,
-                             image_size=28)
+    imgs = load_clean_images(
+        _npz(tmp_path, x=_gray(100), y=np.arange(100) % 10), num_classes=10, channels=1, image_size=28
+    )
     tr, va = split_defense(imgs, val_fraction=0.2, seed=0)
     assert (len(tr), len(va)) == (80, 20) and va.class_counts() == [2] * 10
     data = to_defense_data(tr, va)

@@ -17,8 +17,19 @@ def test_tiny_backdoor_takes(tiny_bundle):
     m = tiny_bundle.meta
     assert m["test_metrics"]["asr"] > 0.8  # chance is ~0.1 for 10 classes
     assert m["test_metrics"]["acc"] > 0.5
-    for key in ("model", "width", "dataset", "attack", "target", "split_sha256", "seed", "versions",
-                "test_metrics", "train_seconds", "data_source"):
+    for key in (
+        "model",
+        "width",
+        "dataset",
+        "attack",
+        "target",
+        "split_sha256",
+        "seed",
+        "versions",
+        "test_metrics",
+        "train_seconds",
+        "data_source",
+    ):
         assert key in m
     assert m["attack"]["name"] == "badnets" and m["data_source"] == "bundled-sample"
     env = json.loads((tiny_bundle.path / "env.json").read_text())  # git commit, versions, hardware
@@ -30,6 +41,7 @@ def test_tiny_backdoor_takes(tiny_bundle):
 
 def test_cache_hit_is_immediate(tiny_bundle, onp_cache):
     from tests.conftest import TINY
+
     t = time.time()
     again = load_bundle(BackdoorConfig(**TINY), cache_dir=onp_cache, progress=False)
     assert time.time() - t < 10 and again.path == tiny_bundle.path
@@ -45,6 +57,7 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         def boom(epoch, model):
             raise KeyboardInterrupt
+
         return real(*args, on_epoch_end=boom, **kwargs)
 
     monkeypatch.setattr(zoo, "train_classifier", interrupted)
@@ -76,18 +89,33 @@ def test_corrupt_and_mismatched_artifacts_name_the_file(tmp_path):
 
 def test_cli_rejects_bad_input(capsys):
     from onp.cli_common import run_cli
+
     assert run_cli(backdoor_main, ["--attack", "nope"]) == 2
     assert "valid choices" in capsys.readouterr().err
     assert run_cli(backdoor_main, ["--poison-rate", "1.5"]) == 2
     assert "poison_rate" in capsys.readouterr().err
-    assert run_cli(backdoor_main, ["--model", "small_cnn", "--data-source", "sample", "--defense-size",
-                                   "20000"]) == 2
+    assert run_cli(backdoor_main, ["--model", "small_cnn", "--data-source", "sample", "--defense-size", "20000"]) == 2
     assert "defense_size" in capsys.readouterr().err
 
 
 def test_cli_writes_and_reuses_artifact(tmp_path, capsys):
-    args = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train",
-            "500", "--defense-size", "100", "--cache-dir", str(tmp_path), "--quiet"]
+    args = [
+        "--model",
+        "small_cnn",
+        "--width",
+        "4",
+        "--data-source",
+        "sample",
+        "--epochs",
+        "1",
+        "--max-train",
+        "500",
+        "--defense-size",
+        "100",
+        "--cache-dir",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert backdoor_main(args) == 0
     out = json.loads(capsys.readouterr().out)
     meta = json.loads((tmp_path / "zoo" / out["path"].split("/")[-1] / "meta.json").read_text())

@@ -94,8 +94,16 @@ class Attack(abc.ABC):
     clean_label: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]] = {}
 
-    def __init__(self, image_shape: Sequence[int], num_classes: int, *, target: int = 0,
-                 mode: str = "all2one", seed: int = 0, **params: Any):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        num_classes: int,
+        *,
+        target: int = 0,
+        mode: str = "all2one",
+        seed: int = 0,
+        **params: Any,
+    ):
         self.image_shape: Tuple[int, int, int] = _check_image_shape(image_shape)
         self.num_classes = _as_int("num_classes", num_classes)
         if self.num_classes < 2:
@@ -107,14 +115,17 @@ class Attack(abc.ABC):
         self.mode: str = mode
         self.target = _as_int("target", target)
         if not 0 <= self.target < self.num_classes:
-            raise ValueError(f"target must be in [0, {self.num_classes - 1}] (num_classes={self.num_classes}), "
-                             f"got {target!r}")
+            raise ValueError(
+                f"target must be in [0, {self.num_classes - 1}] (num_classes={self.num_classes}), got {target!r}"
+            )
         self.seed = _as_int("seed", seed)
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             valid = ", ".join(list(BASE_PARAMS) + list(self.defaults))
-            raise AttackParamError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for attack "
-                                   f"{self.name!r}; valid parameters: {valid}")
+            raise AttackParamError(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))} for attack "
+                f"{self.name!r}; valid parameters: {valid}"
+            )
         self.hparams: Dict[str, Any] = {**self.defaults, **params}
         self._warned_cap = False
         self._build()
@@ -136,13 +147,15 @@ class Attack(abc.ABC):
     def _int_param(self, key: str, low: int | None = None, high: int | None = None) -> int:
         value = _as_int(key, self.hparams[key])
         if (low is not None and value < low) or (high is not None and value > high):
-            raise AttackParamError(f"{self.name}: {key} must be in [{low}, {high if high is not None else 'inf'}], "
-                                   f"got {value}")
+            raise AttackParamError(
+                f"{self.name}: {key} must be in [{low}, {high if high is not None else 'inf'}], got {value}"
+            )
         self.hparams[key] = value
         return value
 
-    def _float_param(self, key: str, low: float | None = None, high: float | None = None,
-                     low_open: bool = False) -> float:
+    def _float_param(
+        self, key: str, low: float | None = None, high: float | None = None, low_open: bool = False
+    ) -> float:
         raw = self.hparams[key]
         if isinstance(raw, bool) or not isinstance(raw, numbers.Real) or not math.isfinite(raw):
             raise AttackParamError(f"{self.name}: {key} must be a finite number, got {raw!r}")
@@ -150,8 +163,10 @@ class Attack(abc.ABC):
         too_low = low is not None and (value <= low if low_open else value < low)
         if too_low or (high is not None and value > high):
             lo = "(" if low_open else "["
-            raise AttackParamError(f"{self.name}: {key} must be in {lo}{low if low is not None else '-inf'}, "
-                                   f"{high if high is not None else 'inf'}], got {value}")
+            raise AttackParamError(
+                f"{self.name}: {key} must be in {lo}{low if low is not None else '-inf'}, "
+                f"{high if high is not None else 'inf'}], got {value}"
+            )
         self.hparams[key] = value
         return value
 
@@ -172,8 +187,10 @@ class Attack(abc.ABC):
         if not x.is_floating_point():
             raise TypeError(f"images must be a float tensor in [0, 1], got dtype {x.dtype}")
         if x.ndim not in (3, 4) or tuple(x.shape[-3:]) != self.image_shape:
-            raise ValueError(f"{self.name}: expected images of shape (B, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.name}: expected images of shape (B, {', '.join(map(str, self.image_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
         return x
 
     # ------------------------------------------------------------------------------ labels
@@ -214,8 +231,11 @@ class Attack(abc.ABC):
         count = int(round(float(rate) * len(labels)))
         if count > len(candidates):
             if not self._warned_cap:
-                warnings.warn(f"{self.name}: poisoning rate {rate} asks for {count} samples but only "
-                              f"{len(candidates)} are eligible; poisoning {len(candidates)}", stacklevel=2)
+                warnings.warn(
+                    f"{self.name}: poisoning rate {rate} asks for {count} samples but only "
+                    f"{len(candidates)} are eligible; poisoning {len(candidates)}",
+                    stacklevel=2,
+                )
                 self._warned_cap = True
             count = len(candidates)
         return self._draw(candidates, count, generator)
@@ -257,8 +277,7 @@ class Attack(abc.ABC):
     # --------------------------------------------------------------------------- metadata
     def params(self) -> Dict[str, Any]:
         """JSON-serialisable description: ``name``, ``target``, ``mode``, ``seed`` and all trigger params."""
-        return {"name": self.name, "target": self.target, "mode": self.mode, "seed": self.seed,
-                **dict(self.hparams)}
+        return {"name": self.name, "target": self.target, "mode": self.mode, "seed": self.seed, **dict(self.hparams)}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "name")

@@ -78,5 +78,8 @@ class WaNet(Attack):
         return out.squeeze(0) if single else out
 
     def trigger_pattern(self) -> Dict[str, Tensor]:
-        return {"grid": self.grid.clone(), "noise_grid": self.noise_grid.clone(),
-                "identity_grid": self.identity_grid.clone()}
+        return {
+            "grid": self.grid.clone(),
+            "noise_grid": self.noise_grid.clone(),
+            "identity_grid": self.identity_grid.clone(),
+        }

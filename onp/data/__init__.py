@@ -11,7 +11,16 @@ from ..registry import import_submodules
 from .registry import DATASETS, DataRequest, DatasetNotFoundError, dataset_spec, load_dataset, register_dataset
 from .spec import Dataset, DatasetSpec, ImageSet
 
-__all__ = ["DATASETS", "DataRequest", "DatasetNotFoundError", "Dataset", "DatasetSpec", "ImageSet",
-           "dataset_spec", "load_dataset", "register_dataset"]
+__all__ = [
+    "DATASETS",
+    "DataRequest",
+    "DatasetNotFoundError",
+    "Dataset",
+    "DatasetSpec",
+    "ImageSet",
+    "dataset_spec",
+    "load_dataset",
+    "register_dataset",
+]
 
 import_submodules(__name__, __path__)  # each parser module (idx, cifar, gtsrb, ...) registers its datasets

@@ -19,8 +19,8 @@ def random_crop(x: torch.Tensor, padding: int, generator: Optional[torch.Generat
     padded = F.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    rows = dy.view(n, 1) + torch.arange(h).view(1, h)  # (n, h)
+    cols = dx.view(n, 1) + torch.arange(w).view(1, w)  # (n, w)
     idx_n = torch.arange(n).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]
     return out.permute(0, 3, 1, 2).contiguous()

@@ -32,13 +32,24 @@ from .idx import SAMPLE_DIR
 from .registry import DataRequest, candidate_dirs, download_dir, not_found, register_dataset
 from .spec import Dataset, DatasetSpec, ImageSet
 
-__all__ = ["CIFAR10", "CIFAR100", "CifarLayout", "LAYOUTS", "RestrictedUnpickler", "UnsafeArchiveError",
-           "safe_unpickle", "parse_cifar_batch", "safe_extract_tar", "load_cifar_files"]
+__all__ = [
+    "CIFAR10",
+    "CIFAR100",
+    "CifarLayout",
+    "LAYOUTS",
+    "RestrictedUnpickler",
+    "UnsafeArchiveError",
+    "safe_unpickle",
+    "parse_cifar_batch",
+    "safe_extract_tar",
+    "load_cifar_files",
+]
 
 
 # --------------------------------------------------------------------------------------------------
 # Restricted unpickling
 # --------------------------------------------------------------------------------------------------
+
 
 def _numpy_helpers() -> Dict[str, Callable[..., Any]]:
     try:  # numpy >= 2
@@ -90,7 +101,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise pickle.UnpicklingError(
                 f"refusing to load global {module}.{name}: only plain containers and numpy arrays are "
-                f"allowed in a CIFAR batch file") from None
+                f"allowed in a CIFAR batch file"
+            ) from None
 
 
 def safe_unpickle(data: bytes) -> Any:
@@ -102,6 +114,7 @@ def safe_unpickle(data: bytes) -> Any:
 # Batch parsing
 # --------------------------------------------------------------------------------------------------
 
+
 def _get(batch: dict, key: bytes) -> Any:
     """Look a key up as bytes (``encoding="bytes"``) or str (a pickle written by Python 3)."""
     if key in batch:
@@ -109,8 +122,9 @@ def _get(batch: dict, key: bytes) -> Any:
     return batch.get(key.decode("ascii"))
 
 
-def parse_cifar_batch(data: bytes, label_key: bytes, source: str = "<bytes>",
-                      num_classes: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def parse_cifar_batch(
+    data: bytes, label_key: bytes, source: str = "<bytes>", num_classes: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray]:
     """Parse one pickled CIFAR batch into uint8 images ``(N, 3, 32, 32)`` and int64 labels ``(N,)``.
 
     Args:
@@ -153,6 +167,7 @@ def _label_names(data: Optional[bytes], key: bytes) -> List[str]:
 # --------------------------------------------------------------------------------------------------
 # Archives
 # --------------------------------------------------------------------------------------------------
+
 
 class UnsafeArchiveError(ValueError):
     """An archive member would be written outside the target folder, or is a link or device."""
@@ -209,6 +224,7 @@ def safe_extract_tar(tar_path: Path, dest: Path) -> List[Path]:
 # Layouts, search and loading
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class CifarLayout:
     """Where a CIFAR variant's files are and what its batches are called."""
@@ -259,12 +275,15 @@ def _tarball_reader(path: Path, layout: CifarLayout) -> FileReader:
                     if key is not None and member.isfile():
                         out[key] = tar.extractfile(member).read()  # type: ignore[union-attr]
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ValueError(f"{path}: corrupt or truncated tarball ({exc}); delete it and download it again "
-                             f"from {layout.url}") from exc
+            raise ValueError(
+                f"{path}: corrupt or truncated tarball ({exc}); delete it and download it again from {layout.url}"
+            ) from exc
         missing = [n for n in layout.batches if n not in out]
         if missing:
-            raise ValueError(f"{path}: tarball lacks {layout.folder}/{{{', '.join(missing)}}}; is it the official "
-                             f"{layout.archive} from {layout.url}?")
+            raise ValueError(
+                f"{path}: tarball lacks {layout.folder}/{{{', '.join(missing)}}}; is it the official "
+                f"{layout.archive} from {layout.url}?"
+            )
         return out
 
     return read
@@ -285,8 +304,7 @@ def load_cifar_files(layout: CifarLayout, files: Dict[str, bytes], source: str) 
     """Build a :class:`Dataset` from the raw batch files (name -> bytes) of ``layout``."""
 
     def _set(names: Tuple[str, ...]) -> ImageSet:
-        parts = [parse_cifar_batch(files[n], layout.label_key, f"{source}/{n}", layout.spec.num_classes)
-                 for n in names]
+        parts = [parse_cifar_batch(files[n], layout.label_key, f"{source}/{n}", layout.spec.num_classes) for n in names]
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
         return ImageSet(torch.from_numpy(x), torch.from_numpy(y))
@@ -306,8 +324,9 @@ def _cifar_loader(name: str) -> Callable[[DataRequest], Dataset]:
     def load(req: DataRequest) -> Dataset:
         layout = LAYOUTS[name]
         if req.source == "sample":
-            raise not_found(name, [SAMPLE_DIR / name], "no bundled sample ships for this dataset; "
-                                                       "use source='full' or 'auto'")
+            raise not_found(
+                name, [SAMPLE_DIR / name], "no bundled sample ships for this dataset; use source='full' or 'auto'"
+            )
         dirs = candidate_dirs(name, req.data_dir)
         found = _find_cifar(layout, dirs)
         if found is not None:
@@ -327,21 +346,38 @@ def _cifar_loader(name: str) -> Callable[[DataRequest], Dataset]:
 
 
 def _how_to_get(layout: CifarLayout) -> str:
-    return (f"download {layout.url} (md5 {layout.md5}) and put the tarball, or the {layout.folder}/ folder "
-            f"extracted from it, in a folder DIR; pass --data-dir DIR (or set ONP_DATA=DIR). onp downloads "
-            f"and verifies it itself when online (download=True).")
+    return (
+        f"download {layout.url} (md5 {layout.md5}) and put the tarball, or the {layout.folder}/ folder "
+        f"extracted from it, in a folder DIR; pass --data-dir DIR (or set ONP_DATA=DIR). onp downloads "
+        f"and verifies it itself when online (download=True)."
+    )
 
 
 CIFAR10 = DatasetSpec("cifar10", 10, 3, 32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True)
 CIFAR100 = DatasetSpec("cifar100", 100, 3, 32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True)
 
 CIFAR10_LAYOUT = CifarLayout(
-    CIFAR10, "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
-    "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
-    b"labels", b"label_names")
+    CIFAR10,
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
+    "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    ("test_batch",),
+    "batches.meta",
+    b"labels",
+    b"label_names",
+)
 CIFAR100_LAYOUT = CifarLayout(
-    CIFAR100, "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-    "cifar-100-python", ("train",), ("test",), "meta", b"fine_labels", b"fine_label_names")
+    CIFAR100,
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85",
+    "cifar-100-python",
+    ("train",),
+    ("test",),
+    "meta",
+    b"fine_labels",
+    b"fine_label_names",
+)
 
 LAYOUTS: Dict[str, CifarLayout] = {"cifar10": CIFAR10_LAYOUT, "cifar100": CIFAR100_LAYOUT}
 

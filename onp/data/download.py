@@ -22,8 +22,9 @@ def file_digest(path: Path, algorithm: str = "md5") -> str:
     return h.hexdigest()
 
 
-def download_file(url: str, dest: Path, *, md5: Optional[str] = None, sha256: Optional[str] = None,
-                  timeout: float = 15.0) -> Path:
+def download_file(
+    url: str, dest: Path, *, md5: Optional[str] = None, sha256: Optional[str] = None, timeout: float = 15.0
+) -> Path:
     """Download ``url`` to ``dest`` atomically and verify its checksum.
 
     An existing ``dest`` with the right checksum is kept. Raises :class:`DownloadError` on network

@@ -37,8 +37,17 @@ from .idx import SAMPLE_DIR
 from .registry import DataRequest, candidate_dirs, download_dir, not_found, register_dataset
 from .spec import Dataset, DatasetSpec, ImageSet
 
-__all__ = ["GTSRB", "GTSRB_FILES", "GtRow", "GtsrbFiles", "read_ppm", "parse_gt_csv", "crop_and_resize",
-           "find_gtsrb", "load_gtsrb_files"]
+__all__ = [
+    "GTSRB",
+    "GTSRB_FILES",
+    "GtRow",
+    "GtsrbFiles",
+    "read_ppm",
+    "parse_gt_csv",
+    "crop_and_resize",
+    "find_gtsrb",
+    "load_gtsrb_files",
+]
 
 GTSRB = DatasetSpec("gtsrb", 43, 3, 32, 32, (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669), hflip=False)
 IMAGE_SIZE = 32
@@ -126,8 +135,10 @@ def parse_gt_csv(text: str, source: str = "<csv>", num_classes: int = 43) -> Lis
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in _CSV_COLUMNS if c not in header]
     if missing:
-        raise ValueError(f"{source}: not a GTSRB annotation file with class ids (missing columns {missing}; "
-                         f"header {header}). The test labels are in {GT_TEST_CSV} from {GTSRB_FILES['gt'][0]}.")
+        raise ValueError(
+            f"{source}: not a GTSRB annotation file with class ids (missing columns {missing}; "
+            f"header {header}). The test labels are in {GT_TEST_CSV} from {GTSRB_FILES['gt'][0]}."
+        )
     col = {c: header.index(c) for c in _CSV_COLUMNS}
     rows = []
     for line_no, fields in enumerate(reader, start=2):
@@ -147,8 +158,9 @@ def parse_gt_csv(text: str, source: str = "<csv>", num_classes: int = 43) -> Lis
     return rows
 
 
-def crop_and_resize(image: np.ndarray, roi: Optional[Tuple[int, int, int, int]] = None,
-                    size: int = IMAGE_SIZE) -> np.ndarray:
+def crop_and_resize(
+    image: np.ndarray, roi: Optional[Tuple[int, int, int, int]] = None, size: int = IMAGE_SIZE
+) -> np.ndarray:
     """Crop an ``(H, W, 3)`` uint8 image to ``roi`` and resize it to ``(3, size, size)`` uint8.
 
     ``roi`` is ``(x1, y1, x2, y2)`` with exclusive ``x2``/``y2`` (as ``image[y1:y2, x1:x2]``), clamped to
@@ -169,6 +181,7 @@ def crop_and_resize(image: np.ndarray, roi: Optional[Tuple[int, int, int, int]] 
 # --------------------------------------------------------------------------------------------------
 # Reading from a folder or a zip
 # --------------------------------------------------------------------------------------------------
+
 
 def _stat(path: Path) -> List:
     st = path.stat()
@@ -211,8 +224,10 @@ class _ZipTree:
             try:
                 self._zip = zipfile.ZipFile(self.path)
             except (zipfile.BadZipFile, OSError) as exc:
-                raise ValueError(f"{self.path}: corrupt or truncated zip ({exc}); delete it and download it "
-                                 f"again from {GTSRB_URL}{self.path.name}") from exc
+                raise ValueError(
+                    f"{self.path}: corrupt or truncated zip ({exc}); delete it and download it "
+                    f"again from {GTSRB_URL}{self.path.name}"
+                ) from exc
         return self._zip
 
     def read(self, rel: str) -> bytes:
@@ -223,7 +238,7 @@ class _ZipTree:
         out = []
         for name in self._open().namelist():
             if name.startswith(self.prefix) and not name.endswith("/"):
-                rel = PurePosixPath(name[len(self.prefix):])
+                rel = PurePosixPath(name[len(self.prefix) :])
                 if len(rel.parts) == len(want) and rel.match(pattern):
                     out.append(rel.as_posix())
         return sorted(out)
@@ -255,9 +270,11 @@ class GtsrbFiles:
 
     def missing(self) -> List[str]:
         """Human-readable names of the parts that were not found."""
-        names = {"train": "training images (GTSRB/Final_Training/Images or GTSRB_Final_Training_Images.zip)",
-                 "test": "test images (GTSRB/Final_Test/Images or GTSRB_Final_Test_Images.zip)",
-                 "gt": f"test labels ({GT_TEST_CSV} or GTSRB_Final_Test_GT.zip)"}
+        names = {
+            "train": "training images (GTSRB/Final_Training/Images or GTSRB_Final_Training_Images.zip)",
+            "test": "test images (GTSRB/Final_Test/Images or GTSRB_Final_Test_Images.zip)",
+            "gt": f"test labels ({GT_TEST_CSV} or GTSRB_Final_Test_GT.zip)",
+        }
         return [v for k, v in names.items() if getattr(self, k) is None]
 
     def parts(self) -> Tuple[_Tree, _Tree, _Tree, str]:
@@ -315,6 +332,7 @@ def find_gtsrb(dirs: Sequence[Path]) -> Tuple[Optional[GtsrbFiles], str]:
 # Parsing and caching
 # --------------------------------------------------------------------------------------------------
 
+
 def _read_member(tree: _Tree, rel: str) -> bytes:
     try:
         return tree.read(rel)
@@ -325,8 +343,10 @@ def _read_member(tree: _Tree, rel: str) -> bytes:
 def _training_csvs(tree: _Tree) -> List[str]:
     csvs = tree.glob("*/GT-*.csv")
     if not csvs:
-        raise ValueError(f"{tree}: no per-class GT-000NN.csv files found; is it the official "
-                         f"{GTSRB_FILES['train'][0]} (or its extracted GTSRB/Final_Training/Images)?")
+        raise ValueError(
+            f"{tree}: no per-class GT-000NN.csv files found; is it the official "
+            f"{GTSRB_FILES['train'][0]} (or its extracted GTSRB/Final_Training/Images)?"
+        )
     return csvs
 
 
@@ -366,12 +386,17 @@ def _parse(files: GtsrbFiles, size: int) -> Dict[str, np.ndarray]:
 def _fingerprint(files: GtsrbFiles, size: int) -> str:
     train, test, gt_tree, gt_rel = files.parts()
     train_csvs = _training_csvs(train) if isinstance(train, _DirTree) else []
-    return json.dumps({
-        "version": CACHE_VERSION, "size": size, "roi_crop": True,
-        "train": train.stamp(train_csvs),
-        "test": test.stamp([]),
-        "gt": gt_tree.stamp([gt_rel]),
-    }, sort_keys=True)
+    return json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "size": size,
+            "roi_crop": True,
+            "train": train.stamp(train_csvs),
+            "test": test.stamp([]),
+            "gt": gt_tree.stamp([gt_rel]),
+        },
+        sort_keys=True,
+    )
 
 
 def _cache_paths(root: Path, size: int) -> List[Path]:
@@ -401,8 +426,10 @@ def _write_cache(paths: Sequence[Path], arrays: Dict[str, np.ndarray], fingerpri
             return atomic_write_bytes(path, buf.getvalue())
         except OSError:
             continue
-    print(f"[onp] could not write the GTSRB cache to any of {[str(p) for p in paths]}; the next load will "
-          f"parse the images again")
+    print(
+        f"[onp] could not write the GTSRB cache to any of {[str(p) for p in paths]}; the next load will "
+        f"parse the images again"
+    )
     return None
 
 
@@ -424,8 +451,7 @@ def load_gtsrb_files(files: GtsrbFiles, source: str, size: int = IMAGE_SIZE) -> 
         files.close()
     train = ImageSet(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
     test = ImageSet(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"]))
-    return Dataset(GTSRB, train, test, source=source, extra={"cache": str(cache) if cache else None,
-                                                             "roi_crop": True})
+    return Dataset(GTSRB, train, test, source=source, extra={"cache": str(cache) if cache else None, "roi_crop": True})
 
 
 def _download(dest: Path) -> GtsrbFiles:
@@ -440,8 +466,9 @@ def _download(dest: Path) -> GtsrbFiles:
 def _load(req: DataRequest) -> Dataset:
     name = GTSRB.name
     if req.source == "sample":
-        raise not_found(name, [SAMPLE_DIR / name], "no bundled sample ships for this dataset; "
-                                                   "use source='full' or 'auto'")
+        raise not_found(
+            name, [SAMPLE_DIR / name], "no bundled sample ships for this dataset; use source='full' or 'auto'"
+        )
     dirs = candidate_dirs(name, req.data_dir)
     found, why = find_gtsrb(dirs)
     if found is not None:
@@ -459,9 +486,10 @@ def _load(req: DataRequest) -> Dataset:
 
 register_dataset(
     GTSRB,
-    how_to_get="download " + ", ".join(f"{GTSRB_URL}{z} (md5 {m})" for z, m in GTSRB_FILES.values())
-               + "; put the three zips (or their extracted contents: GTSRB/Final_Training/Images, "
-                 f"GTSRB/Final_Test/Images and {GT_TEST_CSV}) in a folder DIR and pass --data-dir DIR (or set "
-                 "ONP_DATA=DIR). onp downloads and verifies them itself when online (download=True); the "
-                 "first load parses the images once and caches them as a .npz next to the data.",
+    how_to_get="download "
+    + ", ".join(f"{GTSRB_URL}{z} (md5 {m})" for z, m in GTSRB_FILES.values())
+    + "; put the three zips (or their extracted contents: GTSRB/Final_Training/Images, "
+    f"GTSRB/Final_Test/Images and {GT_TEST_CSV}) in a folder DIR and pass --data-dir DIR (or set "
+    "ONP_DATA=DIR). onp downloads and verifies them itself when online (download=True); the "
+    "first load parses the images once and caches them as a .npz next to the data.",
 )(_load)

@@ -38,15 +38,17 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a truncated .gz an EOFError
-        raise ValueError(f"{path}: corrupt or truncated file, cannot be read ({exc}); replace it with the original "
-                         f"file (or delete it and let onp download it again)") from None
+        raise ValueError(
+            f"{path}: corrupt or truncated file, cannot be read ({exc}); replace it with the original "
+            f"file (or delete it and let onp download it again)"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     dtype_code, ndim = raw[2], raw[3]
     dtypes: Dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise ValueError(f"{path}: unknown IDX dtype code {dtype_code:#x}")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise ValueError(f"{path}: truncated IDX file ({data.size} values, header says {dims})")
@@ -87,15 +89,17 @@ def load_idx_dataset(spec: DatasetSpec, files: Dict[str, Path], source: str, is_
         x = read_idx(files[f"{prefix}_images"])
         y = read_idx(files[f"{prefix}_labels"])
         if x.ndim != 3 or x.shape[1:] != (spec.height, spec.width):
-            raise ValueError(f"{files[f'{prefix}_images']}: expected (N, {spec.height}, {spec.width}) images, "
-                             f"got {x.shape}")
+            raise ValueError(
+                f"{files[f'{prefix}_images']}: expected (N, {spec.height}, {spec.width}) images, got {x.shape}"
+            )
         return ImageSet(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
 
     return Dataset(spec, _set("train"), _set("test"), source=source, is_sample=is_sample)
 
 
-def _idx_loader(spec: DatasetSpec, urls: Dict[str, Tuple[str, str]], system_dirs: Sequence[str] = (),
-                has_sample: bool = False) -> Callable[[DataRequest], Dataset]:
+def _idx_loader(
+    spec: DatasetSpec, urls: Dict[str, Tuple[str, str]], system_dirs: Sequence[str] = (), has_sample: bool = False
+) -> Callable[[DataRequest], Dataset]:
     def load(req: DataRequest) -> Dataset:
         sample_dir = SAMPLE_DIR / spec.name
         if req.source == "sample":
@@ -116,16 +120,19 @@ def _idx_loader(spec: DatasetSpec, urls: Dict[str, Tuple[str, str]], system_dirs
             except DownloadError as exc:
                 why = f"download failed: {exc}"
         if req.source == "auto" and has_sample and req.data_dir is None:  # an explicit --data-dir is never replaced
-            print(f"[onp] full {spec.name} not found ({why or 'not on disk'}); using the bundled sample "
-                  f"(12,000 train / 2,000 test images). Install the full dataset for paper-quality numbers.")
+            print(
+                f"[onp] full {spec.name} not found ({why or 'not on disk'}); using the bundled sample "
+                f"(12,000 train / 2,000 test images). Install the full dataset for paper-quality numbers."
+            )
             return load_idx_dataset(spec, _idx_files(spec.name, [sample_dir]), "bundled-sample", is_sample=True)
         raise not_found(spec.name, dirs, why)
 
     return load
 
 
-FASHION_MNIST = DatasetSpec("fashion-mnist", 10, 1, 28, 28, (0.2860,), (0.3530,), hflip=True,
-                            licence="MIT (Zalando SE)")
+FASHION_MNIST = DatasetSpec(
+    "fashion-mnist", 10, 1, 28, 28, (0.2860,), (0.3530,), hflip=True, licence="MIT (Zalando SE)"
+)
 _FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _FMNIST_URLS = {
     "train_images": (_FMNIST_URL + "train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
@@ -136,9 +143,9 @@ _FMNIST_URLS = {
 register_dataset(
     FASHION_MNIST,
     how_to_get="on Debian/Ubuntu run `sudo apt-get install dataset-fashion-mnist` (files land in "
-               "/usr/share/datasets/fashion-mnist), or put the four *-ubyte.gz files from "
-               "https://github.com/zalandoresearch/fashion-mnist in a folder and pass --data-dir DIR "
-               "(or set ONP_DATA=DIR); onp also downloads them itself when online.",
+    "/usr/share/datasets/fashion-mnist), or put the four *-ubyte.gz files from "
+    "https://github.com/zalandoresearch/fashion-mnist in a folder and pass --data-dir DIR "
+    "(or set ONP_DATA=DIR); onp also downloads them itself when online.",
     system_dirs=("/usr/share/datasets/fashion-mnist",),
 )(_idx_loader(FASHION_MNIST, _FMNIST_URLS, ("/usr/share/datasets/fashion-mnist",), has_sample=True))
 
@@ -153,5 +160,5 @@ _MNIST_URLS = {
 register_dataset(
     MNIST,
     how_to_get="put the four MNIST *-ubyte(.gz) files in a folder and pass --data-dir DIR (or set "
-               "ONP_DATA=DIR); onp downloads them itself when online.",
+    "ONP_DATA=DIR); onp downloads them itself when online.",
 )(_idx_loader(MNIST, _MNIST_URLS))

@@ -49,8 +49,7 @@ SOURCES = ("auto", "full", "sample")
 Loader = Callable[[DataRequest], Dataset]
 
 
-def register_dataset(spec: DatasetSpec, how_to_get: str,
-                     system_dirs: Sequence[str] = ()) -> Callable[[Loader], Loader]:
+def register_dataset(spec: DatasetSpec, how_to_get: str, system_dirs: Sequence[str] = ()) -> Callable[[Loader], Loader]:
     """Decorator registering ``loader(request) -> Dataset`` for ``spec.name``."""
 
     def _wrap(loader: Loader) -> Loader:
@@ -85,8 +84,9 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS.get(name).spec
 
 
-def load_dataset(name: str = "fashion-mnist", *, data_dir: Optional[os.PathLike] = None, source: str = "auto",
-                 download: bool = True) -> Dataset:
+def load_dataset(
+    name: str = "fashion-mnist", *, data_dir: Optional[os.PathLike] = None, source: str = "auto", download: bool = True
+) -> Dataset:
     """Load a registered dataset (see the module docstring for where it looks).
 
     Args:
@@ -113,4 +113,5 @@ def not_found(name: str, searched: Sequence[Path], why: str = "") -> DatasetNotF
     where = ", ".join(str(p) for p in searched)
     return DatasetNotFoundError(
         f"dataset {name!r} not found{(' (' + why + ')') if why else ''}. Searched: {where}. "
-        f"How to get it: {entry.how_to_get}")
+        f"How to get it: {entry.how_to_get}"
+    )

@@ -44,9 +44,11 @@ class Splits:
     def save(self, path: Union[str, Path]) -> None:
         """Write the index file atomically (``.npz``)."""
         import io
+
         buf = io.BytesIO()
-        np.savez_compressed(buf, attacker_train=self.attacker_train, defense_train=self.defense_train,
-                            defense_val=self.defense_val)
+        np.savez_compressed(
+            buf, attacker_train=self.attacker_train, defense_train=self.defense_train, defense_val=self.defense_val
+        )
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
@@ -61,8 +63,11 @@ class Splits:
             raise CheckpointError(f"{path}: not a valid split index file ({exc})") from exc
 
     def sizes(self) -> Dict[str, int]:
-        return {"attacker_train": len(self.attacker_train), "defense_train": len(self.defense_train),
-                "defense_val": len(self.defense_val)}
+        return {
+            "attacker_train": len(self.attacker_train),
+            "defense_train": len(self.defense_train),
+            "defense_val": len(self.defense_val),
+        }
 
 
 def make_splits(num_train: int, defense_size: int = 500, val_fraction: float = 0.5, seed: int = 0) -> Splits:
@@ -72,14 +77,17 @@ def make_splits(num_train: int, defense_size: int = 500, val_fraction: float = 0
     validation fraction outside (0, 1).
     """
     if not 0 < defense_size < num_train:
-        raise ValueError(f"defense_size must be in (0, {num_train}) for a training set of {num_train} "
-                         f"images; got {defense_size}")
+        raise ValueError(
+            f"defense_size must be in (0, {num_train}) for a training set of {num_train} images; got {defense_size}"
+        )
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
     n_val = int(round(defense_size * val_fraction))
     if n_val < 1 or n_val >= defense_size:
-        raise ValueError(f"val_fraction={val_fraction} leaves an empty defense-train or defense-validation "
-                         f"split of a {defense_size}-image pool")
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves an empty defense-train or defense-validation "
+            f"split of a {defense_size}-image pool"
+        )
     rng = np.random.default_rng(seed)
     perm = rng.permutation(num_train)
     pool, rest = perm[:defense_size], perm[defense_size:]

@@ -90,11 +90,13 @@ class CleanImages:
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
-            raise ValueError(f"CleanImages.x must be float32 images (N, C, H, W); got {self.x.dtype} "
-                             f"of shape {tuple(self.x.shape)}")
+            raise ValueError(
+                f"CleanImages.x must be float32 images (N, C, H, W); got {self.x.dtype} of shape {tuple(self.x.shape)}"
+            )
         if self.y.dtype != torch.int64 or self.y.ndim != 1:
-            raise ValueError(f"CleanImages.y must be int64 labels (N,); got {self.y.dtype} of shape "
-                             f"{tuple(self.y.shape)}")
+            raise ValueError(
+                f"CleanImages.y must be int64 labels (N,); got {self.y.dtype} of shape {tuple(self.y.shape)}"
+            )
         if len(self.x) != len(self.y):
             raise ValueError(f"CleanImages: {len(self.x)} images but {len(self.y)} labels")
 
@@ -115,17 +117,26 @@ class CleanImages:
         return torch.bincount(self.y, minlength=self.num_classes).tolist()
 
     def __repr__(self) -> str:
-        return (f"CleanImages({len(self)} images of shape {tuple(self.x.shape[1:])}, "
-                f"{self.num_classes} classes, source={self.source!r})")
+        return (
+            f"CleanImages({len(self)} images of shape {tuple(self.x.shape[1:])}, "
+            f"{self.num_classes} classes, source={self.source!r})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the entry point
 
 
-def load_clean_images(source: PathLike, *, num_classes: int, channels: int, image_size: ImageSize,
-                      indices: Optional[PathLike] = None, data_dir: Optional[PathLike] = None,
-                      data_source: str = "auto") -> CleanImages:
+def load_clean_images(
+    source: PathLike,
+    *,
+    num_classes: int,
+    channels: int,
+    image_size: ImageSize,
+    indices: Optional[PathLike] = None,
+    data_dir: Optional[PathLike] = None,
+    data_source: str = "auto",
+) -> CleanImages:
     """Read a defender's clean images (see the module docstring for the three kinds of ``source``).
 
     Args:
@@ -156,18 +167,31 @@ def load_clean_images(source: PathLike, *, num_classes: int, channels: int, imag
     is_dataset = name in DATASETS and (indices is not None or not path.exists())
     if is_dataset:
         if indices is None:
-            raise ValueError(f"dataset {name!r} needs indices: a .npy, .json or text file of indices into its "
-                             f"train split (the images you hold out as clean data)")
-        images = _from_dataset(name, Path(os.fspath(indices)), num_classes, channels, size,
-                               Path(os.fspath(data_dir)) if data_dir is not None else None, data_source)
+            raise ValueError(
+                f"dataset {name!r} needs indices: a .npy, .json or text file of indices into its "
+                f"train split (the images you hold out as clean data)"
+            )
+        images = _from_dataset(
+            name,
+            Path(os.fspath(indices)),
+            num_classes,
+            channels,
+            size,
+            Path(os.fspath(data_dir)) if data_dir is not None else None,
+            data_source,
+        )
     else:
         if indices is not None:
-            raise ValueError(f"indices is only used with a registered dataset name ({', '.join(DATASETS.names())}); "
-                             f"{name!r} is not one")
+            raise ValueError(
+                f"indices is only used with a registered dataset name ({', '.join(DATASETS.names())}); "
+                f"{name!r} is not one"
+            )
         if not path.exists():
-            raise FileNotFoundError(f"no such file or folder: {name} (pass a folder with one sub-folder of images "
-                                    f"per class, an .npz file with x and y, or a dataset name "
-                                    f"({', '.join(DATASETS.names())}) with indices)")
+            raise FileNotFoundError(
+                f"no such file or folder: {name} (pass a folder with one sub-folder of images "
+                f"per class, an .npz file with x and y, or a dataset name "
+                f"({', '.join(DATASETS.names())}) with indices)"
+            )
         if path.is_dir():
             images = _from_folder(path, num_classes, channels, size)
         else:
@@ -195,19 +219,27 @@ def _check_counts(images: CleanImages, num_classes: int) -> None:
     """Total count, classes present (the labels are already known to be in range)."""
     n = len(images)
     if n < MIN_IMAGES:
-        raise ValueError(f"{images.source}: {n} image(s); onp needs at least {MIN_IMAGES} clean images; "
-                         f"{DEFAULT_DEFENSE_SIZE} is the default (the zoo's defender pool) and more is better")
+        raise ValueError(
+            f"{images.source}: {n} image(s); onp needs at least {MIN_IMAGES} clean images; "
+            f"{DEFAULT_DEFENSE_SIZE} is the default (the zoo's defender pool) and more is better"
+        )
     counts = images.class_counts()
     present = [c for c in range(num_classes) if counts[c] > 0]
     missing = [c for c in range(num_classes) if counts[c] == 0]
     if len(present) < 2:
-        raise ValueError(f"{images.source}: all {n} images are of class {present[0]} "
-                         f"({images.class_names[present[0]]!r}); a defense needs clean images of at least two "
-                         f"classes (ideally all {num_classes})")
+        raise ValueError(
+            f"{images.source}: all {n} images are of class {present[0]} "
+            f"({images.class_names[present[0]]!r}); a defense needs clean images of at least two "
+            f"classes (ideally all {num_classes})"
+        )
     if missing:
-        warnings.warn(f"{images.source}: no image of class(es) {missing} "
-                      f"({', '.join(repr(images.class_names[c]) for c in missing)}); the defense can only check "
-                      f"the model on the {len(present)} class(es) present", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{images.source}: no image of class(es) {missing} "
+            f"({', '.join(repr(images.class_names[c]) for c in missing)}); the defense can only check "
+            f"the model on the {len(present)} class(es) present",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_labels(y: np.ndarray, num_classes: int, where: str) -> np.ndarray:
@@ -216,13 +248,14 @@ def _check_labels(y: np.ndarray, num_classes: int, where: str) -> np.ndarray:
         hint = " (convert with y.astype(np.int64) if they are whole numbers)" if y.dtype.kind == "f" else ""
         raise ValueError(f"{where}: labels y must be integers; got dtype {y.dtype}{hint}")
     if y.ndim != 1:
-        raise ValueError(f"{where}: labels y must have shape (N,); got {y.shape} (one-hot labels: use "
-                         f"y.argmax(1))")
+        raise ValueError(f"{where}: labels y must have shape (N,); got {y.shape} (one-hot labels: use y.argmax(1))")
     bad = np.flatnonzero((y < 0) | (y >= num_classes))
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"{where}: label {int(y[i])} (image {i}; {len(bad)} such label(s)) is outside "
-                         f"[0, {num_classes}) for a {num_classes}-class model")
+        raise ValueError(
+            f"{where}: label {int(y[i])} (image {i}; {len(bad)} such label(s)) is outside "
+            f"[0, {num_classes}) for a {num_classes}-class model"
+        )
     return y.astype(np.int64)
 
 
@@ -234,11 +267,15 @@ def _to_channels(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
     if c == 3 and channels == 1:
         if np.array_equal(arr[:, 0], arr[:, 1]) and np.array_equal(arr[:, 0], arr[:, 2]):
             return arr[:, :1]
-        raise ValueError(f"{where}: RGB (colour) images for a 1-channel (grayscale) model; convert them to "
-                         f"grayscale yourself (onp converts only RGB images whose three channels are equal)")
+        raise ValueError(
+            f"{where}: RGB (colour) images for a 1-channel (grayscale) model; convert them to "
+            f"grayscale yourself (onp converts only RGB images whose three channels are equal)"
+        )
     if c == 1 and channels == 3:
-        raise ValueError(f"{where}: grayscale images for a 3-channel (RGB) model; onp does not invent colour: "
-                         f"pass RGB images (or check channels)")
+        raise ValueError(
+            f"{where}: grayscale images for a 3-channel (RGB) model; onp does not invent colour: "
+            f"pass RGB images (or check channels)"
+        )
     raise ValueError(f"{where}: images with {c} channels; the model takes {channels}")
 
 
@@ -252,11 +289,15 @@ def _class_folders(root: Path, num_classes: int) -> Tuple[List[Tuple[Path, int]]
     folders = [p for p in entries if p.is_dir()]
     stray = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if stray:
-        raise ValueError(f"{stray[0]}: an image directly in {root}; onp reads one sub-folder per class (the "
-                         f"ImageFolder layout): move each image into the folder of its class")
+        raise ValueError(
+            f"{stray[0]}: an image directly in {root}; onp reads one sub-folder per class (the "
+            f"ImageFolder layout): move each image into the folder of its class"
+        )
     if not folders:
-        raise ValueError(f"{root}: no class sub-folders; onp expects one sub-folder of PNG/JPEG images per class "
-                         f"(e.g. {root}/0/, {root}/1/ ...) or an .npz file")
+        raise ValueError(
+            f"{root}: no class sub-folders; onp expects one sub-folder of PNG/JPEG images per class "
+            f"(e.g. {root}/0/, {root}/1/ ...) or an .npz file"
+        )
     names = sorted(p.name for p in folders)  # str order, as torchvision's ImageFolder
     by_name = {p.name: p for p in folders}
     if all(re.fullmatch(r"-?\d+", n) for n in names):
@@ -266,18 +307,26 @@ def _class_folders(root: Path, num_classes: int) -> Tuple[List[Tuple[Path, int]]
             if lab in labels:
                 raise ValueError(f"{root}: class folders {labels[lab]!r} and {n!r} both mean label {lab}")
             if not 0 <= lab < num_classes:
-                raise ValueError(f"{by_name[n]}: folder name {n} is read as label {lab} (all class folder names are "
-                                 f"integers), outside [0, {num_classes}) for a {num_classes}-class model")
+                raise ValueError(
+                    f"{by_name[n]}: folder name {n} is read as label {lab} (all class folder names are "
+                    f"integers), outside [0, {num_classes}) for a {num_classes}-class model"
+                )
             labels[lab] = n
         class_names = [labels.get(c, str(c)) for c in range(num_classes)]
         return [(by_name[labels[lab]], lab) for lab in sorted(labels)], class_names
     if any(re.fullmatch(r"-?\d+", n) for n in names):
-        warnings.warn(f"{root}: some class folder names are integers and some are not; the class index of each "
-                      f"folder is its position in sorted order: {names}", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"{root}: some class folder names are integers and some are not; the class index of each "
+            f"folder is its position in sorted order: {names}",
+            UserWarning,
+            stacklevel=4,
+        )
     if len(names) != num_classes:
-        raise ValueError(f"{root}: {len(names)} class folder(s) ({', '.join(names)}) for a {num_classes}-class "
-                         f"model; with folder names the class index is the position in sorted order, so every "
-                         f"class needs a folder (or name the folders by their integer label: 0, 1, ...)")
+        raise ValueError(
+            f"{root}: {len(names)} class folder(s) ({', '.join(names)}) for a {num_classes}-class "
+            f"model; with folder names the class index is the position in sorted order, so every "
+            f"class needs a folder (or name the folders by their integer label: 0, 1, ...)"
+        )
     return [(by_name[n], i) for i, n in enumerate(names)], names
 
 
@@ -287,11 +336,14 @@ def _image_files(folder: Path) -> List[Path]:
         if p.name.startswith("."):
             continue
         if p.is_dir():
-            raise ValueError(f"{p}: a folder inside class folder {folder.name}; onp reads the images directly in "
-                             f"each class folder (no nested folders)")
+            raise ValueError(
+                f"{p}: a folder inside class folder {folder.name}; onp reads the images directly in "
+                f"each class folder (no nested folders)"
+            )
         if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(f"{p}: not a PNG or JPEG file (onp reads {', '.join(IMAGE_SUFFIXES)}); remove it "
-                             f"or convert it")
+            raise ValueError(
+                f"{p}: not a PNG or JPEG file (onp reads {', '.join(IMAGE_SUFFIXES)}); remove it or convert it"
+            )
         files.append(p)
     return files
 
@@ -304,16 +356,19 @@ def read_image(path: Path, channels: int, size: Tuple[int, int]) -> np.ndarray:
                 raise ValueError(f"{path}: a {opened.format} image, not PNG or JPEG")
             found = (opened.height, opened.width)
             if found != size:
-                raise ValueError(f"{path}: image is {_fmt(found)}, expected {_fmt(size)}; resize your images "
-                                 f"to the model's input size (onp does not resize)")
+                raise ValueError(
+                    f"{path}: image is {_fmt(found)}, expected {_fmt(size)}; resize your images "
+                    f"to the model's input size (onp does not resize)"
+                )
             opened.load()
             img: Image.Image = opened
             if img.mode == "P":  # a palette: its colours decide
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
             if img.mode in ("RGBA", "LA"):
                 if int(np.asarray(img.getchannel("A")).min()) < 255:
-                    raise ValueError(f"{path}: image has transparent pixels (mode {img.mode}); save it without "
-                                     f"an alpha channel")
+                    raise ValueError(
+                        f"{path}: image has transparent pixels (mode {img.mode}); save it without an alpha channel"
+                    )
                 img = img.convert(img.mode[:-1])
             if img.mode == "1":
                 img = img.convert("L")
@@ -335,8 +390,10 @@ def _from_folder(root: Path, num_classes: int, channels: int, size: Tuple[int, i
     for folder, label in folders:
         files = _image_files(folder)
         if not files:
-            raise ValueError(f"{folder}: empty class folder (class {label}, no PNG/JPEG images); put clean images "
-                             f"of that class in it or remove it")
+            raise ValueError(
+                f"{folder}: empty class folder (class {label}, no PNG/JPEG images); put clean images "
+                f"of that class in it or remove it"
+            )
         for f in files:
             xs.append(read_image(f, channels, size))
             ys.append(label)
@@ -363,15 +420,19 @@ def _npz_layout(x: np.ndarray, channels: int, size: Tuple[int, int], where: str)
         if x.shape[1] != x.shape[3] and channels in (x.shape[1], x.shape[3]):
             nchw, nhwc = x.shape[1] == channels, x.shape[3] == channels
         else:
-            raise ValueError(f"{where}: x has shape {x.shape}, which fits both (N, C, H, W) and (N, H, W, C) for "
-                             f"{channels}-channel {_fmt(size)} images; save it with a non-square size or as one "
-                             f"layout onp can tell apart")
+            raise ValueError(
+                f"{where}: x has shape {x.shape}, which fits both (N, C, H, W) and (N, H, W, C) for "
+                f"{channels}-channel {_fmt(size)} images; save it with a non-square size or as one "
+                f"layout onp can tell apart"
+            )
     if nchw:
         return _to_channels(x, channels, where)
     if nhwc:
         return _to_channels(x.transpose(0, 3, 1, 2), channels, where)
-    raise ValueError(f"{where}: x has shape {x.shape}; expected {channels}-channel images of {_fmt(size)}: "
-                     f"(N, {channels}, {h}, {w}) or (N, {h}, {w}, {channels})")
+    raise ValueError(
+        f"{where}: x has shape {x.shape}; expected {channels}-channel images of {_fmt(size)}: "
+        f"(N, {channels}, {h}, {w}) or (N, {h}, {w}, {channels})"
+    )
 
 
 def _from_npz(path: Path, num_classes: int, channels: int, size: Tuple[int, int]) -> CleanImages:
@@ -379,16 +440,20 @@ def _from_npz(path: Path, num_classes: int, channels: int, size: Tuple[int, int]
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{where}: not a valid .npz file ({exc}); pass an .npz with arrays x and y, or a "
-                         f"folder of images") from None
+        raise ValueError(
+            f"{where}: not a valid .npz file ({exc}); pass an .npz with arrays x and y, or a folder of images"
+        ) from None
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{where}: a single .npy array, not an .npz file with arrays x and y "
-                         f"(np.savez(path, x=images, y=labels))")
+        raise ValueError(
+            f"{where}: a single .npy array, not an .npz file with arrays x and y (np.savez(path, x=images, y=labels))"
+        )
     with z:
         missing = [k for k in ("x", "y") if k not in z.files]
         if missing:
-            raise ValueError(f"{where}: no array {' or '.join(missing)} (found: {', '.join(z.files) or 'none'}); "
-                             f"onp needs x (images) and y (labels): np.savez(path, x=images, y=labels)")
+            raise ValueError(
+                f"{where}: no array {' or '.join(missing)} (found: {', '.join(z.files) or 'none'}); "
+                f"onp needs x (images) and y (labels): np.savez(path, x=images, y=labels)"
+            )
         try:
             x, y = z["x"], z["y"]
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -409,8 +474,11 @@ def _from_npz(path: Path, num_classes: int, channels: int, size: Tuple[int, int]
             raise ValueError(f"{where}: x holds NaN or infinite values (first in image {bad})")
         lo, hi = (float(xf.min()), float(xf.max())) if xf.size else (0.0, 0.0)
         if lo < 0.0 or hi > 1.0:
-            hint = ("values up to 255: divide by 255 or save uint8" if hi > 1.0 and lo >= 0.0 else
-                    "they look normalised (mean/std); save the images before normalisation")
+            hint = (
+                "values up to 255: divide by 255 or save uint8"
+                if hi > 1.0 and lo >= 0.0
+                else "they look normalised (mean/std); save the images before normalisation"
+            )
             raise ValueError(f"{where}: float x must lie in [0, 1]; found [{lo:g}, {hi:g}] ({hint})")
     else:
         hint = " (if they are 0..255, save x.astype(np.uint8))" if x.dtype.kind in "iu" else ""
@@ -428,8 +496,11 @@ def _from_npz(path: Path, num_classes: int, channels: int, size: Tuple[int, int]
 def read_indices(path: Path) -> np.ndarray:
     """Integer indices from a ``.npy``, ``.json`` or text file; errors name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"no such file or folder: {path} (the indices file)" if not path.exists() else
-                                f"{path}: the indices must be a file, not a folder")
+        raise FileNotFoundError(
+            f"no such file or folder: {path} (the indices file)"
+            if not path.exists()
+            else f"{path}: the indices must be a file, not a folder"
+        )
     where = f"{path} (indices)"
     suffix = path.suffix.lower()
     try:
@@ -445,15 +516,15 @@ def read_indices(path: Path) -> np.ndarray:
                 raise ValueError('expected a JSON list of integers or {"indices": [...]}')
             arr = np.asarray(data, dtype=np.int64)
         else:
-            tokens = [t for line in path.read_text().splitlines() for t in re.split(r"[\s,]+", line.split("#")[0])
-                      if t]
+            tokens = [t for line in path.read_text().splitlines() for t in re.split(r"[\s,]+", line.split("#")[0]) if t]
             bad = [t for t in tokens if not re.fullmatch(r"[+-]?\d+", t)]
             if bad:
                 raise ValueError(f"{bad[0]!r} is not an integer")
             arr = np.asarray([int(t) for t in tokens], dtype=np.int64)
     except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{where}: not a valid indices file ({exc}); write integers (text), a JSON list, or "
-                         f"np.save(path, indices)") from None
+        raise ValueError(
+            f"{where}: not a valid indices file ({exc}); write integers (text), a JSON list, or np.save(path, indices)"
+        ) from None
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{where}: indices must be integers; got dtype {arr.dtype}")
     if arr.ndim != 1:
@@ -461,35 +532,51 @@ def read_indices(path: Path) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _from_dataset(name: str, indices: Path, num_classes: int, channels: int, size: Tuple[int, int],
-                  data_dir: Optional[Path], data_source: str) -> CleanImages:
+def _from_dataset(
+    name: str,
+    indices: Path,
+    num_classes: int,
+    channels: int,
+    size: Tuple[int, int],
+    data_dir: Optional[Path],
+    data_source: str,
+) -> CleanImages:
     spec = DATASETS.get(name).spec
     if (spec.num_classes, spec.channels, spec.height, spec.width) != (num_classes, channels, *size):
-        raise ValueError(f"dataset {name!r} has {spec.num_classes} classes of {spec.channels}-channel "
-                         f"{_fmt((spec.height, spec.width))} images, but the model takes {num_classes} classes of "
-                         f"{channels}-channel {_fmt(size)} images")
+        raise ValueError(
+            f"dataset {name!r} has {spec.num_classes} classes of {spec.channels}-channel "
+            f"{_fmt((spec.height, spec.width))} images, but the model takes {num_classes} classes of "
+            f"{channels}-channel {_fmt(size)} images"
+        )
     idx = read_indices(indices)
     ds = load_dataset(name, data_dir=data_dir, source=data_source)
     n = len(ds.train)
     bad = np.flatnonzero((idx < 0) | (idx >= n))
     if len(bad):
-        raise ValueError(f"{indices}: index {int(idx[bad[0]])} is outside the {n}-image train split of {name} "
-                         f"({ds.source}); indices must lie in [0, {n})")
+        raise ValueError(
+            f"{indices}: index {int(idx[bad[0]])} is outside the {n}-image train split of {name} "
+            f"({ds.source}); indices must lie in [0, {n})"
+        )
     uniq, counts = np.unique(idx, return_counts=True)
     if (counts > 1).any():
-        raise ValueError(f"{indices}: index {int(uniq[counts > 1][0])} appears more than once; each clean image "
-                         f"may be used only once")
+        raise ValueError(
+            f"{indices}: index {int(uniq[counts > 1][0])} appears more than once; each clean image "
+            f"may be used only once"
+        )
     sub = ds.train.subset(idx)
-    return CleanImages(sub.float_images(), sub.labels.long(), [str(c) for c in range(num_classes)],
-                       f"{name}:{ds.source} train[{indices}]")
+    return CleanImages(
+        sub.float_images(),
+        sub.labels.long(),
+        [str(c) for c in range(num_classes)],
+        f"{name}:{ds.source} train[{indices}]",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the defender's split
 
 
-def split_defense(images: CleanImages, *, val_fraction: float = 0.5,
-                  seed: int = 0) -> Tuple[CleanImages, CleanImages]:
+def split_defense(images: CleanImages, *, val_fraction: float = 0.5, seed: int = 0) -> Tuple[CleanImages, CleanImages]:
     """Split ``images`` into defense-train and defense-validation, stratified by class.
 
     Each class with at least two images is in both halves (a class of one image goes to
@@ -507,17 +594,21 @@ def split_defense(images: CleanImages, *, val_fraction: float = 0.5,
     want = {c: len(m) * val_fraction for c, m in members.items()}
     n_val = {c: int(np.floor(v)) for c, v in want.items()}
     left = int(round(len(y) * val_fraction)) - sum(n_val.values())
-    for c in sorted(want, key=lambda c: (-(want[c] - n_val[c]), c))[:max(left, 0)]:
+    for c in sorted(want, key=lambda c: (-(want[c] - n_val[c]), c))[: max(left, 0)]:
         n_val[c] += 1
     for c, m in members.items():  # both halves hold every class that has two images
         n_val[c] = min(max(n_val[c], 1), len(m) - 1) if len(m) >= 2 else 0
-    val = np.sort(np.concatenate([m[:n_val[c]] for c, m in members.items()]))
-    train = np.sort(np.concatenate([m[n_val[c]:] for c, m in members.items()]))
+    val = np.sort(np.concatenate([m[: n_val[c]] for c, m in members.items()]))
+    train = np.sort(np.concatenate([m[n_val[c] :] for c, m in members.items()]))
     if len(val) == 0 or len(train) == 0:
-        raise ValueError(f"{images.source}: {len(images)} images cannot be split into non-empty defense-train and "
-                         f"defense-validation halves (every class has a single image)")
-    return (images.subset(train, f"{images.source} (defense-train)"),
-            images.subset(val, f"{images.source} (defense-validation)"))
+        raise ValueError(
+            f"{images.source}: {len(images)} images cannot be split into non-empty defense-train and "
+            f"defense-validation halves (every class has a single image)"
+        )
+    return (
+        images.subset(train, f"{images.source} (defense-train)"),
+        images.subset(val, f"{images.source} (defense-validation)"),
+    )
 
 
 def to_defense_data(train: CleanImages, val: CleanImages) -> DefenseData:
@@ -525,6 +616,7 @@ def to_defense_data(train: CleanImages, val: CleanImages) -> DefenseData:
     if train.class_names != val.class_names:
         raise ValueError("defense-train and defense-validation images have different classes")
     if train.x.shape[1:] != val.x.shape[1:]:
-        raise ValueError(f"defense-train images are {tuple(train.x.shape[1:])}, defense-validation images "
-                         f"{tuple(val.x.shape[1:])}")
+        raise ValueError(
+            f"defense-train images are {tuple(train.x.shape[1:])}, defense-validation images {tuple(val.x.shape[1:])}"
+        )
     return DefenseData(train.x, train.y, val.x, val.y, train.num_classes)

@@ -16,7 +16,21 @@ from .ops import OP_TABLE
 from .similarity import build_similarity_graphs
 from .trace import Connectivity, trace_connectivity
 
-__all__ = ["build_neuron_graph", "NeuronGraph", "LayerInfo", "neuron_name", "UnsupportedModelError", "LAYER_TYPES",
-           "COUPLING_METHODS", "coupling_groups", "build_similarity_graphs", "FEATURE_PROVIDERS",
-           "FeatureProvider", "register_feature_provider", "compute_node_features", "OP_TABLE",
-           "Connectivity", "trace_connectivity"]
+__all__ = [
+    "build_neuron_graph",
+    "NeuronGraph",
+    "LayerInfo",
+    "neuron_name",
+    "UnsupportedModelError",
+    "LAYER_TYPES",
+    "COUPLING_METHODS",
+    "coupling_groups",
+    "build_similarity_graphs",
+    "FEATURE_PROVIDERS",
+    "FeatureProvider",
+    "register_feature_provider",
+    "compute_node_features",
+    "OP_TABLE",
+    "Connectivity",
+    "trace_connectivity",
+]

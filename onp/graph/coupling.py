@@ -77,14 +77,18 @@ def trace_groups(model: nn.Module, example_input: Tensor, conn: Connectivity) ->
     return conn.trace_groups.clone()
 
 
-def coupling_groups(model: nn.Module, example_input: Tensor, conn: Connectivity, method: str = "auto"
-                    ) -> Tuple[Tensor, str]:
+def coupling_groups(
+    model: nn.Module, example_input: Tensor, conn: Connectivity, method: str = "auto"
+) -> Tuple[Tensor, str]:
     """Coupling group id per neuron (0..G-1, numbered in node order) and the method actually used."""
     if method != "auto":
         return COUPLING_METHODS.get(method)(model, example_input, conn), method
     try:
         return torch_pruning_groups(model, example_input, conn), "torch_pruning"
     except Exception as exc:  # torch-pruning cannot handle every traceable model
-        warnings.warn(f"torch-pruning could not build the dependency graph of {type(model).__name__} "
-                      f"({type(exc).__name__}: {exc}); deriving coupling from the fx trace instead", stacklevel=1)
+        warnings.warn(
+            f"torch-pruning could not build the dependency graph of {type(model).__name__} "
+            f"({type(exc).__name__}: {exc}); deriving coupling from the fx trace instead",
+            stacklevel=1,
+        )
         return trace_groups(model, example_input, conn), "trace"

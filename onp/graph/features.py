@@ -58,10 +58,12 @@ class FeatureProvider:
         except (TypeError, ValueError):
             params = {}
         self._takes_batch_size = "batch_size" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
 
-    def __call__(self, model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = None,
-                 batch_size: int = 256) -> Tensor:
+    def __call__(
+        self, model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = None, batch_size: int = 256
+    ) -> Tensor:
         if self.requires_data and data is None:
             raise ValueError(f"feature provider {self.name!r} needs data (a batch of images); got data=None")
         kwargs = {"batch_size": batch_size} if self._takes_batch_size else {}
@@ -69,16 +71,19 @@ class FeatureProvider:
         if out.dim() == 1:
             out = out.unsqueeze(1)
         if out.shape != (graph.num_nodes, len(self.names)):
-            raise ValueError(f"feature provider {self.name!r} returned shape {tuple(out.shape)}, expected "
-                             f"({graph.num_nodes}, {len(self.names)})")
+            raise ValueError(
+                f"feature provider {self.name!r} returned shape {tuple(out.shape)}, expected "
+                f"({graph.num_nodes}, {len(self.names)})"
+            )
         return out
 
 
 FEATURE_PROVIDERS: Registry[FeatureProvider] = Registry("feature provider")
 
 
-def register_feature_provider(name: str, names: Optional[Sequence[str]] = None, *, requires_data: bool = False,
-                              overwrite: bool = False) -> Callable[[ProviderFn], ProviderFn]:
+def register_feature_provider(
+    name: str, names: Optional[Sequence[str]] = None, *, requires_data: bool = False, overwrite: bool = False
+) -> Callable[[ProviderFn], ProviderFn]:
     """Decorator registering ``fn(model, graph, data) -> Tensor (N, F)`` as provider ``name``.
 
     Args:
@@ -89,8 +94,9 @@ def register_feature_provider(name: str, names: Optional[Sequence[str]] = None, 
     """
 
     def deco(fn: ProviderFn) -> ProviderFn:
-        provider = FeatureProvider(name=name, fn=fn, names=list(names) if names is not None else [name],
-                                   requires_data=requires_data)
+        provider = FeatureProvider(
+            name=name, fn=fn, names=list(names) if names is not None else [name], requires_data=requires_data
+        )
         FEATURE_PROVIDERS.register(name, provider, overwrite=overwrite)
         return fn
 
@@ -122,10 +128,12 @@ def bn_features(model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = N
     def one(i: int, layer: LayerInfo) -> Tensor:
         bn = _bn(model, layer.bn_name)
         c = layer.num_channels
-        cols = [bn.weight if bn.weight is not None else torch.ones(c),
-                bn.bias if bn.bias is not None else torch.zeros(c),
-                bn.running_mean if bn.running_mean is not None else torch.zeros(c),
-                bn.running_var if bn.running_var is not None else torch.ones(c)]
+        cols = [
+            bn.weight if bn.weight is not None else torch.ones(c),
+            bn.bias if bn.bias is not None else torch.zeros(c),
+            bn.running_mean if bn.running_mean is not None else torch.zeros(c),
+            bn.running_var if bn.running_var is not None else torch.ones(c),
+        ]
         return torch.stack([t.detach().float().cpu() for t in cols], dim=1)
 
     return _per_layer(graph, one, 4)
@@ -145,8 +153,9 @@ def weight_norm_features(model: nn.Module, graph: NeuronGraph, data: Optional[Te
 
 
 @register_feature_provider("activation", names=["act_mean", "act_std"], requires_data=True)
-def activation_features(model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = None,
-                        batch_size: int = 256) -> Tensor:
+def activation_features(
+    model: nn.Module, graph: NeuronGraph, data: Optional[Tensor] = None, batch_size: int = 256
+) -> Tensor:
     """Per-channel mean and std of each BN output over ``data`` (model in eval mode, no grad)."""
     if data is None:
         raise ValueError("the activation provider needs data")
@@ -171,7 +180,7 @@ def activation_features(model: nn.Module, graph: NeuronGraph, data: Optional[Ten
     try:
         with eval_mode(model), torch.no_grad():
             for start in range(0, data.shape[0], batch_size):
-                model(data[start:start + batch_size].to(device=param.device, dtype=param.dtype))
+                model(data[start : start + batch_size].to(device=param.device, dtype=param.dtype))
     finally:
         for h in handles:
             h.remove()
@@ -186,11 +195,16 @@ def zscore(x: Tensor, eps: float = 1e-6) -> Tensor:
     return (x - x.mean(0, keepdim=True)) / (x.std(0, unbiased=False, keepdim=True) + eps)
 
 
-def compute_node_features(model: nn.Module, graph: NeuronGraph,
-                          providers: Sequence[Union[str, FeatureProvider]] = ("structure", "bn", "weight_norms",
-                                                                              "activation"),
-                          data: Optional[Tensor] = None, batch_size: int = 256, *, standardize: bool = True,
-                          eps: float = 1e-6) -> Tuple[Tensor, List[str]]:
+def compute_node_features(
+    model: nn.Module,
+    graph: NeuronGraph,
+    providers: Sequence[Union[str, FeatureProvider]] = ("structure", "bn", "weight_norms", "activation"),
+    data: Optional[Tensor] = None,
+    batch_size: int = 256,
+    *,
+    standardize: bool = True,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, List[str]]:
     """Concatenate the providers' features into ``(N, F)`` and return them with their column names.
 
     Args:

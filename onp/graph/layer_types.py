@@ -54,12 +54,13 @@ def classify(facts: LayerFacts) -> str:
     return "conv"
 
 
-def shortcut_nodes(nodes: Sequence[fx.Node], is_conv: Callable[[fx.Node], bool],
-                   residual_adds: Sequence[Tuple[fx.Node, fx.Node]]) -> Set[str]:
+def shortcut_nodes(
+    nodes: Sequence[fx.Node], is_conv: Callable[[fx.Node], bool], residual_adds: Sequence[Tuple[fx.Node, fx.Node]]
+) -> Set[str]:
     """Names of the fx nodes on the shorter (but non-empty) conv branch of each residual add."""
     index = {n: i for i, n in enumerate(nodes)}
-    anc: List[int] = [0] * len(nodes)       # ancestor bitsets
-    cdepth: List[int] = [0] * len(nodes)    # longest number of convs from the input
+    anc: List[int] = [0] * len(nodes)  # ancestor bitsets
+    cdepth: List[int] = [0] * len(nodes)  # longest number of convs from the input
     for i, n in enumerate(nodes):
         bits, depth = 0, 0
         for a in n.all_input_nodes:

@@ -142,10 +142,18 @@ class NeuronGraph:
 
         if x is not None and x.shape[0] != self.num_nodes:
             raise ValueError(f"x has {x.shape[0]} rows, the graph {self.num_nodes} nodes")
-        return Data(x=x, edge_index=self.edge_index.clone(), edge_attr=self.edge_weight.view(-1, 1).clone(),
-                    edge_weight=self.edge_weight.clone(), num_nodes=self.num_nodes, node_layer=self.node_layer,
-                    node_channel=self.node_channel, group=self.group, node_type=self.node_type,
-                    node_depth=self.node_depth)
+        return Data(
+            x=x,
+            edge_index=self.edge_index.clone(),
+            edge_attr=self.edge_weight.view(-1, 1).clone(),
+            edge_weight=self.edge_weight.clone(),
+            num_nodes=self.num_nodes,
+            node_layer=self.node_layer,
+            node_channel=self.node_channel,
+            group=self.group,
+            node_type=self.node_type,
+            node_depth=self.node_depth,
+        )
 
     def to_networkx(self) -> nx.DiGraph:
         """A ``networkx.DiGraph``; node attributes ``layer``, ``channel``, ``group``, ``layer_type``;
@@ -153,10 +161,13 @@ class NeuronGraph:
         import networkx as nx
 
         g = nx.DiGraph()
-        layer, channel, group, ntype = (t.tolist() for t in (self.node_layer, self.node_channel, self.group,
-                                                               self.node_type))
-        g.add_nodes_from((i, {"layer": layer[i], "channel": channel[i], "group": group[i],
-                              "layer_type": LAYER_TYPES[ntype[i]]}) for i in range(self.num_nodes))
+        layer, channel, group, ntype = (
+            t.tolist() for t in (self.node_layer, self.node_channel, self.group, self.node_type)
+        )
+        g.add_nodes_from(
+            (i, {"layer": layer[i], "channel": channel[i], "group": group[i], "layer_type": LAYER_TYPES[ntype[i]]})
+            for i in range(self.num_nodes)
+        )
         src, dst = self.edge_index.tolist()
         g.add_weighted_edges_from(zip(src, dst, self.edge_weight.tolist()))
         return g
@@ -192,29 +203,51 @@ def out_strengths(conn: Connectivity) -> Tensor:
     return out
 
 
-def graph_from_connectivity(conn: Connectivity, groups: Tensor, *, top_k: Optional[int] = 16,
-                            coupling_method: str = "trace") -> NeuronGraph:
+def graph_from_connectivity(
+    conn: Connectivity, groups: Tensor, *, top_k: Optional[int] = 16, coupling_method: str = "trace"
+) -> NeuronGraph:
     """Assemble a :class:`NeuronGraph` from a traced :class:`~onp.graph.trace.Connectivity`."""
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     n_layers = len(conn.layers)
-    layers = [LayerInfo(bn_name=t.bn_name, offset=t.offset, num_channels=t.num_channels,
-                        depth=i / max(n_layers - 1, 1), layer_type=t.layer_type, conv_name=t.conv_name, index=i)
-              for i, t in enumerate(conn.layers)]
+    layers = [
+        LayerInfo(
+            bn_name=t.bn_name,
+            offset=t.offset,
+            num_channels=t.num_channels,
+            depth=i / max(n_layers - 1, 1),
+            layer_type=t.layer_type,
+            conv_name=t.conv_name,
+            index=i,
+        )
+        for i, t in enumerate(conn.layers)
+    ]
     sizes = torch.tensor([layer.num_channels for layer in layers])
     node_layer = torch.repeat_interleave(torch.arange(n_layers), sizes)
     node_channel = torch.cat([torch.arange(layer.num_channels) for layer in layers])
     depth = torch.tensor([layer.depth for layer in layers], dtype=torch.float32)[node_layer]
     ntype = torch.tensor([LAYER_TYPES.index(layer.layer_type) for layer in layers])[node_layer]
     edge_index, edge_weight = select_edges(conn, top_k)
-    return NeuronGraph(layers=layers, num_nodes=conn.num_nodes, edge_index=edge_index, edge_weight=edge_weight,
-                       node_layer=node_layer, node_channel=node_channel, node_depth=depth, node_type=ntype,
-                       group=groups, out_strength=out_strengths(conn), top_k=top_k, input_shape=conn.input_shape,
-                       coupling_method=coupling_method)
+    return NeuronGraph(
+        layers=layers,
+        num_nodes=conn.num_nodes,
+        edge_index=edge_index,
+        edge_weight=edge_weight,
+        node_layer=node_layer,
+        node_channel=node_channel,
+        node_depth=depth,
+        node_type=ntype,
+        group=groups,
+        out_strength=out_strengths(conn),
+        top_k=top_k,
+        input_shape=conn.input_shape,
+        coupling_method=coupling_method,
+    )
 
 
-def build_neuron_graph(model: nn.Module, example_input: Tensor, top_k: Optional[int] = 16, *,
-                       coupling: str = "auto") -> NeuronGraph:
+def build_neuron_graph(
+    model: nn.Module, example_input: Tensor, top_k: Optional[int] = 16, *, coupling: str = "auto"
+) -> NeuronGraph:
     """Build the neuron graph of a torch.fx-traceable CNN.
 
     Args:

@@ -49,9 +49,9 @@ class TracedLayer:
     fx_node: str
     offset: int
     num_channels: int
-    in_cols: Tensor          # (K,) source neuron ids
-    in_weights: Tensor       # (C, K) incoming strengths
-    in_slots: Tensor         # (C,) coupling slots of the channels
+    in_cols: Tensor  # (K,) source neuron ids
+    in_weights: Tensor  # (C, K) incoming strengths
+    in_slots: Tensor  # (C,) coupling slots of the channels
     conv_name: Optional[str]  # conv feeding the BN directly (through pass-through ops)
     conv_groups: int = 1
     layer_type: str = "conv"
@@ -299,8 +299,11 @@ def scale(ctx: TraceContext, node: fx.Node) -> Frontier:
 
 def to_constant(ctx: TraceContext, node: fx.Node) -> Constant:
     """Shape queries (``x.size()``, ``x.shape``) give constants."""
-    if (node.op == "call_function" and node.target is getattr
-            and node.args[1] not in ("shape", "ndim", "dtype", "device")):
+    if (
+        node.op == "call_function"
+        and node.target is getattr
+        and node.args[1] not in ("shape", "ndim", "dtype", "device")
+    ):
         raise unsupported(ctx, node, f"attribute {node.args[1]!r} of an activation")
     return CONST
 
@@ -333,9 +336,19 @@ def batchnorm2d(ctx: TraceContext, node: fx.Node) -> Frontier:
     if v.spatial != 1 or v.channels != bn.num_features:
         raise unsupported(ctx, node, f"input has {v.features} features, BatchNorm2d expects {bn.num_features}")
     groups = cast(nn.Conv2d, ctx.modules[v.conv]).groups if v.conv is not None else 1
-    ctx.layers.append(TracedLayer(bn_name=name, fx_node=node.name, offset=ctx.num_nodes, num_channels=v.channels,
-                                  in_cols=v.cols, in_weights=v.weights, in_slots=v.slots, conv_name=v.conv,
-                                  conv_groups=int(groups)))
+    ctx.layers.append(
+        TracedLayer(
+            bn_name=name,
+            fx_node=node.name,
+            offset=ctx.num_nodes,
+            num_channels=v.channels,
+            in_cols=v.cols,
+            in_weights=v.weights,
+            in_slots=v.slots,
+            conv_name=v.conv,
+            conv_groups=int(groups),
+        )
+    )
     out = Frontier.identity(ctx.num_nodes, v.channels, v.slots)
     ctx.num_nodes += v.channels
     return out
@@ -354,10 +367,32 @@ def linear(ctx: TraceContext, node: fx.Node) -> Frontier:
     return Frontier.empty(lin.out_features, ctx.slots.new(lin.out_features))
 
 
-_PASSTHROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                        nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
-_PASSTHROUGH_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.max_pool2d,
-                          F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, F.dropout2d)
+_PASSTHROUGH_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+)
+_PASSTHROUGH_FUNCTIONS = (
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.dropout,
+    F.dropout2d,
+)
 OP_TABLE.register_module(*_PASSTHROUGH_MODULES, handler=passthrough)
 OP_TABLE.register_function(*_PASSTHROUGH_FUNCTIONS, handler=passthrough)
 OP_TABLE.register_method("relu", "relu_", "contiguous", "clone", handler=passthrough)
@@ -366,11 +401,11 @@ OP_TABLE.register_method("mean", "amax", "sum", handler=spatial_reduce)
 OP_TABLE.register_module(nn.Flatten, handler=flatten)
 OP_TABLE.register_function(torch.flatten, torch.reshape, handler=flatten)
 OP_TABLE.register_method("flatten", "view", "reshape", handler=flatten)
-OP_TABLE.register_function(operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
-                           handler=add)
+OP_TABLE.register_function(operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, handler=add)
 OP_TABLE.register_method("add", "add_", "sub", "sub_", handler=add)
-OP_TABLE.register_function(operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul,
-                           torch.div, handler=scale)
+OP_TABLE.register_function(
+    operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div, handler=scale
+)
 OP_TABLE.register_method("mul", "mul_", "div", "div_", handler=scale)
 OP_TABLE.register_function(getattr, handler=to_constant)
 OP_TABLE.register_method("size", "dim", handler=to_constant)

@@ -47,8 +47,9 @@ def layer_strength_matrix(conn: Connectivity, offset: int, num_channels: int) ->
     return s[:, s.abs().sum(0) > 0]
 
 
-def similarity_graph(s: Tensor, threshold: Optional[float] = None, quantile: float = 0.9,
-                     eps: float = 1e-12) -> Tuple[Tensor, Tensor, float, Tensor]:
+def similarity_graph(
+    s: Tensor, threshold: Optional[float] = None, quantile: float = 0.9, eps: float = 1e-12
+) -> Tuple[Tensor, Tensor, float, Tensor]:
     """Edges of one layer's similarity graph from strength vectors ``s`` ``(C, D)``.
 
     Returns ``(edge_index (2, E), cosine (E,), threshold used, dormant (C,) bool)``.
@@ -67,8 +68,14 @@ def similarity_graph(s: Tensor, threshold: Optional[float] = None, quantile: flo
     return torch.stack([src, dst]), cos[src, dst], float(threshold), dormant
 
 
-def build_similarity_graphs(model: nn.Module, graph: NeuronGraph, threshold: Optional[float] = None,
-                            quantile: float = 0.9, *, eps: float = 1e-12) -> List[Data]:
+def build_similarity_graphs(
+    model: nn.Module,
+    graph: NeuronGraph,
+    threshold: Optional[float] = None,
+    quantile: float = 0.9,
+    *,
+    eps: float = 1e-12,
+) -> List[Data]:
     """One ``torch_geometric.data.Data`` per BN layer of ``graph`` (in graph order).
 
     Each ``Data`` has ``x`` = the strength vectors ``s`` ``(C, D)``, ``edge_index`` (undirected, both
@@ -93,6 +100,16 @@ def build_similarity_graphs(model: nn.Module, graph: NeuronGraph, threshold: Opt
     for layer in graph.layers:
         s = layer_strength_matrix(conn, layer.offset, layer.num_channels)
         edge_index, cos, thr, dormant = similarity_graph(s, threshold, quantile, eps)
-        out.append(Data(x=s, edge_index=edge_index, edge_attr=cos.view(-1, 1), num_nodes=layer.num_channels,
-                        dormant=dormant, threshold=thr, layer_name=layer.bn_name, node_offset=layer.offset))
+        out.append(
+            Data(
+                x=s,
+                edge_index=edge_index,
+                edge_attr=cos.view(-1, 1),
+                num_nodes=layer.num_channels,
+                dormant=dormant,
+                threshold=thr,
+                layer_name=layer.bn_name,
+                node_offset=layer.offset,
+            )
+        )
     return out

@@ -85,7 +85,8 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
         return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         raise UnsupportedModelError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def example_batch(example_input: Tensor) -> Tensor:
@@ -109,8 +110,9 @@ def _propagate(gm: fx.GraphModule, table: OpTable) -> TraceContext:
     ctx = TraceContext(modules=dict(gm.named_modules()))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise UnsupportedModelError(f"expected a model with one input, got {len(placeholders)} "
-                                    f"({', '.join(n.name for n in placeholders)})")
+        raise UnsupportedModelError(
+            f"expected a model with one input, got {len(placeholders)} ({', '.join(n.name for n in placeholders)})"
+        )
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             shape = node.meta["tensor_meta"].shape
@@ -137,14 +139,17 @@ def _classify_layers(gm: fx.GraphModule, ctx: TraceContext) -> None:
     feeds = reaches(nodes, is_kind(nn.BatchNorm2d))
     short = shortcut_nodes(nodes, is_kind(nn.Conv2d), ctx.residual_adds)
     for layer in ctx.layers:
-        facts = LayerFacts(has_inputs=layer.in_cols.numel() > 0, feeds_neurons=feeds[layer.fx_node],
-                           on_shortcut=layer.fx_node in short, conv_name=layer.conv_name,
-                           conv_groups=layer.conv_groups)
+        facts = LayerFacts(
+            has_inputs=layer.in_cols.numel() > 0,
+            feeds_neurons=feeds[layer.fx_node],
+            on_shortcut=layer.fx_node in short,
+            conv_name=layer.conv_name,
+            conv_groups=layer.conv_groups,
+        )
         layer.layer_type = classify(facts)
 
 
-def trace_connectivity(model: nn.Module, example_input: Tensor, *, op_table: Optional[OpTable] = None
-                       ) -> Connectivity:
+def trace_connectivity(model: nn.Module, example_input: Tensor, *, op_table: Optional[OpTable] = None) -> Connectivity:
     """Trace ``model`` and compute the full neuron connectivity.
 
     The model is traced with ``torch.fx.symbolic_trace``, run once on one example (in eval mode,
@@ -164,12 +169,17 @@ def trace_connectivity(model: nn.Module, example_input: Tensor, *, op_table: Opt
         with probe_mode(model), torch.no_grad():
             ShapeProp(gm).propagate(x)
     except Exception as exc:
-        raise UnsupportedModelError(f"running the traced {type(model).__name__} on an input of shape "
-                                    f"{tuple(x.shape)} failed: {exc}") from exc
+        raise UnsupportedModelError(
+            f"running the traced {type(model).__name__} on an input of shape {tuple(x.shape)} failed: {exc}"
+        ) from exc
     with torch.no_grad():
         ctx = _propagate(gm, table)
     _classify_layers(gm, ctx)
-    roots = torch.tensor([ctx.slots.find(int(s)) for layer in ctx.layers for s in layer.in_slots],
-                         dtype=torch.long)
-    return Connectivity(layers=ctx.layers, linears=ctx.linears, num_nodes=ctx.num_nodes,
-                        trace_groups=relabel(roots), input_shape=tuple(x.shape))
+    roots = torch.tensor([ctx.slots.find(int(s)) for layer in ctx.layers for s in layer.in_slots], dtype=torch.long)
+    return Connectivity(
+        layers=ctx.layers,
+        linears=ctx.linears,
+        num_nodes=ctx.num_nodes,
+        trace_groups=relabel(roots),
+        input_shape=tuple(x.shape),
+    )

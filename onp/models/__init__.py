@@ -13,6 +13,5 @@ from ..registry import import_submodules
 from .base import DEFAULT_WIDTH, MODELS, build_model, build_model_for, model_digest, register_model
 from .normalize import Normalize
 
-__all__ = ["MODELS", "DEFAULT_WIDTH", "build_model", "build_model_for", "model_digest", "register_model",
-           "Normalize"]
+__all__ = ["MODELS", "DEFAULT_WIDTH", "build_model", "build_model_for", "model_digest", "register_model", "Normalize"]
 __all__ += import_submodules(__name__, __path__, globals())

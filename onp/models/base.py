@@ -43,8 +43,15 @@ def register_model(name: str, *, default_width: int = 16) -> Callable[[_M], _M]:
     return deco
 
 
-def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, width: Optional[int] = None,
-                mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> nn.Module:
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: Optional[int] = None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+) -> nn.Module:
     """Build a registered architecture.
 
     Args:
@@ -63,8 +70,9 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, width
 
 def build_model_for(name: str, spec: DatasetSpec, width: Optional[int] = None) -> nn.Module:
     """Build ``name`` sized for a :class:`onp.data.DatasetSpec`."""
-    return build_model(name, num_classes=spec.num_classes, in_channels=spec.channels, width=width,
-                       mean=spec.mean, std=spec.std)
+    return build_model(
+        name, num_classes=spec.num_classes, in_channels=spec.channels, width=width, mean=spec.mean, std=spec.std
+    )
 
 
 def model_digest(model: nn.Module) -> str:

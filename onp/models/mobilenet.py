@@ -49,8 +49,14 @@ class InvertedResidual(nn.Module):
 
 @register_model("mobilenet_v2", default_width=16)
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")

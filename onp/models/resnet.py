@@ -25,8 +25,9 @@ def _stage_widths(width: int) -> List[int]:
     return [width, 2 * width, 4 * width, 8 * width]
 
 
-def make_stage(block: Callable[[int, int, int], nn.Module], in_planes: int, planes: int, blocks: int,
-               stride: int) -> Tuple[nn.Sequential, int]:
+def make_stage(
+    block: Callable[[int, int, int], nn.Module], in_planes: int, planes: int, blocks: int, stride: int
+) -> Tuple[nn.Sequential, int]:
     """``blocks`` residual blocks, the first with ``stride``; returns the stage and its output width."""
     layers = []
     for s in [stride] + [1] * (blocks - 1):
@@ -46,8 +47,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -59,8 +59,14 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: blocks [2, 2, 2, 2]."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ):
         super().__init__()
         w = _stage_widths(width)
         self.normalize = Normalize(mean, std)
@@ -113,8 +119,15 @@ class PreActResNet18(nn.Module):
     (:class:`PreActResNet18BackdoorBench`, registered as ``preact_resnet18_backdoorbench``).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), final_bn: bool = True):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        final_bn: bool = True,
+    ):
         super().__init__()
         w = _stage_widths(width)
         self.normalize = Normalize(mean, std)
@@ -145,6 +158,12 @@ class PreActResNet18BackdoorBench(PreActResNet18):
     """BackdoorBench's ``preactresnet18`` layer for layer: no BN+ReLU after the last stage, so that its
     ``attack_result.pt`` weights load exactly (:mod:`onp.foreign_weights`)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ):
         super().__init__(num_classes, in_channels, width, mean, std, final_bn=False)

@@ -18,8 +18,14 @@ __all__ = ["SmallCNN"]
 class SmallCNN(nn.Module):
     """conv(w)-conv(w)-pool-conv(2w)-conv(2w)-pool-fc; every conv is followed by BatchNorm."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: int = 8,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")

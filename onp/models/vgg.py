@@ -24,8 +24,14 @@ def _scale(c: int, width: int) -> int:
 
 @register_model("vgg16_bn", default_width=16)
 class VGG16BN(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
@@ -38,8 +44,11 @@ class VGG16BN(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
                 c_out = _scale(int(v), width)
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                ]
                 c_in = c_out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c_in, num_classes)
