@@ -21,6 +21,12 @@ TINY = dict(
     seed=0,
 )
 
+#: the backdoored-model flags of the lean CLI test models (small_cnn w4, 1 epoch on 1,000 sample images)
+# fmt: off
+LEAN_FLAGS = ["--model", "small_cnn", "--width", "4", "--data-source", "sample", "--epochs", "1", "--max-train", "1000",
+              "--defense-size", "300"]
+# fmt: on
+
 
 @pytest.fixture(scope="session")
 def onp_cache(tmp_path_factory):

@@ -18,21 +18,9 @@ from onp.config import ConfigError, load_yaml
 from onp.executors import LocalExecutor, ProcessExecutor, make_executor, ray_available
 from onp.registry import UnknownNameError
 from onp.report import Cell, build_rows, fmt, stats, to_markdown
+from tests.conftest import LEAN_FLAGS
 
-LEAN = [
-    "--model",
-    "small_cnn",
-    "--width",
-    "4",
-    "--data-source",
-    "sample",
-    "--epochs",
-    "1",
-    "--max-train",
-    "1000",
-    "--defense-size",
-    "300",
-]
+LEAN = LEAN_FLAGS
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,21 +10,9 @@ from onp import compare, evaluate
 from onp.cli_common import run_cli
 from onp.evaluate import ArchitectureMismatchError
 from onp.io import CheckpointError
+from tests.conftest import LEAN_FLAGS
 
-LEAN = [
-    "--model",
-    "small_cnn",
-    "--width",
-    "4",
-    "--data-source",
-    "sample",
-    "--epochs",
-    "1",
-    "--max-train",
-    "1000",
-    "--defense-size",
-    "300",
-]
+LEAN = LEAN_FLAGS
 TRAIN_FAST = [
     "--timesteps",
     "16",

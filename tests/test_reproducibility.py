@@ -10,23 +10,11 @@ import torch
 
 from onp import compare, evaluate
 from onp.seeding import seed_everything
+from tests.conftest import LEAN_FLAGS
 
 #: keys that measure time, not results
 TIMING = {"wall_time", "learn_seconds", "steps_per_second", "train_seconds", "seconds", "baseline_seconds"}
-LEAN = [
-    "--model",
-    "small_cnn",
-    "--width",
-    "4",
-    "--data-source",
-    "sample",
-    "--epochs",
-    "1",
-    "--max-train",
-    "1000",
-    "--defense-size",
-    "300",
-]
+LEAN = LEAN_FLAGS
 
 
 def _strip(obj):

@@ -20,6 +20,7 @@ from onp.backdoor import main as backdoor_main
 from onp.cli_common import run_cli
 from onp.io import MARKER, NotAnOnpFolderError, RunExistsError, is_onp_folder, run_folder, write_marker
 from onp.zoo import BackdoorConfig, load_bundle
+from tests.conftest import LEAN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "train" / "tiny.yaml")
@@ -331,19 +332,7 @@ def test_evaluate_and_compare_overwrite_keep_the_old_output_on_failure(
     ev = ["--pruned", str(src), "--checkpoint", str(lean_bundle.path), "--out", str(tmp_path / "ev"), "--quiet"]
     assert run_cli(evaluate.main, ev) == 0
     grid = tmp_path / "grid"
-    cmp = [
-        "--model",
-        "small_cnn",
-        "--width",
-        "4",
-        "--data-source",
-        "sample",
-        "--epochs",
-        "1",
-        "--max-train",
-        "1000",
-        "--defense-size",
-        "300",
+    cmp = LEAN_FLAGS + [
         "--cache-dir",
         str(onp_cache),
         "--attacks",
