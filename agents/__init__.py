@@ -39,8 +39,8 @@ from .heuristics import (
     RandomAgent,
     RankedAgent,
     activation_change,
-    baseline_scores,
     bn_gamma_abs,
+    subject_scores,
 )
 from .policy_io import export_sb3_zip, load_policy, load_weights, save_policy, save_weights
 from .ppo_gnn import PPOGNNAgent, behaviour_clone, demonstrate, train_ppo_gnn
@@ -68,7 +68,7 @@ __all__ = [
     "RandomAgent",
     "RankedAgent",
     "activation_change",
-    "baseline_scores",
+    "subject_scores",
     "bn_gamma_abs",
     "GNNMaskablePolicy",
     "GraphEncoder",

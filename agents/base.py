@@ -366,6 +366,20 @@ def best_prefix(result: Dict[str, Any]) -> Dict[str, Any]:
 ROLLOUT_SELECT = ("final", "best_prefix")
 
 
+def _selected_state(result: Dict[str, Any], select: str) -> Tuple[Dict[str, Any], float]:
+    """The info and return of the state that ``select`` picks from a rollout: its end (less the charge of a
+    prune the env refused) or its best prefix."""
+    if select not in ROLLOUT_SELECT:
+        raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {select!r}")
+    if select == "best_prefix":
+        sel = best_prefix(result)
+        return sel["info"], sel["return"]
+    chosen, ret = result["info"], float(result["return"])
+    if chosen.get("rejected") and result["rewards"]:  # the refused prune's charge is not the state's value
+        ret -= float(result["rewards"][-1])
+    return chosen, ret
+
+
 def select_pruning(
     result: Dict[str, Any],
     *,
@@ -388,15 +402,7 @@ def select_pruning(
     describes the rejected pruning; ``judgement`` is the :class:`~onp.evidence.Judgement` of what is
     kept (its ``verdict``: removed / not removed / nothing pruned).
     """
-    if select not in ROLLOUT_SELECT:
-        raise ValueError(f"rollout.select must be one of {', '.join(ROLLOUT_SELECT)}; got {select!r}")
-    if select == "best_prefix":
-        sel = best_prefix(result)
-        chosen, ret = sel["info"], sel["return"]
-    else:
-        chosen, ret = result["info"], float(result["return"])
-        if chosen.get("rejected") and result["rewards"]:  # the refused prune's charge is not the state's value
-            ret -= float(result["rewards"][-1])
+    chosen, ret = _selected_state(result, select)
     initial = result["infos"][0]
     rule = evidence if evidence is not None else EvidenceRule(alpha=None, max_acc_drop=1.0)
     judgement = rule.judge(initial, chosen, n_triggered)

@@ -304,6 +304,35 @@ class GraphActionHead(nn.Module):
         return torch.cat([node_logits, self.stop(pooled)], dim=1)
 
 
+#: SB3 policy arguments that :class:`GNNMaskablePolicy` fixes itself (present when SB3 rebuilds
+#: it from saved parameters)
+_FIXED_POLICY_ARGS = (
+    "net_arch",
+    "features_extractor_class",
+    "features_extractor_kwargs",
+    "share_features_extractor",
+    "ortho_init",
+    "activation_fn",
+)
+
+
+def _check_spaces(observation_space: spaces.Dict, action_space: spaces.Discrete) -> None:
+    """Refuse spaces other than the NeuronPruningEnv's: its Dict observation, N neurons + STOP actions."""
+    if not isinstance(observation_space, spaces.Dict) or not {"x", "pruned", "budget"} <= set(observation_space.spaces):
+        raise ValueError("GNNMaskablePolicy expects the NeuronPruningEnv Dict observation (x, pruned, budget)")
+    n = cast(spaces.Box, observation_space["x"]).shape[0]
+    if not isinstance(action_space, spaces.Discrete) or int(action_space.n) != n + 1:
+        raise ValueError(f"expected a Discrete({n + 1}) action space (N neurons + STOP); got {action_space}")
+
+
+def _check_unused(unused: Dict[str, Any]) -> None:
+    """Drop the arguments this policy fixes from ``unused`` (in place); refuse any other."""
+    for key in _FIXED_POLICY_ARGS:
+        unused.pop(key, None)
+    if unused:
+        raise ValueError(f"unknown GNNMaskablePolicy argument(s) {sorted(unused)}")
+
+
 class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
     """sb3-contrib ``MaskablePPO`` policy: GNN encoder, per-node logits + STOP, pooled value head.
 
@@ -335,24 +364,8 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
     ):
         if edge_index is None:
             raise ValueError("GNNMaskablePolicy needs edge_index (pass policy_kwargs=policy_kwargs_for(env))")
-        if not isinstance(observation_space, spaces.Dict) or not {"x", "pruned", "budget"} <= set(
-            observation_space.spaces
-        ):
-            raise ValueError("GNNMaskablePolicy expects the NeuronPruningEnv Dict observation (x, pruned, budget)")
-        n = cast(spaces.Box, observation_space["x"]).shape[0]
-        if not isinstance(action_space, spaces.Discrete) or int(action_space.n) != n + 1:
-            raise ValueError(f"expected a Discrete({n + 1}) action space (N neurons + STOP); got {action_space}")
-        for key in (
-            "net_arch",
-            "features_extractor_class",
-            "features_extractor_kwargs",
-            "share_features_extractor",
-            "ortho_init",
-            "activation_fn",
-        ):
-            unused.pop(key, None)  # fixed by this policy (present when SB3 rebuilds it from saved parameters)
-        if unused:
-            raise ValueError(f"unknown GNNMaskablePolicy argument(s) {sorted(unused)}")
+        _check_spaces(observation_space, action_space)
+        _check_unused(unused)
         ei, ew = _as_edges(edge_index, edge_weight)
         self.gnn_kwargs: Dict[str, Any] = dict(
             edge_index=ei,

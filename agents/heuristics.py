@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from onp.graph.layout import neuron_layout
+
 from .base import BaseAgent, register_agent
 
 if TYPE_CHECKING:
@@ -163,15 +165,15 @@ def check_ranked_baseline(baseline: str) -> str:
     return baseline
 
 
-def baseline_scores(
+def subject_scores(
     source: Union[BackdoorBundle, PruningSubject],
     baseline: str,
     params: Optional[Dict[str, Any]] = None,
     seed: int = 0,
     graph: Optional[NeuronGraph] = None,
 ) -> np.ndarray:
-    """:func:`baselines.baseline_scores` of ``source``'s model on its defense data (with the dataset's
-    augmentation), checked against ``graph``'s numbering, as a numpy array."""
+    """The baseline's neuron scores (:func:`baselines.baseline_scores`) of ``source``'s model on its
+    defense data (with the dataset's augmentation), checked against ``graph``'s numbering, as numpy."""
     import baselines as bl
     from onp.data.augment import Augment
 
@@ -185,7 +187,7 @@ def baseline_scores(
         **dict(params or {}),
     )
     if graph is not None:
-        bl.check_layout_matches_graph(bl.neuron_layout(source.model), graph)
+        neuron_layout(source.model).check_same_numbering(graph.layout)
     return scores.float().numpy()
 
 
@@ -199,5 +201,5 @@ class RankedAgent(OrderedAgent):
     def __init__(self, env: Any = None, baseline: str = "rnp", seed: int = 0, **baseline_params: Any) -> None:
         super().__init__(env, baseline=baseline, seed=seed, **baseline_params)
         self.baseline = baseline
-        self.scores = baseline_scores(_bundle_of(env), baseline, baseline_params, seed=seed, graph=self.env.graph)
+        self.scores = subject_scores(_bundle_of(env), baseline, baseline_params, seed=seed, graph=self.env.graph)
         self.order = np.argsort(-self.scores, kind="stable")

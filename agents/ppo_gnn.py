@@ -16,8 +16,9 @@ behaviour-cloning warm start.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -233,6 +234,20 @@ def _returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
     return rtg
 
 
+@dataclass
+class _Demonstration:
+    """A demonstrated rollout as tensors on the policy's device: the visited states, their action
+    masks, the demonstrated actions and the returns-to-go."""
+
+    obs: Dict[str, torch.Tensor]
+    mask: torch.Tensor
+    actions: torch.Tensor
+    rtg: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
 def behaviour_clone(
     model: MaskablePPO,
     env: gym.Env,
@@ -258,41 +273,15 @@ def behaviour_clone(
     """
     t0 = time.perf_counter()
     demo = demonstrate(env, order, skip_harmful=skip_harmful, max_previews=max_previews)
-    obs_list, masks, info = demo["obs"], demo["masks"], demo["info"]
+    info = demo["info"]
     order_return = float(sum(demo["rewards"]))
-    actions = np.asarray(demo["actions"], dtype=np.int64)
-    rtg = _returns_to_go(np.asarray(demo["rewards"], dtype=np.float32), gamma)
     policy = cast(GNNMaskablePolicy, model.policy)
-    obs_tensors, _ = policy.obs_to_tensor(_stack_obs(obs_list))
-    obs_t = cast(Dict[str, torch.Tensor], obs_tensors)  # a Dict observation
-    mask_t = torch.as_tensor(np.stack(masks), dtype=torch.bool, device=policy.device)
-    act_t = torch.as_tensor(actions, device=policy.device)
-    rtg_t = torch.as_tensor(rtg, device=policy.device)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(actions)
-    losses: List[float] = []
-    policy.set_training_mode(True)
-    for _ in range(int(epochs)):
-        perm = torch.randperm(n, generator=gen).to(policy.device)
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            nodes, pooled = policy._encode({k: v[idx] for k, v in obs_t.items()})
-            logits = policy.action_net(nodes, pooled).masked_fill(~mask_t[idx], -1e9)
-            values = policy.value_net(pooled).squeeze(-1)
-            loss = F.cross_entropy(logits, act_t[idx]) + value_coef * F.mse_loss(values, rtg_t[idx])
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / n)
-    policy.set_training_mode(False)
-    with torch.no_grad():
-        nodes, pooled = policy._encode(obs_t)
-        pred = policy.action_net(nodes, pooled).masked_fill(~mask_t, -1e9).argmax(1)
-        imitation = float((pred == act_t).float().mean())
+    tensors = _demonstration_tensors(policy, demo, gamma)
+    n = len(tensors)
+    losses = _clone_epochs(
+        policy, tensors, epochs=epochs, lr=lr, batch_size=batch_size, value_coef=value_coef, seed=seed
+    )
+    imitation = _imitation_accuracy(policy, tensors)
     out = {
         "states": n,
         "env_steps": n + demo["previews"],
@@ -317,6 +306,62 @@ def behaviour_clone(
     return out
 
 
+def _demonstration_tensors(policy: GNNMaskablePolicy, demo: Dict[str, Any], gamma: float) -> _Demonstration:
+    """:func:`demonstrate`'s rollout as the tensors that :func:`behaviour_clone` fits."""
+    actions = np.asarray(demo["actions"], dtype=np.int64)
+    rtg = _returns_to_go(np.asarray(demo["rewards"], dtype=np.float32), gamma)
+    obs_tensors, _ = policy.obs_to_tensor(_stack_obs(demo["obs"]))
+    obs_t = cast(Dict[str, torch.Tensor], obs_tensors)  # a Dict observation
+    mask_t = torch.as_tensor(np.stack(demo["masks"]), dtype=torch.bool, device=policy.device)
+    act_t = torch.as_tensor(actions, device=policy.device)
+    rtg_t = torch.as_tensor(rtg, device=policy.device)
+    return _Demonstration(obs_t, mask_t, act_t, rtg_t)
+
+
+def _clone_epochs(
+    policy: GNNMaskablePolicy,
+    demo: _Demonstration,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    value_coef: float,
+    seed: int,
+) -> List[float]:
+    """Adam on the masked cross-entropy + ``value_coef`` * the value MSE, minibatches shuffled by a
+    generator seeded with ``seed``; returns each epoch's mean loss (the policy is left in eval mode)."""
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(demo)
+    losses: List[float] = []
+    policy.set_training_mode(True)
+    for _ in range(int(epochs)):
+        perm = torch.randperm(n, generator=gen).to(policy.device)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            nodes, pooled = policy._encode({k: v[idx] for k, v in demo.obs.items()})
+            logits = policy.action_net(nodes, pooled).masked_fill(~demo.mask[idx], -1e9)
+            values = policy.value_net(pooled).squeeze(-1)
+            loss = F.cross_entropy(logits, demo.actions[idx]) + value_coef * F.mse_loss(values, demo.rtg[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / n)
+    policy.set_training_mode(False)
+    return losses
+
+
+def _imitation_accuracy(policy: GNNMaskablePolicy, demo: _Demonstration) -> float:
+    """The share of the demonstrated states where the policy's most likely valid action is the demonstrated one."""
+    with torch.no_grad():
+        nodes, pooled = policy._encode(demo.obs)
+        pred = policy.action_net(nodes, pooled).masked_fill(~demo.mask, -1e9).argmax(1)
+        return float((pred == demo.actions).float().mean())
+
+
 # --------------------------------------------------------------------------------------------------
 # the training loop of onp.train
 
@@ -333,11 +378,11 @@ def _warm_start(
 ) -> Dict[str, Any]:
     """Warm start (c): fit the ``warm_start.baseline`` defense and clone its pruning order into
     ``model``'s policy (:func:`behaviour_clone`); returns what ``train_state.json`` keeps of it."""
-    from .heuristics import baseline_scores
+    from .heuristics import subject_scores
 
     log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on the defense data to clone its pruning order")
     t0 = time.perf_counter()
-    scores = baseline_scores(
+    scores = subject_scores(
         bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed, graph=_unwrapped(eval_env).graph
     )
     fit_seconds = time.perf_counter() - t0
@@ -358,6 +403,34 @@ def _warm_start(
     return {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
 
 
+@dataclass
+class _PPOSetup:
+    """What the parts of :func:`train_ppo_gnn` share: the run folder, the ``ppo``, ``policy``,
+    ``warm_start`` and ``eval`` sections with their defaults filled in, seed, device and logger."""
+
+    run_dir: Path
+    ppo: Dict[str, Any]
+    policy: Dict[str, Any]
+    warm_start: Dict[str, Any]
+    eval: Dict[str, Any]
+    seed: int
+    device: str
+    log: Callable[[str], None]
+
+    @classmethod
+    def of(cls, config: Dict[str, Any], run_dir: Path, log: Callable[[str], None]) -> _PPOSetup:
+        return cls(
+            run_dir=run_dir,
+            ppo={**PPO_DEFAULTS, **config.get("ppo", {})},
+            policy={**POLICY_DEFAULTS, **config.get("policy", {})},
+            warm_start={**WARM_START_DEFAULTS, **(config.get("warm_start") or {})},
+            eval={"freq": 256, "episodes": 1, **config.get("eval", {})},
+            seed=int(config.get("seed", 0)),
+            device=config.get("device", "cpu"),
+            log=log,
+        )
+
+
 def train_ppo_gnn(
     bundle: Union[BackdoorBundle, PruningSubject],
     config: Dict[str, Any],
@@ -374,87 +447,23 @@ def train_ppo_gnn(
     Returns ``{"eval_env", "policy_dir" (holds policy.pt + policy.json), "state" (TrainState), "timesteps",
     "train_seconds", "train_env_steps", "resumed_from"}``; the caller closes ``eval_env``.
     """
-    from stable_baselines3.common.callbacks import CallbackList
-
     run_dir = Path(run_dir)
-    ppo_cfg = {**PPO_DEFAULTS, **config.get("ppo", {})}
-    pol_cfg = {**POLICY_DEFAULTS, **config.get("policy", {})}
-    ws_cfg = {**WARM_START_DEFAULTS, **(config.get("warm_start") or {})}
-    eval_cfg = {"freq": 256, "episodes": 1, **config.get("eval", {})}
-    seed, device = int(config.get("seed", 0)), config.get("device", "cpu")
+    setup = _PPOSetup.of(config, run_dir, log)
     env_kwargs = env_kwargs_from_config(config["env"], config.get("cache_dir"))
-    factory = EnvFactory(bundle, env_kwargs, seed=seed, threads=ppo_cfg.get("env_threads"))
+    factory = EnvFactory(bundle, env_kwargs, seed=setup.seed, threads=setup.ppo.get("env_threads"))
     if eval_env is None:  # the defense-validation env (deterministic episodes, the warm start's demonstration)
-        eval_env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False)()
-    vec_env = make_vec_env(factory, int(ppo_cfg["n_envs"]), ppo_cfg["vec_env"])
-    total = int(ppo_cfg["total_timesteps"])
+        eval_env = EnvFactory(bundle, env_kwargs, seed=setup.seed, monitor=False)()
+    vec_env = make_vec_env(factory, int(setup.ppo["n_envs"]), setup.ppo["vec_env"])
+    total = int(setup.ppo["total_timesteps"])
     state = TrainState.load(run_dir) if resume else TrainState(run_dir)
-    resumed_from = None
     try:
-        if resume and has_checkpoint(run_dir):
-            model = make_ppo(
-                vec_env,
-                policy_kwargs_for(eval_env, **pol_cfg),
-                ppo_cfg,
-                seed=seed,
-                device=device,
-                tensorboard_log=str(run_dir / "tb"),
-            )
-            resumed_from = load_checkpoint_into(model, run_dir)
-            log(f"[onp] resuming from {run_dir / 'checkpoint.pt'} at {resumed_from} / {total} env steps")
-        else:
-            if resume:
-                log(f"[onp] --resume: no checkpoint in {run_dir}; starting from scratch")
-                state = TrainState(run_dir)
-            model = make_ppo(
-                vec_env,
-                policy_kwargs_for(eval_env, **pol_cfg),
-                ppo_cfg,
-                seed=seed,
-                device=device,
-                tensorboard_log=str(run_dir / "tb"),
-            )
-            if ws_cfg.get("baseline"):
-                state.warm_start = _warm_start(
-                    model, bundle, eval_env, ws_cfg, gamma=float(ppo_cfg["gamma"]), seed=seed, log=log
-                )
-                state.eval_env_steps += state.warm_start["env_steps"]
-        status: Dict[str, Any] = {}
-        eval_cb = EvalCheckpointCallback(
-            eval_env,
-            run_dir,
-            state,
-            eval_freq=int(eval_cfg["freq"]),
-            n_episodes=int(eval_cfg["episodes"]),
-            status=status,
+        model, state, resumed_from = _model_to_train(
+            setup, vec_env, eval_env, bundle, state, resume=resume, total=total
         )
-        cbs: List = [eval_cb]
-        if progress:
-            cbs.append(TqdmCallback(status, desc="PPO" if not ws_cfg.get("baseline") else "PPO (warm start)"))
-        cbs.extend(callbacks)
+        eval_cb, cbs = _callbacks(setup, eval_env, state, progress=progress, extra=callbacks)
         start_steps = int(model.num_timesteps)
         t0 = time.perf_counter()
-        remaining = total - start_steps
-        try:
-            if remaining > 0:
-                model.learn(
-                    remaining, callback=CallbackList(cbs), reset_num_timesteps=resumed_from is None, tb_log_name="ppo"
-                )
-            elif not all((run_dir / name).exists() for name in POLICY_FILES):
-                eval_cb.init_callback(model)
-                eval_cb.num_timesteps = model.num_timesteps
-                eval_cb.evaluate()
-        except KeyboardInterrupt:
-            for cb in cbs:
-                if isinstance(cb, TqdmCallback) and cb.bar is not None:
-                    cb.bar.close()
-            eval_cb.num_timesteps = int(model.num_timesteps)
-            eval_cb.checkpoint()
-            log(
-                f"\n[onp] interrupted at {model.num_timesteps} env steps; checkpoint saved in {run_dir}. "
-                f"Continue with the same command plus --resume"
-            )
-            raise
+        _learn_remaining(setup, model, eval_cb, cbs, remaining=total - start_steps, resumed_from=resumed_from)
         learn_seconds = time.perf_counter() - t0
         state.timesteps = int(model.num_timesteps)
         state.finished = True
@@ -473,3 +482,104 @@ def train_ppo_gnn(
         "learn_seconds": learn_seconds,
         "resumed_from": resumed_from,
     }
+
+
+def _model_to_train(
+    setup: _PPOSetup,
+    vec_env: VecEnv,
+    eval_env: gym.Env,
+    bundle: Union[BackdoorBundle, PruningSubject],
+    state: TrainState,
+    *,
+    resume: bool,
+    total: int,
+) -> Tuple[MaskablePPO, TrainState, Optional[int]]:
+    """The MaskablePPO to train, with the train state and the env step it resumes from (None: a new
+    model, warm-started when ``warm_start.baseline`` is set). ``resume`` without a checkpoint starts
+    from scratch with a fresh train state."""
+    run_dir, log = setup.run_dir, setup.log
+    resumed_from = None
+    if resume and has_checkpoint(run_dir):
+        model = _new_model(setup, vec_env, eval_env)
+        resumed_from = load_checkpoint_into(model, run_dir)
+        log(f"[onp] resuming from {run_dir / 'checkpoint.pt'} at {resumed_from} / {total} env steps")
+    else:
+        if resume:
+            log(f"[onp] --resume: no checkpoint in {run_dir}; starting from scratch")
+            state = TrainState(run_dir)
+        model = _new_model(setup, vec_env, eval_env)
+        ws_cfg = setup.warm_start
+        if ws_cfg.get("baseline"):
+            state.warm_start = _warm_start(
+                model, bundle, eval_env, ws_cfg, gamma=float(setup.ppo["gamma"]), seed=setup.seed, log=log
+            )
+            state.eval_env_steps += state.warm_start["env_steps"]
+    return model, state, resumed_from
+
+
+def _callbacks(
+    setup: _PPOSetup, eval_env: gym.Env, state: TrainState, *, progress: bool, extra: Sequence[Any]
+) -> Tuple[EvalCheckpointCallback, List]:
+    """The callbacks of ``model.learn``: the periodic evaluation + checkpoint, the progress bar (with
+    ``progress``), then the caller's ``extra`` ones."""
+    status: Dict[str, Any] = {}
+    eval_cb = EvalCheckpointCallback(
+        eval_env,
+        setup.run_dir,
+        state,
+        eval_freq=int(setup.eval["freq"]),
+        n_episodes=int(setup.eval["episodes"]),
+        status=status,
+    )
+    cbs: List = [eval_cb]
+    if progress:
+        cbs.append(TqdmCallback(status, desc="PPO" if not setup.warm_start.get("baseline") else "PPO (warm start)"))
+    cbs.extend(extra)
+    return eval_cb, cbs
+
+
+def _new_model(setup: _PPOSetup, vec_env: VecEnv, eval_env: gym.Env) -> MaskablePPO:
+    """A new MaskablePPO + GNN policy on ``vec_env`` (the graph of ``eval_env``), logging to ``<run>/tb``."""
+    return make_ppo(
+        vec_env,
+        policy_kwargs_for(eval_env, **setup.policy),
+        setup.ppo,
+        seed=setup.seed,
+        device=setup.device,
+        tensorboard_log=str(setup.run_dir / "tb"),
+    )
+
+
+def _learn_remaining(
+    setup: _PPOSetup,
+    model: MaskablePPO,
+    eval_cb: EvalCheckpointCallback,
+    cbs: List,
+    *,
+    remaining: int,
+    resumed_from: Optional[int],
+) -> None:
+    """Train the ``remaining`` env steps (none left and no saved policy: evaluate once, which saves it).
+    Ctrl-C closes the progress bar, writes a checkpoint and re-raises."""
+    from stable_baselines3.common.callbacks import CallbackList
+
+    try:
+        if remaining > 0:
+            model.learn(
+                remaining, callback=CallbackList(cbs), reset_num_timesteps=resumed_from is None, tb_log_name="ppo"
+            )
+        elif not all((setup.run_dir / name).exists() for name in POLICY_FILES):
+            eval_cb.init_callback(model)
+            eval_cb.num_timesteps = model.num_timesteps
+            eval_cb.evaluate()
+    except KeyboardInterrupt:
+        for cb in cbs:
+            if isinstance(cb, TqdmCallback) and cb.bar is not None:
+                cb.bar.close()
+        eval_cb.num_timesteps = int(model.num_timesteps)
+        eval_cb.checkpoint()
+        setup.log(
+            f"\n[onp] interrupted at {model.num_timesteps} env steps; checkpoint saved in {setup.run_dir}. "
+            f"Continue with the same command plus --resume"
+        )
+        raise

@@ -6,8 +6,9 @@
 
 Methods (one module each): ``rnp`` (Li et al., ICML 2023), ``anp`` (Wu & Wang, NeurIPS 2021),
 ``awm`` (Chai & Chen, NeurIPS 2022), ``ngf`` (Karim et al., 2023), ``fp`` (Liu et al., RAID 2018),
-``clp`` (Zheng et al., ECCV 2022), ``ft`` (fine-tuning), ``magnitude`` and ``random``. All are
-reimplemented from the papers; see ``docs/baselines.md``.
+``clp`` (Zheng et al., ECCV 2022), ``sau`` (Wei et al., NeurIPS 2023), ``fst`` (Min et al.,
+NeurIPS 2023), ``ft`` (fine-tuning), ``magnitude`` and ``random``. All are reimplemented from the
+papers; see ``docs/baselines.md``. Neurons are numbered as in :mod:`onp.graph.layout`.
 
 Every module of this package is imported here, so a new method is one module with a
 ``@register_defense("name")`` class (plus its test) and no line in this file.
@@ -21,12 +22,9 @@ from .base import (
     DefenseError,
     DefenseParams,
     DefenseResult,
-    NeuronLayout,
     PassCounter,
     PruningParams,
     build_defense,
-    check_layout_matches_graph,
-    neuron_layout,
     register_defense,
 )
 from .features import NON_SCORING, baseline_scores, register_score_providers
@@ -38,13 +36,10 @@ __all__ = [
     "DefenseError",
     "DefenseParams",
     "DefenseResult",
-    "NeuronLayout",
     "PassCounter",
     "PruningParams",
     "build_defense",
     "register_defense",
-    "neuron_layout",
-    "check_layout_matches_graph",
     "ORACLE_LABEL",
     "choose_pruning",
     "delta_rule",

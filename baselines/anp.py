@@ -36,18 +36,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onp.graph import NeuronLayer, NeuronLayout
+
 from .base import (
     Defense,
     DefenseError,
     DefenseResult,
-    NeuronLayer,
-    NeuronLayout,
     PruningParams,
     default_augment,
     freeze,
@@ -171,6 +171,81 @@ def _adversarial_perturbation(
             pert.project()
 
 
+def _mask_loss(
+    pert: NeuronPerturbation, model: nn.Module, xb: Tensor, yb: Tensor, p: ANPParams, counter: PassCounter
+) -> Tuple[Tensor, Tensor]:
+    """Step 2's loss with the perturbation fixed: ``alpha * CE(clean) + (1 - alpha) * CE(perturbed)``
+    (``CE(clean)`` alone for eps = 0); returns ``(loss, CE(clean))`` and leaves ``pert`` disabled."""
+    pert.enabled = False
+    loss_nat = F.cross_entropy(counter(model, xb), yb)
+    if p.eps <= 0:
+        return loss_nat, loss_nat
+    pert.enabled = True
+    loss_rob = F.cross_entropy(counter(model, xb), yb)
+    pert.enabled = False
+    return p.alpha * loss_nat + (1 - p.alpha) * loss_rob, loss_nat
+
+
+def _train_masks(
+    work: nn.Module,
+    layout: NeuronLayout,
+    data: DefenseData,
+    p: ANPParams,
+    *,
+    gen: torch.Generator,
+    aug: Optional[Augment],
+    counter: PassCounter,
+) -> Tuple[Tensor, Dict[str, Any]]:
+    """ANP's ``p.iterations`` iterations on ``work`` (a frozen private copy, hooks removed afterwards):
+    returns the masks and the diagnostics (``history``, ``max_abs_delta`` / ``max_abs_xi``, the last
+    perturbation)."""
+    from onp.masks import NeuronMasks
+
+    mask = nn.Parameter(torch.ones(layout.num_neurons))
+    masks = NeuronMasks(work, layout.bn_names, mode="gamma")
+    masks.set_mask(mask)
+    pert = NeuronPerturbation(work, layout, p.eps)
+    opt = torch.optim.SGD([mask], lr=p.lr, momentum=p.momentum)
+    max_delta = max_xi = 0.0
+    history: List[Dict[str, Any]] = []
+    try:
+        for it in range(p.iterations):
+            idx = sample_batch(len(data.train_y), p.batch_size, gen)
+            xb, yb = data.train_x[idx], data.train_y[idx]
+            if aug is not None:
+                xb = aug(xb, gen)
+            if p.eps > 0:
+                _adversarial_perturbation(pert, work, xb, yb, p, gen, counter)
+                max_delta = max(max_delta, pert.delta.abs().max().item())
+                max_xi = max(max_xi, pert.xi.abs().max().item())
+            loss, loss_nat = _mask_loss(pert, work, xb, yb, p, counter)
+            opt.zero_grad(set_to_none=True)
+            counter.backward(loss)
+            opt.step()
+            with torch.no_grad():
+                mask.clamp_(0.0, 1.0)
+            if (it + 1) % max(1, p.iterations // 10) == 0 or it + 1 == p.iterations:
+                history.append(
+                    {
+                        "iteration": it + 1,
+                        "loss": loss.item(),
+                        "loss_nat": loss_nat.item(),
+                        "mask_mean": mask.mean().item(),
+                    }
+                )
+    finally:
+        pert.remove()
+        masks.remove()
+    run = {
+        "history": history,
+        "max_abs_delta": max_delta,
+        "max_abs_xi": max_xi,
+        "_last_delta": pert.delta.clone(),
+        "_last_xi": pert.xi.clone(),
+    }
+    return mask.detach().clone(), run
+
+
 @register_defense("anp")
 class ANP(Defense):
     needs_bn = True
@@ -199,8 +274,6 @@ class ANP(Defense):
         report_fn: Optional[ReportFn],
         counter: PassCounter,
     ) -> DefenseResult:
-        from onp.masks import NeuronMasks
-
         p = self.params
         data, layout = require_data(self.name, data), require_layout(self.name, layout)
         require_images(self.name, len(data.train_y), p.batch_size)
@@ -209,51 +282,7 @@ class ANP(Defense):
         original = model
         work = freeze(copy.deepcopy(original))
         work.train(p.train_mode)
-        mask = nn.Parameter(torch.ones(layout.num_neurons))
-        masks = NeuronMasks(work, layout.bn_names, mode="gamma")
-        masks.set_mask(mask)
-        pert = NeuronPerturbation(work, layout, p.eps)
-        opt = torch.optim.SGD([mask], lr=p.lr, momentum=p.momentum)
-        max_delta = max_xi = 0.0
-        history: List[Dict[str, Any]] = []
-        try:
-            for it in range(p.iterations):
-                idx = sample_batch(len(data.train_y), p.batch_size, gen)
-                xb, yb = data.train_x[idx], data.train_y[idx]
-                if aug is not None:
-                    xb = aug(xb, gen)
-                if p.eps > 0:
-                    _adversarial_perturbation(pert, work, xb, yb, p, gen, counter)
-                    max_delta = max(max_delta, pert.delta.abs().max().item())
-                    max_xi = max(max_xi, pert.xi.abs().max().item())
-                # 2) mask step with the perturbation fixed
-                pert.enabled = False
-                loss_nat = F.cross_entropy(counter(work, xb), yb)
-                if p.eps > 0:
-                    pert.enabled = True
-                    loss_rob = F.cross_entropy(counter(work, xb), yb)
-                    pert.enabled = False
-                    loss = p.alpha * loss_nat + (1 - p.alpha) * loss_rob
-                else:
-                    loss = loss_nat
-                opt.zero_grad(set_to_none=True)
-                counter.backward(loss)
-                opt.step()
-                with torch.no_grad():
-                    mask.clamp_(0.0, 1.0)
-                if (it + 1) % max(1, p.iterations // 10) == 0 or it + 1 == p.iterations:
-                    history.append(
-                        {
-                            "iteration": it + 1,
-                            "loss": loss.item(),
-                            "loss_nat": loss_nat.item(),
-                            "mask_mean": mask.mean().item(),
-                        }
-                    )
-        finally:
-            pert.remove()
-            masks.remove()
-        m = mask.detach().clone()
+        m, run = _train_masks(work, layout, data, p, gen=gen, aug=aug, counter=counter)
         scores = 1.0 - m
         pruned_model, pruned, op = finalize_pruning(
             original, layout, scores, data, p, counter, threshold_values=m, threshold=p.threshold
@@ -264,9 +293,9 @@ class ANP(Defense):
             pruned=pruned,
             info={
                 "operating_point": op,
-                "history": history,
-                "max_abs_delta": max_delta,
-                "max_abs_xi": max_xi,
+                "history": run["history"],
+                "max_abs_delta": run["max_abs_delta"],
+                "max_abs_xi": run["max_abs_xi"],
                 "eps": p.eps,
                 "perturbation": p.perturbation,
                 "mask_min": float(m.min()),
@@ -275,7 +304,7 @@ class ANP(Defense):
                 "train_mode": p.train_mode,
                 "score": "1 - ANP mask",
                 "_mask": m,
-                "_last_delta": pert.delta.clone(),
-                "_last_xi": pert.xi.clone(),
+                "_last_delta": run["_last_delta"],
+                "_last_xi": run["_last_xi"],
             },
         )

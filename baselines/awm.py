@@ -47,7 +47,7 @@ directly preceding conv (pre-activation nets) get 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -72,8 +72,9 @@ from .base import (
 if TYPE_CHECKING:
     from onp.data.augment import Augment
     from onp.data.defense import DefenseData
+    from onp.graph import NeuronLayout
 
-    from .base import NeuronLayout, PassCounter, ReportFn
+    from .base import PassCounter, ReportFn
 
 REFERENCE_TRIGGER_NORM = 1000.0  # for 3x32x32 inputs
 REFERENCE_NUMEL = 3 * 32 * 32
@@ -260,6 +261,50 @@ def _channel_scores(
     return scores
 
 
+@dataclass
+class _MaskedConvs:
+    """The model with a soft element mask parametrizing the weight of each of its convolutions, and
+    the masks' optimiser."""
+
+    convs: List[Tuple[str, nn.Conv2d]]
+    masks: Dict[str, nn.Parameter]
+    mask_params: List[nn.Parameter]
+    opt: torch.optim.Optimizer
+
+    @classmethod
+    def attach(cls, model: nn.Module, lr: float) -> _MaskedConvs:
+        """Freeze ``model`` (eval mode) and mask every ``nn.Conv2d`` weight (masks start at one)."""
+        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise DefenseError(f"awm masks convolution weights; {type(model).__name__} has no nn.Conv2d")
+        freeze(model).eval()
+        masks: Dict[str, nn.Parameter] = {}
+        for name, conv in convs:
+            element_mask = ElementMask(conv.weight.shape)
+            parametrize.register_parametrization(conv, "weight", element_mask)
+            masks[name] = element_mask.mask  # the same module as conv.parametrizations.weight[0]
+        mask_params = list(masks.values())
+        return cls(convs, masks, mask_params, torch.optim.Adam(mask_params, lr=lr))
+
+    def remove(self) -> Dict[str, Tensor]:
+        """Bake the masks into the conv weights and remove the parametrizations; returns the final masks."""
+        final_masks = {n: m.detach().clone() for n, m in self.masks.items()}
+        for _name, conv in self.convs:
+            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+        return final_masks
+
+
+@dataclass
+class _AWMTrace:
+    """The alternating optimisation's record: the last trigger, its L1 norm and the loss per outer epoch."""
+
+    delta: Tensor
+    trigger_l1: List[float] = field(default_factory=list)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    n_trigger_steps: int = 0
+    n_mask_steps: int = 0
+
+
 @register_defense("awm")
 class AWM(Defense):
     needs_bn = False  # masks conv weights; BN only used for neuron scores if present
@@ -297,56 +342,15 @@ class AWM(Defense):
         p = self.params
         data = require_data(self.name, data)
         gen = torch.Generator().manual_seed(seed)
-        x, y = data.train_x, data.train_y
-        batch = p.batch_size
-        if p.one_shot:
-            hflip = p.hflip if p.hflip is not None else bool(getattr(augment, "hflip", False))
-            x, y = one_shot_set(x, y, data.num_classes, p.n_aug, hflip, gen)
-            batch = min(batch, len(y))
+        x, y, batch = self._reference_set(data, augment, gen)
         require_images(self.name, len(y), batch)
-        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        if not convs:
-            raise DefenseError(f"awm masks convolution weights; {type(model).__name__} has no nn.Conv2d")
-        freeze(model).eval()
-        masks: Dict[str, nn.Parameter] = {}
-        for name, conv in convs:
-            element_mask = ElementMask(conv.weight.shape)
-            parametrize.register_parametrization(conv, "weight", element_mask)
-            masks[name] = element_mask.mask  # the same module as conv.parametrizations.weight[0]
-        mask_params = list(masks.values())
-        opt = torch.optim.Adam(mask_params, lr=p.mask_lr)
+        masked = _MaskedConvs.attach(model, lr=p.mask_lr)
         tau = self.trigger_budget(x.shape[1:])
         n_iters = steps_per_phase(p, len(y), batch)
         batches = _batches_with_replacement(len(y), batch, gen)
-        n_trigger_steps = n_mask_steps = 0
         val_before = eval_accuracy(model, data.val_x, data.val_y, counter)
-        trigger_l1: List[float] = []
-        history: List[Dict[str, Any]] = []
-        delta = torch.zeros(1, *x.shape[1:])
-        for epoch in range(p.outer_epochs):
-            delta = _trigger_phase(
-                model, x, batches, mask_params, steps=n_iters, lr=p.trigger_lr, tau=tau, counter=counter
-            )
-            n_trigger_steps += n_iters
-            trigger_l1.append(delta.abs().sum().item())
-            loss = _mask_phase(
-                model,
-                x,
-                y,
-                batches,
-                delta,
-                mask_params,
-                opt,
-                steps=n_iters,
-                alpha=p.alpha,
-                gamma=p.gamma,
-                counter=counter,
-            )
-            n_mask_steps += n_iters
-            history.append({"epoch": epoch + 1, "loss": loss.item(), "trigger_l1": trigger_l1[-1]})
-        final_masks = {n: m.detach().clone() for n, m in masks.items()}
-        for _name, conv in convs:
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+        trace = self._alternate(model, masked, x, y, batches, tau=tau, steps=n_iters, counter=counter)
+        final_masks = masked.remove()
         freeze(model).eval()
         scores = _channel_scores(model, layout, final_masks)
         allm = torch.cat([m.flatten() for m in final_masks.values()])
@@ -356,11 +360,11 @@ class AWM(Defense):
             pruned=None,
             info={
                 "trigger_norm": tau,
-                "trigger_l1": trigger_l1,
-                "history": history,
+                "trigger_l1": trace.trigger_l1,
+                "history": trace.history,
                 "inner_iters": n_iters,
-                "n_trigger_steps": n_trigger_steps,
-                "n_mask_steps": n_mask_steps,
+                "n_trigger_steps": trace.n_trigger_steps,
+                "n_mask_steps": trace.n_mask_steps,
                 "n_images": len(y),
                 "one_shot": p.one_shot,
                 "val_acc_before": val_before,
@@ -369,6 +373,59 @@ class AWM(Defense):
                 "mask_frac_below_half": (allm < 0.5).float().mean().item(),
                 "score": "1 - mean element mask of the feeding conv's output channel",
                 "_masks": final_masks,
-                "_trigger": delta,
+                "_trigger": trace.delta,
             },
         )
+
+    def _reference_set(
+        self, data: DefenseData, augment: Optional[Augment], gen: torch.Generator
+    ) -> Tuple[Tensor, Tensor, int]:
+        """The images the masks are fitted on, and the batch size: the defense's training images, or
+        (``one_shot``) one image per class with ``n_aug`` augmented copies."""
+        p = self.params
+        x, y = data.train_x, data.train_y
+        batch = p.batch_size
+        if p.one_shot:
+            hflip = p.hflip if p.hflip is not None else bool(getattr(augment, "hflip", False))
+            x, y = one_shot_set(x, y, data.num_classes, p.n_aug, hflip, gen)
+            batch = min(batch, len(y))
+        return x, y, batch
+
+    def _alternate(
+        self,
+        model: nn.Module,
+        masked: _MaskedConvs,
+        x: Tensor,
+        y: Tensor,
+        batches: Iterator[Tensor],
+        *,
+        tau: float,
+        steps: int,
+        counter: PassCounter,
+    ) -> _AWMTrace:
+        """``outer_epochs`` times: ``steps`` steps of the adversarial trigger (L1 budget ``tau``),
+        then ``steps`` steps of the masks against it."""
+        p = self.params
+        trace = _AWMTrace(torch.zeros(1, *x.shape[1:]))
+        for epoch in range(p.outer_epochs):
+            trace.delta = _trigger_phase(
+                model, x, batches, masked.mask_params, steps=steps, lr=p.trigger_lr, tau=tau, counter=counter
+            )
+            trace.n_trigger_steps += steps
+            trace.trigger_l1.append(trace.delta.abs().sum().item())
+            loss = _mask_phase(
+                model,
+                x,
+                y,
+                batches,
+                trace.delta,
+                masked.mask_params,
+                masked.opt,
+                steps=steps,
+                alpha=p.alpha,
+                gamma=p.gamma,
+                counter=counter,
+            )
+            trace.n_mask_steps += steps
+            trace.history.append({"epoch": epoch + 1, "loss": loss.item(), "trigger_l1": trace.trigger_l1[-1]})
+        return trace

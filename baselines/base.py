@@ -4,9 +4,9 @@ A defense is a class registered in :data:`DEFENSES`. It is built with its hyperp
 (:func:`build_defense`) and run with :meth:`Defense.fit`, which sees **only** the defender's data
 (:class:`onp.data.defense.DefenseData`) and returns a :class:`DefenseResult`.
 
-Neuron numbering is the neuron graph's (:func:`onp.graph.build_neuron_graph`): BatchNorm2d layers
-in torch.fx topological order, channels in order inside a layer; node = layer offset + channel.
-:func:`neuron_layout` computes the same numbering without building the graph.
+Neuron numbering is the one of :mod:`onp.graph.layout` (:class:`~onp.graph.layout.NeuronLayout`,
+shared with the neuron graph, the masks and the environment): BatchNorm2d layers in torch.fx
+topological order, channels in order inside a layer; node = layer offset + channel.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numbers
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,9 @@ from torch import Tensor, nn
 
 from onp.data.augment import Augment
 from onp.data.defense import DefenseData
+from onp.graph.frontier import UnsupportedModelError
+from onp.graph.layout import NeuronLayout, neuron_layout
 from onp.registry import Registry
-
-if TYPE_CHECKING:
-    from onp.graph import NeuronGraph
 
 #: Called by some defenses at interesting moments (e.g. RNP after unlearning) as
 #: ``report_fn(event, model)``; the CLI uses it to log test metrics. Its return value is ignored:
@@ -97,93 +96,16 @@ class PassCounter:
 # neurons
 
 
-@dataclass(frozen=True)
-class NeuronLayer:
-    bn_name: str
-    offset: int
-    num_channels: int
-    conv_name: Optional[str]  # the Conv2d feeding the BN directly, if any
-
-    @property
-    def slice(self) -> slice:
-        return slice(self.offset, self.offset + self.num_channels)
-
-
-@dataclass(frozen=True)
-class NeuronLayout:
-    """BatchNorm2d layers in graph order with their global offsets."""
-
-    layers: Tuple[NeuronLayer, ...]
-
-    @property
-    def num_neurons(self) -> int:
-        return sum(layer.num_channels for layer in self.layers)
-
-    @property
-    def bn_names(self) -> List[str]:
-        return [layer.bn_name for layer in self.layers]
-
-    def locate(self, node: int) -> Tuple[str, int]:
-        """(bn_name, channel) of a global neuron id."""
-        for layer in self.layers:
-            if layer.offset <= node < layer.offset + layer.num_channels:
-                return layer.bn_name, node - layer.offset
-        raise IndexError(f"neuron {node} out of range (model has {self.num_neurons})")
-
-    def names(self, nodes: Sequence[int]) -> List[str]:
-        return ["{}[{}]".format(*self.locate(int(n))) for n in nodes]
-
-
-def _fx_bn_order(model: nn.Module) -> Optional[List[Tuple[str, Optional[str]]]]:
+def bn_layout(model: nn.Module, method: str) -> NeuronLayout:
+    """:func:`onp.graph.neuron_layout` of ``model``, or a :class:`DefenseError` naming ``method`` if the
+    model has no BatchNorm2d layer."""
     try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception:
-        return None
-    mods = dict(model.named_modules())
-    out, seen = [], set()
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
-            continue
-        if node.target in seen:
-            continue
-        seen.add(node.target)
-        src: Any = node.args[0] if node.args else None
-        conv = None
-        if getattr(src, "op", None) == "call_module" and isinstance(mods.get(src.target), nn.Conv2d):
-            conv = src.target
-        out.append((node.target, conv))
-    return out
-
-
-def neuron_layout(model: nn.Module) -> NeuronLayout:
-    """The graph's neuron numbering: BN layers in torch.fx topological order (named_modules order if
-    the model cannot be traced), with the Conv2d that feeds each BN directly (None for pre-activation BNs).
-
-    Raises :class:`DefenseError` for a model without BatchNorm2d.
-    """
-    mods = dict(model.named_modules())
-    order = _fx_bn_order(model)
-    if order is None or not order:
-        order = [(n, None) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if not order:
+        return neuron_layout(model)
+    except UnsupportedModelError as exc:
         raise DefenseError(
-            f"{type(model).__name__} has no BatchNorm2d layer; this defense masks or prunes BN "
+            f"{type(model).__name__} has no BatchNorm2d layer; the defense {method!r} masks or prunes BN "
             f"channels (neurons) and needs a model with BatchNorm2d after its convolutions"
-        )
-    layers, off = [], 0
-    for name, conv in order:
-        c = mods[name].num_features
-        layers.append(NeuronLayer(name, off, c, conv))
-        off += c
-    return NeuronLayout(tuple(layers))
-
-
-def check_layout_matches_graph(layout: NeuronLayout, graph: NeuronGraph) -> None:
-    """Raise if ``layout`` numbers neurons differently from a :class:`onp.graph.NeuronGraph`."""
-    ours = [(layer.bn_name, layer.offset, layer.num_channels) for layer in layout.layers]
-    theirs = [(layer.bn_name, layer.offset, layer.num_channels) for layer in graph.layers]
-    if ours != theirs:
-        raise DefenseError(f"neuron numbering differs from the graph's: {ours[:4]}... vs {theirs[:4]}...")
+        ) from exc
 
 
 def bn_gammas(model: nn.Module, layout: NeuronLayout) -> Tensor:
@@ -242,9 +164,11 @@ def sample_batch(n: int, batch_size: int, gen: torch.Generator) -> Tensor:
 def eval_accuracy(
     model: nn.Module, x: Tensor, y: Tensor, counter: Optional[PassCounter] = None, batch_size: int = 512
 ) -> float:
-    """Clean accuracy in eval mode (restores the previous mode); counts forward passes."""
+    """Clean accuracy in eval mode (restores the previous mode); counts forward passes.
+
+    NaN for no images (e.g. defense-val under ``protocol=paper``; run files write it as ``null``)."""
     if len(y) == 0:
-        return 0.0
+        return math.nan
     was = model.training
     model.eval()
     correct: float = 0
@@ -431,7 +355,7 @@ class Defense:
         if self.needs_data:
             require_data(self.name, defense_data)
         work = copy.deepcopy(model).cpu()
-        layout = neuron_layout(work) if self.needs_bn else None
+        layout = bn_layout(work, self.name) if self.needs_bn else None
         counter = PassCounter()
         t0 = time.perf_counter()
         result = self._fit(
@@ -440,7 +364,7 @@ class Defense:
         result.wall_time = time.perf_counter() - t0
         result.forward_passes = counter.forward
         result.backward_passes = counter.backward_count
-        result.info.setdefault("method", self.name)
+        result.info.setdefault("defense", self.name)
         result.info.setdefault("params", self.params.to_dict())
         result.model.eval()
         return result

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
     from onp.data.augment import Augment
     from onp.data.defense import DefenseData
+    from onp.graph import NeuronLayout
 
-    from .base import NeuronLayout, PassCounter, ReportFn
+    from .base import PassCounter, ReportFn
 
 
 @dataclass

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from onp.data.defense import DefenseData
+from onp.graph.layout import neuron_layout
 from onp.models import model_digest
 
-from .base import DEFENSES, PruningParams, build_defense, check_layout_matches_graph, neuron_layout
+from .base import DEFENSES, PruningParams, build_defense
 
 if TYPE_CHECKING:
     from onp.data.augment import Augment
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 SCORE_METHODS = ("rnp", "anp", "awm", "fp", "clp", "magnitude")
 #: baselines that repair weights without scoring neurons: they cannot rank them
-NON_SCORING = ("ft",)
+NON_SCORING = ("ft", "ngf", "fst", "sau")
 _CACHE: Dict[Tuple, Tensor] = {}
 _CACHE_SIZE = 32
 
@@ -123,7 +124,7 @@ def make_score_provider(
         model: nn.Module, graph: Optional[NeuronGraph], data: Union[Tensor, DefenseData, None] = None
     ) -> Tensor:
         if graph is not None:
-            check_layout_matches_graph(neuron_layout(model), graph)
+            neuron_layout(model).check_same_numbering(graph.layout)
         return baseline_scores(method, model, defense_data if defense_data is not None else data, seed=seed, **params)
 
     provider.__name__ = f"{method}_score_provider"

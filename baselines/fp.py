@@ -15,8 +15,11 @@ weight columns. No code was copied (its licence does not allow it).
    (lowest mean) are pruned first: backdoor behaviour hides in units that clean inputs do not use.
 3. Choose how many with the operating-point rule, on the units: ``delta`` (default) takes the
    largest count k on the grid (0, powers of two, every ``grid_step`` of the units, up to
-   ``max_fraction`` = 90%) whose clean-ACC drop on defense-val is <= ``delta`` (the paper stops at a
-   4% validation drop; ours defaults to 5%); ``number`` prunes ``n_prune`` units.
+   ``max_fraction`` = 90%) whose clean-ACC drop on defense-val is <= ``delta`` (ours defaults to
+   5%); ``first_drop`` is the paper's own rule: mask the units one at a time and stop before the
+   first count whose clean-ACC drop on *all* the defender's images (defense-train and defense-val:
+   the paper has one clean set for ranking, stopping and fine-tuning) exceeds ``delta`` (the paper:
+   4%; the ``paper`` protocol of :mod:`baselines.protocols`); ``number`` prunes ``n_prune`` units.
 4. A unit is removed by masking it for the classifier: its input column of the final Linear is set
    to zero, so the logits no longer depend on it (with every unit removed the logits are the bias).
 5. Fine-tune all weights on defense-train (SGD lr 0.01, momentum 0.9, wd 5e-4, 5 epochs, crop/flip),
@@ -36,6 +39,7 @@ is **not** Fine-Pruning (see 1.).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
@@ -44,11 +48,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from onp.graph import NeuronLayout
+
 from .base import (
+    OPERATING_POINT_RULES,
     Defense,
     DefenseError,
     DefenseResult,
-    NeuronLayout,
     PassCounter,
     PruningParams,
     register_defense,
@@ -66,6 +72,8 @@ if TYPE_CHECKING:
     from .base import ReportFn
 
 UNIT_KINDS = ("classifier", "bn")
+#: FP's own operating-point rule besides the shared ones (units=classifier only)
+FIRST_DROP = "first_drop"
 
 
 @dataclass
@@ -184,6 +192,13 @@ def remove_units(linear: nn.Linear, units: List[int]) -> None:
         linear.weight[:, torch.as_tensor(units, dtype=torch.long)] = 0.0
 
 
+def _masked_accuracy(feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, k: int) -> float:
+    """Accuracy of the classifier on ``feats`` with the ``k`` first units of ``order`` masked."""
+    keep = torch.ones(feats.shape[1])
+    keep[order[:k]] = 0.0
+    return (F.linear(feats * keep, linear.weight, linear.bias).argmax(1) == y).float().mean().item()
+
+
 @torch.no_grad()
 def unit_delta_rule(
     feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, *, delta: float, max_fraction: float, grid_step: float
@@ -199,10 +214,7 @@ def unit_delta_rule(
         )
     sweep = []
     for k in pruning_grid(len(order), max_fraction, grid_step):
-        keep = torch.ones(feats.shape[1])
-        keep[order[:k]] = 0.0
-        acc = (F.linear(feats * keep, linear.weight, linear.bias).argmax(1) == y).float().mean().item()
-        sweep.append({"n_pruned": int(k), "val_acc": acc})
+        sweep.append({"n_pruned": int(k), "val_acc": _masked_accuracy(feats, y, linear, order, k)})
     base = sweep[0]["val_acc"]
     ok = [s for s in sweep if base - s["val_acc"] <= delta + 1e-12]
     best = max(ok, key=lambda s: s["n_pruned"])
@@ -215,6 +227,37 @@ def unit_delta_rule(
         "max_fraction": max_fraction,
         "val_sweep": sweep,
         "note": "largest number of classifier units masked whose clean-ACC drop on defense-validation is <= delta",
+    }
+
+
+@torch.no_grad()
+def unit_first_drop_rule(
+    feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, *, delta: float, max_fraction: float
+) -> Dict[str, Any]:
+    """Fine-Pruning's own stopping rule: mask the units of ``order`` one at a time (up to
+    ``max_fraction`` of them) and stop before the first count whose clean-ACC drop on ``(feats, y)``
+    exceeds ``delta``. ``feats`` are the classifier inputs of all the defender's images."""
+    if len(y) == 0:
+        raise DefenseError("the 'first_drop' operating-point rule needs the defender's clean images; got none")
+    base = _masked_accuracy(feats, y, linear, order, 0)
+    sweep = [{"n_pruned": 0, "acc": base}]
+    k = 0
+    for count in range(1, int(max_fraction * len(order)) + 1):
+        sweep.append({"n_pruned": count, "acc": _masked_accuracy(feats, y, linear, order, count)})
+        if base - sweep[-1]["acc"] > delta + 1e-12:
+            break
+        k = count
+    return {
+        "rule": FIRST_DROP,
+        "delta": delta,
+        "n_pruned": k,
+        "acc_before": base,
+        "acc_after": sweep[k]["acc"],
+        "images": len(y),
+        "max_fraction": max_fraction,
+        "sweep": sweep,
+        "note": "units masked one at a time; stopped before the first count whose clean-ACC drop on the "
+        "defender's images (defense-train and defense-val) exceeds delta (Fine-Pruning's rule)",
     }
 
 
@@ -240,6 +283,18 @@ class FinePruning(Defense):
             )
         if p.ft_epochs < 0:
             raise DefenseError(f"fp: ft_epochs must be >= 0, got {p.ft_epochs}")
+        if p.operating_point == FIRST_DROP and p.units != "classifier":
+            raise DefenseError("fp: operating_point='first_drop' applies to units=classifier only")
+
+    def _validate_operating_point(self, p: PruningParams) -> None:
+        """The shared rules plus ``first_drop`` (checked like ``delta``: ranges of delta and max_fraction)."""
+        if p.operating_point == FIRST_DROP:
+            p = dataclasses.replace(p, operating_point="delta")
+        elif p.operating_point not in OPERATING_POINT_RULES:
+            raise DefenseError(
+                f"unknown operating_point {p.operating_point!r} for 'fp'; valid choices: delta, number, {FIRST_DROP}"
+            )
+        super()._validate_operating_point(p)
 
     def _finetune_params(self) -> FTParams:
         p = self.params
@@ -286,18 +341,8 @@ class FinePruning(Defense):
         if unit_act is None:
             raise DefenseError(f"fp: the classifier {name!r} was never called in the forward pass")
         order = order_from_scores(-unit_act)  # most dormant first; ties: lower index first
-        if p.operating_point == "delta":
-            feats = classifier_inputs(model, linear, data.val_x, counter)
-            op = unit_delta_rule(
-                feats, data.val_y, linear, order, delta=p.delta, max_fraction=p.max_fraction, grid_step=p.grid_step
-            )
-            k = op["n_pruned"]
-        else:  # number (threshold is rejected by the base class: FP has no mask)
-            if p.n_prune is None:
-                raise DefenseError("operating_point='number' needs n_prune >= 0 (e.g. --set n_prune=20)")
-            k = min(int(p.n_prune), len(order))
-            op = {"rule": "number", "n_prune": k, "n_pruned": k}
-        units = [int(u) for u in order[:k]]
+        op = self._choose_units(model, linear, data, order, counter)
+        units = [int(u) for u in order[: op["n_pruned"]]]
         op.update(unit_removal="classifier input column zeroed", classifier=name)
         remove_units(linear, units)
         ft_info: Dict[str, Any] = {}
@@ -332,6 +377,26 @@ class FinePruning(Defense):
                 "_unit_activation": unit_act,
             },
         )
+
+    def _choose_units(
+        self, model: nn.Module, linear: nn.Linear, data: DefenseData, order: Tensor, counter: PassCounter
+    ) -> Dict[str, Any]:
+        """The operating point on the units (``info["operating_point"]``; ``n_pruned`` is the count)."""
+        p = self.params
+        if p.operating_point == "delta":  # no defense-val images: unit_delta_rule refuses them, saying why
+            empty = data.val_x.new_zeros(0, linear.in_features)
+            feats = classifier_inputs(model, linear, data.val_x, counter) if len(data.val_y) else empty
+            return unit_delta_rule(
+                feats, data.val_y, linear, order, delta=p.delta, max_fraction=p.max_fraction, grid_step=p.grid_step
+            )
+        if p.operating_point == FIRST_DROP:
+            feats = classifier_inputs(model, linear, data.all_x, counter)
+            return unit_first_drop_rule(feats, data.all_y, linear, order, delta=p.delta, max_fraction=p.max_fraction)
+        # number (threshold is rejected by the base class: FP has no mask)
+        if p.n_prune is None:
+            raise DefenseError("operating_point='number' needs n_prune >= 0 (e.g. --set n_prune=20)")
+        k = min(int(p.n_prune), len(order))
+        return {"rule": "number", "n_prune": k, "n_pruned": k}
 
     def _fit_bn(
         self,

@@ -3,7 +3,8 @@
 The standard "fine-tuning" baseline of the backdoor-defense literature (e.g. Liu et al., RAID 2018;
 Wu & Wang, NeurIPS 2021 use it as a comparison). Defaults: SGD lr 0.01, momentum 0.9, weight decay
 5e-4, batch 128, 10 epochs, crop/flip augmentation, model in train mode. The epoch (1..epochs) with the
-best defense-**validation** accuracy is returned (ties: the later epoch). No neuron scores.
+best defense-**validation** accuracy is returned (ties: the later epoch); without defense-validation
+images (the ``paper`` protocol fits on the whole pool) the last epoch. No neuron scores.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 
     from onp.data.augment import Augment
     from onp.data.defense import DefenseData
+    from onp.graph import NeuronLayout
 
-    from .base import NeuronLayout, PassCounter, ReportFn
+    from .base import PassCounter, ReportFn
 
 
 @dataclass
@@ -57,13 +59,16 @@ def finetune(
     name: str = "ft",
     after_step: Optional[Callable[[], None]] = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Fine-tune ``model`` in place for ``p.epochs``; returns (best-val model, history)."""
+    """Fine-tune ``model`` in place for ``p.epochs``; returns (best-val model, history). Without
+    defense-validation images the last epoch is returned and ``val_acc`` is None."""
     require_images(name, len(data.train_y), p.batch_size)
+    has_val = len(data.val_y) > 0
     gen = torch.Generator().manual_seed(seed)
     aug = (augment or default_augment(data.train_x)) if p.augment else None
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    history: List[Dict[str, Any]] = [{"epoch": 0, "val_acc": eval_accuracy(model, data.val_x, data.val_y, counter)}]
+    val: Optional[float] = eval_accuracy(model, data.val_x, data.val_y, counter) if has_val else None
+    history: List[Dict[str, Any]] = [{"epoch": 0, "val_acc": val}]
     best: Optional[Tuple[int, Dict[str, Any]]] = None
     best_acc = -1.0
     for epoch in range(1, p.epochs + 1):
@@ -79,14 +84,18 @@ def finetune(
             augment=aug,
             after_step=after_step,
         )
-        val = eval_accuracy(model, data.val_x, data.val_y, counter)
+        val = eval_accuracy(model, data.val_x, data.val_y, counter) if has_val else None
         history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val})
-        if val >= best_acc:
-            best_acc, best = val, (epoch, copy.deepcopy(model.state_dict()))
+        if val is None or val >= best_acc:
+            best = (epoch, copy.deepcopy(model.state_dict()))
+            best_acc = best_acc if val is None else val
     if best is not None:
         model.load_state_dict(best[1])
     model.eval()
-    return model, {"history": history, "best_epoch": best[0] if best else 0, "best_val_acc": best_acc}
+    info = {"history": history, "best_epoch": best[0] if best else 0, "best_val_acc": best_acc if has_val else None}
+    if not has_val:
+        info["note"] = "no defense-validation images: the last epoch is returned"
+    return model, info
 
 
 @register_defense("ft")

@@ -53,7 +53,7 @@ augmentation. No pruning; ``scores`` is None.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
@@ -77,8 +77,9 @@ from .base import (
 if TYPE_CHECKING:
     from onp.data.augment import Augment
     from onp.data.defense import DefenseData
+    from onp.graph import NeuronLayout
 
-    from .base import NeuronLayout, PassCounter, ReportFn
+    from .base import PassCounter, ReportFn
 
 SCOPES = ("all", "last")
 
@@ -262,6 +263,128 @@ class KFACLinear:
         return qg @ v @ qa.t()
 
 
+class _HookedLastLayer:
+    """The last Linear layer with its K-FAC statistics; hooks keep the layer's input (``a``) and the
+    gradient of its output (``g``) of the last pass for :meth:`natural_gradient`."""
+
+    def __init__(self, layer: nn.Linear, p: NGFParams):
+        self.layer = layer
+        self.kfac = KFACLinear(layer, p)
+        self.store: Dict[str, Tensor] = {}
+        self.handle = layer.register_forward_hook(self._forward_hook)
+
+    def _forward_hook(self, mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor) -> None:
+        store = self.store
+        store["a"] = inp[0].detach().flatten(1)
+        if out.requires_grad:
+            out.register_hook(lambda g: store.__setitem__("g", g))
+
+    def natural_gradient(self, lr: float) -> float:
+        """After the backward pass: update the K-FAC statistics and replace the layer's gradient by
+        its natural-gradient direction, scaled by ``nu`` so that the step's KL stays within
+        ``kl_clip``; returns ``nu``."""
+        layer, kfac = self.layer, self.kfac
+        kfac.capture(self.store["a"], self.store["g"])
+        kfac.update_stats()
+        grad = _layer_matrix(layer, grad=True)
+        direction = kfac.precondition(grad)
+        vg = (direction * grad).sum().item() * lr**2
+        nu = min(1.0, (kfac.p.kl_clip / vg) ** 0.5) if vg > 0 else 1.0
+        with torch.no_grad():
+            _grad_of(layer.weight).copy_(nu * direction[:, : layer.in_features])
+            if layer.bias is not None:
+                _grad_of(layer.bias).copy_(nu * direction[:, -1])
+        return nu
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class _NGFLoop:
+    """What each NGF iteration uses: the params, the model and its hooked last layer, the
+    optimiser, the data with its batch generator and augmentation, and the EWC anchor
+    ``(theta0, fisher)`` when ``fisher_coef > 0``."""
+
+    p: NGFParams
+    model: nn.Module
+    last: _HookedLastLayer
+    opt: torch.optim.Optimizer
+    data: DefenseData
+    gen: torch.Generator
+    aug: Optional[Augment]
+    counter: PassCounter
+    ewc: Optional[Tuple[Tensor, Tensor]]
+
+    def step(self, it: int) -> Tuple[float, float, float]:
+        """Iteration ``it``: the scheduled lr (weight decay from ``wd_start``), a sampled (augmented)
+        batch, CE (+ the EWC penalty), the natural-gradient step; returns ``(lr, nu, ce)``."""
+        p = self.p
+        lr = scheduled_lr(p, it)
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+            grp["weight_decay"] = p.weight_decay if it >= p.wd_start else 0.0
+        idx = sample_batch(len(self.data.train_y), p.batch_size, self.gen)
+        xb, yb = self.data.train_x[idx], self.data.train_y[idx]
+        if self.aug is not None:
+            xb = self.aug(xb, self.gen)
+        ce = F.cross_entropy(self.counter(self.model, xb), yb)
+        loss = ce
+        if self.ewc is not None:  # set when fisher_coef > 0
+            theta0, fisher = self.ewc
+            loss = ce + 0.5 * p.fisher_coef * (fisher * (_layer_matrix(self.last.layer) - theta0).pow(2)).sum()
+        self.opt.zero_grad(set_to_none=True)
+        self.counter.backward(loss)
+        nu = self.last.natural_gradient(lr)
+        self.opt.step()
+        return lr, nu, ce.item()
+
+
+@dataclass
+class _Trace:
+    """Per iteration: the learning rate, the KL-clip factor ``nu`` and the CE loss."""
+
+    lrs: List[float] = field(default_factory=list)
+    nus: List[float] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)
+
+    def add(self, lr: float, nu: float, ce: float) -> None:
+        self.nus.append(nu)
+        self.lrs.append(lr)
+        self.losses.append(ce)
+
+
+def _ewc_anchor(model: nn.Module, layer: nn.Linear, data: DefenseData, counter: PassCounter) -> Tuple[Tensor, Tensor]:
+    """``(theta0, fisher)``: the last layer's ``[W | b]`` before fine-tuning and its diagonal Fisher."""
+    theta0 = _layer_matrix(layer).detach().clone()
+    fisher = diagonal_fisher(model, layer, data.train_x, data.train_y, counter)
+    return theta0, fisher
+
+
+def _ngf_info(p: NGFParams, name: str, kfac: KFACLinear, val_acc: Tuple[float, float], trace: _Trace) -> Dict[str, Any]:
+    """The ``info`` of NGF's result (``val_acc``: defense-validation accuracy before and after)."""
+    note = (
+        "reference regime: every parameter trained in train mode (last layer preconditioned, the rest "
+        "SGD-momentum, BN statistics re-estimated)"
+        if p.scope == "all"
+        else "only the last Linear layer is trained; eval mode throughout"
+    )
+    return {
+        "layer": name,
+        "scope": p.scope,
+        "val_acc_before": val_acc[0],
+        "val_acc_after": val_acc[1],
+        "final_ce": trace.losses[-1],
+        "mean_kl_nu": sum(trace.nus) / len(trace.nus),
+        "fisher_coef": p.fisher_coef,
+        "lr_schedule": lr_schedule(p),
+        "kfac_cov_updates": kfac.n_cov_updates,
+        "ekfac_scale_updates": kfac.n_scale_updates,
+        "note": note,
+        "_lr_per_iteration": torch.tensor(trace.lrs, dtype=torch.float64),
+    }
+
+
 # -------------------------------------------------------------------------------------------------- defense
 
 
@@ -317,81 +440,19 @@ class NGF(Defense):
         name, layer = last_linear(model)
         model.eval()
         val_before = eval_accuracy(model, data.val_x, data.val_y, counter)
-        theta0: Optional[Tensor] = None
-        fisher: Optional[Tensor] = None
-        if p.fisher_coef > 0:
-            theta0 = _layer_matrix(layer).detach().clone()
-            fisher = diagonal_fisher(model, layer, data.train_x, data.train_y, counter)
+        ewc = _ewc_anchor(model, layer, data, counter) if p.fisher_coef > 0 else None
         params = self._prepare(model, layer)
         opt = torch.optim.SGD(params, lr=scheduled_lr(p, 0), momentum=p.momentum, weight_decay=0.0)
-        kfac = KFACLinear(layer, p)
-        store: Dict[str, Tensor] = {}
-
-        def fwd_hook(mod: nn.Module, inp: Tuple[Tensor, ...], out: Tensor) -> None:
-            store["a"] = inp[0].detach().flatten(1)
-            if out.requires_grad:
-                out.register_hook(lambda g: store.__setitem__("g", g))
-
-        handle = layer.register_forward_hook(fwd_hook)
+        last = _HookedLastLayer(layer, p)
         gen = torch.Generator().manual_seed(seed)
         aug = (augment or default_augment(data.train_x)) if p.augment else None
-        nus: List[float] = []
-        losses: List[float] = []
-        lrs: List[float] = []
+        loop = _NGFLoop(p, model, last, opt, data, gen, aug, counter, ewc)
+        trace = _Trace()
         try:
             for it in range(p.iterations):
-                lr = scheduled_lr(p, it)
-                for grp in opt.param_groups:
-                    grp["lr"] = lr
-                    grp["weight_decay"] = p.weight_decay if it >= p.wd_start else 0.0
-                idx = sample_batch(len(data.train_y), p.batch_size, gen)
-                xb, yb = data.train_x[idx], data.train_y[idx]
-                if aug is not None:
-                    xb = aug(xb, gen)
-                ce = F.cross_entropy(counter(model, xb), yb)
-                loss = ce
-                if fisher is not None and theta0 is not None:  # both set when fisher_coef > 0
-                    loss = ce + 0.5 * p.fisher_coef * (fisher * (_layer_matrix(layer) - theta0).pow(2)).sum()
-                opt.zero_grad(set_to_none=True)
-                counter.backward(loss)
-                kfac.capture(store["a"], store["g"])
-                kfac.update_stats()
-                grad = _layer_matrix(layer, grad=True)
-                direction = kfac.precondition(grad)
-                vg = (direction * grad).sum().item() * lr**2
-                nu = min(1.0, (p.kl_clip / vg) ** 0.5) if vg > 0 else 1.0
-                with torch.no_grad():
-                    _grad_of(layer.weight).copy_(nu * direction[:, : layer.in_features])
-                    if layer.bias is not None:
-                        _grad_of(layer.bias).copy_(nu * direction[:, -1])
-                opt.step()
-                nus.append(nu)
-                lrs.append(lr)
-                losses.append(ce.item())
+                trace.add(*loop.step(it))
         finally:
-            handle.remove()
+            last.remove()
         freeze(model).eval()
         val_after = eval_accuracy(model, data.val_x, data.val_y, counter)
-        note = (
-            "reference regime: every parameter trained in train mode (last layer preconditioned, the rest "
-            "SGD-momentum, BN statistics re-estimated)"
-            if p.scope == "all"
-            else "only the last Linear layer is trained; eval mode throughout"
-        )
-        return DefenseResult(
-            model,
-            info={
-                "layer": name,
-                "scope": p.scope,
-                "val_acc_before": val_before,
-                "val_acc_after": val_after,
-                "final_ce": losses[-1],
-                "mean_kl_nu": sum(nus) / len(nus),
-                "fisher_coef": p.fisher_coef,
-                "lr_schedule": lr_schedule(p),
-                "kfac_cov_updates": kfac.n_cov_updates,
-                "ekfac_scale_updates": kfac.n_scale_updates,
-                "note": note,
-                "_lr_per_iteration": torch.tensor(lrs, dtype=torch.float64),
-            },
-        )
+        return DefenseResult(model, info=_ngf_info(p, name, last.kfac, (val_before, val_after), trace))

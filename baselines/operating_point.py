@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from onp.data.defense import DefenseData
+from onp.graph import NeuronLayout
 from onp.masks import NeuronMasks, apply_pruning
 
 from .base import OPERATING_POINT_RULES as RULES
-from .base import DefenseError, NeuronLayout, PassCounter, PruningParams, eval_accuracy
+from .base import DefenseError, PassCounter, PruningParams, eval_accuracy
 
 if TYPE_CHECKING:
     from onp.attacks import Attack

@@ -51,8 +51,9 @@ from .train_loops import run_epoch
 if TYPE_CHECKING:
     from onp.data.augment import Augment
     from onp.data.defense import DefenseData
+    from onp.graph import NeuronLayout
 
-    from .base import NeuronLayout, PassCounter, ReportFn
+    from .base import PassCounter, ReportFn
 
 
 @dataclass

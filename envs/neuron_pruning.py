@@ -63,6 +63,56 @@ def _name_of(bundle: Union[BackdoorBundle, PruningSubject]) -> str:
     return getattr(bundle, "name", None) or cast(BackdoorBundle, bundle).path.name
 
 
+def _check_args(*, budget: float, lam: float, delta: float, asr_estimator: str) -> None:
+    """Refuse a bad ``budget``, ``lam``, ``delta`` or ``asr_estimator``."""
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0 (a fraction in (0, 1) or a neuron count); got {budget}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0; got {lam}")
+    if delta <= 0:
+        raise ValueError(f"delta must be > 0; got {delta}")
+    from .asr_estimators import ASR_ESTIMATORS
+
+    ASR_ESTIMATORS.check(asr_estimator)
+
+
+def _backdoor_specs(
+    backdoor: Union[BackdoorSpec, List[BackdoorSpec], Tuple[BackdoorSpec, ...], None],
+) -> List[BackdoorSpec]:
+    """``backdoor`` as a list of models to prune; none (None or an empty list) is refused."""
+    if backdoor is None or (isinstance(backdoor, (list, tuple)) and not backdoor):
+        raise ValueError(
+            "NeuronPruningEnv needs the model to prune: pass backdoor=<a BackdoorBundle, a "
+            "BackdoorConfig or dict (fetched from the zoo, trained on first use), or a model "
+            "folder>, e.g. gym.make('onp/NeuronPruning-v0', "
+            "backdoor=BackdoorConfig(model='resnet18'))"
+        )
+    return list(backdoor) if isinstance(backdoor, (list, tuple)) else [backdoor]
+
+
+def _make_targets(
+    bundles: Sequence[Union[BackdoorBundle, PruningSubject]], options: Dict[str, Any]
+) -> List[PruningTarget]:
+    """One :class:`PruningTarget` per model (``options``: its keyword arguments); all of one architecture."""
+    targets = [PruningTarget(b.model, b.attack, b.defense_data, **options, name=_name_of(b)) for b in bundles]
+    sizes = {t.num_nodes for t in targets}
+    if len(sizes) != 1:
+        raise ValueError(f"multi-model mode needs models of one architecture; got neuron counts {sorted(sizes)}")
+    return targets
+
+
+def _layer_types(exclude_layer_types: Sequence[str]) -> Tuple[str, ...]:
+    """``exclude_layer_types`` as a tuple of known graph layer types (a string or an unknown type is refused)."""
+    types = tuple(exclude_layer_types)
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if isinstance(exclude_layer_types, str) or unknown:
+        raise ValueError(
+            f"exclude_layer_types: unknown layer type(s) {unknown or [exclude_layer_types]}; "
+            f"valid: {', '.join(LAYER_TYPES)} (a list, e.g. ['stem'])"
+        )
+    return types
+
+
 class NeuronPruningEnv(gym.Env):
     """Prune BN-channel neurons of a backdoored model; reward = clean accuracy - lam * ASR (deltas).
 
@@ -111,46 +161,21 @@ class NeuronPruningEnv(gym.Env):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if budget <= 0:
-            raise ValueError(f"budget must be > 0 (a fraction in (0, 1) or a neuron count); got {budget}")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0; got {lam}")
-        if delta <= 0:
-            raise ValueError(f"delta must be > 0; got {delta}")
-        from .asr_estimators import ASR_ESTIMATORS
-
-        ASR_ESTIMATORS.check(asr_estimator)
+        _check_args(budget=budget, lam=lam, delta=delta, asr_estimator=asr_estimator)
         ensure_feature_providers(feature_providers)  # registers the baselines' <method>_score on first use
-        if backdoor is None or (isinstance(backdoor, (list, tuple)) and not backdoor):
-            raise ValueError(
-                "NeuronPruningEnv needs the model to prune: pass backdoor=<a BackdoorBundle, a "
-                "BackdoorConfig or dict (fetched from the zoo, trained on first use), or a model "
-                "folder>, e.g. gym.make('onp/NeuronPruning-v0', "
-                "backdoor=BackdoorConfig(model='resnet18'))"
-            )
-        specs = list(backdoor) if isinstance(backdoor, (list, tuple)) else [backdoor]
-        self.bundles = [_as_bundle(s, cache_dir) for s in specs]
-        self.targets: List[PruningTarget] = [
-            PruningTarget(
-                b.model,
-                b.attack,
-                b.defense_data,
-                reward_batch=reward_batch,
-                asr_estimator=asr_estimator,
-                estimator_params=estimator_params,
-                feature_providers=feature_providers,
-                top_k=top_k,
-                mask_mode=mask_mode,
-                seed=seed,
-                cache_dir=cache_dir,
-                use_suffix_cache=use_suffix_cache,
-                name=_name_of(b),
-            )
-            for b in self.bundles
-        ]
-        sizes = {t.num_nodes for t in self.targets}
-        if len(sizes) != 1:
-            raise ValueError(f"multi-model mode needs models of one architecture; got neuron counts {sorted(sizes)}")
+        self.bundles = [_as_bundle(s, cache_dir) for s in _backdoor_specs(backdoor)]
+        target_options: Dict[str, Any] = dict(
+            reward_batch=reward_batch,
+            asr_estimator=asr_estimator,
+            estimator_params=estimator_params,
+            feature_providers=feature_providers,
+            top_k=top_k,
+            mask_mode=mask_mode,
+            seed=seed,
+            cache_dir=cache_dir,
+            use_suffix_cache=use_suffix_cache,
+        )
+        self.targets: List[PruningTarget] = _make_targets(self.bundles, target_options)
         self.target = self.targets[0]
         n, f = self.target.features.shape
         self.num_nodes = n
@@ -161,13 +186,17 @@ class NeuronPruningEnv(gym.Env):
         self.group_pruning = group_pruning
         self.reject_violations = bool(reject_violations)
         self.invalid_action_penalty = float(invalid_action_penalty)
-        self.exclude_layer_types = tuple(exclude_layer_types)
-        unknown = sorted(set(self.exclude_layer_types) - set(LAYER_TYPES))
-        if isinstance(exclude_layer_types, str) or unknown:
-            raise ValueError(
-                f"exclude_layer_types: unknown layer type(s) {unknown or [exclude_layer_types]}; "
-                f"valid: {', '.join(LAYER_TYPES)} (a list, e.g. ['stem'])"
-            )
+        self.exclude_layer_types = _layer_types(exclude_layer_types)
+        self._set_spaces(n, f)
+        self._select(0)
+        self._pruned = np.zeros(n, dtype=bool)
+        self._used = 0
+        self._done = True
+        self.current = self.target.initial
+
+    def _set_spaces(self, n: int, f: int) -> None:
+        """Observation: ``n`` neurons' ``f`` features, the pruned flags, the budget share left;
+        actions: a neuron, or STOP (``n``)."""
         self.observation_space = spaces.Dict(
             {
                 "x": spaces.Box(-np.inf, np.inf, shape=(n, f), dtype=np.float32),
@@ -177,11 +206,6 @@ class NeuronPruningEnv(gym.Env):
         )
         self.action_space = spaces.Discrete(n + 1)
         self.stop_action = n
-        self._select(0)
-        self._pruned = np.zeros(n, dtype=bool)
-        self._used = 0
-        self._done = True
-        self.current = self.target.initial
 
     # -- topology and bookkeeping ------------------------------------------------------------
     def _select(self, i: int) -> None:

@@ -2,20 +2,26 @@
 
 Example::
 
-    python -m onp.baseline --method anp --model resnet18 --attack badnets --set iterations=500
+    python -m onp.baseline --defense anp --model resnet18 --attack badnets --set iterations=500
 
 The defense sees only the defender's data (``bundle.defense_data``); the test set and the real
 trigger are used afterwards to report ACC / ASR / RA / DER before and after, and for the
 ``oracle_sweep.json`` analysis file (never for choosing anything). Writes a run directory
-(``runs/baseline/<method>-<attack>-<model>-s<seed>`` by default; see :mod:`onp.rundir`).
+(``runs/baseline/<defense>-<attack>-<model>-s<seed>`` by default; see :mod:`onp.rundir`).
 
 The flags map onto a :class:`~onp.baseline_config.BaselineRunConfig` (:func:`config_from_args`; the
 library entry is :func:`run_baseline`). The backdoored-model flags are the group every onp tool
 shares (:func:`onp.cli_common.add_backdoor_flags`); ``--seed`` is the seed of the backdoored model and
 of the defense (with ``--checkpoint``: of the defense), ``--defense-seed`` the defense's only.
 ``--set KEY=VALUE`` overrides a run-config key (``oracle_step=0.02``, ``params.iterations=500``); a key
-that is not one is a hyperparameter of the method (``iterations=500`` is short for
-``params.iterations=500``). ``--list`` lists the methods with their default hyperparameters.
+that is not one is a hyperparameter of the defense (``iterations=500`` is short for
+``params.iterations=500``). ``--list`` lists the defenses with their default hyperparameters.
+
+``--protocol`` (run-config key ``protocol``, :mod:`baselines.protocols`) is which defender images the
+defense fits on and which rule sets its operating point: ``delta`` (default; fit on defense-train,
+the largest pruning within ``delta`` on defense-validation) or ``paper`` (the paper's fixed rule,
+e.g. ANP masks <= 0.2, fitted on the whole pool of defender images). ``metrics.json["protocol"]``
+records it with the image counts.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from .cli_common import (
 )
 from .config import deep_update
 from .data.augment import Augment
+from .data.defense import PROTOCOLS
 from .io import cache_root, run_folder, to_jsonable
 from .metrics import evaluate_backdoor, with_der
 from .rundir import RunResult, reproduce_line, write_run
@@ -61,20 +68,30 @@ def _baselines() -> ModuleType:
 
 def defend(
     bundle: BackdoorBundle,
-    method: str,
+    defense_name: str,
     params: Optional[Dict[str, Any]] = None,
     *,
     seed: int = 0,
     report_fn: Optional[Callable[[str, nn.Module], None]] = None,
+    protocol: str = "delta",
 ) -> Any:
-    """Run defense ``method`` on ``bundle``'s model using **only** ``bundle.defense_data`` (plus the
+    """Run defense ``defense_name`` on ``bundle``'s model using **only** ``bundle.defense_data`` (plus the
     dataset spec for the crop/flip augmentation). Never touches ``bundle.test_x`` / ``test_y`` /
-    ``attack``; ``report_fn(event, model)`` is the only way out for test-time logging."""
+    ``attack``; ``report_fn(event, model)`` is the only way out for test-time logging.
+
+    ``protocol`` (:mod:`baselines.protocols`): ``delta`` fits on the defense data as it is (defense-train;
+    the operating point on defense-val); ``paper`` sets the paper's rule on ``params`` and fits on the
+    whole pool (defense-train and defense-val together, no validation images). The result's
+    ``info["protocol"]`` records the protocol and how many images the defense was given."""
+    from baselines.protocols import protocol_data, protocol_info, protocol_params
+
     bl = _baselines()
-    defense = bl.build_defense(method, **(params or {}))
-    spec = bundle.spec
-    data = bundle.defense_data if defense.needs_data or _uses_val(defense) else None
-    return defense.fit(bundle.model, data, seed=seed, augment=Augment.for_spec(spec), report_fn=report_fn)
+    defense = bl.build_defense(defense_name, **protocol_params(defense_name, protocol, params))
+    pool = bundle.defense_data
+    data = protocol_data(protocol, pool if defense.needs_data or _uses_val(defense) else None)
+    result = defense.fit(bundle.model, data, seed=seed, augment=Augment.for_spec(bundle.spec), report_fn=report_fn)
+    result.info["protocol"] = protocol_info(defense_name, protocol, pool, data)
+    return result
 
 
 def _uses_val(defense: Any) -> bool:
@@ -83,22 +100,34 @@ def _uses_val(defense: Any) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m onp.baseline`` flags; they map onto a :class:`BaselineRunConfig` (:func:`config_from_args`)."""
-    methods = _baselines().DEFENSES.names()
+    names = _baselines().DEFENSES.names()
     p = argparse.ArgumentParser(
         prog="python -m onp.baseline", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
-    p.add_argument("--method", default=None, help=f"one of {', '.join(methods)}")
-    add_list_flag(p, "the methods with their default hyperparameters")
+    p.add_argument(
+        "--defense",
+        "--method",
+        default=None,
+        help=f"the baseline defense: one of {', '.join(names)} (--method: the old spelling)",
+    )
+    add_list_flag(p, "the defenses with their default hyperparameters")
     add_set_flag(
         p,
         help="override a baseline run config key, dotted (e.g. oracle_step=0.02; repeatable); a key that "
-        "is not one is a hyperparameter of the method, short for params.KEY (e.g. iterations=500; "
+        "is not one is a hyperparameter of the defense, short for params.KEY (e.g. iterations=500; "
         "see --list)",
     )
     p.add_argument(
         "--delta", type=finite_float, default=None, help="max clean-ACC drop on defense-val (pruning methods)"
     )
     p.add_argument("--operating-point", choices=["delta", "threshold", "number"], default=None)
+    p.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default=None,
+        help="delta (default: fit on defense-train, the largest pruning within --delta on defense-val) or "
+        "paper (the paper's fixed rule, e.g. ANP masks <= 0.2, fitted on all the defender's images)",
+    )
     p.add_argument("--defense-seed", type=int_at_least(0), default=None, help="seed of the defense (default: --seed)")
     add_backdoor_flags(p, title="backdoored model (default: resnet18, fashion-mnist, badnets, seed 0; or --checkpoint)")
     o = p.add_argument_group("oracle sweep (test-set analysis, never used to choose)")
@@ -143,7 +172,7 @@ def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
     if defense_seed is None and source["checkpoint"] is not None:
         defense_seed = args.seed  # the model folder has its own seed: --seed is the defense's
     data: Dict[str, Any] = {
-        "method": args.method,
+        "defense": args.defense,
         "params": params,
         "defense_seed": defense_seed,
         "deterministic": args.deterministic,
@@ -153,6 +182,8 @@ def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
         "cache_dir": source["cache_dir"],
         "data_dir": source["data_dir"],
     }
+    if args.protocol is not None:
+        data["protocol"] = args.protocol
     if source["checkpoint"] is not None:
         data["checkpoint"] = source["checkpoint"]
     else:
@@ -163,8 +194,10 @@ def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
 def baseline_command(config: Union[BaselineRunConfig, Dict[str, Any]], out: Path) -> str:
     """The ``python -m onp.baseline`` command line that runs ``config`` into ``out``."""
     cfg = config if isinstance(config, BaselineRunConfig) else BaselineRunConfig.from_dict(config)
-    default = BaselineRunConfig(method=cfg.method, checkpoint=cfg.checkpoint, backdoor=cfg.backdoor)
-    argv = ["--method", cfg.method]
+    default = BaselineRunConfig(defense=cfg.defense, checkpoint=cfg.checkpoint, backdoor=cfg.backdoor)
+    argv = ["--defense", cfg.defense]
+    if cfg.protocol != default.protocol:
+        argv += ["--protocol", cfg.protocol]
     if cfg.checkpoint is not None:
         argv += ["--checkpoint", cfg.checkpoint]
     else:
@@ -191,9 +224,11 @@ def baseline_command(config: Union[BaselineRunConfig, Dict[str, Any]], out: Path
     return reproduce_line(["python -m onp.baseline"] + argv + ["--out", str(out)])
 
 
-def default_run_dir(method: str, backdoor: Dict[str, Any], seed: int) -> Path:
+def default_run_dir(defense_name: str, backdoor: Dict[str, Any], seed: int, protocol: str = "delta") -> Path:
+    """``runs/baseline/<defense>-<attack>-<model>-s<seed>`` (``<defense>-paper-...`` for the paper protocol)."""
     name = "clean" if backdoor.get("clean") else backdoor["attack"]
-    return Path("runs") / "baseline" / f"{method}-{name}-{backdoor['model']}-s{seed}"
+    label = defense_name if protocol == "delta" else f"{defense_name}-{protocol}"
+    return Path("runs") / "baseline" / f"{label}-{name}-{backdoor['model']}-s{seed}"
 
 
 def run_baseline(
@@ -206,14 +241,17 @@ def run_baseline(
 ) -> RunResult:
     """Run one baseline defense as configured and write its run folder; return the :class:`RunResult`.
 
-    The method and its hyperparameters are checked (names, types, ranges) before any model is loaded.
+    The defense and its hyperparameters are checked (names, types, ranges) before any model is loaded.
     The defense sees only the defender's data; the test set and the real trigger are used afterwards,
     for the report and ``oracle_sweep.json`` only.
     """
+    from baselines.protocols import protocol_params
+
     cfg = config if isinstance(config, BaselineRunConfig) else BaselineRunConfig.from_dict(config)
     bl = _baselines()
-    method = bl.DEFENSES.check(cfg.method)
-    defense = bl.build_defense(method, **cfg.params)  # validates params (names, types, ranges) before any heavy work
+    defense_name = bl.DEFENSES.check(cfg.defense)
+    # validates the params (names, types, ranges) and the protocol's rule before any heavy work
+    defense = bl.build_defense(defense_name, **protocol_params(defense_name, cfg.protocol, cfg.params))
     cache_root(cfg.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     if cfg.checkpoint is not None:
@@ -223,14 +261,15 @@ def run_baseline(
         bundle, backdoor = None, BackdoorConfig.from_dict(cfg.backdoor or {}).resolved()
     seed = cfg.defense_seed if cfg.defense_seed is not None else backdoor.seed
     seed_everything(seed, deterministic=cfg.deterministic)
-    out = Path(out) if out is not None else default_run_dir(method, backdoor.to_dict(), seed)
+    out = Path(out) if out is not None else default_run_dir(defense_name, backdoor.to_dict(), seed, cfg.protocol)
     # a failed run leaves nothing; an existing run is replaced (--overwrite) only once this one succeeded
     with run_folder(out, tool="onp.baseline", overwrite=overwrite) as work:
         if bundle is None:
             bundle = load_bundle(backdoor, cache_dir=cfg.cache_dir, data_dir=data_dir, progress=not quiet)
-        metrics = _defend_and_report(bundle, defense, method, seed, cfg, work, command)
+        metrics = _defend_and_report(bundle, defense, defense_name, seed, cfg, work, command)
+        label = defense_name if cfg.protocol == "delta" else f"{defense_name}[{cfg.protocol}]"
         print(
-            f"[onp] {method} on {backdoor.model}/{'clean' if backdoor.clean else backdoor.attack}: "
+            f"[onp] {label} on {backdoor.model}/{'clean' if backdoor.clean else backdoor.attack}: "
             f"ACC {metrics['before']['acc']:.4f}->{metrics['acc']:.4f}  "
             f"ASR {metrics['before']['asr']:.4f}->{metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
             f"DER {metrics['der']:.4f}  pruned {metrics['n_pruned']}  {metrics['wall_time']:.1f}s  -> {out}"
@@ -241,70 +280,45 @@ def run_baseline(
 def _defend_and_report(
     bundle: BackdoorBundle,
     defense: Any,
-    method: str,
+    defense_name: str,
     seed: int,
     cfg: BaselineRunConfig,
     work: Path,
     command: Optional[str],
 ) -> Dict[str, Any]:
-    """Fit ``defense`` on the defense data, measure before/after on the test set, write the run."""
-    bl = _baselines()
+    """Fit ``defense`` on the defense data (under ``cfg.protocol``), measure before/after on the test
+    set, write the run."""
     before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
     reports: Dict[str, Any] = {}
 
     def report_fn(event: str, model: nn.Module) -> None:  # test metrics for logging only; nothing flows back
         reports[event] = evaluate_backdoor(model, bundle.test_x, bundle.test_y, bundle.attack)
 
-    result = defend(bundle, method, cfg.params, seed=seed, report_fn=report_fn)
+    result = defend(bundle, defense_name, cfg.params, seed=seed, report_fn=report_fn, protocol=cfg.protocol)
     after = with_der(before, evaluate_backdoor(result.model, bundle.test_x, bundle.test_y, bundle.attack))
-    try:
-        layout = bl.neuron_layout(bundle.model)
-    except bl.DefenseError:
-        layout = None
+    layout = _layout_or_none(bundle.model)
     pruned_names = layout.names(result.pruned) if result.pruned is not None and layout is not None else None
-    extra = {}
-    if cfg.oracle:
-        if result.scores is not None and layout is not None:
-            mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
-            sweep = bl.oracle_sweep(
-                bundle.model,
-                layout,
-                result.scores,
-                bundle.test_x,
-                bundle.test_y,
-                bundle.attack,
-                max_fraction=cfg.oracle_max_fraction,
-                grid_step=cfg.oracle_step,
-                mode=mode,
-            )
-            sweep["method"] = method
-            sweep["note"] = "test metrics after pruning the ORIGINAL model in the method's score order"
-        else:
-            sweep = {
-                "label": bl.ORACLE_LABEL,
-                "method": method,
-                "sweep": [],
-                "note": f"{method} does not score neurons; nothing to sweep",
-            }
-        extra["oracle_sweep.json"] = sweep
-    op = result.info.get("operating_point")
+    extra = {"oracle_sweep.json": _oracle_sweep(bundle, result, layout, defense_name, cfg)} if cfg.oracle else {}
+    hidden = ("operating_point", "params", "protocol")  # written as their own keys (params: config.json)
     metrics = {
         **after,
         "before": before,
-        "method": method,
+        "defense": defense_name,
+        "protocol": to_jsonable(result.info.get("protocol")),
         "n_pruned": result.n_pruned,
         "wall_time": result.wall_time,
         "forward_passes": result.forward_passes,
         "backward_passes": result.backward_passes,
-        "operating_point": to_jsonable(op),
-        "info": to_jsonable({k: v for k, v in result.info.items() if k not in ("operating_point", "params")}),
+        "operating_point": to_jsonable(result.info.get("operating_point")),
+        "info": to_jsonable({k: v for k, v in result.info.items() if k not in hidden}),
         "reports": reports,
         "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
         "data_source": bundle.meta.get("data_source"),
     }
     config = {
-        "method": method,
-        "params": defense.params.to_dict(),
+        "defense": defense_name,
+        "protocol": cfg.protocol,
+        "params": defense.params.to_dict(),  # under protocol=paper: with the paper's rule set
         "defense_seed": seed,
         "deterministic": cfg.deterministic,
         "backdoor": bundle.config.to_dict(),
@@ -315,7 +329,7 @@ def _defend_and_report(
         work,
         config=config,
         metrics=metrics,
-        pruned=result.pruned if result.pruned is not None else None,
+        pruned=result.pruned,
         pruned_names=pruned_names,
         model_state=result.model.state_dict(),
         scores=result.scores,
@@ -325,8 +339,46 @@ def _defend_and_report(
     return metrics
 
 
+def _layout_or_none(model: nn.Module) -> Any:
+    """The model's neuron layout, or None for a model without BatchNorm2d."""
+    from .graph import UnsupportedModelError, neuron_layout
+
+    try:
+        return neuron_layout(model)
+    except UnsupportedModelError:
+        return None
+
+
+def _oracle_sweep(bundle: BackdoorBundle, result: Any, layout: Any, defense_name: str, cfg: BaselineRunConfig) -> Any:
+    """``oracle_sweep.json``: test metrics against the number pruned in the defense's score order
+    (analysis only, after the defense has finished; never used to choose anything)."""
+    bl = _baselines()
+    if result.scores is None or layout is None:
+        return {
+            "label": bl.ORACLE_LABEL,
+            "defense": defense_name,
+            "sweep": [],
+            "note": f"{defense_name} does not score neurons; nothing to sweep",
+        }
+    mode = (result.info.get("operating_point") or {}).get("prune_mode", "gamma")
+    sweep = bl.oracle_sweep(
+        bundle.model,
+        layout,
+        result.scores,
+        bundle.test_x,
+        bundle.test_y,
+        bundle.attack,
+        max_fraction=cfg.oracle_max_fraction,
+        grid_step=cfg.oracle_step,
+        mode=mode,
+    )
+    sweep["defense"] = defense_name
+    sweep["note"] = "test metrics after pruning the ORIGINAL model in the defense's score order"
+    return sweep
+
+
 def listing() -> List[str]:
-    """What ``--list`` prints: each method with its default hyperparameters."""
+    """What ``--list`` prints: each defense with its default hyperparameters."""
     bl = _baselines()
     return [f"{name}: {json.dumps(bl.DEFENSES.get(name).defaults())}" for name in bl.DEFENSES.names()]
 
@@ -337,14 +389,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     bl = _baselines()
     if args.list:
         return print_listing(listing())
-    if args.method is None and "method" not in _set_items(args):
-        raise ValueError(f"--method is required; valid choices: {', '.join(bl.DEFENSES.names())}")
+    if args.defense is None and "defense" not in _set_items(args):
+        raise ValueError(f"--defense is required; valid choices: {', '.join(bl.DEFENSES.names())}")
     cfg = config_from_args(args)
-    method = bl.DEFENSES.check(cfg.method)
-    defaults = bl.DEFENSES.get(method).defaults()
+    defense_name = bl.DEFENSES.check(cfg.defense)
+    defaults = bl.DEFENSES.get(defense_name).defaults()
     for flag, key in ((args.delta, "delta"), (args.operating_point, "operating_point")):
         if flag is not None and key not in defaults:
-            raise ValueError(f"--{key.replace('_', '-')} does not apply to {method!r} (it has no operating point)")
+            raise ValueError(
+                f"--{key.replace('_', '-')} does not apply to {defense_name!r} (it has no operating point)"
+            )
     run_baseline(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 

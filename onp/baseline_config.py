@@ -1,21 +1,27 @@
 """The typed configuration of one ``onp.baseline`` run (:class:`BaselineRunConfig`).
 
-Types and ranges are checked when it is built; the method name and its hyperparameters are checked
+Types and ranges are checked when it is built; the defense's name and its hyperparameters are checked
 against the baseline's own declared ``Params`` by :func:`onp.baseline.run_baseline` before any
 model is loaded.
 
->>> cfg = BaselineRunConfig(method="anp", backdoor={"attack": "blend"}, params={"iterations": 500})
->>> cfg.backdoor["attack"], cfg.oracle_max_fraction
-('blend', 0.5)
+>>> cfg = BaselineRunConfig(defense="anp", backdoor={"attack": "blend"}, params={"iterations": 500})
+>>> cfg.backdoor["attack"], cfg.oracle_max_fraction, cfg.protocol
+('blend', 0.5, 'delta')
+
+``protocol`` (:data:`onp.data.defense.PROTOCOLS`) is which defender images the defense fits on and
+which rule sets its operating point: ``delta`` (default: fit on defense-train, the largest pruning
+within ``delta`` on defense-validation) or ``paper`` (the paper's fixed rule, fitted on the whole
+pool; :mod:`baselines.protocols`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Dict, Mapping, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from .config import check_finite
+from .data.defense import PROTOCOLS, check_protocol
 from .train_config import TypedConfig, resolved_backdoor
 
 __all__ = ["BaselineRunConfig"]
@@ -30,7 +36,16 @@ class BaselineRunConfig(TypedConfig):
 
     config_name: ClassVar[str] = "baseline config"
 
-    method: str = Field(min_length=1)
+    defense: str = Field(
+        min_length=1,
+        validation_alias=AliasChoices("defense", "method"),
+        description="the baseline defense's registered name ('method' in configs written before it was renamed)",
+    )
+    protocol: str = Field(
+        PROTOCOLS[0],
+        description="delta (fit on defense-train, choose on defense-val) or paper (the paper's fixed rule, "
+        "fitted on the whole pool)",
+    )
     params: Dict[str, Any] = Field(default_factory=dict, description="the defense's hyperparameters")
     backdoor: Optional[Dict[str, Any]] = None
     checkpoint: Optional[str] = Field(None, min_length=1)
@@ -46,6 +61,11 @@ class BaselineRunConfig(TypedConfig):
     @classmethod
     def _backdoor(cls, v: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         return None if v is None else resolved_backdoor(v)
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, v: str) -> str:
+        return check_protocol(v)
 
     @field_validator("params")
     @classmethod

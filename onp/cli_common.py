@@ -175,6 +175,11 @@ MODEL_SOURCE_KEYS = ("checkpoint", "cache_dir", "data_dir")
 def backdoor_flags() -> Dict[str, Flag]:
     """The shared backdoored-model flags by ``dest``, built once (every tool gets the very same
     types and help texts). Unset flags are ``None``: the tool's run config keeps its value."""
+    return {**_model_flags(), **_data_and_source_flags()}
+
+
+def _model_flags() -> Dict[str, Flag]:
+    """The backdoored model's recipe: architecture, dataset, attack, width, epochs, seed."""
     from .attacks import ATTACKS
     from .data import DATASETS
     from .models import MODELS
@@ -200,6 +205,13 @@ def backdoor_flags() -> Dict[str, Flag]:
                 "trains or fits (--agent-seed / --defense-seed: theirs only)",
             },
         ),
+    }
+
+
+def _data_and_source_flags() -> Dict[str, Flag]:
+    """Where the data comes from and how much of it, any other config key, or an existing model
+    folder, and the artifact cache."""
+    return {
         "data_source": Flag(
             ("--data-source",),
             {

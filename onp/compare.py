@@ -18,6 +18,13 @@ seed), so that parallel cells never race on the cache. A baseline cell runs
 :func:`onp.baseline.run_baseline` on that model (its folder as ``checkpoint``); a learned-policy cell
 (a name from ``agents.AGENTS``) runs :func:`onp.train.run_training`.
 
+A baseline entry may name its protocol (:mod:`baselines.protocols`) as ``NAME[PROTOCOL]``:
+``--defenses anp[paper] anp[delta]`` gives two labelled rows, the paper's fixed rule fitted on all
+the defender's images and the largest pruning within delta on defense-validation (cells
+``.../anp-paper/s0`` and ``.../anp-delta/s0``); a plain ``anp`` is the delta protocol (cells
+``.../anp/s0``, as before). ``--set anp.KEY=V`` reaches every ``anp`` entry, ``--set anp[paper].KEY=V``
+that one only.
+
 A cell whose ``metrics.json`` exists is reused, so running the same command again after an
 interruption resumes the grid where it stopped (an unfinished cell is run again from scratch, or
 resumed by ``onp.train --resume``). ``--overwrite`` starts the whole grid again; the old grid is
@@ -42,7 +49,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .cli_common import (
     HelpFormatter,
@@ -109,6 +116,14 @@ def listing() -> List[str]:
     return [f"baselines: {', '.join(_defense_names())}", f"agents: {', '.join(agent_names())}"]
 
 
+def _label(defense: str) -> Tuple[str, Optional[str]]:
+    """A ``--defenses`` entry -> (name, protocol or None): ``anp[paper]`` -> ``("anp", "paper")``
+    (:func:`baselines.protocols.parse_label`, the one parser of the labels)."""
+    from baselines.protocols import parse_label
+
+    return parse_label(defense)
+
+
 def _dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "defense"
 
@@ -145,30 +160,8 @@ FLAG_KEYS: Dict[str, str] = {
 SET_SHORTHAND = "defense.params"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m onp.compare`` flags; each sets one :class:`CompareConfig` key (:data:`FLAG_KEYS`)."""
-    d = CompareConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m onp.compare",
-        description=__doc__.split("\n")[0],
-        formatter_class=HelpFormatter,
-        epilog="Every flag sets one key of onp.compare_config.CompareConfig; "
-        "configs/compare/default.yaml lists them all with their defaults.",
-    )
-    p.add_argument(
-        "--config",
-        type=path_arg,
-        default=None,
-        metavar="FILE.yaml",
-        help="YAML of CompareConfig keys merged onto the defaults; the flags and --set override it",
-    )
-    add_set_flag(
-        p,
-        help="override a CompareConfig key, dotted (e.g. execution.jobs=2, repeatable). A key that is "
-        "not one is a defense hyperparameter (short for defense.params.KEY): 'anp.iterations=500' "
-        "for one defense, 'delta=0.1' for every selected baseline that has the key",
-    )
-    add_list_flag(p, "the defenses (baselines and agents)")
+def _grid_flags(p: argparse.ArgumentParser, d: CompareConfig) -> None:
+    """The grid: models, attacks, seeds, defenses; and the zoo's backdoor flags."""
     g = p.add_argument_group("grid")
     g.add_argument(
         "--models",
@@ -193,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="NAME",
-        help="baseline defenses (python -m onp.baseline --list) and/or learned-policy agents "
-        f"(python -m onp.train --list, e.g. ppo-gnn) (default: {' '.join(d.defenses)})",
+        help="baseline defenses (onp.baseline --list; NAME[PROTOCOL] for a protocol, e.g. anp[paper]) and/or "
+        f"learned-policy agents (python -m onp.train --list, e.g. ppo-gnn) (default: {' '.join(d.defenses)})",
     )
     g.add_argument(
         "--seeds",
@@ -218,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         skip=("model", "attack", "seed", "checkpoint"),
         description=f"one model per (model, attack, seed) of the grid; dataset default: {d.backdoor.dataset}",
     )
+
+
+def _defense_flags(p: argparse.ArgumentParser, d: CompareConfig) -> None:
+    """The baselines' oracle sweep and the learned policies' onp.train settings."""
     o = p.add_argument_group("defenses")
     o.add_argument(
         "--oracle-max-fraction",
@@ -246,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="device for onp.train and backdoor training (e.g. cuda); with --executor ray it need not "
         "exist on this machine, only on the workers",
     )
+
+
+def _run_flags(p: argparse.ArgumentParser, d: CompareConfig) -> None:
+    """Executor, parallelism, determinism and the output folder."""
     r = p.add_argument_group("execution")
     r.add_argument(
         "--executor", choices=["local", "processes", "ray"], default=None, help=f"default {d.execution.executor}"
@@ -269,6 +270,34 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--report-only", action="store_true", default=None, help="only rebuild the leaderboard and plots")
     w.add_argument("--no-plots", dest="plots", action="store_false", default=None)
     w.add_argument("--quiet", action="store_true", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m onp.compare`` flags; each sets one :class:`CompareConfig` key (:data:`FLAG_KEYS`)."""
+    d = CompareConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m onp.compare",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
+        epilog="Every flag sets one key of onp.compare_config.CompareConfig; "
+        "configs/compare/default.yaml lists them all with their defaults.",
+    )
+    p.add_argument(
+        "--config",
+        type=path_arg,
+        default=None,
+        metavar="FILE.yaml",
+        help="YAML of CompareConfig keys merged onto the defaults; the flags and --set override it",
+    )
+    add_set_flag(
+        p,
+        help="override a CompareConfig key, dotted (e.g. execution.jobs=2, repeatable). A key that is "
+        "not one is a defense hyperparameter (short for defense.params.KEY): 'anp.iterations=500' "
+        "for one defense, 'delta=0.1' for every selected baseline that has the key",
+    )
+    add_list_flag(p, "the defenses (baselines and agents)")
+    for add_flags in (_grid_flags, _defense_flags, _run_flags):
+        add_flags(p, d)
     return p
 
 
@@ -314,8 +343,9 @@ class GridPlan:
         self.attacks = list(dict.fromkeys(config.attacks))
         self.defenses = list(dict.fromkeys(config.defenses))
         self.seeds = config.seed_values()
-        self.baselines = [d for d in self.defenses if d in baseline_names]
-        self.policies = [d for d in self.defenses if d not in baseline_names]
+        #: baseline entries (labels such as anp or anp[paper]) and learned-policy agents
+        self.baselines = [d for d in self.defenses if _label(d)[0] in baseline_names]
+        self.policies = [d for d in self.defenses if d not in self.baselines]
         b = config.backdoor
         self.out = Path(config.output.out or Path("runs") / "compare" / "-".join(self.models))
         self.cache_dir = None if b.cache_dir is None else Path(b.cache_dir)
@@ -343,8 +373,14 @@ class GridPlan:
             ATTACKS.check(a)
         baseline_names = _defense_names()
         for d in c.defenses:
-            if d not in baseline_names:
-                check_policy_name(d, baseline_names)
+            name, protocol = _label(d)
+            if name in baseline_names:
+                continue
+            check_policy_name(name, baseline_names)
+            if protocol is not None:
+                raise ValueError(
+                    f"defense {d!r}: a protocol ([{protocol}]) applies to baseline defenses only; {name!r} is an agent"
+                )
 
     def _check_before_any_work(self) -> None:
         """The cache, the device, the onp.train settings and the dataset, before any model is trained."""
@@ -393,20 +429,35 @@ class GridPlan:
                 ) from None
 
     def _defense_params(self) -> Dict[str, Dict[str, Any]]:
-        """The hyperparameters of each selected defense: its own ``params[DEFENSE]``, then every
-        unscoped ``params[KEY]`` that it has (baselines only; an unscoped key no selected baseline has
-        is an error). The baselines' hyperparameters are validated here, before any work."""
+        """The hyperparameters of each selected defense: ``params[NAME]`` (every entry of that defense,
+        e.g. ``anp`` and ``anp[paper]``), then ``params[LABEL]`` (``anp[paper]`` only), then every
+        unscoped ``params[KEY]`` that it has (baselines only; an unscoped key no selected baseline takes
+        is an error). A ``NAME`` or unscoped key that an entry's protocol fixes (``fp[paper]``'s delta)
+        skips that entry; a ``LABEL`` key that contradicts it is an error. The baselines'
+        hyperparameters are validated here, with their protocol's rule, before any work."""
         import baselines
+        from baselines.protocols import fixed_params, protocol_params
 
-        scoped: Dict[str, Dict[str, Any]] = {d: {} for d in self.defenses}
+        names = {d: _label(d)[0] for d in self.defenses}
+        fixed = {d: fixed_params(names[d], _label(d)[1] or "delta") for d in self.defenses}
+        scopes: Dict[str, Dict[str, Any]] = {}
         unscoped: Dict[str, Any] = {}
         for key, val in self.config.defense.params.items():
-            if key in scoped and isinstance(val, Mapping):
-                scoped[key] = copy.deepcopy(dict(val))
+            if (key in names or key in names.values()) and isinstance(val, Mapping):
+                scopes[key] = copy.deepcopy(dict(val))
             else:
                 unscoped[key] = val
+        scoped = {
+            d: deep_update(
+                {k: copy.deepcopy(v) for k, v in scopes.get(names[d], {}).items() if k not in fixed[d]},
+                scopes.get(d, {}) if d != names[d] else {},
+            )
+            for d in names
+        }
         for key, val in unscoped.items():
-            takers = [d for d in self.baselines if key in baselines.DEFENSES.get(d).defaults()]
+            takers = [
+                d for d in self.baselines if key in baselines.DEFENSES.get(names[d]).defaults() and key not in fixed[d]
+            ]
             if not takers:
                 raise ValueError(
                     f"--set {key}=...: no selected baseline has a hyperparameter {key!r} "
@@ -414,8 +465,8 @@ class GridPlan:
                 )
             for d in takers:
                 scoped[d] = deep_update(scoped[d], {key: copy.deepcopy(val)})
-        for d in self.baselines:  # validate hyperparameters before any work
-            baselines.build_defense(d, **scoped[d])
+        for d in self.baselines:  # validate hyperparameters (and the protocol's rule) before any work
+            baselines.build_defense(names[d], **protocol_params(names[d], _label(d)[1] or "delta", scoped[d]))
         return scoped
 
     def settings(self) -> Dict[str, Any]:
@@ -506,8 +557,9 @@ class GridPlan:
     def baseline_config(self, cell: Cell, model_dir: str) -> Dict[str, Any]:
         """The :class:`onp.baseline_config.BaselineRunConfig` of a baseline cell (as a mapping)."""
         c = self.config
+        name, protocol = _label(cell.defense)
         cfg: Dict[str, Any] = {
-            "method": cell.defense,
+            "defense": name,
             "params": copy.deepcopy(self.defense_params[cell.defense]),
             "checkpoint": str(model_dir),
             "defense_seed": cell.seed,
@@ -518,6 +570,8 @@ class GridPlan:
         }
         if c.defense.oracle_max_fraction is not None:
             cfg["oracle_max_fraction"] = c.defense.oracle_max_fraction
+        if protocol is not None:  # a plain NAME keeps the run config's default (delta) and its old config
+            cfg["protocol"] = protocol
         return cfg
 
     def train_config(self, cell: Cell, model_dir: Optional[str]) -> Dict[str, Any]:
@@ -680,13 +734,12 @@ def model_layers(model_dir: Optional[str]) -> Optional[List[tuple]]:
     the folder cannot be read: the per-layer plot then uses the layer names of pruned.json)."""
     if not model_dir:
         return None
-    from baselines import DefenseError, neuron_layout
-
+    from .graph import neuron_layout
     from .zoo import load_model
 
     try:
         layout = neuron_layout(load_model(Path(model_dir)))
-    except (OSError, ValueError, CheckpointError, DefenseError):
+    except (OSError, ValueError, CheckpointError):  # UnsupportedModelError is a ValueError
         return None
     return [(layer.bn_name, layer.offset, layer.num_channels) for layer in layout.layers]
 

@@ -3,7 +3,7 @@
 Examples::
 
     python -m onp.defend --arch resnet18 --weights suspect.pt --clean-data my_images/
-    python -m onp.defend --arch resnet18 --width 64 --weights suspect.safetensors --clean-data clean.npz --method auto
+    python -m onp.defend --arch resnet18 --width 64 --weights suspect.safetensors --clean-data clean.npz --defense auto
     python -m onp.defend --arch my_net.py:Net --weights net.pt --clean-data clean.npz --mean 0.5 --std 0.5
     python -m onp.defend --weights attack_result.pt --clean-data clean.npz   # BackdoorBench: --arch from the file
     python -m onp.defend ... --test-data test.npz --attack badnets      # adds test ACC / ASR (trigger-aware)
@@ -11,7 +11,7 @@ Examples::
 Python (``onp.defend`` is this module, and calling it calls :func:`defend`)::
 
     import onp
-    report = onp.defend(model, clean_x, clean_y)          # method="ppo-gnn"
+    report = onp.defend(model, clean_x, clean_y)          # defense="ppo-gnn"
     print(report.verdict.summary(), report.metrics["val"])
 
 Steps (:func:`run_defense`): (1) split the clean images into defense-train and defense-validation
@@ -19,17 +19,17 @@ Steps (:func:`run_defense`): (1) split the clean images into defense-train and d
 defense-train (the ``synthesized`` ASR estimator, cached on disk) and take the MAD anomaly index of
 the estimated target class's trigger size; the model is *suspected* when it is at most
 ``-anomaly_threshold`` (default 2, Neural Cleanse's); (3) if not suspected and not ``force``,
-prune nothing ("no backdoor found"); else run the method: ``ppo-gnn`` (learn a pruning policy on
+prune nothing ("no backdoor found"); else run the defense: ``ppo-gnn`` (learn a pruning policy on
 this model, as ``onp.train`` does), a baseline (its own operating point on defense data), or
 ``auto`` (a portfolio; the best reward val ACC - estimated val ASR wins); (4) "no evidence, no
-pruning" (:mod:`onp.evidence`) for every method: a repair is kept only if it lowers the estimated
+pruning" (:mod:`onp.evidence`) for every defense: a repair is kept only if it lowers the estimated
 ASR significantly at an allowed accuracy cost. Nothing is chosen on test data; ``--test-data`` (and
 ``--attack``, trigger-aware) only add numbers to the report.
 
-The run folder (``--out``, default ``runs/defend/<arch>-<method>-s<seed>``; :func:`onp.io.run_folder`
+The run folder (``--out``, default ``runs/defend/<arch>-<defense>-s<seed>``; :func:`onp.io.run_folder`
 rules) holds the repaired weights under the user's own key names (``model.pt``, or
 ``model.safetensors`` when the input was safetensors), ``pruned.json`` (neuron ids and names),
-``config.json``, ``train_config.json`` (the learned method's resolved settings), ``report.md``,
+``config.json``, ``train_config.json`` (the learned defense's resolved settings), ``report.md``,
 ``report.json`` (strict JSON), ``metrics.json``, ``trigger.png``, ``env.json`` and ``README.md``
 (:func:`onp.defense_report.write_defense_run`).
 
@@ -65,6 +65,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .attacks import Attack, build_attack
+from .attacks.image_trigger import ImageTrigger
 from .cli_common import device_arg, finite_float, fraction, int_at_least, path_arg, run_cli
 from .config import deep_update, parse_overrides
 from .data.defense import DefenseData
@@ -113,7 +115,7 @@ __all__ = [
     "DefenseReport",
     "Verdict",
     "RecoveredTrigger",
-    "method_choices",
+    "defense_choices",
     "build_user_model",
     "images_from_arrays",
     "write_defense_run",
@@ -207,9 +209,9 @@ class _Session:
 
 @dataclass
 class _Candidate:
-    """One method's repair after the evidence rule (``model`` is the unrepaired one when it was refused)."""
+    """One defense's repair after the evidence rule (``model`` is the unrepaired one when it was refused)."""
 
-    method: str
+    defense: str
     model: nn.Module
     pruned: List[int]
     judgement: Judgement
@@ -224,7 +226,7 @@ class _Candidate:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "method": self.method,
+            "defense": self.defense,
             "outcome": self.judgement.verdict,
             "keep": self.judgement.keep,
             "reason": self.judgement.reason,
@@ -238,8 +240,8 @@ class _Candidate:
 
 
 Runner = Callable[[_Session, str], _Candidate]
-#: defense methods of onp.defend other than the baselines (every baseline of ``baselines.DEFENSES`` is one too)
-METHODS: Registry[Runner] = Registry("defense method")
+#: defenses of onp.defend other than the baselines (every baseline of ``baselines.DEFENSES`` is one too)
+RUNNERS: Registry[Runner] = Registry("defense")
 
 
 def _baselines() -> Any:
@@ -248,18 +250,18 @@ def _baselines() -> Any:
     return baselines
 
 
-def method_choices() -> List[str]:
-    """Every ``method``: ``auto``, ``ppo-gnn`` and the baselines."""
-    return METHODS.names() + _baselines().DEFENSES.names()
+def defense_choices() -> List[str]:
+    """Every ``defense``: ``auto``, ``ppo-gnn`` and the baselines."""
+    return RUNNERS.names() + _baselines().DEFENSES.names()
 
 
 def _runner(name: str) -> Runner:
-    """The function that runs method ``name`` (:data:`METHODS`, else a baseline); unknown: the choices."""
-    if name in METHODS:
-        return METHODS.get(name)
+    """The function that runs defense ``name`` (:data:`RUNNERS`, else a baseline); unknown: the choices."""
+    if name in RUNNERS:
+        return RUNNERS.get(name)
     if name in _baselines().DEFENSES:
         return _run_baseline
-    raise UnknownNameError("defense method", name, method_choices())
+    raise UnknownNameError("defense", name, defense_choices())
 
 
 def _val_metrics(model: nn.Module, target: PruningTarget) -> Dict[str, float]:
@@ -281,7 +283,7 @@ def _candidate(
     )
 
 
-@METHODS.register("ppo-gnn")
+@RUNNERS.register("ppo-gnn")
 def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
     """Learn a pruning policy on this model (MaskablePPO + GNN, ``onp.train``'s agent and settings), run
     it once deterministically, keep its pruning by ``select_pruning`` and the evidence rule."""
@@ -310,7 +312,7 @@ def _run_baseline(s: _Session, name: str) -> _Candidate:
     judge its repair by the evidence rule on the env's reward batch. A baseline that fine-tunes
     instead of pruning (ft, ngf) is judged the same way: its changed weights are the repair."""
     t0 = time.perf_counter()
-    params = s.cfg.params if name == s.cfg.method else {}
+    params = s.cfg.params if name == s.cfg.defense else {}
     s.log(f"[onp] {name}: fitting the baseline on {len(s.data.train_y)} defense-train images")
     result = _baselines().build_defense(name, **params).fit(s.model, s.data, seed=s.cfg.seed)
     prunes = result.pruned is not None
@@ -326,18 +328,18 @@ def _run_baseline(s: _Session, name: str) -> _Candidate:
     return _candidate(s, name, result.model, pruned, judgement, t0, info)
 
 
-@METHODS.register("auto")
+@RUNNERS.register("auto")
 def _run_auto(s: _Session, name: str) -> _Candidate:
-    """Run every method of ``portfolio``; keep the repair with the best reward val ACC - estimated val
+    """Run every defense of ``portfolio``; keep the repair with the best reward val ACC - estimated val
     ASR on defense-validation (the first one on ties; refused repairs count as the unrepaired model)."""
     t0 = time.perf_counter()
     tried = []
-    for method in s.cfg.portfolio:
-        s.log(f"[onp] auto: trying {method}")
-        tried.append(_runner(method)(s, method))
+    for defense in s.cfg.portfolio:
+        s.log(f"[onp] auto: trying {defense}")
+        tried.append(_runner(defense)(s, defense))
     best = max(tried, key=lambda c: c.reward)
     s.log(
-        f"[onp] auto: {best.method} has the best reward on defense-validation ({best.reward:+.4f}: val ACC "
+        f"[onp] auto: {best.defense} has the best reward on defense-validation ({best.reward:+.4f}: val ACC "
         f"{best.val['acc']:.3f} - estimated val ASR {best.val['asr']:.3f})"
     )
     return dataclasses.replace(
@@ -350,8 +352,7 @@ def _no_defense(s: _Session, verdict: Verdict) -> _Candidate:
     judgement = s.rule.judge(s.initial, s.initial, s.n_triggered)
     judgement = dataclasses.replace(
         judgement,
-        reason=f"no backdoor found (anomaly index {verdict.anomaly_index:.2f} "
-        f"> -{verdict.threshold:g}); force=True (--force) defends anyway",
+        reason=f"no backdoor found ({verdict.evidence()}); force=True (--force) defends anyway",
     )
     return _Candidate("none", copy.deepcopy(s.model).eval(), [], judgement, _val_metrics(s.model, s.target), 0.0)
 
@@ -367,8 +368,10 @@ def _verdict(probe: ASRProbe, cfg: DefendConfig) -> Verdict:
         )
     target = int(info["estimated_target"])
     index = float(info["anomaly_index"][target])
+    inverted = float(info["success"][target]) >= float(info.get("min_success", 0.5))
     return Verdict(
-        suspected=math.isfinite(index) and index <= -cfg.anomaly_threshold,
+        suspected=inverted and math.isfinite(index) and index <= -cfg.anomaly_threshold,
+        inverted=inverted,
         estimated_target=target,
         anomaly_index=index,
         threshold=float(cfg.anomaly_threshold),
@@ -439,11 +442,9 @@ def _test_metrics(before: nn.Module, after: nn.Module, test: CleanImages, cfg: D
         "acc_before": accuracy(predict(before, test.x), test.y),
         "acc_after": accuracy(predict(after, test.x), test.y),
     }
-    if cfg.attack is None:
+    if not cfg.trigger_aware:
         return out
-    from .attacks import build_attack
-
-    attack = build_attack(cfg.attack, tuple(test.x.shape[1:]), test.num_classes, **cfg.attack_params)
+    attack = _known_trigger(cfg, tuple(test.x.shape[1:]), test.num_classes)
     b = evaluate_backdoor(before, test.x, test.y, attack)
     a = with_der(b, evaluate_backdoor(after, test.x, test.y, attack))
     out.update(
@@ -454,10 +455,30 @@ def _test_metrics(before: nn.Module, after: nn.Module, test: CleanImages, cfg: D
         der=a["der"],
         trigger_aware=True,
         attack=attack.params(),
-        note="trigger-aware: ASR/RA with the real trigger of the attack you named (--attack), on the test "
-        "images; for reporting only, never used by the defense",
+        note="trigger-aware: ASR/RA with the trigger you gave (--attack or --trigger-image/--trigger-mask), "
+        "on the test images; for reporting only, never used by the defense",
     )
     return out
+
+
+def _known_trigger(cfg: DefendConfig, shape: Tuple[int, ...], num_classes: int) -> Attack:
+    """The trigger the user knows: a registered attack (``cfg.attack``) or two image files."""
+    if cfg.trigger_image is not None:
+        assert cfg.target is not None  # DefendConfig checks that trigger_image comes with target
+        return ImageTrigger(shape, num_classes, image=cfg.trigger_image, mask=cfg.trigger_mask, target=cfg.target)
+    assert cfg.attack is not None
+    target = {} if cfg.target is None else {"target": cfg.target}
+    return build_attack(cfg.attack, shape, num_classes, **{**cfg.attack_params, **target})
+
+
+def _check_known_trigger(cfg: DefendConfig, test: Optional[CleanImages], how: str) -> None:
+    """A known trigger (``attack`` or ``trigger_image``) needs test images, and its files and parameters
+    are checked before any defending."""
+    if not cfg.trigger_aware:
+        return
+    if test is None:
+        raise ValueError(f"a known trigger (attack or trigger_image) only measures test ASR: give {how}")
+    _known_trigger(cfg, tuple(test.x.shape[1:]), test.num_classes)
 
 
 def _pruned_per_layer(names: Sequence[str]) -> Dict[str, int]:
@@ -489,10 +510,10 @@ def _report(
         "suspected": verdict.suspected,
         "forced": bool(s.cfg.force and not verdict.suspected),
         "outcome": cand.judgement.verdict,
-        "method": s.cfg.method,
-        "chosen_method": cand.method,
-        "method_info": cand.info,
-        "method_seconds": round(cand.seconds, 2),
+        "defense": s.cfg.defense,
+        "chosen_defense": cand.defense,
+        "defense_info": cand.info,
+        "defense_seconds": round(cand.seconds, 2),
         "n_pruned": len(cand.pruned),
         "num_neurons": int(graph.num_nodes),
         "pruned_per_layer": _pruned_per_layer(names),
@@ -512,7 +533,7 @@ def _report(
         pruned_names=names,
         verdict=verdict,
         judgement=cand.judgement,
-        method=s.cfg.method,
+        defense=s.cfg.defense,
         metrics=metrics,
         wall_time=wall,
         trigger=trigger,
@@ -535,9 +556,9 @@ def run_defense(
         model: the model as it is defended: images in [0, 1] in, logits out (a :class:`~onp.user_model.NormalizedModel`
             wrapper where the user gave ``mean``/``std``); not modified.
         images: the clean images (:func:`onp.data.user_data.load_clean_images` or :func:`images_from_arrays`).
-        cfg: the settings (method, estimator, threshold, ``force``, seed ...).
+        cfg: the settings (defense, estimator, threshold, ``force``, seed ...).
         test: optional held-out images: test ACC (and ASR with ``cfg.attack``) in the report only.
-        work_dir: where a learned method writes its policy (default: a temporary folder).
+        work_dir: where a learned defense writes its policy (default: a temporary folder).
         log: progress messages; progress: progress bars.
     """
     threads = torch.get_num_threads()
@@ -554,8 +575,8 @@ def run_defense(
                 trigger = _recover_trigger(s.target.probe, s.data, verdict.estimated_target)
                 if verdict.suspected or cfg.force:
                     if not verdict.suspected:
-                        log(f"[onp] force: defending anyway with {cfg.method}")
-                    cand = _runner(cfg.method)(s, cfg.method)
+                        log(f"[onp] force: defending anyway with {cfg.defense}")
+                    cand = _runner(cfg.defense)(s, cfg.defense)
                 else:
                     cand = _no_defense(s, verdict)
                 return _report(s, cand, verdict, trigger, test, t0)
@@ -570,18 +591,18 @@ def run_defense(
 
 
 def _check_names(cfg: DefendConfig) -> None:
-    """Every name of ``cfg`` (method, portfolio, baseline hyperparameters, estimator, attack), before any
+    """Every name of ``cfg`` (defense, portfolio, baseline hyperparameters, estimator, attack), before any
     model is loaded."""
-    _runner(cfg.method)
+    _runner(cfg.defense)
     bl = _baselines()
-    if cfg.method in bl.DEFENSES:
-        bl.build_defense(cfg.method, **cfg.params)
+    if cfg.defense in bl.DEFENSES:
+        bl.build_defense(cfg.defense, **cfg.params)
     elif cfg.params:
         raise ValueError(
-            f"params are a baseline's hyperparameters; method {cfg.method!r} takes none (the learned "
-            f"method's settings go in train, e.g. --set train.ppo.total_timesteps=5000)"
+            f"params are a baseline's hyperparameters; defense {cfg.defense!r} takes none (the learned "
+            f"defense's settings go in train, e.g. --set train.ppo.total_timesteps=5000)"
         )
-    if cfg.method == "auto":
+    if cfg.defense == "auto":
         for name in cfg.portfolio:
             if name == "auto":
                 raise ValueError("portfolio: 'auto' cannot be part of its own portfolio")
@@ -608,7 +629,7 @@ def defend(
     model: nn.Module,
     clean_x: Any,
     clean_y: Any,
-    method: str = "ppo-gnn",
+    defense: str = "ppo-gnn",
     *,
     test_x: Any = None,
     test_y: Any = None,
@@ -624,7 +645,7 @@ def defend(
             normalised images). It is not modified.
         clean_x, clean_y: clean images (torch or numpy; uint8 0..255 or float in [0, 1]; ``(N, C, H, W)``,
             ``(N, H, W, C)`` or ``(N, H, W)``) and integer labels; at least 20.
-        method: ``"ppo-gnn"`` (default), ``"auto"`` or a baseline (``onp.defend.method_choices()``).
+        defense: ``"ppo-gnn"`` (default), ``"auto"`` or a baseline (``onp.defend.defense_choices()``).
         test_x, test_y: optional held-out images for test ACC (and ASR with ``attack=...``) in the report.
         out: also write the run folder there (as ``python -m onp.defend`` does); ``overwrite`` replaces
             an earlier onp run there.
@@ -637,21 +658,11 @@ def defend(
     Returns:
         :class:`DefenseReport` (``report.model`` is the repaired model).
     """
-    taken = sorted(k for k in ("arch", "weights", "clean_data", "indices", "test_data", "test_indices") if k in options)
-    if taken:
-        raise ValueError(
-            f"defend() takes the model and the images themselves; {', '.join(taken)} are options of "
-            f"python -m onp.defend (run_defend)"
-        )
-    channels, (height, width) = _layout_of(tuple(_as_numpy(clean_x).shape))
-    shape = {"in_channels": channels, "input_size": [height, width], **options, "method": method}
-    cfg = DefendConfig.from_dict(shape)  # every option checked before the model runs
+    if "method" in options:  # the keyword's name before it was renamed (issue #15: one word per concept)
+        options = dict(options)
+        defense = options.pop("method")
+    cfg, wrapped = _api_config(model, clean_x, defense, options)
     channels, size = cfg.in_channels, cfg.image_size
-    wrapped = with_normalization(model, cfg.mean, cfg.std, channels)
-    if "num_classes" not in options:
-        cfg = DefendConfig.from_dict({**shape, "num_classes": output_shape(wrapped, channels, size, "the model")[-1]})
-    _check_names(cfg)
-    check_output(wrapped, channels, size, cfg.num_classes, "the model")
     images = images_from_arrays(clean_x, clean_y, num_classes=cfg.num_classes, channels=channels, image_size=size)
     test = (
         None
@@ -660,6 +671,7 @@ def defend(
             test_x, test_y, num_classes=cfg.num_classes, channels=channels, image_size=size, what="test_x/test_y"
         )
     )
+    _check_known_trigger(cfg, test, "test_x and test_y")
     log = _printer(quiet)
     if out is None:
         report = run_defense(wrapped, images, cfg, test=test, log=log, progress=not quiet)
@@ -673,6 +685,30 @@ def defend(
     if not quiet:
         _print_summary(report)
     return report
+
+
+def _api_config(
+    model: nn.Module, clean_x: Any, defense: str, options: Mapping[str, Any]
+) -> Tuple[DefendConfig, nn.Module]:
+    """:func:`defend`'s config (the image shape and class count read from the images and the model unless
+    given; every option checked before the model runs) and the model as it is defended (normalising
+    first where ``mean``/``std`` are given)."""
+    taken = sorted(k for k in ("arch", "weights", "clean_data", "indices", "test_data", "test_indices") if k in options)
+    if taken:
+        raise ValueError(
+            f"defend() takes the model and the images themselves; {', '.join(taken)} are options of "
+            f"python -m onp.defend (run_defend)"
+        )
+    channels, (height, width) = _layout_of(tuple(_as_numpy(clean_x).shape))
+    shape = {"in_channels": channels, "input_size": [height, width], **options, "defense": defense}
+    cfg = DefendConfig.from_dict(shape)
+    wrapped = with_normalization(model, cfg.mean, cfg.std, cfg.in_channels)
+    if "num_classes" not in options:
+        classes = output_shape(wrapped, cfg.in_channels, cfg.image_size, "the model")[-1]
+        cfg = DefendConfig.from_dict({**shape, "num_classes": classes})
+    _check_names(cfg)
+    check_output(wrapped, cfg.in_channels, cfg.image_size, cfg.num_classes, "the model")
+    return cfg, wrapped
 
 
 def _load_images(cfg: DefendConfig, source: str, indices: Optional[str]) -> CleanImages:
@@ -689,9 +725,9 @@ def _load_images(cfg: DefendConfig, source: str, indices: Optional[str]) -> Clea
 
 
 def default_run_dir(cfg: DefendConfig) -> Path:
-    """``runs/defend/<arch>-<method>-s<seed>`` (a file-based ``--arch`` is named by its class)."""
+    """``runs/defend/<arch>-<defense>-s<seed>`` (a file-based ``--arch`` is named by its class)."""
     arch = (cfg.arch or "model").rsplit(":", 1)[-1]
-    return Path("runs") / "defend" / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{arch}-{cfg.method}-s{cfg.seed}")
+    return Path("runs") / "defend" / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{arch}-{cfg.defense}-s{cfg.seed}")
 
 
 def _from_file_line(cfg: DefendConfig, wf: WeightsFile) -> str:
@@ -746,6 +782,7 @@ def run_defend(
     check_output(model, cfg.in_channels, cfg.image_size, cfg.num_classes, f"--arch {cfg.arch}")
     images = _load_images(cfg, cfg.clean_data, cfg.indices)
     test = _load_images(cfg, cfg.test_data, cfg.test_indices) if cfg.test_data else None
+    _check_known_trigger(cfg, test, "--test-data")
     final = Path(out) if out is not None else default_run_dir(cfg)
     with run_folder(final, tool="onp.defend", overwrite=overwrite) as run_dir:
         report = run_defense(model, images, cfg, test=test, work_dir=run_dir / "learn", log=log, progress=not quiet)
@@ -760,14 +797,8 @@ def run_defend(
 # command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m onp.defend`` flags (each maps to one :class:`DefendConfig` key)."""
-    p = argparse.ArgumentParser(
-        prog="python -m onp.defend",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="See docs/defend.md for the verdict, the methods and the files written.",
-    )
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """``--arch``, ``--weights`` and the model's shape and normalisation."""
     m = p.add_argument_group("the model")
     from .models import MODELS
 
@@ -803,6 +834,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-channel normalisation your model expects (with --std); onp's own archs apply it inside",
     )
     m.add_argument("--std", type=finite_float, nargs="+", default=None)
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """The defender's clean images, the optional test images and a known trigger."""
     d = p.add_argument_group("the defender's images")
     d.add_argument(
         "--clean-data",
@@ -818,12 +853,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a registered attack: adds test ASR with its trigger (trigger-aware; needs --test-data)",
     )
+    d.add_argument("--trigger-image", type=path_arg, default=None, help="a trigger you know: its pattern (PNG/JPEG)")
+    d.add_argument(
+        "--trigger-mask",
+        type=path_arg,
+        default=None,
+        help="its mask (greyscale PNG, white = the trigger's pixels); with --trigger-image, --target and --test-data",
+    )
+    d.add_argument("--target", type=int_at_least(0), default=None, help="the known trigger's target class")
     d.add_argument("--data-dir", type=path_arg, default=None)
     d.add_argument("--data-source", choices=["auto", "full", "sample"], default=None)
+
+
+def _defense_flags(p: argparse.ArgumentParser) -> None:
+    """The defense, the verdict's threshold and the learned defense's main settings."""
     f = p.add_argument_group("the defense")
-    f.add_argument("--method", default=None, help="ppo-gnn (default), auto, or a baseline (see --list)")
     f.add_argument(
-        "--portfolio", nargs="+", default=None, help="the methods --method auto tries (default ppo-gnn clp fp)"
+        "--defense",
+        "--method",
+        default=None,
+        help="ppo-gnn (default), auto, or a baseline (see --list); --method: the old spelling",
+    )
+    f.add_argument(
+        "--portfolio", nargs="+", default=None, help="the defenses --defense auto tries (default ppo-gnn clp fp)"
     )
     f.add_argument(
         "--threshold",
@@ -842,7 +894,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any config key, dotted (train.ppo.n_steps=64, estimator_params.steps=150, params.delta=0.1)",
     )
-    f.add_argument("--list", action="store_true", help="list the methods and exit")
+    f.add_argument("--list", action="store_true", help="list the defenses and exit")
+
+
+def _running_flags(p: argparse.ArgumentParser) -> None:
+    """Seed, device, threads, cache and the run folder."""
     r = p.add_argument_group("running")
     r.add_argument("--seed", type=int_at_least(0), default=None)
     r.add_argument("--deterministic", action="store_true", default=None)
@@ -850,10 +906,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--torch-threads", type=int_at_least(1), default=None)
     r.add_argument("--cache-dir", type=path_arg, default=None, help="cache of reverse-engineered triggers")
     r.add_argument(
-        "--out", type=path_arg, default=None, help="run folder (default runs/defend/<arch>-<method>-s<seed>)"
+        "--out", type=path_arg, default=None, help="run folder (default runs/defend/<arch>-<defense>-s<seed>)"
     )
     r.add_argument("--overwrite", action="store_true", help="replace an earlier onp run folder (after success)")
     r.add_argument("--quiet", action="store_true", help="print only the summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m onp.defend`` flags (each maps to one :class:`DefendConfig` key)."""
+    p = argparse.ArgumentParser(
+        prog="python -m onp.defend",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See docs/defend.md for the verdict, the defenses and the files written.",
+    )
+    for add_flags in (_model_flags, _data_flags, _defense_flags, _running_flags):
+        add_flags(p)
     return p
 
 
@@ -873,9 +941,12 @@ FLAG_KEYS = {
     "test_data": "test_data",
     "test_indices": "test_indices",
     "attack": "attack",
+    "trigger_image": "trigger_image",
+    "trigger_mask": "trigger_mask",
+    "target": "target",
     "data_dir": "data_dir",
     "data_source": "data_source",
-    "method": "method",
+    "defense": "defense",
     "portfolio": "portfolio",
     "threshold": "anomaly_threshold",
     "force": "force",
@@ -908,7 +979,7 @@ def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
-        print("\n".join(method_choices()))
+        print("\n".join(defense_choices()))
         return 0
     cfg = DefendConfig.from_dict(config_from_args(args))
     line = reproduce_line(["python -m onp.defend"] + list(argv if argv is not None else sys.argv[1:]))

@@ -2,12 +2,12 @@
 
 Types and ranges are checked when the config is built, before anything runs (a wrong type, NaN,
 infinity, an out-of-range number or an unknown key is one :class:`~onp.config.ConfigError` naming
-the key). Names that live above the core (the method: ``ppo-gnn``, ``auto`` or a baseline; the ASR
+the key). Names that live above the core (the defense: ``ppo-gnn``, ``auto`` or a baseline; the ASR
 estimator) are looked up in their registries by :func:`onp.defend.run_defend` before any model is
 loaded.
 
 >>> cfg = DefendConfig.from_dict({"arch": "resnet18", "weights": "suspect.pt", "clean_data": "imgs/"})
->>> cfg.method, cfg.asr_estimator, cfg.anomaly_threshold
+>>> cfg.defense, cfg.asr_estimator, cfg.anomaly_threshold
 ('ppo-gnn', 'synthesized', 2.0)
 
 The backdoor verdict (docs/defend.md): before pruning, the ``synthesized`` estimator reverse-engineers
@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from .config import check_finite
 from .train_config import TrainConfig, TypedConfig, check_device
 
 __all__ = ["DefendConfig", "DEFAULT_PORTFOLIO", "TRAIN_KEYS_FROM_DEFEND", "is_user_arch"]
 
-#: the methods ``method="auto"`` tries by default: the learned policy and two fast baselines
+#: the defenses ``defense="auto"`` tries by default: the learned policy and two fast baselines
 DEFAULT_PORTFOLIO = ("ppo-gnn", "clp", "fp")
 #: training-config keys that ``train`` may not set: :class:`DefendConfig` sets them (one place each)
 TRAIN_KEYS_FROM_DEFEND = (
@@ -86,10 +86,15 @@ class DefendConfig(TypedConfig):
     val_fraction: float = Field(0.5, gt=0, lt=1, description="share of the clean images for defense-validation")
 
     # the defense
-    method: str = Field("ppo-gnn", min_length=1, description="ppo-gnn, auto, or a baseline")
+    defense: str = Field(
+        "ppo-gnn",
+        min_length=1,
+        validation_alias=AliasChoices("defense", "method"),
+        description="ppo-gnn, auto, or a baseline ('method' in configs written before it was renamed)",
+    )
     params: Dict[str, Any] = Field(default_factory=dict, description="the baseline's hyperparameters")
     portfolio: List[str] = Field(
-        default_factory=lambda: list(DEFAULT_PORTFOLIO), min_length=1, description="the methods method='auto' tries"
+        default_factory=lambda: list(DEFAULT_PORTFOLIO), min_length=1, description="the defenses defense='auto' tries"
     )
     asr_estimator: str = Field("synthesized", min_length=1)
     estimator_params: Dict[str, Any] = Field(default_factory=dict, description="e.g. steps, l1_weight")
@@ -100,6 +105,9 @@ class DefendConfig(TypedConfig):
     # trigger-aware test metrics (optional; never used to choose anything)
     attack: Optional[str] = Field(None, min_length=1, description="a registered attack: test ASR (trigger-aware)")
     attack_params: Dict[str, Any] = Field(default_factory=dict)
+    trigger_image: Optional[str] = Field(None, min_length=1, description="a known trigger's pattern (PNG/JPEG)")
+    trigger_mask: Optional[str] = Field(None, min_length=1, description="its mask (greyscale, white = trigger)")
+    target: Optional[int] = Field(None, ge=0, description="the known trigger's target class (or the attack's)")
 
     # running
     seed: int = Field(0, ge=0)
@@ -179,7 +187,25 @@ class DefendConfig(TypedConfig):
             raise ValueError("test_indices needs test_data (a dataset name)")
         if self.attack is None and self.attack_params:
             raise ValueError("attack_params needs attack")
+        self._check_known_trigger()
         return self
+
+    def _check_known_trigger(self) -> None:
+        """``trigger_image`` and ``trigger_mask`` come together, with ``target``, and not with ``attack``."""
+        image, mask = self.trigger_image is not None, self.trigger_mask is not None
+        if image != mask:
+            raise ValueError("trigger_image and trigger_mask go together: give both (--trigger-image, --trigger-mask)")
+        if image and self.attack is not None:
+            raise ValueError("give a known trigger either as attack or as trigger_image/trigger_mask, not both")
+        if image and self.target is None:
+            raise ValueError("trigger_image needs target: the class the trigger sends images to (--target)")
+        if self.target is not None and not (image or self.attack is not None):
+            raise ValueError("target is the known trigger's target class: it needs attack or trigger_image")
+
+    @property
+    def trigger_aware(self) -> bool:
+        """Whether the report measures test ASR with a trigger the user knows."""
+        return self.attack is not None or self.trigger_image is not None
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -188,7 +214,7 @@ class DefendConfig(TypedConfig):
         return (sizes[0], sizes[-1])
 
     def learned_config(self) -> Dict[str, Any]:
-        """The resolved ``onp.train`` config of the learned method: the defaults, ``train``, and this
+        """The resolved ``onp.train`` config of the learned defense: the defaults, ``train``, and this
         config's estimator, seed, device, threads and cache (a plain dict, as ``onp.train`` uses it)."""
         env = {
             **dict(self.train.get("env") or {}),

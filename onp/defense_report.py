@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -54,13 +55,17 @@ class Verdict:
     defense-train images (per class: the L1 size of the smallest mask that flips images to it).
 
     Attributes:
-        suspected: ``anomaly_index <= -threshold``.
+        suspected: the estimated target's trigger flips the model (``inverted``) and
+            ``anomaly_index <= -threshold``.
         estimated_target: the class with the smallest working trigger.
         anomaly_index: the MAD anomaly index of that class's trigger size (negative: smaller than usual).
         threshold: the configured ``anomaly_threshold``.
         estimator: the ASR estimator that inverted the triggers.
-        mask_l1, anomaly_indices, success: per class: trigger size, its anomaly index, and the fraction
-            of non-class defense-train images its trigger flips.
+        mask_l1, anomaly_indices, success: per class: trigger size, its anomaly index (over all
+            classes, :func:`envs.asr_estimators.anomaly_indices`), and the fraction of non-class
+            defense-train images its trigger flips.
+        inverted: the estimated target's trigger flips at least the estimator's ``min_success`` of
+            the images (if no class's does, the verdict is inconclusive and nothing is suspected).
     """
 
     suspected: bool
@@ -71,14 +76,30 @@ class Verdict:
     mask_l1: List[float]
     anomaly_indices: List[float]
     success: List[float]
+    inverted: bool = True
+
+    @property
+    def inconclusive(self) -> bool:
+        """No reverse-engineered trigger flipped the model (not even the estimated target's)."""
+        return not self.inverted or not math.isfinite(self.anomaly_index)
+
+    def evidence(self) -> str:
+        """The figure behind the verdict, in words."""
+        if self.inconclusive:
+            return (
+                f"inconclusive: no reverse-engineered class trigger flipped the model (best: class "
+                f"{self.estimated_target}, {max(self.success):.0%} of the images)"
+            )
+        cmp = "<=" if self.suspected else ">"
+        return (
+            f"estimated target class {self.estimated_target}: its reverse-engineered trigger's size has anomaly "
+            f"index {self.anomaly_index:.2f} {cmp} -{self.threshold:g}"
+        )
 
     def summary(self) -> str:
         """One line: the verdict first, then the figure behind it."""
-        what, cmp = ("backdoor suspected", "<=") if self.suspected else ("no backdoor found", ">")
-        return (
-            f"verdict: {what} (estimated target class {self.estimated_target}: its reverse-engineered trigger's "
-            f"size has anomaly index {self.anomaly_index:.2f} {cmp} -{self.threshold:g})"
-        )
+        what = "backdoor suspected" if self.suspected else "no backdoor found"
+        return f"verdict: {what} ({self.evidence()})"
 
     def to_dict(self) -> Dict[str, Any]:
         """The verdict as JSON-ready values (``report.json``'s ``verdict``)."""
@@ -117,10 +138,10 @@ class DefenseReport:
         verdict: the backdoor verdict before pruning (:class:`Verdict`).
         judgement: "no evidence, no pruning" applied to the repair (:class:`onp.evidence.Judgement`;
             ``verdict``: removed / not removed / nothing pruned, with val ACC/ASR before and after).
-        method: the method asked for (``ppo-gnn``, ``auto`` or a baseline); ``metrics["chosen_method"]``
+        defense: the defense asked for (``ppo-gnn``, ``auto`` or a baseline); ``metrics["chosen_defense"]``
             names the one whose repair was kept.
         metrics: validation ACC and estimated ASR before/after, pruned neurons per layer, the
-            per-method details, optional test metrics (JSON-ready).
+            per-defense details, optional test metrics (JSON-ready).
         wall_time: seconds of the whole defense.
         trigger: the recovered trigger (not in :meth:`to_dict`; drawn into ``trigger.png``).
         run_dir: the run folder, when one was written.
@@ -131,7 +152,7 @@ class DefenseReport:
     pruned_names: List[str]
     verdict: Verdict
     judgement: Judgement
-    method: str
+    defense: str
     metrics: Dict[str, Any]
     wall_time: float
     trigger: Optional[RecoveredTrigger] = None
@@ -145,9 +166,9 @@ class DefenseReport:
     def summary_lines(self) -> List[str]:
         """The verdict, the outcome of the repair, and the numbers (what the CLI prints)."""
         m, v = self.metrics, self.metrics["val"]
-        method = m["chosen_method"] if m["chosen_method"] != "none" else "no repair"
+        defense = m["chosen_defense"] if m["chosen_defense"] != "none" else "no repair"
         line = (
-            f"{method}: val ACC {v['acc_before']:.4f}->{v['acc_after']:.4f}  estimated val ASR "
+            f"{defense}: val ACC {v['acc_before']:.4f}->{v['acc_after']:.4f}  estimated val ASR "
             f"{v['asr_before']:.4f}->{v['asr_after']:.4f} (estimate)  |  pruned {len(self.pruned)} of "
             f"{m['num_neurons']} neurons"
         )
@@ -167,7 +188,7 @@ class DefenseReport:
             "verdict_summary": self.verdict.summary(),
             "outcome": self.outcome,
             "judgement": self.judgement.to_dict(),
-            "method": self.method,
+            "defense": self.defense,
             "pruned": list(self.pruned),
             "pruned_names": list(self.pruned_names),
             "metrics": self.metrics,
@@ -219,6 +240,37 @@ def _row(label: str, before: float, after: float) -> str:
     return f"| {label} | {before:.4f} | {after:.4f} |"
 
 
+def _test_rows(test: Optional[Mapping[str, Any]]) -> List[str]:
+    """The report's test rows (only with held-out images; ASR/RA only with a known trigger)."""
+    if not test:
+        return []
+    rows = [_row(f"test ACC ({test['n']} images)", test["acc_before"], test["acc_after"])]
+    if "asr_before" in test:
+        rows += [
+            _row(
+                f"test ASR (**trigger-aware**: attack `{test['attack']['name']}`)",
+                test["asr_before"],
+                test["asr_after"],
+            ),
+            _row("test RA (trigger-aware)", test["ra_before"], test["ra_after"]),
+        ]
+    return rows
+
+
+def _inversion_table(verdict: Verdict) -> List[str]:
+    """The per-class trigger inversion behind the verdict, as a Markdown table."""
+    lines = [
+        "## Trigger inversion per class",
+        "",
+        "| class | trigger L1 size | anomaly index | flips |",
+        "|---|---|---|---|",
+    ]
+    for c, (l1, a, ok) in enumerate(zip(verdict.mask_l1, verdict.anomaly_indices, verdict.success)):
+        mark = " (estimated target)" if c == verdict.estimated_target else ""
+        lines.append(f"| {c}{mark} | {l1:.2f} | {a:.2f} | {ok:.2f} |")
+    return lines
+
+
 def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -> str:
     """``report.md``: the verdict, the outcome, validation (and test) figures, the pruned neurons per
     layer, the per-class trigger inversion and the wall time."""
@@ -230,8 +282,8 @@ def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -
         "",
         f"**outcome:** {report.judgement.summary().removeprefix('verdict: ')}",
         "",
-        f"Method: `{report.method}`"
-        + (f" (kept: `{m['chosen_method']}`)" if m["chosen_method"] != report.method else "")
+        f"Defense: `{report.defense}`"
+        + (f" (kept: `{m['chosen_defense']}`)" if m["chosen_defense"] != report.defense else "")
         + (" -- forced (`--force`)" if m["forced"] else ""),
         "",
         "| | before | after |",
@@ -243,18 +295,7 @@ def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -
             v["asr_after"],
         ),
     ]
-    test = m.get("test")
-    if test:
-        lines.append(_row(f"test ACC ({test['n']} images)", test["acc_before"], test["acc_after"]))
-        if "asr_before" in test:
-            lines.append(
-                _row(
-                    f"test ASR (**trigger-aware**: attack `{test['attack']['name']}`)",
-                    test["asr_before"],
-                    test["asr_after"],
-                )
-            )
-            lines.append(_row("test RA (trigger-aware)", test["ra_before"], test["ra_after"]))
+    lines += _test_rows(m.get("test"))
     lines += [
         "",
         f"The estimated ASR is an {ASR_ESTIMATE_NOTE}.",
@@ -265,15 +306,7 @@ def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -
     if m["pruned_per_layer"]:
         lines += ["| layer | pruned |", "|---|---|"] + [f"| `{k}` | {n} |" for k, n in m["pruned_per_layer"].items()]
         lines += ["", "Neurons: " + ", ".join(f"`{n}`" for n in report.pruned_names), ""]
-    lines += [
-        "## Trigger inversion per class",
-        "",
-        "| class | trigger L1 size | anomaly index | flips |",
-        "|---|---|---|---|",
-    ]
-    for c, (l1, a, ok) in enumerate(zip(verdict.mask_l1, verdict.anomaly_indices, verdict.success)):
-        mark = " (estimated target)" if c == verdict.estimated_target else ""
-        lines.append(f"| {c}{mark} | {l1:.2f} | {a:.2f} | {ok:.2f} |")
+    lines += _inversion_table(verdict)
     lines += [
         "",
         f"Suspected when the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's "

@@ -41,7 +41,7 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Union, cast
 
 from .cli_common import (
     add_backdoor_flags,
@@ -59,6 +59,7 @@ from .cli_common import (
 )
 from .config import deep_update
 from .evaluate_config import EvaluateConfig
+from .graph import neuron_layout
 from .io import CheckpointError, cache_root, read_json, run_folder
 from .masks import apply_pruning
 from .metrics import evaluate_backdoor, with_der
@@ -221,7 +222,7 @@ def run_policy(
 
     Returns ``{"pruned", "pruned_names", "model", "mask_mode", "val", "asr_estimator", "trigger_aware",
     "env_steps"}``."""
-    from agents import accepts, build_agent, resolve_agent_factory, rollout, select_pruning
+    from agents import rollout
     from agents.base import check_agent_source
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
@@ -232,73 +233,96 @@ def run_policy(
             f"{run_dir}: not an onp.train run (config.json has no 'env'/'agent'); use --pruned for a baseline run"
         )
     check_architecture(source["backdoor"], bundle.config, what="policy")
-    agent_name = cfg["agent"]
-    check_agent_source(agent_name, agent, where=run_dir / "config.json")
+    check_agent_source(cfg["agent"], agent, where=run_dir / "config.json")
     seed = int(cfg.get("seed", 0) if seed is None else seed)
     env_kwargs = env_kwargs_from_config(cfg["env"], cache_dir if cache_dir is not None else cfg.get("cache_dir"))
     env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False)()
     try:
-        base = cast("NeuronPruningEnv", env.unwrapped)
-        factory, extra, _ = resolve_agent_factory(agent_name)
-        if getattr(factory, "learns", False):  # a learned agent: what onp.train saved, applied as it is
-            meta = read_json(run_dir / "policy.json") if (run_dir / "policy.json").is_file() else {}
-            n_policy = meta.get("num_nodes") if isinstance(meta, dict) else None
-            check_architecture(
-                source["backdoor"],
-                bundle.config,
-                what="policy",
-                n_source=n_policy if isinstance(n_policy, int) else None,
-                n_target=base.num_nodes,
-            )
-            # e.g. ppo-gnn: built on the TARGET model's graph from weights only; nothing unpickled
-            act = factory.load(run_dir, env, **({"device": device} if accepts(factory.load, "device") else {}))
-        else:  # a fixed agent is rebuilt from its parameters
-            params = {**extra, **(cfg.get("agent_params") or {})}
-            if "seed" not in params and accepts(factory, "seed"):
-                params["seed"] = seed
-            act = build_agent(agent_name, env, **params)
+        act = _source_agent(source, bundle, env, seed=seed, device=device)
         res = rollout(act, env, seed=seed)
-        ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
-        sel = select_pruning(
-            res,
-            select=ro.select,
-            min_return=ro.min_return,
-            evidence=ro.evidence_rule(base.delta),
-            n_triggered=len(base.target.probe.images),
-            log=log,
-        )
-        chosen = sel["info"]
-        pruned = [int(i) for i in chosen["pruned"]]
-        g = base.graph
-        names = g.neuron_names(pruned)
-        mask_mode = cfg["env"].get("mask_mode", "gamma")
-        model = apply_pruning(bundle.fresh_model(), g, pruned, mask_mode).eval()
-        info0 = res["infos"][0]
-        return {
-            "pruned": pruned,
-            "pruned_names": names,
-            "model": model,
-            "mask_mode": mask_mode,
-            "val": {
-                "acc": float(chosen["acc"]),
-                "asr": float(chosen["asr"]),
-                "acc0": float(info0["acc"]),
-                "asr0": float(info0["asr"]),
-                "episode_steps": res["steps"],
-                "return": sel["return"],
-                "fallback": sel["fallback"],
-                "n_triggered": len(base.target.probe.images),
-                "note": "the chosen episode on the target's defense-validation reward batch",
-            },
-            "judgement": sel["judgement"],
-            "asr_estimator": base.asr_estimator,
-            "trigger_aware": bool(base.target.probe.trigger_aware),
-            "env_steps": res["steps"],
-            "num_neurons": base.num_nodes,
-            "agent": agent_name,
-        }
+        return _chosen_pruning(cfg, bundle, env, res, log)
     finally:
         env.close()
+
+
+def _source_agent(source: Dict[str, Any], bundle: BackdoorBundle, env: Any, *, seed: int, device: str) -> Any:
+    """The source run's agent on ``env``: a learned one as onp.train saved it (checked against the
+    target's neuron count), a fixed one rebuilt from its parameters."""
+    from agents import accepts, build_agent, resolve_agent_factory
+
+    cfg, run_dir = source["config"], source["dir"]
+    base = cast("NeuronPruningEnv", env.unwrapped)
+    factory, extra, _ = resolve_agent_factory(cfg["agent"])
+    if getattr(factory, "learns", False):  # a learned agent: what onp.train saved, applied as it is
+        meta = read_json(run_dir / "policy.json") if (run_dir / "policy.json").is_file() else {}
+        n_policy = meta.get("num_nodes") if isinstance(meta, dict) else None
+        check_architecture(
+            source["backdoor"],
+            bundle.config,
+            what="policy",
+            n_source=n_policy if isinstance(n_policy, int) else None,
+            n_target=base.num_nodes,
+        )
+        # e.g. ppo-gnn: built on the TARGET model's graph from weights only; nothing unpickled
+        return factory.load(run_dir, env, **({"device": device} if accepts(factory.load, "device") else {}))
+    # a fixed agent is rebuilt from its parameters
+    params = {**extra, **(cfg.get("agent_params") or {})}
+    if "seed" not in params and accepts(factory, "seed"):
+        params["seed"] = seed
+    return build_agent(cfg["agent"], env, **params)
+
+
+def _chosen_pruning(
+    cfg: Dict[str, Any],
+    bundle: BackdoorBundle,
+    env: Any,
+    res: Dict[str, Any],
+    log: Optional[Callable[[str], None]],
+) -> Dict[str, Any]:
+    """The episode of ``res`` that the source run's ``rollout`` config chooses, applied to a fresh
+    copy of the target model (:func:`run_policy`'s result)."""
+    from agents import select_pruning
+
+    base = cast("NeuronPruningEnv", env.unwrapped)
+    ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
+    sel = select_pruning(
+        res,
+        select=ro.select,
+        min_return=ro.min_return,
+        evidence=ro.evidence_rule(base.delta),
+        n_triggered=len(base.target.probe.images),
+        log=log,
+    )
+    chosen = sel["info"]
+    pruned = [int(i) for i in chosen["pruned"]]
+    g = base.graph
+    names = g.neuron_names(pruned)
+    mask_mode = cfg["env"].get("mask_mode", "gamma")
+    model = apply_pruning(bundle.fresh_model(), g, pruned, mask_mode).eval()
+    info0 = res["infos"][0]
+    return {
+        "pruned": pruned,
+        "pruned_names": names,
+        "model": model,
+        "mask_mode": mask_mode,
+        "val": {
+            "acc": float(chosen["acc"]),
+            "asr": float(chosen["asr"]),
+            "acc0": float(info0["acc"]),
+            "asr0": float(info0["asr"]),
+            "episode_steps": res["steps"],
+            "return": sel["return"],
+            "fallback": sel["fallback"],
+            "n_triggered": len(base.target.probe.images),
+            "note": "the chosen episode on the target's defense-validation reward batch",
+        },
+        "judgement": sel["judgement"],
+        "asr_estimator": base.asr_estimator,
+        "trigger_aware": bool(base.target.probe.trigger_aware),
+        "env_steps": res["steps"],
+        "num_neurons": base.num_nodes,
+        "agent": cfg["agent"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------- pruned set
@@ -315,20 +339,24 @@ def _prune_mode_of(source: Dict[str, Any]) -> str:
     return params.get("prune_mode") or "gamma"
 
 
+def source_defense(config: Mapping[str, Any]) -> Optional[str]:
+    """The defense of a run folder's ``config.json``: its agent (``onp.train``) or its baseline
+    (``onp.baseline``; ``method`` in folders written before the key was renamed ``defense``)."""
+    return config.get("agent") or config.get("defense") or config.get("method")
+
+
 def apply_pruned_set(
     source: Dict[str, Any], bundle: BackdoorBundle, *, prune_mode: Optional[str] = None
 ) -> Dict[str, Any]:
     """Prune ``source``'s ``pruned.json`` indices on ``bundle``'s model (same numbering required)."""
-    import baselines
-
     run_dir: Path = source["dir"]
     path = run_dir / "pruned.json"
     if not path.exists():
-        method = source["config"].get("method") or source["config"].get("agent") or "this run"
-        raise CheckpointError(f"{run_dir}: no pruned.json ({method} does not prune neurons); nothing to transfer")
+        name = source_defense(source["config"]) or "this run"
+        raise CheckpointError(f"{run_dir}: no pruned.json ({name} does not prune neurons); nothing to transfer")
     data = read_pruned(run_dir)
     indices, names = data["indices"], data["names"]
-    layout = baselines.neuron_layout(bundle.model)
+    layout = neuron_layout(bundle.model)
     n_src = source["metrics"].get("num_neurons")
     check_architecture(
         source["backdoor"],
@@ -352,7 +380,7 @@ def apply_pruned_set(
             f"model's numbering (e.g. {bad[0]} vs {bad[1]})"
         )
     mode = prune_mode or _prune_mode_of(source)
-    model = baselines.prune_model(bundle.model, layout, indices, mode)
+    model = apply_pruning(bundle.model, layout.bn_names, indices, mode)
     return {
         "pruned": indices,
         "pruned_names": ours,
@@ -461,9 +489,9 @@ def run_evaluate(
         )
     if kind == "pruned":
         if not (source["dir"] / "pruned.json").exists():
-            method = source["config"].get("method") or source["config"].get("agent") or "this run"
+            name = source_defense(source["config"]) or "this run"
             raise CheckpointError(
-                f"{source['dir']}: no pruned.json ({method} does not prune neurons); nothing to transfer"
+                f"{source['dir']}: no pruned.json ({name} does not prune neurons); nothing to transfer"
             )
         read_pruned(source["dir"])  # a malformed pruned.json fails before any model is loaded
     cache_root(cfg.cache_dir)  # an empty ONP_CACHE, or one at a file, is refused before any work
@@ -505,10 +533,7 @@ def _evaluate_into(
 ) -> Dict[str, Any]:
     """Apply the policy / pruned set to ``bundle``; write the run into ``work`` (``out`` or its staging
     folder under --overwrite) and return its metrics."""
-    kind = cfg.kind
-    tcfg = bundle.config
-    target_name = "clean" if tcfg.clean else tcfg.attack
-    if kind == "policy":
+    if cfg.kind == "policy":
         res = run_policy(
             source,
             bundle,
@@ -522,6 +547,35 @@ def _evaluate_into(
         res = apply_pruned_set(source, bundle, prune_mode=cfg.prune_mode)
     before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
     after = with_der(before, evaluate_backdoor(res["model"], bundle.test_x, bundle.test_y, bundle.attack))
+    metrics = _evaluate_metrics(cfg.kind, source, bundle, res, before, after, t0)
+    write_run(
+        work,
+        config=_evaluate_run_config(cfg, source, bundle, res, seed),
+        metrics=metrics,
+        pruned=res["pruned"],
+        pruned_names=res["pruned_names"],
+        model_state=res["model"].state_dict(),
+    )
+    _print_outcome(metrics, res, bundle.config, out)
+    return metrics
+
+
+def _target_name(tcfg: BackdoorConfig) -> str:
+    return "clean" if tcfg.clean else tcfg.attack
+
+
+def _evaluate_metrics(
+    kind: str,
+    source: Dict[str, Any],
+    bundle: BackdoorBundle,
+    res: Dict[str, Any],
+    before: Dict[str, Any],
+    after: Dict[str, Any],
+    t0: float,
+) -> Dict[str, Any]:
+    """``metrics.json`` of an evaluation: test metrics before / after, the source, the target and,
+    for a policy, the chosen episode on defense-validation with its verdict."""
+    tcfg = bundle.config
     clean = bool(bundle.meta.get("clean"))
     src_cfg = source["config"]
     metrics: Dict[str, Any] = {
@@ -531,7 +585,7 @@ def _evaluate_into(
         "num_neurons": res.get("num_neurons"),
         "acc_lost": before["acc"] - after["acc"],
         "clean_model": clean,
-        "method": f"{kind}:{src_cfg.get('agent') or src_cfg.get('method') or source['dir'].name}",
+        "defense": f"{kind}:{source_defense(src_cfg) or source['dir'].name}",
         "asr_estimator": res.get("asr_estimator"),
         "trigger_aware": res.get("trigger_aware"),
         "val": res.get("val"),
@@ -543,9 +597,9 @@ def _evaluate_into(
             "run_dir": str(source["dir"]),
             "backdoor": source["backdoor"],
             "agent": src_cfg.get("agent"),
-            "method": src_cfg.get("method"),
+            "defense": src_cfg.get("defense", src_cfg.get("method")),
         },
-        "target": {"model_dir": str(bundle.path), "attack": target_name, "seed": tcfg.seed, "clean": clean},
+        "target": {"model_dir": str(bundle.path), "attack": _target_name(tcfg), "seed": tcfg.seed, "clean": clean},
         "data_source": bundle.meta.get("data_source"),
         "note": (
             "clean (unpoisoned) model: acc_lost is the false-positive cost; ASR measures the trigger's natural effect"
@@ -559,35 +613,38 @@ def _evaluate_into(
     else:  # the defense-validation verdict (no evidence, no pruning: onp.evidence)
         metrics["verdict"] = res["judgement"].verdict
         metrics["evidence"] = res["judgement"].to_dict()
-    config = {
-        "kind": kind,
+    return metrics
+
+
+def _evaluate_run_config(
+    cfg: EvaluateConfig, source: Dict[str, Any], bundle: BackdoorBundle, res: Dict[str, Any], seed: int
+) -> Dict[str, Any]:
+    """``config.json`` of an evaluation: the source, the target and how the pruning was applied."""
+    return {
+        "kind": cfg.kind,
         "source": str(source["dir"]),
-        "source_config": src_cfg,
+        "source_config": source["config"],
         "env_seed": seed,
-        "target_backdoor": tcfg.to_dict(),
+        "target_backdoor": bundle.config.to_dict(),
         "model_dir": str(bundle.path),
         "prune_mode": res["mask_mode"],
         "deterministic": cfg.deterministic,
         "run_config": cfg.to_dict(),
     }
-    write_run(
-        work,
-        config=config,
-        metrics=metrics,
-        pruned=res["pruned"],
-        pruned_names=res["pruned_names"],
-        model_state=res["model"].state_dict(),
-    )
+
+
+def _print_outcome(metrics: Dict[str, Any], res: Dict[str, Any], tcfg: BackdoorConfig, out: Path) -> None:
+    """The verdict (a policy), then the test outcome: ``metrics`` holds the metrics after pruning and ``before``."""
+    before, clean = metrics["before"], metrics["clean_model"]
     if "verdict" in metrics:
         print(f"[onp] {res['judgement'].summary()}", flush=True)
     print(
-        f"[onp] {metrics['method']} on {tcfg.model}/{target_name} s{tcfg.seed}"
+        f"[onp] {metrics['defense']} on {tcfg.model}/{_target_name(tcfg)} s{tcfg.seed}"
         + (" (CLEAN model)" if clean else "")
-        + f": ACC {before['acc']:.4f}->{after['acc']:.4f} (lost {metrics['acc_lost']:.4f})  "
-        f"ASR {before['asr']:.4f}->{after['asr']:.4f}  RA {after['ra']:.4f}  DER {after['der']:.4f}  "
+        + f": ACC {before['acc']:.4f}->{metrics['acc']:.4f} (lost {metrics['acc_lost']:.4f})  "
+        f"ASR {before['asr']:.4f}->{metrics['asr']:.4f}  RA {metrics['ra']:.4f}  DER {metrics['der']:.4f}  "
         f"pruned {metrics['n_pruned']}  -> {out}"
     )
-    return metrics
 
 
 def main(argv: Optional[List[str]] = None) -> int:

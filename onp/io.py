@@ -322,28 +322,36 @@ def run_folder(
             write_marker(path, tool)  # adopt a pre-marker onp folder
         yield path
     elif mode == "fresh":
-        created = not path.exists()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            write_marker(path, tool)
-        except OSError as exc:  # e.g. a read-only file system that os.access did not report
-            if created:
-                shutil.rmtree(path, ignore_errors=True)
-            raise UnwritableFolderError(
-                f"cannot create {os.path.abspath(path)} ({exc.strerror or exc}); choose another {_option(tool)}"
-            ) from None
-        try:
-            yield path
-        except BaseException:
-            if not any((path / name).exists() for name in resumable):
-                _clear(path, remove_dir=created)
-            raise
+        with _fresh_folder(path, tool, resumable) as work:
+            yield work
     elif stage:
         with _staged_replacement(path, tool) as work:
             yield work
     else:
         with _replacement_in_place(path, tool) as work:
             yield work
+
+
+@contextlib.contextmanager
+def _fresh_folder(path: Path, tool: str, resumable: Sequence[str]) -> Iterator[Path]:
+    """Create ``path`` (missing or empty) with the marker and yield it. If the run raises, what it
+    created is removed again, unless it holds one of the ``resumable`` files."""
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_marker(path, tool)
+    except OSError as exc:  # e.g. a read-only file system that os.access did not report
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise UnwritableFolderError(
+            f"cannot create {os.path.abspath(path)} ({exc.strerror or exc}); choose another {_option(tool)}"
+        ) from None
+    try:
+        yield path
+    except BaseException:
+        if not any((path / name).exists() for name in resumable):
+            _clear(path, remove_dir=created)
+        raise
 
 
 def _option(tool: str) -> str:

@@ -62,34 +62,7 @@ def plot_sweeps(
         group = [c for c in mine if c.defense == d]
         if not group:
             continue
-        curves: Dict[int, Dict[str, List[float]]] = {}
-        for c in group:
-            sweep = c.read_json("oracle_sweep.json") or {}
-            for pt in sweep.get("sweep") or []:
-                acc = curves.setdefault(int(pt["n_pruned"]), {"acc": [], "asr": []})
-                acc["acc"].append(pt["acc"])
-                acc["asr"].append(pt["asr"])
-        kwargs = {"color": colors[d]}
-        any_sweep = any_sweep or bool(curves)
-        if curves:
-            ks = sorted(curves)
-            for ax, m in zip(axes, ("acc", "asr")):
-                ax.plot(ks, [100 * _mean(curves[k][m]) for k in ks], "-", lw=1.4, label=f"{d} (sweep)", **kwargs)
-        marker = "*" if group[0].kind == "policy" else "o"
-        size = 14 if marker == "*" else 7
-        for i, c in enumerate(group):
-            n = c.ok_metrics.get("n_pruned") or 0
-            for ax, m in zip(axes, ("acc", "asr")):
-                ax.plot(
-                    [n],
-                    [100 * c.ok_metrics[m]],
-                    marker,
-                    ms=size,
-                    mec="black",
-                    mew=0.6,
-                    label=(f"{d} (chosen)" if i == 0 and m == "acc" else None),
-                    **kwargs,
-                )
+        any_sweep = _plot_defense(axes, d, group, colors[d]) or any_sweep
     before = [c.ok_metrics["before"] for c in mine if isinstance(c.ok_metrics.get("before"), dict)]
     if before:
         for ax, m in zip(axes, ("acc", "asr")):
@@ -109,6 +82,39 @@ def plot_sweeps(
         else "each method's chosen operating point (no oracle sweeps in this grid)"
     )
     return _save(fig, path)
+
+
+def _plot_defense(axes: Any, d: str, group: Sequence[Cell], color: Any) -> bool:
+    """Defense ``d``'s cells on the ACC and ASR axes: its mean oracle sweep (a line, if any) and each
+    cell's chosen operating point (a marker); returns whether it had a sweep."""
+    curves: Dict[int, Dict[str, List[float]]] = {}
+    for c in group:
+        sweep = c.read_json("oracle_sweep.json") or {}
+        for pt in sweep.get("sweep") or []:
+            acc = curves.setdefault(int(pt["n_pruned"]), {"acc": [], "asr": []})
+            acc["acc"].append(pt["acc"])
+            acc["asr"].append(pt["asr"])
+    kwargs = {"color": color}
+    if curves:
+        ks = sorted(curves)
+        for ax, m in zip(axes, ("acc", "asr")):
+            ax.plot(ks, [100 * _mean(curves[k][m]) for k in ks], "-", lw=1.4, label=f"{d} (sweep)", **kwargs)
+    marker = "*" if group[0].kind == "policy" else "o"
+    size = 14 if marker == "*" else 7
+    for i, c in enumerate(group):
+        n = c.ok_metrics.get("n_pruned") or 0
+        for ax, m in zip(axes, ("acc", "asr")):
+            ax.plot(
+                [n],
+                [100 * c.ok_metrics[m]],
+                marker,
+                ms=size,
+                mec="black",
+                mew=0.6,
+                label=(f"{d} (chosen)" if i == 0 and m == "acc" else None),
+                **kwargs,
+            )
+    return bool(curves)
 
 
 def plot_der(rows: Sequence[Row], path: Path, *, model: str) -> Optional[Path]:

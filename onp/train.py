@@ -35,8 +35,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
@@ -325,26 +326,9 @@ def _train_into(
     atomic_write_json(run_dir / "config.json", cfg)
     log: Callable[[str], None] = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     progress = progress and not quiet
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg["torch_threads"]))
-    from .seeding import seed_everything
-
-    seed = int(cfg["seed"])
-    seed_everything(seed, deterministic=bool(cfg["deterministic"]))
-
+    seed = _seed_run(cfg)
     bundle = _load_bundle(cfg, log, progress)
-    from agents import accepts, build_agent, resolve_agent_factory, rollout, select_pruning
-    from agents.vec_envs import EnvFactory, env_kwargs_from_config
-
-    # the env of the run: its reward batch is the defense-validation split
-    env = EnvFactory(bundle, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
-    factory, extra, _ = resolve_agent_factory(cfg["agent"])
-    params = {**extra, **cfg["agent_params"]}
-    if "seed" not in params and accepts(factory, "seed"):
-        params["seed"] = seed
-    if "device" not in params and accepts(factory, "device", via_kwargs=False):  # only agents that name it
-        params["device"] = cfg["device"]
-    agent = build_agent(cfg["agent"], env, **params)
+    env, agent = _build_env_and_agent(cfg, bundle, seed)
     learns = bool(getattr(agent, "learns", False))
     t_learn0 = time.perf_counter()
     learned = None
@@ -352,30 +336,119 @@ def _train_into(
         learned = agent.learn(env, cfg, run_dir, resume=resume, callbacks=callbacks, progress=progress, log=log)
     if callable(getattr(agent, "save", None)):
         agent.save(run_dir)  # what onp.evaluate loads: weights-only tensors or JSON (BaseAgent: agent.json)
+    ep = _choose_episode(agent, env, cfg, learned, learns=learns, t_learn0=t_learn0, log=log)
+    pruned = [int(i) for i in ep.chosen["pruned"]]
+    pruned_model = apply_pruning(bundle.fresh_model(), ep.base.graph, pruned, cfg["env"]["mask_mode"]).eval()
+    before, after = _test_metrics(bundle, pruned_model, log)
+    rate = _steps_per_second(ep)
+    names = ep.base.graph.neuron_names(pruned)
+    wall = time.perf_counter() - t_start
+    test = _TestOutcome(pruned, before, after, wall, rate)
+    metrics = _run_metrics(cfg, bundle, ep, test)
+    write_run(
+        run_dir,
+        config=cfg,
+        metrics=metrics,
+        pruned=pruned,
+        pruned_names=names,
+        model_state=pruned_model.state_dict(),
+        command=command or f"python -m onp.train --config {final_dir / 'config.json'} --out {final_dir}-repro",
+        extra={"learning_curve.json": ep.curve},
+    )
+    env.close()
+    _print_summary(cfg, ep, test, final_dir)
+    return metrics
+
+
+def _seed_run(cfg: Dict[str, Any]) -> int:
+    """Apply ``torch_threads`` and seed everything (``deterministic`` as configured); returns the seed."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    from .seeding import seed_everything
+
+    seed = int(cfg["seed"])
+    seed_everything(seed, deterministic=bool(cfg["deterministic"]))
+    return seed
+
+
+def _build_env_and_agent(cfg: Dict[str, Any], bundle: "BackdoorBundle", seed: int) -> Tuple[Any, Any]:
+    """The env of the run (its reward batch is the defense-validation split) and the configured agent on it."""
+    from agents import accepts, build_agent, resolve_agent_factory
+    from agents.vec_envs import EnvFactory, env_kwargs_from_config
+
+    env = EnvFactory(bundle, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
+    factory, extra, _ = resolve_agent_factory(cfg["agent"])
+    params = {**extra, **cfg["agent_params"]}
+    if "seed" not in params and accepts(factory, "seed"):
+        params["seed"] = seed
+    if "device" not in params and accepts(factory, "device", via_kwargs=False):  # only agents that name it
+        params["device"] = cfg["device"]
+    return env, build_agent(cfg["agent"], env, **params)
+
+
+@dataclass
+class _Episode:
+    """The chosen episode of the final deterministic rollout, and what the training reported."""
+
+    base: "NeuronPruningEnv"  # the run's env, unwrapped
+    res: Dict[str, Any]  # the rollout (agents.rollout)
+    sel: Dict[str, Any]  # its chosen episode (agents.select_pruning)
+    steps: Dict[str, int]  # env steps: train, eval, warm_start, final
+    learns: bool
+    learn_seconds: float
+    curve: List[Dict[str, Any]]
+    train_info: Dict[str, Any]
+    t_roll: float  # perf_counter() when the rollout started
+
+    @property
+    def chosen(self) -> Dict[str, Any]:
+        return self.sel["info"]
+
+
+@dataclass
+class _TestOutcome:
+    """The chosen pruning on the held-out test set, with the run's wall time and speed."""
+
+    pruned: List[int]
+    before: Dict[str, float]
+    after: Dict[str, Any]
+    wall: float
+    steps_per_second: float
+
+
+def _choose_episode(
+    agent: Any,
+    env: Any,
+    cfg: Dict[str, Any],
+    learned: Any,
+    *,
+    learns: bool,
+    t_learn0: float,
+    log: Callable[[str], None],
+) -> _Episode:
+    """Roll the trained agent out deterministically on the defense-validation reward batch and
+    choose the episode to keep (``rollout.select``, the evidence rule)."""
+    from agents import rollout, select_pruning
+
     steps = {
         "train": learned.timesteps if learned else 0,
         "eval": learned.eval_env_steps if learned else 0,
         "warm_start": learned.warm_start_env_steps if learned else 0,
         "final": 0,
     }
-
-    # the chosen episode: deterministic, on the defense-validation reward batch
     t_roll = time.perf_counter()
     res = rollout(agent, env)
     steps["final"] = res["steps"]
-    info0 = res["infos"][0]
     base = cast("NeuronPruningEnv", env.unwrapped)
-    n_triggered = int(len(base.target.probe.images))
     rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
     sel = select_pruning(
         res,
         select=rollout_cfg.select,
         min_return=rollout_cfg.min_return,
         evidence=rollout_cfg.evidence_rule(base.delta),
-        n_triggered=n_triggered,
+        n_triggered=int(len(base.target.probe.images)),
         log=log,
     )
-    chosen, ret, fallback, judgement = sel["info"], sel["return"], sel["fallback"], sel["judgement"]
     if learned is not None:
         learn_seconds, curve, train_info = learned.seconds, learned.learning_curve, learned.info
     else:  # a fixed agent: its one episode is the whole story
@@ -390,33 +463,42 @@ def _train_into(
                 "wall_time": round(time.perf_counter() - t_learn0, 2),
             }
         ]
-    pruned = [int(i) for i in chosen["pruned"]]
-    graph = base.graph
-    mask_mode = cfg["env"]["mask_mode"]
-    pruned_model = apply_pruning(bundle.fresh_model(), graph, pruned, mask_mode).eval()
+    return _Episode(base, res, sel, steps, learns, learn_seconds, curve, train_info, t_roll)
 
+
+def _test_metrics(
+    bundle: "BackdoorBundle", pruned_model: torch.nn.Module, log: Callable[[str], None]
+) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    """ACC / ASR / RA on the held-out test set before (the zoo's, when recorded) and after pruning, with DER."""
     log("[onp] evaluating on the held-out test set")
     before = bundle.meta.get("test_metrics")
     if not before or not {"acc", "asr", "ra"} <= set(before):
         before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
     before = {k: float(before[k]) for k in ("acc", "asr", "ra")}
-    after = with_der(before, evaluate_backdoor(pruned_model, bundle.test_x, bundle.test_y, bundle.attack))
-    total_steps = sum(steps.values())
-    rate_steps = steps["train"] if steps["train"] else steps["final"]
-    rate_seconds = learn_seconds if steps["train"] else (time.perf_counter() - t_roll)
-    names = graph.neuron_names(pruned)
-    wall = time.perf_counter() - t_start
-    metrics: Dict[str, Any] = {
-        **after,
-        "before": before,
-        "n_pruned": len(pruned),
+    return before, with_der(before, evaluate_backdoor(pruned_model, bundle.test_x, bundle.test_y, bundle.attack))
+
+
+def _steps_per_second(ep: _Episode) -> float:
+    """Training env steps per second of training; for a fixed agent, env steps per second of its episode."""
+    rate_steps = ep.steps["train"] if ep.steps["train"] else ep.steps["final"]
+    rate_seconds = ep.learn_seconds if ep.steps["train"] else (time.perf_counter() - ep.t_roll)
+    return round(rate_steps / max(rate_seconds, 1e-9), 3)
+
+
+def _run_metrics(cfg: Dict[str, Any], bundle: "BackdoorBundle", ep: _Episode, test: _TestOutcome) -> Dict[str, Any]:
+    """``metrics.json`` of the run: test metrics, the chosen episode on defense-validation, the training's."""
+    base, chosen, info0 = ep.base, ep.chosen, ep.res["infos"][0]
+    return {
+        **test.after,
+        "before": test.before,
+        "n_pruned": len(test.pruned),
         "num_neurons": base.num_nodes,
         "budget": base.budget,
         "agent": cfg["agent"],
         "asr_estimator": cfg["env"]["asr_estimator"],
         "trigger_aware": bool(base.target.probe.trigger_aware),
-        "verdict": judgement.verdict,
-        "evidence": judgement.to_dict(),
+        "verdict": ep.sel["judgement"].verdict,
+        "evidence": ep.sel["judgement"].to_dict(),
         "val_acc": float(chosen["acc"]),
         "val_asr": float(chosen["asr"]),
         "val": {
@@ -424,47 +506,40 @@ def _train_into(
             "asr": float(chosen["asr"]),
             "acc0": float(info0["acc"]),
             "asr0": float(info0["asr"]),
-            "return": float(ret),
+            "return": float(ep.sel["return"]),
             "select": cfg["rollout"]["select"],
-            "fallback": fallback,
-            "episode_steps": res["steps"],
+            "fallback": ep.sel["fallback"],
+            "episode_steps": ep.res["steps"],
             "n_clean": int(base.target.n_clean),
-            "n_triggered": n_triggered,
+            "n_triggered": int(len(base.target.probe.images)),
             "note": "the chosen episode on the env's reward batch (defense-validation images)",
         },
-        "wall_time": round(wall, 2),
-        "learn_seconds": round(learn_seconds, 2),
-        "env_steps": total_steps,
-        "env_steps_breakdown": steps,
-        "steps_per_second": round(rate_steps / max(rate_seconds, 1e-9), 3),
+        "wall_time": round(test.wall, 2),
+        "learn_seconds": round(ep.learn_seconds, 2),
+        "env_steps": sum(ep.steps.values()),
+        "env_steps_breakdown": ep.steps,
+        "steps_per_second": test.steps_per_second,
         "steps_per_second_note": "training env steps per second of training (incl. updates and evaluations)"
-        if learns
+        if ep.learns
         else "env steps per second",
         "data_source": bundle.meta.get("data_source"),
         "model_dir": str(bundle.path),
-        **train_info,
+        **ep.train_info,
         "test_note": "ACC on the clean test set; ASR/RA with the attack's real trigger on non-target test images",
     }
-    write_run(
-        run_dir,
-        config=cfg,
-        metrics=metrics,
-        pruned=pruned,
-        pruned_names=names,
-        model_state=pruned_model.state_dict(),
-        command=command or f"python -m onp.train --config {final_dir / 'config.json'} --out {final_dir}-repro",
-        extra={"learning_curve.json": curve},
-    )
-    env.close()
-    print(f"[onp] {judgement.summary()}", flush=True)  # the defense-validation verdict comes first
+
+
+def _print_summary(cfg: Dict[str, Any], ep: _Episode, test: _TestOutcome, final_dir: Path) -> None:
+    """The two closing lines: the defense-validation verdict first, then the test outcome."""
+    before, after, chosen = test.before, test.after, ep.chosen
+    print(f"[onp] {ep.sel['judgement'].summary()}", flush=True)  # the defense-validation verdict comes first
     print(
         f"[onp] {cfg['agent']} on {cfg['backdoor']['model']}/{cfg['backdoor']['attack']}: "
         f"test ACC {before['acc']:.4f}->{after['acc']:.4f}  ASR {before['asr']:.4f}->{after['asr']:.4f}  "
-        f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(pruned)}  val ACC {chosen['acc']:.3f} "
-        f"ASR {chosen['asr']:.3f}  |  {total_steps} env steps, {wall:.0f}s  -> {final_dir}",
+        f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(test.pruned)}  val ACC {chosen['acc']:.3f} "
+        f"ASR {chosen['asr']:.3f}  |  {sum(ep.steps.values())} env steps, {test.wall:.0f}s  -> {final_dir}",
         flush=True,
     )
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------------

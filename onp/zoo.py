@@ -26,7 +26,7 @@ from .attacks import ATTACKS, Attack, build_attack
 from .attacks.base import MODES
 from .classifier_training import PoisonPlan, TrainRecipe, train_classifier
 from .config import check_types, from_dict, stable_hash
-from .data import DATASETS, Dataset, DatasetSpec, load_dataset
+from .data import DATASETS, Dataset, DatasetSpec, ImageSet, load_dataset
 from .data.augment import Augment
 from .data.defense import DefenseData
 from .data.splits import Splits, as_float, make_splits
@@ -350,7 +350,51 @@ def _check_finite(model: nn.Module, metrics: Dict[str, Any], cfg: BackdoorConfig
 def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device: str, progress: bool) -> None:
     """Train the backdoored model of ``cfg`` into the (existing) folder ``path``; ``meta.json`` last."""
     cfg = cfg.for_data(dataset)  # meta.json records the epochs actually trained
-    spec = dataset.spec
+    atk = _attacker_data(cfg, dataset, path)
+    if progress:
+        print(
+            f"[onp] training {cfg.model} (width {cfg.width}) on {cfg.dataset} [{dataset.source}], "
+            f"{len(atk.train)} attacker images, {atk.kind(cfg)}, {cfg.epochs} epochs"
+        )
+    state_path = path / TRAIN_STATE
+    model, train_seconds = _train_backdoored(cfg, dataset.spec, atk, state_path, device=device, progress=progress)
+    metrics = evaluate_backdoor(model, as_float(dataset.test.images), dataset.test.labels, atk.attack)
+    _check_finite(model, metrics, cfg, state_path)
+    env = environment_info()  # git commit, package versions, hardware
+    meta = _artifact_meta(cfg, dataset, atk, env, train_seconds=train_seconds, metrics=metrics)
+    atomic_torch_save(path / "trigger.pt", atk.attack.trigger_pattern())
+    atomic_write_json(path / "config.json", cfg.to_dict())
+    atomic_write_json(path / "env.json", env)
+    atomic_torch_save(path / "model.pt", model.state_dict())
+    atomic_write_json(path / "meta.json", meta)  # written last: its presence marks a complete artifact
+    if state_path.exists():
+        state_path.unlink()
+    if progress:
+        print(
+            f"[onp] {path.name}: test ACC {metrics['acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
+            f"(train {train_seconds:.0f}s)"
+        )
+
+
+@dataclass
+class _AttackerData:
+    """What the attacker trains on: the splits, its training images, the attack and the poisoning plan."""
+
+    splits: Splits
+    train: ImageSet
+    attack: Attack
+    plan: PoisonPlan
+
+    def kind(self, cfg: BackdoorConfig) -> str:
+        """The poisoning, for the progress line."""
+        if cfg.clean:
+            return "clean (unpoisoned)"
+        return f"{cfg.attack} ({cfg.mode}, target {cfg.target}, {int(self.plan.poisoned.sum())} poisoned images)"
+
+
+def _attacker_data(cfg: BackdoorConfig, dataset: Dataset, path: Path) -> _AttackerData:
+    """The splits (``splits.npz`` in ``path``, made and saved on first use), the attacker's training
+    images (at most ``max_train``, drawn with ``seed``), the attack and which images it poisons."""
     splits_path = path / "splits.npz"
     if splits_path.exists():
         splits = Splits.load(splits_path)
@@ -363,32 +407,29 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
             np.random.default_rng(cfg.seed).choice(attacker, min(cfg.max_train, len(attacker)), replace=False)
         )
     train = dataset.train.subset(attacker)
-    attack = _make_attack(cfg, spec)
+    attack = _make_attack(cfg, dataset.spec)
     plan = (
         PoisonPlan.clean(train.labels)
         if cfg.clean
         else PoisonPlan.for_attack(attack, train.labels, cfg.poison_rate, cfg.seed)
     )
-    kind = (
-        "clean (unpoisoned)"
-        if cfg.clean
-        else f"{cfg.attack} ({cfg.mode}, target {cfg.target}, {int(plan.poisoned.sum())} poisoned images)"
-    )
-    if progress:
-        print(
-            f"[onp] training {cfg.model} (width {cfg.width}) on {cfg.dataset} [{dataset.source}], "
-            f"{len(train)} attacker images, {kind}, {cfg.epochs} epochs"
-        )
+    return _AttackerData(splits, train, attack, plan)
+
+
+def _train_backdoored(
+    cfg: BackdoorConfig, spec: DatasetSpec, atk: _AttackerData, state_path: Path, *, device: str, progress: bool
+) -> Tuple[nn.Module, float]:
+    """Seed, build and train the model on the attacker's (poisoned) images (resumable from
+    ``state_path``); returns it on the CPU in eval mode, with the training's wall seconds."""
     seed_everything(cfg.seed)
     model = build_model_for(cfg.model, spec, cfg.width)
     recipe = TrainRecipe(int(cfg.epochs or 0), cfg.batch_size, cfg.lr, 0.9, cfg.weight_decay, cfg.seed)
-    state_path = path / TRAIN_STATE
     t0 = time.time()
     train_classifier(
         model,
-        train.images,
-        plan,
-        attack=None if cfg.clean else attack,
+        atk.train.images,
+        atk.plan,
+        attack=None if cfg.clean else atk.attack,
         augment=Augment.for_spec(spec),
         recipe=recipe,
         state_path=state_path,
@@ -397,25 +438,35 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
     )
     train_seconds = time.time() - t0
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # not in the stubs
-    metrics = evaluate_backdoor(model, as_float(dataset.test.images), dataset.test.labels, attack)
-    _check_finite(model, metrics, cfg, state_path)
-    env = environment_info()  # git commit, package versions, hardware
-    meta = {
+    return model, train_seconds
+
+
+def _artifact_meta(
+    cfg: BackdoorConfig,
+    dataset: Dataset,
+    atk: _AttackerData,
+    env: Dict[str, Any],
+    *,
+    train_seconds: float,
+    metrics: Dict[str, Any],
+) -> Dict[str, Any]:
+    """``meta.json`` of a trained artifact: the config, data, poisoning, splits, versions and test metrics."""
+    return {
         "config": cfg.to_dict(),
         "model": cfg.model,
         "width": cfg.width,
         "dataset": cfg.dataset,
         "data_source": dataset.source,
         "data": _data_key(dataset),
-        "attack": None if cfg.clean else attack.params(),
+        "attack": None if cfg.clean else atk.attack.params(),
         "clean": cfg.clean,
         "target": cfg.target,
         "mode": cfg.mode,
         "poison_rate": 0.0 if cfg.clean else cfg.poison_rate,
-        "num_poisoned": int(plan.poisoned.sum()),
-        "num_attacker_train": len(train),
-        "split_sha256": splits.digest(),
-        "split_sizes": splits.sizes(),
+        "num_poisoned": int(atk.plan.poisoned.sum()),
+        "num_attacker_train": len(atk.train),
+        "split_sha256": atk.splits.digest(),
+        "split_sizes": atk.splits.sizes(),
         "seed": cfg.seed,
         "versions": env,
         "train_seconds": round(train_seconds, 1),
@@ -424,15 +475,3 @@ def _train_artifact(cfg: BackdoorConfig, dataset: Dataset, path: Path, *, device
         "test_metrics_note": "ASR/RA use the attack's real trigger on non-target test images"
         + (" (clean model: measures the trigger's natural effect)" if cfg.clean else ""),
     }
-    atomic_torch_save(path / "trigger.pt", attack.trigger_pattern())
-    atomic_write_json(path / "config.json", cfg.to_dict())
-    atomic_write_json(path / "env.json", env)
-    atomic_torch_save(path / "model.pt", model.state_dict())
-    atomic_write_json(path / "meta.json", meta)  # written last: its presence marks a complete artifact
-    if state_path.exists():
-        state_path.unlink()
-    if progress:
-        print(
-            f"[onp] {path.name}: test ACC {metrics['acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
-            f"(train {train_seconds:.0f}s)"
-        )

@@ -111,7 +111,7 @@ OUT = ["--out", "{tmp}/out"]
 
 CASES = [
     # item 6: --device (validated at parsing, before anything loads) -------------------------------------
-    ("baseline-device", "baseline", ["--method", "clp", *S, "--device", "cuda", *OUT], ["--device"]),
+    ("baseline-device", "baseline", ["--defense", "clp", *S, "--device", "cuda", *OUT], ["--device"]),
     ("backdoor-device-bogus", "backdoor", [*S, "--device", "bogus"], ["--device", "'bogus'", "cpu, cuda"]),
     (
         "evaluate-device-bogus",
@@ -146,13 +146,13 @@ CASES = [
     (
         "baseline-data-dir-empty",
         "baseline",
-        ["--method", "clp", *T, "--data-dir", "{tmp}/empty", *OUT],
+        ["--defense", "clp", *T, "--data-dir", "{tmp}/empty", *OUT],
         ["{tmp}/empty", "How to get it", "--data-dir"],
     ),
     (
         "baseline-data-dir-missing",
         "baseline",
-        ["--method", "clp", *T, "--data-dir", "{tmp}/missing", *OUT],
+        ["--defense", "clp", *T, "--data-dir", "{tmp}/missing", *OUT],
         ["--data-dir {tmp}/missing does not exist", "How to get it"],
     ),
     ("backdoor-data-dir-file", "backdoor", [*T, "--data-dir", "{tmp}/afile"], ["{tmp}/afile is a file"]),
@@ -178,7 +178,7 @@ CASES = [
     (
         "baseline-corrupt-gz",
         "baseline",
-        ["--method", "clp", *T, "--data-dir", "{tmp}/corrupt", *OUT],
+        ["--defense", "clp", *T, "--data-dir", "{tmp}/corrupt", *OUT],
         ["train-labels-idx1-ubyte.gz"],
     ),
     (
@@ -198,7 +198,7 @@ CASES = [
     (
         "baseline-onp-cache-file",
         "baseline",
-        ["ONP_CACHE={tmp}/afile", "--method", "clp", *S, *OUT],
+        ["ONP_CACHE={tmp}/afile", "--defense", "clp", *S, *OUT],
         ["ONP_CACHE {tmp}/afile", "is a file"],
     ),
     (
@@ -210,7 +210,7 @@ CASES = [
     (
         "baseline-cache-dir-file",
         "baseline",
-        ["--method", "clp", *S, "--cache-dir", "{tmp}/afile", *OUT],
+        ["--defense", "clp", *S, "--cache-dir", "{tmp}/afile", *OUT],
         ["--cache-dir {tmp}/afile", "is a file"],
     ),
     ("backdoor-cache-dir-under-file", "backdoor", [*S, "--cache-dir", "{tmp}/afile/cache"], ["{tmp}/afile is a file"]),
@@ -220,13 +220,13 @@ CASES = [
         [*S, "--defenses", "clp", "--cache-dir", "{tmp}/afile", *OUT],
         ["--cache-dir", "{tmp}/afile is a file"],
     ),
-    ("baseline-cache-dir-empty", "baseline", ["--method", "clp", *S, "--cache-dir", "", *OUT], ["--cache-dir"]),
+    ("baseline-cache-dir-empty", "baseline", ["--defense", "clp", *S, "--cache-dir", "", *OUT], ["--cache-dir"]),
     # item 8: --out at a file, or below one -------------------------------------------------------------
-    ("baseline-out-file", "baseline", ["--method", "clp", *S, "--out", "{tmp}/afile"], ["{tmp}/afile is a file"]),
+    ("baseline-out-file", "baseline", ["--defense", "clp", *S, "--out", "{tmp}/afile"], ["{tmp}/afile is a file"]),
     (
         "baseline-out-under-file",
         "baseline",
-        ["--method", "clp", *S, "--out", "{tmp}/afile/run"],
+        ["--defense", "clp", *S, "--out", "{tmp}/afile/run"],
         ["cannot create {tmp}/afile/run", "{tmp}/afile is a file", "--out"],
     ),
     (
@@ -256,21 +256,21 @@ CASES = [
     (
         "baseline-oracle-step-0",
         "baseline",
-        ["--method", "clp", *S, "--oracle-step", "0", *OUT],
+        ["--defense", "clp", *S, "--oracle-step", "0", *OUT],
         ["--oracle-step", "(0, 1]", "got 0"],
     ),
     (
         "baseline-oracle-max-fraction-nan",
         "baseline",
-        ["--method", "clp", *S, "--oracle-max-fraction", "nan", *OUT],
+        ["--defense", "clp", *S, "--oracle-max-fraction", "nan", *OUT],
         ["--oracle-max-fraction", "nan"],
     ),
-    ("baseline-delta-nan", "baseline", ["--method", "anp", *S, "--delta", "nan", *OUT], ["--delta", "finite"]),
-    ("baseline-seed-negative", "baseline", ["--method", "clp", *S, "--seed", "-1", *OUT], ["--seed", "got -1"]),
+    ("baseline-delta-nan", "baseline", ["--defense", "anp", *S, "--delta", "nan", *OUT], ["--delta", "finite"]),
+    ("baseline-seed-negative", "baseline", ["--defense", "clp", *S, "--seed", "-1", *OUT], ["--seed", "got -1"]),
     (
         "baseline-defense-seed-negative",
         "baseline",
-        ["--method", "clp", *S, "--defense-seed", "-1", *OUT],
+        ["--defense", "clp", *S, "--defense-seed", "-1", *OUT],
         ["--defense-seed"],
     ),
     ("evaluate-env-seed-negative", "evaluate", ["--pruned", "{tmp}/src_ok", "--env-seed", "-3", *OUT], ["--env-seed"]),
@@ -278,33 +278,33 @@ CASES = [
     (
         "baseline-set-int-str",
         "baseline",
-        ["--method", "anp", *S, "--set", "iterations=abc", *OUT],
+        ["--defense", "anp", *S, "--set", "iterations=abc", *OUT],
         ["iterations", "an integer", "'abc'"],
     ),
     (
         "baseline-set-int-float",
         "baseline",
-        ["--method", "anp", *S, "--set", "iterations=2.5", *OUT],
+        ["--defense", "anp", *S, "--set", "iterations=2.5", *OUT],
         ["iterations", "2.5"],
     ),
-    ("baseline-set-nan", "baseline", ["--method", "clp", *S, "--set", "u=.nan", *OUT], ["params.u", "nan"]),
-    ("baseline-set-inf", "baseline", ["--method", "anp", *S, "--set", "delta=.inf", *OUT], ["delta", "inf"]),
+    ("baseline-set-nan", "baseline", ["--defense", "clp", *S, "--set", "u=.nan", *OUT], ["params.u", "nan"]),
+    ("baseline-set-inf", "baseline", ["--defense", "anp", *S, "--set", "delta=.inf", *OUT], ["delta", "inf"]),
     (
         "baseline-set-nested",
         "baseline",
-        ["--method", "anp", *S, "--set", "iterations.x=1", *OUT],
+        ["--defense", "anp", *S, "--set", "iterations.x=1", *OUT],
         ["iterations", "{'x': 1}"],
     ),
     (
         "baseline-set-bool",
         "baseline",
-        ["--method", "anp", *S, "--set", "augment=3", *OUT],
+        ["--defense", "anp", *S, "--set", "augment=3", *OUT],
         ["augment", "true or false"],
     ),
     (
         "baseline-set-list",
         "baseline",
-        ["--method", "rnp", *S, "--set", "unlearn_milestones=[5, x]", *OUT],
+        ["--defense", "rnp", *S, "--set", "unlearn_milestones=[5, x]", *OUT],
         ["unlearn_milestones", "list of integers"],
     ),
     (
@@ -410,7 +410,7 @@ CASES = [
     (
         "baseline-set-run-config-type",
         "baseline",
-        ["--method", "clp", *S, "--set", "oracle_step=abc", *OUT],
+        ["--defense", "clp", *S, "--set", "oracle_step=abc", *OUT],
         ["oracle_step", "'abc'"],
     ),
     (
@@ -461,7 +461,7 @@ def test_bad_input_is_one_error_line(tree, monkeypatch, capsys, case, tool, argv
 @pytest.mark.parametrize(
     "tool,argv",
     [
-        ("baseline", ["--method", "clp", *S]),
+        ("baseline", ["--defense", "clp", *S]),
         ("evaluate", ["--pruned", "{tmp}/src_ok"]),
         ("compare", [*S, "--defenses", "clp"]),
     ],

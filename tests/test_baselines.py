@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 import baselines
-from baselines import DEFENSES, DefenseError, build_defense, neuron_layout
+from baselines import DEFENSES, DefenseError, build_defense
 from baselines.anp import NeuronPerturbation
 from baselines.awm import AWM
 from baselines.clp import channel_lipschitz
 from onp.data.defense import DefenseData
+from onp.graph import neuron_layout
 from onp.masks import NeuronMasks
 from onp.models import build_model
 from onp.registry import UnknownNameError
@@ -28,6 +29,8 @@ FAST = {
     "ngf": dict(batch_size=32, iterations=10),
     "fp": dict(batch_size=32, ft_epochs=1),
     "ft": dict(batch_size=32, epochs=1),
+    "fst": dict(batch_size=32, epochs=1, reference_samples=None),
+    "sau": dict(batch_size=32, n_rounds=1, reference_samples=None, adv_steps=1),
     "clp": {},
     "magnitude": {},
     "random": {},
@@ -94,7 +97,7 @@ def test_neuron_numbering_matches_the_graph():
     for name in ("small_cnn", "resnet18"):
         m = build_model(name, in_channels=1, width=4).eval()
         g = build_neuron_graph(m, torch.zeros(1, 1, 28, 28))
-        baselines.check_layout_matches_graph(neuron_layout(m), g)
+        neuron_layout(m).check_same_numbering(g.layout)
 
 
 def test_model_without_batchnorm_is_a_clear_error():
@@ -359,7 +362,7 @@ def test_cli_end_to_end_and_refuses_to_overwrite(bundle, onp_cache, tmp_path, ca
     cfg = bundle.config
     out = tmp_path / "run"
     argv = [
-        "--method",
+        "--defense",
         "magnitude",
         "--model",
         cfg.model,
@@ -427,7 +430,7 @@ def test_cli_end_to_end_and_refuses_to_overwrite(bundle, onp_cache, tmp_path, ca
     assert run_cli(main, ngf) == 0
     assert not (out / "scores.pt").exists() and json.loads((out / "oracle_sweep.json").read_text())["sweep"] == []
     assert json.loads((out / "metrics.json").read_text())["n_pruned"] == 0
-    assert run_cli(main, ["--method", "nope"]) == 2
+    assert run_cli(main, ["--defense", "nope"]) == 2
     assert "valid choices: anp" in capsys.readouterr().err
     assert run_cli(main, ngf + ["--delta", "0.1"]) == 2  # ngf has no operating point
     assert "does not apply" in capsys.readouterr().err

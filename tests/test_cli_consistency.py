@@ -21,6 +21,19 @@ GOLDEN = json.loads((ROOT / "tests" / "data" / "cli_configs_before_refactor.json
 #: the one intended change: onp.baseline --checkpoint M --seed S seeds the defense with S (the model folder
 #: fixes the model's seed; before, --seed was silently ignored there). onp.train did this already.
 CHANGED = {("baseline", 3): {"defense_seed": 0}}
+#: run-config keys added since, with the default every old command line resolves to: onp.baseline's
+#: protocol (delta, the rule those commands ran; issue #13 added paper)
+ADDED = {"baseline": {"protocol": "delta"}}
+
+
+def _renamed(obj):
+    """The golden configs with the baseline run config's ``method`` key under its new name, ``defense``
+    (issue #15 item 8: one word per concept; old config files with ``method`` still load)."""
+    if isinstance(obj, dict):
+        return {("defense" if k == "method" else k): _renamed(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_renamed(v) for v in obj]
+    return obj
 
 
 def _recipe_epochs(expected, got):
@@ -115,8 +128,8 @@ def test_list_lists_and_exits_0(tool, argv, expect, capsys, tmp_path, monkeypatc
     [
         ("train", ["--set", "bogus.key=1"], "training config key bogus: unknown key"),
         ("train", ["--set", "env.bogus=1"], "env.bogus: unknown key"),
-        ("baseline", ["--method", "clp", "--set", "bogus=1"], "unknown hyperparameter(s) ['bogus']"),
-        ("baseline", ["--method", "clp", "--set", "oracle.x=1"], "baseline config key oracle"),
+        ("baseline", ["--defense", "clp", "--set", "bogus=1"], "unknown hyperparameter(s) ['bogus']"),
+        ("baseline", ["--defense", "clp", "--set", "oracle.x=1"], "baseline config key oracle"),
         ("evaluate", ["--pruned", "src", "--set", "bogus=1"], "evaluate config key bogus: unknown key"),
         ("compare", ["--set", "output.bogus=1"], "compare config key output.bogus: unknown key"),
         ("compare", ["--set", "bogus=1"], "no selected baseline has a hyperparameter 'bogus'"),
@@ -139,7 +152,7 @@ def test_set_overrides_the_run_config_keys():
     cfg = baseline.config_from_args(
         baseline.build_parser().parse_args(
             [
-                "--method",
+                "--defense",
                 "anp",
                 "--set",
                 "oracle_step=0.02",
@@ -180,15 +193,15 @@ def test_seed_means_the_backdoored_model_and_the_fitted_defense_or_agent():
         "seed": 5,
         "backdoor": {"seed": 3},
     }
-    b = baseline.config_from_args(baseline.build_parser().parse_args(["--method", "clp", "--seed", "3"]))
+    b = baseline.config_from_args(baseline.build_parser().parse_args(["--defense", "clp", "--seed", "3"]))
     assert b.backdoor["seed"] == 3 and b.defense_seed is None  # the run seeds the defense with the model's seed
     b = baseline.config_from_args(
-        baseline.build_parser().parse_args(["--method", "clp", "--checkpoint", "m", "--seed", "3"])
+        baseline.build_parser().parse_args(["--defense", "clp", "--checkpoint", "m", "--seed", "3"])
     )
     assert b.defense_seed == 3
     b = baseline.config_from_args(
         baseline.build_parser().parse_args(
-            ["--method", "clp", "--checkpoint", "m", "--seed", "3", "--defense-seed", "4"]
+            ["--defense", "clp", "--checkpoint", "m", "--seed", "3", "--defense-seed", "4"]
         )
     )
     assert b.defense_seed == 4
@@ -223,7 +236,8 @@ def test_same_flags_give_the_same_config_as_before(golden_dir, tool, index):
     mod = importlib.import_module(f"onp.{tool}")
     got = mod.config_from_args(mod.build_parser().parse_args(case["argv"]))
     got = _plain(got if isinstance(got, dict) else got.to_dict())
-    assert got == _recipe_epochs({**case["config"], **CHANGED.get((tool, index), {})}, got)
+    expected = {**_renamed(case["config"]), **ADDED.get(tool, {}), **CHANGED.get((tool, index), {})}
+    assert got == _recipe_epochs(expected, got)
 
 
 @pytest.mark.parametrize("index", range(len(GOLDEN["compare"])))
@@ -245,5 +259,18 @@ def test_same_flags_give_the_same_grid_as_before(golden_dir, index):
         }
     )
     # the settings of a grid recorded the override flags as KEY=VALUE lists; now as mappings (both resume)
-    expected = {**case["config"], "settings": compare._comparable_settings(case["config"]["settings"])}
+    expected = {**_renamed(case["config"]), "settings": compare._comparable_settings(case["config"]["settings"])}
     assert got == _recipe_epochs(expected, got)
+
+
+def test_method_the_old_word_for_defense_still_works():
+    from onp import baseline
+    from onp.baseline_config import BaselineRunConfig
+    from onp.defend_config import DefendConfig
+
+    parse = baseline.build_parser().parse_args
+    old = baseline.config_from_args(parse(["--method", "clp", "--seed", "3"]))
+    new = baseline.config_from_args(parse(["--defense", "clp", "--seed", "3"]))
+    assert old == new and new.defense == "clp" and "method" not in new.to_dict()
+    assert BaselineRunConfig.from_dict({"method": "anp"}).defense == "anp"  # a config.json written before
+    assert DefendConfig.from_dict({"method": "clp"}).defense == "clp"

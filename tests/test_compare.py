@@ -129,7 +129,7 @@ def test_grid_outputs_and_provenance(grid):
         assert data.startswith(PNG) and len(data) > 2000, name
     assert (out / "logs").is_dir()
     readme = (out / "cells" / "blend" / "clp" / "s1" / "README.md").read_text()
-    assert "python -m onp.baseline --method clp --checkpoint" in readme and "--defense-seed 1" in readme
+    assert "python -m onp.baseline --defense clp --checkpoint" in readme and "--defense-seed 1" in readme
     assert "python -m onp.train" in (out / "cells" / "blend" / "greedy-gamma" / "s1" / "README.md").read_text()
 
 
@@ -426,7 +426,7 @@ def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path, monkeypatch):
         compare.run_cell(plan.cell_task(c, str(tmp_path / "model")))
     assert calls["baseline"][1]["overwrite"] is False and calls["policy"][1]["resume"] is False
     cfg, _ = calls["baseline"]
-    assert cfg["method"] == "clp" and cfg["params"] == {"u": 2.5} and cfg["checkpoint"] == str(tmp_path / "model")
+    assert cfg["defense"] == "clp" and cfg["params"] == {"u": 2.5} and cfg["checkpoint"] == str(tmp_path / "model")
     cfg, _ = calls["policy"]
     assert cfg["agent"] == "greedy-gamma" and cfg["env"]["budget"] == 3 and cfg["checkpoint"] == str(tmp_path / "model")
     assert "backdoor" not in cfg  # the grid's model folder decides

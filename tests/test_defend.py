@@ -23,7 +23,7 @@ from torch import nn
 
 import onp
 from onp.cli_common import run_cli
-from onp.defend import DefenseReport, main, method_choices
+from onp.defend import DefenseReport, defense_choices, main
 from onp.evidence import VERDICTS
 from onp.models import build_model
 
@@ -153,15 +153,15 @@ def _check_report(report: DefenseReport) -> None:
 
 def test_api_end_to_end_with_ppo_gnn(received):
     before = {k: v.clone() for k, v in received.model.state_dict().items()}
-    report = onp.defend(received.model, received.x, received.y, method="ppo-gnn", train=TINY_TRAIN, **FAST)
+    report = onp.defend(received.model, received.x, received.y, defense="ppo-gnn", train=TINY_TRAIN, **FAST)
     _check_report(report)
     assert {k: v for k, v in received.model.state_dict().items()}.keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in received.model.state_dict().items())  # input untouched
     v = report.verdict
     assert v.suspected and v.estimated_target == 0 and v.anomaly_index <= -1.5 and v.threshold == 1.5
     assert len(v.mask_l1) == len(v.anomaly_indices) == len(v.success) == 10
-    assert report.method == "ppo-gnn" and report.metrics["chosen_method"] == "ppo-gnn"
-    assert report.metrics["method_info"]["timesteps"] >= 64
+    assert report.defense == "ppo-gnn" and report.metrics["chosen_defense"] == "ppo-gnn"
+    assert report.metrics["defense_info"]["timesteps"] >= 64
     # the learned pruning removes the estimated backdoor and is kept by "no evidence, no pruning"
     assert report.outcome == "removed" and report.judgement.keep and report.pruned
     assert report.metrics["val"]["asr_after"] < report.metrics["val"]["asr_before"]
@@ -176,14 +176,14 @@ def test_api_end_to_end_with_ppo_gnn(received):
 
 def test_api_without_a_suspected_backdoor_prunes_nothing_and_force_defends(received, clean_model, tmp_path):
     x, y = torch.from_numpy(received.x).float() / 255, torch.from_numpy(received.y)  # float NCHW tensors too
-    report = onp.defend(clean_model, x, y, method="fp", **FAST)
+    report = onp.defend(clean_model, x, y, defense="fp", **FAST)
     _check_report(report)
     assert not report.verdict.suspected and report.outcome == "nothing pruned" and report.pruned == []
-    assert "no backdoor found" in report.judgement.reason and report.metrics["chosen_method"] == "none"
+    assert "no backdoor found" in report.judgement.reason and report.metrics["chosen_defense"] == "none"
     assert all(torch.equal(a, b) for a, b in zip(report.model.state_dict().values(), clean_model.state_dict().values()))
-    forced = onp.defend(clean_model, x, y, method="fp", force=True, out=tmp_path / "run", **FAST)
+    forced = onp.defend(clean_model, x, y, defense="fp", force=True, out=tmp_path / "run", **FAST)
     _check_report(forced)
-    assert forced.metrics["forced"] and forced.metrics["chosen_method"] == "fp"
+    assert forced.metrics["forced"] and forced.metrics["chosen_defense"] == "fp"
     assert forced.run_dir == tmp_path / "run" and (tmp_path / "run" / "report.json").is_file()
     assert set(torch.load(tmp_path / "run" / "model.pt", weights_only=True)) == set(clean_model.state_dict())
 
@@ -193,8 +193,8 @@ def test_api_bad_input_is_one_clear_error(received):
         onp.defend(received.model, received.x[:10], received.y[:10], **FAST)
     with pytest.raises(ValueError, match=r"clean_x/clean_y: label 10 .*outside \[0, 10\)"):
         onp.defend(received.model, received.x, np.where(received.y == 3, 10, received.y), **FAST)
-    with pytest.raises(ValueError, match="unknown defense method 'nope'; valid choices: auto, ppo-gnn, anp"):
-        onp.defend(received.model, received.x, received.y, method="nope")
+    with pytest.raises(ValueError, match="unknown defense 'nope'; valid choices: auto, ppo-gnn, anp"):
+        onp.defend(received.model, received.x, received.y, defense="nope")
     with pytest.raises(ValueError, match="unknown key"):
         onp.defend(received.model, received.x, received.y, no_such_option=1)
     with pytest.raises(ValueError, match="'trigger' needs the attack's real trigger"):
@@ -202,12 +202,12 @@ def test_api_bad_input_is_one_clear_error(received):
 
 
 def test_auto_keeps_the_best_reward_of_its_portfolio(received):
-    report = onp.defend(received.model, received.x, received.y, method="auto", train=TINY_TRAIN, **FAST)
+    report = onp.defend(received.model, received.x, received.y, defense="auto", train=TINY_TRAIN, **FAST)
     _check_report(report)
-    tried = report.metrics["method_info"]["portfolio"]
-    assert [c["method"] for c in tried] == ["ppo-gnn", "clp", "fp"]
+    tried = report.metrics["defense_info"]["portfolio"]
+    assert [c["defense"] for c in tried] == ["ppo-gnn", "clp", "fp"]
     best = max(tried, key=lambda c: c["reward"])
-    assert report.metrics["chosen_method"] == best["method"] and report.method == "auto"
+    assert report.metrics["chosen_defense"] == best["defense"] and report.defense == "auto"
     val = report.metrics["val"]
     assert val["acc_after"] - val["asr_after"] == pytest.approx(best["reward"])
 
@@ -221,6 +221,31 @@ def test_the_recovered_trigger_is_fitted_exactly():
     pattern = torch.rand(3, 8, 8, generator=gen)
     stamp, fitted = _fit_stamp(clean, (1 - mask) * clean + mask * pattern)
     assert torch.allclose(stamp, mask * pattern, atol=1e-4) and torch.allclose(fitted, mask, atol=1e-4)
+
+
+def test_the_anomaly_index_is_neural_cleanses_over_every_class():
+    from envs.asr_estimators import anomaly_indices
+
+    # class 4's inversion failed: its size still counts (a lower bound of its trigger's size)
+    sizes = torch.tensor([10.0, 50.0, 55.0, 60.0, 5.0, 65.0])
+    index = anomaly_indices(sizes)
+    med = 50.0  # torch's median (the lower middle value) of the six; deviations 40 0 5 10 45 15 -> MAD 10
+    assert index[0].item() == pytest.approx((10.0 - med) / (1.4826 * 10.0), rel=1e-6)
+    assert index[4].item() == pytest.approx((5.0 - med) / (1.4826 * 10.0), rel=1e-6)
+
+
+def test_a_target_whose_trigger_flips_nothing_is_an_inconclusive_verdict(tmp_path):
+    from onp.defend import _verdict
+    from onp.defend_config import DefendConfig
+
+    info = {"estimated_target": 0, "anomaly_index": [-5.0] + [0.5] * 9, "mask_l1": [10.0] + [90.0] * 9}
+    inverted = _verdict(SimpleNamespace(info={**info, "success": [0.9] + [0.1] * 9}), DefendConfig())
+    assert inverted.suspected and not inverted.inconclusive
+    failed = _verdict(SimpleNamespace(info={**info, "success": [0.3] + [0.1] * 9, "min_success": 0.5}), DefendConfig())
+    assert not failed.suspected and failed.inconclusive
+    assert failed.summary().startswith("verdict: no backdoor found (inconclusive: no reverse-engineered")
+    path = onp.io.atomic_write_json(tmp_path / "verdict.json", failed.to_dict())
+    assert json.loads(path.read_text())["inverted"] is False
 
 
 def test_the_docs_example_runs(tiny_bundle, monkeypatch, capsys):
@@ -245,7 +270,7 @@ def test_onp_defend_is_the_module_and_callable():
     import onp.defend as module
 
     assert onp.defend is module and callable(onp.defend)
-    assert method_choices()[:2] == ["auto", "ppo-gnn"] and "clp" in method_choices()
+    assert defense_choices()[:2] == ["auto", "ppo-gnn"] and "clp" in defense_choices()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +294,7 @@ def test_cli_each_input_format(received, tmp_path, capsys, weights, clean):
             str(received.root / weights),
             "--clean-data",
             str(received.root / clean),
-            "--method",
+            "--defense",
             "clp",
             "--out",
             str(out),
@@ -311,7 +336,7 @@ def test_cli_each_input_format(received, tmp_path, capsys, weights, clean):
     fresh = _fresh()
     fresh.load_state_dict({k.removeprefix(prefix): v for k, v in repaired.items()})
     report = _strict_json(out / "report.json")
-    assert (folder or report["verdict"]["suspected"]) and report["method"] == "clp"
+    assert (folder or report["verdict"]["suspected"]) and report["defense"] == "clp"
     pruned = _strict_json(out / "pruned.json")  # onp.rundir writes names: null for an empty pruning
     assert report["outcome"] in VERDICTS and (pruned["names"] or []) == report["pruned_names"]
     assert _strict_json(out / "config.json")["clean_data"] == str(received.root / clean)
@@ -362,7 +387,7 @@ def test_cli_force_on_a_clean_model(received, clean_model, tmp_path, capsys):
     torch.save(clean_model.state_dict(), tmp_path / "clean.pt")
     args = (
         MODEL_FLAGS
-        + ["--weights", str(tmp_path / "clean.pt"), "--clean-data", str(received.root / "clean.npz"), "--method", "fp"]
+        + ["--weights", str(tmp_path / "clean.pt"), "--clean-data", str(received.root / "clean.npz"), "--defense", "fp"]
         + FAST_FLAGS
     )
     res = _cli(args + ["--out", str(tmp_path / "plain")], capsys)
@@ -374,12 +399,12 @@ def test_cli_force_on_a_clean_model(received, clean_model, tmp_path, capsys):
     res = _cli(args + ["--out", str(tmp_path / "forced"), "--force"], capsys)
     assert res.rc == 0, res.err
     report = _strict_json(tmp_path / "forced" / "report.json")
-    assert report["metrics"]["forced"] and report["metrics"]["chosen_method"] == "fp"
+    assert report["metrics"]["forced"] and report["metrics"]["chosen_defense"] == "fp"
 
 
-def test_cli_list_methods(capsys):
+def test_cli_list_defenses(capsys):
     assert run_cli(main, ["--list"]) == 0
-    assert capsys.readouterr().out.split() == method_choices()
+    assert capsys.readouterr().out.split() == defense_choices()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,15 +435,68 @@ def _bad_inputs(received, tmp: Path) -> Dict[str, Any]:
         "unexpected key": (["--weights", str(tmp / "extra.pt")], r"unexpected keys \['extra.weight'\]"),
         "missing weights": (["--weights", str(tmp / "nope.pt")], r"weights file not found"),
         "unknown arch": (["--arch", "resnet19"], r"arch: unknown model 'resnet19'; valid choices: mobilenet_v2, "),
-        "unknown method": (
-            ["--method", "prune-all"],
-            r"unknown defense method 'prune-all'; valid choices: auto, "
+        "unknown defense": (
+            ["--defense", "prune-all"],
+            r"unknown defense 'prune-all'; valid choices: auto, "
             r"ppo-gnn, anp, awm",
         ),
         "trigger estimator": (["--asr-estimator", "trigger"], r"'trigger' needs the attack's real trigger"),
         "bad train key": (["--set", "train.ppo.nsteps=3"], r"train: .*ppo.nsteps: unknown key"),
         "missing arch file": (["--arch", str(tmp / "net.py") + ":Net"], r"no such file"),
+        "trigger image alone": (["--trigger-image", str(tmp / "p.png")], r"trigger_image and trigger_mask go together"),
+        "trigger without target": (
+            ["--trigger-image", str(tmp / "p.png"), "--trigger-mask", str(tmp / "m.png")],
+            r"trigger_image needs target",
+        ),
+        "trigger without test data": (
+            ["--trigger-image", str(tmp / "p.png"), "--trigger-mask", str(tmp / "m.png"), "--target", "0"],
+            r"only measures test ASR: give --test-data",
+        ),
+        "trigger of another size": (
+            [
+                "--trigger-image",
+                str(_png(tmp / "big.png", np.zeros((32, 32), np.uint8))),
+                "--trigger-mask",
+                str(_png(tmp / "m.png", np.zeros((28, 28), np.uint8))),
+                "--target",
+                "0",
+                "--test-data",
+                str(received.root / "test.npz"),
+            ],
+            r"trigger image .*big.png is 32x32 pixels .* the model's images are 28x28",
+        ),
     }
+
+
+def _png(path: Path, arr: np.ndarray) -> Path:
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_cli_known_trigger_as_image_files_measures_the_same_asr_as_the_attack(received, tmp_path, capsys):
+    from onp.attacks import build_attack
+
+    badnets = build_attack("badnets", (1, 28, 28), 10).trigger_pattern()
+    image = _png(tmp_path / "pattern.png", (badnets["pattern"][0].numpy() * 255).astype(np.uint8))
+    mask = _png(tmp_path / "mask.png", (badnets["mask"].numpy() * 255).astype(np.uint8))
+    common = MODEL_FLAGS + [
+        "--weights",
+        str(received.root / "weights.pt"),
+        "--clean-data",
+        str(received.root / "clean.npz"),
+    ]
+    common += ["--test-data", str(received.root / "test.npz"), "--defense", "clp"] + FAST_FLAGS
+    files = ["--trigger-image", str(image), "--trigger-mask", str(mask), "--target", "0"]
+    tests = []
+    for name, flags in (("files", files), ("attack", ["--attack", "badnets"])):
+        res = _cli(common + flags + ["--out", str(tmp_path / name)], capsys)
+        assert res.rc == 0, res.err
+        tests.append(_strict_json(tmp_path / name / "report.json")["metrics"]["test"])
+    assert tests[0]["trigger_aware"] is True and tests[0]["attack"]["name"] == "image-trigger"
+    assert tests[0]["attack"]["image"] == str(image) and tests[0]["attack"]["target"] == 0
+    assert tests[0]["asr_before"] > 0.9
+    for key in ("asr_before", "asr_after", "ra_before", "ra_after", "acc_before", "acc_after"):
+        assert tests[0][key] == tests[1][key], key
 
 
 def test_cli_bad_inputs_exit_2_with_one_error_line(received, tmp_path, capsys):
@@ -481,7 +559,7 @@ def test_cli_user_module_with_mean_and_std(received, tmp_path, capsys):
             str(tmp_path / "net.pt"),
             "--clean-data",
             str(received.root / "clean.npz"),
-            "--method",
+            "--defense",
             "magnitude",
             "--force",
             "--out",
@@ -518,7 +596,7 @@ def test_cli_backdoorbench_file_without_arch(received, tmp_path, capsys):
     clean = str(received.root / "clean.npz")
     out = tmp_path / "run"
     res = _cli(
-        ["--weights", str(path), "--clean-data", clean, "--method", "clp", "--force", "--out", str(out)] + FAST_FLAGS,
+        ["--weights", str(path), "--clean-data", clean, "--defense", "clp", "--force", "--out", str(out)] + FAST_FLAGS,
         capsys,
     )
     assert res.rc == 0, res.err
@@ -535,7 +613,7 @@ def test_cli_backdoorbench_file_without_arch(received, tmp_path, capsys):
         "mean": [0.5],
         "std": [0.5],
     }  # BackdoorBench's mnist normalisation
-    assert _strict_json(out / "report.json")["metrics"]["chosen_method"] in ("clp", "none")
+    assert _strict_json(out / "report.json")["metrics"]["chosen_defense"] in ("clp", "none")
 
     # explicit settings win over the file's
     cfg, read = resolve_arch(

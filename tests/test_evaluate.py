@@ -129,7 +129,7 @@ def test_pruned_set_transfer_to_a_checkpoint(sources, onp_cache, tmp_path):
     # on the very model it came from, the transferred pruning reproduces the baseline's test metrics
     base = json.loads((sources["pruned"] / "metrics.json").read_text())
     assert abs(m["acc"] - base["acc"]) < 1e-6 and abs(m["asr"] - base["asr"]) < 1e-6
-    assert m["method"] == "pruned:magnitude" and "asr_estimator" not in m
+    assert m["defense"] == "pruned:magnitude" and "asr_estimator" not in m
 
 
 def test_clean_model_reports_acc_lost(sources, onp_cache, tmp_path):

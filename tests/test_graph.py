@@ -10,10 +10,13 @@ from torch import nn
 from onp.graph import (
     FEATURE_PROVIDERS,
     LAYER_TYPES,
+    NeuronLayout,
     UnsupportedModelError,
     build_neuron_graph,
     build_similarity_graphs,
     compute_node_features,
+    neuron_layout,
+    neuron_name,
     register_feature_provider,
     trace_connectivity,
 )
@@ -487,3 +490,32 @@ def test_coupling_found_on_a_frozen_model():
     g = build_neuron_graph(m, torch.rand(2, 1, 28, 28))
     assert int(torch.bincount(g.group).max()) == 3
     assert not any(p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "preact_resnet18", "mobilenet_v2"])
+def test_one_neuron_numbering_for_graph_and_defenses(name):
+    model = build_model(name, in_channels=1, width=4).eval()
+    graph = build_neuron_graph(model, torch.zeros(1, 1, 28, 28))
+    layout = neuron_layout(model)
+    layout.check_same_numbering(graph.layout)
+    assert layout.num_neurons == graph.num_nodes
+    assert [(a.conv_name, a.slice) for a in layout.layers] == [(b.conv_name, b.slice) for b in graph.layout.layers]
+    nodes = list(range(graph.num_nodes))
+    assert layout.names(nodes) == graph.neuron_names(nodes)
+    assert layout.names([0]) == [neuron_name(graph.layers[0].bn_name, 0)]
+    assert layout.locate(graph.num_nodes - 1) == (graph.layers[-1].bn_name, graph.layers[-1].num_channels - 1)
+    with pytest.raises(IndexError, match="out of range"):
+        layout.locate(graph.num_nodes)
+
+
+def test_different_numberings_are_refused():
+    layout = neuron_layout(build_model("small_cnn", in_channels=1, width=4))
+    shuffled = NeuronLayout(tuple(reversed(layout.layers)))
+    with pytest.raises(UnsupportedModelError, match="numbering differs"):
+        layout.check_same_numbering(shuffled)
+
+
+def test_model_without_batchnorm_has_no_neurons():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    with pytest.raises(UnsupportedModelError, match="no BatchNorm2d"):
+        neuron_layout(model)

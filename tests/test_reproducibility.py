@@ -58,7 +58,7 @@ def test_baseline_cell_twice_is_identical(tiny_bundle, tmp_path):
         assert (
             main(
                 [
-                    "--method",
+                    "--defense",
                     "anp",
                     "--checkpoint",
                     str(tiny_bundle.path),
@@ -137,7 +137,7 @@ def test_deterministic_flag_is_applied_and_recorded(tiny_bundle, onp_cache, tmp_
     calls = {
         "baseline": lambda out: baseline_main(
             [
-                "--method",
+                "--defense",
                 "magnitude",
                 "--checkpoint",
                 str(tiny_bundle.path),

@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_run_functions_take_typed_configs_and_return_run_results(tiny_bundle, tmp_path):
     base = run_baseline(
-        BaselineRunConfig(method="magnitude", checkpoint=str(tiny_bundle.path), oracle=False, params={"delta": 0.5}),
+        BaselineRunConfig(defense="magnitude", checkpoint=str(tiny_bundle.path), oracle=False, params={"delta": 0.5}),
         tmp_path / "mag",
         quiet=True,
     )
     assert isinstance(base, RunResult) and base.run_dir == tmp_path / "mag"
     on_disk = json.loads((tmp_path / "mag" / "metrics.json").read_text())
     assert base.acc == on_disk["acc"] and base.der == on_disk["der"] and base.n_pruned == on_disk["n_pruned"] >= 1
-    assert base["method"] == "magnitude" and dict(base) == on_disk
+    assert base["defense"] == "magnitude" and dict(base) == on_disk
 
     cfg = TrainConfig.from_dict(
         {
@@ -52,9 +52,9 @@ def test_run_functions_take_typed_configs_and_return_run_results(tiny_bundle, tm
 
 def test_configs_refuse_bad_values_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="oracle_step"):
-        BaselineRunConfig.from_dict({"method": "anp", "oracle_step": 0})
+        BaselineRunConfig.from_dict({"defense": "anp", "oracle_step": 0})
     with pytest.raises(ConfigError, match="not both"):
-        BaselineRunConfig.from_dict({"method": "anp", "checkpoint": "m", "backdoor": {"attack": "blend"}})
+        BaselineRunConfig.from_dict({"defense": "anp", "checkpoint": "m", "backdoor": {"attack": "blend"}})
     with pytest.raises(ConfigError, match="exactly one source"):
         EvaluateConfig.from_dict({"policy": "a", "pruned": "b"})
     with pytest.raises(ConfigError, match="target"):

@@ -216,7 +216,7 @@ def lean_bundle(onp_cache):
 
 @pytest.fixture(scope="module")
 def baseline_argv(lean_bundle):
-    return ["--method", "magnitude", "--checkpoint", str(lean_bundle.path), "--no-oracle", "--quiet"]
+    return ["--defense", "magnitude", "--checkpoint", str(lean_bundle.path), "--no-oracle", "--quiet"]
 
 
 def _train_argv(out: Path, *extra):
@@ -283,7 +283,7 @@ def test_baseline_overwrite_keeps_the_old_run_until_the_new_one_succeeds(baselin
     capsys.readouterr()
     argv = baseline_argv[:1] + ["random"] + baseline_argv[2:]
     assert run_cli(baseline.main, argv + ["--out", str(run), "--overwrite"]) == 0
-    assert json.loads((run / "config.json").read_text())["method"] == "random"
+    assert json.loads((run / "config.json").read_text())["defense"] == "random"
     assert _leftovers(tmp_path) == [] and (run / MARKER).is_file()
 
 

@@ -1,10 +1,30 @@
-"""The defender's data: the only images a defense or agent may use to make a choice."""
+"""The defender's data: the only images a defense or agent may use to make a choice.
+
+How a baseline run uses them is its *protocol* (:data:`PROTOCOLS`, ``BaselineRunConfig.protocol``):
+
+* ``delta`` (default): fit on defense-train; choose the operating point (how much to prune) on
+  defense-validation;
+* ``paper``: the paper's fixed rule, fitted on the whole pool (defense-train and defense-validation
+  together, :meth:`DefenseData.whole_pool`), as the reference codes do: they hold nothing out.
+
+Neither protocol ever sees the test set.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+#: the protocols of a baseline run (see the module docstring); the first is the default
+PROTOCOLS = ("delta", "paper")
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS`, else a ValueError listing them."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 @dataclass
@@ -34,6 +54,11 @@ class DefenseData:
     @property
     def all_y(self) -> torch.Tensor:
         return torch.cat([self.train_y, self.val_y])
+
+    def whole_pool(self) -> DefenseData:
+        """The same images as one fitting set: train = defense-train then defense-val, val empty (the
+        ``paper`` protocol). A rule that chooses on defense-validation refuses it."""
+        return DefenseData(self.all_x, self.all_y, self.val_x[:0], self.val_y[:0], self.num_classes)
 
     def __repr__(self) -> str:
         return f"DefenseData(train={len(self.train_y)}, val={len(self.val_y)}, classes={self.num_classes})"

@@ -166,14 +166,9 @@ def load_clean_images(
     path = Path(name)
     is_dataset = name in DATASETS and (indices is not None or not path.exists())
     if is_dataset:
-        if indices is None:
-            raise ValueError(
-                f"dataset {name!r} needs indices: a .npy, .json or text file of indices into its "
-                f"train split (the images you hold out as clean data)"
-            )
         images = _from_dataset(
             name,
-            Path(os.fspath(indices)),
+            _dataset_indices(name, indices),
             num_classes,
             channels,
             size,
@@ -181,23 +176,40 @@ def load_clean_images(
             data_source,
         )
     else:
-        if indices is not None:
-            raise ValueError(
-                f"indices is only used with a registered dataset name ({', '.join(DATASETS.names())}); "
-                f"{name!r} is not one"
-            )
-        if not path.exists():
-            raise FileNotFoundError(
-                f"no such file or folder: {name} (pass a folder with one sub-folder of images "
-                f"per class, an .npz file with x and y, or a dataset name "
-                f"({', '.join(DATASETS.names())}) with indices)"
-            )
-        if path.is_dir():
-            images = _from_folder(path, num_classes, channels, size)
-        else:
-            images = _from_npz(path, num_classes, channels, size)
+        images = _from_file(name, indices, num_classes, channels, size)
     _check_counts(images, num_classes)
     return images
+
+
+def _dataset_indices(name: str, indices: Optional[PathLike]) -> Path:
+    """The indices file that a dataset name needs (refused when missing)."""
+    if indices is None:
+        raise ValueError(
+            f"dataset {name!r} needs indices: a .npy, .json or text file of indices into its "
+            f"train split (the images you hold out as clean data)"
+        )
+    return Path(os.fspath(indices))
+
+
+def _from_file(
+    name: str, indices: Optional[PathLike], num_classes: int, channels: int, size: Tuple[int, int]
+) -> CleanImages:
+    """The images of the ImageFolder-layout folder or ``.npz`` file ``name`` (no ``indices``: they
+    go with a dataset name)."""
+    path = Path(name)
+    if indices is not None:
+        raise ValueError(
+            f"indices is only used with a registered dataset name ({', '.join(DATASETS.names())}); {name!r} is not one"
+        )
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no such file or folder: {name} (pass a folder with one sub-folder of images "
+            f"per class, an .npz file with x and y, or a dataset name "
+            f"({', '.join(DATASETS.names())}) with indices)"
+        )
+    if path.is_dir():
+        return _from_folder(path, num_classes, channels, size)
+    return _from_npz(path, num_classes, channels, size)
 
 
 def _check_args(num_classes: int, channels: int, image_size: ImageSize) -> Tuple[int, int]:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .coupling import coupling_groups
 from .layer_types import LAYER_TYPES
+from .layout import NeuronLayer, NeuronLayout, neuron_name
 from .trace import Connectivity, trace_connectivity
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,36 +26,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch_geometric.data import Data
 
 
-def neuron_name(bn_name: str, channel: int) -> str:
-    """The one way onp names a neuron: its BatchNorm2d module and channel, ``"layer1.0.bn1[3]"``."""
-    return f"{bn_name}[{int(channel)}]"
-
-
-@dataclass
-class LayerInfo:
-    """One BatchNorm2d layer of the graph.
+@dataclass(frozen=True)
+class LayerInfo(NeuronLayer):
+    """One BatchNorm2d layer of the graph: its place in the neuron numbering
+    (:class:`~onp.graph.layout.NeuronLayer`: ``bn_name``, ``offset``, ``num_channels``,
+    ``conv_name``) plus what the graph knows of it.
 
     Attributes:
-        bn_name: qualified module name of the BatchNorm2d.
-        offset: global id of its channel 0 (its nodes are ``offset .. offset + num_channels - 1``).
-        num_channels: BN ``num_features``.
         depth: layer index / (number of layers - 1), in [0, 1].
         layer_type: one of :data:`onp.graph.LAYER_TYPES` (see :mod:`onp.graph.layer_types`).
-        conv_name: qualified name of the Conv2d feeding the BN directly, or None (pre-activation BN).
         index: layer index in fx topological order.
     """
 
-    bn_name: str
-    offset: int
-    num_channels: int
     depth: float
     layer_type: str
-    conv_name: Optional[str]
     index: int = 0
-
-    @property
-    def slice(self) -> slice:
-        return slice(self.offset, self.offset + self.num_channels)
 
 
 @dataclass
@@ -107,6 +93,11 @@ class NeuronGraph:
     @property
     def bn_names(self) -> List[str]:
         return [layer.bn_name for layer in self.layers]
+
+    @property
+    def layout(self) -> NeuronLayout:
+        """The graph's neuron numbering (equal to :func:`onp.graph.neuron_layout` of its model)."""
+        return NeuronLayout(tuple(self.layers))
 
     def layer(self, bn_name: str) -> LayerInfo:
         """The :class:`LayerInfo` of a BN module name (KeyError listing valid names otherwise)."""

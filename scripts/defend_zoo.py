@@ -1,0 +1,116 @@
+"""Issue #16's acceptance: ``onp.defend`` as a defender who *received* each zoo model.
+
+Every cached zoo model (5 attacks x seeds, plus clean models) is exported the way a defender gets it: a
+plain ``state_dict`` (``weights.pt``) and its 500 clean defender images as an ``.npz``; the held-out test
+images go to a second ``.npz``. ``python -m onp.defend`` then runs on those files (the verdict, then the
+repair with ``--defense``), and its test ACC/ASR are computed afterwards by this script with the attack's
+real trigger (reporting only; onp.defend never sees the trigger or the test labels).
+
+One JSON line per model is appended to ``OUT/results.jsonl`` as it finishes; a model already there is
+skipped, so an interrupted run resumes. The models must be in the zoo cache already
+(``python -m onp.backdoor ...``); a missing one is reported and skipped.
+
+    python scripts/defend_zoo.py --out runs/defend-zoo --defense clp --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from onp.metrics import evaluate_backdoor
+from onp.zoo import BackdoorConfig, load_bundle
+
+ATTACKS = ("badnets", "blend", "trojan", "sig", "wanet")
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def export(cfg: BackdoorConfig, folder: Path) -> Dict[str, Any]:
+    """The defender's files of one zoo model: weights.pt, clean.npz (500 images), test.npz."""
+    bundle = load_bundle(cfg, train_if_missing=False, progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(bundle.model.state_dict(), folder / "weights.pt")
+    d = bundle.defense_data
+    x = torch.cat([d.train_x, d.val_x])
+    y = torch.cat([d.train_y, d.val_y])
+    np.savez(folder / "clean.npz", x=_uint8(x), y=y.numpy())
+    np.savez(folder / "test.npz", x=_uint8(bundle.test_x), y=bundle.test_y.numpy())
+    return {"model_dir": str(bundle.path), "width": bundle.meta["config"].get("width")}
+
+
+def defend(folder: Path, defense: str, seed: int, extra: List[str]) -> float:
+    cmd = [
+        sys.executable, "-m", "onp.defend", "--arch", "resnet18", "--width", "16", "--num-classes", "10",
+        "--in-channels", "1", "--input-size", "28", "--weights", str(folder / "weights.pt"),
+        "--clean-data", str(folder / "clean.npz"), "--defense", defense, "--seed", str(seed),
+        "--torch-threads", "1", "--out", str(folder / f"defend-{defense}"), "--overwrite", "--quiet", *extra,
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def measure(cfg: BackdoorConfig, folder: Path, defense: str) -> Dict[str, Any]:
+    """Test ACC/ASR of the received and the repaired model, with the attack's real trigger."""
+    bundle = load_bundle(cfg, train_if_missing=False, progress=False)
+    repaired = bundle.fresh_model()
+    repaired.load_state_dict(torch.load(folder / f"defend-{defense}" / "model.pt", weights_only=True))
+    before = evaluate_backdoor(bundle.model.eval(), bundle.test_x, bundle.test_y, bundle.attack)
+    after = evaluate_backdoor(repaired.eval(), bundle.test_x, bundle.test_y, bundle.attack)
+    report = json.loads((folder / f"defend-{defense}" / "report.json").read_text())
+    return {"test_before": before, "test_after": after, "report": report}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--defense", default="clp")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS) + ["clean"])
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more onp.defend flags")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = {(r["attack"], r["seed"], r["defense"]) for r in rows}
+    for seed in args.seeds:
+        for attack in args.attacks:
+            if (attack, seed, args.defense) in done:
+                continue
+            clean = attack == "clean"
+            cfg = BackdoorConfig(attack="badnets" if clean else attack, clean=clean, seed=seed, data_source="full")
+            folder = args.out / f"{attack}-s{seed}"
+            try:
+                info = export(cfg, folder)
+            except FileNotFoundError as exc:
+                print(f"skip {attack} s{seed}: {exc}", flush=True)
+                continue
+            seconds = defend(folder, args.defense, seed, args.extra)
+            row = {"attack": attack, "seed": seed, "defense": args.defense, "defend_seconds": seconds, **info}
+            row.update(measure(cfg, folder, args.defense))
+            with results.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            v = row["report"]["verdict"]
+            print(
+                f"{attack} s{seed}: {'suspected' if v['suspected'] else 'not suspected'} "
+                f"(target {v['estimated_target']}, index {v['anomaly_index']}); test ASR "
+                f"{row['test_before']['asr']:.4f} -> {row['test_after']['asr']:.4f}, ACC "
+                f"{row['test_before']['acc']:.4f} -> {row['test_after']['acc']:.4f}; {seconds:.0f} s",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
