@@ -47,3 +47,22 @@ def tiny_bundle(onp_cache):
     from onp.zoo import BackdoorConfig, load_bundle
 
     return load_bundle(BackdoorConfig(**TINY), cache_dir=onp_cache, progress=False)
+
+
+def random_defense_data(n_train=40, n_val=20, shape=(1, 28, 28), classes=10, seed=0):
+    """Random images and labels as a :class:`~onp.data.defense.DefenseData` (tests of defense mechanics)."""
+    from onp.data.defense import DefenseData
+
+    g = torch.Generator().manual_seed(seed)
+    return DefenseData(
+        torch.rand(n_train, *shape, generator=g),
+        torch.randint(0, classes, (n_train,), generator=g),
+        torch.rand(n_val, *shape, generator=g),
+        torch.randint(0, classes, (n_val,), generator=g),
+        classes,
+    )
+
+
+def state_copy(model):
+    """A detached copy of ``model``'s state_dict (to check that a defense never mutates its input)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

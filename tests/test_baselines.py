@@ -16,11 +16,12 @@ from baselines import DEFENSES, DefenseError, build_defense
 from baselines.anp import NeuronPerturbation
 from baselines.awm import AWM
 from baselines.clp import channel_lipschitz
-from onp.data.defense import DefenseData
 from onp.graph import neuron_layout
 from onp.masks import NeuronMasks
 from onp.models import build_model
 from onp.registry import UnknownNameError
+
+from .conftest import random_defense_data, state_copy
 
 FAST = {
     "rnp": dict(batch_size=32, unlearn_epochs=6, recover_epochs=2),
@@ -47,21 +48,6 @@ def data(bundle):
     return bundle.defense_data
 
 
-def _rand_data(n_train=40, n_val=20, shape=(1, 28, 28), classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return DefenseData(
-        torch.rand(n_train, *shape, generator=g),
-        torch.randint(0, classes, (n_train,), generator=g),
-        torch.rand(n_val, *shape, generator=g),
-        torch.randint(0, classes, (n_val,), generator=g),
-        classes,
-    )
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -80,11 +66,11 @@ def test_registry_lists_all_methods_and_rejects_unknown():
 @pytest.mark.parametrize("method", sorted(FAST))
 def test_every_method_runs_and_never_mutates_the_input(method):
     model = build_model("small_cnn", num_classes=10, in_channels=1, width=4).eval()
-    before = _state(model)
-    d = _rand_data()
+    before = state_copy(model)
+    d = random_defense_data()
     params = {**FAST[method], **({"batch_size": 16} if "batch_size" in FAST[method] else {})}
     res = build_defense(method, **params).fit(model, None if method == "clp" else d, seed=0)
-    assert _same(before, _state(model))
+    assert _same(before, state_copy(model))
     assert res.model is not model and res.model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     assert res.wall_time > 0 and res.forward_passes >= (0 if method == "clp" else 1)
     if res.scores is not None:
@@ -104,21 +90,21 @@ def test_model_without_batchnorm_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     for method in ("rnp", "anp", "clp", "magnitude", "fp"):
         with pytest.raises(DefenseError, match="no BatchNorm2d"):
-            build_defense(method, **FAST[method]).fit(model, _rand_data(), seed=0)
+            build_defense(method, **FAST[method]).fit(model, random_defense_data(), seed=0)
 
 
 def test_defense_set_smaller_than_a_batch_is_a_clear_error():
     model = build_model("small_cnn", in_channels=1, width=4)
     for method in ("rnp", "anp", "ngf", "ft", "awm"):
         with pytest.raises(DefenseError, match="at least 128 defense-train images.*got 40"):
-            build_defense(method).fit(model, _rand_data(), seed=0)
+            build_defense(method).fit(model, random_defense_data(), seed=0)
     with pytest.raises(DefenseError, match="needs the defender's clean data"):
         build_defense("anp").fit(model, None, seed=0)
 
 
 def test_pass_counts_are_exact():
     model = build_model("small_cnn", in_channels=1, width=4)
-    res = build_defense("ft", batch_size=16, epochs=2).fit(model, _rand_data(40, 20), seed=0)
+    res = build_defense("ft", batch_size=16, epochs=2).fit(model, random_defense_data(40, 20), seed=0)
     # 2 epochs x ceil(40/16)=3 batches; 3 defense-val evaluations (epochs 0, 1, 2) of one batch each
     assert (res.forward_passes, res.backward_passes) == (6 + 3, 6)
 
@@ -172,7 +158,7 @@ def test_anp_projected_perturbations_stay_within_eps_and_masks_in_unit_interval(
 
 
 def test_rnp_unlearning_stops_at_threshold_and_recovery_touches_only_masks(bundle, data):
-    original = _state(bundle.model)
+    original = state_copy(bundle.model)
     res = build_defense("rnp", keep_intermediate=True, **FAST["rnp"]).fit(bundle.model, data, seed=0)
     info = res.info
     assert info["unlearning_reached_threshold"] is True
@@ -217,7 +203,7 @@ def test_rnp_max_epoch_guard(bundle, data):
 
 
 def test_awm_trigger_budget_masks_and_only_masks_change(bundle, data):
-    original = _state(bundle.model)
+    original = state_copy(bundle.model)
     res = build_defense("awm", trigger_norm=5.0, **FAST["awm"]).fit(bundle.model, data, seed=0)
     assert all(l1 <= 5.0 + 1e-3 for l1 in res.info["trigger_l1"]) and res.info["_trigger"].abs().sum() <= 5.0 + 1e-3
     out = res.model.state_dict()
@@ -242,7 +228,7 @@ def test_awm_trigger_budget_masks_and_only_masks_change(bundle, data):
 
 
 def test_ngf_scope_last_changes_only_the_last_layer(bundle, data):
-    original = _state(bundle.model)
+    original = state_copy(bundle.model)
     res = build_defense("ngf", scope="last", **FAST["ngf"]).fit(bundle.model, data, seed=0)
     out = res.model.state_dict()
     for k in original:

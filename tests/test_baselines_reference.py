@@ -13,19 +13,9 @@ from torch import nn
 from baselines import DefenseError, build_defense
 from baselines.awm import AWMParams, steps_per_phase
 from baselines.ngf import KFACLinear, NGFParams, lr_schedule, scheduled_lr
-from onp.data.defense import DefenseData
 from onp.models import build_model
 
-
-def _rand_data(n_train=64, n_val=32, shape=(1, 28, 28), classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return DefenseData(
-        torch.rand(n_train, *shape, generator=g),
-        torch.randint(0, classes, (n_train,), generator=g),
-        torch.rand(n_val, *shape, generator=g),
-        torch.randint(0, classes, (n_val,), generator=g),
-        classes,
-    )
+from .conftest import random_defense_data
 
 
 def _classifier_inputs(model, x):
@@ -62,7 +52,7 @@ def resnet():
 
 
 def test_fp_masks_the_least_active_units_for_the_classifier(resnet):
-    data = _rand_data()
+    data = random_defense_data(64, 32)
     res = build_defense("fp", operating_point="number", n_prune=5, ft_epochs=0).fit(resnet, data, seed=0)
     units = res.info["pruned_units"]
     assert res.pruned is None and res.n_pruned == 5 and res.info["num_units"] == 32
@@ -81,7 +71,7 @@ def test_fp_masks_the_least_active_units_for_the_classifier(resnet):
 
 @pytest.mark.parametrize("ft_epochs", [0, 1])
 def test_fp_with_every_unit_pruned_the_logits_are_constant(resnet, ft_epochs):
-    data = _rand_data()
+    data = random_defense_data(64, 32)
     res = build_defense("fp", operating_point="number", n_prune=32, ft_epochs=ft_epochs, batch_size=32).fit(
         resnet, data, seed=0
     )
@@ -95,7 +85,7 @@ def test_fp_with_every_unit_pruned_the_logits_are_constant(resnet, ft_epochs):
 def test_fp_bn_mode_leaves_the_residual_path_open(resnet):
     """The pre-issue-#13 rule (units=bn): zeroing every gamma of layer4.1.bn2 does not remove any
     classifier unit, because the identity skip carries layer4.0's output past it."""
-    data = _rand_data()
+    data = random_defense_data(64, 32)
     res = build_defense("fp", units="bn", layer="layer4.1.bn2", operating_point="number", n_prune=32, ft_epochs=0).fit(
         resnet, data, seed=0
     )
@@ -163,7 +153,9 @@ def test_ngf_lr_follows_the_reference_schedule():
     assert all(math.isclose(scheduled_lr(q, i), e) for i, e in enumerate(expect))
     # the lr the optimiser used, per iteration (3 rounds of 10: milestones int(0.35*3)=1, int(0.75*3)=2)
     model = build_model("small_cnn", in_channels=1, width=2)
-    res = build_defense("ngf", iterations=30, round_iters=10, batch_size=16).fit(model, _rand_data(), seed=0)
+    res = build_defense("ngf", iterations=30, round_iters=10, batch_size=16).fit(
+        model, random_defense_data(64, 32), seed=0
+    )
     used = res.info["_lr_per_iteration"].tolist()
     assert len(used) == 30 and all(math.isclose(u, e) for u, e in zip(used, [1e-3] * 10 + [1e-4] * 20))
 
@@ -189,7 +181,7 @@ def test_ngf_scope_all_trains_every_layer_in_train_mode_and_ewc_is_off(tiny_bund
 @pytest.mark.parametrize("n_images", [50, 500])
 def test_awm_runs_the_reference_number_of_steps_for_any_defense_set_size(n_images):
     model = build_model("small_cnn", in_channels=1, width=2)
-    data = _rand_data(n_train=n_images, n_val=16)
+    data = random_defense_data(n_train=n_images, n_val=16)
     res = build_defense("awm", batch_size=32, outer_epochs=2).fit(model, data, seed=0)
     fixed = (500 // 32) * 5  # the reference: int(500 / batch) * inner, whatever the data size
     assert res.info["inner_iters"] == fixed
@@ -209,7 +201,7 @@ def test_anp_reference_perturbation_exceeds_eps_but_never_two_eps():
     for bn in model.modules():  # nonzero betas, so that the bias perturbation xi has a gradient
         if isinstance(bn, nn.BatchNorm2d):
             nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.5, 0.5)
-    data, eps = _rand_data(), 0.3
+    data, eps = random_defense_data(64, 32), 0.3
     for steps in (1, 3):
         res = build_defense(
             "anp", eps=eps, pgd_steps=steps, iterations=4, batch_size=32, operating_point="number", n_prune=0

@@ -12,25 +12,10 @@ from torch import nn
 
 from baselines import DefenseError, build_defense
 from baselines.fst import add_shift_gradient, cosine_to, feature_shift, reinit_head
-from onp.data.defense import DefenseData
 from onp.metrics import evaluate_backdoor
 from onp.models import build_model
 
-
-def _rand_data(n_train=40, n_val=20, shape=(1, 28, 28), classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return DefenseData(
-        torch.rand(n_train, *shape, generator=g),
-        torch.randint(0, classes, (n_train,), generator=g),
-        torch.rand(n_val, *shape, generator=g),
-        torch.randint(0, classes, (n_val,), generator=g),
-        classes,
-    )
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
+from .conftest import random_defense_data, state_copy
 
 # ------------------------------------------------------------------------------------------------ the method
 
@@ -87,10 +72,10 @@ def test_head_is_reinitialised_with_the_default_linear_bound_and_the_seed():
 def test_fit_keeps_the_head_norm_never_mutates_the_input_and_counts_passes_exactly():
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=10, in_channels=1, width=4).eval()
-    before = _state(model)
+    before = state_copy(model)
     w_ori = model.linear.weight.detach().clone()
-    res = build_defense("fst", batch_size=16, epochs=2, reference_samples=100).fit(model, _rand_data(), seed=0)
-    assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
+    res = build_defense("fst", batch_size=16, epochs=2, reference_samples=100).fit(model, random_defense_data(), seed=0)
+    assert all(torch.equal(v, state_copy(model)[k]) for k, v in before.items())
     assert res.model is not model and res.model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     assert float(res.model.linear.weight.detach().norm()) == pytest.approx(float(w_ori.norm()), rel=1e-5)
     assert res.scores is None and res.pruned is None and res.wall_time > 0
@@ -99,13 +84,15 @@ def test_fit_keeps_the_head_norm_never_mutates_the_input_and_counts_passes_exact
     assert res.info["epoch_images"] == 100 and res.info["steps"] == 14
     assert (res.forward_passes, res.backward_passes) == (14 + 3, 14)
     assert [row["lr"] for row in res.info["history"][1:]] == pytest.approx([0.01, 0.005])  # cosine, per epoch
-    one_pass = build_defense("fst", batch_size=16, epochs=1, reference_samples=None).fit(model, _rand_data(), seed=0)
+    one_pass = build_defense("fst", batch_size=16, epochs=1, reference_samples=None).fit(
+        model, random_defense_data(), seed=0
+    )
     assert one_pass.info["steps"] == 3 and one_pass.backward_passes == 3
 
 
 def test_without_defense_val_images_fst_returns_the_last_epoch_and_refuses_best_val():
-    d = _rand_data()
-    pool = DefenseData(d.all_x, d.all_y, d.val_x[:0], d.val_y[:0], d.num_classes)  # protocol=paper's whole pool
+    d = random_defense_data()
+    pool = d.whole_pool()  # protocol=paper's defense data
     model = build_model("small_cnn", num_classes=10, in_channels=1, width=4)
     res = build_defense("fst", batch_size=16, epochs=2, reference_samples=None).fit(model, pool, seed=0)
     assert [row["val_acc"] for row in res.info["history"]] == [None, None, None]
@@ -161,12 +148,12 @@ def test_bad_hyperparameters_are_refused(params, message):
 def test_models_and_data_fst_cannot_use_are_clear_errors():
     no_head = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(DefenseError, match="fst re-initialises the final nn.Linear classifier; Sequential has none"):
-        build_defense("fst", batch_size=16).fit(no_head, _rand_data(), seed=0)
+        build_defense("fst", batch_size=16).fit(no_head, random_defense_data(), seed=0)
     wrong = nn.Sequential(nn.Flatten(), nn.Linear(784, 7))
     with pytest.raises(DefenseError, match="has 7 outputs but the data has 10 classes"):
-        build_defense("fst", batch_size=16).fit(wrong, _rand_data(), seed=0)
+        build_defense("fst", batch_size=16).fit(wrong, random_defense_data(), seed=0)
     model = build_model("small_cnn", in_channels=1, width=4)
     with pytest.raises(DefenseError, match="at least 128 defense-train images.*got 40"):
-        build_defense("fst").fit(model, _rand_data(), seed=0)
+        build_defense("fst").fit(model, random_defense_data(), seed=0)
     with pytest.raises(DefenseError, match="needs the defender's clean data"):
         build_defense("fst").fit(model, None, seed=0)

@@ -17,20 +17,10 @@ from baselines.sau import (
     shared_unlearning_loss,
     unlearning_targets,
 )
-from onp.data.defense import DefenseData
 from onp.metrics import evaluate_backdoor
 from onp.models import build_model
 
-
-def _rand_data(n_train=40, n_val=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return DefenseData(
-        torch.rand(n_train, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (n_train,), generator=g),
-        torch.rand(n_val, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (n_val,), generator=g),
-        10,
-    )
+from .conftest import random_defense_data
 
 
 def _two_models():
@@ -81,7 +71,7 @@ def test_js_divergence_is_symmetric_zero_on_agreement_and_at_most_log2():
 )
 def test_shared_perturbation_respects_the_norm_budget(norm_type, bound, clip):
     model, ref = _two_models()
-    d = _rand_data(n_train=16)
+    d = random_defense_data(n_train=16)
     x, y = d.train_x, d.train_y
     with torch.no_grad():
         c, c_ref = model(x).argmax(1), ref(x).argmax(1)
@@ -145,7 +135,7 @@ def test_steps_per_round_follow_the_reference_count_and_passes_are_exact():
     assert batches_per_round(SAUParams(reference_samples=None), 250) == 1
     model, _ = _two_models()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = _rand_data(n_train=40, n_val=20)
+    data = random_defense_data(n_train=40, n_val=20)
     res = build_defense("sau", batch_size=16, n_rounds=2, reference_samples=100, adv_steps=2).fit(model, data, seed=0)
     info = res.info
     assert info["batches_per_round"] == 7 and info["n_updates"] == 14 and info["batch_size"] == 16
@@ -160,9 +150,7 @@ def test_steps_per_round_follow_the_reference_count_and_passes_are_exact():
 
 
 def test_whole_pool_without_validation_images_reports_no_val_accuracy():
-    data = _rand_data(n_train=20, n_val=10).whole_pool() if hasattr(DefenseData, "whole_pool") else None
-    if data is None:
-        pytest.skip("DefenseData.whole_pool is not available")
+    data = random_defense_data(n_train=20, n_val=10).whole_pool()
     model, _ = _two_models()
     res = build_defense("sau", n_rounds=1, reference_samples=None, adv_steps=1).fit(model, data, seed=0)
     assert res.info["n_images"] == 30 and res.info["val_acc_before"] is None and res.info["val_acc_after"] is None
