@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from onp.data.splits import as_float, make_splits
 from onp.models import build_model_for
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--width", type=int, default=16)
@@ -38,17 +39,18 @@ def main() -> None:
     ap.add_argument("--resets", type=int, default=10)
     ap.add_argument("--no-cache", action="store_true", help="disable the suffix cache (for comparison)")
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    return ap
+
+
+def _env(args: argparse.Namespace) -> NeuronPruningEnv:
+    """An untrained model's env on the dataset's defense split, with an unlimited budget and delta."""
     ds = load_dataset(args.dataset, source="auto")
     splits = make_splits(len(ds.train), args.defense_size, 0.5, seed=0)
     tr, va = ds.train.subset(splits.defense_train), ds.train.subset(splits.defense_val)
     data = DefenseData(as_float(tr.images), tr.labels, as_float(va.images), va.labels, ds.spec.num_classes)
     model = build_model_for(args.model, ds.spec, args.width).eval()
     attack = build_attack("badnets", ds.spec.image_shape, ds.spec.num_classes)
-    env = NeuronPruningEnv(
+    return NeuronPruningEnv(
         PruningSubject(model, attack, data, name=f"{args.model}-w{args.width}"),
         budget=1.0 - 1e-9,
         delta=10.0,
@@ -56,20 +58,25 @@ def main() -> None:
         use_suffix_cache=not args.no_cache,
         top_k=16,
     )
-    target = env.target
-    batch = target.batch
+
+
+def _forward_seconds(model: torch.nn.Module, batch: torch.Tensor) -> List[float]:
     with torch.inference_mode():
         for _ in range(3):
-            target.model(batch)
+            model(batch)
         fwd = []
         for _ in range(10):
             t = time.perf_counter()
-            target.model(batch)
+            model(batch)
             fwd.append(time.perf_counter() - t)
+    return fwd
+
+
+def _step_and_reset_seconds(env: NeuronPruningEnv, n_steps: int, n_resets: int) -> Tuple[List[float], List[float]]:
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     steps = []
-    for _ in range(args.steps):
+    for _ in range(n_steps):
         valid = np.flatnonzero(env.action_masks()[:-1])
         if len(valid) == 0:
             env.reset()
@@ -81,11 +88,23 @@ def main() -> None:
         if term or trunc:
             env.reset()
     resets = []
-    for _ in range(args.resets):
+    for _ in range(n_resets):
         env.step(int(rng.choice(np.flatnonzero(env.action_masks()[:-1]))))
         t = time.perf_counter()
         env.reset()
         resets.append(time.perf_counter() - t)
+    return steps, resets
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    env = _env(args)
+    batch = env.target.batch
+    fwd = _forward_seconds(env.target.model, batch)
+    steps, resets = _step_and_reset_seconds(env, args.steps, args.resets)
     f, s, r = statistics.median(fwd), statistics.median(steps), statistics.median(resets)
     out = {
         "model": args.model,
