@@ -154,14 +154,25 @@ def _layout_of(shape: Tuple[int, ...]) -> Tuple[int, Tuple[int, int]]:
 
 
 def images_from_arrays(
-    x: Any, y: Any, *, num_classes: int, channels: int, image_size: Tuple[int, int], what: str = "clean_x/clean_y"
+    x: Any,
+    y: Any,
+    *,
+    num_classes: int,
+    channels: int,
+    image_size: Tuple[int, int],
+    what: str = "clean_x/clean_y",
+    val: Any = None,
 ) -> CleanImages:
     """Clean images given as arrays (torch or numpy; uint8 0..255 or float in [0, 1]; NCHW, NHWC or
     NHW) with integer labels, checked exactly as an ``.npz`` file is by
-    :func:`onp.data.user_data.load_clean_images` (size, channels, label range, counts)."""
+    :func:`onp.data.user_data.load_clean_images` (size, channels, label range, counts). ``val``: an
+    optional bool mask of the images that are the defender's own defense-validation split."""
     with tempfile.TemporaryDirectory(prefix="onp-defend-") as tmp:
         path = Path(tmp) / "arrays.npz"
-        np.savez(path, x=_as_numpy(x), y=_as_numpy(y))
+        arrays: Dict[str, Any] = {"x": _as_numpy(x), "y": _as_numpy(y)}
+        if val is not None:
+            arrays["val"] = _as_numpy(val)
+        np.savez(path, **arrays)
         try:
             images = load_clean_images(path, num_classes=num_classes, channels=channels, image_size=image_size)
         except ValueError as exc:
@@ -425,6 +436,10 @@ def _open_session(
     from envs import PruningSubject
 
     train, val = split_defense(images, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if images.val is not None:
+        log(
+            f"[onp] using your own split of the clean images: {len(train)} defense-train, {len(val)} defense-validation"
+        )
     data = to_defense_data(train, val)
     subject = PruningSubject(copy.deepcopy(model).cpu().eval(), None, data, name="defended model")
     train_cfg = cfg.learned_config()
@@ -479,6 +494,12 @@ def _check_known_trigger(cfg: DefendConfig, test: Optional[CleanImages], how: st
     if test is None:
         raise ValueError(f"a known trigger (attack or trigger_image) only measures test ASR: give {how}")
     _known_trigger(cfg, tuple(test.x.shape[1:]), test.num_classes)
+
+
+def _check_own_split(images: CleanImages, cfg: DefendConfig, what: str) -> None:
+    """Images that carry their own defense-validation split take no ``val_fraction``."""
+    if images.val is not None and "val_fraction" in cfg.model_fields_set:
+        raise ValueError(f"{what} marks its own defense-validation images (val); drop val_fraction (--val-fraction)")
 
 
 def _pruned_per_layer(names: Sequence[str]) -> Dict[str, int]:
@@ -633,6 +654,7 @@ def defend(
     *,
     test_x: Any = None,
     test_y: Any = None,
+    clean_val: Any = None,
     out: Optional[PathLike] = None,
     overwrite: bool = False,
     quiet: bool = True,
@@ -647,6 +669,8 @@ def defend(
             ``(N, H, W, C)`` or ``(N, H, W)``) and integer labels; at least 20.
         defense: ``"ppo-gnn"`` (default), ``"auto"`` or a baseline (``onp.defend.defense_choices()``).
         test_x, test_y: optional held-out images for test ACC (and ASR with ``attack=...``) in the report.
+        clean_val: optional bool ``(N,)``: which clean images are your own defense-validation split
+            (default: a stratified split, ``val_fraction`` of each class, drawn with ``seed``).
         out: also write the run folder there (as ``python -m onp.defend`` does); ``overwrite`` replaces
             an earlier onp run there.
         quiet: print nothing (default); ``False`` prints progress and the summary.
@@ -662,15 +686,10 @@ def defend(
         options = dict(options)
         defense = options.pop("method")
     cfg, wrapped = _api_config(model, clean_x, defense, options)
-    channels, size = cfg.in_channels, cfg.image_size
-    images = images_from_arrays(clean_x, clean_y, num_classes=cfg.num_classes, channels=channels, image_size=size)
-    test = (
-        None
-        if test_x is None
-        else images_from_arrays(
-            test_x, test_y, num_classes=cfg.num_classes, channels=channels, image_size=size, what="test_x/test_y"
-        )
-    )
+    shape: Dict[str, Any] = {"num_classes": cfg.num_classes, "channels": cfg.in_channels, "image_size": cfg.image_size}
+    images = images_from_arrays(clean_x, clean_y, val=clean_val, **shape)
+    _check_own_split(images, cfg, "clean_val")
+    test = None if test_x is None else images_from_arrays(test_x, test_y, what="test_x/test_y", **shape)
     _check_known_trigger(cfg, test, "test_x and test_y")
     log = _printer(quiet)
     if out is None:
@@ -781,6 +800,7 @@ def run_defend(
     model = net if not is_user_arch(cfg.arch) else with_normalization(net, cfg.mean, cfg.std, cfg.in_channels)
     check_output(model, cfg.in_channels, cfg.image_size, cfg.num_classes, f"--arch {cfg.arch}")
     images = _load_images(cfg, cfg.clean_data, cfg.indices)
+    _check_own_split(images, cfg, cfg.clean_data)
     test = _load_images(cfg, cfg.test_data, cfg.test_indices) if cfg.test_data else None
     _check_known_trigger(cfg, test, "--test-data")
     final = Path(out) if out is not None else default_run_dir(cfg)

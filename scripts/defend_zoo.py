@@ -1,7 +1,8 @@
 """Issue #16's acceptance: ``onp.defend`` as a defender who *received* each zoo model.
 
 Every cached zoo model (5 attacks x seeds, plus clean models) is exported the way a defender gets it: a
-plain ``state_dict`` (``weights.pt``) and its 500 clean defender images as an ``.npz``; the held-out test
+plain ``state_dict`` (``weights.pt``) and its 500 clean defender images as an ``.npz`` (with the zoo's
+defense-train/validation split as ``val``, so onp.defend sees the data onp.train sees); the held-out test
 images go to a second ``.npz``. ``python -m onp.defend`` then runs on those files (the verdict, then the
 repair with ``--defense``), and its test ACC/ASR are computed afterwards by this script with the attack's
 real trigger (reporting only; onp.defend never sees the trigger or the test labels).
@@ -44,7 +45,8 @@ def export(cfg: BackdoorConfig, folder: Path) -> Dict[str, Any]:
     d = bundle.defense_data
     x = torch.cat([d.train_x, d.val_x])
     y = torch.cat([d.train_y, d.val_y])
-    np.savez(folder / "clean.npz", x=_uint8(x), y=y.numpy())
+    val = np.arange(len(y)) >= len(d.train_y)  # the zoo's own split, so onp.defend sees onp.train's data
+    np.savez(folder / "clean.npz", x=_uint8(x), y=y.numpy(), val=val)
     np.savez(folder / "test.npz", x=_uint8(bundle.test_x), y=bundle.test_y.numpy())
     return {"model_dir": str(bundle.path), "width": bundle.meta["config"].get("width")}
 

@@ -199,6 +199,18 @@ def test_api_bad_input_is_one_clear_error(received):
         onp.defend(received.model, received.x, received.y, no_such_option=1)
     with pytest.raises(ValueError, match="'trigger' needs the attack's real trigger"):
         onp.defend(received.model, received.x, received.y, asr_estimator="trigger")
+    own = np.arange(len(received.y)) % 3 == 0
+    with pytest.raises(ValueError, match=r"clean_val marks its own defense-validation images .*drop val_fraction"):
+        onp.defend(received.model, received.x, received.y, clean_val=own, val_fraction=0.3)
+
+
+def test_api_keeps_the_defenders_own_split(received, capsys):
+    own = np.arange(len(received.y)) % 3 == 0  # 100 of the 300 images, not the default stratified half
+    report = onp.defend(received.model, received.x, received.y, defense="clp", clean_val=own, quiet=False, **FAST)
+    assert report.metrics["val"]["n_clean"] == int(own.sum()) == 100
+    assert (
+        "using your own split of the clean images: 200 defense-train, 100 defense-validation" in capsys.readouterr().out
+    )
 
 
 def test_auto_keeps_the_best_reward_of_its_portfolio(received):

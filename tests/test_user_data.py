@@ -457,6 +457,30 @@ def test_split_fraction_and_to_defense_data(tmp_path: Path) -> None:
         split_defense(_labelled([1, 1, 1]))
 
 
+def test_an_npz_with_its_own_validation_split_keeps_it(tmp_path: Path) -> None:
+    x, y = _gray(40), np.arange(40) % 10
+    val = np.zeros(40, bool)
+    val[[3, 7, 8, 20, 39]] = True  # not stratified, not a fraction of 0.5: the defender's own choice
+    imgs = load_clean_images(_npz(tmp_path, x=x, y=y, val=val), num_classes=10, channels=1, image_size=28)
+    tr, va = split_defense(imgs, val_fraction=0.5, seed=123)
+    assert va.y.tolist() == [3, 7, 8, 0, 9] and len(tr) == 35
+    assert torch.equal(va.x[0, 0], torch.from_numpy(x[3]).float() / 255)  # in the file's order
+    assert torch.equal(tr.x[3, 0], torch.from_numpy(x[4]).float() / 255)
+    as_ints = load_clean_images(
+        _npz(tmp_path, x=x, y=y, val=val.astype(np.uint8)), num_classes=10, channels=1, image_size=28
+    )
+    assert torch.equal(as_ints.val, imgs.val)
+    for bad, why in (
+        (val[:39], "val must mark each of the 40 images"),
+        (val.astype(np.float32), "val must mark each"),
+        (np.full(40, 2, np.int64), "val must mark each"),
+        (np.ones(40, bool), "val puts all 40 images in one half"),
+        (np.zeros(40, bool), "val puts all 40 images in one half"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            load_clean_images(_npz(tmp_path, x=x, y=y, val=bad), num_classes=10, channels=1, image_size=28)
+
+
 def test_alpha_palette_and_mixed_names(tmp_path: Path) -> None:
     g = _gray(10)
     rgba = np.concatenate([np.stack([g] * 3, -1), np.full((10, 28, 28, 1), 255, np.uint8)], -1)

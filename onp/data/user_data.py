@@ -81,12 +81,15 @@ class CleanImages:
         y: int64 labels ``(N,)`` in ``[0, num_classes)``.
         class_names: ``class_names[i]`` names class ``i`` (one entry per class of the model).
         source: where the images came from (for logs and metadata).
+        val: optional bool ``(N,)``: the defender's own defense-validation images (an ``.npz``'s
+            ``val`` array); :func:`split_defense` then keeps that split instead of drawing one.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     class_names: List[str]
     source: str
+    val: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -99,6 +102,10 @@ class CleanImages:
             )
         if len(self.x) != len(self.y):
             raise ValueError(f"CleanImages: {len(self.x)} images but {len(self.y)} labels")
+        if self.val is not None and (self.val.dtype != torch.bool or tuple(self.val.shape) != (len(self.y),)):
+            raise ValueError(
+                f"CleanImages.val must be bool ({len(self.y)},); got {self.val.dtype} {tuple(self.val.shape)}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -110,7 +117,8 @@ class CleanImages:
     def subset(self, index: Union[np.ndarray, Sequence[int]], source: Optional[str] = None) -> CleanImages:
         """The images at ``index`` (same class names)."""
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return CleanImages(self.x[idx], self.y[idx], list(self.class_names), source or self.source)
+        val = None if self.val is None else self.val[idx]
+        return CleanImages(self.x[idx], self.y[idx], list(self.class_names), source or self.source, val)
 
     def class_counts(self) -> List[int]:
         """Number of images of each class."""
@@ -468,9 +476,10 @@ def _from_npz(path: Path, num_classes: int, channels: int, size: Tuple[int, int]
             )
         try:
             x, y = z["x"], z["y"]
+            val = z["val"] if "val" in z.files else None
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             why = "object arrays are refused (onp never unpickles)" if "pickle" in str(exc) else str(exc)
-            raise ValueError(f"{where}: x or y cannot be read: {why}; save plain numeric arrays") from None
+            raise ValueError(f"{where}: x, y or val cannot be read: {why}; save plain numeric arrays") from None
     if x.ndim not in (3, 4):
         raise ValueError(f"{where}: x must be images (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
     yl = _check_labels(y, num_classes, where)
@@ -498,7 +507,23 @@ def _from_npz(path: Path, num_classes: int, channels: int, size: Tuple[int, int]
     arr = _npz_layout(xf if xf is not None else x, channels, size, where)
     xt = torch.from_numpy(np.ascontiguousarray(arr))
     xt = xt.float().div_(255.0) if xf is None else xt.contiguous()
-    return CleanImages(xt, torch.from_numpy(yl), [str(c) for c in range(num_classes)], f"npz:{path}")
+    mask = None if val is None else torch.from_numpy(_check_val_mask(val, len(y), where))
+    return CleanImages(xt, torch.from_numpy(yl), [str(c) for c in range(num_classes)], f"npz:{path}", mask)
+
+
+def _check_val_mask(val: np.ndarray, n: int, where: str) -> np.ndarray:
+    """An ``.npz``'s ``val`` array as a bool mask: one 0/1 (or bool) per image, both halves non-empty."""
+    if val.shape != (n,) or not (val.dtype == np.bool_ or (val.dtype.kind in "iu" and np.isin(val, (0, 1)).all())):
+        raise ValueError(
+            f"{where}: val must mark each of the {n} images as defense-validation (1/True) or defense-train "
+            f"(0/False); got {val.dtype} of shape {val.shape}"
+        )
+    mask = val.astype(bool)
+    if mask.all() or not mask.any():
+        raise ValueError(
+            f"{where}: val puts all {n} images in one half; both defense-train and -validation need images"
+        )
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,9 +620,18 @@ def split_defense(images: CleanImages, *, val_fraction: float = 0.5, seed: int =
     defense-train); the number of validation images of a class is its share of
     ``round(len(images) * val_fraction)``. Deterministic in ``seed``; the images of each half keep
     their original order. :func:`to_defense_data` turns the halves into a :class:`DefenseData`.
+
+    Images that carry their own split (``images.val``, an ``.npz``'s ``val`` array) keep it, in order;
+    ``val_fraction`` and ``seed`` are then unused.
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
+    if images.val is not None:
+        mask = images.val.numpy()
+        return (
+            images.subset(np.flatnonzero(~mask), f"{images.source} (defense-train, its own split)"),
+            images.subset(np.flatnonzero(mask), f"{images.source} (defense-validation, its own split)"),
+        )
     y = images.y.numpy()
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
