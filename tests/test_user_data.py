@@ -287,7 +287,7 @@ def test_npz_ambiguous_layout_is_explained(tmp_path: Path) -> None:
 def test_npz_object_arrays_are_refused_never_unpickled(tmp_path: Path) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=np.array([object()] * 20, dtype=object), y=np.arange(20) % 2)
-    with pytest.raises(ValueError, match=r"d\.npz: x or y cannot be read: object arrays are refused"):
+    with pytest.raises(ValueError, match=r"d\.npz: x, y or val cannot be read: object arrays are refused"):
         load_clean_images(path, num_classes=2, channels=1, image_size=28)
 
 
