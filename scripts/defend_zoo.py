@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from onp.metrics import evaluate_backdoor
-from onp.zoo import BackdoorConfig, load_bundle
+from onp.zoo import BackdoorBundle, BackdoorConfig, load_bundle
 
 ATTACKS = ("badnets", "blend", "trojan", "sig", "wanet")
 
@@ -37,9 +37,8 @@ def _uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def export(cfg: BackdoorConfig, folder: Path) -> Dict[str, Any]:
+def export(bundle: BackdoorBundle, folder: Path) -> Dict[str, Any]:
     """The defender's files of one zoo model: weights.pt, clean.npz (500 images), test.npz."""
-    bundle = load_bundle(cfg, train_if_missing=False, progress=False)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(bundle.model.state_dict(), folder / "weights.pt")
     d = bundle.defense_data
@@ -63,9 +62,8 @@ def defend(folder: Path, defense: str, seed: int, extra: List[str]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(cfg: BackdoorConfig, folder: Path, defense: str) -> Dict[str, Any]:
+def measure(bundle: BackdoorBundle, folder: Path, defense: str) -> Dict[str, Any]:
     """Test ACC/ASR of the received and the repaired model, with the attack's real trigger."""
-    bundle = load_bundle(cfg, train_if_missing=False, progress=False)
     repaired = bundle.fresh_model()
     repaired.load_state_dict(torch.load(folder / f"defend-{defense}" / "model.pt", weights_only=True))
     before = evaluate_backdoor(bundle.model.eval(), bundle.test_x, bundle.test_y, bundle.attack)
@@ -94,13 +92,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = BackdoorConfig(attack="badnets" if clean else attack, clean=clean, seed=seed, data_source="full")
             folder = args.out / f"{attack}-s{seed}"
             try:
-                info = export(cfg, folder)
+                bundle = load_bundle(cfg, train_if_missing=False, progress=False)
             except FileNotFoundError as exc:
                 print(f"skip {attack} s{seed}: {exc}", flush=True)
                 continue
+            info = export(bundle, folder)
             seconds = defend(folder, args.defense, seed, args.extra)
             row = {"attack": attack, "seed": seed, "defense": args.defense, "defend_seconds": seconds, **info}
-            row.update(measure(cfg, folder, args.defense))
+            row.update(measure(bundle, folder, args.defense))
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             v = row["report"]["verdict"]
