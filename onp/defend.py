@@ -16,15 +16,15 @@ Python (``onp.defend`` is this module, and calling it calls :func:`defend`)::
 
 Steps (:func:`run_defense`): (1) split the clean images into defense-train and defense-validation
 (stratified, seeded); (2) **verdict before pruning**: reverse-engineer one trigger per class on
-defense-train (the ``synthesized`` ASR estimator, cached on disk) and take the MAD anomaly index of
-the estimated target class's trigger size; the model is *suspected* when it is at most
-``-anomaly_threshold`` (default 2, Neural Cleanse's); (3) if not suspected and not ``force``,
-prune nothing ("no backdoor found"); else run the defense: ``ppo-gnn`` (learn a pruning policy on
-this model, as ``onp.train`` does), a baseline (its own operating point on defense data), or
-``auto`` (a portfolio; the best reward val ACC - estimated val ASR wins); (4) "no evidence, no
-pruning" (:mod:`onp.evidence`) for every defense: a repair is kept only if it lowers the estimated
-ASR significantly at an allowed accuracy cost. Nothing is chosen on test data; ``--test-data`` (and
-``--attack``, trigger-aware) only add numbers to the report.
+defense-train (the ``synthesized-multi`` ASR estimator: a patch and a blend per class, cached on
+disk) and take the anomaly index of the estimated target class's trigger size; the model is
+*suspected* when it is at most ``-anomaly_threshold`` (default 2, Neural Cleanse's); (3) if not
+suspected and not ``force``, prune nothing ("no backdoor found"); else run the defense: ``ppo-gnn``
+(learn a pruning policy on this model, as ``onp.train`` does), a baseline (its own operating point
+on defense data), or ``auto`` (a portfolio; the best reward val ACC - estimated val ASR wins); (4)
+"no evidence, no pruning" (:mod:`onp.evidence`) for every defense: a repair is kept only if it
+lowers the estimated ASR significantly at an allowed accuracy cost. Nothing is chosen on test data;
+``--test-data`` (and ``--attack``, trigger-aware) only add numbers to the report.
 
 The run folder (``--out``, default ``runs/defend/<arch>-<defense>-s<seed>``; :func:`onp.io.run_folder`
 rules) holds the repaired weights under the user's own key names (``model.pt``, or
@@ -370,16 +370,19 @@ def _no_defense(s: _Session, verdict: Verdict) -> _Candidate:
 
 def _verdict(probe: ASRProbe, cfg: DefendConfig) -> Verdict:
     """The backdoor verdict from the trigger inversion the estimator did (its probe's ``info``)."""
-    info = probe.info
-    missing = [k for k in ("estimated_target", "anomaly_index", "mask_l1", "success") if k not in info]
+    info = dict(probe.info)
+    if "trigger_size" not in info and "mask_l1" in info:  # an estimator written before the trigger families
+        info["trigger_size"] = info["mask_l1"]
+    missing = [k for k in ("estimated_target", "anomaly_index", "trigger_size", "success") if k not in info]
     if missing:
         raise ValueError(
             f"ASR estimator {cfg.asr_estimator!r} reports no {', '.join(missing)}; the backdoor verdict "
-            f"needs a trigger-inversion estimator such as 'synthesized'"
+            f"needs a trigger-inversion estimator such as 'synthesized' or 'synthesized-multi'"
         )
     target = int(info["estimated_target"])
     index = float(info["anomaly_index"][target])
     inverted = float(info["success"][target]) >= float(info.get("min_success", 0.5))
+    k = len(info["success"])
     return Verdict(
         suspected=inverted and math.isfinite(index) and index <= -cfg.anomaly_threshold,
         inverted=inverted,
@@ -387,10 +390,21 @@ def _verdict(probe: ASRProbe, cfg: DefendConfig) -> Verdict:
         anomaly_index=index,
         threshold=float(cfg.anomaly_threshold),
         estimator=cfg.asr_estimator,
-        mask_l1=[float(v) for v in info["mask_l1"]],
+        mask_l1=[float(v) for v in info["trigger_size"]],
         anomaly_indices=[float(v) for v in info["anomaly_index"]],
         success=[float(v) for v in info["success"]],
+        trigger_families=[str(f) for f in info.get("family_of_class", [info.get("family", "patch")] * k)],
+        inversion_seconds=_total_seconds(info.get("inversion_seconds")),
     )
+
+
+def _total_seconds(costs: Any) -> Optional[float]:
+    """The trigger inversion's recorded cost: one number, or the sum over families (None if any is
+    unknown)."""
+    values = list(costs.values()) if isinstance(costs, dict) else [costs]
+    if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        return None
+    return float(sum(values))
 
 
 def _fit_stamp(clean: Tensor, stamped: Tensor) -> Tuple[Tensor, Tensor]:
@@ -407,15 +421,21 @@ def _fit_stamp(clean: Tensor, stamped: Tensor) -> Tuple[Tensor, Tensor]:
 
 def _recover_trigger(probe: ASRProbe, data: DefenseData, target: int) -> RecoveredTrigger:
     """The estimated target's trigger: from the probe's ``info`` when the estimator records its
-    ``mask`` and ``pattern``, else fitted from the stamped images and their clean originals."""
+    ``mask`` and ``pattern``, else fitted from the stamped images and their clean originals (of the
+    first trigger family only, when the probe stamps several: ``info["family_slices"]``)."""
     info = probe.info
+    images = probe.images
+    slices = info.get("family_slices")
+    if slices:
+        start, end = min(slices.values())
+        images = images[start:end]
     if "mask" in info and "pattern" in info:
         mask, pattern = torch.as_tensor(info["mask"]), torch.as_tensor(info["pattern"])
         stamp = mask * pattern
     else:
-        clean = data.val_x[data.val_y != target][: len(probe.images)]
-        stamp, mask = _fit_stamp(clean, probe.images)
-    return RecoveredTrigger(stamp=stamp, mask=mask, stamped=probe.images[:N_STAMPED].clone(), target=target)
+        clean = data.val_x[data.val_y != target][: len(images)]
+        stamp, mask = _fit_stamp(clean, images)
+    return RecoveredTrigger(stamp=stamp, mask=mask, stamped=images[:N_STAMPED].clone(), target=target)
 
 
 @contextlib.contextmanager
@@ -904,7 +924,11 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         help="suspected when the estimated target's anomaly index <= -threshold (default 2)",
     )
     f.add_argument("--force", action="store_true", default=None, help="defend even when no backdoor is suspected")
-    f.add_argument("--asr-estimator", default=None, help="synthesized (default; 'trigger' needs the real trigger)")
+    f.add_argument(
+        "--asr-estimator",
+        default=None,
+        help="synthesized-multi (default), synthesized, ...; 'trigger' needs the real trigger",
+    )
     f.add_argument("--timesteps", type=int_at_least(0), default=None, help="ppo-gnn: PPO env steps")
     f.add_argument("--budget", type=finite_float, default=None, help="ppo-gnn: most neurons pruned (fraction/count)")
     f.add_argument(

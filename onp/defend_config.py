@@ -8,14 +8,16 @@ loaded.
 
 >>> cfg = DefendConfig.from_dict({"arch": "resnet18", "weights": "suspect.pt", "clean_data": "imgs/"})
 >>> cfg.defense, cfg.asr_estimator, cfg.anomaly_threshold
-('ppo-gnn', 'synthesized', 2.0)
+('ppo-gnn', 'synthesized-multi', 2.0)
 
-The backdoor verdict (docs/defend.md): before pruning, the ``synthesized`` estimator reverse-engineers
-one trigger per class from the defense-train images (Neural Cleanse, Wang et al., IEEE S&P 2019) and
-takes the class with the smallest working trigger as the estimated target. The model is
-**suspected** when that class's MAD anomaly index of the trigger's L1 size is at most
-``-anomaly_threshold`` (default 2: Neural Cleanse's threshold, an anomaly index above 2 in absolute
-value on the small side). Otherwise nothing is pruned unless ``force``.
+The backdoor verdict (docs/defend.md): before pruning, the ``synthesized-multi`` estimator
+reverse-engineers one trigger per class and trigger family (a patch and a whole-image blend) from the
+defense-train images (Neural Cleanse, Wang et al., IEEE S&P 2019) and takes the class whose trigger is
+the most anomalously small as the estimated target. The model is **suspected** when that class's
+anomaly index (the MAD index of the log trigger sizes, within the family) is at most
+``-anomaly_threshold`` (default 2: Neural Cleanse's threshold, on the small side). Otherwise nothing
+is pruned unless ``force``. ``asr_estimator="synthesized"`` gives the patch-only verdict of earlier
+versions.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class DefendConfig(TypedConfig):
     portfolio: List[str] = Field(
         default_factory=lambda: list(DEFAULT_PORTFOLIO), min_length=1, description="the defenses defense='auto' tries"
     )
-    asr_estimator: str = Field("synthesized", min_length=1)
+    asr_estimator: str = Field("synthesized-multi", min_length=1)
     estimator_params: Dict[str, Any] = Field(default_factory=dict, description="e.g. steps, l1_weight")
     anomaly_threshold: float = Field(2.0, gt=0, le=100, description="suspected when the target's index <= -this")
     force: bool = Field(False, description="defend even when no backdoor is suspected")
@@ -147,7 +149,7 @@ class DefendConfig(TypedConfig):
         if v == "trigger":
             raise ValueError(
                 "'trigger' needs the attack's real trigger, which a defender of a received model does "
-                "not have; use 'synthesized' (reverse-engineered from the clean images)"
+                "not have; use 'synthesized-multi' (reverse-engineered from the clean images)"
             )
         return v
 

@@ -61,9 +61,15 @@ class Verdict:
         anomaly_index: the MAD anomaly index of that class's trigger size (negative: smaller than usual).
         threshold: the configured ``anomaly_threshold``.
         estimator: the ASR estimator that inverted the triggers.
-        mask_l1, anomaly_indices, success: per class: trigger size, its anomaly index (over all
-            classes, :func:`envs.asr_estimators.anomaly_indices`), and the fraction of non-class
+        mask_l1, anomaly_indices, success: per class: trigger size (for the ``patch`` family the
+            mask's L1 norm, hence the name), its anomaly index (over all classes; see the estimator:
+            :func:`envs.asr_estimators.anomaly_indices` of the sizes for ``synthesized``, of their
+            logarithms within each family for ``synthesized-multi``), and the fraction of non-class
             defense-train images its trigger flips.
+        trigger_families: per class, the trigger family (``patch``, ``blend``, ``warp``) the figures
+            above come from.
+        inversion_seconds: what the trigger inversion cost when it was computed (all families; it is
+            cached, so a later run on the same model and images reads it), ``None`` if not recorded.
         inverted: the estimated target's trigger flips at least the estimator's ``min_success`` of
             the images (if no class's does, the verdict is inconclusive and nothing is suspected).
     """
@@ -77,6 +83,8 @@ class Verdict:
     anomaly_indices: List[float]
     success: List[float]
     inverted: bool = True
+    trigger_families: List[str] = field(default_factory=list)
+    inversion_seconds: Optional[float] = None
 
     @property
     def inconclusive(self) -> bool:
@@ -259,15 +267,23 @@ def _test_rows(test: Optional[Mapping[str, Any]]) -> List[str]:
 
 def _inversion_table(verdict: Verdict) -> List[str]:
     """The per-class trigger inversion behind the verdict, as a Markdown table."""
+    cost = verdict.inversion_seconds
     lines = [
         "## Trigger inversion per class",
         "",
-        "| class | trigger L1 size | anomaly index | flips |",
-        "|---|---|---|---|",
+        *(
+            [f"Computed in {cost:.0f} s (cached: later runs on this model and these images reuse it).", ""]
+            if cost
+            else []
+        ),
+        "| class | trigger family | trigger size | anomaly index | flips |",
+        "|---|---|---|---|---|",
     ]
-    for c, (l1, a, ok) in enumerate(zip(verdict.mask_l1, verdict.anomaly_indices, verdict.success)):
+    families = verdict.trigger_families or ["patch"] * len(verdict.mask_l1)
+    rows = zip(families, verdict.mask_l1, verdict.anomaly_indices, verdict.success)
+    for c, (fam, size, a, ok) in enumerate(rows):
         mark = " (estimated target)" if c == verdict.estimated_target else ""
-        lines.append(f"| {c}{mark} | {l1:.2f} | {a:.2f} | {ok:.2f} |")
+        lines.append(f"| {c}{mark} | {fam} | {size:.2f} | {a:.2f} | {ok:.2f} |")
     return lines
 
 

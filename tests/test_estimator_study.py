@@ -1,0 +1,83 @@
+"""scripts/estimator_study.py: its Spearman correlation and one model's record on the tiny test model."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "estimator_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("estimator_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_spearman_perfect_ties_and_constant(study):
+    assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert study.spearman([1, 2, 3, 4], [0.9, 0.5, 0.2, 0.1]) == pytest.approx(-1.0)
+    assert list(study.average_ranks([3, 1, 3, 2])) == [3.5, 1.0, 3.5, 2.0]
+    # ties: Pearson of the average ranks [1, 2.5, 2.5, 4] and [1, 2, 3, 4]
+    assert study.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(study.spearman([0.5, 0.5, 0.5], [1, 2, 3]))
+    assert math.isnan(study.spearman([1, 2, 3], [0, 0, 0]))
+    assert math.isnan(study.spearman([1], [2]))
+    rec = study.spearman_record([0.5, 0.5], [0.1, 0.2])
+    assert rec == {"spearman": None, "spearman_undefined": "estimated ASR constant"}
+
+
+def test_study_model_on_the_tiny_model(study, tiny_bundle, onp_cache, tmp_path):
+    import torch
+
+    from envs.asr_estimators import build_probe
+    from onp.graph.layout import neuron_layout
+    from onp.metrics import evaluate_backdoor, predict
+
+    params = {"steps": 10}
+    record = study.study_model(
+        tiny_bundle,
+        "synthesized",
+        seed=0,
+        orders=["clp"],
+        grid=[1, 4, 10_000],
+        test_images=300,
+        cache_dir=onp_cache,
+        probe_params=params,
+        scores_dir=tmp_path,
+    )
+    json.dumps(record, allow_nan=False)  # plain JSON, no NaN
+    assert {"estimated_target", "real_target", "target_correct", "probe", "unpruned", "orders"} <= set(record)
+    assert {"anomaly_index", "success", "estimated_target", "families", "family_slices", "seconds", "cached"} <= set(
+        record["probe"]
+    )
+    assert record["real_target"] == tiny_bundle.attack.target and record["clean"] is False
+    clp = record["orders"]["clp"]
+    assert [p["k"] for p in clp["points"]][:3] == [0, 1, 4] and "spearman" in clp
+    assert all(p["k"] <= 10_000 for p in clp["points"]) and clp["points"][-1]["k"] != 10_000  # capped at N
+    start = clp["points"][0]
+    assert {"est_asr", "val_acc", "test_acc", "test_asr", "est_asr_families"} <= set(start)
+    model = tiny_bundle.model.eval()
+    real = evaluate_backdoor(model, tiny_bundle.test_x[:300], tiny_bundle.test_y[:300], tiny_bundle.attack)
+    assert start["test_asr"] == real["asr"] and start["test_acc"] == real["acc"]
+    probe = build_probe("synthesized", model, None, tiny_bundle.defense_data, seed=0, cache_dir=onp_cache, **params)
+    direct = (predict(model, probe.images) == probe.target_labels).float().mean().item()
+    assert start["est_asr"] == direct
+    assert torch.equal(probe.target_labels, torch.full_like(probe.target_labels, record["estimated_target"]))
+    # the bundle's model carries no mask hooks afterwards
+    assert not any(m._forward_hooks for m in tiny_bundle.model.modules())
+    # the orders' scores are cached in scores_dir
+    assert clp["scores_cached"] is False
+    scores, timing = study.order_scores(tiny_bundle, "clp", 0, tmp_path)
+    assert timing["scores_cached"] is True and len(scores) == neuron_layout(model).num_neurons
+    # the summary table counts it
+    row = {"attack": "badnets", "seed": 0, **record}
+    table = study.summarize([row])
+    assert f"| badnets | synthesized | 1 | {int(record['target_correct'])} of 1 |" in table

@@ -1,0 +1,168 @@
+"""Trigger families (patch, blend, warp) and the multi-family trigger-agnostic ASR estimator."""
+
+import pytest
+import torch
+from torch import nn
+
+from envs.asr_estimators import (
+    anomaly_indices,
+    build_probe,
+    cached_inversion,
+    invert_triggers,
+    log_anomaly_indices,
+)
+from envs.trigger_families import TRIGGER_FAMILIES, trigger_family
+from onp.io import CheckpointError
+
+from .conftest import random_defense_data
+
+SHAPE = (1, 12, 12)
+
+
+def test_the_three_families_are_registered_and_an_unknown_one_lists_them():
+    assert {"patch", "blend", "warp"} <= set(TRIGGER_FAMILIES.names())
+    with pytest.raises(ValueError, match="patch"):
+        trigger_family("zigzag", SHAPE)
+    with pytest.raises(ValueError, match="shape"):
+        trigger_family("patch", (12, 12))
+
+
+def test_patch_and_blend_stamp_and_size():
+    x = torch.rand(4, *SHAPE)
+    patch = trigger_family("patch", SHAPE)
+    m, p = torch.zeros(1, 12, 12), torch.rand(1, 12, 12)
+    m[:, :3, :3] = 1.0
+    out = patch.stamp({"mask": m, "pattern": p}, x)
+    assert torch.equal(out[:, :, :3, :3], p[:, :3, :3].expand(4, 1, 3, 3))
+    assert torch.equal(out[:, :, 3:, 3:], x[:, :, 3:, 3:])
+    assert float(patch.size({"mask": m, "pattern": p})) == 9.0
+    blend = trigger_family("blend", SHAPE)
+    trig = {"alpha": torch.tensor([0.25]), "pattern": p}
+    assert torch.allclose(blend.stamp(trig, x), 0.75 * x + 0.25 * p)
+    assert float(blend.size(trig)) == pytest.approx(0.25 * 144)  # a uniform mask's L1 norm
+
+
+def test_warp_at_zero_is_the_identity_and_a_constant_flow_shifts_the_image():
+    warp = trigger_family("warp", SHAPE)
+    x = torch.rand(3, *SHAPE)
+    with torch.no_grad():
+        zero = warp.decode(warp.init())
+    assert float(warp.size(zero)) == 0.0
+    assert torch.allclose(warp.stamp(zero, x), x, atol=1e-6)
+    flow = torch.zeros(12, 12, 2)
+    flow[..., 0] = 1.0  # sample one pixel to the right
+    shifted = warp.stamp({"flow": flow}, x)
+    assert torch.allclose(shifted[..., :-1], x[..., 1:], atol=1e-5)
+    assert float(warp.size({"flow": flow})) == pytest.approx(144.0)
+    free = warp.init()
+    with torch.no_grad():
+        free[0].fill_(50.0)
+        assert float(warp.decode(free)["flow"].abs().max()) <= warp.max_shift + 1e-4
+
+
+class _PlantedBackdoor(nn.Module):
+    """A linear classifier whose class ``target`` also fires on images correlated with ``pattern``: a
+    whole-image (blend-like) backdoor, so the ``blend`` family needs a much smaller trigger there."""
+
+    def __init__(self, target: int = 3, classes: int = 6, strength: float = 40.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.linear = nn.Linear(144, classes)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(classes, 144, generator=g) * 0.05)
+            self.linear.bias.zero_()
+        self.pattern = (torch.rand(144, generator=g) > 0.5).float()
+        self.target, self.strength = target, strength
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        logits = self.linear(flat)
+        corr = ((flat - flat.mean(1, keepdim=True)) * (self.pattern - 0.5)).mean(1)
+        bump = torch.zeros_like(logits)
+        bump[:, self.target] = self.strength * corr
+        return logits + bump
+
+
+def test_blend_inversion_finds_a_planted_whole_image_backdoor():
+    model = _PlantedBackdoor()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(120, *SHAPE, generator=g), torch.randint(0, 6, (120,), generator=g)
+    rev = invert_triggers(model, x, y, 6, "blend", steps=60, batch_size=32, seed=0)
+    assert set(rev) == {"alpha", "pattern", "size", "success"}
+    assert rev["alpha"].shape == (6, 1) and rev["pattern"].shape == (6, *SHAPE)
+    working = rev["success"] >= 0.5
+    assert bool(working[3])
+    sizes = torch.where(working, rev["size"], torch.full_like(rev["size"], float("inf")))
+    assert int(sizes.argmin()) == 3
+    assert float(log_anomaly_indices(rev["size"])[3]) < 0
+
+
+def test_log_anomaly_index_is_the_mad_index_of_the_log_sizes():
+    sizes = torch.tensor([1.0, 10.0, 12.0, 9.0, 11.0])
+    assert torch.allclose(log_anomaly_indices(sizes), anomaly_indices(sizes.log()))
+    assert int(log_anomaly_indices(sizes).argmin()) == 0
+
+
+def test_multi_estimator_stamps_every_working_family_and_caches_each(tiny_bundle, tmp_path):
+    data = tiny_bundle.defense_data
+    probe = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=4, cache_dir=tmp_path)
+    info, t = probe.info, probe.info["estimated_target"]
+    assert probe.trigger_aware is False and probe.name == "synthesized-multi"
+    assert (probe.target_labels == t).all() and (probe.true_labels != t).all()
+    assert probe.images.min() >= 0 and probe.images.max() <= 1
+    assert set(info["families"]) == {"patch", "blend"} and info["family"] in info["families"]
+    n_other = int((data.val_y != t).sum())
+    rows = sorted(info["family_slices"].values())
+    assert rows[0][0] == 0 and rows[-1][1] == len(probe.images)
+    assert all(b - a == n_other for a, b in rows) and all(rows[i][1] == rows[i + 1][0] for i in range(len(rows) - 1))
+    assert int(torch.tensor(info["anomaly_index"]).argmin()) == t
+    for c, fam in enumerate(info["family_of_class"]):
+        assert info["anomaly_index"][c] == pytest.approx(info["families"][fam]["log_anomaly_index"][c])
+    costs = info["inversion_seconds"]
+    assert set(costs) == set(info["families"]) and all(c > 0 for c in costs.values())  # its cost is reported
+    files = sorted(p.name for p in (tmp_path / "synthesized").glob("*.pt"))
+    assert len(files) == 2 and sum(name.endswith("-blend.pt") for name in files) == 1
+    again = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=4, cache_dir=tmp_path)
+    assert torch.equal(again.images, probe.images)  # from the cache: the same triggers
+    assert sorted(p.name for p in (tmp_path / "synthesized").glob("*.pt")) == files
+    assert again.info["inversion_seconds"] == costs  # the first computation's cost, kept beside the cache
+
+
+def test_the_patch_estimator_shares_its_cache_with_the_multi_estimator(tiny_bundle, tmp_path):
+    data = tiny_bundle.defense_data
+    multi = build_probe(
+        "synthesized-multi",
+        tiny_bundle.model,
+        None,
+        data,
+        steps=3,
+        batch_size=128,
+        families=["patch"],
+        cache_dir=tmp_path,
+    )
+    single = build_probe("synthesized", tiny_bundle.model, None, data, steps=3, cache_dir=tmp_path)
+    assert len(list((tmp_path / "synthesized").glob("*.pt"))) == 1
+    assert single.info["mask_l1"] == single.info["trigger_size"] == multi.info["families"]["patch"]["size"]
+
+
+@pytest.mark.parametrize("families, match", [("patch", "list"), ([], "list"), (["patch", "zigzag"], "blend")])
+def test_multi_estimator_refuses_bad_families(tiny_bundle, tmp_path, families, match):
+    with pytest.raises(ValueError, match=match):
+        build_probe(
+            "synthesized-multi",
+            tiny_bundle.model,
+            None,
+            tiny_bundle.defense_data,
+            families=families,
+            cache_dir=tmp_path,
+        )
+
+
+def test_a_corrupt_family_cache_is_named(tmp_path):
+    model = _PlantedBackdoor()
+    data = random_defense_data(n_train=12, n_val=6, shape=SHAPE, classes=6)
+    cached_inversion(model, data, "warp", steps=1, cache_dir=tmp_path)
+    (path,) = (tmp_path / "synthesized").glob("*-warp.pt")
+    torch.save({"flow": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="warp"):
+        cached_inversion(model, data, "warp", steps=1, cache_dir=tmp_path)
