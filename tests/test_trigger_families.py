@@ -105,7 +105,10 @@ def test_log_anomaly_index_is_the_mad_index_of_the_log_sizes():
 
 def test_multi_estimator_stamps_every_working_family_and_caches_each(tiny_bundle, tmp_path):
     data = tiny_bundle.defense_data
-    probe = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=4, cache_dir=tmp_path)
+    probe = build_probe(
+        "synthesized-multi", tiny_bundle.model, None, data, steps=4, min_success=0.0, stamp="all-working",
+        cache_dir=tmp_path,
+    )  # fmt: skip
     info, t = probe.info, probe.info["estimated_target"]
     assert probe.trigger_aware is False and probe.name == "synthesized-multi"
     assert (probe.target_labels == t).all() and (probe.true_labels != t).all()
@@ -122,8 +125,12 @@ def test_multi_estimator_stamps_every_working_family_and_caches_each(tiny_bundle
     assert set(costs) == set(info["families"]) and all(c > 0 for c in costs.values())  # its cost is reported
     files = sorted(p.name for p in (tmp_path / "synthesized").glob("*.pt"))
     assert len(files) == 2 and sum(name.endswith("-blend.pt") for name in files) == 1
-    again = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=4, cache_dir=tmp_path)
-    assert torch.equal(again.images, probe.images)  # from the cache: the same triggers
+    assert len(rows) == 2 and list(info["family_slices"])[0] == info["family"]  # every family; the target's first
+    again = build_probe(
+        "synthesized-multi", tiny_bundle.model, None, data, steps=4, min_success=0.0, cache_dir=tmp_path
+    )
+    assert list(again.info["family_slices"]) == [again.info["family"]]  # the default: the most anomalous family
+    assert torch.equal(again.images, probe.images[: len(again.images)])  # from the cache: the same triggers
     assert sorted(p.name for p in (tmp_path / "synthesized").glob("*.pt")) == files
     assert again.info["inversion_seconds"] == costs  # the first computation's cost, kept beside the cache
 
@@ -145,16 +152,19 @@ def test_the_patch_estimator_shares_its_cache_with_the_multi_estimator(tiny_bund
     assert single.info["mask_l1"] == single.info["trigger_size"] == multi.info["families"]["patch"]["size"]
 
 
-@pytest.mark.parametrize("families, match", [("patch", "list"), ([], "list"), (["patch", "zigzag"], "blend")])
-def test_multi_estimator_refuses_bad_families(tiny_bundle, tmp_path, families, match):
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"families": "patch"}, "list"),
+        ({"families": []}, "list"),
+        ({"families": ["patch", "zigzag"]}, "blend"),
+        ({"stamp": "some"}, "most-anomalous, all-working"),
+    ],
+)
+def test_multi_estimator_refuses_bad_settings(tiny_bundle, tmp_path, params, match):
     with pytest.raises(ValueError, match=match):
         build_probe(
-            "synthesized-multi",
-            tiny_bundle.model,
-            None,
-            tiny_bundle.defense_data,
-            families=families,
-            cache_dir=tmp_path,
+            "synthesized-multi", tiny_bundle.model, None, tiny_bundle.defense_data, cache_dir=tmp_path, **params
         )
 
 
