@@ -31,6 +31,7 @@ from .base import (
     rollout,
     select_pruning,
 )
+from .finetune import FinetuneOutcome, finetune_pruned
 from .gnn_policy import GNNMaskablePolicy, GraphEncoder, policy_kwargs_for
 from .heuristics import (
     GreedyActivationAgent,
@@ -59,6 +60,8 @@ __all__ = [
     "best_prefix",
     "build_agent",
     "select_pruning",
+    "FinetuneOutcome",
+    "finetune_pruned",
     "register_agent",
     "resolve_agent_factory",
     "rollout",

@@ -149,6 +149,15 @@ class PruningTarget:
             self.masks.mask.copy_(mask)
         self.evaluator.restore(snap)
 
+    def evaluate_model(self, model: nn.Module) -> Evaluation:
+        """Clean ACC and estimated ASR of another model of the same architecture (e.g. a pruned and
+        fine-tuned copy) on this target's reward batch and ASR probe; ``model`` is left in eval mode."""
+        model.eval()
+        param = next(model.parameters(), None)
+        batch = self.batch if param is None else self.batch.to(param.device)
+        with torch.inference_mode():
+            return self._score(model(batch).cpu())
+
     def uncached_evaluation(self) -> Evaluation:
         """Plain forward of the current masked model (for tests of the cache)."""
         with torch.inference_mode():

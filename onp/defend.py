@@ -298,7 +298,7 @@ def _candidate(
 def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
     """Learn a pruning policy on this model (MaskablePPO + GNN, ``onp.train``'s agent and settings), run
     it once deterministically, keep its pruning by ``select_pruning`` and the evidence rule."""
-    from agents import build_agent, rollout, select_pruning
+    from agents import build_agent, finetune_pruned, rollout, select_pruning
 
     t0 = time.perf_counter()
     cfg = s.train_cfg
@@ -314,8 +314,27 @@ def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
     )
     pruned = [int(i) for i in sel["info"]["pruned"]]
     model = apply_pruning(s.model, s.base.graph, pruned, cfg["env"]["mask_mode"])
-    info = {"timesteps": int(learned.timesteps), "episode_return": float(res["return"]), "fallback": sel["fallback"]}
-    return _candidate(s, name, model, pruned, sel["judgement"], t0, info)
+    tuned = finetune_pruned(
+        model,
+        pruned,
+        target=s.target,
+        data=s.data,
+        config=rc.finetune,
+        judgement=sel["judgement"],
+        rule=s.rule,
+        initial=res["infos"][0],
+        lam=s.base.lam,
+        mask_mode=cfg["env"]["mask_mode"],
+        seed=s.cfg.seed,
+        log=s.log,
+    )
+    info = {
+        "timesteps": int(learned.timesteps),
+        "episode_return": float(res["return"]),
+        "fallback": sel["fallback"],
+        "finetune": tuned.info,
+    }
+    return _candidate(s, name, tuned.model, pruned, tuned.judgement, t0, info)
 
 
 def _run_baseline(s: _Session, name: str) -> _Candidate:

@@ -281,7 +281,7 @@ def _chosen_pruning(
 ) -> Dict[str, Any]:
     """The episode of ``res`` that the source run's ``rollout`` config chooses, applied to a fresh
     copy of the target model (:func:`run_policy`'s result)."""
-    from agents import select_pruning
+    from agents import finetune_pruned, select_pruning
 
     base = cast("NeuronPruningEnv", env.unwrapped)
     ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
@@ -300,23 +300,41 @@ def _chosen_pruning(
     mask_mode = cfg["env"].get("mask_mode", "gamma")
     model = apply_pruning(bundle.fresh_model(), g, pruned, mask_mode).eval()
     info0 = res["infos"][0]
+    tuned = finetune_pruned(
+        model,
+        pruned,
+        target=base.target,
+        data=bundle.defense_data,
+        config=ro.finetune,
+        judgement=sel["judgement"],
+        rule=ro.evidence_rule(base.delta),
+        initial=info0,
+        lam=base.lam,
+        mask_mode=mask_mode,
+        seed=int(cfg.get("seed", 0)),
+        log=log,
+    )
+    val = tuned.val or {"acc": float(chosen["acc"]), "asr": float(chosen["asr"])}
     return {
         "pruned": pruned,
         "pruned_names": names,
-        "model": model,
+        "model": tuned.model,
         "mask_mode": mask_mode,
+        "finetune": tuned.info,
         "val": {
-            "acc": float(chosen["acc"]),
-            "asr": float(chosen["asr"]),
+            **val,
+            "acc_pruned": float(chosen["acc"]),
+            "asr_pruned": float(chosen["asr"]),
             "acc0": float(info0["acc"]),
             "asr0": float(info0["asr"]),
             "episode_steps": res["steps"],
             "return": sel["return"],
             "fallback": sel["fallback"],
             "n_triggered": len(base.target.probe.images),
-            "note": "the chosen episode on the target's defense-validation reward batch",
+            "note": "the model handed out (the chosen episode, then fine-tuned) on the target's defense-validation "
+            "reward batch; acc_pruned/asr_pruned: the episode before fine-tuning",
         },
-        "judgement": sel["judgement"],
+        "judgement": tuned.judgement,
         "asr_estimator": base.asr_estimator,
         "trigger_aware": bool(base.target.probe.trigger_aware),
         "env_steps": res["steps"],
@@ -589,6 +607,7 @@ def _evaluate_metrics(
         "asr_estimator": res.get("asr_estimator"),
         "trigger_aware": res.get("trigger_aware"),
         "val": res.get("val"),
+        "finetune": res.get("finetune"),
         "env_steps": res.get("env_steps", 0),
         "mask_mode": res["mask_mode"],
         "wall_time": round(time.perf_counter() - t0, 2),
@@ -608,7 +627,7 @@ def _evaluate_metrics(
         else "test metrics; the policy / pruned set was not re-fitted",
     }
     if kind == "pruned":
-        for key in ("asr_estimator", "trigger_aware", "val"):
+        for key in ("asr_estimator", "trigger_aware", "val", "finetune"):
             metrics.pop(key)
     else:  # the defense-validation verdict (no evidence, no pruning: onp.evidence)
         metrics["verdict"] = res["judgement"].verdict

@@ -287,6 +287,37 @@ def export_pruned_model(
     return pruned_model
 
 
+def pruning_keeper(
+    model: nn.Module, graph_or_bn_names: GraphOrNames, pruned: Sequence[int], mode: str = "gamma"
+) -> Callable[[], None]:
+    """A function that writes the pruning of ``pruned`` (global ids) into ``model``'s BN parameters in
+    place, as :func:`apply_pruning` does: call it after every optimizer step to train a pruned model
+    whose pruned neurons stay pruned (gamma, and in ``"channel"`` mode beta, held at zero)."""
+    bake = MASK_MODES.get(mode).bake
+    by_layer: List[Tuple[nn.BatchNorm2d, Tensor]] = []
+    ids = _as_index([int(i) for i in pruned])
+    for layer in _layers_of(model, graph_or_bn_names):
+        inside = ids[(ids >= layer.offset) & (ids < layer.offset + layer.num_channels)] - layer.offset
+        if len(inside):
+            bn = _bn(model, layer.bn_name)
+            if bn.weight is None:
+                raise ValueError(f"{layer.bn_name} has no affine parameters; masks cannot be written into it")
+            mask = torch.ones(layer.num_channels, dtype=bn.weight.dtype, device=bn.weight.device)
+            mask[inside.to(bn.weight.device)] = 0.0
+            by_layer.append((bn, mask))
+
+    def keep_pruned() -> None:
+        with torch.no_grad():
+            for bn, mask in by_layer:
+                gamma, beta = bake(bn.weight, bn.bias, mask)
+                bn.weight.copy_(gamma)
+                if beta is not None and bn.bias is not None:
+                    bn.bias.copy_(beta)
+
+    keep_pruned()
+    return keep_pruned
+
+
 def apply_pruning(
     model: nn.Module, graph_or_bn_names: GraphOrNames, pruned: Sequence[int], mode: str = "gamma"
 ) -> nn.Module:

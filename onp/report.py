@@ -7,6 +7,11 @@ used, and how many seeds are present. Each (model, attack) also gets a ``no defe
 backdoored model's ``before`` metrics. Missing or failed seeds are always shown (``missing (2/3
 seeds)``), never silently dropped.
 
+A learned policy whose reward used the attacker's real trigger (the ``trigger`` estimator) is not a
+defense a defender can run: its row is named ``<defense>[trigger-aware]`` (:data:`TRIGGER_AWARE`),
+flagged ``trigger_aware``, and the Markdown table lists it apart, under the defenses, as an upper
+bound, never among the baselines.
+
 Conventions:
 
 * Markdown shows ACC / ASR / RA / DER in percent (test set); std is the sample standard deviation
@@ -30,6 +35,8 @@ from .io import atomic_write_json, atomic_write_text
 METRICS = ("acc", "asr", "ra", "der")
 NO_DEFENSE = "no defense"
 BASELINE_ESTIMATOR = "n/a (defense data only)"
+#: the suffix of a learned row whose reward used the attacker's real trigger (an upper bound)
+TRIGGER_AWARE = "[trigger-aware]"
 
 
 @dataclass
@@ -102,6 +109,11 @@ def estimator_label(metrics: Dict[str, Any], kind: str) -> str:
     return f"{est} (trigger-aware)" if aware else f"{est} (defense data only)"
 
 
+def is_trigger_aware(metrics: Dict[str, Any], kind: str) -> bool:
+    """Whether a cell's method used the attacker's real trigger (a learned policy's ``trigger`` reward)."""
+    return kind != "baseline" and estimator_label(metrics, kind).endswith("(trigger-aware)")
+
+
 @dataclass
 class Row:
     model: str
@@ -115,6 +127,7 @@ class Row:
     metrics: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # acc/asr/ra/der/n_pruned/wall_time -> stats
     asr_estimator: str = ""
     errors: List[str] = field(default_factory=list)
+    trigger_aware: bool = False  # a learned row whose reward used the real trigger: an upper bound
 
     @property
     def status(self) -> str:
@@ -137,6 +150,7 @@ class Row:
             "seeds": self.seeds_ok,
             "status": self.status,
             "asr_estimator": self.asr_estimator,
+            "trigger_aware": self.trigger_aware,
             "metrics": self.metrics,
             "errors": self.errors,
         }
@@ -190,6 +204,8 @@ def build_rows(
                     row.metrics[m] = stats([c.ok_metrics.get(m) for c in ok])
                 labels = sorted({estimator_label(c.ok_metrics, c.kind) for c in ok})
                 row.asr_estimator = ", ".join(labels) if labels else (BASELINE_ESTIMATOR if kind == "baseline" else "-")
+                if any(is_trigger_aware(c.ok_metrics, c.kind) for c in ok):
+                    row.defense, row.trigger_aware = f"{d}{TRIGGER_AWARE}", True
                 row.errors = [f"s{c.seed}: {c.error}" for c in failed if c.error]
                 rows.append(row)
     return rows
@@ -237,6 +253,18 @@ def _md_cells(row: Row) -> List[str]:
     ]
 
 
+#: the caption of the trigger-aware rows' own table under each (model, attack)
+UPPER_BOUND_NOTE = (
+    "Upper bound, not a defense: the learned policy below was rewarded with the attacker's real trigger, "
+    "which no defender has (research protocol; never compare it with the rows above as a defense)."
+)
+
+
+def _md_table(rows: Sequence[Row]) -> List[str]:
+    lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * 6 + ["---", "---"]) + "|"]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in _md_cells(r)) + " |" for r in rows]
+
+
 def to_markdown(rows: Sequence[Row], *, title: str = "Leaderboard", notes: Sequence[str] = ()) -> str:
     lines = [f"# {title}", ""]
     lines += [f"* {n}" for n in notes]
@@ -249,10 +277,11 @@ def to_markdown(rows: Sequence[Row], *, title: str = "Leaderboard", notes: Seque
     for (model, attack), group in groups.items():
         lines.append(f"## {attack}" if len(models) == 1 else f"## {model} / {attack}")
         lines.append("")
-        lines.append("| " + " | ".join(MD_COLUMNS) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * 6 + ["---", "---"]) + "|")
-        for r in group:
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _md_cells(r)) + " |")
+        defenses = [r for r in group if not r.trigger_aware]
+        bounds = [r for r in group if r.trigger_aware]
+        lines += _md_table(defenses)
+        if bounds:
+            lines += ["", UPPER_BOUND_NOTE, ""] + _md_table(bounds)
         errs = [f"{r.defense} {e}" for r in group for e in r.errors]
         if errs:
             lines.append("")
@@ -264,7 +293,7 @@ def to_markdown(rows: Sequence[Row], *, title: str = "Leaderboard", notes: Seque
 CSV_FIELDS = (
     ["model", "attack", "defense", "kind"]
     + [f"{m}_{s}" for m in METRICS + ("n_pruned", "wall_time") for s in ("mean", "std")]
-    + ["asr_estimator", "seeds_ok", "seeds_expected", "seeds_failed", "status"]
+    + ["asr_estimator", "trigger_aware", "seeds_ok", "seeds_expected", "seeds_failed", "status"]
 )
 
 
@@ -279,6 +308,7 @@ def to_csv(rows: Sequence[Row]) -> str:
             "defense": r.defense,
             "kind": r.kind,
             "asr_estimator": r.asr_estimator,
+            "trigger_aware": r.trigger_aware,
             "seeds_ok": r.ok,
             "seeds_expected": r.expected,
             "seeds_failed": r.failed,
@@ -326,5 +356,7 @@ LEADERBOARD_NOTES = (
     "'no defense': the backdoored model before any defense (the `before` metrics of the cells).",
     "ASR estimator: what the method used to measure ASR while defending. 'trigger (trigger-aware)' = the "
     "attack's real trigger (research protocol); baselines see only the defender's clean data.",
+    "A learned row named '<policy>[trigger-aware]' used the real trigger: it is an upper bound, listed apart "
+    "under each table, never a defense to compare with the baselines.",
     "Wall time: seconds of the defense (baselines) or of training + rollout (learned policies), one process.",
 )

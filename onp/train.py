@@ -13,7 +13,8 @@ Steps: (1) get or train the backdoored model through the zoo (cached); (2) build
 ``NeuronPruningEnv`` (its reward batch is the defender's validation split); (3) train the agent
 (PPO: progress bar, tensorboard logs in ``<run>/tb``, a deterministic defense-validation episode
 every ``eval.freq`` steps, best policy kept in ``policy.pt`` + ``policy.json``, resumable checkpoint); (4) run the best
-policy deterministically, write its pruning into a fresh copy of the model; (5) report ACC / ASR /
+policy deterministically, keep its pruning by the evidence rule, write it into a fresh copy of the model and
+fine-tune that on defense-train (``rollout.finetune``); (5) report ACC / ASR /
 RA / DER on the held-out test set before and after. Nothing is chosen on test data.
 
 Configuration: ``configs/train/default.yaml`` documents every key; ``--config FILE`` is merged on top
@@ -339,6 +340,7 @@ def _train_into(
     ep = _choose_episode(agent, env, cfg, learned, learns=learns, t_learn0=t_learn0, log=log)
     pruned = [int(i) for i in ep.chosen["pruned"]]
     pruned_model = apply_pruning(bundle.fresh_model(), ep.base.graph, pruned, cfg["env"]["mask_mode"]).eval()
+    pruned_model = _finetune(cfg, bundle, ep, pruned, pruned_model, seed, log)
     before, after = _test_metrics(bundle, pruned_model, log)
     rate = _steps_per_second(ep)
     names = ep.base.graph.neuron_names(pruned)
@@ -399,10 +401,19 @@ class _Episode:
     curve: List[Dict[str, Any]]
     train_info: Dict[str, Any]
     t_roll: float  # perf_counter() when the rollout started
+    finetune: Optional[Dict[str, Any]] = None  # agents.finetune_pruned's record, once it has run
+    final_val: Optional[Dict[str, float]] = None  # val ACC / ASR of the model handed out, when fine-tuned
 
     @property
     def chosen(self) -> Dict[str, Any]:
         return self.sel["info"]
+
+    @property
+    def val(self) -> Dict[str, float]:
+        """Defense-validation ACC and estimated ASR of the model handed out (after fine-tuning)."""
+        if self.final_val is not None:
+            return self.final_val
+        return {"acc": float(self.chosen["acc"]), "asr": float(self.chosen["asr"])}
 
 
 @dataclass
@@ -466,6 +477,39 @@ def _choose_episode(
     return _Episode(base, res, sel, steps, learns, learn_seconds, curve, train_info, t_roll)
 
 
+def _finetune(
+    cfg: Dict[str, Any],
+    bundle: "BackdoorBundle",
+    ep: _Episode,
+    pruned: List[int],
+    pruned_model: torch.nn.Module,
+    seed: int,
+    log: Callable[[str], None],
+) -> torch.nn.Module:
+    """Fine-tune the kept pruning (``rollout.finetune``, :func:`agents.finetune_pruned`) and record it in
+    ``ep``; returns the model to hand out."""
+    from agents import finetune_pruned
+
+    rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
+    out = finetune_pruned(
+        pruned_model,
+        pruned,
+        target=ep.base.target,
+        data=bundle.defense_data,
+        config=rollout_cfg.finetune,
+        judgement=ep.sel["judgement"],
+        rule=rollout_cfg.evidence_rule(ep.base.delta),
+        initial=ep.res["infos"][0],
+        lam=ep.base.lam,
+        mask_mode=cfg["env"]["mask_mode"],
+        seed=seed,
+        log=log,
+    )
+    ep.finetune, ep.final_val = out.info, out.val
+    ep.sel["judgement"] = out.judgement
+    return out.model
+
+
 def _test_metrics(
     bundle: "BackdoorBundle", pruned_model: torch.nn.Module, log: Callable[[str], None]
 ) -> Tuple[Dict[str, float], Dict[str, Any]]:
@@ -499,11 +543,14 @@ def _run_metrics(cfg: Dict[str, Any], bundle: "BackdoorBundle", ep: _Episode, te
         "trigger_aware": bool(base.target.probe.trigger_aware),
         "verdict": ep.sel["judgement"].verdict,
         "evidence": ep.sel["judgement"].to_dict(),
-        "val_acc": float(chosen["acc"]),
-        "val_asr": float(chosen["asr"]),
+        "val_acc": ep.val["acc"],
+        "val_asr": ep.val["asr"],
+        "finetune": ep.finetune,
         "val": {
-            "acc": float(chosen["acc"]),
-            "asr": float(chosen["asr"]),
+            "acc": ep.val["acc"],
+            "asr": ep.val["asr"],
+            "acc_pruned": float(chosen["acc"]),
+            "asr_pruned": float(chosen["asr"]),
             "acc0": float(info0["acc"]),
             "asr0": float(info0["asr"]),
             "return": float(ep.sel["return"]),
@@ -512,7 +559,8 @@ def _run_metrics(cfg: Dict[str, Any], bundle: "BackdoorBundle", ep: _Episode, te
             "episode_steps": ep.res["steps"],
             "n_clean": int(base.target.n_clean),
             "n_triggered": int(len(base.target.probe.images)),
-            "note": "the chosen episode on the env's reward batch (defense-validation images)",
+            "note": "the model handed out (the chosen episode, then fine-tuned) on the env's reward batch "
+            "(defense-validation images); acc_pruned/asr_pruned: the episode before fine-tuning",
         },
         "wall_time": round(test.wall, 2),
         "learn_seconds": round(ep.learn_seconds, 2),
@@ -531,13 +579,13 @@ def _run_metrics(cfg: Dict[str, Any], bundle: "BackdoorBundle", ep: _Episode, te
 
 def _print_summary(cfg: Dict[str, Any], ep: _Episode, test: _TestOutcome, final_dir: Path) -> None:
     """The two closing lines: the defense-validation verdict first, then the test outcome."""
-    before, after, chosen = test.before, test.after, ep.chosen
+    before, after = test.before, test.after
     print(f"[onp] {ep.sel['judgement'].summary()}", flush=True)  # the defense-validation verdict comes first
     print(
         f"[onp] {cfg['agent']} on {cfg['backdoor']['model']}/{cfg['backdoor']['attack']}: "
         f"test ACC {before['acc']:.4f}->{after['acc']:.4f}  ASR {before['asr']:.4f}->{after['asr']:.4f}  "
-        f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(test.pruned)}  val ACC {chosen['acc']:.3f} "
-        f"ASR {chosen['asr']:.3f}  |  {sum(ep.steps.values())} env steps, {test.wall:.0f}s  -> {final_dir}",
+        f"RA {after['ra']:.4f}  DER {after['der']:.4f}  |  pruned {len(test.pruned)}  val ACC {ep.val['acc']:.3f} "
+        f"ASR {ep.val['asr']:.3f}  |  {sum(ep.steps.values())} env steps, {test.wall:.0f}s  -> {final_dir}",
         flush=True,
     )
 

@@ -34,6 +34,7 @@ __all__ = [
     "PPOConfig",
     "EvalConfig",
     "WarmStartConfig",
+    "FinetuneConfig",
     "RolloutConfig",
     "TrainConfig",
     "NO_WARM_START",
@@ -70,7 +71,7 @@ class TypedConfig(BaseModel):
 class EnvConfig(TypedConfig):
     """Arguments of :class:`envs.NeuronPruningEnv` (see its docstring)."""
 
-    budget: float = Field(0.025, gt=0, description="most neurons pruned: a fraction of N in (0, 1) or a count >= 1")
+    budget: float = Field(0.05, gt=0, description="most neurons pruned: a fraction of N in (0, 1) or a count >= 1")
     lam: float = Field(1.0, ge=0, description="reward = dACC - lam * dASR on the reward batch")
     delta: float = Field(0.1, gt=0, le=1, description="most clean-ACC drop on the reward batch")
     reward_batch: Optional[int] = Field(None, ge=1, description="defense-validation images per reward (None: all)")
@@ -167,8 +168,27 @@ class WarmStartConfig(TypedConfig):
         return check_finite(v)
 
 
+class FinetuneConfig(TypedConfig):
+    """Fine-tuning after pruning (:func:`agents.finetune_pruned`): the kept pruning's model is trained on
+    defense-train with the pruned neurons held at zero and the BatchNorm statistics frozen; the epoch
+    (0 = no fine-tuning) with the best defense-validation return is kept, and the evidence rule judges
+    the result. ``epochs: 0`` turns it off. Chosen in docs/results.md §11 on defense data."""
+
+    epochs: int = Field(10, ge=0, le=1000, description="fine-tuning epochs over defense-train (0: off)")
+    lr: float = Field(0.001, gt=0, le=10, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    batch_size: int = Field(128, ge=1, le=10**6)
+    augment: bool = Field(True, description="random crop and flip of the defense-train images")
+    bn_stats: Literal["frozen", "update"] = Field(
+        "frozen",
+        description="frozen: BatchNorm keeps the model's statistics; update: re-estimated on the "
+        "defense-train batches (restores the backdoor, docs/results.md §11)",
+    )
+
+
 class RolloutConfig(TypedConfig):
-    """Which pruning of the final deterministic episode is kept."""
+    """Which pruning of the final deterministic episode is kept, and how it is fine-tuned."""
 
     select: Literal["final", "best_prefix"] = "final"
     min_return: Optional[float] = 0.0
@@ -182,6 +202,7 @@ class RolloutConfig(TypedConfig):
     removed_asr: float = Field(
         0.1, ge=0, le=1, description="a kept pruning with estimated val ASR at most this is reported as 'removed'"
     )
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     def evidence_rule(self, max_acc_drop: float) -> EvidenceRule:
         """The :class:`onp.evidence.EvidenceRule` of this config (``max_acc_drop``: the env's ``delta``)."""
@@ -223,9 +244,9 @@ class TrainConfig(TypedConfig):
     """Everything one ``onp.train`` run depends on; ``TrainConfig()`` is the default profile.
 
     The default profile: narrow ResNet-18 (width 16) on Fashion-MNIST with BadNets, the trigger-aware
-    ASR estimator, a budget of 2.5% of the neurons, and a behaviour-cloning warm start from CLP's
-    data-free order, skipping neurons whose reward on the reward batch would be negative (both chosen
-    on defense-validation, docs/results.md §3).
+    ASR estimator, a budget of 5% of the neurons, a behaviour-cloning warm start from CLP's
+    data-free order, skipping neurons whose reward on the reward batch would be negative, and
+    fine-tuning after pruning (all chosen on defense-validation, docs/results.md §3 and §11).
     """
 
     backdoor: Dict[str, Any] = Field(

@@ -34,7 +34,11 @@ def matrix(board: Dict[str, Any]) -> List[str]:
     attacks = board["attacks"]
     cells = {(r["defense"], r["attack"]): r for r in board["rows"]}
     lines = ["| defense | " + " | ".join(attacks) + " | mean wall time |", "|---|" + "---|" * len(attacks) + "---|"]
-    for defense in ["no defense"] + board["defenses"]:
+    names = list(dict.fromkeys(r["defense"] for r in board["rows"]))
+    aware = [d for d in names if any(r["defense"] == d and r.get("trigger_aware") for r in board["rows"])]
+    for defense in ["no defense"] + [d for d in names if d != "no defense" and d not in aware] + aware:
+        if defense == (aware[0] if aware else None):  # upper bounds (the real trigger) come apart, last
+            lines.append("| *upper bound, uses the real trigger (not a defense):* |" + " |" * (len(attacks) + 1))
         texts, walls = [], []
         for attack in attacks:
             row = cells.get((defense, attack)) or {}

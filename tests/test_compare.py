@@ -70,7 +70,9 @@ def test_grid_leaderboard_tables(grid):
     assert md.index("## badnets") < md.index("## blend")
     section = md.split("## badnets")[1].split("## blend")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "Defense" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["no defense", "magnitude", "clp", "greedy-gamma"]
+    # the policy rewarded with the real trigger is an upper bound, in its own table under the defenses
+    assert [r.split("|")[1].strip() for r in rows] == ["no defense", "magnitude", "clp", "greedy-gamma[trigger-aware]"]
+    assert section.index("| clp |") < section.index("Upper bound, not a defense") < section.index("greedy-gamma[")
     for r in rows:
         cols = [c.strip() for c in r.strip("|").split("|")]
         assert all(" ± " in c for c in cols[1:5]), r  # ACC ASR RA DER
@@ -88,8 +90,9 @@ def test_grid_leaderboard_tables(grid):
     assert len(none) == 2 and all(float(r["der_mean"]) == 0.5 for r in none)
 
     board = json.loads((out / "leaderboard.json").read_text())
-    row = next(r for r in board["rows"] if r["attack"] == "blend" and r["defense"] == "greedy-gamma")
+    row = next(r for r in board["rows"] if r["attack"] == "blend" and r["defense"] == "greedy-gamma[trigger-aware]")
     assert row["kind"] == "policy" and row["seeds"] == [0, 1] and len(row["metrics"]["acc"]["values"]) == 2
+    assert row["trigger_aware"] and not any(r["trigger_aware"] for r in board["rows"] if r["kind"] != "policy")
     cell = json.loads((out / "cells" / "blend" / "greedy-gamma" / "s1" / "metrics.json").read_text())
     assert cell["asr_estimator"] == "trigger" and cell["n_pruned"] <= 3
     assert row["metrics"]["n_pruned"]["values"][1] == cell["n_pruned"]
@@ -276,6 +279,7 @@ def test_report_rows_failed_and_missing(tmp_path):
     assert by["no defense"].ok == 2 and fmt(by["no defense"].metrics["der"]) == "50.00 ± 0.00"
     md = to_markdown(rows)
     assert "failed: x s2: boom" in md
+    assert "Upper bound" not in md and not any(r.trigger_aware for r in rows)
     assert stats([])["mean"] is None and fmt(stats([])) == "missing"
 
 
@@ -577,3 +581,35 @@ def test_a_grid_written_before_compare_config_resumes(grid, tmp_path, monkeypatc
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RunExistsError, match="differing: set"):
         compare.main(argv)
+
+
+def test_a_policy_rewarded_with_the_real_trigger_is_an_upper_bound_row(tmp_path):
+    def cell(d, kind, estimator=None, aware=None):
+        c = Cell("m", "a", d, 0, kind, tmp_path / d, status="ok")
+        c.metrics = {"acc": 0.9, "asr": 0.05, "ra": 0.8, "der": 0.95, "n_pruned": 3, "wall_time": 2.0}
+        c.metrics["before"] = {"acc": 0.92, "asr": 1.0, "ra": 0.0}
+        if estimator is not None:
+            c.metrics["asr_estimator"] = estimator
+        if aware is not None:
+            c.metrics["trigger_aware"] = aware
+        return c
+
+    cells = [
+        cell("rnp", "baseline"),
+        cell("ppo-gnn", "policy", "trigger", True),
+        cell("ppo-gnn-honest", "policy", "synthesized-multi", False),
+        cell("greedy", "policy", "trigger"),  # a run from before trigger_aware was recorded
+    ]
+    rows = build_rows(cells, models=["m"], attacks=["a"], defenses=[c.defense for c in cells], seeds=[0])
+    names = {r.defense: r.trigger_aware for r in rows}
+    assert names == {
+        "no defense": False,
+        "rnp": False,
+        "ppo-gnn[trigger-aware]": True,
+        "ppo-gnn-honest": False,
+        "greedy[trigger-aware]": True,
+    }
+    md = to_markdown(rows)
+    main, bound = md.split("Upper bound, not a defense")
+    assert "| rnp |" in main and "| ppo-gnn-honest |" in main and "trigger-aware]" not in main
+    assert "| ppo-gnn[trigger-aware] |" in bound and "| greedy[trigger-aware] |" in bound and "| rnp |" not in bound

@@ -170,8 +170,13 @@ def test_api_end_to_end_with_ppo_gnn(received):
     fresh.load_state_dict(report.model.state_dict())
     assert _bn_gammas(fresh, report.pruned_names) == [0.0] * len(report.pruned)
     assert _bn_gammas(received.model, report.pruned_names) != [0.0] * len(report.pruned)
-    unpruned = [k for k in before if k.endswith(".weight") and k.startswith("conv")]
-    assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in unpruned)  # only BN weights change
+    # then fine-tuned on defense-train (rollout.finetune): the kept epoch has the best defense-val return
+    ft = report.metrics["defense_info"]["finetune"]
+    returns = [h["score"] for h in ft["history"]]
+    assert ft["epochs"] == 10 and len(returns) == 11 and returns[ft["best_epoch"]] == max(returns)
+    convs = [k for k in before if k.endswith(".weight") and k.startswith("conv")]
+    changed = [not torch.equal(fresh.state_dict()[k], before[k]) for k in convs]
+    assert all(changed) if ft["best_epoch"] else not any(changed)  # epoch 0: only BN weights change
 
 
 def test_api_without_a_suspected_backdoor_prunes_nothing_and_force_defends(received, clean_model, tmp_path):

@@ -133,6 +133,9 @@ def test_a_pruning_that_removes_the_backdoor_is_kept_and_the_verdict_travels(tin
     assert result["n_pruned"] > 0 and result["verdict"] in ("removed", "not removed")
     assert result["evidence"]["p_value"] <= 0.05 and result["val"]["fallback"] is None
     assert result["val_asr"] < result["val"]["asr0"]
+    # fine-tuned after pruning (rollout.finetune): the verdict and the val figures are the handed-out model's
+    assert result["finetune"]["epochs"] == 10 and len(result["finetune"]["history"]) == 11
+    assert (result["val_acc"], result["val_asr"]) == (result["evidence"]["acc_after"], result["evidence"]["asr_after"])
     assert json.loads((tmp_path / "trigger" / "metrics.json").read_text())["verdict"] == result["verdict"]
     assert any(line.startswith("[onp] verdict: backdoor") for line in out)
     # onp.evaluate applies the policy again on the same model: the same verdict, on its own figures

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from onp.graph import build_neuron_graph
-from onp.masks import MASK_MODES, NeuronMasks, export_pruned_model
+from onp.masks import MASK_MODES, NeuronMasks, apply_pruning, export_pruned_model, pruning_keeper
 from onp.models import build_model
 
 SETUPS = {"resnet18": 3, "small_cnn": 1}  # name -> input channels
@@ -217,3 +217,32 @@ def test_export_pruned_model_respects_coupling():
     with torch.no_grad(), NeuronMasks(model, graph, mode="channel") as masks:
         masks.prune(stream + single)
         assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["gamma", "channel"])
+def test_pruning_keeper_holds_pruned_neurons_through_training_steps(mode):
+    model, graph, x = setup("resnet18")
+    pruned = [0, 3, 17, graph.num_nodes - 1]
+    trained = copy.deepcopy(model)
+    keep = pruning_keeper(trained, graph, pruned, mode)
+    # written in at once: the same parameters as apply_pruning
+    expected = apply_pruning(model, graph, pruned, mode).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in trained.state_dict().items())
+    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
+    trained.train()
+    for _ in range(2):
+        opt.zero_grad()
+        trained(x).logsumexp(1).sum().backward()
+        opt.step()
+        keep()
+    touched = 0
+    for node in pruned:
+        layer = graph.layers[int(graph.node_layer[node])]
+        bn = trained.get_submodule(layer.bn_name)
+        c = int(graph.node_channel[node])
+        assert bn.weight[c] == 0
+        assert (bn.bias[c] == 0) == (mode == "channel")
+        touched += int(bn.bias[c] != model.get_submodule(layer.bn_name).bias[c])
+    assert mode == "channel" or touched > 0  # gamma mode: beta of a pruned neuron still trains
+    first = graph.layers[0].bn_name  # its unpruned channels 1 and 2 did train
+    assert not torch.equal(trained.get_submodule(first).weight[1:3], model.get_submodule(first).weight[1:3])

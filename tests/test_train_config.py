@@ -60,6 +60,9 @@ def test_agents_take_their_defaults_from_the_typed_config():
         ({"torch_threads": -1}, "torch_threads"),
         ({"device": "bogus"}, "device"),
         ({"rollout": {"min_return": math.nan}}, "rollout.min_return"),
+        ({"rollout": {"finetune": {"bn_stats": "train"}}}, "rollout.finetune.bn_stats"),
+        ({"rollout": {"finetune": {"epochs": -1}}}, "rollout.finetune.epochs"),
+        ({"rollout": {"finetune": {"lr": math.inf}}}, "rollout.finetune.lr"),
         ({"agent_params": {"k": math.inf}}, "agent_params"),
     ],
 )
@@ -80,7 +83,7 @@ def test_cuda_without_cuda_is_an_error():
 def test_budget_count_and_fraction():
     assert TrainConfig.from_dict({"env": {"budget": 30}}).env.budget == 30
     assert TrainConfig.from_dict({"env": {"budget": 0.05}}).env.budget == 0.05
-    assert EnvConfig().budget == 0.025
+    assert EnvConfig().budget == 0.05
 
 
 def test_backdoor_config_checks_types():

@@ -1,0 +1,109 @@
+"""Fine-tuning after pruning (agents.finetune_pruned) and the FT loop's BN-statistics switch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from agents import finetune_pruned
+from baselines.base import DefenseError, PassCounter
+from baselines.ft import FTParams, finetune
+from envs.target import PruningTarget
+from onp.evidence import EvidenceRule
+from onp.masks import apply_pruning
+from onp.train_config import FinetuneConfig
+
+from .conftest import random_defense_data
+
+#: keeps any affordable pruning (no significance test), so the mechanics are tested on any neurons
+RULE = EvidenceRule(alpha=None, max_acc_drop=1.0)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_bundle):
+    t = PruningTarget(tiny_bundle.model, tiny_bundle.attack, tiny_bundle.defense_data)
+    yield t
+    t.close()
+
+
+def _pruned(tiny_bundle, target, pruned):
+    model = apply_pruning(tiny_bundle.model, target.graph, pruned, "gamma").eval()
+    initial = {"acc": target.initial.acc, "asr": target.initial.asr}
+    ev = target.evaluate_model(model)
+    judgement = RULE.judge(initial, {"acc": ev.acc, "asr": ev.asr, "n_pruned": len(pruned)}, len(target.probe.images))
+    return model, initial, judgement
+
+
+def _run(tiny_bundle, target, pruned, config, **kw):
+    model, initial, judgement = _pruned(tiny_bundle, target, pruned)
+    before = copy.deepcopy(model.state_dict())
+    out = finetune_pruned(
+        model,
+        pruned,
+        target=target,
+        data=tiny_bundle.defense_data,
+        config=config,
+        judgement=judgement,
+        rule=RULE,
+        initial=initial,
+        lam=1.0,
+        mask_mode="gamma",
+        seed=0,
+        **kw,
+    )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is not modified
+    return model, judgement, out
+
+
+def test_pruned_neurons_stay_pruned_and_bn_statistics_stay_frozen(tiny_bundle, target):
+    pruned = [1, 4, 20, 33]
+    model, judgement, out = _run(tiny_bundle, target, pruned, FinetuneConfig(epochs=3, lr=0.01))
+    assert out.info["epochs"] == 3 and len(out.info["history"]) == 4
+    returns = [h["score"] for h in out.info["history"]]
+    assert returns[out.info["best_epoch"]] == max(returns)  # the best defense-val return, epoch 0 included
+    assert out.info["history"][0]["acc"] == pytest.approx(judgement.acc_after)  # epoch 0 is the pruning alone
+    ev = target.evaluate_model(out.model)
+    assert (out.judgement.acc_after, out.judgement.asr_after) == (ev.acc, ev.asr)  # judged on the model handed out
+    assert out.info["best_epoch"] > 0  # here a fine-tuned epoch wins (lr 0.01 on the tiny model)
+    assert out.model is not model and out.val == {"acc": ev.acc, "asr": ev.asr}
+    tuned = dict(out.model.named_modules())
+    changed = False
+    for node in pruned:
+        layer = target.graph.layers[int(target.graph.node_layer[node])]
+        assert tuned[layer.bn_name].weight[int(target.graph.node_channel[node])] == 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.equal(tuned[name].running_mean, module.running_mean)
+            assert torch.equal(tuned[name].running_var, module.running_var)
+            changed |= not torch.equal(tuned[name].weight, module.weight)
+    assert changed  # it did train
+
+
+def test_a_fine_tuning_that_only_hurts_keeps_the_pruning_alone(tiny_bundle, target):
+    model, judgement, out = _run(tiny_bundle, target, [2, 7], FinetuneConfig(epochs=2, lr=10.0, momentum=0.0))
+    assert out.info["best_epoch"] == 0 and out.model is model and out.judgement == judgement and out.val is None
+    assert out.info["history"][1]["score"] < out.info["history"][0]["score"]
+
+
+def test_off_or_nothing_pruned_does_nothing(tiny_bundle, target):
+    model, judgement, out = _run(tiny_bundle, target, [3], FinetuneConfig(epochs=0))
+    assert out.model is model and out.judgement is judgement and "off" in out.info["note"]
+    model, judgement, out = _run(tiny_bundle, target, [], FinetuneConfig())
+    assert out.model is model and out.info["epochs"] == 0 and "nothing is pruned" in out.info["note"]
+
+
+def test_the_ft_loop_freezes_or_updates_bn_statistics():
+    from onp.models import build_model
+
+    data = random_defense_data(n_train=32, n_val=16)
+    for bn_stats, same in (("frozen", True), ("update", False)):
+        model = build_model("small_cnn", in_channels=1, width=4).eval()
+        stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        p = FTParams(epochs=1, batch_size=16, augment=False, bn_stats=bn_stats)
+        finetune(model, data, p, seed=0, augment=None, counter=PassCounter())
+        now = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(torch.equal(a, b) for a, b in zip(stats, now)) == same
+    with pytest.raises(DefenseError, match="bn_stats.*valid: update, frozen"):
+        finetune(model, data, FTParams(bn_stats="eval"), seed=0, augment=None, counter=PassCounter())
