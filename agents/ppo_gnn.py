@@ -15,6 +15,7 @@ behaviour-cloning warm start.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def make_ppo(
     if n_steps * vec_env.num_envs < 2:
         raise ValueError("ppo.n_steps * n_envs must be >= 2")
     args["batch_size"] = min(batch, n_steps * vec_env.num_envs)
-    return MaskablePPO(
+    model = MaskablePPO(
         GNNMaskablePolicy,
         vec_env,
         policy_kwargs=policy_kwargs,
@@ -82,6 +83,11 @@ def make_ppo(
         verbose=verbose,
         **args,
     )
+    if tensorboard_log is None:  # else SB3's learn() leaves an empty /tmp/SB3-<time> folder behind, every call
+        from stable_baselines3.common.logger import HumanOutputFormat, Logger
+
+        model.set_logger(Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if verbose else []))
+    return model
 
 
 @register_agent("ppo-gnn")

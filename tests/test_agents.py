@@ -115,11 +115,15 @@ def test_masked_actions_never_sampled(env):
         assert env.action_masks()[int(a)]
 
 
-def test_maskable_ppo_dummy_vec_env(tiny_bundle):
+def test_maskable_ppo_dummy_vec_env(tiny_bundle, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SB3 would put its default log folder
     vec = make_vec_env(EnvFactory(tiny_bundle, ENV_KW), n_envs=2, vec_env="dummy")
     model = make_ppo(vec, policy_kwargs_for(vec.envs[0], **POLICY), dict(n_steps=32, batch_size=32, n_epochs=2))
     model.learn(128)
     assert model.num_timesteps >= 128
+    assert not list(tmp_path.glob("SB3-*"))  # no tensorboard log asked for: no empty log folder either
     vec.close()
 
 
