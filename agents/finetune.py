@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -31,7 +31,7 @@ from onp.masks import pruning_keeper
 from onp.train_config import FinetuneConfig
 
 if TYPE_CHECKING:
-    from envs.target import PruningTarget
+    from envs import NeuronPruningEnv
     from onp.data.defense import DefenseData
     from onp.evidence import EvidenceRule, Judgement
 
@@ -59,23 +59,21 @@ def finetune_pruned(
     model: nn.Module,
     pruned: Sequence[int],
     *,
-    target: "PruningTarget",
+    env: "NeuronPruningEnv",
     data: "DefenseData",
     config: FinetuneConfig,
     judgement: "Judgement",
     rule: "EvidenceRule",
-    initial: Mapping[str, Any],
-    lam: float,
-    mask_mode: str,
     seed: int,
     log: Optional[Callable[[str], None]] = None,
 ) -> FinetuneOutcome:
     """Fine-tune the pruned ``model`` (neurons ``pruned``, already written in by
-    :func:`onp.masks.apply_pruning`) on ``data``'s defense-train images; ``model`` is not modified.
+    :func:`onp.masks.apply_pruning` in the env's mask mode) on ``data``'s defense-train images;
+    ``model`` is not modified.
 
-    ``target`` is the env's :class:`envs.target.PruningTarget` (its reward batch and ASR probe score
-    each epoch), ``judgement`` the kept pruning's, ``initial`` the unpruned model's env info. Nothing
-    happens when fine-tuning is off (``config.epochs == 0``) or nothing is pruned.
+    ``env`` is the (unwrapped) env the pruning was chosen in: its current target's reward batch and
+    ASR probe score each epoch, with its ``lam``. ``judgement`` is the kept pruning's. Nothing happens
+    when fine-tuning is off (``config.epochs == 0``) or nothing is pruned.
     """
     if config.epochs == 0 or not judgement.keep or not pruned:
         return FinetuneOutcome(model, judgement, {"epochs": 0, "note": _skip_note(config, judgement, pruned)})
@@ -83,14 +81,16 @@ def finetune_pruned(
     from baselines.ft import FTParams, finetune
 
     t0 = time.perf_counter()
+    target, lam = env.target, float(env.lam)
+    initial = {"acc": target.initial.acc, "asr": target.initial.asr}
     tuned = copy.deepcopy(model)
-    keep_pruned = pruning_keeper(tuned, target.graph, pruned, mask_mode)
+    keep_pruned = pruning_keeper(tuned, target.graph, pruned, target.masks.mode.name)
     records: List[Dict[str, float]] = []
 
     def val_return(m: nn.Module) -> float:
         ev = target.evaluate_model(m)
         records.append({"acc": ev.acc, "asr": ev.asr})
-        return (ev.acc - float(initial["acc"])) - lam * (ev.asr - float(initial["asr"]))
+        return (ev.acc - initial["acc"]) - lam * (ev.asr - initial["asr"])
 
     params = FTParams(**config.to_dict())
     tuned, ft_info = finetune(

@@ -317,14 +317,11 @@ def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
     tuned = finetune_pruned(
         model,
         pruned,
-        target=s.target,
+        env=s.base,
         data=s.data,
         config=rc.finetune,
         judgement=sel["judgement"],
         rule=s.rule,
-        initial=res["infos"][0],
-        lam=s.base.lam,
-        mask_mode=cfg["env"]["mask_mode"],
         seed=s.cfg.seed,
         log=s.log,
     )

@@ -303,14 +303,11 @@ def _chosen_pruning(
     tuned = finetune_pruned(
         model,
         pruned,
-        target=base.target,
+        env=base,
         data=bundle.defense_data,
         config=ro.finetune,
         judgement=sel["judgement"],
         rule=ro.evidence_rule(base.delta),
-        initial=info0,
-        lam=base.lam,
-        mask_mode=mask_mode,
         seed=int(cfg.get("seed", 0)),
         log=log,
     )

@@ -494,14 +494,11 @@ def _finetune(
     out = finetune_pruned(
         pruned_model,
         pruned,
-        target=ep.base.target,
+        env=ep.base,
         data=bundle.defense_data,
         config=rollout_cfg.finetune,
         judgement=ep.sel["judgement"],
         rule=rollout_cfg.evidence_rule(ep.base.delta),
-        initial=ep.res["infos"][0],
-        lam=ep.base.lam,
-        mask_mode=cfg["env"]["mask_mode"],
         seed=seed,
         log=log,
     )

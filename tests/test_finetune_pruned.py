@@ -10,7 +10,7 @@ import torch
 from agents import finetune_pruned
 from baselines.base import DefenseError, PassCounter
 from baselines.ft import FTParams, finetune
-from envs.target import PruningTarget
+from envs import NeuronPruningEnv
 from onp.evidence import EvidenceRule
 from onp.masks import apply_pruning
 from onp.train_config import FinetuneConfig
@@ -22,10 +22,15 @@ RULE = EvidenceRule(alpha=None, max_acc_drop=1.0)
 
 
 @pytest.fixture(scope="module")
-def target(tiny_bundle):
-    t = PruningTarget(tiny_bundle.model, tiny_bundle.attack, tiny_bundle.defense_data)
-    yield t
-    t.close()
+def env(tiny_bundle):
+    e = NeuronPruningEnv(tiny_bundle)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def target(env):
+    return env.target
 
 
 def _pruned(tiny_bundle, target, pruned):
@@ -33,33 +38,29 @@ def _pruned(tiny_bundle, target, pruned):
     initial = {"acc": target.initial.acc, "asr": target.initial.asr}
     ev = target.evaluate_model(model)
     judgement = RULE.judge(initial, {"acc": ev.acc, "asr": ev.asr, "n_pruned": len(pruned)}, len(target.probe.images))
-    return model, initial, judgement
+    return model, judgement
 
 
-def _run(tiny_bundle, target, pruned, config, **kw):
-    model, initial, judgement = _pruned(tiny_bundle, target, pruned)
+def _run(tiny_bundle, env, pruned, config):
+    model, judgement = _pruned(tiny_bundle, env.target, pruned)
     before = copy.deepcopy(model.state_dict())
     out = finetune_pruned(
         model,
         pruned,
-        target=target,
+        env=env,
         data=tiny_bundle.defense_data,
         config=config,
         judgement=judgement,
         rule=RULE,
-        initial=initial,
-        lam=1.0,
-        mask_mode="gamma",
         seed=0,
-        **kw,
     )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is not modified
     return model, judgement, out
 
 
-def test_pruned_neurons_stay_pruned_and_bn_statistics_stay_frozen(tiny_bundle, target):
+def test_pruned_neurons_stay_pruned_and_bn_statistics_stay_frozen(tiny_bundle, env, target):
     pruned = [1, 4, 20, 33]
-    model, judgement, out = _run(tiny_bundle, target, pruned, FinetuneConfig(epochs=3, lr=0.01))
+    model, judgement, out = _run(tiny_bundle, env, pruned, FinetuneConfig(epochs=3, lr=0.01))
     assert out.info["epochs"] == 3 and len(out.info["history"]) == 4
     returns = [h["score"] for h in out.info["history"]]
     assert returns[out.info["best_epoch"]] == max(returns)  # the best defense-val return, epoch 0 included
@@ -81,16 +82,16 @@ def test_pruned_neurons_stay_pruned_and_bn_statistics_stay_frozen(tiny_bundle, t
     assert changed  # it did train
 
 
-def test_a_fine_tuning_that_only_hurts_keeps_the_pruning_alone(tiny_bundle, target):
-    model, judgement, out = _run(tiny_bundle, target, [2, 7], FinetuneConfig(epochs=2, lr=10.0, momentum=0.0))
+def test_a_fine_tuning_that_only_hurts_keeps_the_pruning_alone(tiny_bundle, env, target):
+    model, judgement, out = _run(tiny_bundle, env, [2, 7], FinetuneConfig(epochs=2, lr=10.0, momentum=0.0))
     assert out.info["best_epoch"] == 0 and out.model is model and out.judgement == judgement and out.val is None
     assert out.info["history"][1]["score"] < out.info["history"][0]["score"]
 
 
-def test_off_or_nothing_pruned_does_nothing(tiny_bundle, target):
-    model, judgement, out = _run(tiny_bundle, target, [3], FinetuneConfig(epochs=0))
+def test_off_or_nothing_pruned_does_nothing(tiny_bundle, env, target):
+    model, judgement, out = _run(tiny_bundle, env, [3], FinetuneConfig(epochs=0))
     assert out.model is model and out.judgement is judgement and "off" in out.info["note"]
-    model, judgement, out = _run(tiny_bundle, target, [], FinetuneConfig())
+    model, judgement, out = _run(tiny_bundle, env, [], FinetuneConfig())
     assert out.model is model and out.info["epochs"] == 0 and "nothing is pruned" in out.info["note"]
 
 
