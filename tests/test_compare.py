@@ -554,7 +554,7 @@ def test_run_compare_is_the_library_entry(grid, capsys):
     )
     assert isinstance(res, compare.CompareResult) and res.ok and res.out == out
     assert res.leaderboard["md"] == out / "leaderboard.md" and res.leaderboard["md"].exists()
-    assert {r.defense for r in res.rows} == {"no defense", "magnitude", "clp", "greedy-gamma"}
+    assert {r.defense for r in res.rows} == {"no defense", "magnitude", "clp", "greedy-gamma[trigger-aware]"}
     assert all(r.ok == 2 for r in res.rows)
     saved = json.loads((out / "config.json").read_text())
     assert CompareConfig.from_dict(saved["compare_config"]).defense.params == {"max_fraction": 0.1}
