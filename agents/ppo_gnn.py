@@ -575,6 +575,10 @@ def _learn_remaining(
                 remaining, callback=CallbackList(cbs), reset_num_timesteps=resumed_from is None, tb_log_name="ppo"
             )
         elif not all((setup.run_dir / name).exists() for name in POLICY_FILES):
+            if getattr(model, "_logger", None) is None:  # learn() never ran, so SB3 configured no logger yet
+                from stable_baselines3.common.logger import Logger
+
+                model.set_logger(Logger(folder=None, output_formats=[]))
             eval_cb.init_callback(model)
             eval_cb.num_timesteps = model.num_timesteps
             eval_cb.evaluate()

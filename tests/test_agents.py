@@ -418,3 +418,17 @@ def test_docs_learned_agent_example(tiny_bundle, tmp_path):
     )
     ev = json.loads((out / "metrics.json").read_text())
     assert ev["source"]["agent"] == "mlp-ppo" and ev["n_pruned"] == resumed["n_pruned"]
+
+
+def test_ppo_gnn_with_no_ppo_steps_keeps_the_behaviour_clone(tiny_bundle, tmp_path):
+    """``--timesteps 0``: the warm start's cloned policy is evaluated once, saved and rolled out (the
+    "behaviour cloning only" arm of an ablation)."""
+    from onp.config import load_yaml
+    from onp.train import run_training
+
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml")
+    cfg["ppo"] = {**cfg["ppo"], "total_timesteps": 0}
+    metrics = run_training(cfg, tmp_path / "run", quiet=True)
+    assert metrics["agent"] == "ppo-gnn" and metrics["env_steps_breakdown"]["train"] == 0
+    assert metrics["env_steps_breakdown"]["warm_start"] > 0 and metrics["best_timesteps"] == 0
+    assert (tmp_path / "run" / "policy.pt").exists() and metrics["n_pruned"] >= 0
