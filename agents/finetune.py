@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 from torch import nn
 
 from onp.masks import pruning_keeper
-from onp.train_config import FinetuneConfig
+from onp.train_config import FinetuneConfig, RolloutConfig
 
 if TYPE_CHECKING:
     from envs import NeuronPruningEnv
     from onp.data.defense import DefenseData
-    from onp.evidence import EvidenceRule, Judgement
+    from onp.evidence import Judgement
 
 __all__ = ["FinetuneOutcome", "finetune_pruned"]
 
@@ -61,9 +61,8 @@ def finetune_pruned(
     *,
     env: "NeuronPruningEnv",
     data: "DefenseData",
-    config: FinetuneConfig,
+    rollout: RolloutConfig,
     judgement: "Judgement",
-    rule: "EvidenceRule",
     seed: int,
     log: Optional[Callable[[str], None]] = None,
 ) -> FinetuneOutcome:
@@ -72,9 +71,12 @@ def finetune_pruned(
     ``model`` is not modified.
 
     ``env`` is the (unwrapped) env the pruning was chosen in: its current target's reward batch and
-    ASR probe score each epoch, with its ``lam``. ``judgement`` is the kept pruning's. Nothing happens
-    when fine-tuning is off (``config.epochs == 0``) or nothing is pruned.
+    ASR probe score each epoch, with its ``lam``. ``rollout`` is the run's rollout config: its
+    ``finetune`` settings and its evidence rule (with the env's ``delta``). ``judgement`` is the kept
+    pruning's. Nothing happens when fine-tuning is off (``rollout.finetune.epochs == 0``) or nothing
+    is pruned.
     """
+    config, rule = rollout.finetune, rollout.evidence_rule(env.delta)
     if config.epochs == 0 or not judgement.keep or not pruned:
         return FinetuneOutcome(model, judgement, {"epochs": 0, "note": _skip_note(config, judgement, pruned)})
     from baselines.base import PassCounter

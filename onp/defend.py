@@ -319,9 +319,8 @@ def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
         pruned,
         env=s.base,
         data=s.data,
-        config=rc.finetune,
+        rollout=rc,
         judgement=sel["judgement"],
-        rule=s.rule,
         seed=s.cfg.seed,
         log=s.log,
     )

@@ -305,9 +305,8 @@ def _chosen_pruning(
         pruned,
         env=base,
         data=bundle.defense_data,
-        config=ro.finetune,
+        rollout=ro,
         judgement=sel["judgement"],
-        rule=ro.evidence_rule(base.delta),
         seed=int(cfg.get("seed", 0)),
         log=log,
     )

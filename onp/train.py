@@ -490,15 +490,13 @@ def _finetune(
     ``ep``; returns the model to hand out."""
     from agents import finetune_pruned
 
-    rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
     out = finetune_pruned(
         pruned_model,
         pruned,
         env=ep.base,
         data=bundle.defense_data,
-        config=rollout_cfg.finetune,
+        rollout=RolloutConfig.from_dict(cfg["rollout"]),
         judgement=ep.sel["judgement"],
-        rule=rollout_cfg.evidence_rule(ep.base.delta),
         seed=seed,
         log=log,
     )
