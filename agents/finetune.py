@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -79,33 +79,10 @@ def finetune_pruned(
     config, rule = rollout.finetune, rollout.evidence_rule(env.delta)
     if config.epochs == 0 or not judgement.keep or not pruned:
         return FinetuneOutcome(model, judgement, {"epochs": 0, "note": _skip_note(config, judgement, pruned)})
-    from baselines.base import PassCounter
-    from baselines.ft import FTParams, finetune
-
     t0 = time.perf_counter()
-    target, lam = env.target, float(env.lam)
+    target = env.target
     initial = {"acc": target.initial.acc, "asr": target.initial.asr}
-    tuned = copy.deepcopy(model)
-    keep_pruned = pruning_keeper(tuned, target.graph, pruned, target.masks.mode.name)
-    records: List[Dict[str, float]] = []
-
-    def val_return(m: nn.Module) -> float:
-        ev = target.evaluate_model(m)
-        records.append({"acc": ev.acc, "asr": ev.asr})
-        return (ev.acc - initial["acc"]) - lam * (ev.asr - initial["asr"])
-
-    params = FTParams(**config.to_dict())
-    tuned, ft_info = finetune(
-        tuned,
-        data,
-        params,
-        seed=seed,
-        augment=None,
-        counter=PassCounter(),
-        name="finetune",
-        after_step=keep_pruned,
-        score=val_return,
-    )
+    tuned, ft_info, records = _train_pruned(model, pruned, env, data, config, seed)
     best = int(ft_info["best_epoch"])
     after = {**records[best], "n_pruned": len(pruned)}
     new = rule.judge(initial, after, len(target.probe.images))
@@ -129,6 +106,46 @@ def finetune_pruned(
             f"{judgement.asr_after:.3f} -> {after['asr']:.3f} ({info['seconds']:.0f}s)"
         )
     return FinetuneOutcome(tuned.eval(), new, info)
+
+
+def _train_pruned(
+    model: nn.Module,
+    pruned: Sequence[int],
+    env: "NeuronPruningEnv",
+    data: "DefenseData",
+    config: FinetuneConfig,
+    seed: int,
+) -> Tuple[nn.Module, Dict[str, Any], List[Dict[str, float]]]:
+    """The FT loop on a copy of ``model`` with the pruned neurons held pruned, each epoch scored by the
+    env's defense-val return; returns (the best epoch's model, the loop's info, each epoch's val ACC/ASR)."""
+    from baselines.base import PassCounter
+    from baselines.ft import FTParams, finetune
+
+    target, lam = env.target, float(env.lam)
+    acc0, asr0 = target.initial.acc, target.initial.asr
+    tuned = copy.deepcopy(model)
+    keep_pruned = pruning_keeper(tuned, target.graph, pruned, target.masks.mode.name)
+    records: List[Dict[str, float]] = []
+
+    def val_return(m: nn.Module) -> float:
+        ev = target.evaluate_model(m)
+        records.append({"acc": ev.acc, "asr": ev.asr})
+        return (ev.acc - acc0) - lam * (ev.asr - asr0)
+
+    params = FTParams(**config.to_dict())
+    counter = PassCounter()
+    tuned, info = finetune(
+        tuned,
+        data,
+        params,
+        seed=seed,
+        augment=None,
+        counter=counter,
+        name="finetune",
+        after_step=keep_pruned,
+        score=val_return,
+    )
+    return tuned, info, records
 
 
 def _skip_note(config: FinetuneConfig, judgement: "Judgement", pruned: Sequence[int]) -> str:

@@ -69,6 +69,19 @@ def _train_mode(model: nn.Module, bn_stats: str) -> None:
                 module.eval()
 
 
+def _ranker(
+    data: DefenseData, counter: PassCounter, score: Optional[Callable[[nn.Module], float]]
+) -> Callable[[nn.Module], Optional[float]]:
+    """What picks the epoch: ``score``, else the defense-validation accuracy (None without val images)."""
+
+    def rank(m: nn.Module) -> Optional[float]:
+        if score is not None:
+            return float(score(m))
+        return eval_accuracy(m, data.val_x, data.val_y, counter) if len(data.val_y) else None
+
+    return rank
+
+
 def finetune(
     model: nn.Module,
     data: DefenseData,
@@ -92,12 +105,7 @@ def finetune(
     require_images(name, len(data.train_y), p.batch_size)
     has_val = len(data.val_y) > 0
     key = "score" if score is not None else "val_acc"
-
-    def rank(m: nn.Module) -> Optional[float]:
-        if score is not None:
-            return float(score(m))
-        return eval_accuracy(m, data.val_x, data.val_y, counter) if has_val else None
-
+    rank = _ranker(data, counter, score)
     gen = torch.Generator().manual_seed(seed)
     aug = (augment or default_augment(data.train_x)) if p.augment else None
     params = [q for q in model.parameters() if q.requires_grad]

@@ -299,7 +299,6 @@ def _chosen_pruning(
     names = g.neuron_names(pruned)
     mask_mode = cfg["env"].get("mask_mode", "gamma")
     model = apply_pruning(bundle.fresh_model(), g, pruned, mask_mode).eval()
-    info0 = res["infos"][0]
     tuned = finetune_pruned(
         model,
         pruned,
@@ -310,32 +309,40 @@ def _chosen_pruning(
         seed=int(cfg.get("seed", 0)),
         log=log,
     )
-    val = tuned.val or {"acc": float(chosen["acc"]), "asr": float(chosen["asr"])}
     return {
         "pruned": pruned,
         "pruned_names": names,
         "model": tuned.model,
         "mask_mode": mask_mode,
         "finetune": tuned.info,
-        "val": {
-            **val,
-            "acc_pruned": float(chosen["acc"]),
-            "asr_pruned": float(chosen["asr"]),
-            "acc0": float(info0["acc"]),
-            "asr0": float(info0["asr"]),
-            "episode_steps": res["steps"],
-            "return": sel["return"],
-            "fallback": sel["fallback"],
-            "n_triggered": len(base.target.probe.images),
-            "note": "the model handed out (the chosen episode, then fine-tuned) on the target's defense-validation "
-            "reward batch; acc_pruned/asr_pruned: the episode before fine-tuning",
-        },
+        "val": _val_record(res, sel, tuned.val, len(base.target.probe.images)),
         "judgement": tuned.judgement,
         "asr_estimator": base.asr_estimator,
         "trigger_aware": bool(base.target.probe.trigger_aware),
         "env_steps": res["steps"],
         "num_neurons": base.num_nodes,
         "agent": cfg["agent"],
+    }
+
+
+def _val_record(
+    res: Dict[str, Any], sel: Dict[str, Any], tuned_val: Optional[Dict[str, float]], n_triggered: int
+) -> Dict[str, Any]:
+    """``metrics.json``'s ``val``: the handed-out model's defense-val figures (fine-tuned, when it was),
+    the chosen episode's before fine-tuning, and the unpruned model's."""
+    chosen, info0 = sel["info"], res["infos"][0]
+    return {
+        **(tuned_val or {"acc": float(chosen["acc"]), "asr": float(chosen["asr"])}),
+        "acc_pruned": float(chosen["acc"]),
+        "asr_pruned": float(chosen["asr"]),
+        "acc0": float(info0["acc"]),
+        "asr0": float(info0["asr"]),
+        "episode_steps": res["steps"],
+        "return": sel["return"],
+        "fallback": sel["fallback"],
+        "n_triggered": n_triggered,
+        "note": "the model handed out (the chosen episode, then fine-tuned) on the target's defense-validation "
+        "reward batch; acc_pruned/asr_pruned: the episode before fine-tuning",
     }
 
 
