@@ -10,7 +10,7 @@ defense-train for a few epochs (the loop of the FT baseline, :func:`baselines.ft
   backdoor back (test ASR 3.4% -> 95% on the sample seed-1 model, docs/results.md §11);
 * the epoch chosen by the env's defense-validation return ``ACC - lam * ASR`` (the ASR is the env's
   estimate, so a fine-tuning that revives the backdoor *as the estimator sees it* loses), epoch 0 (no
-  fine-tuning) included;
+  fine-tuning) included; a tie goes to the later epoch, as in the FT baseline;
 * the result judged again by the evidence rule (:class:`onp.evidence.EvidenceRule`). If the
   fine-tuned model fails it, the pruned model without fine-tuning is kept.
 
