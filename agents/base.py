@@ -387,6 +387,7 @@ def select_pruning(
     min_return: Optional[float] = 0.0,
     evidence: Optional[EvidenceRule] = None,
     n_triggered: int = 0,
+    veto: Optional[str] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, Any]:
     """The pruning a rollout ends with, as ``onp.train`` and ``onp.evaluate`` keep it.
@@ -397,8 +398,10 @@ def select_pruning(
     nothing is pruned instead. With an ``evidence`` rule (:class:`onp.evidence.EvidenceRule`) the
     pruning must also lower the estimated ASR significantly over the ``n_triggered`` triggered
     defense-validation images, at an allowed accuracy cost, or nothing is pruned ("no evidence, no
-    pruning"). The return of the final state leaves out the charge of a prune the env refused (it was
-    never made). Returns ``{"info", "return", "fallback", "judgement"}``; ``fallback`` is ``None`` or
+    pruning"). A ``veto`` (a reason, e.g. :func:`onp.backdoor_verdict.no_backdoor_reason`: the
+    backdoor verdict found no backdoor) prunes nothing whatever the pruning. The return of the final
+    state leaves out the charge of a prune the env refused (it was never made). Returns ``{"info",
+    "return", "fallback", "judgement"}``; ``fallback`` is ``None`` or
     describes the rejected pruning; ``judgement`` is the :class:`~onp.evidence.Judgement` of what is
     kept (its ``verdict``: removed / not removed / nothing pruned).
     """
@@ -407,7 +410,9 @@ def select_pruning(
     rule = evidence if evidence is not None else EvidenceRule(alpha=None, max_acc_drop=1.0)
     judgement = rule.judge(initial, chosen, n_triggered)
     reason = None
-    if not judgement.keep:
+    if veto is not None and chosen["n_pruned"] > 0:
+        reason = veto
+    elif not judgement.keep:
         reason = judgement.reason
     elif min_return is not None and ret < float(min_return) and chosen["n_pruned"] > 0:
         reason = (

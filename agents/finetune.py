@@ -11,11 +11,19 @@ defense-train for a few epochs (the loop of the FT baseline, :func:`baselines.ft
 * the epoch chosen by the env's defense-validation return ``ACC - lam * ASR`` (the ASR is the env's
   estimate, so a fine-tuning that revives the backdoor *as the estimator sees it* loses), epoch 0 (no
   fine-tuning) included; a tie goes to the later epoch, as in the FT baseline;
+* one fine-tuning per value of ``rollout.finetune.unlearn`` (default ``[0.0, 0.2]``): that fraction of
+  each batch stamped with the ASR estimator's trigger (:attr:`envs.asr_estimators.ASRProbe.stamp`)
+  with the true labels kept, Neural Cleanse's "unlearning" (Wang et al., IEEE S&P 2019, 20% stamped);
+  the run and epoch with the best defense-val return are kept (a tie: the first listed, i.e. plain
+  fine-tuning). Only the ``trigger`` estimator's real trigger is unlearned by default: a
+  trigger-agnostic estimate would then judge the very trigger the model was trained to ignore, and
+  say "removed" where the real backdoor stayed (docs/results.md §12c); ``unlearn_estimated`` opts in;
 * the result judged again by the evidence rule (:class:`onp.evidence.EvidenceRule`). If the
   fine-tuned model fails it, the pruned model without fine-tuning is kept.
 
-Fine-Pruning (Liu et al., RAID 2018) also fine-tunes after pruning; freezing the BN statistics and
-choosing the epoch by the estimated return are onp's choices, measured in docs/results.md §11.
+Fine-Pruning (Liu et al., RAID 2018) also fine-tunes after pruning; freezing the BN statistics,
+choosing the epoch by the estimated return and trying unlearning as a second candidate are onp's
+choices, measured in docs/results.md §11 and §12.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from onp.masks import pruning_keeper
 from onp.train_config import FinetuneConfig, RolloutConfig
@@ -35,7 +44,7 @@ if TYPE_CHECKING:
     from onp.data.defense import DefenseData
     from onp.evidence import Judgement
 
-__all__ = ["FinetuneOutcome", "finetune_pruned"]
+__all__ = ["FinetuneOutcome", "TriggerUnlearning", "finetune_pruned"]
 
 
 @dataclass
@@ -82,7 +91,7 @@ def finetune_pruned(
     t0 = time.perf_counter()
     target = env.target
     initial = {"acc": target.initial.acc, "asr": target.initial.asr}
-    tuned, ft_info, records = _train_pruned(model, pruned, env, data, config, seed)
+    fraction, tuned, ft_info, records, candidates = _best_run(model, pruned, env, data, config, seed)
     best = int(ft_info["best_epoch"])
     after = {**records[best], "n_pruned": len(pruned)}
     new = rule.judge(initial, after, len(target.probe.images))
@@ -91,6 +100,8 @@ def finetune_pruned(
         "epochs": config.epochs,
         "best_epoch": best,
         "history": history,
+        "unlearn": fraction,
+        "candidates": candidates,
         "val_before": {"acc": judgement.acc_after, "asr": judgement.asr_after},
         "val_after": {"acc": after["acc"], "asr": after["asr"]},
         "seconds": round(time.perf_counter() - t0, 2),
@@ -101,11 +112,50 @@ def finetune_pruned(
         return FinetuneOutcome(model, judgement, info)
     if log is not None:
         log(
-            f"[onp] fine-tuned the pruned model for {config.epochs} epochs on defense-train; kept epoch {best}: "
+            f"[onp] fine-tuned the pruned model for {config.epochs} epochs on defense-train; kept epoch {best}"
+            f"{f' of the run with {fraction:.0%} of each batch unlearning the trigger' if fraction else ''}: "
             f"val ACC {judgement.acc_after:.3f} -> {after['acc']:.3f}, estimated val ASR "
             f"{judgement.asr_after:.3f} -> {after['asr']:.3f} ({info['seconds']:.0f}s)"
         )
     return FinetuneOutcome(tuned.eval(), new, info)
+
+
+def _best_run(
+    model: nn.Module,
+    pruned: Sequence[int],
+    env: "NeuronPruningEnv",
+    data: "DefenseData",
+    config: FinetuneConfig,
+    seed: int,
+) -> Tuple[float, nn.Module, Dict[str, Any], List[Dict[str, float]], List[Dict[str, Any]]]:
+    """One fine-tuning per ``config.unlearn`` fraction; returns the one with the best defense-val return (a
+    tie: the first listed) as (fraction, model, loop info, per-epoch val records) and every candidate's
+    summary. Without a trigger to stamp (``probe.stamp is None``) only plain fine-tuning runs."""
+    why_not = _no_unlearning(env.target.probe, config)
+    fractions = list(config.unlearn) if why_not is None else [0.0]  # plain fine-tuning only
+    best: Optional[Tuple[float, nn.Module, Dict[str, Any], List[Dict[str, float]]]] = None
+    candidates: List[Dict[str, Any]] = []
+    for fraction in fractions:
+        tuned, info, records = _train_pruned(model, pruned, env, data, config, seed, fraction)
+        candidates.append({"unlearn": fraction, "best_epoch": info["best_epoch"], "best_return": info["best_score"]})
+        if best is None or info["best_score"] > best[2]["best_score"]:
+            best = (fraction, tuned, info, records)
+    if why_not is not None:
+        candidates += [{"unlearn": f, "skipped": why_not} for f in config.unlearn if f > 0]
+    assert best is not None  # config.unlearn has at least one value
+    return (*best, candidates)
+
+
+def _no_unlearning(probe: Any, config: FinetuneConfig) -> Optional[str]:
+    """Why the unlearning fine-tunings do not run on this probe (``None``: they do)."""
+    if probe.stamp is None:
+        return "the ASR estimator has no trigger to stamp"
+    if not probe.trigger_aware and not config.unlearn_estimated:
+        return (
+            "a trigger-agnostic estimate would judge the trigger it was trained against "
+            "(rollout.finetune.unlearn_estimated=true runs it anyway)"
+        )
+    return None
 
 
 def _train_pruned(
@@ -115,9 +165,11 @@ def _train_pruned(
     data: "DefenseData",
     config: FinetuneConfig,
     seed: int,
+    unlearn: float,
 ) -> Tuple[nn.Module, Dict[str, Any], List[Dict[str, float]]]:
-    """The FT loop on a copy of ``model`` with the pruned neurons held pruned, each epoch scored by the
-    env's defense-val return; returns (the best epoch's model, the loop's info, each epoch's val ACC/ASR)."""
+    """The FT loop on a copy of ``model`` with the pruned neurons held pruned (``unlearn`` of each batch
+    stamped with the ASR estimator's trigger), each epoch scored by the env's defense-val return;
+    returns (the best epoch's model, the loop's info, each epoch's val ACC/ASR)."""
     from baselines.base import PassCounter
     from baselines.ft import FTParams, finetune
 
@@ -132,20 +184,53 @@ def _train_pruned(
         records.append({"acc": ev.acc, "asr": ev.asr})
         return (ev.acc - acc0) - lam * (ev.asr - asr0)
 
-    params = FTParams(**config.to_dict())
+    settings = config.to_dict()
+    del settings["unlearn"], settings["unlearn_estimated"]  # which fine-tunings run: not the loop's settings
+    augment = None
+    if unlearn > 0 and target.probe.stamp is not None:
+        augment = _unlearning(target.probe.stamp, unlearn, data.train_x if config.augment else None)
+        settings["augment"] = True  # the FT loop applies ``augment`` only when asked to
+    params = FTParams(**settings)
     counter = PassCounter()
     tuned, info = finetune(
         tuned,
         data,
         params,
         seed=seed,
-        augment=None,
+        augment=augment,
         counter=counter,
         name="finetune",
         after_step=keep_pruned,
         score=val_return,
     )
     return tuned, info, records
+
+
+class TriggerUnlearning:
+    """A fine-tuning batch transform: crop/flip (``base``), then ``fraction`` of the images stamped with
+    the ASR estimator's trigger; the labels stay the true ones, so the model learns to ignore the
+    trigger (Neural Cleanse's unlearning, Wang et al., IEEE S&P 2019, which stamps 20%)."""
+
+    def __init__(
+        self, stamp: Callable[[Tensor], Tensor], fraction: float, base: Optional[Callable[..., Tensor]]
+    ) -> None:
+        self.stamp, self.fraction, self.base = stamp, float(fraction), base
+
+    def __call__(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        if self.base is not None:
+            x = self.base(x, generator)
+        chosen = torch.rand(len(x), generator=generator) < self.fraction
+        if bool(chosen.any()):
+            x = x.clone()
+            x[chosen] = self.stamp(x[chosen]).to(x.dtype)
+        return x
+
+
+def _unlearning(stamp: Callable[[Tensor], Tensor], fraction: float, train_x: Optional[Tensor]) -> TriggerUnlearning:
+    """The unlearning transform of ``rollout.finetune.unlearn`` (crop/flip too when ``train_x`` is given)."""
+    from baselines.base import default_augment
+
+    return TriggerUnlearning(stamp, fraction, default_augment(train_x) if train_x is not None else None)
 
 
 def _skip_note(config: FinetuneConfig, judgement: "Judgement", pruned: Sequence[int]) -> str:

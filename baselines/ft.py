@@ -36,7 +36,7 @@ from .train_loops import run_epoch
 if TYPE_CHECKING:
     from torch import nn
 
-    from onp.data.augment import Augment
+    from onp.data.augment import BatchTransform
     from onp.data.defense import DefenseData
     from onp.graph import NeuronLayout
 
@@ -88,7 +88,7 @@ def finetune(
     p: FTParams,
     *,
     seed: int,
-    augment: Optional[Augment],
+    augment: Optional[BatchTransform],
     counter: PassCounter,
     name: str = "ft",
     after_step: Optional[Callable[[], None]] = None,
@@ -161,7 +161,7 @@ class FineTuning(Defense):
         *,
         layout: Optional[NeuronLayout],
         seed: int,
-        augment: Optional[Augment],
+        augment: Optional[BatchTransform],
         report_fn: Optional[ReportFn],
         counter: PassCounter,
     ) -> DefenseResult:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onp.data.augment import Augment
+from onp.data.augment import BatchTransform
 
 from .base import PassCounter, epoch_batches
 
@@ -22,7 +22,7 @@ def run_epoch(
     batch_size: int,
     gen: torch.Generator,
     counter: PassCounter,
-    augment: Optional[Augment] = None,
+    augment: Optional[BatchTransform] = None,
     ascent: bool = False,
     loss_scale: float = 1.0,
     after_step: Optional[Callable[[], None]] = None,

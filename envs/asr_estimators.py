@@ -30,6 +30,7 @@ Add an estimator with ``@register_asr_estimator("name")`` on a function
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -64,12 +65,15 @@ class ASRProbe:
     true_labels: torch.Tensor
     trigger_aware: bool
     info: Dict[str, Any] = field(default_factory=dict)
+    #: stamps the estimator's trigger (the real one for ``trigger``, the reverse-engineered one of the
+    #: estimated target otherwise) on a batch of clean images in [0, 1]; ``None`` if the estimator has none
+    stamp: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def limit(self, n: Optional[int]) -> "ASRProbe":
         if n is None or n >= len(self.images):
             return self
-        return ASRProbe(
-            self.name, self.images[:n], self.target_labels[:n], self.true_labels[:n], self.trigger_aware, self.info
+        return dataclasses.replace(
+            self, images=self.images[:n], target_labels=self.target_labels[:n], true_labels=self.true_labels[:n]
         )
 
 
@@ -115,6 +119,7 @@ def trigger_probe(
         y_true,
         trigger_aware=True,
         info={"note": "trigger-aware: uses the attack's real trigger", "attack": attack.params()},
+        stamp=attack.apply,
     )
 
 
@@ -294,6 +299,20 @@ def inversion_cost(model: nn.Module, data: DefenseData, family: str, **settings:
     return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else None
 
 
+def _stamper(
+    family: str, rev: Dict[str, torch.Tensor], target: int, shape: Tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Stamps the inverted trigger of ``family`` for class ``target`` on images of ``shape`` (C, H, W)."""
+    fam = trigger_family(family, tuple(int(v) for v in shape))
+    trig = {key: value[target] for key, value in rev.items() if key not in ("size", "success")}
+
+    def stamp(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return fam.stamp(trig, x).clamp(0, 1)
+
+    return stamp
+
+
 def _stamped_val(
     data: DefenseData, family: str, rev: Dict[str, torch.Tensor], target: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -301,10 +320,7 @@ def _stamped_val(
     trigger of ``family`` stamped on, and their true labels."""
     keep = data.val_y != target
     xv, yv = data.val_x[keep], data.val_y[keep]
-    fam = trigger_family(family, tuple(int(v) for v in xv.shape[1:]))
-    trig = {key: value[target] for key, value in rev.items() if key not in ("size", "success")}
-    with torch.no_grad():
-        return fam.stamp(trig, xv).clamp(0, 1), yv
+    return _stamper(family, rev, target, xv.shape[1:])(xv), yv
 
 
 def _smallest_working(sizes: torch.Tensor, success: torch.Tensor, min_success: float) -> int:
@@ -348,7 +364,8 @@ def _family_estimator(family: str, name: str, summary: str) -> ProbeBuilder:
             inversion_seconds=inversion_cost(model, defense_data, family, **settings),
             note="trigger-agnostic: reverse-engineered from defense-train images only",
         )
-        return ASRProbe(name, x_trig, torch.full_like(yv, t), yv, trigger_aware=False, info=info)
+        stamp = _stamper(family, rev, t, defense_data.val_x.shape[1:])
+        return ASRProbe(name, x_trig, torch.full_like(yv, t), yv, trigger_aware=False, info=info, stamp=stamp)
 
     probe.__name__ = probe.__qualname__ = f"{name.replace('-', '_')}_probe"
     probe.__doc__ = (
@@ -452,7 +469,8 @@ def synthesized_multi_probe(
         "inversion_seconds": {f: inversion_cost(model, defense_data, f, **settings) for f in revs},
         "note": "trigger-agnostic: reverse-engineered from defense-train images only",
     }
-    return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, trigger_aware=False, info=info)
+    stamp_most_anomalous = _stamper(working[0], revs[working[0]], t, defense_data.val_x.shape[1:])
+    return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, False, info, stamp_most_anomalous)
 
 
 def _stamp_families(

@@ -50,7 +50,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import math
 import re
 import sys
 import tempfile
@@ -67,6 +66,7 @@ from torch import Tensor, nn
 
 from .attacks import Attack, build_attack
 from .attacks.image_trigger import ImageTrigger
+from .backdoor_verdict import INVERSION_KEYS, backdoor_verdict
 from .cli_common import device_arg, finite_float, fraction, int_at_least, path_arg, run_cli
 from .config import deep_update, parse_overrides
 from .data.defense import DefenseData
@@ -385,41 +385,14 @@ def _no_defense(s: _Session, verdict: Verdict) -> _Candidate:
 
 def _verdict(probe: ASRProbe, cfg: DefendConfig) -> Verdict:
     """The backdoor verdict from the trigger inversion the estimator did (its probe's ``info``)."""
-    info = dict(probe.info)
-    if "trigger_size" not in info and "mask_l1" in info:  # an estimator written before the trigger families
-        info["trigger_size"] = info["mask_l1"]
-    missing = [k for k in ("estimated_target", "anomaly_index", "trigger_size", "success") if k not in info]
-    if missing:
+    verdict = backdoor_verdict(probe.info, estimator=cfg.asr_estimator, threshold=cfg.anomaly_threshold)
+    if verdict is None:
+        missing = [k for k in INVERSION_KEYS if k not in probe.info]
         raise ValueError(
             f"ASR estimator {cfg.asr_estimator!r} reports no {', '.join(missing)}; the backdoor verdict "
             f"needs a trigger-inversion estimator such as 'synthesized' or 'synthesized-multi'"
         )
-    target = int(info["estimated_target"])
-    index = float(info["anomaly_index"][target])
-    inverted = float(info["success"][target]) >= float(info.get("min_success", 0.5))
-    k = len(info["success"])
-    return Verdict(
-        suspected=inverted and math.isfinite(index) and index <= -cfg.anomaly_threshold,
-        inverted=inverted,
-        estimated_target=target,
-        anomaly_index=index,
-        threshold=float(cfg.anomaly_threshold),
-        estimator=cfg.asr_estimator,
-        mask_l1=[float(v) for v in info["trigger_size"]],
-        anomaly_indices=[float(v) for v in info["anomaly_index"]],
-        success=[float(v) for v in info["success"]],
-        trigger_families=[str(f) for f in info.get("family_of_class", [info.get("family", "patch")] * k)],
-        inversion_seconds=_total_seconds(info.get("inversion_seconds")),
-    )
-
-
-def _total_seconds(costs: Any) -> Optional[float]:
-    """The trigger inversion's recorded cost: one number, or the sum over families (None if any is
-    unknown)."""
-    values = list(costs.values()) if isinstance(costs, dict) else [costs]
-    if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
-        return None
-    return float(sum(values))
+    return verdict
 
 
 def _fit_stamp(clean: Tensor, stamped: Tensor) -> Tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple,
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from .backdoor_verdict import DEFAULT_ANOMALY_THRESHOLD
 from .config import check_finite
 from .train_config import TrainConfig, TypedConfig, check_device
 
@@ -100,7 +101,9 @@ class DefendConfig(TypedConfig):
     )
     asr_estimator: str = Field("synthesized-multi", min_length=1)
     estimator_params: Dict[str, Any] = Field(default_factory=dict, description="e.g. steps, l1_weight")
-    anomaly_threshold: float = Field(2.0, gt=0, le=100, description="suspected when the target's index <= -this")
+    anomaly_threshold: float = Field(
+        DEFAULT_ANOMALY_THRESHOLD, gt=0, le=100, description="suspected when the target's index <= -this"
+    )
     force: bool = Field(False, description="defend even when no backdoor is suspected")
     train: Dict[str, Any] = Field(default_factory=dict, description="onp.train config overrides (ppo-gnn)")
 

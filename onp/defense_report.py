@@ -13,9 +13,7 @@ Run folder files (:func:`write_defense_run`): the repaired weights under the use
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -23,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .backdoor_verdict import Verdict
 from .defend_config import DefendConfig
 from .evidence import Judgement
 from .io import atomic_write_bytes, atomic_write_text
@@ -47,71 +46,6 @@ ASR_ESTIMATE_NOTE = (
 
 # --------------------------------------------------------------------------------------------------
 # what a defense returns
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Whether the model looks backdoored, decided before any pruning from trigger inversion on
-    defense-train images (per class: the L1 size of the smallest mask that flips images to it).
-
-    Attributes:
-        suspected: the estimated target's trigger flips the model (``inverted``) and
-            ``anomaly_index <= -threshold``.
-        estimated_target: the class with the smallest working trigger.
-        anomaly_index: the MAD anomaly index of that class's trigger size (negative: smaller than usual).
-        threshold: the configured ``anomaly_threshold``.
-        estimator: the ASR estimator that inverted the triggers.
-        mask_l1, anomaly_indices, success: per class: trigger size (for the ``patch`` family the
-            mask's L1 norm, hence the name), its anomaly index (over all classes; see the estimator:
-            :func:`envs.asr_estimators.anomaly_indices` of the sizes for ``synthesized``, of their
-            logarithms within each family for ``synthesized-multi``), and the fraction of non-class
-            defense-train images its trigger flips.
-        trigger_families: per class, the trigger family (``patch``, ``blend``, ``warp``) the figures
-            above come from.
-        inversion_seconds: what the trigger inversion cost when it was computed (all families; it is
-            cached, so a later run on the same model and images reads it), ``None`` if not recorded.
-        inverted: the estimated target's trigger flips at least the estimator's ``min_success`` of
-            the images (if no class's does, the verdict is inconclusive and nothing is suspected).
-    """
-
-    suspected: bool
-    estimated_target: int
-    anomaly_index: float
-    threshold: float
-    estimator: str
-    mask_l1: List[float]
-    anomaly_indices: List[float]
-    success: List[float]
-    inverted: bool = True
-    trigger_families: List[str] = field(default_factory=list)
-    inversion_seconds: Optional[float] = None
-
-    @property
-    def inconclusive(self) -> bool:
-        """No reverse-engineered trigger flipped the model (not even the estimated target's)."""
-        return not self.inverted or not math.isfinite(self.anomaly_index)
-
-    def evidence(self) -> str:
-        """The figure behind the verdict, in words."""
-        if self.inconclusive:
-            return (
-                f"inconclusive: no reverse-engineered class trigger flipped the model (best: class "
-                f"{self.estimated_target}, {max(self.success):.0%} of the images)"
-            )
-        cmp = "<=" if self.suspected else ">"
-        return (
-            f"estimated target class {self.estimated_target}: its reverse-engineered trigger's size has anomaly "
-            f"index {self.anomaly_index:.2f} {cmp} -{self.threshold:g}"
-        )
-
-    def summary(self) -> str:
-        """One line: the verdict first, then the figure behind it."""
-        what = "backdoor suspected" if self.suspected else "no backdoor found"
-        return f"verdict: {what} ({self.evidence()})"
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The verdict as JSON-ready values (``report.json``'s ``verdict``)."""
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Union, cast
 
+from .backdoor_verdict import backdoor_verdict, no_backdoor_reason
 from .cli_common import (
     add_backdoor_flags,
     add_list_flag,
@@ -213,15 +214,19 @@ def run_policy(
     cache_dir: Optional[Path] = None,
     log: Optional[Callable[[str], None]] = None,
     agent: Optional[str] = None,
+    force: Optional[bool] = None,
 ) -> Dict[str, Any]:
     """One deterministic episode of the source run's policy in an env on ``bundle``'s model.
+
+    ``force`` overrides the source run's ``rollout.force`` (keep the pruning even when the backdoor
+    verdict of a trigger-inverting estimator finds no backdoor).
 
     ``agent`` is the ``--agent`` the user passed: an agent that the run's ``config.json`` names by a
     file or module path is imported only when the user names the same one explicitly (a run folder
     is untrusted input and never makes onp import code on its own).
 
-    Returns ``{"pruned", "pruned_names", "model", "mask_mode", "val", "asr_estimator", "trigger_aware",
-    "env_steps"}``."""
+    Returns ``{"pruned", "pruned_names", "model", "mask_mode", "finetune", "val", "judgement",
+    "backdoor_verdict", "asr_estimator", "trigger_aware", "env_steps", "num_neurons", "agent"}``."""
     from agents import rollout
     from agents.base import check_agent_source
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
@@ -240,7 +245,7 @@ def run_policy(
     try:
         act = _source_agent(source, bundle, env, seed=seed, device=device)
         res = rollout(act, env, seed=seed)
-        return _chosen_pruning(cfg, bundle, env, res, log)
+        return _chosen_pruning(cfg, bundle, env, res, log, force=force)
     finally:
         env.close()
 
@@ -278,19 +283,25 @@ def _chosen_pruning(
     env: Any,
     res: Dict[str, Any],
     log: Optional[Callable[[str], None]],
+    *,
+    force: Optional[bool] = None,
 ) -> Dict[str, Any]:
-    """The episode of ``res`` that the source run's ``rollout`` config chooses, applied to a fresh
-    copy of the target model (:func:`run_policy`'s result)."""
+    """The episode of ``res`` that the source run's ``rollout`` config chooses (``force``: its
+    ``rollout.force`` overridden), applied to a fresh copy of the target model (:func:`run_policy`'s result)."""
     from agents import finetune_pruned, select_pruning
 
     base = cast("NeuronPruningEnv", env.unwrapped)
     ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
+    verdict = backdoor_verdict(base.target.probe.info, estimator=base.asr_estimator, threshold=ro.anomaly_threshold)
+    if verdict is not None and log is not None:
+        log(f"[onp] backdoor {verdict.summary()}")
     sel = select_pruning(
         res,
         select=ro.select,
         min_return=ro.min_return,
         evidence=ro.evidence_rule(base.delta),
         n_triggered=len(base.target.probe.images),
+        veto=no_backdoor_reason(verdict, force=ro.force if force is None else force, how_to_force="--force"),
         log=log,
     )
     chosen = sel["info"]
@@ -317,6 +328,7 @@ def _chosen_pruning(
         "finetune": tuned.info,
         "val": _val_record(res, sel, tuned.val, len(base.target.probe.images)),
         "judgement": tuned.judgement,
+        "backdoor_verdict": verdict,
         "asr_estimator": base.asr_estimator,
         "trigger_aware": bool(base.target.probe.trigger_aware),
         "env_steps": res["steps"],
@@ -457,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_arg, default=None, help="device of the policy: cpu, cuda, cuda:N or mps")
     p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
     p.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="--policy with a trigger-agnostic estimator: keep the pruning even when the backdoor verdict "
+        "finds no backdoor (default: as the source run)",
+    )
+    p.add_argument(
         "--out", type=path_arg, default=None, help="run directory (default runs/evaluate/<source>-on-<target>)"
     )
     p.add_argument(
@@ -481,6 +500,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         "prune_mode": args.prune_mode,
         "device": args.device,
         "deterministic": args.deterministic,
+        "force": args.force,
         "cache_dir": source["cache_dir"],
         "data_dir": source["data_dir"],
     }
@@ -563,6 +583,7 @@ def _evaluate_into(
             cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
             log=None if quiet else print,
             agent=cfg.agent,
+            force=cfg.force,
         )
     else:
         res = apply_pruned_set(source, bundle, prune_mode=cfg.prune_mode)
@@ -635,6 +656,8 @@ def _evaluate_metrics(
     else:  # the defense-validation verdict (no evidence, no pruning: onp.evidence)
         metrics["verdict"] = res["judgement"].verdict
         metrics["evidence"] = res["judgement"].to_dict()
+        verdict = res.get("backdoor_verdict")
+        metrics["backdoor_verdict"] = verdict.to_dict() if verdict is not None else None
     return metrics
 
 

@@ -35,6 +35,11 @@ class EvaluateConfig(TypedConfig):
     agent: Optional[str] = Field(None, min_length=1, description="repeat a file/module agent spec to allow it")
     env_seed: Optional[int] = Field(None, ge=0, description="default: the policy's seed")
     prune_mode: Optional[Literal["gamma", "channel"]] = None
+    force: Optional[bool] = Field(
+        None,
+        description="policy: keep the pruning even when the backdoor verdict finds no backdoor "
+        "(default: the source run's rollout.force)",
+    )
     device: Optional[str] = None
     deterministic: bool = False
     cache_dir: Optional[str] = Field(None, min_length=1)
@@ -56,6 +61,8 @@ class EvaluateConfig(TypedConfig):
             raise ValueError("give exactly one source: policy (an onp.train run) or pruned (a run with pruned.json)")
         if self.prune_mode is not None and self.policy is not None:
             raise ValueError("prune_mode applies to pruned only (a policy prunes in its env's mask_mode)")
+        if self.force is not None and self.pruned is not None:
+            raise ValueError("force applies to policy only (a pruned set is applied as it is)")
         return self
 
     @property

@@ -13,7 +13,8 @@ Steps: (1) get or train the backdoored model through the zoo (cached); (2) build
 ``NeuronPruningEnv`` (its reward batch is the defender's validation split); (3) train the agent
 (PPO: progress bar, tensorboard logs in ``<run>/tb``, a deterministic defense-validation episode
 every ``eval.freq`` steps, best policy kept in ``policy.pt`` + ``policy.json``, resumable checkpoint); (4) run the best
-policy deterministically, keep its pruning by the evidence rule, write it into a fresh copy of the model and
+policy deterministically, keep its pruning by the evidence rule (and, with a trigger-agnostic ASR
+estimator, only if the backdoor verdict suspects a backdoor or ``--force``), write it into a fresh copy of the model and
 fine-tune that on defense-train (``rollout.finetune``); (5) report ACC / ASR /
 RA / DER on the held-out test set before and after. Nothing is chosen on test data.
 
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import torch
 
+from .backdoor_verdict import FORCE_HINT, Verdict, backdoor_verdict, no_backdoor_reason
 from .cli_common import (
     add_backdoor_flags,
     add_list_flag,
@@ -330,6 +332,7 @@ def _train_into(
     seed = _seed_run(cfg)
     bundle = _load_bundle(cfg, log, progress)
     env, agent = _build_env_and_agent(cfg, bundle, seed)
+    verdict = _backdoor_verdict(cfg, env, log)
     learns = bool(getattr(agent, "learns", False))
     t_learn0 = time.perf_counter()
     learned = None
@@ -337,7 +340,7 @@ def _train_into(
         learned = agent.learn(env, cfg, run_dir, resume=resume, callbacks=callbacks, progress=progress, log=log)
     if callable(getattr(agent, "save", None)):
         agent.save(run_dir)  # what onp.evaluate loads: weights-only tensors or JSON (BaseAgent: agent.json)
-    ep = _choose_episode(agent, env, cfg, learned, learns=learns, t_learn0=t_learn0, log=log)
+    ep = _choose_episode(agent, env, cfg, learned, verdict, learns=learns, t_learn0=t_learn0, log=log)
     pruned = [int(i) for i in ep.chosen["pruned"]]
     pruned_model = apply_pruning(bundle.fresh_model(), ep.base.graph, pruned, cfg["env"]["mask_mode"]).eval()
     pruned_model = _finetune(cfg, bundle, ep, pruned, pruned_model, seed, log)
@@ -401,6 +404,7 @@ class _Episode:
     curve: List[Dict[str, Any]]
     train_info: Dict[str, Any]
     t_roll: float  # perf_counter() when the rollout started
+    backdoor_verdict: Optional[Verdict] = None  # the trigger-inverting estimator's verdict (None: not one)
     finetune: Optional[Dict[str, Any]] = None  # agents.finetune_pruned's record, once it has run
     final_val: Optional[Dict[str, float]] = None  # val ACC / ASR of the model handed out, when fine-tuned
 
@@ -427,18 +431,34 @@ class _TestOutcome:
     steps_per_second: float
 
 
+def _backdoor_verdict(cfg: Dict[str, Any], env: Any, log: Callable[[str], None]) -> Optional[Verdict]:
+    """The backdoor verdict of a trigger-inverting ASR estimator (:mod:`onp.backdoor_verdict`; ``None``
+    for the ``trigger`` estimator), logged before any training."""
+    rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
+    base = cast("NeuronPruningEnv", env.unwrapped)
+    verdict = backdoor_verdict(
+        base.target.probe.info, estimator=cfg["env"]["asr_estimator"], threshold=rollout_cfg.anomaly_threshold
+    )
+    if verdict is not None:
+        gate = "; the policy is trained, but its pruning is not kept without --force"
+        gate = "" if verdict.suspected or rollout_cfg.force else gate
+        log(f"[onp] backdoor {verdict.summary()}{gate}")
+    return verdict
+
+
 def _choose_episode(
     agent: Any,
     env: Any,
     cfg: Dict[str, Any],
     learned: Any,
+    verdict: Optional[Verdict],
     *,
     learns: bool,
     t_learn0: float,
     log: Callable[[str], None],
 ) -> _Episode:
     """Roll the trained agent out deterministically on the defense-validation reward batch and
-    choose the episode to keep (``rollout.select``, the evidence rule)."""
+    choose the episode to keep (``rollout.select``, the backdoor verdict's gate, the evidence rule)."""
     from agents import rollout, select_pruning
 
     steps = {
@@ -458,6 +478,7 @@ def _choose_episode(
         min_return=rollout_cfg.min_return,
         evidence=rollout_cfg.evidence_rule(base.delta),
         n_triggered=int(len(base.target.probe.images)),
+        veto=no_backdoor_reason(verdict, force=rollout_cfg.force, how_to_force=FORCE_HINT),
         log=log,
     )
     if learned is not None:
@@ -474,7 +495,7 @@ def _choose_episode(
                 "wall_time": round(time.perf_counter() - t_learn0, 2),
             }
         ]
-    return _Episode(base, res, sel, steps, learns, learn_seconds, curve, train_info, t_roll)
+    return _Episode(base, res, sel, steps, learns, learn_seconds, curve, train_info, t_roll, verdict)
 
 
 def _finetune(
@@ -537,6 +558,7 @@ def _run_metrics(cfg: Dict[str, Any], bundle: "BackdoorBundle", ep: _Episode, te
         "asr_estimator": cfg["env"]["asr_estimator"],
         "trigger_aware": bool(base.target.probe.trigger_aware),
         "verdict": ep.sel["judgement"].verdict,
+        "backdoor_verdict": ep.backdoor_verdict.to_dict() if ep.backdoor_verdict is not None else None,
         "evidence": ep.sel["judgement"].to_dict(),
         "val_acc": ep.val["acc"],
         "val_asr": ep.val["asr"],
@@ -597,6 +619,7 @@ FLAG_KEYS: Dict[str, str] = {
     "timesteps": "ppo.total_timesteps",
     "budget": "env.budget",
     "asr_estimator": "env.asr_estimator",
+    "force": "rollout.force",
     "device": "device",
     "deterministic": "deterministic",
 }
@@ -638,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--timesteps", type=int, default=None, help="PPO env steps (ppo.total_timesteps)")
     a.add_argument("--budget", type=float, default=None, help="pruning budget: fraction of neurons or a count")
-    a.add_argument("--asr-estimator", default=None, help="trigger (trigger-aware) or synthesized")
+    _estimator_flags(a)
     a.add_argument("--device", default=None, help="device of the policy (and of zoo training): cpu, cuda, ...")
     a.add_argument(
         "--deterministic",
@@ -652,6 +675,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p
+
+
+def _estimator_flags(group: Any) -> None:
+    """``--asr-estimator`` and ``--force`` (the backdoor verdict's gate of trigger-agnostic estimators)."""
+    group.add_argument(
+        "--asr-estimator",
+        default=None,
+        help="trigger (trigger-aware; the default) or a trigger-agnostic one: synthesized-multi, synthesized",
+    )
+    group.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="trigger-agnostic estimators: keep the pruning even when the backdoor verdict finds no "
+        "backdoor (rollout.force)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:

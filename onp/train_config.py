@@ -18,12 +18,13 @@ registries by the run function, which sits above the core, before any model is l
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
+from typing import Annotated, Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
+from .backdoor_verdict import DEFAULT_ANOMALY_THRESHOLD
 from .config import ConfigError, check_finite, validation_message
 from .evidence import EvidenceRule
 
@@ -180,6 +181,18 @@ class FinetuneConfig(TypedConfig):
     weight_decay: float = Field(5e-4, ge=0, le=1)
     batch_size: int = Field(128, ge=1, le=10**6)
     augment: bool = Field(True, description="random crop and flip of the defense-train images")
+    unlearn: List[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.2],
+        min_length=1,
+        max_length=8,
+        description="one fine-tuning per value: that fraction of each batch stamped with the ASR estimator's "
+        "trigger, true labels kept (Neural Cleanse's unlearning; 0: plain); the best defense-val return wins",
+    )
+    unlearn_estimated: bool = Field(
+        False,
+        description="unlearn a trigger-agnostic estimator's reverse-engineered trigger too (off: its estimate "
+        "would then judge the trigger the model was trained against; only the real trigger is unlearned)",
+    )
     bn_stats: Literal["frozen", "update"] = Field(
         "frozen",
         description="frozen: BatchNorm keeps the model's statistics; update: re-estimated on the "
@@ -188,7 +201,13 @@ class FinetuneConfig(TypedConfig):
 
 
 class RolloutConfig(TypedConfig):
-    """Which pruning of the final deterministic episode is kept, and how it is fine-tuned."""
+    """Which pruning of the final deterministic episode is kept, and how it is fine-tuned.
+
+    A pruning is kept only if (1) with a trigger-inverting ASR estimator, the backdoor verdict
+    (:mod:`onp.backdoor_verdict`) suspects a backdoor, or ``force``; (2) its defense-val return is at
+    least ``min_return``; (3) "no evidence, no pruning" (``evidence_alpha``, the env's ``delta``).
+    Otherwise nothing is pruned and the reason is recorded.
+    """
 
     select: Literal["final", "best_prefix"] = "final"
     min_return: Optional[float] = 0.0
@@ -202,6 +221,14 @@ class RolloutConfig(TypedConfig):
     removed_asr: float = Field(
         0.1, ge=0, le=1, description="a kept pruning with estimated val ASR at most this is reported as 'removed'"
     )
+    anomaly_threshold: float = Field(
+        DEFAULT_ANOMALY_THRESHOLD,
+        gt=0,
+        le=100,
+        description="with a trigger-inverting ASR estimator (synthesized, synthesized-multi): a backdoor is "
+        "suspected when the estimated target's anomaly index is at most -this; if none is, nothing is pruned",
+    )
+    force: bool = Field(False, description="keep the pruning even when the backdoor verdict finds no backdoor")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     def evidence_rule(self, max_acc_drop: float) -> EvidenceRule:

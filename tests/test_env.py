@@ -172,6 +172,10 @@ def test_synthesized_estimator_needs_no_attack(tiny_bundle, onp_cache):
     assert (probe.target_labels == probe.info["estimated_target"]).all()
     assert probe.images.min() >= 0 and probe.images.max() <= 1
     assert list((onp_cache / "synthesized").glob("*.pt"))  # cached once per model
+    # the probe stamps the same reverse-engineered trigger on any clean images (fine-tuning's unlearning)
+    others = data.val_x[data.val_y != probe.info["estimated_target"]]
+    assert torch.allclose(probe.stamp(others), probe.images)
+    assert probe.limit(5).stamp is probe.stamp
     e = NeuronPruningEnv(
         tiny_bundle,
         budget=3,
@@ -188,6 +192,8 @@ def test_synthesized_estimator_needs_no_attack(tiny_bundle, onp_cache):
 def test_trigger_estimator_uses_the_real_trigger(tiny_bundle):
     probe = build_probe("trigger", tiny_bundle.model, tiny_bundle.attack, tiny_bundle.defense_data)
     assert probe.trigger_aware and (probe.true_labels != tiny_bundle.attack.target_of(probe.true_labels)).all()
+    x = tiny_bundle.defense_data.val_x[:8]
+    assert torch.equal(probe.stamp(x), tiny_bundle.attack.apply(x))  # the real trigger (trigger-aware)
 
 
 @pytest.mark.parametrize(

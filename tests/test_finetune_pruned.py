@@ -108,3 +108,73 @@ def test_the_ft_loop_freezes_or_updates_bn_statistics():
         assert all(torch.equal(a, b) for a, b in zip(stats, now)) == same
     with pytest.raises(DefenseError, match="bn_stats.*valid: update, frozen"):
         finetune(model, data, FTParams(bn_stats="eval"), seed=0, augment=None, counter=PassCounter())
+
+
+def test_unlearning_stamps_a_fraction_of_each_batch_and_keeps_the_labels():
+    from agents.finetune import TriggerUnlearning
+
+    x = torch.rand(2000, 1, 8, 8) * 0.5
+    x0 = x.clone()
+    stamp = lambda b: torch.ones_like(b)  # noqa: E731 -- a trigger that paints the image white
+    out = TriggerUnlearning(stamp, 0.2, base=None)(x, torch.Generator().manual_seed(0))
+    stamped = (out == 1).flatten(1).all(1)
+    assert 0.17 < stamped.float().mean() < 0.23  # about the fraction asked for
+    assert torch.equal(out[~stamped], x0[~stamped]) and torch.equal(x, x0)  # the others and the input untouched
+    again = TriggerUnlearning(stamp, 0.2, base=None)(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # the generator decides which images
+
+
+def test_unlearning_fine_tunes_on_the_estimators_trigger(tiny_bundle, env, target, monkeypatch):
+    """rollout.finetune.unlearn stamps the probe's own trigger (here the real one: ``trigger``)."""
+    assert target.probe.stamp is not None
+    x = tiny_bundle.defense_data.val_x
+    keep = tiny_bundle.defense_data.val_y != int(target.probe.target_labels[0])
+    assert torch.allclose(target.probe.stamp(x[keep])[: len(target.probe.images)], target.probe.images)
+    calls = []
+    real = target.probe.stamp
+    monkeypatch.setattr(target.probe, "stamp", lambda b: calls.append(len(b)) or real(b))
+    pruned = [1, 4, 20, 33]
+    _, _, plain = _run(tiny_bundle, env, pruned, FinetuneConfig(epochs=2, lr=0.01, unlearn=[0.0]))
+    assert not calls
+    _, _, out = _run(tiny_bundle, env, pruned, FinetuneConfig(epochs=2, lr=0.01, unlearn=[0.5]))
+    n_train = len(tiny_bundle.defense_data.train_y)
+    assert 0.3 * 2 * n_train < sum(calls) < 0.7 * 2 * n_train  # about half of every epoch's images
+    assert out.info["history"][1]["train_loss"] != plain.info["history"][1]["train_loss"]  # it trained on them
+    # a trigger-agnostic estimate would judge the trigger it was trained against: no unlearning, unless asked
+    monkeypatch.setattr(target.probe, "trigger_aware", False)
+    calls.clear()
+    _, _, agnostic = _run(tiny_bundle, env, pruned, FinetuneConfig(epochs=2, lr=0.01, unlearn=[0.0, 0.5]))
+    assert not calls and agnostic.info["history"] == plain.info["history"]
+    assert "trained against" in agnostic.info["candidates"][1]["skipped"]
+    cfg = FinetuneConfig(epochs=2, lr=0.01, unlearn=[0.0, 0.5], unlearn_estimated=True)
+    _, _, opted = _run(tiny_bundle, env, pruned, cfg)
+    assert calls and opted.info["candidates"][1]["best_return"] == out.info["candidates"][0]["best_return"]
+    monkeypatch.setattr(target.probe, "stamp", None)  # an estimator with no trigger to stamp: plain fine-tuning
+    _, _, only = _run(tiny_bundle, env, pruned, FinetuneConfig(epochs=2, lr=0.01, unlearn=[0.0, 0.2]))
+    assert only.info["unlearn"] == 0.0 and only.info["history"] == plain.info["history"]
+    assert only.info["candidates"][1] == {"unlearn": 0.2, "skipped": "the ASR estimator has no trigger to stamp"}
+
+
+def test_the_fine_tuning_with_the_best_defense_val_return_is_kept(tiny_bundle, env):
+    pruned = [1, 4, 20, 33]
+    _, _, out = _run(tiny_bundle, env, pruned, FinetuneConfig(epochs=2, lr=0.01, unlearn=[0.0, 0.5]))
+    cands = out.info["candidates"]
+    assert [c["unlearn"] for c in cands] == [0.0, 0.5]
+    best = max(cands, key=lambda c: c["best_return"])  # max() keeps the first of equals, as the rule does
+    assert out.info["unlearn"] == best["unlearn"]
+    assert max(h["score"] for h in out.info["history"]) == best["best_return"]
+
+
+def test_a_tie_between_fine_tunings_goes_to_the_first_listed(tiny_bundle, env, monkeypatch):
+    import agents.finetune as ft
+
+    real = ft._train_pruned
+
+    def equal_scores(*args):
+        tuned, info, records = real(*args)
+        return tuned, {**info, "best_epoch": 1, "best_score": 0.5}, records
+
+    monkeypatch.setattr(ft, "_train_pruned", equal_scores)
+    for order in ([0.2, 0.0], [0.0, 0.2]):
+        _, _, out = _run(tiny_bundle, env, [1, 4, 20, 33], FinetuneConfig(epochs=1, lr=0.01, unlearn=order))
+        assert out.info["unlearn"] == order[0]

@@ -131,6 +131,8 @@ def test_multi_estimator_stamps_every_working_family_and_caches_each(tiny_bundle
     )
     assert list(again.info["family_slices"]) == [again.info["family"]]  # the default: the most anomalous family
     assert torch.equal(again.images, probe.images[: len(again.images)])  # from the cache: the same triggers
+    others = data.val_x[data.val_y != t]
+    assert torch.allclose(probe.stamp(others), again.images)  # stamp: the most anomalous family's trigger
     assert sorted(p.name for p in (tmp_path / "synthesized").glob("*.pt")) == files
     assert again.info["inversion_seconds"] == costs  # the first computation's cost, kept beside the cache
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,11 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.Gene
         x = x.clone()
         x[flip] = x[flip].flip(-1)
     return x
+
+
+#: what the training loops accept as augmentation: ``(batch, generator) -> batch`` (an :class:`Augment`, or
+#: e.g. :class:`agents.finetune.TriggerUnlearning`)
+BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 
 
 class Augment:

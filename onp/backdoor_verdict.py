@@ -1,0 +1,161 @@
+"""The backdoor verdict: does a model look backdoored, before anything is pruned?
+
+A trigger-inverting ASR estimator (``synthesized``, ``synthesized-multi``; :mod:`envs.asr_estimators`)
+reverse-engineers one trigger per class from the defender's clean images and reports, per class, the
+trigger's size, its MAD anomaly index and the fraction of images it flips (its probe's ``info``).
+:func:`backdoor_verdict` turns those statistics into a :class:`Verdict`: *suspected* when the
+estimated target's trigger works and its anomaly index is at most ``-threshold`` (Neural Cleanse,
+Wang et al., IEEE S&P 2019). An estimator that inverts nothing (``trigger``, which knows the real
+trigger) gives no verdict (``None``).
+
+``onp.defend`` prunes nothing when no backdoor is suspected (``force`` defends anyway);
+``onp.train`` and ``onp.evaluate`` apply the same gate to the pruning they keep
+(:func:`no_backdoor_reason`; ``rollout.force`` / ``--force`` defends anyway). This module is core: it imports no upper
+layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+__all__ = [
+    "Verdict",
+    "backdoor_verdict",
+    "no_backdoor_reason",
+    "INVERSION_KEYS",
+    "DEFAULT_ANOMALY_THRESHOLD",
+    "FORCE_HINT",
+]
+
+#: suspected when the estimated target's anomaly index is at most minus this (Neural Cleanse's 2)
+DEFAULT_ANOMALY_THRESHOLD = 2.0
+
+#: how ``onp.train`` / ``onp.evaluate`` name the switch that keeps a pruning when no backdoor is suspected
+FORCE_HINT = "--force (rollout.force=true)"
+
+#: what a trigger-inverting estimator's probe ``info`` reports per class (a verdict needs all of them)
+INVERSION_KEYS = ("estimated_target", "anomaly_index", "trigger_size", "success")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the model looks backdoored, decided before any pruning from trigger inversion on
+    defense-train images (per class: the L1 size of the smallest mask that flips images to it).
+
+    Attributes:
+        suspected: the estimated target's trigger flips the model (``inverted``) and
+            ``anomaly_index <= -threshold``.
+        estimated_target: the class with the smallest working trigger.
+        anomaly_index: the MAD anomaly index of that class's trigger size (negative: smaller than usual).
+        threshold: the configured ``anomaly_threshold``.
+        estimator: the ASR estimator that inverted the triggers.
+        mask_l1, anomaly_indices, success: per class: trigger size (for the ``patch`` family the
+            mask's L1 norm, hence the name), its anomaly index (over all classes; see the estimator:
+            :func:`envs.asr_estimators.anomaly_indices` of the sizes for ``synthesized``, of their
+            logarithms within each family for ``synthesized-multi``), and the fraction of non-class
+            defense-train images its trigger flips.
+        trigger_families: per class, the trigger family (``patch``, ``blend``, ``warp``) the figures
+            above come from.
+        inversion_seconds: what the trigger inversion cost when it was computed (all families; it is
+            cached, so a later run on the same model and images reads it), ``None`` if not recorded.
+        inverted: the estimated target's trigger flips at least the estimator's ``min_success`` of
+            the images (if no class's does, the verdict is inconclusive and nothing is suspected).
+    """
+
+    suspected: bool
+    estimated_target: int
+    anomaly_index: float
+    threshold: float
+    estimator: str
+    mask_l1: List[float]
+    anomaly_indices: List[float]
+    success: List[float]
+    inverted: bool = True
+    trigger_families: List[str] = field(default_factory=list)
+    inversion_seconds: Optional[float] = None
+
+    @property
+    def inconclusive(self) -> bool:
+        """No reverse-engineered trigger flipped the model (not even the estimated target's)."""
+        return not self.inverted or not math.isfinite(self.anomaly_index)
+
+    def evidence(self) -> str:
+        """The figure behind the verdict, in words."""
+        if self.inconclusive:
+            return (
+                f"inconclusive: no reverse-engineered class trigger flipped the model (best: class "
+                f"{self.estimated_target}, {max(self.success):.0%} of the images)"
+            )
+        cmp = "<=" if self.suspected else ">"
+        return (
+            f"estimated target class {self.estimated_target}: its reverse-engineered trigger's size has anomaly "
+            f"index {self.anomaly_index:.2f} {cmp} -{self.threshold:g}"
+        )
+
+    def summary(self) -> str:
+        """One line: the verdict first, then the figure behind it."""
+        what = "backdoor suspected" if self.suspected else "no backdoor found"
+        return f"verdict: {what} ({self.evidence()})"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The verdict as JSON-ready values (``onp.defend``'s ``report.json`` ``verdict``; ``onp.train`` /
+        ``onp.evaluate``'s ``metrics.json`` ``backdoor_verdict``)."""
+        return dataclasses.asdict(self)
+
+
+def _total_seconds(costs: Any) -> Optional[float]:
+    """The trigger inversion's recorded cost: one number, or the sum over families (None if any is
+    unknown)."""
+    values = list(costs.values()) if isinstance(costs, dict) else [costs]
+    if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        return None
+    return float(sum(values))
+
+
+def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: float) -> Optional[Verdict]:
+    """The verdict from the trigger inversion an ASR estimator did (its probe's ``info``).
+
+    Args:
+        info: the probe's ``info`` (:data:`INVERSION_KEYS` per class; older caches call the trigger
+            size ``mask_l1``).
+        estimator: the estimator's registry name (recorded in the verdict).
+        threshold: suspected when the estimated target's anomaly index is at most ``-threshold``.
+
+    Returns:
+        The :class:`Verdict`, or ``None`` when the estimator inverted no triggers (``trigger``).
+    """
+    info = dict(info)
+    if "trigger_size" not in info and "mask_l1" in info:  # an estimator written before the trigger families
+        info["trigger_size"] = info["mask_l1"]
+    if any(k not in info for k in INVERSION_KEYS):
+        return None
+    target = int(info["estimated_target"])
+    index = float(info["anomaly_index"][target])
+    inverted = float(info["success"][target]) >= float(info.get("min_success", 0.5))
+    k = len(info["success"])
+    return Verdict(
+        suspected=inverted and math.isfinite(index) and index <= -threshold,
+        inverted=inverted,
+        estimated_target=target,
+        anomaly_index=index,
+        threshold=float(threshold),
+        estimator=estimator,
+        mask_l1=[float(v) for v in info["trigger_size"]],
+        anomaly_indices=[float(v) for v in info["anomaly_index"]],
+        success=[float(v) for v in info["success"]],
+        trigger_families=[str(f) for f in info.get("family_of_class", [info.get("family", "patch")] * k)],
+        inversion_seconds=_total_seconds(info.get("inversion_seconds")),
+    )
+
+
+def no_backdoor_reason(verdict: Optional[Verdict], *, force: bool, how_to_force: str) -> Optional[str]:
+    """Why nothing may be pruned: the verdict found no backdoor and ``force`` is off (else ``None``).
+
+    ``how_to_force`` names the switch that defends anyway (``"--force"``, :data:`FORCE_HINT`).
+    """
+    if verdict is None or verdict.suspected or force:
+        return None
+    return f"no backdoor found ({verdict.evidence()}); {how_to_force} prunes anyway"
