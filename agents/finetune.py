@@ -29,6 +29,7 @@ choices, measured in docs/results.md §11 and §12.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -91,7 +92,8 @@ def finetune_pruned(
     t0 = time.perf_counter()
     target = env.target
     initial = {"acc": target.initial.acc, "asr": target.initial.asr}
-    fraction, tuned, ft_info, records, candidates = _best_run(model, pruned, env, data, config, seed)
+    train = functools.partial(_train_pruned, model, pruned, env, data, config, seed)
+    fraction, tuned, ft_info, records, candidates = _best_run(train, target.probe, config)
     best = int(ft_info["best_epoch"])
     after = {**records[best], "n_pruned": len(pruned)}
     new = rule.judge(initial, after, len(target.probe.images))
@@ -121,22 +123,20 @@ def finetune_pruned(
 
 
 def _best_run(
-    model: nn.Module,
-    pruned: Sequence[int],
-    env: "NeuronPruningEnv",
-    data: "DefenseData",
+    train: Callable[[float], Tuple[nn.Module, Dict[str, Any], List[Dict[str, float]]]],
+    probe: Any,
     config: FinetuneConfig,
-    seed: int,
 ) -> Tuple[float, nn.Module, Dict[str, Any], List[Dict[str, float]], List[Dict[str, Any]]]:
-    """One fine-tuning per ``config.unlearn`` fraction; returns the one with the best defense-val return (a
-    tie: the first listed) as (fraction, model, loop info, per-epoch val records) and every candidate's
-    summary. Without a trigger to stamp (``probe.stamp is None``) only plain fine-tuning runs."""
-    why_not = _no_unlearning(env.target.probe, config)
+    """One fine-tuning (``train(fraction)``, :func:`_train_pruned`) per ``config.unlearn`` fraction;
+    returns the one with the best defense-val return (a tie: the first listed) as (fraction, model, loop
+    info, per-epoch val records) and every candidate's summary. Only plain fine-tuning runs when the
+    ``probe``'s trigger may not be unlearned (:func:`_no_unlearning`)."""
+    why_not = _no_unlearning(probe, config)
     fractions = list(config.unlearn) if why_not is None else [0.0]  # plain fine-tuning only
     best: Optional[Tuple[float, nn.Module, Dict[str, Any], List[Dict[str, float]]]] = None
     candidates: List[Dict[str, Any]] = []
     for fraction in fractions:
-        tuned, info, records = _train_pruned(model, pruned, env, data, config, seed, fraction)
+        tuned, info, records = train(fraction)
         candidates.append({"unlearn": fraction, "best_epoch": info["best_epoch"], "best_return": info["best_score"]})
         if best is None or info["best_score"] > best[2]["best_score"]:
             best = (fraction, tuned, info, records)
