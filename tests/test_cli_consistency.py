@@ -22,8 +22,9 @@ GOLDEN = json.loads((ROOT / "tests" / "data" / "cli_configs_before_refactor.json
 #: fixes the model's seed; before, --seed was silently ignored there). onp.train did this already.
 CHANGED = {("baseline", 3): {"defense_seed": 0}}
 #: run-config keys added since, with the default every old command line resolves to: onp.baseline's
-#: protocol (delta, the rule those commands ran; issue #13 added paper)
-ADDED = {"baseline": {"protocol": "delta"}}
+#: protocol (delta, the rule those commands ran; issue #13 added paper); onp.evaluate's force (None:
+#: as the source run, which is what those commands did)
+ADDED = {"baseline": {"protocol": "delta"}, "evaluate": {"force": None}}
 
 
 def _renamed(obj):
