@@ -123,6 +123,87 @@ def trigger_probe(
     )
 
 
+#: how :func:`invert_triggers` weighs a trigger's size against its success (see :class:`SizeWeight`)
+SIZE_SCHEDULES = ("fixed", "adaptive")
+
+
+@dataclass
+class SizeWeight:
+    """The weight of the trigger-size penalty during one class's inversion.
+
+    * ``fixed`` (onp's default so far): ``l1_weight`` at every step, and the trigger of the last step
+      is kept. The size then says how far a fixed number of steps got, not how small a working
+      trigger can be.
+    * ``adaptive``: Neural Cleanse's cost schedule (Wang et al., S&P 2019; the constants are the
+      defaults of its public code, reimplemented, not copied): the weight starts at 0; once the
+      trigger has worked (it flips at least ``success_target`` of a window of ``patience`` batches)
+      it is set to ``l1_weight``, then raised x1.5 after every window in which the trigger works and
+      lowered /1.5^1.5 after every window in which it does not. The smallest trigger that flipped ``success_target`` of its batch is kept.
+      Deviation: NC counts windows in epochs of its data set; here a window is ``patience`` batches.
+    """
+
+    schedule: str = "fixed"
+    initial: float = 1e-3
+    success_target: float = 0.99
+    patience: int = 10
+    up: float = 1.5
+    down: float = 1.5**1.5
+    weight: float = field(init=False)
+    _window: List[float] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SIZE_SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SIZE_SCHEDULES)}; got {self.schedule!r}")
+        self.weight = self.initial if self.schedule == "fixed" else 0.0
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the smallest working trigger is kept (else the last step's)."""
+        return self.schedule == "adaptive"
+
+    def update(self, batch_success: float) -> None:
+        """Record the fraction of a batch the trigger flipped; move the weight after each full window."""
+        if self.schedule == "fixed":
+            return
+        self._window.append(batch_success)
+        if len(self._window) < self.patience:
+            return
+        works = sum(self._window) / len(self._window) >= self.success_target
+        self._window.clear()
+        if self.weight == 0.0:
+            self.weight = self.initial if works else 0.0
+        else:
+            self.weight = self.weight * self.up if works else self.weight / self.down
+
+
+def _invert_one(
+    model: nn.Module, fam: TriggerFamily, xs: torch.Tensor, t: int, weight: SizeWeight, *, steps: int,
+    batch_size: int, lr: float, gen: torch.Generator,
+) -> Dict[str, torch.Tensor]:  # fmt: skip
+    """One class's trigger of ``fam``: Adam on ``steps`` batches of ``xs`` (see :func:`invert_triggers`)."""
+    free = fam.init()
+    opt = torch.optim.Adam([v for v in free if v.requires_grad], lr=lr, betas=(0.5, 0.9))
+    target = torch.full((batch_size,), t, dtype=torch.long)
+    best: Optional[Dict[str, torch.Tensor]] = None
+    best_size = float("inf")
+    for _ in range(steps):
+        idx = torch.randint(0, len(xs), (min(batch_size, len(xs)),), generator=gen)
+        trig = fam.decode(free)
+        logits = model(fam.stamp(trig, xs[idx]))
+        size = fam.size(trig)
+        loss = F.cross_entropy(logits, target[: len(idx)]) + weight.weight * size
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if weight.keeps_best:
+            flipped = float((logits.detach().argmax(1) == t).float().mean())
+            weight.update(flipped)
+            if flipped >= weight.success_target and float(size.detach()) < best_size:
+                best_size, best = float(size.detach()), {k: v.detach().clone() for k, v in trig.items()}
+    with torch.no_grad():
+        return best if best is not None else fam.decode(free)
+
+
 def invert_triggers(
     model: nn.Module,
     x: torch.Tensor,
@@ -134,18 +215,21 @@ def invert_triggers(
     batch_size: int = 128,
     lr: float = 0.1,
     l1_weight: float = 1e-3,
+    schedule: str = "fixed",
     seed: int = 0,
 ) -> Dict[str, torch.Tensor]:
     """Neural-Cleanse-style inversion of one trigger of ``family`` per class on clean images.
 
     For every class ``t`` the family's trigger is optimised (Adam, ``steps`` batches of the images of
-    the other classes) so that the stamped images are classified as ``t``, with ``l1_weight`` times its
-    size as a penalty. Returns the family's decoded tensors stacked over classes (for ``patch``:
-    ``mask`` (K, 1, H, W) and ``pattern`` (K, C, H, W)), ``size`` (K,) and ``success`` (K,): the
-    fraction of the other classes' images the final trigger flips. :func:`anomaly_indices` turns the
-    sizes into Neural Cleanse's MAD anomaly index.
+    the other classes) so that the stamped images are classified as ``t``, with a weight times its
+    size as a penalty: ``l1_weight`` throughout (``schedule="fixed"``) or Neural Cleanse's adaptive
+    weight (``"adaptive"``, :class:`SizeWeight`). Returns the family's decoded tensors stacked over
+    classes (for ``patch``: ``mask`` (K, 1, H, W) and ``pattern`` (K, C, H, W)), ``size`` (K,) and
+    ``success`` (K,): the fraction of the other classes' images the kept trigger flips.
+    :func:`anomaly_indices` turns the sizes into Neural Cleanse's MAD anomaly index.
     """
     fam = family if isinstance(family, TriggerFamily) else trigger_family(family, x.shape[1:])
+    SizeWeight(schedule)  # refuses an unknown schedule before any work
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     decoded: Dict[str, List[torch.Tensor]] = {}
@@ -154,18 +238,9 @@ def invert_triggers(
         xs = x[y != t]
         if len(xs) == 0:
             xs = x
-        free = fam.init()
-        opt = torch.optim.Adam([v for v in free if v.requires_grad], lr=lr, betas=(0.5, 0.9))
-        target = torch.full((batch_size,), t, dtype=torch.long)
-        for _ in range(steps):
-            idx = torch.randint(0, len(xs), (min(batch_size, len(xs)),), generator=gen)
-            trig = fam.decode(free)
-            loss = F.cross_entropy(model(fam.stamp(trig, xs[idx])), target[: len(idx)]) + l1_weight * fam.size(trig)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        weight = SizeWeight(schedule, initial=l1_weight)
+        trig = _invert_one(model, fam, xs, t, weight, steps=steps, batch_size=batch_size, lr=lr, gen=gen)
         with torch.no_grad():
-            trig = fam.decode(free)
             pred = model(fam.stamp(trig, xs)).argmax(1)
             success.append((pred == t).float().mean())
             sizes.append(fam.size(trig))
@@ -242,11 +317,12 @@ def _images_digest(data: DefenseData) -> str:
 
 def _inversion_path(
     model: nn.Module, data: DefenseData, family: str, *, seed: int, cache_dir: Optional[Path], steps: int,
-    batch_size: int, l1_weight: float,
+    batch_size: int, l1_weight: float, schedule: str = "fixed",
 ) -> Path:  # fmt: skip
     """Where :func:`cached_inversion` keeps one family's triggers (its cost goes next to it as ``.json``)."""
     batches = "" if batch_size == 128 else f"-b{batch_size}"  # the first cache files had no batch size
-    key = f"{model_digest(model)}-s{seed}-n{steps}{batches}-l{l1_weight}-{_images_digest(data)}"
+    weighting = "" if schedule == "fixed" else f"-{schedule}"  # nor a size schedule
+    key = f"{model_digest(model)}-s{seed}-n{steps}{batches}-l{l1_weight}{weighting}-{_images_digest(data)}"
     return cache_root(cache_dir) / "synthesized" / (f"{key}.pt" if _legacy(family) else f"{key}-{family}.pt")
 
 
@@ -260,13 +336,15 @@ def cached_inversion(
     steps: int = 150,
     batch_size: int = 128,
     l1_weight: float = 1e-3,
+    schedule: str = "fixed",
 ) -> Dict[str, torch.Tensor]:
     """:func:`invert_triggers` of ``family`` on the defense-train images, computed once per model, images
     and settings and cached (weights-only) under ``<cache>/synthesized``. The result always has ``size``.
     The seconds the computation took are kept beside it (:func:`inversion_cost`)."""
     path = _inversion_path(
-        model, data, family, seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight
-    )
+        model, data, family, seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size,
+        l1_weight=l1_weight, schedule=schedule,
+    )  # fmt: skip
     if path.exists():
         rev = dict(_checked_inversion(load_checkpoint(path), path, data, family))
     else:
@@ -274,7 +352,7 @@ def cached_inversion(
         with torch.enable_grad():
             rev = invert_triggers(
                 model, data.train_x, data.train_y, data.num_classes, family,
-                steps=steps, batch_size=batch_size, l1_weight=l1_weight, seed=seed,
+                steps=steps, batch_size=batch_size, l1_weight=l1_weight, schedule=schedule, seed=seed,
             )  # fmt: skip
         if _legacy(family):
             rev["mask_l1"] = rev.pop("size")
@@ -289,8 +367,8 @@ def cached_inversion(
 def inversion_cost(model: nn.Module, data: DefenseData, family: str, **settings: Any) -> Optional[float]:
     """The seconds :func:`cached_inversion` of ``family`` took when it was computed (``None`` if it is not
     cached, or was cached before costs were recorded). ``settings``: its ``seed``, ``cache_dir``,
-    ``steps``, ``batch_size`` and ``l1_weight``."""
-    defaults = {"seed": 0, "cache_dir": None, "steps": 150, "batch_size": 128, "l1_weight": 1e-3}
+    ``steps``, ``batch_size``, ``l1_weight`` and ``schedule``."""
+    defaults = {"seed": 0, "cache_dir": None, "steps": 150, "batch_size": 128, "l1_weight": 1e-3, "schedule": "fixed"}
     side = _inversion_path(model, data, family, **{**defaults, **settings}).with_suffix(".json")
     try:
         seconds = read_json(side).get("seconds")
@@ -346,10 +424,12 @@ def _family_estimator(family: str, name: str, summary: str) -> ProbeBuilder:
         batch_size: int = 128,
         l1_weight: float = 1e-3,
         min_success: float = 0.5,
+        schedule: str = "fixed",
     ) -> ASRProbe:
         settings: Dict[str, Any] = dict(
-            seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight
-        )
+            seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight,
+            schedule=schedule,
+        )  # fmt: skip
         rev = cached_inversion(model, defense_data, family, **settings)
         t = _smallest_working(rev["size"], rev["success"], min_success)
         x_trig, yv = _stamped_val(defense_data, family, rev, t)
@@ -360,6 +440,7 @@ def _family_estimator(family: str, name: str, summary: str) -> ProbeBuilder:
             trigger_size=rev["size"].tolist(),
             anomaly_index=anomaly_indices(rev["size"]).tolist(),
             min_success=min_success,
+            schedule=schedule,
             success=rev["success"].tolist(),
             inversion_seconds=inversion_cost(model, defense_data, family, **settings),
             note="trigger-agnostic: reverse-engineered from defense-train images only",
@@ -425,6 +506,7 @@ def synthesized_multi_probe(
     min_success: float = 0.9,
     families: Sequence[str] = MULTI_FAMILIES,
     stamp: str = "most-anomalous",
+    schedule: str = "fixed",
 ) -> ASRProbe:
     """Several trigger families at once (by default ``patch`` and ``blend``), for a defender who does
     not know the trigger's shape.
@@ -435,7 +517,9 @@ def synthesized_multi_probe(
     the classes with a working trigger. The probe stamps that class's trigger of the family in which it
     is the most anomalous on the defense-validation images of the other classes (``stamp="all-working"``:
     every family's working trigger, the most anomalous first, so the estimated ASR is their mean;
-    ``info["family_slices"]``: the rows of each). The ``attack`` argument is ignored.
+    ``info["family_slices"]``: the rows of each). ``schedule``: how the inversions weigh the trigger
+    size (:class:`SizeWeight`; ``"adaptive"`` is Neural Cleanse's schedule and wants more ``steps``).
+    The ``attack`` argument is ignored.
     The choices behind the defaults are in the module docstring.
     """
     if stamp not in STAMP_RULES:
@@ -443,7 +527,7 @@ def synthesized_multi_probe(
     if isinstance(families, str) or not families:
         raise ValueError(f"families must be a non-empty list of trigger families ({TRIGGER_FAMILIES.names()})")
     settings: Dict[str, Any] = dict(
-        seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight
+        seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight, schedule=schedule
     )
     revs = {
         f: cached_inversion(model, defense_data, f, **settings)
@@ -464,6 +548,7 @@ def synthesized_multi_probe(
         "success": [float(revs[f]["success"][c]) for f, c in chosen],
         "family_of_class": family_of_class,
         "min_success": min_success,
+        "schedule": schedule,
         "family_slices": slices,
         "families": {f: _family_summary(rev) for f, rev in revs.items()},
         "inversion_seconds": {f: inversion_cost(model, defense_data, f, **settings) for f in revs},

@@ -1,6 +1,12 @@
 """Condense a leaderboard.json (onp.compare) into one ACC / ASR (DER) Markdown matrix, defenses x attacks.
 
 Usage: python scripts/leaderboard_matrix.py docs/leaderboard/leaderboard.json
+       python scripts/leaderboard_matrix.py NEW.json --before OLD.json
+
+With ``--before``, only the defenses of NEW that OLD also has are printed, each as two rows, the OLD
+leaderboard's ("before") above NEW's ("after"), and a last column with the mean DER over the attacks
+both have; a row ``NAME[delta]`` of NEW is matched with a plain ``NAME`` of OLD (a plain name is the
+``delta`` protocol).
 
 Cells are test ACC / ASR in % (mean ± std over the finished seeds when there are several) with the
 mean DER in brackets; **bold** marks mean ASR <= 5%. A cell with some seeds missing ends in
@@ -55,6 +61,47 @@ def matrix(board: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _old_name(defense: str, old_names: List[str]) -> str:
+    """The OLD leaderboard's name of a NEW row: itself, or ``NAME`` for ``NAME[delta]``."""
+    if defense in old_names:
+        return defense
+    plain = defense[: -len("[delta]")] if defense.endswith("[delta]") else None
+    return plain if plain in old_names else ""
+
+
+def before_after(new: Dict[str, Any], old: Dict[str, Any]) -> List[str]:
+    """The Markdown lines of the before/after matrix (see the module docstring)."""
+    attacks = [a for a in new["attacks"] if a in old["attacks"]]
+    cells = {("after", r["defense"], r["attack"]): r for r in new["rows"]}
+    cells.update({("before", r["defense"], r["attack"]): r for r in old["rows"]})
+    old_names = list(dict.fromkeys(r["defense"] for r in old["rows"]))
+    lines = ["| defense | | " + " | ".join(attacks) + " | mean DER |", "|---|---|" + "---|" * len(attacks) + "---|"]
+    for defense in dict.fromkeys(r["defense"] for r in new["rows"]):
+        old_name = _old_name(defense, old_names)
+        if defense == "no defense" or not old_name:
+            continue
+        for when, name in (("before", old_name), ("after", defense)):
+            texts, ders = [], []
+            for attack in attacks:
+                row = cells.get((when, name, attack)) or {}
+                metrics = row.get("metrics") or {}
+                if not metrics.get("acc", {}).get("n"):
+                    texts.append("missing")
+                    continue
+                n = metrics["acc"]["n"]
+                texts.append(_cell_text(name, metrics, row.get("seeds_ok", n), row.get("seeds_expected", n)))
+                ders.append(metrics["der"]["mean"])
+            der = f"{sum(ders) / len(ders):.3f}" if len(ders) == len(attacks) else "—"
+            label = defense if when == "after" else old_name
+            lines.append(f"| {label} | {when} | " + " | ".join(texts) + f" | {der} |")
+    return lines
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as fh:
-        print("\n".join(matrix(json.load(fh))))
+        board = json.load(fh)
+    if len(sys.argv) == 4 and sys.argv[2] == "--before":
+        with open(sys.argv[3]) as fh:
+            print("\n".join(before_after(board, json.load(fh))))
+    else:
+        print("\n".join(matrix(board)))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from envs.asr_estimators import (
+    SizeWeight,
     anomaly_indices,
     build_probe,
     cached_inversion,
@@ -178,3 +179,43 @@ def test_a_corrupt_family_cache_is_named(tmp_path):
     torch.save({"flow": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="warp"):
         cached_inversion(model, data, "warp", steps=1, cache_dir=tmp_path)
+
+
+def test_the_adaptive_size_weight_follows_neural_cleanses_schedule():
+    w = SizeWeight("adaptive", initial=1e-3, patience=2)
+    assert w.weight == 0.0 and w.keeps_best  # no size penalty until the trigger works
+    for flipped, expected in [(1.0, 0.0), (0.5, 0.0), (1.0, 0.0), (1.0, 1e-3), (0.995, 1e-3), (1.0, 1.5e-3)]:
+        w.update(flipped)  # windows of 2 batches: (1.0, 0.5) fails, (1.0, 1.0) works, (0.995, 1.0) works
+        assert w.weight == pytest.approx(expected)
+    w.update(0.2)
+    w.update(1.0)  # a window that fails (mean 0.6 < 0.99) lowers the weight by 1.5 ** 1.5
+    assert w.weight == pytest.approx(1.5e-3 / 1.5**1.5)
+    fixed = SizeWeight("fixed", initial=2e-3)
+    for flipped in (1.0,) * 30:
+        fixed.update(flipped)
+    assert fixed.weight == 2e-3 and not fixed.keeps_best
+    with pytest.raises(ValueError, match="fixed, adaptive"):
+        SizeWeight("cosine")
+    with pytest.raises(ValueError, match="fixed, adaptive"):
+        invert_triggers(_PlantedBackdoor(), torch.rand(4, *SHAPE), torch.zeros(4, dtype=torch.long), 6, schedule="x")
+
+
+@pytest.mark.parametrize("family", ["patch", "blend"])
+def test_the_adaptive_schedule_finds_smaller_working_triggers_at_equal_steps(family):
+    model = _PlantedBackdoor()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(120, *SHAPE, generator=g), torch.randint(0, 6, (120,), generator=g)
+    fixed = invert_triggers(model, x, y, 6, family, steps=60, batch_size=32, seed=0)
+    adaptive = invert_triggers(model, x, y, 6, family, steps=60, batch_size=32, seed=0, schedule="adaptive")
+    assert bool((fixed["success"] >= 0.9).all()) and bool((adaptive["success"] >= 0.9).all())  # all still work
+    assert bool((adaptive["size"] < 0.8 * fixed["size"]).all())  # ... and are smaller for every class
+
+
+def test_each_size_schedule_has_its_own_cache_entry(tmp_path):
+    model = _PlantedBackdoor()
+    data = random_defense_data(n_train=12, n_val=6, shape=SHAPE, classes=6)
+    fixed = cached_inversion(model, data, "blend", steps=2, cache_dir=tmp_path)
+    adaptive = cached_inversion(model, data, "blend", steps=2, cache_dir=tmp_path, schedule="adaptive")
+    names = sorted(p.name for p in (tmp_path / "synthesized").glob("*.pt"))
+    assert len(names) == 2 and sum("-adaptive-" in n for n in names) == 1
+    assert not torch.equal(fixed["size"], adaptive["size"])  # no size penalty yet: the trigger grows freely

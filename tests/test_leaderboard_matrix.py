@@ -1,0 +1,46 @@
+"""scripts/leaderboard_matrix.py: the condensed matrix and the before/after matrix of two leaderboards."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "leaderboard_matrix.py"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    spec = importlib.util.spec_from_file_location("leaderboard_matrix", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(defense, attack, asr, der, n=3, acc=0.9):
+    stat = lambda v: {"mean": v, "std": 0.0, "n": n}  # noqa: E731
+    return {"defense": defense, "attack": attack, "seeds_ok": n, "seeds_expected": 3,
+            "metrics": {"acc": stat(acc), "asr": stat(asr), "der": stat(der), "wall_time": stat(10.0)}}  # fmt: skip
+
+
+def test_before_after_pairs_delta_rows_with_plain_names_and_averages_der(lm):
+    old = {"attacks": ["badnets", "blend"], "rows": [
+        _row("no defense", "badnets", 1.0, 0.5), _row("fp", "badnets", 1.0, 0.49), _row("fp", "blend", 1.0, 0.47),
+        _row("awm", "badnets", 0.02, 0.97), _row("awm", "blend", 0.4, 0.75), _row("clp", "badnets", 0.5, 0.7),
+    ]}  # fmt: skip
+    new = {"attacks": ["badnets", "blend", "sig"], "rows": [
+        _row("no defense", "badnets", 1.0, 0.5), _row("fp[delta]", "badnets", 0.03, 0.98),
+        _row("fp[delta]", "blend", 0.9, 0.55, n=2), _row("fp[paper]", "badnets", 0.5, 0.7),
+        _row("awm", "badnets", 0.01, 0.98), _row("sau", "badnets", 0.01, 0.99),
+    ]}  # fmt: skip
+    lines = lm.before_after(new, old)
+    assert lines[0] == "| defense | | badnets | blend | mean DER |"  # only the attacks both have
+    body = lines[2:]
+    assert [line.split(" | ")[:2] for line in body] == [
+        ["| fp", "before"],
+        ["| fp[delta]", "after"],
+        ["| awm", "before"],
+        ["| awm", "after"],
+    ]  # fp[paper] and sau have no "before"; clp is not in NEW
+    assert body[0].endswith("| 0.480 |") and "**90.00 ± 0.00 / 3.00 ± 0.00 (0.980)**" in body[1]  # bold: ASR <= 5%
+    assert "[2/3 seeds]" in body[1] and body[1].endswith("| 0.765 |")
+    assert body[3].split(" | ")[3] == "missing" and body[3].endswith("| — |")  # no mean DER over a missing cell
