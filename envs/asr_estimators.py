@@ -42,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onp.backdoor_verdict import DETECTORS
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, read_json
 from onp.models import model_digest
 from onp.registry import Registry
 
+from .max_margin import DEFAULT_ALPHA, cached_max_margins, margin_pvalue
 from .trigger_families import TRIGGER_FAMILIES, TriggerFamily, trigger_family
 
 if TYPE_CHECKING:
@@ -138,8 +140,9 @@ class SizeWeight:
       defaults of its public code, reimplemented, not copied): the weight starts at 0; once the
       trigger has worked (it flips at least ``success_target`` of a window of ``patience`` batches)
       it is set to ``l1_weight``, then raised x1.5 after every window in which the trigger works and
-      lowered /1.5^1.5 after every window in which it does not. The smallest trigger that flipped ``success_target`` of its batch is kept.
-      Deviation: NC counts windows in epochs of its data set; here a window is ``patience`` batches.
+      lowered /1.5^1.5 after every window in which it does not. The smallest trigger that flipped
+      ``success_target`` of its batch is kept. Deviation: NC counts windows in epochs of its data
+      set; here a window is ``patience`` batches.
     """
 
     schedule: str = "fixed"
@@ -507,6 +510,10 @@ def synthesized_multi_probe(
     families: Sequence[str] = MULTI_FAMILIES,
     stamp: str = "most-anomalous",
     schedule: str = "fixed",
+    detector: str = "trigger-size",
+    margin_alpha: float = DEFAULT_ALPHA,
+    margin_steps: int = 300,
+    margin_images: int = 30,
 ) -> ASRProbe:
     """Several trigger families at once (by default ``patch`` and ``blend``), for a defender who does
     not know the trigger's shape.
@@ -519,7 +526,11 @@ def synthesized_multi_probe(
     every family's working trigger, the most anomalous first, so the estimated ASR is their mean;
     ``info["family_slices"]``: the rows of each). ``schedule``: how the inversions weigh the trigger
     size (:class:`SizeWeight`; ``"adaptive"`` is Neural Cleanse's schedule and wants more ``steps``).
-    The ``attack`` argument is ignored.
+    ``detector`` (:data:`onp.backdoor_verdict.DETECTORS`): ``"max-margin"`` takes the class with the
+    largest maximum classification margin (:mod:`envs.max_margin`, MM-BD) as the target and decides the
+    verdict by its p-value against ``margin_alpha``; ``"either"`` does so when that p-value is below
+    ``margin_alpha`` and keeps the trigger-size target otherwise (``margin_steps`` and ``margin_images``:
+    MM-BD's 300 steps from 30 random images per class). The ``attack`` argument is ignored.
     The choices behind the defaults are in the module docstring.
     """
     if stamp not in STAMP_RULES:
@@ -534,6 +545,12 @@ def synthesized_multi_probe(
         for f in dict.fromkeys(TRIGGER_FAMILIES.check(f) for f in families)
     }
     index, family_of_class, t = _most_anomalous(revs, min_success)
+    margin = _margin_info(
+        model, defense_data, detector, margin_alpha, seed=seed, cache_dir=cache_dir, steps=margin_steps,
+        n_init=margin_images,
+    )  # fmt: skip
+    if margin and (detector == "max-margin" or margin["max_margin_pvalue"] < margin_alpha):
+        t = int(margin["max_margin_target"])
     order = sorted(revs, key=lambda f: float(log_anomaly_indices(revs[f]["size"])[t]))
     working = [f for f in order if float(revs[f]["success"][t]) >= min_success] or [family_of_class[t]]
     if stamp == "most-anomalous":
@@ -553,9 +570,35 @@ def synthesized_multi_probe(
         "families": {f: _family_summary(rev) for f, rev in revs.items()},
         "inversion_seconds": {f: inversion_cost(model, defense_data, f, **settings) for f in revs},
         "note": "trigger-agnostic: reverse-engineered from defense-train images only",
+        "detector": detector,
+        **margin,
     }
     stamp_most_anomalous = _stamper(working[0], revs[working[0]], t, defense_data.val_x.shape[1:])
     return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, False, info, stamp_most_anomalous)
+
+
+def _margin_info(
+    model: nn.Module, data: DefenseData, detector: str, alpha: float, *, seed: int, cache_dir: Optional[Path],
+    steps: int, n_init: int,
+) -> Dict[str, Any]:  # fmt: skip
+    """The max-margin statistics of ``synthesized-multi``'s info (empty for the ``trigger-size`` detector)."""
+    if detector not in DETECTORS:
+        raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+        raise ValueError(f"margin_alpha must be a number in (0, 1) (MM-BD's is 0.05); got {alpha!r}")
+    if detector == "trigger-size":
+        return {}
+    found = cached_max_margins(
+        model, data.num_classes, data.val_x.shape[1:], seed=seed, cache_dir=cache_dir, steps=steps, n_init=n_init
+    )
+    target, pvalue = margin_pvalue(found["margin"])
+    return {
+        "max_margin": found["margin"].tolist(),
+        "max_margin_target": target,
+        "max_margin_pvalue": pvalue,
+        "max_margin_alpha": float(alpha),
+        "max_margin_seconds": found["seconds"],
+    }
 
 
 def _stamp_families(

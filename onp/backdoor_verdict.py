@@ -3,10 +3,16 @@
 A trigger-inverting ASR estimator (``synthesized``, ``synthesized-multi``; :mod:`envs.asr_estimators`)
 reverse-engineers one trigger per class from the defender's clean images and reports, per class, the
 trigger's size, its MAD anomaly index and the fraction of images it flips (its probe's ``info``).
-:func:`backdoor_verdict` turns those statistics into a :class:`Verdict`: *suspected* when the
-estimated target's trigger works and its anomaly index is at most ``-threshold`` (Neural Cleanse,
-Wang et al., IEEE S&P 2019). An estimator that inverts nothing (``trigger``, which knows the real
-trigger) gives no verdict (``None``).
+:func:`backdoor_verdict` turns those statistics into a :class:`Verdict`. The estimator's ``detector``
+(:data:`DETECTORS`) says which statistic decides:
+
+* ``trigger-size``: *suspected* when the estimated target's trigger works and its anomaly index is at
+  most ``-threshold`` (Neural Cleanse, Wang et al., IEEE S&P 2019);
+* ``max-margin``: when the largest per-class maximum margin has a p-value below the estimator's alpha
+  (MM-BD, Wang et al., IEEE S&P 2024; :mod:`envs.max_margin`);
+* ``either``: when one of the two says so (the max-margin class is the target when it does).
+
+An estimator that inverts nothing (``trigger``, which knows the real trigger) gives no verdict (``None``).
 
 ``onp.defend`` prunes nothing when no backdoor is suspected (``force`` defends anyway);
 ``onp.train`` and ``onp.evaluate`` apply the same gate to the pruning they keep
@@ -18,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = [
+    "DETECTORS",
     "Verdict",
     "backdoor_verdict",
     "no_backdoor_reason",
@@ -36,6 +44,9 @@ DEFAULT_ANOMALY_THRESHOLD = 2.0
 #: how ``onp.train`` / ``onp.evaluate`` name the switch that keeps a pruning when no backdoor is suspected
 FORCE_HINT = "--force (rollout.force=true)"
 
+#: which statistic decides the verdict (a trigger-inverting estimator's ``detector``; see the module docstring)
+DETECTORS = ("trigger-size", "max-margin", "either")
+
 #: what a trigger-inverting estimator's probe ``info`` reports per class (a verdict needs all of them)
 INVERSION_KEYS = ("estimated_target", "anomaly_index", "trigger_size", "success")
 
@@ -46,8 +57,8 @@ class Verdict:
     defense-train images (per class: the L1 size of the smallest mask that flips images to it).
 
     Attributes:
-        suspected: the estimated target's trigger flips the model (``inverted``) and
-            ``anomaly_index <= -threshold``.
+        suspected: the deciding statistic (``detector``) suspects a backdoor: for ``trigger-size`` the
+            estimated target's trigger flips the model (``inverted``) and ``anomaly_index <= -threshold``.
         estimated_target: the class with the smallest working trigger.
         anomaly_index: the MAD anomaly index of that class's trigger size (negative: smaller than usual).
         threshold: the configured ``anomaly_threshold``.
@@ -63,6 +74,10 @@ class Verdict:
             cached, so a later run on the same model and images reads it), ``None`` if not recorded.
         inverted: the estimated target's trigger flips at least the estimator's ``min_success`` of
             the images (if no class's does, the verdict is inconclusive and nothing is suspected).
+        detector: which statistic decided (:data:`DETECTORS`).
+        max_margin, max_margin_pvalue, max_margin_alpha, max_margin_seconds: with the ``max-margin``
+            and ``either`` detectors: per class, the largest classification margin reached from random
+            images; the largest one's p-value and the level it is compared with; the computation's cost.
     """
 
     suspected: bool
@@ -76,24 +91,70 @@ class Verdict:
     inverted: bool = True
     trigger_families: List[str] = field(default_factory=list)
     inversion_seconds: Optional[float] = None
+    detector: str = "trigger-size"
+    max_margin: List[float] = field(default_factory=list)
+    max_margin_pvalue: Optional[float] = None
+    max_margin_alpha: Optional[float] = None
+    max_margin_seconds: Optional[float] = None
 
     @property
-    def inconclusive(self) -> bool:
+    def size_inconclusive(self) -> bool:
         """No reverse-engineered trigger flipped the model (not even the estimated target's)."""
         return not self.inverted or not math.isfinite(self.anomaly_index)
 
-    def evidence(self) -> str:
-        """The figure behind the verdict, in words."""
-        if self.inconclusive:
+    @property
+    def size_flagged(self) -> bool:
+        """The trigger-size statistic suspects a backdoor (Neural Cleanse's rule)."""
+        return not self.size_inconclusive and self.anomaly_index <= -self.threshold
+
+    @property
+    def margin_flagged(self) -> bool:
+        """The max-margin statistic suspects a backdoor (MM-BD's rule; False without it)."""
+        p, alpha = self.max_margin_pvalue, self.max_margin_alpha
+        return p is not None and alpha is not None and math.isfinite(p) and p < alpha
+
+    @property
+    def inconclusive(self) -> bool:
+        """The deciding statistic could not be computed (no trigger flipped the model; no p-value)."""
+        margin_missing = self.max_margin_pvalue is None or not math.isfinite(self.max_margin_pvalue)
+        if self.detector == "max-margin":
+            return margin_missing
+        if self.detector == "either":
+            return margin_missing and self.size_inconclusive
+        return self.size_inconclusive
+
+    def _size_evidence(self) -> str:
+        if self.size_inconclusive:
             return (
                 f"inconclusive: no reverse-engineered class trigger flipped the model (best: class "
                 f"{self.estimated_target}, {max(self.success):.0%} of the images)"
             )
-        cmp = "<=" if self.suspected else ">"
+        cmp = "<=" if self.size_flagged else ">"
         return (
             f"estimated target class {self.estimated_target}: its reverse-engineered trigger's size has anomaly "
             f"index {self.anomaly_index:.2f} {cmp} -{self.threshold:g}"
         )
+
+    def _margin_evidence(self) -> str:
+        p = self.max_margin_pvalue
+        if not self.max_margin or p is None or not math.isfinite(p):
+            return "inconclusive: no p-value for the maximum margins"
+        t = max(range(len(self.max_margin)), key=self.max_margin.__getitem__)
+        median = statistics.median(m for c, m in enumerate(self.max_margin) if c != t)
+        cmp = "<" if self.margin_flagged else ">="
+        return (
+            f"class {t}'s maximum margin {self.max_margin[t]:.1f} (the others' median {median:.1f}) has "
+            f"p = {p:.2g} {cmp} {self.max_margin_alpha:g}"
+        )
+
+    def evidence(self) -> str:
+        """The figure behind the verdict, in words (both statistics' with the ``either`` detector)."""
+        if self.detector == "max-margin":
+            return self._margin_evidence()
+        if self.detector == "either":
+            first, second = self._margin_evidence(), self._size_evidence()
+            return first if self.margin_flagged else f"{first}; {second}"
+        return self._size_evidence()
 
     def summary(self) -> str:
         """One line: the verdict first, then the figure behind it."""
@@ -136,8 +197,12 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
     index = float(info["anomaly_index"][target])
     inverted = float(info["success"][target]) >= float(info.get("min_success", 0.5))
     k = len(info["success"])
-    return Verdict(
-        suspected=inverted and math.isfinite(index) and index <= -threshold,
+    detector = str(info.get("detector", "trigger-size"))
+    if detector not in DETECTORS:
+        raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
+    margin = {key: info.get(key) for key in ("max_margin_pvalue", "max_margin_alpha", "max_margin_seconds")}
+    verdict = Verdict(
+        suspected=False,
         inverted=inverted,
         estimated_target=target,
         anomaly_index=index,
@@ -148,7 +213,16 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
         success=[float(v) for v in info["success"]],
         trigger_families=[str(f) for f in info.get("family_of_class", [info.get("family", "patch")] * k)],
         inversion_seconds=_total_seconds(info.get("inversion_seconds")),
+        detector=detector,
+        max_margin=[float(v) for v in info.get("max_margin", [])],
+        **{key: None if value is None else float(value) for key, value in margin.items()},
     )
+    suspected = {
+        "trigger-size": verdict.size_flagged,
+        "max-margin": verdict.margin_flagged,
+        "either": verdict.size_flagged or verdict.margin_flagged,
+    }[detector]
+    return dataclasses.replace(verdict, suspected=suspected)
 
 
 def no_backdoor_reason(verdict: Optional[Verdict], *, force: bool, how_to_force: str) -> Optional[str]:

@@ -202,6 +202,7 @@ def _test_rows(test: Optional[Mapping[str, Any]]) -> List[str]:
 def _inversion_table(verdict: Verdict) -> List[str]:
     """The per-class trigger inversion behind the verdict, as a Markdown table."""
     cost = verdict.inversion_seconds
+    margins = verdict.max_margin
     lines = [
         "## Trigger inversion per class",
         "",
@@ -210,15 +211,28 @@ def _inversion_table(verdict: Verdict) -> List[str]:
             if cost
             else []
         ),
-        "| class | trigger family | trigger size | anomaly index | flips |",
-        "|---|---|---|---|---|",
+        "| class | trigger family | trigger size | anomaly index | flips |" + (" max margin |" if margins else ""),
+        "|---|---|---|---|---|" + ("---|" if margins else ""),
     ]
     families = verdict.trigger_families or ["patch"] * len(verdict.mask_l1)
     rows = zip(families, verdict.mask_l1, verdict.anomaly_indices, verdict.success)
     for c, (fam, size, a, ok) in enumerate(rows):
         mark = " (estimated target)" if c == verdict.estimated_target else ""
-        lines.append(f"| {c}{mark} | {fam} | {size:.2f} | {a:.2f} | {ok:.2f} |")
+        margin = f" {margins[c]:.2f} |" if margins else ""
+        lines.append(f"| {c}{mark} | {fam} | {size:.2f} | {a:.2f} | {ok:.2f} |{margin}")
     return lines
+
+
+def _verdict_rule(verdict: Verdict) -> str:
+    """How the verdict's detector decides, in one sentence."""
+    size = f"the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's threshold is 2)"
+    if verdict.detector == "trigger-size":
+        return f"Suspected when {size}."
+    margin = (
+        f"the largest per-class maximum margin has a p-value < {verdict.max_margin_alpha or 0.05:g} under a gamma "
+        "fit to the other classes' (MM-BD)"
+    )
+    return f"Suspected when {margin}." if verdict.detector == "max-margin" else f"Suspected when {margin}, or {size}."
 
 
 def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -> str:
@@ -259,8 +273,7 @@ def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -
     lines += _inversion_table(verdict)
     lines += [
         "",
-        f"Suspected when the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's "
-        f"threshold is 2).",
+        _verdict_rule(verdict),
         "",
         "![recovered trigger](trigger.png)",
         "",

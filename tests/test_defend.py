@@ -679,3 +679,20 @@ def test_cli_backdoorbench_file_without_arch(received, tmp_path, capsys):
     )
     assert res.rc == 2 and res.err.strip().startswith("error: --arch is required: ")
     assert "plain state_dict" in res.err and not (tmp_path / "plain").exists()
+
+
+def test_cli_the_max_margin_detector_decides_and_is_reported(received, tmp_path, capsys):
+    margin = {"detector": "max-margin", "margin_steps": 50, "margin_images": 8}
+    flags = ["--threshold", "100", "--torch-threads", "1", "--quiet"]  # trigger size alone would find nothing
+    flags += _sets("", {"estimator_params": {"steps": 2, **margin}})
+    out = tmp_path / "run"
+    clean = str(received.root / "clean.npz")
+    res = _cli(MODEL_FLAGS + ["--weights", str(received.root / "weights.pt"), "--clean-data", clean, "--out", str(out)]
+               + ["--defense", "clp"] + flags, capsys)  # fmt: skip
+    assert res.rc == 0, res.err
+    assert res.out.startswith("[onp] verdict: backdoor suspected (class 0's maximum margin")
+    verdict = _strict_json(out / "report.json")["verdict"]
+    assert verdict["detector"] == "max-margin" and verdict["max_margin_pvalue"] < 0.05
+    assert len(verdict["max_margin"]) == 10
+    md = (out / "report.md").read_text()
+    assert "| flips | max margin |" in md and "p-value < 0.05 under a gamma fit to the other classes' (MM-BD)" in md

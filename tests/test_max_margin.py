@@ -1,0 +1,100 @@
+"""MM-BD's maximum-margin statistic (envs.max_margin) and the verdict's ``max-margin`` / ``either``
+detectors (onp.backdoor_verdict, the ``synthesized-multi`` estimator's ``detector``)."""
+
+import math
+
+import pytest
+import torch
+
+from envs.asr_estimators import build_probe
+from envs.max_margin import cached_max_margins, class_max_margins, margin_pvalue
+from onp.backdoor_verdict import backdoor_verdict
+from onp.io import CheckpointError
+
+FAST = dict(steps=50, n_init=8)  # the tiny model's target stands out after 50 steps from 8 images
+
+
+def test_the_pvalue_singles_out_a_planted_maximum_and_not_an_ordinary_one():
+    ordinary = torch.tensor([6.3, 6.0, 5.5, 7.1, 7.9, 6.5, 7.1, 7.7, 6.8, 6.2])
+    t, p = margin_pvalue(torch.cat([torch.tensor([80.0]), ordinary[1:]]))
+    assert t == 0 and p < 1e-6
+    t, p = margin_pvalue(ordinary)
+    assert t == 4 and p > 0.05  # the largest of ten similar margins is no outlier
+    assert math.isnan(margin_pvalue(torch.tensor([9.0, 1.0, 1.0, 1.0]))[1])  # the others are all equal: no fit
+    assert math.isnan(margin_pvalue(torch.tensor([9.0, 1.0, 2.0]))[1])  # fewer than 3 others
+
+
+def test_the_backdoor_target_has_the_largest_margin_on_the_tiny_model(tiny_bundle):
+    model, target = tiny_bundle.model, int(tiny_bundle.attack.params()["target"])
+    before = [p.requires_grad for p in model.parameters()]
+    found = class_max_margins(model, 10, (1, 28, 28), seed=0, **FAST)
+    assert [p.requires_grad for p in model.parameters()] == before  # the model is left as it was
+    assert found["margin"].shape == (10,) and bool(torch.isfinite(found["margin"]).all())
+    assert bool((found["steps"] >= 1).all()) and bool((found["steps"] <= 50).all())
+    t, p = margin_pvalue(found["margin"])
+    assert t == target and p < 0.05
+    with pytest.raises(ValueError, match="n_init >= 1"):
+        class_max_margins(model, 10, (1, 28, 28), n_init=0)
+
+
+def test_the_margins_are_cached_and_a_corrupt_cache_is_named(tiny_bundle, tmp_path):
+    model = tiny_bundle.model
+    first = cached_max_margins(model, 10, (1, 28, 28), cache_dir=tmp_path, **FAST)
+    (path,) = (tmp_path / "max_margin").glob("*.pt")
+    again = cached_max_margins(model, 10, (1, 28, 28), cache_dir=tmp_path, **FAST)
+    assert torch.equal(first["margin"], again["margin"]) and again["seconds"] == first["seconds"] > 0
+    other_seed = cached_max_margins(model, 10, (1, 28, 28), cache_dir=tmp_path, seed=1, steps=2, n_init=2)
+    assert len(list((tmp_path / "max_margin").glob("*.pt"))) == 2 and other_seed["steps"].max() <= 2
+    torch.save({"margin": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="max-margin cache"):
+        cached_max_margins(model, 10, (1, 28, 28), cache_dir=tmp_path, **FAST)
+
+
+def _info(detector: str, pvalue: float, index0: float = -0.5) -> dict:
+    """A ``synthesized-multi`` info: class 0 the target, its size index ``index0``, its margin's p-value."""
+    return {
+        "estimated_target": 0,
+        "anomaly_index": [index0] + [0.1 * i for i in range(1, 10)],
+        "trigger_size": [30.0] * 10,
+        "success": [1.0] * 10,
+        "min_success": 0.9,
+        "detector": detector,
+        "max_margin": [61.0, 15.7, 12.1, 9.9, 11.0, 11.3, 8.4, 6.9, 12.6, 16.3],
+        "max_margin_target": 0,
+        "max_margin_pvalue": pvalue,
+        "max_margin_alpha": 0.05,
+        "max_margin_seconds": 12.0,
+    }
+
+
+def test_the_detector_decides_which_statistic_the_verdict_follows():
+    size_only = backdoor_verdict(_info("trigger-size", 1e-9), estimator="synthesized-multi", threshold=2.0)
+    assert not size_only.suspected and size_only.evidence().startswith("estimated target class 0")
+    margin = backdoor_verdict(_info("max-margin", 1e-9), estimator="synthesized-multi", threshold=2.0)
+    assert margin.suspected and margin.margin_flagged and not margin.size_flagged
+    assert margin.evidence() == "class 0's maximum margin 61.0 (the others' median 11.3) has p = 1e-09 < 0.05"
+    assert margin.to_dict()["max_margin_seconds"] == 12.0 and margin.to_dict()["detector"] == "max-margin"
+    assert not backdoor_verdict(_info("max-margin", 0.2), estimator="x", threshold=2.0).suspected
+    either = backdoor_verdict(_info("either", 0.2, index0=-3.0), estimator="x", threshold=2.0)
+    assert either.suspected and "p = 0.2 >= 0.05; estimated target class 0" in either.evidence()
+    assert not backdoor_verdict(_info("either", 0.2), estimator="x", threshold=2.0).suspected
+    nan = backdoor_verdict(_info("max-margin", float("nan")), estimator="x", threshold=2.0)
+    assert not nan.suspected and nan.inconclusive and "inconclusive" in nan.evidence()
+    with pytest.raises(ValueError, match="trigger-size, max-margin, either"):
+        backdoor_verdict(_info("vote", 0.01), estimator="x", threshold=2.0)
+
+
+def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
+    data, target = tiny_bundle.defense_data, int(tiny_bundle.attack.params()["target"])
+    params = dict(steps=2, cache_dir=tmp_path, margin_steps=50, margin_images=8)
+    probe = build_probe("synthesized-multi", tiny_bundle.model, None, data, detector="max-margin", **params)
+    info = probe.info
+    assert info["estimated_target"] == info["max_margin_target"] == target and info["detector"] == "max-margin"
+    assert (probe.target_labels == target).all() and info["max_margin_pvalue"] < 0.05
+    assert len(info["max_margin"]) == 10 and info["max_margin_seconds"] > 0
+    assert backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0).suspected
+    plain = build_probe("synthesized-multi", tiny_bundle.model, None, data, **params)
+    assert "max_margin" not in plain.info and plain.info["detector"] == "trigger-size"
+    for bad, match in (({"detector": "vote"}, "trigger-size, max-margin, either"), ({"margin_alpha": 1.5}, "(0, 1)")):
+        with pytest.raises(ValueError, match=match):
+            build_probe("synthesized-multi", tiny_bundle.model, None, data, **{**params, **bad})
