@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 
 def _stat(m: Dict[str, Any]) -> str:
@@ -35,6 +35,24 @@ def _cell_text(defense: str, metrics: Dict[str, Any], ok: int, expected: int) ->
     return text + (f" [{ok}/{expected} seeds]" if ok < expected else "")
 
 
+def _row_texts(
+    cells: Dict[Any, Dict[str, Any]], defense: str, attacks: List[str]
+) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """One defense's cell texts over ``attacks`` (``cells``: (defense, attack) -> leaderboard row) and the
+    metrics of its finished cells."""
+    texts, finished = [], []
+    for attack in attacks:
+        row = cells.get((defense, attack)) or {}
+        metrics = row.get("metrics") or {}
+        if not metrics.get("acc", {}).get("n"):
+            texts.append("missing")
+            continue
+        n = metrics["acc"]["n"]
+        texts.append(_cell_text(defense, metrics, row.get("seeds_ok", n), row.get("seeds_expected", n)))
+        finished.append(metrics)
+    return texts, finished
+
+
 def matrix(board: Dict[str, Any]) -> List[str]:
     """The Markdown lines of the matrix for one leaderboard (one model)."""
     attacks = board["attacks"]
@@ -45,17 +63,8 @@ def matrix(board: Dict[str, Any]) -> List[str]:
     for defense in ["no defense"] + [d for d in names if d != "no defense" and d not in aware] + aware:
         if defense == (aware[0] if aware else None):  # upper bounds (the real trigger) come apart, last
             lines.append("| *upper bound, uses the real trigger (not a defense):* |" + " |" * (len(attacks) + 1))
-        texts, walls = [], []
-        for attack in attacks:
-            row = cells.get((defense, attack)) or {}
-            metrics = row.get("metrics") or {}
-            if not metrics.get("acc", {}).get("n"):
-                texts.append("missing")
-                continue
-            n = metrics["acc"]["n"]
-            texts.append(_cell_text(defense, metrics, row.get("seeds_ok", n), row.get("seeds_expected", n)))
-            if metrics.get("wall_time", {}).get("mean") is not None:
-                walls.append(metrics["wall_time"]["mean"])
+        texts, finished = _row_texts(cells, defense, attacks)
+        walls = [m["wall_time"]["mean"] for m in finished if m.get("wall_time", {}).get("mean") is not None]
         wall = f"{sum(walls) / len(walls):,.0f} s" if walls else "—"
         lines.append(f"| {defense} | " + " | ".join(texts) + f" | {wall} |")
     return lines
@@ -72,8 +81,8 @@ def _old_name(defense: str, old_names: List[str]) -> str:
 def before_after(new: Dict[str, Any], old: Dict[str, Any]) -> List[str]:
     """The Markdown lines of the before/after matrix (see the module docstring)."""
     attacks = [a for a in new["attacks"] if a in old["attacks"]]
-    cells = {("after", r["defense"], r["attack"]): r for r in new["rows"]}
-    cells.update({("before", r["defense"], r["attack"]): r for r in old["rows"]})
+    pairs = (("before", old), ("after", new))
+    boards = {when: {(r["defense"], r["attack"]): r for r in board["rows"]} for when, board in pairs}
     old_names = list(dict.fromkeys(r["defense"] for r in old["rows"]))
     lines = ["| defense | | " + " | ".join(attacks) + " | mean DER |", "|---|---|" + "---|" * len(attacks) + "---|"]
     for defense in dict.fromkeys(r["defense"] for r in new["rows"]):
@@ -81,16 +90,8 @@ def before_after(new: Dict[str, Any], old: Dict[str, Any]) -> List[str]:
         if defense == "no defense" or not old_name:
             continue
         for when, name in (("before", old_name), ("after", defense)):
-            texts, ders = [], []
-            for attack in attacks:
-                row = cells.get((when, name, attack)) or {}
-                metrics = row.get("metrics") or {}
-                if not metrics.get("acc", {}).get("n"):
-                    texts.append("missing")
-                    continue
-                n = metrics["acc"]["n"]
-                texts.append(_cell_text(name, metrics, row.get("seeds_ok", n), row.get("seeds_expected", n)))
-                ders.append(metrics["der"]["mean"])
+            texts, finished = _row_texts(boards[when], name, attacks)
+            ders = [m["der"]["mean"] for m in finished]
             der = f"{sum(ders) / len(ders):.3f}" if len(ders) == len(attacks) else "—"
             label = defense if when == "after" else old_name
             lines.append(f"| {label} | {when} | " + " | ".join(texts) + f" | {der} |")
