@@ -22,7 +22,14 @@
     images: Neural Cleanse's reverse engineering aims at 99%, and a trigger that flips half of the
     images says little about the class (a warp capped at ``max_shift`` pixels often stops there);
   - 100 steps of 32 images per class and family, a sixth of the single-family estimators' 150 steps
-    of 128 images, so the two default families together cost a third of ``synthesized``.
+    of 128 images, so the two default families together cost a third of ``synthesized``;
+  - ``detector="trigger-size"``: the target and the backdoor verdict come from the trigger sizes.
+    ``"max-margin"`` takes the class with the largest maximum classification margin instead
+    (:mod:`envs.max_margin`, MM-BD: ``margin_steps`` = 300 steps from ``margin_images`` = 30 random
+    images per class) and decides the verdict by its p-value against ``margin_alpha`` (0.05);
+    ``"either"`` does so when that p-value is below ``margin_alpha`` and keeps the trigger-size target
+    otherwise. On the 18 zoo models ``either`` is right on 16, trigger size alone on 11
+    (docs/results.md §13a); it stays opt-in until the repair it unlocks is (§13b).
 
 Add an estimator with ``@register_asr_estimator("name")`` on a function
 ``(model, attack, defense_data, *, seed, cache_dir, **params) -> ASRProbe``.
@@ -526,17 +533,11 @@ def synthesized_multi_probe(
     every family's working trigger, the most anomalous first, so the estimated ASR is their mean;
     ``info["family_slices"]``: the rows of each). ``schedule``: how the inversions weigh the trigger
     size (:class:`SizeWeight`; ``"adaptive"`` is Neural Cleanse's schedule and wants more ``steps``).
-    ``detector`` (:data:`onp.backdoor_verdict.DETECTORS`): ``"max-margin"`` takes the class with the
-    largest maximum classification margin (:mod:`envs.max_margin`, MM-BD) as the target and decides the
-    verdict by its p-value against ``margin_alpha``; ``"either"`` does so when that p-value is below
-    ``margin_alpha`` and keeps the trigger-size target otherwise (``margin_steps`` and ``margin_images``:
-    MM-BD's 300 steps from 30 random images per class). The ``attack`` argument is ignored.
-    The choices behind the defaults are in the module docstring.
+    ``detector`` and ``margin_*``: which statistic picks the target and decides the backdoor verdict
+    (the module docstring). The ``attack`` argument is ignored. The module docstring has the choices
+    behind the defaults.
     """
-    if stamp not in STAMP_RULES:
-        raise ValueError(f"stamp must be one of {', '.join(STAMP_RULES)}; got {stamp!r}")
-    if isinstance(families, str) or not families:
-        raise ValueError(f"families must be a non-empty list of trigger families ({TRIGGER_FAMILIES.names()})")
+    _check_multi_settings(stamp, families)
     settings: Dict[str, Any] = dict(
         seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight, schedule=schedule
     )
@@ -545,29 +546,16 @@ def synthesized_multi_probe(
         for f in dict.fromkeys(TRIGGER_FAMILIES.check(f) for f in families)
     }
     index, family_of_class, t = _most_anomalous(revs, min_success)
-    margin = _margin_info(
-        model, defense_data, detector, margin_alpha, seed=seed, cache_dir=cache_dir, steps=margin_steps,
-        n_init=margin_images,
-    )  # fmt: skip
+    margin = _margin_info(model, defense_data, detector, margin_alpha, seed, cache_dir, margin_steps, margin_images)
     if margin and (detector == "max-margin" or margin["max_margin_pvalue"] < margin_alpha):
         t = int(margin["max_margin_target"])
-    order = sorted(revs, key=lambda f: float(log_anomaly_indices(revs[f]["size"])[t]))
-    working = [f for f in order if float(revs[f]["success"][t]) >= min_success] or [family_of_class[t]]
-    if stamp == "most-anomalous":
-        working = working[:1]
+    working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
     images, y_true, slices = _stamp_families(defense_data, revs, working, t)
-    chosen = [(family_of_class[c], c) for c in range(defense_data.num_classes)]
     info = {
-        "estimated_target": t,
-        "family": family_of_class[t],
-        "anomaly_index": index.tolist(),
-        "trigger_size": [float(revs[f]["size"][c]) for f, c in chosen],
-        "success": [float(revs[f]["success"][c]) for f, c in chosen],
-        "family_of_class": family_of_class,
+        **_per_class_info(revs, index, family_of_class, t),
         "min_success": min_success,
         "schedule": schedule,
         "family_slices": slices,
-        "families": {f: _family_summary(rev) for f, rev in revs.items()},
         "inversion_seconds": {f: inversion_cost(model, defense_data, f, **settings) for f in revs},
         "note": "trigger-agnostic: reverse-engineered from defense-train images only",
         "detector": detector,
@@ -577,8 +565,42 @@ def synthesized_multi_probe(
     return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, False, info, stamp_most_anomalous)
 
 
+def _families_to_stamp(
+    revs: Dict[str, Dict[str, torch.Tensor]], target: int, fallback: str, min_success: float, stamp: str
+) -> List[str]:
+    """The families whose trigger for ``target`` the probe stamps, the most anomalous first: every one that
+    works (``stamp="all-working"``) or the first (``"most-anomalous"``); ``fallback`` if none works."""
+    order = sorted(revs, key=lambda f: float(log_anomaly_indices(revs[f]["size"])[target]))
+    working = [f for f in order if float(revs[f]["success"][target]) >= min_success] or [fallback]
+    return working[:1] if stamp == "most-anomalous" else working
+
+
+def _check_multi_settings(stamp: str, families: Sequence[str]) -> None:
+    """Refuse an unknown stamp rule or a families value that is not a non-empty list."""
+    if stamp not in STAMP_RULES:
+        raise ValueError(f"stamp must be one of {', '.join(STAMP_RULES)}; got {stamp!r}")
+    if isinstance(families, str) or not families:
+        raise ValueError(f"families must be a non-empty list of trigger families ({TRIGGER_FAMILIES.names()})")
+
+
+def _per_class_info(
+    revs: Dict[str, Dict[str, torch.Tensor]], index: torch.Tensor, family_of_class: List[str], target: int
+) -> Dict[str, Any]:
+    """``synthesized-multi``'s per-class figures: each class's from the family it is most anomalous in."""
+    chosen = list(zip(family_of_class, range(len(family_of_class))))
+    return {
+        "estimated_target": target,
+        "family": family_of_class[target],
+        "anomaly_index": index.tolist(),
+        "trigger_size": [float(revs[f]["size"][c]) for f, c in chosen],
+        "success": [float(revs[f]["success"][c]) for f, c in chosen],
+        "family_of_class": family_of_class,
+        "families": {f: _family_summary(rev) for f, rev in revs.items()},
+    }
+
+
 def _margin_info(
-    model: nn.Module, data: DefenseData, detector: str, alpha: float, *, seed: int, cache_dir: Optional[Path],
+    model: nn.Module, data: DefenseData, detector: str, alpha: float, seed: int, cache_dir: Optional[Path],
     steps: int, n_init: int,
 ) -> Dict[str, Any]:  # fmt: skip
     """The max-margin statistics of ``synthesized-multi``'s info (empty for the ``trigger-size`` detector)."""
