@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from torch import nn
 
 from onp.backdoor_verdict import DETECTORS
 from onp.data.defense import DefenseData
-from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, read_json
+from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, recorded_seconds
 from onp.models import model_digest
 from onp.registry import Registry
 
@@ -379,12 +378,7 @@ def inversion_cost(model: nn.Module, data: DefenseData, family: str, **settings:
     cached, or was cached before costs were recorded). ``settings``: its ``seed``, ``cache_dir``,
     ``steps``, ``batch_size``, ``l1_weight`` and ``schedule``."""
     defaults = {"seed": 0, "cache_dir": None, "steps": 150, "batch_size": 128, "l1_weight": 1e-3, "schedule": "fixed"}
-    side = _inversion_path(model, data, family, **{**defaults, **settings}).with_suffix(".json")
-    try:
-        seconds = read_json(side).get("seconds")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else None
+    return recorded_seconds(_inversion_path(model, data, family, **{**defaults, **settings}).with_suffix(".json"))
 
 
 def _stamper(

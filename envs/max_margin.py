@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, read_json
+from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, recorded_seconds
 from onp.models import model_digest
 
 __all__ = ["DEFAULT_ALPHA", "class_max_margins", "margin_pvalue", "cached_max_margins"]
@@ -143,15 +143,11 @@ def cached_max_margins(
             raise CheckpointError(
                 f"{path}: not a max-margin cache for a {num_classes}-class model; delete the file to recompute it"
             )
-        try:
-            seconds = read_json(path.with_suffix(".json")).get("seconds")
-        except (OSError, ValueError, AttributeError):
-            seconds = None
+        seconds = recorded_seconds(path.with_suffix(".json"))
     else:
         t0 = time.perf_counter()
         found = class_max_margins(model, num_classes, shape, n_init=n_init, steps=steps, lr=lr, seed=seed)
         seconds = time.perf_counter() - t0
         atomic_torch_save(path, found)
         atomic_write_json(path.with_suffix(".json"), {"seconds": seconds})
-    ok_seconds = isinstance(seconds, (int, float)) and math.isfinite(seconds)
-    return {"margin": found["margin"], "steps": found["steps"], "seconds": float(seconds) if ok_seconds else None}
+    return {"margin": found["margin"], "steps": found["steps"], "seconds": seconds}

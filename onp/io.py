@@ -116,6 +116,16 @@ def to_jsonable(obj: Any, max_len: int = 4096) -> Any:
     return repr(obj)
 
 
+def recorded_seconds(path: PathLike) -> Optional[float]:
+    """The ``seconds`` a cached computation recorded in its JSON side file ``path`` (``None`` when the
+    file is missing, unreadable or holds no finite number: a cost is reported, never trusted blindly)."""
+    try:
+        seconds = read_json(path).get("seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else None
+
+
 def read_json(path: PathLike) -> Any:
     path = Path(path)
     try:
