@@ -51,6 +51,7 @@ from .base import (
     PruningParams,
     default_augment,
     freeze,
+    model_device,
     register_defense,
     require_data,
     require_images,
@@ -93,8 +94,9 @@ class NeuronPerturbation:
 
     def __init__(self, model: nn.Module, layout: NeuronLayout, eps: float):
         self.eps = eps
-        self.delta = torch.zeros(layout.num_neurons)
-        self.xi = torch.zeros(layout.num_neurons)
+        self.device = model_device(model)
+        self.delta = torch.zeros(layout.num_neurons, device=self.device)
+        self.xi = torch.zeros(layout.num_neurons, device=self.device)
         self.enabled = False
         self._raw: Dict[str, Tensor] = {}
         self._handles: List = []
@@ -128,11 +130,11 @@ class NeuronPerturbation:
 
     def reset(self, rand_init: bool, gen: torch.Generator) -> None:
         n = len(self.delta)
-        if rand_init:
-            self.delta = (torch.rand(n, generator=gen) * 2 - 1) * self.eps
-            self.xi = (torch.rand(n, generator=gen) * 2 - 1) * self.eps
+        if rand_init:  # drawn on the CPU generator: the same start on every device
+            self.delta = ((torch.rand(n, generator=gen) * 2 - 1) * self.eps).to(self.device)
+            self.xi = ((torch.rand(n, generator=gen) * 2 - 1) * self.eps).to(self.device)
         else:
-            self.delta, self.xi = torch.zeros(n), torch.zeros(n)
+            self.delta, self.xi = torch.zeros(n, device=self.device), torch.zeros(n, device=self.device)
 
     def project(self) -> None:
         """Clip back into the L-inf ball of radius eps."""
@@ -201,7 +203,7 @@ def _train_masks(
     perturbation)."""
     from onp.masks import NeuronMasks
 
-    mask = nn.Parameter(torch.ones(layout.num_neurons))
+    mask = nn.Parameter(torch.ones(layout.num_neurons, device=model_device(work)))
     masks = NeuronMasks(work, layout.bn_names, mode="gamma")
     masks.set_mask(mask)
     pert = NeuronPerturbation(work, layout, p.eps)

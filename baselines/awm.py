@@ -101,9 +101,9 @@ class AWMParams(DefenseParams):
 class ElementMask(nn.Module):
     """Parametrization ``W -> W * mask`` (the mask is a learnable parameter of the same shape)."""
 
-    def __init__(self, shape: Sequence[int]) -> None:
+    def __init__(self, shape: Sequence[int], device: Optional[torch.device] = None) -> None:
         super().__init__()
-        self.mask = nn.Parameter(torch.ones(shape))
+        self.mask = nn.Parameter(torch.ones(shape, device=device))
 
     def forward(self, w: Tensor) -> Tensor:
         return w * self.mask
@@ -148,7 +148,7 @@ def one_shot_set(
         img = x[pick]
         copies = random_resized_crop(img.repeat(n_aug, 1, 1, 1), gen) if n_aug > 0 else img[:0]
         if hflip and n_aug > 0:
-            flip = torch.rand(n_aug, generator=gen) < 0.5
+            flip = (torch.rand(n_aug, generator=gen) < 0.5).to(copies.device)
             copies[flip] = copies[flip].flip(-1)
         xs += [img, copies]
         ys += [y[pick], y[pick].repeat(n_aug)]
@@ -188,7 +188,7 @@ def _trigger_phase(
     fixed), scaled back to L1 norm ``tau``; returns it detached."""
     for q in mask_params:
         q.requires_grad_(False)
-    delta = torch.zeros(1, *x.shape[1:], requires_grad=True)
+    delta = torch.zeros(1, *x.shape[1:], device=x.device, requires_grad=True)
     t_opt = torch.optim.SGD([delta], lr=lr)
     for _ in range(steps):
         xb = x[next(batches)]
@@ -257,7 +257,7 @@ def _channel_scores(
     for layer in lay.layers:
         if layer.conv_name in final_masks:
             m = final_masks[layer.conv_name]
-            scores[layer.slice] = 1.0 - m.flatten(1).mean(1)
+            scores[layer.slice] = (1.0 - m.flatten(1).mean(1)).cpu()
     return scores
 
 
@@ -280,7 +280,7 @@ class _MaskedConvs:
         freeze(model).eval()
         masks: Dict[str, nn.Parameter] = {}
         for name, conv in convs:
-            element_mask = ElementMask(conv.weight.shape)
+            element_mask = ElementMask(conv.weight.shape, conv.weight.device)
             parametrize.register_parametrization(conv, "weight", element_mask)
             masks[name] = element_mask.mask  # the same module as conv.parametrizations.weight[0]
         mask_params = list(masks.values())
@@ -406,7 +406,7 @@ class AWM(Defense):
         """``outer_epochs`` times: ``steps`` steps of the adversarial trigger (L1 budget ``tau``),
         then ``steps`` steps of the masks against it."""
         p = self.params
-        trace = _AWMTrace(torch.zeros(1, *x.shape[1:]))
+        trace = _AWMTrace(torch.zeros(1, *x.shape[1:], device=x.device))
         for epoch in range(p.outer_epochs):
             trace.delta = _trigger_phase(
                 model, x, batches, masked.mask_params, steps=steps, lr=p.trigger_lr, tau=tau, counter=counter

@@ -108,6 +108,12 @@ def bn_layout(model: nn.Module, method: str) -> NeuronLayout:
         ) from exc
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def bn_gammas(model: nn.Module, layout: NeuronLayout) -> Tensor:
     mods = dict(model.named_modules())
     return torch.cat([mods[layer.bn_name].weight.detach().flatten() for layer in layout.layers])
@@ -178,6 +184,26 @@ def eval_accuracy(
         correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
     model.train(was)
     return correct / len(y)
+
+
+def _tensors_to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside dicts, lists and tuples moved to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _tensors_to_cpu(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_tensors_to_cpu(v) for v in obj)
+    return obj
+
+
+def _on_cpu(result: DefenseResult) -> DefenseResult:
+    """``result`` with its model, scores and the tensors in ``info`` on the CPU."""
+    result.model = result.model.cpu()
+    if result.scores is not None:
+        result.scores = result.scores.cpu()
+    result.info = _tensors_to_cpu(result.info)
+    return result
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -342,6 +368,7 @@ class Defense:
         seed: int = 0,
         augment: Optional[Augment] = None,
         report_fn: Optional[ReportFn] = None,
+        device: Optional[torch.device | str] = None,
     ) -> DefenseResult:
         """Run the defense on a copy of ``model`` using only ``defense_data``.
 
@@ -351,17 +378,22 @@ class Defense:
             seed: seeds every random choice of the defense (batch order, initialisations).
             augment: training augmentation (crop/flip); default pad-and-crop without flips.
             report_fn: optional ``report_fn(event, model)`` callback for logging (return value ignored).
+            device: where the defense computes (default ``cpu``; e.g. ``cuda``). Random draws stay on
+                the CPU generator, so a seed picks the same batches on every device; the result (model,
+                scores, tensors in ``info``) is returned on the CPU.
         """
         if self.needs_data:
             require_data(self.name, defense_data)
-        work = copy.deepcopy(model).cpu()
+        dev = torch.device(device if device is not None else "cpu")
+        work = copy.deepcopy(model).to(dev)
+        data = defense_data.to(dev) if defense_data is not None else None
         layout = bn_layout(work, self.name) if self.needs_bn else None
         counter = PassCounter()
         t0 = time.perf_counter()
-        result = self._fit(
-            work, defense_data, layout=layout, seed=seed, augment=augment, report_fn=report_fn, counter=counter
+        result = _on_cpu(
+            self._fit(work, data, layout=layout, seed=seed, augment=augment, report_fn=report_fn, counter=counter)
         )
-        result.wall_time = time.perf_counter() - t0
+        result.wall_time = time.perf_counter() - t0  # moving the result to the CPU waits for the device
         result.forward_passes = counter.forward
         result.backward_passes = counter.backward_count
         result.info.setdefault("defense", self.name)

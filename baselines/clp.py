@@ -90,7 +90,7 @@ class CLP(Defense):
             )
             mean, std = uclc.mean(), uclc.std() if len(uclc) > 1 else torch.tensor(0.0)
             z = (uclc - mean) / std if std > 0 else torch.zeros_like(uclc)
-            scores[layer.slice] = z
+            scores[layer.slice] = z.cpu()
             hit = torch.nonzero(uclc > mean + self.params.u * std).flatten()
             pruned += [layer.offset + int(c) for c in hit]
             per_layer[layer.bn_name] = int(len(hit))

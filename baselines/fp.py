@@ -57,6 +57,7 @@ from .base import (
     DefenseResult,
     PassCounter,
     PruningParams,
+    model_device,
     register_defense,
     require_data,
     require_layout,
@@ -146,7 +147,7 @@ def _activation_means(
     bn_sums: Optional[Tensor] = None
     unit_sums: Dict[str, Tensor] = {}
     if layout is not None:
-        sums = bn_sums = torch.zeros(layout.num_neurons)
+        sums = bn_sums = torch.zeros(layout.num_neurons, device=model_device(model))
         mods = dict(model.named_modules())
         for layer in layout.layers:
 
@@ -194,7 +195,7 @@ def remove_units(linear: nn.Linear, units: List[int]) -> None:
 
 def _masked_accuracy(feats: Tensor, y: Tensor, linear: nn.Linear, order: Tensor, k: int) -> float:
     """Accuracy of the classifier on ``feats`` with the ``k`` first units of ``order`` masked."""
-    keep = torch.ones(feats.shape[1])
+    keep = torch.ones(feats.shape[1], device=feats.device)
     keep[order[:k]] = 0.0
     return (F.linear(feats * keep, linear.weight, linear.bias).argmax(1) == y).float().mean().item()
 

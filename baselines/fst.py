@@ -118,11 +118,12 @@ def cosine_to(weight: Tensor, original: Tensor) -> float:
 
 @torch.no_grad()
 def reinit_head(linear: nn.Linear, gen: torch.Generator) -> None:
-    """Re-initialise ``linear``'s weight and bias ~ U(-1/sqrt(d), 1/sqrt(d)), d = ``in_features``."""
+    """Re-initialise ``linear``'s weight and bias ~ U(-1/sqrt(d), 1/sqrt(d)), d = ``in_features``
+    (drawn on the CPU generator ``gen``, then copied to the layer's device)."""
     bound = 1.0 / math.sqrt(linear.in_features)
-    linear.weight.uniform_(-bound, bound, generator=gen)
-    if linear.bias is not None:
-        linear.bias.uniform_(-bound, bound, generator=gen)
+    for param in (linear.weight, linear.bias):
+        if param is not None:
+            param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=gen))
 
 
 @torch.no_grad()

@@ -154,7 +154,7 @@ def last_linear(model: nn.Module) -> Tuple[str, nn.Linear]:
 
 
 def _with_ones(a: Tensor) -> Tensor:
-    return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], 1)
 
 
 def _grad_of(t: Tensor) -> Tensor:
@@ -181,7 +181,7 @@ def diagonal_fisher(
     of the CE loss (for a linear layer the per-example gradient is ``g_i a_i^T``)."""
     feats: Dict[str, Tensor] = {}
     h = layer.register_forward_hook(lambda m, i, o: feats.__setitem__("a", i[0].detach()))
-    fisher = torch.zeros(layer.out_features, layer.in_features + 1)
+    fisher = torch.zeros(layer.out_features, layer.in_features + 1, device=layer.weight.device)
     try:
         for i in range(0, len(x), batch_size):
             logits = counter(model, x[i : i + batch_size])
@@ -205,8 +205,8 @@ class KFACLinear:
         self.layer, self.p = layer, p
         self.has_bias = layer.bias is not None
         d_in = layer.in_features + (1 if self.has_bias else 0)
-        self.A = torch.eye(d_in)
-        self.G = torch.eye(layer.out_features)
+        self.A = torch.eye(d_in, device=layer.weight.device)
+        self.G = torch.eye(layer.out_features, device=layer.weight.device)
         self.Qa: Optional[Tensor] = None
         self.Qg: Optional[Tensor] = None
         self.S: Optional[Tensor] = None

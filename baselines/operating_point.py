@@ -56,7 +56,7 @@ def pruning_grid(num_neurons: int, max_fraction: float = 0.5, grid_step: float =
 
 def order_from_scores(scores: Tensor) -> Tensor:
     """Neuron ids, most suspicious (highest score) first; ties keep the lower id first."""
-    return torch.sort(-scores.double(), stable=True).indices
+    return torch.sort(-scores.detach().double().cpu(), stable=True).indices
 
 
 @dataclass
@@ -165,7 +165,8 @@ def choose_pruning(
     if rule == "threshold":
         if threshold_values is None or threshold is None:
             raise DefenseError("operating_point='threshold' is only available for mask-based methods (rnp, anp)")
-        chosen = [int(i) for i in order if threshold_values[i] <= threshold]
+        values = threshold_values.detach().cpu()
+        chosen = [int(i) for i in order if values[i] <= threshold]
         return OperatingPoint(
             "threshold",
             chosen,

@@ -40,6 +40,7 @@ from .base import (
     default_augment,
     eval_accuracy,
     freeze,
+    model_device,
     register_defense,
     require_data,
     require_images,
@@ -125,7 +126,7 @@ def recover_masks(
     from onp.masks import NeuronMasks
 
     freeze(unlearned)
-    mask = nn.Parameter(torch.ones(layout.num_neurons))
+    mask = nn.Parameter(torch.ones(layout.num_neurons, device=model_device(unlearned)))
     masks = NeuronMasks(unlearned, layout.bn_names, mode="gamma")
     masks.set_mask(mask)
     opt = torch.optim.SGD([mask], lr=p.recover_lr, momentum=p.recover_momentum)

@@ -27,6 +27,7 @@ records it with the image counts.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +42,7 @@ from .cli_common import (
     add_list_flag,
     add_set_flag,
     backdoor_overrides,
+    device_arg,
     finite_float,
     fraction,
     int_at_least,
@@ -74,6 +76,7 @@ def defend(
     seed: int = 0,
     report_fn: Optional[Callable[[str, nn.Module], None]] = None,
     protocol: str = "delta",
+    device: str = "cpu",
 ) -> Any:
     """Run defense ``defense_name`` on ``bundle``'s model using **only** ``bundle.defense_data`` (plus the
     dataset spec for the crop/flip augmentation). Never touches ``bundle.test_x`` / ``test_y`` /
@@ -82,14 +85,17 @@ def defend(
     ``protocol`` (:mod:`baselines.protocols`): ``delta`` fits on the defense data as it is (defense-train;
     the operating point on defense-val); ``paper`` sets the paper's rule on ``params`` and fits on the
     whole pool (defense-train and defense-val together, no validation images). The result's
-    ``info["protocol"]`` records the protocol and how many images the defense was given."""
+    ``info["protocol"]`` records the protocol and how many images the defense was given. ``device``:
+    where the defense computes (the result comes back on the CPU)."""
     from baselines.protocols import protocol_data, protocol_info, protocol_params
 
     bl = _baselines()
     defense = bl.build_defense(defense_name, **protocol_params(defense_name, protocol, params))
     pool = bundle.defense_data
     data = protocol_data(protocol, pool if defense.needs_data or _uses_val(defense) else None)
-    result = defense.fit(bundle.model, data, seed=seed, augment=Augment.for_spec(bundle.spec), report_fn=report_fn)
+    result = defense.fit(
+        bundle.model, data, seed=seed, augment=Augment.for_spec(bundle.spec), report_fn=report_fn, device=device
+    )
     result.info["protocol"] = protocol_info(defense_name, protocol, pool, data)
     return result
 
@@ -149,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing onp run directory (only once the new run succeeded)",
     )
     r.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
+    r.add_argument(
+        "--device", type=device_arg, default="cpu", help="where the defense computes: cpu, cuda, cuda:N or mps"
+    )
     r.add_argument("--quiet", action="store_true")
     return p
 
@@ -176,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> BaselineRunConfig:
         "params": params,
         "defense_seed": defense_seed,
         "deterministic": args.deterministic,
+        "device": args.device,
         "oracle": not args.no_oracle,
         "oracle_max_fraction": args.oracle_max_fraction,
         "oracle_step": args.oracle_step,
@@ -221,6 +231,8 @@ def baseline_command(config: Union[BaselineRunConfig, Dict[str, Any]], out: Path
             argv += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
     if cfg.deterministic:
         argv.append("--deterministic")
+    if cfg.device != default.device:
+        argv += ["--device", cfg.device]
     return reproduce_line(["python -m onp.baseline"] + argv + ["--out", str(out)])
 
 
@@ -288,14 +300,21 @@ def _defend_and_report(
 ) -> Dict[str, Any]:
     """Fit ``defense`` on the defense data (under ``cfg.protocol``), measure before/after on the test
     set, write the run."""
-    before = evaluate_backdoor(bundle.model, bundle.test_x, bundle.test_y, bundle.attack)
+
+    def test_metrics(model: nn.Module) -> Dict[str, float]:  # on the run's device, the model left where it is
+        on_device = model if cfg.device == "cpu" else copy.deepcopy(model).to(cfg.device)
+        return evaluate_backdoor(on_device, bundle.test_x, bundle.test_y, bundle.attack)
+
+    before = test_metrics(bundle.model)
     reports: Dict[str, Any] = {}
 
     def report_fn(event: str, model: nn.Module) -> None:  # test metrics for logging only; nothing flows back
-        reports[event] = evaluate_backdoor(model, bundle.test_x, bundle.test_y, bundle.attack)
+        reports[event] = test_metrics(model)
 
-    result = defend(bundle, defense_name, cfg.params, seed=seed, report_fn=report_fn, protocol=cfg.protocol)
-    after = with_der(before, evaluate_backdoor(result.model, bundle.test_x, bundle.test_y, bundle.attack))
+    result = defend(
+        bundle, defense_name, cfg.params, seed=seed, report_fn=report_fn, protocol=cfg.protocol, device=cfg.device
+    )
+    after = with_der(before, test_metrics(result.model))
     layout = _layout_or_none(bundle.model)
     pruned_names = layout.names(result.pruned) if result.pruned is not None and layout is not None else None
     extra = {"oracle_sweep.json": _oracle_sweep(bundle, result, layout, defense_name, cfg)} if cfg.oracle else {}

@@ -22,7 +22,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from .config import check_finite
 from .data.defense import PROTOCOLS, check_protocol
-from .train_config import TypedConfig, resolved_backdoor
+from .train_config import TypedConfig, check_device, resolved_backdoor
 
 __all__ = ["BaselineRunConfig"]
 
@@ -51,6 +51,9 @@ class BaselineRunConfig(TypedConfig):
     checkpoint: Optional[str] = Field(None, min_length=1)
     defense_seed: Optional[int] = Field(None, ge=0, description="default: the backdoored model's seed")
     deterministic: bool = False
+    device: str = Field(
+        "cpu", description="where the defense computes (cpu, cuda, cuda:N, mps); results are written from the CPU"
+    )
     oracle: bool = Field(True, description="write oracle_sweep.json (test-set analysis, never used to choose)")
     oracle_max_fraction: float = Field(0.5, gt=0, le=1)
     oracle_step: float = Field(0.01, gt=0, le=1)
@@ -66,6 +69,11 @@ class BaselineRunConfig(TypedConfig):
     @classmethod
     def _protocol(cls, v: str) -> str:
         return check_protocol(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
 
     @field_validator("params")
     @classmethod

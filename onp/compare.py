@@ -240,8 +240,8 @@ def _defense_flags(p: argparse.ArgumentParser, d: CompareConfig) -> None:
         "--device",
         type=device_name,
         default=None,
-        help="device for onp.train and backdoor training (e.g. cuda); with --executor ray it need not "
-        "exist on this machine, only on the workers",
+        help="device of every cell (onp.train and the baselines) and of backdoor training (e.g. cuda); with "
+        "--executor ray it need not exist on this machine, only on the workers",
     )
 
 
@@ -550,7 +550,7 @@ class GridPlan:
             "seed": cell.seed,
             "model_dir": str(model_dir),
             "deterministic": self.config.execution.deterministic,
-            "device": self.config.train.device if cell.kind == "policy" else None,  # baselines run on the CPU
+            "device": self.config.train.device,
             "log": str(self.out / "logs" / (_dirname(cell.key.replace("/", "-")) + ".log")),
         }
 
@@ -572,6 +572,8 @@ class GridPlan:
             cfg["oracle_max_fraction"] = c.defense.oracle_max_fraction
         if protocol is not None:  # a plain NAME keeps the run config's default (delta) and its old config
             cfg["protocol"] = protocol
+        if c.train.device is not None:
+            cfg["device"] = c.train.device
         return cfg
 
     def train_config(self, cell: Cell, model_dir: Optional[str]) -> Dict[str, Any]:

@@ -112,7 +112,9 @@ class GridTrainConfig(TypedConfig):
     )
     timesteps: Optional[int] = Field(None, ge=0, le=10**9, description="ppo.total_timesteps")
     asr_estimator: Optional[str] = Field(None, min_length=1, description="env.asr_estimator")
-    device: Optional[str] = Field(None, description="of onp.train and of training the backdoored models")
+    device: Optional[str] = Field(
+        None, description="of every cell (onp.train and the baselines) and of training the backdoored models"
+    )
 
     @field_validator("device")
     @classmethod

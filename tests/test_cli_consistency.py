@@ -24,7 +24,7 @@ CHANGED = {("baseline", 3): {"defense_seed": 0}}
 #: run-config keys added since, with the default every old command line resolves to: onp.baseline's
 #: protocol (delta, the rule those commands ran; issue #13 added paper); onp.evaluate's force (None:
 #: as the source run, which is what those commands did)
-ADDED = {"baseline": {"protocol": "delta"}, "evaluate": {"force": None}}
+ADDED = {"baseline": {"protocol": "delta", "device": "cpu"}, "evaluate": {"force": None}}
 
 
 def _renamed(obj):
@@ -261,6 +261,10 @@ def test_same_flags_give_the_same_grid_as_before(golden_dir, index):
     )
     # the settings of a grid recorded the override flags as KEY=VALUE lists; now as mappings (both resume)
     expected = {**_renamed(case["config"]), "settings": compare._comparable_settings(case["config"]["settings"])}
+    device = plan.config.train.device
+    for task in expected["tasks"].values():  # the one intended change: --device now reaches baseline cells too
+        if task["kind"] == "baseline" and device is not None:
+            task["device"], task["config"]["device"] = device, device
     assert got == _recipe_epochs(expected, got)
 
 

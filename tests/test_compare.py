@@ -441,8 +441,8 @@ def test_unfinished_cells_resume_or_restart(onp_cache, tmp_path, monkeypatch):
     assert calls["baseline"][1]["overwrite"] is True and calls["policy"][1]["resume"] is True
 
 
-def test_only_cells_on_a_cuda_device_use_a_gpu(onp_cache, tmp_path):
-    """Baseline cells run on the CPU and never ask Ray for a GPU; policy cells do with --device cuda."""
+def test_every_cell_runs_on_the_grids_device(onp_cache, tmp_path):
+    """With --device cuda, baseline and policy cells both carry the device and ask Ray for a GPU."""
     plan = _plan(
         _argv(
             onp_cache,
@@ -462,8 +462,8 @@ def test_only_cells_on_a_cuda_device_use_a_gpu(onp_cache, tmp_path):
     )
     assert plan.out.is_absolute() and plan.cache_dir.is_absolute()  # Ray workers may run elsewhere
     tasks = {c.defense: plan.cell_task(c, str(tmp_path / "model")) for c in plan.cells()}
-    assert not compare.uses_gpu(tasks["clp"]) and compare.uses_gpu(tasks["greedy-gamma"])
-    assert tasks["greedy-gamma"]["config"]["device"] == "cuda" and "device" not in tasks["clp"]["config"]
+    assert compare.uses_gpu(tasks["clp"]) and compare.uses_gpu(tasks["greedy-gamma"])
+    assert tasks["greedy-gamma"]["config"]["device"] == "cuda" and tasks["clp"]["config"]["device"] == "cuda"
     assert compare.uses_gpu({"device": "cuda:1"}) and not compare.uses_gpu({"device": None})
 
 

@@ -17,18 +17,19 @@ def random_crop(x: torch.Tensor, padding: int, generator: Optional[torch.Generat
         return x
     n, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    rows = dy.view(n, 1) + torch.arange(h).view(1, h)  # (n, h)
-    cols = dx.view(n, 1) + torch.arange(w).view(1, w)  # (n, w)
-    idx_n = torch.arange(n).view(n, 1, 1)
+    dev = x.device  # offsets are drawn on the (CPU) generator, then indexed where the images are
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev)
+    rows = dy.view(n, 1) + torch.arange(h, device=dev).view(1, h)  # (n, h)
+    cols = dx.view(n, 1) + torch.arange(w, device=dev).view(1, w)  # (n, w)
+    idx_n = torch.arange(n, device=dev).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]
     return out.permute(0, 3, 1, 2).contiguous()
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Flip each image left-right with probability ``p``."""
-    flip = torch.rand(len(x), generator=generator) < p
+    flip = (torch.rand(len(x), generator=generator) < p).to(x.device)  # drawn on the CPU generator
     if flip.any():
         x = x.clone()
         x[flip] = x[flip].flip(-1)

@@ -55,6 +55,15 @@ class DefenseData:
     def all_y(self) -> torch.Tensor:
         return torch.cat([self.train_y, self.val_y])
 
+    def to(self, device: torch.device | str) -> DefenseData:
+        """The same images and labels on ``device`` (``self`` when they are there already)."""
+        dev = torch.device(device)
+        if self.train_x.device == dev and self.val_x.device == dev:
+            return self
+        return DefenseData(
+            self.train_x.to(dev), self.train_y.to(dev), self.val_x.to(dev), self.val_y.to(dev), self.num_classes
+        )
+
     def whole_pool(self) -> DefenseData:
         """The same images as one fitting set: train = defense-train then defense-val, val empty (the
         ``paper`` protocol). A rule that chooses on defense-validation refuses it."""
