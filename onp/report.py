@@ -75,6 +75,18 @@ class Cell:
                 self.status, self.error = "failed", f"unreadable metrics.json ({exc})"
         return self
 
+    @property
+    def device(self) -> str:
+        """Where the cell computed: its run config's ``device`` (``config.json``; ``cpu`` when it names none,
+        as every run before baselines took a device)."""
+        cfg = self.read_json("config.json")
+        if not isinstance(cfg, dict):
+            return "cpu"
+        run_cfg = cfg.get("run_config")
+        if not isinstance(run_cfg, dict):
+            run_cfg = cfg
+        return str(run_cfg.get("device") or cfg.get("device") or "cpu")
+
     def read_json(self, name: str) -> Optional[Any]:
         path = Path(self.run_dir) / name
         if not path.exists():
@@ -128,6 +140,7 @@ class Row:
     asr_estimator: str = ""
     errors: List[str] = field(default_factory=list)
     trigger_aware: bool = False  # a learned row whose reward used the real trigger: an upper bound
+    wall_time_by_device: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # device -> stats
 
     @property
     def status(self) -> str:
@@ -152,6 +165,7 @@ class Row:
             "asr_estimator": self.asr_estimator,
             "trigger_aware": self.trigger_aware,
             "metrics": self.metrics,
+            "wall_time_by_device": self.wall_time_by_device,
             "errors": self.errors,
         }
 
@@ -202,6 +216,11 @@ def build_rows(
                 row = Row(model, attack, d, kind, len(seeds), len(ok), len(failed), [c.seed for c in ok])
                 for m in METRICS + ("n_pruned", "wall_time"):
                     row.metrics[m] = stats([c.ok_metrics.get(m) for c in ok])
+                devices = {c.key: c.device for c in ok}
+                row.wall_time_by_device = {
+                    dev: stats([c.ok_metrics.get("wall_time") for c in ok if devices[c.key] == dev])
+                    for dev in sorted(set(devices.values()))
+                }
                 labels = sorted({estimator_label(c.ok_metrics, c.kind) for c in ok})
                 row.asr_estimator = ", ".join(labels) if labels else (BASELINE_ESTIMATOR if kind == "baseline" else "-")
                 if any(is_trigger_aware(c.ok_metrics, c.kind) for c in ok):
@@ -236,10 +255,7 @@ MD_COLUMNS = (
 
 def _md_cells(row: Row) -> List[str]:
     m = row.metrics
-    if row.kind == "none":
-        wall = "-"
-    else:
-        wall = fmt(m["wall_time"], 1.0, 1)
+    wall = "-" if row.kind == "none" else wall_time_text(row)
     return [
         row.defense,
         fmt(m["acc"]),
@@ -251,6 +267,15 @@ def _md_cells(row: Row) -> List[str]:
         row.asr_estimator,
         row.status,
     ]
+
+
+def wall_time_text(row: Row) -> str:
+    """The wall time of a row: ``mean ± std`` seconds when every cell ran on the CPU, else per device
+    (``cuda 16.6 ± 0.5; cpu 354.2 ± 0.0``: a mean over devices would mean nothing)."""
+    by_dev = row.wall_time_by_device
+    if set(by_dev) <= {"cpu"}:
+        return fmt(row.metrics["wall_time"], 1.0, 1)
+    return "; ".join(f"{dev} {fmt(st, 1.0, 1)}" for dev, st in by_dev.items())
 
 
 #: the caption of the trigger-aware rows' own table under each (model, attack)

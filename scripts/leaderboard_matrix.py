@@ -11,7 +11,7 @@ both have; a row ``NAME[delta]`` of NEW is matched with a plain ``NAME`` of OLD 
 Cells are test ACC / ASR in % (mean ± std over the finished seeds when there are several) with the
 mean DER in brackets; **bold** marks mean ASR <= 5%. A cell with some seeds missing ends in
 ``[k/n seeds]``; a cell with none says ``missing``. The last column is the mean wall time of the
-method's finished cells.
+method's finished cells, per device when some ran elsewhere than on the CPU (``cpu 354 s, cuda 17 s``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ def _cell_text(defense: str, metrics: Dict[str, Any], ok: int, expected: int) ->
 def _row_texts(
     cells: Dict[Any, Dict[str, Any]], defense: str, attacks: List[str]
 ) -> Tuple[List[str], List[Dict[str, Any]]]:
-    """One defense's cell texts over ``attacks`` (``cells``: (defense, attack) -> leaderboard row) and the
-    metrics of its finished cells."""
-    texts, finished = [], []
+    """One defense's cell texts over ``attacks`` (``cells``: (defense, attack) -> leaderboard row) and its
+    rows with a finished cell."""
+    texts: List[str] = []
+    finished: List[Dict[str, Any]] = []
     for attack in attacks:
         row = cells.get((defense, attack)) or {}
         metrics = row.get("metrics") or {}
@@ -49,8 +50,24 @@ def _row_texts(
             continue
         n = metrics["acc"]["n"]
         texts.append(_cell_text(defense, metrics, row.get("seeds_ok", n), row.get("seeds_expected", n)))
-        finished.append(metrics)
+        finished.append(row)
     return texts, finished
+
+
+def wall_time(rows: List[Dict[str, Any]]) -> str:
+    """The mean wall time of every finished cell of ``rows`` (leaderboard rows), per device when not all
+    ran on the CPU; rows written before devices were recorded count as CPU."""
+    by_dev: Dict[str, List[float]] = {}
+    for row in rows:
+        per_dev = row.get("wall_time_by_device") or {"cpu": row["metrics"].get("wall_time", {})}
+        for dev, st in per_dev.items():
+            by_dev.setdefault(dev, []).extend(st.get("values") or [])
+    means = {dev: sum(v) / len(v) for dev, v in sorted(by_dev.items()) if v}
+    if not means:
+        return "—"
+    if set(means) == {"cpu"}:
+        return f"{means['cpu']:,.0f} s"
+    return ", ".join(f"{dev} {mean:,.0f} s" for dev, mean in means.items())
 
 
 def matrix(board: Dict[str, Any]) -> List[str]:
@@ -64,9 +81,7 @@ def matrix(board: Dict[str, Any]) -> List[str]:
         if defense == (aware[0] if aware else None):  # upper bounds (the real trigger) come apart, last
             lines.append("| *upper bound, uses the real trigger (not a defense):* |" + " |" * (len(attacks) + 1))
         texts, finished = _row_texts(cells, defense, attacks)
-        walls = [m["wall_time"]["mean"] for m in finished if m.get("wall_time", {}).get("mean") is not None]
-        wall = f"{sum(walls) / len(walls):,.0f} s" if walls else "—"
-        lines.append(f"| {defense} | " + " | ".join(texts) + f" | {wall} |")
+        lines.append(f"| {defense} | " + " | ".join(texts) + f" | {wall_time(finished)} |")
     return lines
 
 
@@ -91,7 +106,7 @@ def before_after(new: Dict[str, Any], old: Dict[str, Any]) -> List[str]:
             continue
         for when, name in (("before", old_name), ("after", defense)):
             texts, finished = _row_texts(boards[when], name, attacks)
-            ders = [m["der"]["mean"] for m in finished]
+            ders = [r["metrics"]["der"]["mean"] for r in finished]
             der = f"{sum(ders) / len(ders):.3f}" if len(ders) == len(attacks) else "—"
             label = defense if when == "after" else old_name
             lines.append(f"| {label} | {when} | " + " | ".join(texts) + f" | {der} |")

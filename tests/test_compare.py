@@ -17,7 +17,7 @@ from onp.compare_config import CompareConfig
 from onp.config import ConfigError, load_yaml
 from onp.executors import LocalExecutor, ProcessExecutor, make_executor, ray_available
 from onp.registry import UnknownNameError
-from onp.report import Cell, build_rows, fmt, stats, to_markdown
+from onp.report import Cell, build_rows, fmt, stats, to_markdown, wall_time_text
 from tests.conftest import LEAN_FLAGS
 
 LEAN = LEAN_FLAGS
@@ -281,6 +281,31 @@ def test_report_rows_failed_and_missing(tmp_path):
     assert "failed: x s2: boom" in md
     assert "Upper bound" not in md and not any(r.trigger_aware for r in rows)
     assert stats([])["mean"] is None and fmt(stats([])) == "missing"
+
+
+def test_report_gives_wall_time_per_device(tmp_path):
+    """A row whose cells ran on different devices shows each device's wall time, never their mean."""
+    cells = []
+    for seed, device, wall in ((0, None, 300.0), (1, "cuda", 20.0), (2, "cuda", 30.0)):
+        run_dir = tmp_path / f"s{seed}"
+        run_dir.mkdir()
+        run_cfg = {"defense": "awm"} if device is None else {"defense": "awm", "device": device}
+        (run_dir / "config.json").write_text(json.dumps({"defense": "awm", "run_config": run_cfg}))
+        c = Cell("m", "a", "awm", seed, "baseline", run_dir, status="ok")
+        c.metrics = {"acc": 0.9, "asr": 0.1, "ra": 0.8, "der": 0.9, "n_pruned": 0, "wall_time": wall}
+        cells.append(c)
+    rows = build_rows(cells, models=["m"], attacks=["a"], defenses=["awm"], seeds=[0, 1, 2])
+    awm = next(r for r in rows if r.defense == "awm")
+    assert [c.device for c in cells] == ["cpu", "cuda", "cuda"]
+    assert wall_time_text(awm) == "cpu 300.0 ± 0.0; cuda 25.0 ± 7.1"
+    assert awm.to_dict()["wall_time_by_device"]["cuda"]["n"] == 2
+    cells[1].run_dir = cells[2].run_dir = cells[0].run_dir  # every cell on the CPU: the plain mean
+    cpu_row = next(
+        r
+        for r in build_rows(cells, models=["m"], attacks=["a"], defenses=["awm"], seeds=[0, 1, 2])
+        if r.defense == "awm"
+    )
+    assert wall_time_text(cpu_row) == "116.7 ± 158.9"
 
 
 def test_process_executor_runs_tasks():

@@ -44,3 +44,16 @@ def test_before_after_pairs_delta_rows_with_plain_names_and_averages_der(lm):
     assert body[0].endswith("| 0.480 |") and "**90.00 ± 0.00 / 3.00 ± 0.00 (0.980)**" in body[1]  # bold: ASR <= 5%
     assert "[2/3 seeds]" in body[1] and body[1].endswith("| 0.765 |")
     assert body[3].split(" | ")[3] == "missing" and body[3].endswith("| — |")  # no mean DER over a missing cell
+
+
+def test_wall_time_is_per_device_when_some_cells_ran_on_a_gpu(lm):
+    stat = lambda *v: {"mean": sum(v) / len(v), "std": 0.0, "n": len(v), "values": list(v)}  # noqa: E731
+    cpu_only = _row("fst", "badnets", 0.0, 0.98)  # written before devices were recorded: counts as CPU
+    cpu_only["metrics"]["wall_time"] = stat(30.0, 40.0)
+    mixed = _row("awm", "blend", 0.3, 0.8)
+    mixed["wall_time_by_device"] = {"cpu": stat(354.0), "cuda": stat(16.0, 18.0)}
+    gpu = _row("awm", "trojan", 0.03, 0.96)
+    gpu["wall_time_by_device"] = {"cuda": stat(12.0)}
+    assert lm.wall_time([cpu_only]) == "35 s"
+    assert lm.wall_time([mixed, gpu]) == "cpu 354 s, cuda 15 s"
+    assert lm.wall_time([gpu]) == "cuda 12 s" and lm.wall_time([]) == "—"
