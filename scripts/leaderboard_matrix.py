@@ -1,6 +1,6 @@
 """Condense a leaderboard.json (onp.compare) into one ACC / ASR (DER) Markdown matrix, defenses x attacks.
 
-Usage: python scripts/leaderboard_matrix.py docs/leaderboard/leaderboard.json
+Usage: python scripts/leaderboard_matrix.py docs/leaderboard-13/leaderboard.json
        python scripts/leaderboard_matrix.py NEW.json --before OLD.json
 
 With ``--before``, only the defenses of NEW that OLD also has are printed, each as two rows, the OLD
