@@ -289,6 +289,13 @@ def run_baseline(
     return RunResult(out, metrics)
 
 
+def _test_metrics(bundle: BackdoorBundle, model: nn.Module, device: str) -> Dict[str, float]:
+    """Test ACC / ASR / RA of ``model`` with the real trigger, computed on ``device`` (the model is left
+    where it is); for the report only."""
+    on_device = model if device == "cpu" else copy.deepcopy(model).to(device)
+    return evaluate_backdoor(on_device, bundle.test_x, bundle.test_y, bundle.attack)
+
+
 def _defend_and_report(
     bundle: BackdoorBundle,
     defense: Any,
@@ -300,21 +307,16 @@ def _defend_and_report(
 ) -> Dict[str, Any]:
     """Fit ``defense`` on the defense data (under ``cfg.protocol``), measure before/after on the test
     set, write the run."""
-
-    def test_metrics(model: nn.Module) -> Dict[str, float]:  # on the run's device, the model left where it is
-        on_device = model if cfg.device == "cpu" else copy.deepcopy(model).to(cfg.device)
-        return evaluate_backdoor(on_device, bundle.test_x, bundle.test_y, bundle.attack)
-
-    before = test_metrics(bundle.model)
+    before = _test_metrics(bundle, bundle.model, cfg.device)
     reports: Dict[str, Any] = {}
 
     def report_fn(event: str, model: nn.Module) -> None:  # test metrics for logging only; nothing flows back
-        reports[event] = test_metrics(model)
+        reports[event] = _test_metrics(bundle, model, cfg.device)
 
     result = defend(
         bundle, defense_name, cfg.params, seed=seed, report_fn=report_fn, protocol=cfg.protocol, device=cfg.device
     )
-    after = with_der(before, test_metrics(result.model))
+    after = with_der(before, _test_metrics(bundle, result.model, cfg.device))
     layout = _layout_or_none(bundle.model)
     pruned_names = layout.names(result.pruned) if result.pruned is not None and layout is not None else None
     extra = {"oracle_sweep.json": _oracle_sweep(bundle, result, layout, defense_name, cfg)} if cfg.oracle else {}
