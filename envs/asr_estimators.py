@@ -30,6 +30,9 @@
     ``"either"`` does so when that p-value is below ``margin_alpha`` and keeps the trigger-size target
     otherwise. On the 18 zoo models ``either`` is right on 16, trigger size alone on 11
     (docs/results.md §13a); it stays opt-in until the repair it unlocks is (§13b).
+  - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
+    Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
+    is measured on the 15 zoo models.
 
 Add an estimator with ``@register_asr_estimator("name")`` on a function
 ``(model, attack, defense_data, *, seed, cache_dir, **params) -> ASRProbe``.
@@ -335,6 +338,13 @@ def _inversion_path(
     return cache_root(cache_dir) / "synthesized" / (f"{key}.pt" if _legacy(family) else f"{key}-{family}.pt")
 
 
+def _target_inversion_path(model: nn.Module, data: DefenseData, family: str, target: int, **settings: Any) -> Path:
+    """Where :func:`cached_target_inversion` keeps one class's re-inverted trigger (cost beside it)."""
+    path = _inversion_path(model, data, family, schedule="adaptive", **settings)
+    stem = f"{path.stem}-{family}" if _legacy(family) else path.stem
+    return path.with_name(f"{stem}-target{target}.pt")
+
+
 def cached_inversion(
     model: nn.Module,
     data: DefenseData,
@@ -379,6 +389,81 @@ def inversion_cost(model: nn.Module, data: DefenseData, family: str, **settings:
     ``steps``, ``batch_size``, ``l1_weight`` and ``schedule``."""
     defaults = {"seed": 0, "cache_dir": None, "steps": 150, "batch_size": 128, "l1_weight": 1e-3, "schedule": "fixed"}
     return recorded_seconds(_inversion_path(model, data, family, **{**defaults, **settings}).with_suffix(".json"))
+
+
+def cached_target_inversion(
+    model: nn.Module, data: DefenseData, family: str, target: int, *, seed: int = 0,
+    cache_dir: Optional[Path] = None, steps: int = 300, batch_size: int = 32, l1_weight: float = 1e-3,
+) -> Dict[str, torch.Tensor]:  # fmt: skip
+    """The trigger of ``family`` for class ``target`` alone, re-inverted on the defense-train images of the
+    other classes with Neural Cleanse's adaptive size schedule (:class:`SizeWeight`) for ``steps``
+    batches, keeping the smallest trigger that works. Computed once and cached (weights-only), with its
+    cost beside it. Returns the family's decoded tensors (one trigger, no class dimension), ``size`` and
+    ``success`` (0-d: the fraction of those images it flips)."""
+    settings = dict(seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight)
+    path = _target_inversion_path(model, data, family, target, **settings)
+    fam = trigger_family(family, tuple(int(v) for v in data.val_x.shape[1:]))
+    if path.exists():
+        return _checked_target_inversion(load_checkpoint(path), path, fam)
+    t0 = time.perf_counter()
+    xs = data.train_x[data.train_y != target]
+    xs = xs if len(xs) else data.train_x
+    model.eval()
+    with torch.enable_grad():
+        trig = _invert_one(
+            model, fam, xs, target, SizeWeight("adaptive", initial=l1_weight), steps=steps,
+            batch_size=batch_size, lr=0.1, gen=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+    with torch.no_grad():
+        success = (model(fam.stamp(trig, xs)).argmax(1) == target).float().mean()
+        rev = {**trig, "size": fam.size(trig).reshape(()), "success": success}
+    atomic_torch_save(path, rev)
+    atomic_write_json(path.with_suffix(".json"), {"family": family, "seconds": time.perf_counter() - t0})
+    return rev
+
+
+def _checked_target_inversion(rev: Any, path: Path, fam: TriggerFamily) -> Dict[str, torch.Tensor]:
+    """A cached :func:`cached_target_inversion` result, checked against the family and the image shape."""
+    with torch.no_grad():
+        want = {key: tuple(v.shape) for key, v in fam.decode(fam.init()).items()}
+    want.update(size=(), success=())
+    ok = (
+        isinstance(rev, dict)
+        and set(rev) == set(want)
+        and all(
+            isinstance(rev[k], torch.Tensor) and tuple(rev[k].shape) == v and bool(torch.isfinite(rev[k]).all())
+            for k, v in want.items()
+        )
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path}: not a target-trigger cache of the {fam.name!r} family for this model (expected the tensors "
+            f"{want}); delete the file to recompute it"
+        )
+    return dict(rev)
+
+
+def _refined_target(
+    model: nn.Module, data: DefenseData, revs: Dict[str, Dict[str, torch.Tensor]], family: str, target: int,
+    min_success: float, steps: int, settings: Dict[str, Any],
+) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Any]]:  # fmt: skip
+    """``synthesized-multi``'s ``refine_steps``: the target's trigger of the stamped ``family`` re-inverted
+    alone (:func:`cached_target_inversion`); ``revs`` with it in the target's place when it works
+    (``min_success``), and what happened, for the probe's info."""
+    kw = {k: settings[k] for k in ("seed", "cache_dir", "batch_size", "l1_weight")}
+    rev = cached_target_inversion(model, data, family, target, steps=steps, **kw)
+    used = float(rev["success"]) >= min_success
+    cost = recorded_seconds(_target_inversion_path(model, data, family, target, steps=steps, **kw).with_suffix(".json"))
+    info = {
+        "family": family, "steps": steps, "size_before": float(revs[family]["size"][target]),
+        "size": float(rev["size"]), "success": float(rev["success"]), "used": used, "seconds": cost,
+    }  # fmt: skip
+    if not used:
+        return revs, info
+    replaced = {k: v.clone() for k, v in revs[family].items()}
+    for key, value in rev.items():
+        replaced[key][target] = value
+    return {**revs, family: replaced}, info
 
 
 def _stamper(
@@ -515,6 +600,7 @@ def synthesized_multi_probe(
     margin_alpha: float = DEFAULT_ALPHA,
     margin_steps: int = 300,
     margin_images: int = 30,
+    refine_steps: int = 0,
 ) -> ASRProbe:
     """Several trigger families at once (by default ``patch`` and ``blend``), for a defender who does
     not know the trigger's shape.
@@ -528,10 +614,14 @@ def synthesized_multi_probe(
     ``info["family_slices"]``: the rows of each). ``schedule``: how the inversions weigh the trigger
     size (:class:`SizeWeight`; ``"adaptive"`` is Neural Cleanse's schedule and wants more ``steps``).
     ``detector`` and ``margin_*``: which statistic picks the target and decides the backdoor verdict
-    (the module docstring). The ``attack`` argument is ignored. The module docstring has the choices
-    behind the defaults.
+    (the module docstring). ``refine_steps`` > 0: once the target is chosen, its trigger in the stamped
+    family is re-inverted alone with the adaptive schedule for that many steps
+    (:func:`cached_target_inversion`), and the probe stamps it if it works (``info["target_trigger"]``).
+    The ``attack`` argument is ignored. The module docstring has the choices behind the defaults.
     """
     _check_multi_settings(stamp, families)
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be a whole number >= 0 (0: off, e.g. 300); got {refine_steps!r}")
     settings: Dict[str, Any] = dict(
         seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight, schedule=schedule
     )
@@ -544,9 +634,14 @@ def synthesized_multi_probe(
     if margin and (detector == "max-margin" or margin["max_margin_pvalue"] < margin_alpha):
         t = int(margin["max_margin_target"])
     working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
+    info = _per_class_info(revs, index, family_of_class, t)
+    if refine_steps:
+        revs, info["target_trigger"] = _refined_target(
+            model, defense_data, revs, working[0], t, min_success, refine_steps, settings
+        )
     images, y_true, slices = _stamp_families(defense_data, revs, working, t)
     info = {
-        **_per_class_info(revs, index, family_of_class, t),
+        **info,
         "min_success": min_success,
         "schedule": schedule,
         "family_slices": slices,

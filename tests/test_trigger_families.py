@@ -9,6 +9,7 @@ from envs.asr_estimators import (
     anomaly_indices,
     build_probe,
     cached_inversion,
+    cached_target_inversion,
     invert_triggers,
     log_anomaly_indices,
 )
@@ -219,3 +220,41 @@ def test_each_size_schedule_has_its_own_cache_entry(tmp_path):
     names = sorted(p.name for p in (tmp_path / "synthesized").glob("*.pt"))
     assert len(names) == 2 and sum("-adaptive-" in n for n in names) == 1
     assert not torch.equal(fixed["size"], adaptive["size"])  # no size penalty yet: the trigger grows freely
+
+
+def test_the_targets_trigger_re_inverted_alone_is_smaller_cached_and_checked(tmp_path):
+    model = _PlantedBackdoor()
+    data = random_defense_data(n_train=120, n_val=30, shape=SHAPE, classes=6, seed=1)
+    per_class = cached_inversion(model, data, "blend", steps=60, batch_size=32, cache_dir=tmp_path)
+    alone = cached_target_inversion(model, data, "blend", 3, steps=60, batch_size=32, cache_dir=tmp_path)
+    assert set(alone) == {"alpha", "pattern", "size", "success"} and alone["pattern"].shape == SHAPE
+    assert float(alone["success"]) >= 0.9 and float(alone["size"]) < 0.8 * float(per_class["size"][3])
+    (path,) = (tmp_path / "synthesized").glob("*-target3.pt")
+    assert path.with_suffix(".json").exists()  # its cost, beside it
+    again = cached_target_inversion(model, data, "blend", 3, steps=60, batch_size=32, cache_dir=tmp_path)
+    assert all(torch.equal(again[k], alone[k]) for k in alone)
+    torch.save({"alpha": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="target-trigger cache of the 'blend' family"):
+        cached_target_inversion(model, data, "blend", 3, steps=60, batch_size=32, cache_dir=tmp_path)
+
+
+def test_multi_estimator_stamps_the_refined_target_trigger(tmp_path):
+    model = _PlantedBackdoor()
+    data = random_defense_data(n_train=120, n_val=30, shape=SHAPE, classes=6, seed=1)
+    common = dict(families=["blend"], steps=60, batch_size=32, cache_dir=tmp_path)
+    plain = build_probe("synthesized-multi", model, None, data, **common)
+    refined = build_probe("synthesized-multi", model, None, data, refine_steps=60, **common)
+    t = plain.info["estimated_target"]
+    assert t == refined.info["estimated_target"] == 3 and "target_trigger" not in plain.info
+    info = refined.info["target_trigger"]
+    assert info["used"] and info["family"] == "blend" and info["steps"] == 60 and info["seconds"] > 0
+    assert info["size"] < info["size_before"] == pytest.approx(plain.info["trigger_size"][t])
+    alone = cached_target_inversion(model, data, "blend", t, steps=60, batch_size=32, cache_dir=tmp_path)
+    others = data.val_x[data.val_y != t]
+    stamped = trigger_family("blend", SHAPE).stamp(alone, others).clamp(0, 1)
+    assert torch.allclose(refined.images, stamped) and torch.allclose(refined.stamp(others), stamped)
+    assert not torch.allclose(plain.images, stamped)
+    assert refined.info["trigger_size"] == plain.info["trigger_size"]  # the verdict's figures are unchanged
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="refine_steps"):
+            build_probe("synthesized-multi", model, None, data, refine_steps=bad, **common)
