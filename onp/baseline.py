@@ -33,6 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Union
 
+import torch
 from torch import nn
 
 from .baseline_config import BaselineRunConfig
@@ -291,9 +292,15 @@ def run_baseline(
 
 def _test_metrics(bundle: BackdoorBundle, model: nn.Module, device: str) -> Dict[str, float]:
     """Test ACC / ASR / RA of ``model`` with the real trigger, computed on ``device`` (the model is left
-    where it is); for the report only."""
-    on_device = model if device == "cpu" else copy.deepcopy(model).to(device)
-    return evaluate_backdoor(on_device, bundle.test_x, bundle.test_y, bundle.attack)
+    where it is: a model elsewhere is copied there); for the report only."""
+    return evaluate_backdoor(_on(model, device), bundle.test_x, bundle.test_y, bundle.attack)
+
+
+def _on(model: nn.Module, device: str) -> nn.Module:
+    """``model`` itself when its parameters are already on ``device``, else a copy moved there."""
+    want, param = torch.device(device), next(model.parameters(), None)
+    here = param is None or (param.device.type == want.type and want.index in (None, param.device.index))
+    return model if here else copy.deepcopy(model).to(want)
 
 
 def _defend_and_report(
