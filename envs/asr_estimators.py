@@ -445,11 +445,12 @@ def _checked_target_inversion(rev: Any, path: Path, fam: TriggerFamily) -> Dict[
 
 def _refined_target(
     model: nn.Module, data: DefenseData, revs: Dict[str, Dict[str, torch.Tensor]], family: str, target: int,
-    min_success: float, steps: int, settings: Dict[str, Any],
+    min_success: float, settings: Dict[str, Any],
 ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Any]]:  # fmt: skip
     """``synthesized-multi``'s ``refine_steps``: the target's trigger of the stamped ``family`` re-inverted
     alone (:func:`cached_target_inversion`); ``revs`` with it in the target's place when it works
-    (``min_success``), and what happened, for the probe's info."""
+    (``min_success``), and what happened, for the probe's info. ``settings["steps"]``: the re-inversion's."""
+    steps = settings["steps"]
     kw = {k: settings[k] for k in ("seed", "cache_dir", "batch_size", "l1_weight")}
     rev = cached_target_inversion(model, data, family, target, steps=steps, **kw)
     used = float(rev["success"]) >= min_success
@@ -602,8 +603,7 @@ def synthesized_multi_probe(
     margin_images: int = 30,
     refine_steps: int = 0,
 ) -> ASRProbe:
-    """Several trigger families at once (by default ``patch`` and ``blend``), for a defender who does
-    not know the trigger's shape.
+    """Several trigger families at once (``patch`` and ``blend`` by default): the trigger's shape is unknown.
 
     Each family is inverted for every class (:func:`cached_inversion`). A class's anomaly index is the
     most negative log-size index (:func:`log_anomaly_indices`, within its family) over the families whose
@@ -614,14 +614,10 @@ def synthesized_multi_probe(
     ``info["family_slices"]``: the rows of each). ``schedule``: how the inversions weigh the trigger
     size (:class:`SizeWeight`; ``"adaptive"`` is Neural Cleanse's schedule and wants more ``steps``).
     ``detector`` and ``margin_*``: which statistic picks the target and decides the backdoor verdict
-    (the module docstring). ``refine_steps`` > 0: once the target is chosen, its trigger in the stamped
-    family is re-inverted alone with the adaptive schedule for that many steps
-    (:func:`cached_target_inversion`), and the probe stamps it if it works (``info["target_trigger"]``).
-    The ``attack`` argument is ignored. The module docstring has the choices behind the defaults.
+    (the module docstring). ``refine_steps`` > 0 re-inverts the target's trigger alone before it is
+    stamped (:func:`cached_target_inversion`, ``info["target_trigger"]``). ``attack`` is ignored.
     """
-    _check_multi_settings(stamp, families)
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-        raise ValueError(f"refine_steps must be a whole number >= 0 (0: off, e.g. 300); got {refine_steps!r}")
+    _check_multi_settings(stamp, families, refine_steps)
     settings: Dict[str, Any] = dict(
         seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight, schedule=schedule
     )
@@ -636,20 +632,15 @@ def synthesized_multi_probe(
     working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
     info = _per_class_info(revs, index, family_of_class, t)
     if refine_steps:
-        revs, info["target_trigger"] = _refined_target(
-            model, defense_data, revs, working[0], t, min_success, refine_steps, settings
-        )
+        refine = {**settings, "steps": refine_steps}
+        revs, info["target_trigger"] = _refined_target(model, defense_data, revs, working[0], t, min_success, refine)
     images, y_true, slices = _stamp_families(defense_data, revs, working, t)
     info = {
-        **info,
-        "min_success": min_success,
-        "schedule": schedule,
-        "family_slices": slices,
+        **info, "min_success": min_success, "schedule": schedule, "family_slices": slices,
         "inversion_seconds": {f: inversion_cost(model, defense_data, f, **settings) for f in revs},
-        "note": "trigger-agnostic: reverse-engineered from defense-train images only",
-        "detector": detector,
+        "note": "trigger-agnostic: reverse-engineered from defense-train images only", "detector": detector,
         **margin,
-    }
+    }  # fmt: skip
     stamp_most_anomalous = _stamper(working[0], revs[working[0]], t, defense_data.val_x.shape[1:])
     return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, False, info, stamp_most_anomalous)
 
@@ -664,12 +655,15 @@ def _families_to_stamp(
     return working[:1] if stamp == "most-anomalous" else working
 
 
-def _check_multi_settings(stamp: str, families: Sequence[str]) -> None:
-    """Refuse an unknown stamp rule or a families value that is not a non-empty list."""
+def _check_multi_settings(stamp: str, families: Sequence[str], refine_steps: int) -> None:
+    """Refuse an unknown stamp rule, a families value that is not a non-empty list, and a refine_steps
+    that is not a whole number >= 0."""
     if stamp not in STAMP_RULES:
         raise ValueError(f"stamp must be one of {', '.join(STAMP_RULES)}; got {stamp!r}")
     if isinstance(families, str) or not families:
         raise ValueError(f"families must be a non-empty list of trigger families ({TRIGGER_FAMILIES.names()})")
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be a whole number >= 0 (0: off, e.g. 300); got {refine_steps!r}")
 
 
 def _per_class_info(

@@ -327,20 +327,8 @@ def _defend_and_report(
     layout = _layout_or_none(bundle.model)
     pruned_names = layout.names(result.pruned) if result.pruned is not None and layout is not None else None
     extra = {"oracle_sweep.json": _oracle_sweep(bundle, result, layout, defense_name, cfg)} if cfg.oracle else {}
-    hidden = ("operating_point", "params", "protocol")  # written as their own keys (params: config.json)
     metrics = {
-        **after,
-        "before": before,
-        "defense": defense_name,
-        "protocol": to_jsonable(result.info.get("protocol")),
-        "n_pruned": result.n_pruned,
-        "wall_time": result.wall_time,
-        "forward_passes": result.forward_passes,
-        "backward_passes": result.backward_passes,
-        "operating_point": to_jsonable(result.info.get("operating_point")),
-        "info": to_jsonable({k: v for k, v in result.info.items() if k not in hidden}),
-        "reports": reports,
-        "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
+        **_run_metrics(result, defense_name, before, after, reports),
         "data_source": bundle.meta.get("data_source"),
     }
     config = {
@@ -365,6 +353,28 @@ def _defend_and_report(
         command=command,
     )
     return metrics
+
+
+def _run_metrics(
+    result: Any, defense_name: str, before: Dict[str, float], after: Dict[str, float], reports: Dict[str, Any]
+) -> Dict[str, Any]:
+    """A baseline run's ``metrics.json`` (without the data source): the test metrics before and after, the
+    defense's cost and what it reported about itself."""
+    hidden = ("operating_point", "params", "protocol")  # written as their own keys (params: config.json)
+    return {
+        **after,
+        "before": before,
+        "defense": defense_name,
+        "protocol": to_jsonable(result.info.get("protocol")),
+        "n_pruned": result.n_pruned,
+        "wall_time": result.wall_time,
+        "forward_passes": result.forward_passes,
+        "backward_passes": result.backward_passes,
+        "operating_point": to_jsonable(result.info.get("operating_point")),
+        "info": to_jsonable({k: v for k, v in result.info.items() if k not in hidden}),
+        "reports": reports,
+        "reports_note": "test metrics of intermediate models, logged via report_fn; never used by the defense",
+    }
 
 
 def _layout_or_none(model: nn.Module) -> Any:

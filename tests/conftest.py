@@ -66,3 +66,19 @@ def random_defense_data(n_train=40, n_val=20, shape=(1, 28, 28), classes=10, see
 def state_copy(model):
     """A detached copy of ``model``'s state_dict (to check that a defense never mutates its input)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_script(name):
+    """``scripts/<name>.py`` as a module (the scripts are not a package), registered in ``sys.modules``
+    while it is in use (a dataclass there looks its module up); yields it and unregisters it after."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)

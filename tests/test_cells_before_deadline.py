@@ -1,22 +1,17 @@
 """scripts/cells_before_deadline.py: cells run under a deadline, each in its own folder, merged into a grid."""
 
 import argparse
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cells_before_deadline.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def cbd():
-    spec = importlib.util.spec_from_file_location("cells_before_deadline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from load_script("cells_before_deadline")
 
 
 def test_parse_cell_and_the_command_of_a_cell(cbd, tmp_path):

@@ -1,24 +1,16 @@
 """scripts/estimator_study.py: its Spearman correlation and one model's record on the tiny test model."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "estimator_study.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("estimator_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_script("estimator_study")
 
 
 def test_spearman_perfect_ties_and_constant(study):

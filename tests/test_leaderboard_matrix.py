@@ -1,19 +1,13 @@
 """scripts/leaderboard_matrix.py: the condensed matrix and the before/after matrix of two leaderboards."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "leaderboard_matrix.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def lm():
-    spec = importlib.util.spec_from_file_location("leaderboard_matrix", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from load_script("leaderboard_matrix")
 
 
 def _row(defense, attack, asr, der, n=3, acc=0.9):
