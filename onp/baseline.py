@@ -293,10 +293,10 @@ def run_baseline(
 def _test_metrics(bundle: BackdoorBundle, model: nn.Module, device: str) -> Dict[str, float]:
     """Test ACC / ASR / RA of ``model`` with the real trigger, computed on ``device`` (the model is left
     where it is: a model elsewhere is copied there); for the report only."""
-    return evaluate_backdoor(_on(model, device), bundle.test_x, bundle.test_y, bundle.attack)
+    return evaluate_backdoor(_model_on(model, device), bundle.test_x, bundle.test_y, bundle.attack)
 
 
-def _on(model: nn.Module, device: str) -> nn.Module:
+def _model_on(model: nn.Module, device: str) -> nn.Module:
     """``model`` itself when its parameters are already on ``device``, else a copy moved there."""
     want, param = torch.device(device), next(model.parameters(), None)
     here = param is None or (param.device.type == want.type and want.index in (None, param.device.index))

@@ -106,12 +106,12 @@ def test_every_registered_defense_is_in_the_device_tests():
 
 
 def test_test_metrics_copy_a_model_only_when_it_is_elsewhere():
-    from onp.baseline import _on
+    from onp.baseline import _model_on
 
     model = build_model("small_cnn", num_classes=4, in_channels=1)
-    assert _on(model, "cpu") is model  # already there: no copy
+    assert _model_on(model, "cpu") is model  # already there: no copy
     if torch.cuda.is_available():
-        moved = _on(model, "cuda")
+        moved = _model_on(model, "cuda")
         assert moved is not model and next(moved.parameters()).is_cuda
-        assert _on(moved, "cuda") is moved and _on(moved, "cuda:0") is moved
+        assert _model_on(moved, "cuda") is moved and _model_on(moved, "cuda:0") is moved
         assert not next(model.parameters()).is_cuda  # the caller's model stays where it was
