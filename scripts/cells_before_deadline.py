@@ -73,7 +73,7 @@ def merge(cell_dir: Path, grid: Path) -> str:
 
 def run(cells: List[Cell], args: argparse.Namespace, extra: Sequence[str]) -> List[Cell]:
     """Run ``cells`` in order under the deadline; returns the cells that did not finish."""
-    t0, walls, poll = time.time(), [], getattr(args, "poll", 2.0)
+    t0, walls = time.time(), []
     queue, left = list(cells), []
     running: Dict[Cell, Tuple[subprocess.Popen, float, Path]] = {}
     while queue or running:
@@ -86,7 +86,7 @@ def run(cells: List[Cell], args: argparse.Namespace, extra: Sequence[str]) -> Li
             print(f"{time.time() - t0:6.0f} s  start {':'.join(cell)}", flush=True)
         if not running:
             break
-        time.sleep(poll)
+        time.sleep(args.poll)
         for cell, (proc, started, folder) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -114,6 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--deadline", type=float, required=True, help="seconds from now by which cells must end")
     p.add_argument("--estimate", type=float, required=True, help="expected wall time of a cell at --jobs (s)")
     p.add_argument("--merge-into", type=Path, default=None, help="an onp.compare grid folder to copy cells into")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the running cells")
     args = p.parse_args(argv)
     cells = [parse_cell(c) for c in args.cells]
     args.out_root.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,11 @@ def test_a_cell_starts_only_when_its_expected_end_is_before_the_deadline(cbd):
     assert cbd.can_start(0, 1000, [100, 200], 300)
 
 
+def _cell_args(cell, folder):
+    defense, attack, seed = cell
+    return ["--attacks", attack, "--seed-list", seed, "--defenses", defense, "--out", str(folder)]
+
+
 def _fake_compare(tmp_path, sleep):
     """A stand-in for onp.compare that writes a finished cell after ``sleep`` seconds."""
     fake = tmp_path / "fake_compare.py"
@@ -45,12 +50,7 @@ def _fake_compare(tmp_path, sleep):
         "cell = out / 'cells' / attack / a[a.index('--defenses') + 1] / ('s' + a[a.index('--seed-list') + 1])\n"
         "cell.mkdir(parents=True); (cell / 'metrics.json').write_text(json.dumps({'attack': attack}))\n"
     )
-    return lambda cell, folder, extra: [sys.executable, str(fake), *cbd_args(cell, folder)]
-
-
-def cbd_args(cell, folder):
-    defense, attack, seed = cell
-    return ["--attacks", attack, "--seed-list", seed, "--defenses", defense, "--out", str(folder)]
+    return lambda cell, folder, extra: [sys.executable, str(fake), *_cell_args(cell, folder)]
 
 
 def test_run_merges_finished_cells_and_leaves_those_past_the_deadline(cbd, tmp_path, monkeypatch):
