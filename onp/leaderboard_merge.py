@@ -1,0 +1,179 @@
+"""Merge leaderboards seed by seed: a finished leaderboard plus the cells that were missing from it.
+
+A leaderboard's JSON (:func:`onp.report.write_leaderboard`) keeps every seed's value, so a grid whose
+run folders are gone can still take the cells that finish later: each row is split back into one
+result per seed, the seeds of every file are pooled, and the rows are recomputed (mean, sample std,
+wall time per device) exactly as :func:`onp.report.build_rows` computes them from run folders.
+
+The merge is a union, never an overwrite: a seed found in two files must carry the same values in
+both, else it is refused with the row and seed named. The ``no defense`` rows carry each backdoored
+model's test metrics, so a cell computed on a retrained model that differs from the one the first
+leaderboard used is caught there.
+
+Typical use (``scripts/merge_leaderboards.py``)::
+
+    merged = merge_leaderboards([Path("docs/leaderboard-13/leaderboard.json"), Path("new-cell/leaderboard.json")])
+    write_leaderboard(merged.rows, out_dir, title=merged.title, notes=merged.notes, extra=merged.extra)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .report import METRICS, Row, stats
+
+#: the per-seed quantities a row keeps (``metrics`` keys of a leaderboard row)
+ROW_METRICS = METRICS + ("n_pruned", "wall_time")
+#: two values of one seed agree when they differ by at most this much (JSON round-trips floats exactly)
+TOLERANCE = 1e-9
+
+RowKey = Tuple[str, str, str]  # model, attack, defense
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One seed of one row: its metric values (``None`` when the row has none for it) and its device."""
+
+    values: Mapping[str, Optional[float]]
+    device: Optional[str]
+
+    def agrees_with(self, other: "SeedResult") -> bool:
+        for m in ROW_METRICS:
+            a, b = self.values.get(m), other.values.get(m)
+            if (a is None) != (b is None) or (a is not None and b is not None and abs(a - b) > TOLERANCE):
+                return False
+        return self.device == other.device
+
+
+@dataclass
+class MergedLeaderboard:
+    """The merged rows, and the first file's title, notes and grid description (models, attacks, ...)."""
+
+    rows: List[Row]
+    title: str
+    notes: List[str]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _device_of_each(row: Mapping[str, Any], walls: Sequence[Optional[float]]) -> List[Optional[str]]:
+    """Which device each seed's wall time came from (``wall_time_by_device`` holds the values per device)."""
+    pools = {dev: list(st.get("values") or []) for dev, st in (row.get("wall_time_by_device") or {}).items()}
+    devices: List[Optional[str]] = []
+    for wall in walls:
+        dev = next((d for d, vals in pools.items() if wall is not None and wall in vals), None)
+        if dev is not None:
+            pools[dev].remove(wall)
+        devices.append(dev)
+    return devices
+
+
+def seed_results(row: Mapping[str, Any]) -> Dict[int, SeedResult]:
+    """Split a leaderboard JSON row into one :class:`SeedResult` per finished seed.
+
+    A metric's ``values`` follow the row's ``seeds``; one that has values for some seeds only cannot be
+    placed and is refused."""
+    seeds = [int(s) for s in row.get("seeds") or []]
+    where = f"{row.get('model')}/{row.get('attack')}/{row.get('defense')}"
+    per_metric: Dict[str, List[Optional[float]]] = {}
+    for m in ROW_METRICS:
+        vals = list(((row.get("metrics") or {}).get(m) or {}).get("values") or [])
+        if not vals:
+            per_metric[m] = [None] * len(seeds)
+        elif len(vals) == len(seeds):
+            per_metric[m] = [float(v) for v in vals]
+        else:
+            raise ValueError(f"{where}: {len(vals)} values of {m!r} for seeds {seeds}: which seed is which is unknown")
+    if row.get("kind") == "none":  # the backdoored model itself: no defense ran, on any device
+        devices: List[Optional[str]] = [None] * len(seeds)
+    else:  # a cell without a known device ran on the CPU, as in onp.report.Cell.device
+        devices = [d or "cpu" for d in _device_of_each(row, per_metric["wall_time"])]
+    return {s: SeedResult({m: per_metric[m][i] for m in ROW_METRICS}, devices[i]) for i, s in enumerate(seeds)}
+
+
+def _row_errors(row: Mapping[str, Any]) -> Dict[int, str]:
+    """A row's ``errors`` (``"s<seed>: ..."``) by seed."""
+    out: Dict[int, str] = {}
+    for e in row.get("errors") or []:
+        head, _, _ = str(e).partition(":")
+        if head.startswith("s") and head[1:].isdigit():
+            out[int(head[1:])] = str(e)
+    return out
+
+
+def _rebuild(template: Mapping[str, Any], results: Dict[int, SeedResult], errors: Dict[int, str]) -> Row:
+    """A :class:`Row` with ``template``'s identity and the pooled seeds' statistics."""
+    seeds = sorted(results)
+    kind = str(template["kind"])
+    failed = {s: e for s, e in errors.items() if s not in results}
+    row = Row(
+        str(template["model"]),
+        str(template["attack"]),
+        str(template["defense"]),
+        kind,
+        int(template["seeds_expected"]),
+        len(seeds),
+        len(failed),
+        seeds,
+    )
+    for m in ROW_METRICS:
+        row.metrics[m] = stats([results[s].values.get(m) for s in seeds])
+    if kind != "none":
+        devices = sorted({str(results[s].device) for s in seeds})
+        row.wall_time_by_device = {
+            d: stats([results[s].values.get("wall_time") for s in seeds if results[s].device == d]) for d in devices
+        }
+    row.asr_estimator = str(template.get("asr_estimator", ""))
+    row.trigger_aware = bool(template.get("trigger_aware", False))
+    row.errors = [failed[s] for s in sorted(failed)]
+    return row
+
+
+def _read(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable leaderboard.json ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path}: not a leaderboard.json (no 'rows' list); onp.compare writes one in its --out folder")
+    return data
+
+
+def merge_leaderboards(paths: Sequence[Path]) -> MergedLeaderboard:
+    """Pool the seeds of every row of ``paths`` (leaderboard.json files); rows keep the first file's order,
+    with rows that only later files have appended. Raises ``ValueError`` on a seed whose values differ
+    between two files, or on a row whose estimator or trigger-awareness differs."""
+    if not paths:
+        raise ValueError("no leaderboard.json to merge")
+    templates: Dict[RowKey, Dict[str, Any]] = {}
+    results: Dict[RowKey, Dict[int, SeedResult]] = {}
+    errors: Dict[RowKey, Dict[int, str]] = {}
+    files = [_read(p) for p in paths]
+    for path, data in zip(paths, files):
+        for row in data["rows"]:
+            key = (str(row["model"]), str(row["attack"]), str(row["defense"]))
+            _check_same_method(templates.setdefault(key, row), row, key, path)
+            pooled = results.setdefault(key, {})
+            for seed, res in seed_results(row).items():
+                if seed in pooled and not pooled[seed].agrees_with(res):
+                    raise ValueError(
+                        f"{path}: {'/'.join(key)} seed {seed} differs from an earlier file "
+                        f"({dict(pooled[seed].values)} vs {dict(res.values)}); a merge only adds missing seeds"
+                    )
+                pooled[seed] = res
+            errors.setdefault(key, {}).update(_row_errors(row))
+    rows = [_rebuild(templates[k], results[k], errors[k]) for k in templates]
+    first = files[0]
+    extra: Dict[str, Any] = {k: first[k] for k in ("models", "attacks", "defenses", "seeds") if k in first}
+    return MergedLeaderboard(rows, str(first.get("title", "Leaderboard")), list(first.get("notes") or []), extra)
+
+
+def _check_same_method(a: Mapping[str, Any], b: Mapping[str, Any], key: RowKey, path: Path) -> None:
+    for field_name in ("kind", "asr_estimator", "trigger_aware"):
+        if a.get(field_name) != b.get(field_name):
+            raise ValueError(
+                f"{path}: {'/'.join(key)} has {field_name}={b.get(field_name)!r}, an earlier file "
+                f"{a.get(field_name)!r}: not the same method, not merged"
+            )
