@@ -612,6 +612,7 @@ class GridPlan:
 
 def prepare_model(task: Dict[str, Any]) -> Dict[str, Any]:
     """Train (or fetch) one backdoored model from the zoo; returns its artifact path and test metrics."""
+    from .models import model_digest
     from .zoo import BackdoorConfig, load_bundle
 
     try:
@@ -627,6 +628,7 @@ def prepare_model(task: Dict[str, Any]) -> Dict[str, Any]:
             "ok": True,
             "path": str(bundle.path),
             "test_metrics": bundle.meta.get("test_metrics"),
+            "digest": model_digest(bundle.model),
             "config": task["config"],
         }
     except Exception as exc:  # reported per cell
@@ -841,18 +843,48 @@ def _prepare_models(plan: GridPlan, executor: "Executor", failures: Dict[str, st
         }
         for (m, a, s) in need
     ]
+    clashes: set = set()  # models trained again whose earlier version this grid's cells used
     if tasks:
         bar = tqdm(total=len(tasks), desc="backdoored models", disable=c.output.quiet, file=sys.stderr)
         for _, res in executor.run(prepare_model, tasks, gpu_task=uses_gpu):
-            if res["ok"]:
-                models[res["key"]] = {k: res[k] for k in ("path", "test_metrics", "config")}
+            key = res["key"]
+            clash = _another_model(plan, models.get(key), res) if res["ok"] else None
+            if res["ok"] and clash is None:
+                models[key] = {k: res[k] for k in ("path", "test_metrics", "digest", "config")}
                 atomic_write_json(out / "models.json", models)
             else:
-                failures[res["key"]] = res["error"]
-                print(f"[onp] backdoored model {res['key']} failed: {res['error']}", file=sys.stderr)
+                failures[key] = clash or res["error"]
+                if clash:
+                    clashes.add(key)
+                print(f"[onp] backdoored model {key} failed: {failures[key]}", file=sys.stderr)
             bar.update(1)
         bar.close()
-    return models
+    return {k: v for k, v in models.items() if k not in clashes}  # models.json keeps what the cells used
+
+
+def _another_model(plan: GridPlan, recorded: Optional[Dict[str, Any]], new: Dict[str, Any]) -> Optional[str]:
+    """Why the model just prepared must not join the grid: its finished cells used another one (the
+    model was trained again: another machine, thread count or code version give other weights), so
+    new cells would silently mix two backdoored models in one row. ``None`` when it may join."""
+    key = new["key"]
+    finished = [
+        cell
+        for cell in plan.cells()
+        if f"{cell.model}/{cell.attack}/s{cell.seed}" == key and (Path(cell.run_dir) / "metrics.json").exists()
+    ]
+    if not recorded or not finished:
+        return None
+    if recorded.get("digest") and recorded["digest"] == new["digest"]:
+        return None
+    if not recorded.get("digest") and recorded.get("test_metrics") == new["test_metrics"]:
+        return None  # a grid written before models.json kept digests: the test metrics tell
+    then, now = ((m.get("test_metrics") or {}).get("acc") for m in (recorded, new))
+    return (
+        f"it is not the model that this grid's {len(finished)} finished cell(s) of it used (test ACC {then} then, "
+        f"{now} now; weights digest {recorded.get('digest') or 'not recorded'} then, {new['digest']} now): it was "
+        f"trained again, and one grid never mixes two models. Start a new grid (another --out), or recompute "
+        f"every cell with --overwrite"
+    )
 
 
 def _run_cells(plan: GridPlan, executor: "Executor", models: Dict[str, Any], failures: Dict[str, str]) -> None:

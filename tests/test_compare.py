@@ -381,6 +381,35 @@ def test_failed_cell_is_reported_not_dropped(grid, onp_cache, tmp_path):
     assert "| clp |" in md and "1/1" in next(line for line in md.splitlines() if line.startswith("| clp"))
 
 
+def test_a_model_trained_again_never_joins_the_cells_of_its_earlier_version(grid, onp_cache, tmp_path):
+    """A grid resumed where its backdoored model was trained again (another machine, thread count or
+    code version) would mix two models in one row: the model's unfinished cells are refused, named."""
+    out = tmp_path / "retrained"
+    argv = _argv(onp_cache, out, "--attacks", "badnets", "--defenses", "magnitude", "clp", "--seeds", "1")
+    argv += ["--no-oracle", "--no-plots", "--set", "max_fraction=0.1"]
+    assert compare.main(argv) == 0
+    entry = json.loads((out / "models.json").read_text())["small_cnn/badnets/s0"]
+    assert len(entry["digest"]) == 16
+    clp = out / "cells" / "badnets" / "clp" / "s0" / "metrics.json"
+
+    def resume_with(recorded):
+        clp.unlink(missing_ok=True)
+        (out / "models.json").write_text(json.dumps({"small_cnn/badnets/s0": recorded}))
+        return compare.main(argv)
+
+    for recorded in (
+        {**entry, "digest": "0" * 16},  # other weights
+        {k: v for k, v in entry.items() if k != "digest"} | {"test_metrics": {**entry["test_metrics"], "acc": 0.5}},
+    ):
+        assert resume_with(recorded) == 1 and not clp.exists()
+        failures = json.loads((out / "failures.json").read_text())
+        assert "not the model that this grid's 1 finished cell(s) of it used" in failures["small_cnn/badnets/s0"]
+        assert "unavailable" in failures["small_cnn/badnets/clp/s0"]
+        assert json.loads((out / "models.json").read_text())["small_cnn/badnets/s0"] == recorded  # kept
+    # a grid written before models.json kept digests, with the same model: resumes
+    assert resume_with({k: v for k, v in entry.items() if k != "digest"}) == 0 and clp.exists()
+
+
 def test_ray_executor_requests_a_gpu_per_task_when_the_cluster_has_gpus(monkeypatch):
     """With a stand-in ``ray`` module: num_gpus=1 per task iff cluster_resources() lists GPUs."""
     import sys
