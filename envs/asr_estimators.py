@@ -29,7 +29,10 @@
     images per class) and decides the verdict by its p-value against ``margin_alpha`` (0.05);
     ``"either"`` does so when that p-value is below ``margin_alpha`` and keeps the trigger-size target
     otherwise. On the 18 zoo models ``either`` is right on 16, trigger size alone on 11
-    (docs/results.md §13a); it stays opt-in until the repair it unlocks is (§13b).
+    (docs/results.md §13a); it stays opt-in until the repair it unlocks is (§13b). ``"combined"``
+    does so when Stouffer's combination of that p-value with the class's trigger-size index is below
+    ``margin_alpha`` (:func:`onp.backdoor_verdict.combined_pvalue`; 17 of 18 in a post-hoc look,
+    §15e), opt-in until measured on models no choice has seen.
   - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
     Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
     is measured on the 15 zoo models.
@@ -51,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onp.backdoor_verdict import DETECTORS
+from onp.backdoor_verdict import DETECTORS, combined_pvalue
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, recorded_seconds
 from onp.models import model_digest
@@ -627,7 +630,7 @@ def synthesized_multi_probe(
     }
     index, family_of_class, t = _most_anomalous(revs, min_success)
     margin = _margin_info(model, defense_data, detector, margin_alpha, seed, cache_dir, margin_steps, margin_images)
-    if margin and (detector == "max-margin" or margin["max_margin_pvalue"] < margin_alpha):
+    if margin and _margin_names_target(detector, margin, index, margin_alpha):
         t = int(margin["max_margin_target"])
     working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
     info = _per_class_info(revs, index, family_of_class, t)
@@ -643,6 +646,16 @@ def synthesized_multi_probe(
     }  # fmt: skip
     stamp_most_anomalous = _stamper(working[0], revs[working[0]], t, defense_data.val_x.shape[1:])
     return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, False, info, stamp_most_anomalous)
+
+
+def _margin_names_target(detector: str, margin: Dict[str, Any], index: torch.Tensor, alpha: float) -> bool:
+    """Whether the max-margin class is the estimated target: always for ``max-margin``; for ``either``
+    when its p-value is below ``alpha``; for ``combined`` when its :func:`onp.backdoor_verdict.combined_pvalue`
+    (with that class's anomaly ``index``) is."""
+    p = float(margin["max_margin_pvalue"])
+    if detector == "combined":
+        p = combined_pvalue(p, float(index[int(margin["max_margin_target"])]))
+    return detector == "max-margin" or p < alpha
 
 
 def _families_to_stamp(

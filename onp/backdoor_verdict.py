@@ -10,7 +10,12 @@ trigger's size, its MAD anomaly index and the fraction of images it flips (its p
   most ``-threshold`` (Neural Cleanse, Wang et al., IEEE S&P 2019);
 * ``max-margin``: when the largest per-class maximum margin has a p-value below the estimator's alpha
   (MM-BD, Wang et al., IEEE S&P 2024; :mod:`envs.max_margin`);
-* ``either``: when one of the two says so (the max-margin class is the target when it does).
+* ``either``: when one of the two says so (the max-margin class is the target when it does);
+* ``combined``: when the trigger size says so, or when the max-margin class's evidence from both
+  statistics together is significant (:func:`combined_pvalue`, Stouffer's method: its MM-BD p-value
+  and its own trigger-size anomaly index read as a z-score; the max-margin class is then the target).
+  A candidate chosen after looking at the 18 zoo models (docs/results.md §15e), opt-in until it is
+  measured on models no choice has seen.
 
 An estimator that inverts nothing (``trigger``, which knows the real trigger) gives no verdict (``None``).
 
@@ -26,11 +31,13 @@ import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = [
     "DETECTORS",
     "Verdict",
+    "combined_pvalue",
     "backdoor_verdict",
     "no_backdoor_reason",
     "INVERSION_KEYS",
@@ -45,7 +52,7 @@ DEFAULT_ANOMALY_THRESHOLD = 2.0
 FORCE_HINT = "--force (rollout.force=true)"
 
 #: which statistic decides the verdict (a trigger-inverting estimator's ``detector``; see the module docstring)
-DETECTORS = ("trigger-size", "max-margin", "either")
+DETECTORS = ("trigger-size", "max-margin", "either", "combined")
 
 #: what a trigger-inverting estimator's probe ``info`` reports per class (a verdict needs all of them)
 INVERSION_KEYS = ("estimated_target", "anomaly_index", "trigger_size", "success")
@@ -75,9 +82,12 @@ class Verdict:
         inverted: the estimated target's trigger flips at least the estimator's ``min_success`` of
             the images (if no class's does, the verdict is inconclusive and nothing is suspected).
         detector: which statistic decided (:data:`DETECTORS`).
-        max_margin, max_margin_pvalue, max_margin_alpha, max_margin_seconds: with the ``max-margin``
-            and ``either`` detectors: per class, the largest classification margin reached from random
-            images; the largest one's p-value and the level it is compared with; the computation's cost.
+        max_margin, max_margin_pvalue, max_margin_alpha, max_margin_seconds: with the ``max-margin``,
+            ``either`` and ``combined`` detectors: per class, the largest classification margin reached
+            from random images; the largest one's p-value and the level it is compared with; the
+            computation's cost.
+        combined_pvalue: with the ``combined`` detector, :func:`combined_pvalue` of the max-margin class
+            (compared with ``max_margin_alpha``).
     """
 
     suspected: bool
@@ -96,6 +106,7 @@ class Verdict:
     max_margin_pvalue: Optional[float] = None
     max_margin_alpha: Optional[float] = None
     max_margin_seconds: Optional[float] = None
+    combined_pvalue: Optional[float] = None
 
     @property
     def size_inconclusive(self) -> bool:
@@ -114,12 +125,18 @@ class Verdict:
         return p is not None and alpha is not None and math.isfinite(p) and p < alpha
 
     @property
+    def combined_flagged(self) -> bool:
+        """The combined statistic of the max-margin class is significant (False without it)."""
+        p, alpha = self.combined_pvalue, self.max_margin_alpha
+        return p is not None and alpha is not None and math.isfinite(p) and p < alpha
+
+    @property
     def inconclusive(self) -> bool:
         """The deciding statistic could not be computed (no trigger flipped the model; no p-value)."""
         margin_missing = self.max_margin_pvalue is None or not math.isfinite(self.max_margin_pvalue)
         if self.detector == "max-margin":
             return margin_missing
-        if self.detector == "either":
+        if self.detector in ("either", "combined"):
             return margin_missing and self.size_inconclusive
         return self.size_inconclusive
 
@@ -147,13 +164,27 @@ class Verdict:
             f"p = {p:.2g} {cmp} {self.max_margin_alpha:g}"
         )
 
+    def _combined_evidence(self) -> str:
+        p = self.combined_pvalue
+        if p is None or not math.isfinite(p):
+            return "inconclusive: no p-value for the maximum margins"
+        t = max(range(len(self.max_margin)), key=self.max_margin.__getitem__)
+        cmp = "<" if self.combined_flagged else ">="
+        return (
+            f"class {t}: maximum-margin p = {self.max_margin_pvalue:.2g} and trigger-size anomaly index "
+            f"{self.anomaly_indices[t]:.2f}, combined p = {p:.2g} {cmp} {self.max_margin_alpha:g}"
+        )
+
     def evidence(self) -> str:
-        """The figure behind the verdict, in words (both statistics' with the ``either`` detector)."""
+        """The figure behind the verdict, in words (both statistics' with ``either`` and ``combined``)."""
         if self.detector == "max-margin":
             return self._margin_evidence()
         if self.detector == "either":
             first, second = self._margin_evidence(), self._size_evidence()
             return first if self.margin_flagged else f"{first}; {second}"
+        if self.detector == "combined":
+            first, second = self._combined_evidence(), self._size_evidence()
+            return first if self.combined_flagged else f"{first}; {second}"
         return self._size_evidence()
 
     def summary(self) -> str:
@@ -174,6 +205,19 @@ def _total_seconds(costs: Any) -> Optional[float]:
     if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
         return None
     return float(sum(values))
+
+
+def combined_pvalue(margin_pvalue: float, anomaly_index: float) -> float:
+    """Stouffer's combination of one class's two pieces of evidence: its MM-BD p-value and its trigger-size
+    anomaly index read as a z-score (negative: a smaller trigger than the other classes'),
+    ``p = 1 - Phi((Phi^-1(1 - p_margin) - index) / sqrt(2))``. An index that is not finite (no trigger
+    worked) counts as no evidence (0); a p-value below 1e-300 counts as 1e-300; NaN stays NaN."""
+    if not math.isfinite(margin_pvalue):
+        return math.nan
+    normal = NormalDist()
+    z_margin = -normal.inv_cdf(min(max(float(margin_pvalue), 1e-300), 1.0 - 1e-16))
+    z_size = -float(anomaly_index) if math.isfinite(anomaly_index) else 0.0
+    return normal.cdf(-(z_margin + z_size) / math.sqrt(2.0))
 
 
 def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: float) -> Optional[Verdict]:
@@ -217,10 +261,15 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
         max_margin=[float(v) for v in info.get("max_margin", [])],
         **{key: None if value is None else float(value) for key, value in margin.items()},
     )
+    p = verdict.max_margin_pvalue
+    if detector == "combined" and verdict.max_margin and p is not None and math.isfinite(p):
+        t = max(range(len(verdict.max_margin)), key=verdict.max_margin.__getitem__)
+        verdict = dataclasses.replace(verdict, combined_pvalue=combined_pvalue(p, verdict.anomaly_indices[t]))
     suspected = {
         "trigger-size": verdict.size_flagged,
         "max-margin": verdict.margin_flagged,
         "either": verdict.size_flagged or verdict.margin_flagged,
+        "combined": verdict.size_flagged or verdict.combined_flagged,
     }[detector]
     return dataclasses.replace(verdict, suspected=suspected)
 

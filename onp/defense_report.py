@@ -232,6 +232,12 @@ def _verdict_rule(verdict: Verdict) -> str:
         f"the largest per-class maximum margin has a p-value < {verdict.max_margin_alpha or 0.05:g} under a gamma "
         "fit to the other classes' (MM-BD)"
     )
+    if verdict.detector == "combined":
+        return (
+            f"Suspected when {size}, or when the class with the largest maximum margin has a combined p-value "
+            f"< {verdict.max_margin_alpha or 0.05:g}: Stouffer's combination of its MM-BD p-value (a gamma fit "
+            "to the other classes' maximum margins) and its own anomaly index read as a z-score."
+        )
     return f"Suspected when {margin}." if verdict.detector == "max-margin" else f"Suspected when {margin}, or {size}."
 
 

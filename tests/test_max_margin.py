@@ -8,7 +8,7 @@ import torch
 
 from envs.asr_estimators import build_probe
 from envs.max_margin import cached_max_margins, class_max_margins, margin_pvalue
-from onp.backdoor_verdict import backdoor_verdict
+from onp.backdoor_verdict import backdoor_verdict, combined_pvalue
 from onp.io import CheckpointError
 
 FAST = dict(steps=50, n_init=8)  # the tiny model's target stands out after 50 steps from 8 images
@@ -80,8 +80,34 @@ def test_the_detector_decides_which_statistic_the_verdict_follows():
     assert not backdoor_verdict(_info("either", 0.2), estimator="x", threshold=2.0).suspected
     nan = backdoor_verdict(_info("max-margin", float("nan")), estimator="x", threshold=2.0)
     assert not nan.suspected and nan.inconclusive and "inconclusive" in nan.evidence()
-    with pytest.raises(ValueError, match="trigger-size, max-margin, either"):
+    with pytest.raises(ValueError, match="trigger-size, max-margin, either, combined"):
         backdoor_verdict(_info("vote", 0.01), estimator="x", threshold=2.0)
+
+
+def test_the_combined_statistic_is_stouffers_of_the_margin_p_value_and_the_size_index():
+    """results.md §15e's figures: SIG s0 (p 0.071, index -1.06) flagged, SIG s2 (0.059, -0.62) and a clean
+    model (0.46, +0.76) not; a very small p-value stays finite, NaN stays NaN, an infinite index is no evidence."""
+    assert combined_pvalue(0.071, -1.06) == pytest.approx(0.0369, abs=5e-4)
+    assert combined_pvalue(0.059, -0.62) == pytest.approx(0.0613, abs=5e-4)
+    assert combined_pvalue(0.46, 0.76) == pytest.approx(0.680, abs=1e-3)
+    assert combined_pvalue(0.3, float("inf")) == combined_pvalue(0.3, 0.0) and combined_pvalue(0.0, 0.0) < 1e-100
+    assert math.isnan(combined_pvalue(float("nan"), -1.0))
+    assert combined_pvalue(0.2, -2.0) < combined_pvalue(0.2, -1.0) < combined_pvalue(0.2, 0.0)  # smaller: stronger
+
+
+def test_the_combined_detector_flags_what_neither_statistic_flags_alone():
+    # neither alone: p 0.071 >= 0.05, index -1.06 > -2; together: 0.037 < 0.05
+    both = backdoor_verdict(_info("combined", 0.071, index0=-1.06), estimator="x", threshold=2.0)
+    assert both.suspected and both.combined_flagged and not both.margin_flagged and not both.size_flagged
+    assert both.combined_pvalue == pytest.approx(combined_pvalue(0.071, -1.06))
+    assert both.evidence().startswith("class 0: maximum-margin p = 0.071 and trigger-size anomaly index -1.06")
+    weak = backdoor_verdict(_info("combined", 0.059, index0=-0.62), estimator="x", threshold=2.0)
+    assert not weak.suspected and ">= 0.05; estimated target class 0" in weak.evidence()
+    size = backdoor_verdict(_info("combined", 0.9, index0=-3.0), estimator="x", threshold=2.0)
+    assert size.suspected and size.size_flagged and not size.combined_flagged  # the trigger size still decides too
+    nan = backdoor_verdict(_info("combined", float("nan"), index0=-0.5), estimator="x", threshold=2.0)
+    assert not nan.suspected and nan.combined_pvalue is None
+    assert backdoor_verdict(_info("either", 0.071, index0=-1.06), estimator="x", threshold=2.0).combined_pvalue is None
 
 
 def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
@@ -93,8 +119,12 @@ def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
     assert (probe.target_labels == target).all() and info["max_margin_pvalue"] < 0.05
     assert len(info["max_margin"]) == 10 and info["max_margin_seconds"] > 0
     assert backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0).suspected
+    combined = build_probe("synthesized-multi", tiny_bundle.model, None, data, detector="combined", **params).info
+    assert combined["estimated_target"] == target and combined["max_margin_seconds"] == info["max_margin_seconds"]
+    assert backdoor_verdict(combined, estimator="synthesized-multi", threshold=2.0).combined_flagged  # cached margins
     plain = build_probe("synthesized-multi", tiny_bundle.model, None, data, **params)
     assert "max_margin" not in plain.info and plain.info["detector"] == "trigger-size"
-    for bad, match in (({"detector": "vote"}, "trigger-size, max-margin, either"), ({"margin_alpha": 1.5}, "(0, 1)")):
+    detectors = "trigger-size, max-margin, either, combined"
+    for bad, match in (({"detector": "vote"}, detectors), ({"margin_alpha": 1.5}, "(0, 1)")):
         with pytest.raises(ValueError, match=match):
             build_probe("synthesized-multi", tiny_bundle.model, None, data, **{**params, **bad})
