@@ -79,15 +79,16 @@ class Verdict:
             above come from.
         inversion_seconds: what the trigger inversion cost when it was computed (all families; it is
             cached, so a later run on the same model and images reads it), ``None`` if not recorded.
-        inverted: the estimated target's trigger flips at least the estimator's ``min_success`` of
-            the images (if no class's does, the verdict is inconclusive and nothing is suspected).
+        inverted: the estimated target's trigger flips at least ``min_success`` of the images (the
+            estimator's; if no class's does, the verdict is inconclusive and nothing is suspected).
         detector: which statistic decided (:data:`DETECTORS`).
         max_margin, max_margin_pvalue, max_margin_alpha, max_margin_seconds: with the ``max-margin``,
             ``either`` and ``combined`` detectors: per class, the largest classification margin reached
             from random images; the largest one's p-value and the level it is compared with; the
             computation's cost.
-        combined_pvalue: with the ``combined`` detector, :func:`combined_pvalue` of the max-margin class
-            (compared with ``max_margin_alpha``).
+
+    Derived (properties, also written by :meth:`to_dict`): ``combined_pvalue``; and the decision of
+    every detector on the same statistics, :meth:`flagged_by`.
     """
 
     suspected: bool
@@ -106,7 +107,7 @@ class Verdict:
     max_margin_pvalue: Optional[float] = None
     max_margin_alpha: Optional[float] = None
     max_margin_seconds: Optional[float] = None
-    combined_pvalue: Optional[float] = None
+    min_success: float = 0.5
 
     @property
     def size_inconclusive(self) -> bool:
@@ -123,6 +124,16 @@ class Verdict:
         """The max-margin statistic suspects a backdoor (MM-BD's rule; False without it)."""
         p, alpha = self.max_margin_pvalue, self.max_margin_alpha
         return p is not None and alpha is not None and math.isfinite(p) and p < alpha
+
+    @property
+    def combined_pvalue(self) -> Optional[float]:
+        """:func:`combined_pvalue` of the class with the largest maximum margin (``None`` without a finite
+        max-margin p-value)."""
+        p = self.max_margin_pvalue
+        if not self.max_margin or p is None or not math.isfinite(p):
+            return None
+        t = max(range(len(self.max_margin)), key=self.max_margin.__getitem__)
+        return combined_pvalue(p, self.anomaly_indices[t])
 
     @property
     def combined_flagged(self) -> bool:
@@ -192,10 +203,38 @@ class Verdict:
         what = "backdoor suspected" if self.suspected else "no backdoor found"
         return f"verdict: {what} ({self.evidence()})"
 
+    @property
+    def size_target(self) -> int:
+        """The trigger-size statistic's own target: the most negative anomaly index among the classes whose
+        trigger works (all classes when none does); ``estimated_target`` unless a max-margin detector moved it."""
+        working = [c for c, ok in enumerate(self.success) if ok >= self.min_success] or range(len(self.success))
+        return min(working, key=self.anomaly_indices.__getitem__)
+
+    def flagged_by(self, detector: str) -> bool:
+        """Whether ``detector`` (:data:`DETECTORS`) suspects a backdoor on these statistics: what a run with
+        that detector decides (the max-margin statistics are there only when this verdict's detector
+        computed them; without them a max-margin rule flags nothing)."""
+        t = self.size_target
+        size = self.success[t] >= self.min_success and self.anomaly_indices[t] <= -self.threshold
+        margin, combined = self.margin_flagged, self.combined_flagged
+        rules = {"trigger-size": size, "max-margin": margin, "either": size or margin, "combined": size or combined}
+        if detector not in rules:
+            raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
+        return rules[detector]
+
     def to_dict(self) -> Dict[str, Any]:
         """The verdict as JSON-ready values (``onp.defend``'s ``report.json`` ``verdict``; ``onp.train`` /
-        ``onp.evaluate``'s ``metrics.json`` ``backdoor_verdict``)."""
-        return dataclasses.asdict(self)
+        ``onp.evaluate``'s ``metrics.json`` ``backdoor_verdict``), with ``combined_pvalue``."""
+        return {**dataclasses.asdict(self), "combined_pvalue": self.combined_pvalue}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Verdict":
+        """A verdict read back from :meth:`to_dict`'s JSON (derived values are recomputed, unknown keys refused)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields - {"combined_pvalue"}
+        if unknown:
+            raise ValueError(f"not a verdict: unknown keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
 
 
 def _total_seconds(costs: Any) -> Optional[float]:
@@ -239,7 +278,8 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
         return None
     target = int(info["estimated_target"])
     index = float(info["anomaly_index"][target])
-    inverted = float(info["success"][target]) >= float(info.get("min_success", 0.5))
+    min_success = float(info.get("min_success", 0.5))
+    inverted = float(info["success"][target]) >= min_success
     k = len(info["success"])
     detector = str(info.get("detector", "trigger-size"))
     if detector not in DETECTORS:
@@ -248,6 +288,7 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
     verdict = Verdict(
         suspected=False,
         inverted=inverted,
+        min_success=min_success,
         estimated_target=target,
         anomaly_index=index,
         threshold=float(threshold),
@@ -261,16 +302,7 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
         max_margin=[float(v) for v in info.get("max_margin", [])],
         **{key: None if value is None else float(value) for key, value in margin.items()},
     )
-    p = verdict.max_margin_pvalue
-    if detector == "combined" and verdict.max_margin and p is not None and math.isfinite(p):
-        t = max(range(len(verdict.max_margin)), key=verdict.max_margin.__getitem__)
-        verdict = dataclasses.replace(verdict, combined_pvalue=combined_pvalue(p, verdict.anomaly_indices[t]))
-    suspected = {
-        "trigger-size": verdict.size_flagged,
-        "max-margin": verdict.margin_flagged,
-        "either": verdict.size_flagged or verdict.margin_flagged,
-        "combined": verdict.size_flagged or verdict.combined_flagged,
-    }[detector]
+    suspected = verdict.flagged_by(detector)
     return dataclasses.replace(verdict, suspected=suspected)
 
 

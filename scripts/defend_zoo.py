@@ -12,6 +12,13 @@ skipped, so an interrupted run resumes. The models must be in the zoo cache alre
 (``python -m onp.backdoor ...``); a missing one is reported and skipped.
 
     python scripts/defend_zoo.py --out runs/defend-zoo --defense clp --seeds 0 1 2
+
+``--summary`` prints, from ``OUT/results.jsonl`` files, what every verdict detector decides on each
+model's recorded statistics (the max-margin ones exist when the run's detector computed them, e.g.
+``--extra --set 'estimator_params.detector="combined"'``) and on how many models each is right (a
+backdoored model suspected, a clean one not):
+
+    python scripts/defend_zoo.py --summary runs/defend-zoo runs/defend-zoo-2
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from onp.backdoor_verdict import DETECTORS, Verdict
 from onp.metrics import evaluate_backdoor
 from onp.zoo import BackdoorBundle, BackdoorConfig, load_bundle
 
@@ -72,14 +80,53 @@ def measure(bundle: BackdoorBundle, folder: Path, defense: str) -> Dict[str, Any
     return {"test_before": before, "test_after": after, "report": report}
 
 
+def _decision(verdict: Verdict, detector: str, backdoored: bool) -> str:
+    if detector != "trigger-size" and verdict.max_margin_pvalue is None:
+        return "n/a"
+    flagged = verdict.flagged_by(detector)
+    return ("suspected" if flagged else "not suspected") + (" ✓" if flagged == backdoored else " ✗")
+
+
+def detector_table(rows: List[Dict[str, Any]]) -> List[str]:
+    """Markdown: per model its statistics and every detector's decision, then how many each got right."""
+    head = "| model | trigger size: target, index | max margin: class, p | combined p | " + " | ".join(DETECTORS) + " |"
+    lines = [head, "|" + "---|" * (4 + len(DETECTORS))]
+    right = {d: [0, 0] for d in DETECTORS}
+    for row in rows:
+        v = Verdict.from_dict(row["report"]["verdict"])
+        backdoored = row["attack"] != "clean"
+        decisions = [_decision(v, d, backdoored) for d in DETECTORS]
+        for d, text in zip(DETECTORS, decisions):
+            if text != "n/a":
+                right[d][0] += text.endswith("✓")
+                right[d][1] += 1
+        margin = "–"
+        if v.max_margin and v.max_margin_pvalue is not None:
+            margin = f"{max(range(len(v.max_margin)), key=v.max_margin.__getitem__)}, {v.max_margin_pvalue:.2g}"
+        combined = "–" if v.combined_pvalue is None else f"{v.combined_pvalue:.2g}"
+        size = f"{v.size_target}, {v.anomaly_indices[v.size_target]:.2f}"
+        cells = [f"{row['attack']} s{row['seed']}", size, margin, combined, *decisions]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"* `{d}`: right on {k} of {n}" for d, (k, n) in right.items() if n]
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--summary", type=Path, nargs="+", help="print every detector's decisions from these OUT folders")
+    p.add_argument("--out", type=Path)
     p.add_argument("--defense", default="clp")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS) + ["clean"])
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more onp.defend flags")
     args = p.parse_args(argv)
+    if args.summary:
+        rows = [json.loads(line) for d in args.summary for line in (d / "results.jsonl").read_text().splitlines()]
+        print("\n".join(detector_table(rows)))
+        return 0
+    if args.out is None:
+        p.error("--out is required (or --summary)")
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []

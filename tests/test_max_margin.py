@@ -1,6 +1,7 @@
 """MM-BD's maximum-margin statistic (envs.max_margin) and the verdict's ``max-margin`` / ``either``
 detectors (onp.backdoor_verdict, the ``synthesized-multi`` estimator's ``detector``)."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from envs.asr_estimators import build_probe
 from envs.max_margin import cached_max_margins, class_max_margins, margin_pvalue
-from onp.backdoor_verdict import backdoor_verdict, combined_pvalue
+from onp.backdoor_verdict import Verdict, backdoor_verdict, combined_pvalue
 from onp.io import CheckpointError
 
 FAST = dict(steps=50, n_init=8)  # the tiny model's target stands out after 50 steps from 8 images
@@ -106,8 +107,42 @@ def test_the_combined_detector_flags_what_neither_statistic_flags_alone():
     size = backdoor_verdict(_info("combined", 0.9, index0=-3.0), estimator="x", threshold=2.0)
     assert size.suspected and size.size_flagged and not size.combined_flagged  # the trigger size still decides too
     nan = backdoor_verdict(_info("combined", float("nan"), index0=-0.5), estimator="x", threshold=2.0)
-    assert not nan.suspected and nan.combined_pvalue is None
-    assert backdoor_verdict(_info("either", 0.071, index0=-1.06), estimator="x", threshold=2.0).combined_pvalue is None
+    assert not nan.suspected and nan.combined_pvalue is None and nan.to_dict()["combined_pvalue"] is None
+    # every detector's decision on the same statistics, also from a report read back
+    either = backdoor_verdict(_info("either", 0.071, index0=-1.06), estimator="x", threshold=2.0)
+    assert not either.suspected and either.flagged_by("combined") and not either.flagged_by("trigger-size")
+    again = Verdict.from_dict(json.loads(json.dumps(either.to_dict())))
+    assert again == either and again.to_dict()["combined_pvalue"] == pytest.approx(0.0369, abs=5e-4)
+    with pytest.raises(ValueError, match="unknown keys \\['vote'\\]"):
+        Verdict.from_dict({**either.to_dict(), "vote": 1})
+    with pytest.raises(ValueError, match="trigger-size, max-margin, either, combined"):
+        either.flagged_by("vote")
+
+
+def test_every_detector_can_be_read_off_one_verdict_as_its_own_run_decides():
+    """Class 3 has the smallest working trigger, class 0 the largest margin. Whichever detector a run used
+    (and so whichever class it made the target, as synthesized-multi does), its verdict tells what each
+    detector decides, and that is what a run with that detector decides from its own target."""
+    own_rule = {
+        "trigger-size": lambda v: v.size_flagged,
+        "max-margin": lambda v: v.margin_flagged,
+        "either": lambda v: v.size_flagged or v.margin_flagged,
+        "combined": lambda v: v.size_flagged or v.combined_flagged,
+    }
+    for p_margin, index3 in ((0.01, -2.5), (0.01, -1.0), (0.3, -2.5), (0.3, -1.0), (0.06, -1.0)):
+        runs = {}
+        for detector in own_rule:
+            info = _info(detector, p_margin, index0=-0.5)
+            info["anomaly_index"][3] = index3
+            info["success"][5], info["anomaly_index"][5] = 0.5, -9.0  # class 5's trigger does not work
+            moved = {"max-margin": True, "either": p_margin < 0.05, "trigger-size": False}
+            moved["combined"] = combined_pvalue(p_margin, -0.5) < 0.05
+            info["estimated_target"] = 0 if moved[detector] else 3
+            runs[detector] = backdoor_verdict(info, estimator="x", threshold=2.0)
+        decided = {d: own_rule[d](v) for d, v in runs.items()}
+        for v in runs.values():
+            assert v.size_target == 3 and {d: v.flagged_by(d) for d in runs} == decided
+        assert {d: v.suspected for d, v in runs.items()} == decided
 
 
 def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
