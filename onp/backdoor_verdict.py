@@ -215,7 +215,8 @@ class Verdict:
         that detector decides (the max-margin statistics are there only when this verdict's detector
         computed them; without them a max-margin rule flags nothing)."""
         t = self.size_target
-        size = self.success[t] >= self.min_success and self.anomaly_indices[t] <= -self.threshold
+        index = self.anomaly_indices[t]
+        size = self.success[t] >= self.min_success and math.isfinite(index) and index <= -self.threshold
         margin, combined = self.margin_flagged, self.combined_flagged
         rules = {"trigger-size": size, "max-margin": margin, "either": size or margin, "combined": size or combined}
         if detector not in rules:
