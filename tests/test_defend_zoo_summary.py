@@ -7,6 +7,7 @@ import pytest
 from onp.backdoor_verdict import backdoor_verdict
 
 from .conftest import load_script
+from .test_max_margin import _info
 
 
 @pytest.fixture
@@ -15,17 +16,8 @@ def defend_zoo():
 
 
 def _row(attack, seed, pvalue, index0, detector="combined"):
-    info = {
-        "estimated_target": 0,
-        "anomaly_index": [index0] + [0.1 * i for i in range(1, 10)],
-        "trigger_size": [30.0] * 10,
-        "success": [1.0] * 10,
-        "min_success": 0.9,
-        "detector": detector,
-        "max_margin": [25.6, 15.7, 12.1, 9.9, 11.0, 11.3, 8.4, 6.9, 12.6, 16.3],
-        "max_margin_pvalue": pvalue,
-        "max_margin_alpha": 0.05,
-    }
+    """One results.jsonl line: the verdict of a synthesized-multi run (class 0: the largest margin)."""
+    info = _info(detector, pvalue, index0=index0)
     if detector == "trigger-size":
         info = {k: v for k, v in info.items() if not k.startswith("max_margin")}
     verdict = backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0)
