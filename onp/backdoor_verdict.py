@@ -126,13 +126,17 @@ class Verdict:
         return p is not None and alpha is not None and math.isfinite(p) and p < alpha
 
     @property
+    def margin_class(self) -> Optional[int]:
+        """The class with the largest maximum margin (``None`` without the max-margin statistics)."""
+        return max(range(len(self.max_margin)), key=self.max_margin.__getitem__) if self.max_margin else None
+
+    @property
     def combined_pvalue(self) -> Optional[float]:
         """:func:`combined_pvalue` of the class with the largest maximum margin (``None`` without a finite
         max-margin p-value)."""
-        p = self.max_margin_pvalue
-        if not self.max_margin or p is None or not math.isfinite(p):
+        p, t = self.max_margin_pvalue, self.margin_class
+        if t is None or p is None or not math.isfinite(p):
             return None
-        t = max(range(len(self.max_margin)), key=self.max_margin.__getitem__)
         return combined_pvalue(p, self.anomaly_indices[t])
 
     @property
@@ -167,7 +171,7 @@ class Verdict:
         p = self.max_margin_pvalue
         if not self.max_margin or p is None or not math.isfinite(p):
             return "inconclusive: no p-value for the maximum margins"
-        t = max(range(len(self.max_margin)), key=self.max_margin.__getitem__)
+        t = int(self.margin_class or 0)  # max_margin is not empty here
         median = statistics.median(m for c, m in enumerate(self.max_margin) if c != t)
         cmp = "<" if self.margin_flagged else ">="
         return (
@@ -179,7 +183,7 @@ class Verdict:
         p = self.combined_pvalue
         if p is None or not math.isfinite(p):
             return "inconclusive: no p-value for the maximum margins"
-        t = max(range(len(self.max_margin)), key=self.max_margin.__getitem__)
+        t = int(self.margin_class or 0)  # a combined p-value implies the margins
         cmp = "<" if self.combined_flagged else ">="
         return (
             f"class {t}: maximum-margin p = {self.max_margin_pvalue:.2g} and trigger-size anomaly index "

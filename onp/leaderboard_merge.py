@@ -154,7 +154,11 @@ def merge_leaderboards(paths: Sequence[Path]) -> MergedLeaderboard:
     for path, data in zip(paths, files):
         for row in data["rows"]:
             key = (str(row["model"]), str(row["attack"]), str(row["defense"]))
-            _check_same_method(templates.setdefault(key, row), row, key, path)
+            known = templates.setdefault(key, row)
+            if not known.get("seeds"):  # a row with no finished seed has no method figures to keep
+                templates[key] = {**row, "seeds_expected": known["seeds_expected"]}
+            elif row.get("seeds"):
+                _check_same_method(known, row, key, path)
             pooled = results.setdefault(key, {})
             for seed, res in seed_results(row).items():
                 if seed in pooled and not pooled[seed].agrees_with(res):

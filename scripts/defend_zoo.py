@@ -100,9 +100,8 @@ def detector_table(rows: List[Dict[str, Any]]) -> List[str]:
             if text != "n/a":
                 right[d][0] += text.endswith("✓")
                 right[d][1] += 1
-        margin = "–"
-        if v.max_margin and v.max_margin_pvalue is not None:
-            margin = f"{max(range(len(v.max_margin)), key=v.max_margin.__getitem__)}, {v.max_margin_pvalue:.2g}"
+        t, p = v.margin_class, v.max_margin_pvalue
+        margin = "–" if t is None or p is None else f"{t}, {p:.2g}"
         combined = "–" if v.combined_pvalue is None else f"{v.combined_pvalue:.2g}"
         size = f"{v.size_target}, {v.anomaly_indices[v.size_target]:.2f}"
         cells = [f"{row['attack']} s{row['seed']}", size, margin, combined, *decisions]

@@ -129,3 +129,18 @@ def test_merge_script_writes_the_leaderboard_and_plot_and_keeps_an_existing_one(
     assert "pass --overwrite" in capsys.readouterr().err and (out / "leaderboard.md").read_text() == before
     assert merge_script.main([str(first), str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2")]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_a_row_without_finished_seeds_takes_the_method_of_the_first_file_that_has_some(tmp_path):
+    """A learned row with no seed finished reads '-' as its estimator; the cells added later name theirs."""
+    first, _ = _board(tmp_path, "first", [])
+    board = json.loads(first.read_text())
+    second, _ = _board(tmp_path, "second", _cells(tmp_path, [0]))
+    later = json.loads(second.read_text())
+    for data in (board, later):
+        for r in data["rows"]:
+            r["asr_estimator"] = "-" if data is board else "synthesized (defense data only)"
+    first.write_text(json.dumps(board))
+    second.write_text(json.dumps(later))
+    awm = next(r for r in merge_leaderboards([first, second]).rows if r.defense == "awm")
+    assert awm.ok == 1 and awm.expected == 3 and awm.asr_estimator == "synthesized (defense data only)"
