@@ -14,6 +14,11 @@ is measured:
 * ``additive``: a universal perturbation added to every image, ``clip(x + delta, 0, 1)``; size =
   ``|delta|_1``. Suits additive signals (SIG's sinusoid), which a blend only approximates because it
   also fades the image.
+* ``spectral``: a universal additive perturbation that is sparse in frequency, ``clip(x + delta, 0, 1)``
+  with ``delta`` the inverse orthonormal real 2-D Fourier transform of coefficients ``c``; size =
+  ``sum |c|`` (the modulus of each coefficient of the half spectrum). A periodic signal such as SIG's
+  sinusoid is one or two coefficients here, so the target of such a trigger stands out, where under
+  ``additive`` its pixel-wise L1 norm is as large as other classes' perturbations.
 * ``warp``: a smooth displacement field (a coarse ``grid x grid`` field, bicubically upsampled, each
   displacement at most ``max_shift`` pixels) resampling the image; size = the summed length of the
   displacements in pixels. Suits warping triggers (WaNet).
@@ -139,6 +144,29 @@ class AdditiveFamily(TriggerFamily):
 
     def size(self, trigger: Decoded) -> Tensor:
         return trigger["delta"].abs().sum()
+
+
+@register_trigger_family("spectral")
+class SpectralFamily(TriggerFamily):
+    """Fourier coefficients ``coefficients`` (2, C, H, W // 2 + 1) (real and imaginary parts of the half
+    spectrum) and the perturbation ``delta`` (C, H, W) they make: ``irfft2`` with orthonormal scaling."""
+
+    def init(self) -> List[Tensor]:
+        c, h, w = self.shape
+        return [torch.zeros((2, c, h, w // 2 + 1), requires_grad=True)]
+
+    def decode(self, free: List[Tensor]) -> Decoded:
+        _, h, w = self.shape
+        coef = free[0]
+        delta = torch.fft.irfft2(torch.complex(coef[0], coef[1]), s=(h, w), norm="ortho")
+        return {"coefficients": coef, "delta": delta}
+
+    def stamp(self, trigger: Decoded, x: Tensor) -> Tensor:
+        return (x + trigger["delta"]).clamp(0, 1)
+
+    def size(self, trigger: Decoded) -> Tensor:
+        coef = trigger["coefficients"]
+        return (coef[0] ** 2 + coef[1] ** 2 + 1e-12).sqrt().sum()  # the epsilon keeps the gradient finite at 0
 
 
 @register_trigger_family("warp")

@@ -1,4 +1,4 @@
-"""Trigger families (patch, blend, warp) and the multi-family trigger-agnostic ASR estimator."""
+"""Trigger families (patch, blend, additive, spectral, warp) and the multi-family trigger-agnostic ASR estimator."""
 
 import pytest
 import torch
@@ -21,8 +21,8 @@ from .conftest import random_defense_data
 SHAPE = (1, 12, 12)
 
 
-def test_the_three_families_are_registered_and_an_unknown_one_lists_them():
-    assert {"patch", "blend", "warp"} <= set(TRIGGER_FAMILIES.names())
+def test_the_families_are_registered_and_an_unknown_one_lists_them():
+    assert {"patch", "blend", "additive", "spectral", "warp"} <= set(TRIGGER_FAMILIES.names())
     with pytest.raises(ValueError, match="patch"):
         trigger_family("zigzag", SHAPE)
     with pytest.raises(ValueError, match="shape"):
@@ -62,6 +62,25 @@ def test_warp_at_zero_is_the_identity_and_a_constant_flow_shifts_the_image():
         assert float(warp.decode(free)["flow"].abs().max()) <= warp.max_shift + 1e-4
 
 
+def test_a_spectral_trigger_of_one_coefficient_is_a_sinusoid_of_that_size():
+    spectral = trigger_family("spectral", SHAPE)
+    x = torch.rand(3, *SHAPE) * 0.5 + 0.25  # no clipping
+    with torch.no_grad():
+        zero = spectral.decode(spectral.init())
+        assert float(spectral.size(zero)) == pytest.approx(0.0, abs=1e-3)
+    assert torch.equal(spectral.stamp(zero, x), x)
+    free = spectral.init()
+    with torch.no_grad():
+        free[0][0, 0, 0, 3] = 1.5  # the real part of horizontal frequency 3 (3 periods across the image)
+        trig = spectral.decode(free)
+    columns = torch.arange(12.0)
+    wave = 2 * 1.5 / 12 * torch.cos(2 * torch.pi * 3 * columns / 12)  # orthonormal scale: 2|c| / sqrt(H W)
+    assert torch.allclose(trig["delta"][0], wave.expand(12, 12), atol=1e-5)
+    assert float(spectral.size(trig)) == pytest.approx(1.5, abs=1e-3)
+    assert torch.allclose(spectral.stamp(trig, x), (x + trig["delta"]).clamp(0, 1))
+    assert float(spectral.stamp({"delta": torch.full(SHAPE, 2.0)}, x).max()) == 1.0
+
+
 class _PlantedBackdoor(nn.Module):
     """A linear classifier whose class ``target`` also fires on images correlated with ``pattern``: a
     whole-image (blend-like) backdoor, so the ``blend`` family needs a much smaller trigger there."""
@@ -97,6 +116,24 @@ def test_blend_inversion_finds_a_planted_whole_image_backdoor():
     sizes = torch.where(working, rev["size"], torch.full_like(rev["size"], float("inf")))
     assert int(sizes.argmin()) == 3
     assert float(log_anomaly_indices(rev["size"])[3]) < 0
+
+
+def test_spectral_inversion_singles_out_a_planted_periodic_backdoor_that_additive_does_not():
+    """A SIG-like backdoor: the target class fires on one horizontal sinusoid. Its spectral trigger is a
+    few coefficients, so the target's spectral size is the smallest by far; its pixel-wise additive
+    trigger stands out much less."""
+    sine = torch.sin(2 * torch.pi * 3 * torch.arange(12.0) / 12).expand(12, 12).flatten()
+    model = _PlantedBackdoor()
+    model.pattern = sine / 2 + 0.5  # the bump reads the correlation with (pattern - 0.5) = sine / 2
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(120, *SHAPE, generator=g) * 0.6 + 0.2, torch.randint(0, 6, (120,), generator=g)
+    index = {}
+    for family in ("spectral", "additive"):
+        rev = invert_triggers(model, x, y, 6, family, steps=80, batch_size=32, seed=0)
+        assert bool(rev["success"][3] >= 0.5)
+        index[family] = float(log_anomaly_indices(rev["size"])[3])
+    assert index["spectral"] < -2.0
+    assert index["spectral"] < index["additive"] - 1.0
 
 
 def test_log_anomaly_index_is_the_mad_index_of_the_log_sizes():
