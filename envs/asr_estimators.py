@@ -566,6 +566,11 @@ STAMP_RULES = ("most-anomalous", "all-working")
 #: index of -4.98 (a false alarm had it counted).
 MULTI_FAMILIES = ("patch", "blend")
 
+#: the families whose per-class index the ``combined`` detector pools with MM-BD's p-value: the default
+#: families and ``spectral``, whose trigger singles out SIG's target class (docs/results.md §17a). It is
+#: not among ``MULTI_FAMILIES``: with the trigger-size rule alone it flagged 2 of 6 clean models.
+COMBINED_FAMILIES = ("patch", "blend", "spectral")
+
 
 def _most_anomalous(
     revs: Dict[str, Dict[str, torch.Tensor]], min_success: float
@@ -605,6 +610,7 @@ def synthesized_multi_probe(
     margin_steps: int = 300,
     margin_images: int = 30,
     refine_steps: int = 0,
+    combined_families: Sequence[str] = COMBINED_FAMILIES,
 ) -> ASRProbe:
     """Several trigger families at once (``patch`` and ``blend`` by default): the trigger's shape is unknown.
 
@@ -616,24 +622,22 @@ def synthesized_multi_probe(
     every family's working trigger, the most anomalous first, so the estimated ASR is their mean;
     ``info["family_slices"]``: the rows of each). ``schedule``: how the inversions weigh the trigger
     size (:class:`SizeWeight`; ``"adaptive"`` is Neural Cleanse's schedule and wants more ``steps``).
-    ``detector`` and ``margin_*``: which statistic picks the target and decides the backdoor verdict
-    (the module docstring). ``refine_steps`` > 0 re-inverts the target's trigger alone before it is
-    stamped (:func:`cached_target_inversion`, ``info["target_trigger"]``). ``attack`` is ignored.
+    ``detector``, ``margin_*`` and ``combined_families``: which statistic picks the target and decides
+    the backdoor verdict (the module docstring; :func:`_combined_info`). ``refine_steps`` > 0 re-inverts
+    the target's trigger alone before it is stamped (:func:`cached_target_inversion`). ``attack`` is ignored.
     """
-    _check_multi_settings(stamp, families, refine_steps)
+    _check_multi_settings(stamp, families, refine_steps, combined_families)
     settings: Dict[str, Any] = dict(
         seed=seed, cache_dir=cache_dir, steps=steps, batch_size=batch_size, l1_weight=l1_weight, schedule=schedule
     )
-    revs = {
-        f: cached_inversion(model, defense_data, f, **settings)
-        for f in dict.fromkeys(TRIGGER_FAMILIES.check(f) for f in families)
-    }
+    revs = _inverted(model, defense_data, families, settings)
     index, family_of_class, t = _most_anomalous(revs, min_success)
     margin = _margin_info(model, defense_data, detector, margin_alpha, seed, cache_dir, margin_steps, margin_images)
-    if margin and _margin_names_target(detector, margin, index, margin_alpha):
+    pooled = _combined_info(model, defense_data, revs, detector, combined_families, min_success, settings)
+    if margin and _margin_names_target(detector, margin, pooled.get("combined_index", index.tolist()), margin_alpha):
         t = int(margin["max_margin_target"])
     working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
-    info = _per_class_info(revs, index, family_of_class, t)
+    info = {**_per_class_info(revs, index, family_of_class, t), **pooled}
     if refine_steps:
         refine = {**settings, "steps": refine_steps}
         revs, info["target_trigger"] = _refined_target(model, defense_data, revs, working[0], t, min_success, refine)
@@ -648,7 +652,34 @@ def synthesized_multi_probe(
     return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, False, info, stamp_most_anomalous)
 
 
-def _margin_names_target(detector: str, margin: Dict[str, Any], index: torch.Tensor, alpha: float) -> bool:
+def _inverted(
+    model: nn.Module, data: DefenseData, families: Sequence[str], settings: Dict[str, Any],
+    done: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+) -> Dict[str, Dict[str, torch.Tensor]]:  # fmt: skip
+    """:func:`cached_inversion` of each of ``families`` (once each, in order), reusing those in ``done``."""
+    done = done or {}
+    return {
+        f: done[f] if f in done else cached_inversion(model, data, f, **settings)
+        for f in dict.fromkeys(TRIGGER_FAMILIES.check(f) for f in families)
+    }
+
+
+def _combined_info(
+    model: nn.Module, data: DefenseData, revs: Dict[str, Dict[str, torch.Tensor]], detector: str,
+    families: Sequence[str], min_success: float, settings: Dict[str, Any],
+) -> Dict[str, Any]:  # fmt: skip
+    """With the ``combined`` detector (else empty): ``combined_index``, per class the most negative log-size
+    anomaly index over ``families`` whose trigger worked (as for the target; those already inverted in
+    ``revs`` are reused, the others inverted and cached), the trigger-size evidence it pools with MM-BD's
+    p-value; and ``combined_families``. They may add to the probe's ``families``, which alone decide the
+    trigger-size statistic, its target and the trigger stamped."""
+    if detector != "combined":
+        return {}
+    pooled = _inverted(model, data, families, settings, done=revs)
+    return {"combined_index": _most_anomalous(pooled, min_success)[0].tolist(), "combined_families": list(pooled)}
+
+
+def _margin_names_target(detector: str, margin: Dict[str, Any], index: Sequence[float], alpha: float) -> bool:
     """Whether the max-margin class is the estimated target: always for ``max-margin``; for ``either``
     when its p-value is below ``alpha``; for ``combined`` when its :func:`onp.backdoor_verdict.combined_pvalue`
     (with that class's anomaly ``index``) is."""
@@ -668,13 +699,18 @@ def _families_to_stamp(
     return working[:1] if stamp == "most-anomalous" else working
 
 
-def _check_multi_settings(stamp: str, families: Sequence[str], refine_steps: int) -> None:
-    """Refuse an unknown stamp rule, a families value that is not a non-empty list, and a refine_steps
-    that is not a whole number >= 0."""
+def _check_multi_settings(
+    stamp: str, families: Sequence[str], refine_steps: int, combined_families: Sequence[str]
+) -> None:
+    """Refuse an unknown stamp rule, a families or combined_families value that is not a non-empty list
+    of registered families, and a refine_steps that is not a whole number >= 0."""
     if stamp not in STAMP_RULES:
         raise ValueError(f"stamp must be one of {', '.join(STAMP_RULES)}; got {stamp!r}")
-    if isinstance(families, str) or not families:
-        raise ValueError(f"families must be a non-empty list of trigger families ({TRIGGER_FAMILIES.names()})")
+    for name, value in (("families", families), ("combined_families", combined_families)):
+        if isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty list of trigger families ({TRIGGER_FAMILIES.names()})")
+        for f in value:
+            TRIGGER_FAMILIES.check(f)
     if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"refine_steps must be a whole number >= 0 (0: off, e.g. 300); got {refine_steps!r}")
 

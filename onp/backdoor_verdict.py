@@ -13,9 +13,10 @@ trigger's size, its MAD anomaly index and the fraction of images it flips (its p
 * ``either``: when one of the two says so (the max-margin class is the target when it does);
 * ``combined``: when the trigger size says so, or when the max-margin class's evidence from both
   statistics together is significant (:func:`combined_pvalue`, Stouffer's method: its MM-BD p-value
-  and its own trigger-size anomaly index read as a z-score; the max-margin class is then the target).
-  A candidate chosen after looking at the 18 zoo models (docs/results.md §15e), opt-in until it is
-  measured on models no choice has seen.
+  and its own trigger-size anomaly index read as a z-score, the most negative over the estimator's
+  ``combined_families``, which add the ``spectral`` family; the max-margin class is then the
+  target). Opt-in: chosen after looking at zoo models (docs/results.md §15e, §17a) and measured on
+  models no choice had seen (§16c, §17a).
 
 An estimator that inverts nothing (``trigger``, which knows the real trigger) gives no verdict (``None``).
 
@@ -86,6 +87,10 @@ class Verdict:
             ``either`` and ``combined`` detectors: per class, the largest classification margin reached
             from random images; the largest one's p-value and the level it is compared with; the
             computation's cost.
+        combined_indices: with the ``combined`` detector, per class, the trigger-size evidence it pools
+            with the max-margin p-value: the most negative anomaly index over the estimator's
+            ``combined_families`` (which may add families to the ones behind ``anomaly_indices``);
+            empty for other detectors, and ``anomaly_indices`` stands in.
 
     Derived (properties, also written by :meth:`to_dict`): ``combined_pvalue``; and the decision of
     every detector on the same statistics, :meth:`flagged_by`.
@@ -108,6 +113,7 @@ class Verdict:
     max_margin_alpha: Optional[float] = None
     max_margin_seconds: Optional[float] = None
     min_success: float = 0.5
+    combined_indices: List[float] = field(default_factory=list)
 
     @property
     def size_inconclusive(self) -> bool:
@@ -130,6 +136,11 @@ class Verdict:
         """The class with the largest maximum margin (``None`` without the max-margin statistics)."""
         return max(range(len(self.max_margin)), key=self.max_margin.__getitem__) if self.max_margin else None
 
+    def _pooled_index(self, c: int) -> float:
+        """Class ``c``'s trigger-size evidence in the combined p-value (``combined_indices``, else
+        ``anomaly_indices``)."""
+        return (self.combined_indices or self.anomaly_indices)[c]
+
     @property
     def combined_pvalue(self) -> Optional[float]:
         """:func:`combined_pvalue` of the class with the largest maximum margin (``None`` without a finite
@@ -137,7 +148,7 @@ class Verdict:
         p, t = self.max_margin_pvalue, self.margin_class
         if t is None or p is None or not math.isfinite(p):
             return None
-        return combined_pvalue(p, self.anomaly_indices[t])
+        return combined_pvalue(p, self._pooled_index(t))
 
     @property
     def combined_flagged(self) -> bool:
@@ -187,7 +198,7 @@ class Verdict:
         cmp = "<" if self.combined_flagged else ">="
         return (
             f"class {t}: maximum-margin p = {self.max_margin_pvalue:.2g} and trigger-size anomaly index "
-            f"{self.anomaly_indices[t]:.2f}, combined p = {p:.2g} {cmp} {self.max_margin_alpha:g}"
+            f"{self._pooled_index(t):.2f}, combined p = {p:.2g} {cmp} {self.max_margin_alpha:g}"
         )
 
     def evidence(self) -> str:
@@ -305,6 +316,7 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
         inversion_seconds=_total_seconds(info.get("inversion_seconds")),
         detector=detector,
         max_margin=[float(v) for v in info.get("max_margin", [])],
+        combined_indices=[float(v) for v in info.get("combined_index", [])],
         **{key: None if value is None else float(value) for key, value in margin.items()},
     )
     suspected = verdict.flagged_by(detector)

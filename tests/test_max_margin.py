@@ -119,6 +119,20 @@ def test_the_combined_detector_flags_what_neither_statistic_flags_alone():
         either.flagged_by("vote")
 
 
+def test_the_combined_p_value_pools_the_combined_families_index_when_the_estimator_gives_one():
+    """SIG s3 (docs/results.md §17a): the margin alone (p 0.36) and the patch/blend index (-0.90) say
+    nothing; the spectral trigger's index (-2.35), pooled with the margin, does. The trigger-size rule
+    still reads only ``anomaly_indices``."""
+    info = {**_info("combined", 0.356, index0=-0.90), "combined_index": [-2.35] + [0.1 * i for i in range(1, 10)]}
+    v = backdoor_verdict(info, estimator="x", threshold=2.0)
+    assert v.combined_indices[0] == -2.35 and v.combined_pvalue == pytest.approx(combined_pvalue(0.356, -2.35))
+    assert v.suspected and v.combined_flagged and not v.size_flagged and v.anomaly_index == -0.90
+    assert "trigger-size anomaly index -2.35, combined p = 0.027 < 0.05" in v.evidence()
+    assert Verdict.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+    older = backdoor_verdict(_info("combined", 0.356, index0=-0.90), estimator="x", threshold=2.0)
+    assert not older.suspected and older.combined_pvalue == pytest.approx(combined_pvalue(0.356, -0.90))
+
+
 def test_every_detector_can_be_read_off_one_verdict_as_its_own_run_decides():
     """Class 3 has the smallest working trigger, class 0 the largest margin. Whichever detector a run used
     (and so whichever class it made the target, as synthesized-multi does), its verdict tells what each
@@ -154,12 +168,24 @@ def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
     assert (probe.target_labels == target).all() and info["max_margin_pvalue"] < 0.05
     assert len(info["max_margin"]) == 10 and info["max_margin_seconds"] > 0
     assert backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0).suspected
-    combined = build_probe("synthesized-multi", tiny_bundle.model, None, data, detector="combined", **params).info
+    # 20 inversion steps: after 2, only the spectral trigger flips the images to the target, at an ordinary size
+    combined = build_probe(
+        "synthesized-multi", tiny_bundle.model, None, data, detector="combined", **{**params, "steps": 20}
+    ).info
     assert combined["estimated_target"] == target and combined["max_margin_seconds"] == info["max_margin_seconds"]
     assert backdoor_verdict(combined, estimator="synthesized-multi", threshold=2.0).combined_flagged  # cached margins
+    assert combined["combined_families"] == ["patch", "blend", "spectral"] and len(combined["combined_index"]) == 10
+    assert combined["combined_index"][target] < -2.0 < combined["anomaly_index"][target]  # the spectral trigger's
+    assert len(list((tmp_path / "synthesized").glob("*-spectral.pt"))) == 1  # inverted once, cached
     plain = build_probe("synthesized-multi", tiny_bundle.model, None, data, **params)
     assert "max_margin" not in plain.info and plain.info["detector"] == "trigger-size"
+    assert "combined_index" not in plain.info
     detectors = "trigger-size, max-margin, either, combined"
-    for bad, match in (({"detector": "vote"}, detectors), ({"margin_alpha": 1.5}, "(0, 1)")):
+    for bad, match in (
+        ({"detector": "vote"}, detectors),
+        ({"margin_alpha": 1.5}, "(0, 1)"),
+        ({"combined_families": "spectral"}, "combined_families must be a non-empty list"),
+        ({"combined_families": ["fourier"]}, "spectral"),
+    ):
         with pytest.raises(ValueError, match=match):
             build_probe("synthesized-multi", tiny_bundle.model, None, data, **{**params, **bad})
