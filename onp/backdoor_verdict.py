@@ -238,6 +238,15 @@ class Verdict:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
         return rules[detector]
 
+    def target_by(self, detector: str) -> int:
+        """The class ``detector`` (:data:`DETECTORS`) names as the target on these statistics: the max-margin
+        class where that detector lets the margin decide (``max-margin`` always; ``either`` and
+        ``combined`` when their margin evidence is significant), else :attr:`size_target`."""
+        self.flagged_by(detector)  # refuses an unknown detector
+        t = self.margin_class
+        by_margin = {"max-margin": True, "either": self.margin_flagged, "combined": self.combined_flagged}
+        return t if t is not None and by_margin.get(detector, False) else self.size_target
+
     def to_dict(self) -> Dict[str, Any]:
         """The verdict as JSON-ready values (``onp.defend``'s ``report.json`` ``verdict``; ``onp.train`` /
         ``onp.evaluate``'s ``metrics.json`` ``backdoor_verdict``), with ``combined_pvalue``."""

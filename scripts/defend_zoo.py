@@ -15,8 +15,9 @@ skipped, so an interrupted run resumes. The models must be in the zoo cache alre
 
 ``--summary`` prints, from ``OUT/results.jsonl`` files, what every verdict detector decides on each
 model's recorded statistics (the max-margin ones exist when the run's detector computed them, e.g.
-``--extra --set 'estimator_params.detector="combined"'``) and on how many models each is right (a
-backdoored model suspected, a clean one not):
+``--extra --set 'estimator_params.detector="combined"'``), the target class it names, and on how many
+models each is right (a backdoored model suspected with its real target, a clean one not; rows written
+before the real target was recorded count a suspicion as right whatever class it names):
 
     python scripts/defend_zoo.py --summary runs/defend-zoo runs/defend-zoo-2
 """
@@ -80,11 +81,16 @@ def measure(bundle: BackdoorBundle, folder: Path, defense: str) -> Dict[str, Any
     return {"test_before": before, "test_after": after, "report": report}
 
 
-def _decision(verdict: Verdict, detector: str, backdoored: bool) -> str:
+def _decision(verdict: Verdict, detector: str, target: Optional[int]) -> str:
+    """``target``: the real one (``None`` for a clean model, -1 when a row did not record it: then a
+    suspicion counts as right whatever class it names)."""
     if detector != "trigger-size" and verdict.max_margin_pvalue is None:
         return "n/a"
-    flagged = verdict.flagged_by(detector)
-    return ("suspected" if flagged else "not suspected") + (" ✓" if flagged == backdoored else " ✗")
+    if not verdict.flagged_by(detector):
+        return "not suspected" + (" ✓" if target is None else " ✗")
+    named = verdict.target_by(detector)
+    right = target is not None and target in (-1, named)
+    return f"suspected ({named})" + (" ✓" if right else " ✗")
 
 
 def detector_table(rows: List[Dict[str, Any]]) -> List[str]:
@@ -94,8 +100,8 @@ def detector_table(rows: List[Dict[str, Any]]) -> List[str]:
     right = {d: [0, 0] for d in DETECTORS}
     for row in rows:
         v = Verdict.from_dict(row["report"]["verdict"])
-        backdoored = row["attack"] != "clean"
-        decisions = [_decision(v, d, backdoored) for d in DETECTORS]
+        target = None if row["attack"] == "clean" else row.get("target", -1)
+        decisions = [_decision(v, d, target) for d in DETECTORS]
         for d, text in zip(DETECTORS, decisions):
             if text != "n/a":
                 right[d][0] += text.endswith("✓")
@@ -145,6 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             info = export(bundle, folder)
             seconds = defend(folder, args.defense, seed, args.extra)
             row = {"attack": attack, "seed": seed, "defense": args.defense, "defend_seconds": seconds, **info}
+            if not clean:
+                row["target"] = int(bundle.attack.params()["target"])  # reporting only, as the test metrics
             row.update(measure(bundle, folder, args.defense))
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -15,13 +15,16 @@ def defend_zoo():
     yield from load_script("defend_zoo")
 
 
-def _row(attack, seed, pvalue, index0, detector="combined"):
-    """One results.jsonl line: the verdict of a synthesized-multi run (class 0: the largest margin)."""
+def _row(attack, seed, pvalue, index0, detector="combined", target=0, index6=0.6):
+    """One results.jsonl line: the verdict of a synthesized-multi run (class 0: the largest margin; class 6's
+    trigger-size index ``index6``); ``target``: the real target recorded (absent: ``None``)."""
     info = _info(detector, pvalue, index0=index0)
+    info["anomaly_index"][6] = index6
     if detector == "trigger-size":
         info = {k: v for k, v in info.items() if not k.startswith("max_margin")}
     verdict = backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0)
-    return {"attack": attack, "seed": seed, "report": {"verdict": json.loads(json.dumps(verdict.to_dict()))}}
+    row = {"attack": attack, "seed": seed, "report": {"verdict": json.loads(json.dumps(verdict.to_dict()))}}
+    return row if target is None or attack == "clean" else {**row, "target": target}
 
 
 def test_the_summary_counts_each_detector_right_on_backdoored_and_clean_models(defend_zoo, tmp_path, capsys):
@@ -30,22 +33,27 @@ def test_the_summary_counts_each_detector_right_on_backdoored_and_clean_models(d
         _row("sig", 4, 0.01, -0.2),  # max margin alone flags it
         _row("clean", 3, 0.46, 0.76),  # nothing flags a clean model
         _row("badnets", 3, 0.5, -3.0, detector="trigger-size"),  # no margins recorded: n/a for those rules
+        _row("sig", 6, 0.3, -0.5, index6=-4.0),  # the trigger size flags class 6: the wrong target
+        _row("sig", 7, 0.3, -0.5, index6=-4.0, target=None),  # the same, from a row without the real target
     ]
     table = defend_zoo.detector_table(rows)
     assert table[2].startswith("| sig s3 | 0, -1.06 | 0, 0.071 | 0.037 | not suspected ✗ | not suspected ✗ |")
-    assert table[2].endswith("| not suspected ✗ | suspected ✓ |")
-    assert "| badnets s3 | 0, -3.00 | – | – | suspected ✓ | n/a | n/a | n/a |" in table
+    assert table[2].endswith("| not suspected ✗ | suspected (0) ✓ |")
+    assert "| badnets s3 | 0, -3.00 | – | – | suspected (0) ✓ | n/a | n/a | n/a |" in table
+    wrong = "suspected (6) ✗"
+    assert table[6] == f"| sig s6 | 6, -4.00 | 0, 0.3 | 0.23 | {wrong} | not suspected ✗ | {wrong} | {wrong} |"
+    assert table[7].startswith("| sig s7 | 6, -4.00 | 0, 0.3 | 0.23 | suspected (6) ✓ |")
     assert table[-4:] == [
-        "* `trigger-size`: right on 2 of 4",
-        "* `max-margin`: right on 2 of 3",
-        "* `either`: right on 2 of 3",
-        "* `combined`: right on 3 of 3",
+        "* `trigger-size`: right on 3 of 6",
+        "* `max-margin`: right on 2 of 5",
+        "* `either`: right on 3 of 5",
+        "* `combined`: right on 4 of 5",
     ]
     out = tmp_path / "vz"
     out.mkdir()
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert defend_zoo.main(["--summary", str(out)]) == 0
-    assert "* `combined`: right on 3 of 3" in capsys.readouterr().out
+    assert "* `combined`: right on 4 of 5" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         defend_zoo.main([])
     assert "--out is required" in capsys.readouterr().err
