@@ -31,8 +31,10 @@
     otherwise. On the 18 zoo models ``either`` is right on 16, trigger size alone on 11
     (docs/results.md §13a); it stays opt-in until the repair it unlocks is (§13b). ``"combined"``
     does so when Stouffer's combination of that p-value with the class's trigger-size index is below
-    ``margin_alpha`` (:func:`onp.backdoor_verdict.combined_pvalue`; 17 of 18 in a post-hoc look,
-    §15e), opt-in until measured on models no choice has seen.
+    ``margin_alpha`` (:func:`onp.backdoor_verdict.combined_pvalue`); that index is the most negative
+    over ``combined_families`` (patch, blend and ``spectral``, which singles out SIG's sinusoid but
+    alone raised false alarms on clean models: docs/results.md §17a). Opt-in until the repair it
+    unlocks is measured.
   - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
     Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
     is measured on the 15 zoo models.
