@@ -201,16 +201,34 @@ class Verdict:
             f"{self._pooled_index(t):.2f}, combined p = {p:.2g} {cmp} {self.max_margin_alpha:g}"
         )
 
+    @property
+    def rival_target(self) -> Optional[int]:
+        """The class the trigger-size statistic names on its own, when it suspects a backdoor there and the
+        max-margin evidence made another class the target (``either``, ``combined``); else ``None``.
+
+        The two statistics then disagree on the target, and the repair aims at the max-margin class: a
+        defender should know (``onp.defend``'s report says so). Which one to trust is not settled
+        (docs/results.md §17a: on WaNet s1 the trigger size's class was the real target)."""
+        if self.detector not in ("either", "combined") or not self._size_rule():
+            return None
+        target, size_class = self.target_by(self.detector), self.size_target
+        return size_class if size_class != target else None
+
     def evidence(self) -> str:
-        """The figure behind the verdict, in words (both statistics' with ``either`` and ``combined``)."""
+        """The figure behind the verdict, in words (both statistics' with ``either`` and ``combined``, and
+        the trigger size's own class when it names another target: :attr:`rival_target`)."""
         if self.detector == "max-margin":
             return self._margin_evidence()
-        if self.detector == "either":
-            first, second = self._margin_evidence(), self._size_evidence()
-            return first if self.margin_flagged else f"{first}; {second}"
-        if self.detector == "combined":
-            first, second = self._combined_evidence(), self._size_evidence()
-            return first if self.combined_flagged else f"{first}; {second}"
+        if self.detector in ("either", "combined"):
+            first = self._margin_evidence() if self.detector == "either" else self._combined_evidence()
+            moved = self.margin_flagged if self.detector == "either" else self.combined_flagged
+            if not moved:
+                return f"{first}; {self._size_evidence()}"
+            rival = self.rival_target
+            if rival is None:
+                return first
+            index = self.anomaly_indices[rival]
+            return f"{first}; but the trigger size alone names class {rival} (anomaly index {index:.2f})"
         return self._size_evidence()
 
     def summary(self) -> str:
@@ -225,14 +243,18 @@ class Verdict:
         working = [c for c, ok in enumerate(self.success) if ok >= self.min_success] or range(len(self.success))
         return min(working, key=self.anomaly_indices.__getitem__)
 
+    def _size_rule(self) -> bool:
+        """Neural Cleanse's rule on the trigger size's own target (:attr:`size_target`), whichever class a
+        max-margin detector made the estimated target."""
+        t = self.size_target
+        index = self.anomaly_indices[t]
+        return self.success[t] >= self.min_success and math.isfinite(index) and index <= -self.threshold
+
     def flagged_by(self, detector: str) -> bool:
         """Whether ``detector`` (:data:`DETECTORS`) suspects a backdoor on these statistics: what a run with
         that detector decides (the max-margin statistics are there only when this verdict's detector
         computed them; without them a max-margin rule flags nothing)."""
-        t = self.size_target
-        index = self.anomaly_indices[t]
-        size = self.success[t] >= self.min_success and math.isfinite(index) and index <= -self.threshold
-        margin, combined = self.margin_flagged, self.combined_flagged
+        size, margin, combined = self._size_rule(), self.margin_flagged, self.combined_flagged
         rules = {"trigger-size": size, "max-margin": margin, "either": size or margin, "combined": size or combined}
         if detector not in rules:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")

@@ -241,6 +241,19 @@ def _verdict_rule(verdict: Verdict) -> str:
     return f"Suspected when {margin}." if verdict.detector == "max-margin" else f"Suspected when {margin}, or {size}."
 
 
+def _rival_note(verdict: Verdict) -> List[str]:
+    """A warning paragraph when the two statistics name different targets (:attr:`Verdict.rival_target`)."""
+    rival = verdict.rival_target
+    if rival is None:
+        return []
+    return [
+        "",
+        f"**The statistics disagree on the target:** the repair aimed at class {verdict.estimated_target} "
+        f"(the maximum margin's), while the trigger size alone names class {rival}. If the repair does not "
+        "hold, defend again with `--set estimator_params.detector='\"trigger-size\"'` to aim at that class.",
+    ]
+
+
 def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -> str:
     """``report.md``: the verdict, the outcome, validation (and test) figures, the pruned neurons per
     layer, the per-class trigger inversion and the wall time."""
@@ -280,6 +293,7 @@ def report_markdown(report: DefenseReport, weights_name: Optional[str] = None) -
     lines += [
         "",
         _verdict_rule(verdict),
+        *_rival_note(verdict),
         "",
         "![recovered trigger](trigger.png)",
         "",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .report import METRICS, Row, stats
 
@@ -141,18 +141,29 @@ def _read(path: Path) -> Dict[str, Any]:
     return data
 
 
-def merge_leaderboards(paths: Sequence[Path]) -> MergedLeaderboard:
+def merge_leaderboards(
+    paths: Sequence[Path], attacks: Optional[Sequence[Optional[Collection[str]]]] = None
+) -> MergedLeaderboard:
     """Pool the seeds of every row of ``paths`` (leaderboard.json files); rows keep the first file's order,
     with rows that only later files have appended. Raises ``ValueError`` on a seed whose values differ
-    between two files, or on a row whose estimator or trigger-awareness differs."""
+    between two files, or on a row whose estimator or trigger-awareness differs.
+
+    ``attacks``: per path, the attacks whose rows are taken from it (``None``: all), for a file whose
+    other attacks' models were replaced (their rows are recomputed in another file)."""
     if not paths:
         raise ValueError("no leaderboard.json to merge")
+    chosen = list(attacks) if attacks is not None else [None] * len(paths)
+    if len(chosen) != len(paths):
+        raise ValueError(f"{len(chosen)} attack selections for {len(paths)} leaderboards")
     templates: Dict[RowKey, Dict[str, Any]] = {}
     results: Dict[RowKey, Dict[int, SeedResult]] = {}
     errors: Dict[RowKey, Dict[int, str]] = {}
     files = [_read(p) for p in paths]
-    for path, data in zip(paths, files):
+    for path, data, only in zip(paths, files, chosen):
+        _check_attacks_present(data, only, path)
         for row in data["rows"]:
+            if only is not None and str(row["attack"]) not in only:
+                continue
             key = (str(row["model"]), str(row["attack"]), str(row["defense"]))
             known = templates.setdefault(key, row)
             if not known.get("seeds"):  # a row with no finished seed has no method figures to keep
@@ -171,7 +182,19 @@ def merge_leaderboards(paths: Sequence[Path]) -> MergedLeaderboard:
     rows = [_rebuild(templates[k], results[k], errors[k]) for k in templates]
     first = files[0]
     extra: Dict[str, Any] = {k: first[k] for k in ("models", "attacks", "defenses", "seeds") if k in first}
+    if "attacks" in extra:
+        extra["attacks"] = list(dict.fromkeys(r.attack for r in rows))
     return MergedLeaderboard(rows, str(first.get("title", "Leaderboard")), list(first.get("notes") or []), extra)
+
+
+def _check_attacks_present(data: Mapping[str, Any], only: Optional[Collection[str]], path: Path) -> None:
+    """Refuse an attack selection that names an attack the file has no row of (a typo keeps nothing)."""
+    if only is None:
+        return
+    missing = sorted(set(only) - {str(r["attack"]) for r in data["rows"]})
+    if missing:
+        have = sorted({str(r["attack"]) for r in data["rows"]})
+        raise ValueError(f"{path}: no rows of {', '.join(missing)} (it has {', '.join(have)})")
 
 
 def _check_same_method(a: Mapping[str, Any], b: Mapping[str, Any], key: RowKey, path: Path) -> None:

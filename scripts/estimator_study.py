@@ -23,6 +23,11 @@ skipped. ``--summary`` prints the markdown table of a results file.
     python scripts/estimator_study.py --out runs/estimator-study --estimators synthesized \
         --attacks badnets blend trojan sig wanet --seeds 0 1 2 --clean-seeds 0 1 2
     python scripts/estimator_study.py --out runs/estimator-study --summary
+
+``--probe-param KEY=VALUE`` passes an estimator parameter (``--probe-param detector=combined``); runs
+with other parameters are other rows (``synthesized-multi[detector=combined]`` in the summary). A
+model counts as flagged when the backdoor verdict on the probe's statistics suspects it
+(:func:`onp.backdoor_verdict.backdoor_verdict`, the probe's own detector).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from torch import nn
 from agents.heuristics import subject_scores
 from envs.asr_estimators import ASR_ESTIMATORS, ASRProbe, build_probe
 from onp.attacks import Attack
+from onp.backdoor_verdict import backdoor_verdict
 from onp.graph.layout import neuron_layout
 from onp.io import cache_root
 from onp.masks import NeuronMasks
@@ -300,8 +306,31 @@ def model_configs(args: argparse.Namespace) -> List[Tuple[str, BackdoorConfig]]:
     return out
 
 
+def parse_probe_params(pairs: Sequence[str]) -> Dict[str, Any]:
+    """``["detector=combined", "steps=150"]`` -> ``{"detector": "combined", "steps": 150}`` (a value is read
+    as JSON when it parses, else kept as a string)."""
+    params: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --probe-param takes KEY=VALUE (e.g. detector=combined), got {pair!r}")
+        try:
+            params[key] = json.loads(text)
+        except json.JSONDecodeError:
+            params[key] = text
+    return params
+
+
+def estimator_label(row: Dict[str, Any]) -> str:
+    """The estimator's name with its non-default probe parameters: ``synthesized-multi[detector=combined]``."""
+    params = row.get("probe_params") or {}
+    inner = ",".join(f"{k}={params[k]}" for k in sorted(params))
+    return f"{row['estimator']}[{inner}]" if inner else str(row["estimator"])
+
+
 def _key(row: Dict[str, Any]) -> Tuple[Any, ...]:
-    return (row["attack"], row["seed"], row["estimator"], row["model"], row["width"], row["data_source"])
+    params = json.dumps(row.get("probe_params") or {}, sort_keys=True)
+    return (row["attack"], row["seed"], row["estimator"], params, row["model"], row["width"], row["data_source"])
 
 
 def read_rows(results: Path) -> List[Dict[str, Any]]:
@@ -335,8 +364,11 @@ def run_study(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     done = {_key(r) for r in read_rows(results)}
+    params = parse_probe_params(args.probe_param)
     for label, cfg in model_configs(args):
-        todo = [e for e in args.estimators if (label, cfg.seed, e, cfg.model, cfg.width, cfg.data_source) not in done]
+        common = {"attack": label, "seed": cfg.seed, "probe_params": params, "model": cfg.model}
+        common.update({"width": cfg.width, "data_source": cfg.data_source})
+        todo = [e for e in args.estimators if _key({**common, "estimator": e}) not in done]
         if not todo:
             continue
         try:
@@ -346,8 +378,7 @@ def run_study(args: argparse.Namespace) -> int:
             continue
         for estimator in todo:
             print(f"{label} s{cfg.seed} {estimator} ({bundle.path.name})", flush=True)
-            row: Dict[str, Any] = {"attack": label, "seed": cfg.seed, "estimator": estimator, "model": cfg.model}
-            row.update({"width": cfg.width, "data_source": cfg.data_source, "model_dir": str(bundle.path)})
+            row: Dict[str, Any] = {**common, "estimator": estimator, "model_dir": str(bundle.path)}
             row.update(
                 study_model(
                     bundle,
@@ -357,6 +388,7 @@ def run_study(args: argparse.Namespace) -> int:
                     grid=args.grid,
                     test_images=args.test_images,
                     cache_dir=args.cache_dir,
+                    probe_params=params,
                     scores_dir=args.out / "scores",
                     log=lambda msg: print(msg, flush=True),
                 )
@@ -373,7 +405,12 @@ def run_study(args: argparse.Namespace) -> int:
 
 
 def flagged(row: Dict[str, Any], threshold: float) -> Optional[bool]:
-    """Whether the probe's estimated target has an anomaly index <= ``threshold`` (None: no index)."""
+    """Whether the model is flagged: the backdoor verdict (:func:`onp.backdoor_verdict.backdoor_verdict`,
+    with the probe's own detector) on the probe's statistics, at anomaly threshold ``-threshold``; for a
+    probe without them, whether its estimated target has an anomaly index <= ``threshold`` (None: no index)."""
+    verdict = backdoor_verdict(row["probe"], estimator=str(row["estimator"]), threshold=-threshold)
+    if verdict is not None:
+        return verdict.suspected
     idx, t = row["probe"].get("anomaly_index"), row.get("estimated_target")
     if not idx or t is None:
         return None
@@ -401,12 +438,12 @@ def summarize(rows: List[Dict[str, Any]], threshold: float = -2.0) -> str:
     and the median probe build time of the builds not served from the cache."""
     lines = [
         f"| attack | estimator | models | target identified | median Spearman (seed x order) "
-        f"| flagged (index <= {threshold:g}) | probe s, uncached median |",
+        f"| flagged (verdict; index <= {threshold:g}) | probe s, uncached median |",
         "|---|---|---|---|---|---|---|",
     ]
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["attack"], r["estimator"]), []).append(r)
+        groups.setdefault((r["attack"], estimator_label(r)), []).append(r)
     rank = {a: i for i, a in enumerate((*ATTACKS, "clean"))}
     for attack, estimator in sorted(groups, key=lambda g: (rank.get(g[0], len(rank)), g[0], g[1])):
         lines.append(_summary_line(attack, estimator, groups[(attack, estimator)], threshold))
@@ -429,6 +466,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--summary", action="store_true", help="print the table of OUT/results.jsonl and exit")
     p.add_argument("--threshold", type=float, default=-2.0, help="anomaly index at or below which a model is flagged")
+    p.add_argument(
+        "--probe-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an estimator parameter (JSON value), repeatable: --probe-param detector=combined",
+    )
     args = p.parse_args(argv)
     if args.summary:
         print(summarize(read_rows(args.out / "results.jsonl"), args.threshold))

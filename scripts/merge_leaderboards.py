@@ -8,6 +8,12 @@ also checks that a retrained backdoored model is the one the kept leaderboard us
     python scripts/merge_leaderboards.py docs/leaderboard-13/leaderboard.json /work/m15/cells/*/leaderboard.json \\
         --out docs/leaderboard-13 --overwrite
 
+A file may be named as ``PATH:ATTACK,ATTACK`` to take only those attacks' rows from it: for a kept
+leaderboard some of whose attacks were recomputed whole on retrained models (results.md §16a, §18)::
+
+    python scripts/merge_leaderboards.py docs/leaderboard-13/leaderboard.json:badnets,blend,wanet \\
+        docs/leaderboard-16/leaderboard.json /work/m17/anp/*/leaderboard.json --out docs/leaderboard-17
+
 Writes ``leaderboard.md``, ``.csv``, ``.json`` and ``der_<model>.png`` into ``--out``; an existing
 leaderboard there is replaced only with ``--overwrite``. Prints the rows whose seed count changed.
 """
@@ -30,18 +36,32 @@ def _seed_counts(path: Path) -> Dict[Tuple[str, str, str], int]:
     return {(r["model"], r["attack"], r["defense"]): int(r["seeds_ok"]) for r in rows}
 
 
+def parse_source(text: str) -> Tuple[Path, Optional[List[str]]]:
+    """``"a/leaderboard.json:badnets,blend"`` -> the path and the attacks to take (``None``: all)."""
+    path, sep, attacks = text.rpartition(":")
+    if not sep or not attacks or "/" in attacks or attacks.endswith(".json"):
+        return Path(text), None
+    return Path(path), [a for a in attacks.split(",") if a]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("leaderboards", nargs="+", type=Path, help="leaderboard.json files; the first sets the row order")
+    p.add_argument(
+        "leaderboards",
+        nargs="+",
+        type=parse_source,
+        help="leaderboard.json files, each PATH or PATH:ATTACK,ATTACK (those attacks only); the first sets row order",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for the merged leaderboard")
     p.add_argument("--overwrite", action="store_true", help="replace a leaderboard already in --out")
     args = p.parse_args(argv)
     if (args.out / "leaderboard.json").exists() and not args.overwrite:
         print(f"error: {args.out} already holds a leaderboard; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    paths = [path for path, _ in args.leaderboards]
     try:
-        before = _seed_counts(args.leaderboards[0])
-        merged = merge_leaderboards(args.leaderboards)
+        before = _seed_counts(paths[0])
+        merged = merge_leaderboards(paths, [attacks for _, attacks in args.leaderboards])
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,3 +73,24 @@ def test_study_model_on_the_tiny_model(study, tiny_bundle, onp_cache, tmp_path):
     row = {"attack": "badnets", "seed": 0, **record}
     table = study.summarize([row])
     assert f"| badnets | synthesized | 1 | {int(record['target_correct'])} of 1 |" in table
+
+
+def test_probe_parameters_make_their_own_rows_and_the_verdict_flags(study):
+    assert study.parse_probe_params(["detector=combined", "steps=150", 'families=["patch"]']) == {
+        "detector": "combined",
+        "steps": 150,
+        "families": ["patch"],
+    }
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        study.parse_probe_params(["detector"])
+    base = {"attack": "sig", "seed": 0, "estimator": "synthesized-multi", "model": "resnet18", "width": 16}
+    base["data_source"] = "full"
+    combined = {**base, "probe_params": {"detector": "combined"}}
+    assert study._key(base) != study._key(combined) and study._key(base) == study._key({**base, "probe_params": {}})
+    assert study.estimator_label(combined) == "synthesized-multi[detector=combined]"
+    # a probe whose estimated target's index is -2.5 but whose trigger flips too few images: no verdict
+    probe = {"estimated_target": 0, "anomaly_index": [-2.5, 0.1, 0.2], "trigger_size": [1.0, 5.0, 6.0]}
+    probe.update({"success": [0.2, 0.9, 0.9], "min_success": 0.5})
+    assert study.flagged({**base, "probe": probe}, -2.0) is False
+    assert study.flagged({**base, "probe": {**probe, "success": [0.9, 0.9, 0.9]}}, -2.0) is True
+    assert study.flagged({**base, "estimated_target": 0, "probe": {"anomaly_index": [-3.0]}}, -2.0) is True

@@ -144,3 +144,36 @@ def test_a_row_without_finished_seeds_takes_the_method_of_the_first_file_that_ha
     second.write_text(json.dumps(later))
     awm = next(r for r in merge_leaderboards([first, second]).rows if r.defense == "awm")
     assert awm.ok == 1 and awm.expected == 3 and awm.asr_estimator == "synthesized (defense data only)"
+
+
+def test_rows_of_chosen_attacks_only_join_a_merge(tmp_path, merge_script, capsys):
+    """A kept two-attack leaderboard whose attack "b" was recomputed on retrained models: taking only "a"
+    from it merges with the new "b" rows; taking everything is refused at b's no-defense row."""
+
+    def board(name, attacks, acc):
+        cells = []
+        for attack in attacks:
+            for seed in SEEDS:
+                c = Cell("m", attack, "awm", seed, "baseline", tmp_path / name / f"{attack}{seed}", status="ok")
+                c.metrics = {"acc": 0.8, "asr": 0.05, "ra": 0.7, "der": 0.9, "n_pruned": 3, "wall_time": 1.0}
+                c.metrics["before"] = {"acc": acc, "asr": 1.0, "ra": 0.0}
+                cells.append(c)
+        rows = build_rows(cells, models=["m"], attacks=attacks, defenses=["awm"], seeds=SEEDS)
+        write_leaderboard(rows, tmp_path / name, title=name, notes=[], extra={"attacks": attacks, "seeds": SEEDS})
+        return tmp_path / name / "leaderboard.json"
+
+    kept, redone = board("kept", ["a", "b"], 0.9), board("redone", ["b"], 0.8)
+    with pytest.raises(ValueError, match="m/b/no defense seed 0 differs"):
+        merge_leaderboards([kept, redone])
+    merged = merge_leaderboards([kept, redone], [["a"], None])
+    b_row = next(r for r in merged.rows if (r.attack, r.defense) == ("b", "no defense"))
+    assert b_row.metrics["acc"]["mean"] == pytest.approx(0.8) and merged.extra["attacks"] == ["a", "b"]
+    with pytest.raises(ValueError, match="kept/leaderboard.json: no rows of c \\(it has a, b\\)"):
+        merge_leaderboards([kept, redone], [["a", "c"], None])
+    assert merge_script.parse_source(f"{kept}:a,b") == (kept, ["a", "b"]) and merge_script.parse_source(str(kept)) == (
+        kept,
+        None,
+    )
+    out = tmp_path / "merged"
+    assert merge_script.main([f"{kept}:a", str(redone), "--out", str(out)]) == 0
+    assert {r["attack"] for r in json.loads((out / "leaderboard.json").read_text())["rows"]} == {"a", "b"}

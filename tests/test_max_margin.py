@@ -159,6 +159,28 @@ def test_every_detector_can_be_read_off_one_verdict_as_its_own_run_decides():
         assert {d: v.suspected for d, v in runs.items()} == decided
 
 
+def test_a_verdict_says_when_the_trigger_size_names_another_target_than_the_margin():
+    """WaNet s1 (docs/results.md §17a): the margin's class 0 passes the combined level (p 0.064, pooled
+    0.041) while the trigger size alone flags class 3 (index -2.61): the target is the margin's, and the
+    verdict names the other class; it names none when the classes agree or the size flags nothing."""
+    from onp.defense_report import _rival_note
+
+    info = _info("combined", 0.064, index0=-1.0)
+    info["anomaly_index"][3] = -2.61
+    split = backdoor_verdict(info, estimator="x", threshold=2.0)
+    assert split.suspected and split.combined_flagged and split.estimated_target == 0 and split.rival_target == 3
+    assert split.evidence().endswith("but the trigger size alone names class 3 (anomaly index -2.61)")
+    assert "class 3" in " ".join(_rival_note(split)) and "trigger-size" in " ".join(_rival_note(split))
+    either = backdoor_verdict({**info, "detector": "either", "max_margin_pvalue": 0.01}, estimator="x", threshold=2.0)
+    assert either.rival_target == 3 and "names class 3" in either.evidence()
+    size_only = backdoor_verdict({**info, "detector": "trigger-size"}, estimator="x", threshold=2.0)
+    assert size_only.rival_target is None and "names class" not in size_only.evidence()
+    info["anomaly_index"][3] = -1.5  # the size flags nothing on its own
+    assert backdoor_verdict(info, estimator="x", threshold=2.0).rival_target is None
+    agree = backdoor_verdict(_info("combined", 0.064, index0=-2.61), estimator="x", threshold=2.0)
+    assert agree.suspected and agree.rival_target is None and _rival_note(agree) == []
+
+
 def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
     data, target = tiny_bundle.defense_data, int(tiny_bundle.attack.params()["target"])
     params = dict(steps=2, cache_dir=tmp_path, margin_steps=50, margin_images=8)
