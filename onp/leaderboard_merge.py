@@ -182,8 +182,10 @@ def merge_leaderboards(
     rows = [_rebuild(templates[k], results[k], errors[k]) for k in templates]
     first = files[0]
     extra: Dict[str, Any] = {k: first[k] for k in ("models", "attacks", "defenses", "seeds") if k in first}
-    if "attacks" in extra:
-        extra["attacks"] = list(dict.fromkeys(r.attack for r in rows))
+    if "attacks" in extra:  # the first file's order, without attacks no row kept, then the others' attacks
+        present = list(dict.fromkeys(r.attack for r in rows))
+        first_order = [a for a in extra["attacks"] if a in present]
+        extra["attacks"] = first_order + [a for a in present if a not in first_order]
     return MergedLeaderboard(rows, str(first.get("title", "Leaderboard")), list(first.get("notes") or []), extra)
 
 
