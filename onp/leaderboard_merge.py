@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .report import METRICS, Row, stats
+from .report import METRICS, NO_DEFENSE, Row, stats
 
 #: the per-seed quantities a row keeps (``metrics`` keys of a leaderboard row)
 ROW_METRICS = METRICS + ("n_pruned", "wall_time")
@@ -144,49 +144,80 @@ def _read(path: Path) -> Dict[str, Any]:
 def merge_leaderboards(
     paths: Sequence[Path], attacks: Optional[Sequence[Optional[Collection[str]]]] = None
 ) -> MergedLeaderboard:
-    """Pool the seeds of every row of ``paths`` (leaderboard.json files); rows keep the first file's order,
-    with rows that only later files have appended. Raises ``ValueError`` on a seed whose values differ
-    between two files, or on a row whose estimator or trigger-awareness differs.
+    """Pool the seeds of every row of ``paths`` (leaderboard.json files). Raises ``ValueError`` on a seed
+    whose values differ between two files, or on a row whose estimator or trigger-awareness differs.
 
     ``attacks``: per path, the attacks whose rows are taken from it (``None``: all), for a file whose
-    other attacks' models were replaced (their rows are recomputed in another file)."""
+    other attacks' models were replaced (their rows are recomputed in another file).
+
+    The result is a whole grid, as :func:`onp.report.build_rows` gives one: every (model, attack) with
+    every defense that any file has, ``no defense`` first, then the defenses in the order the files
+    first name them; a defense no file has for an attack is a row with no seed (missing), and a row
+    expects the first file's grid seeds (``seeds``; else the most any file expected or found)."""
     if not paths:
         raise ValueError("no leaderboard.json to merge")
     chosen = list(attacks) if attacks is not None else [None] * len(paths)
     if len(chosen) != len(paths):
         raise ValueError(f"{len(chosen)} attack selections for {len(paths)} leaderboards")
-    templates: Dict[RowKey, Dict[str, Any]] = {}
-    results: Dict[RowKey, Dict[int, SeedResult]] = {}
-    errors: Dict[RowKey, Dict[int, str]] = {}
     files = [_read(p) for p in paths]
+    pooled = _Pool()
     for path, data, only in zip(paths, files, chosen):
         _check_attacks_present(data, only, path)
         for row in data["rows"]:
-            if only is not None and str(row["attack"]) not in only:
-                continue
-            key = (str(row["model"]), str(row["attack"]), str(row["defense"]))
-            known = templates.setdefault(key, row)
-            if not known.get("seeds"):  # a row with no finished seed has no method figures to keep
-                templates[key] = {**row, "seeds_expected": known["seeds_expected"]}
-            elif row.get("seeds"):
-                _check_same_method(known, row, key, path)
-            pooled = results.setdefault(key, {})
-            for seed, res in seed_results(row).items():
-                if seed in pooled and not pooled[seed].agrees_with(res):
-                    raise ValueError(
-                        f"{path}: {'/'.join(key)} seed {seed} differs from an earlier file "
-                        f"({dict(pooled[seed].values)} vs {dict(res.values)}); a merge only adds missing seeds"
-                    )
-                pooled[seed] = res
-            errors.setdefault(key, {}).update(_row_errors(row))
-    rows = [_rebuild(templates[k], results[k], errors[k]) for k in templates]
+            if only is None or str(row["attack"]) in only:
+                pooled.add(row, path)
     first = files[0]
     extra: Dict[str, Any] = {k: first[k] for k in ("models", "attacks", "defenses", "seeds") if k in first}
+    rows = pooled.rows(len(first.get("seeds") or []))
     if "attacks" in extra:  # the first file's order, without attacks no row kept, then the others' attacks
         present = list(dict.fromkeys(r.attack for r in rows))
         first_order = [a for a in extra["attacks"] if a in present]
         extra["attacks"] = first_order + [a for a in present if a not in first_order]
     return MergedLeaderboard(rows, str(first.get("title", "Leaderboard")), list(first.get("notes") or []), extra)
+
+
+class _Pool:
+    """The rows of several leaderboards, pooled seed by seed (:func:`merge_leaderboards`)."""
+
+    def __init__(self) -> None:
+        self.templates: Dict[RowKey, Dict[str, Any]] = {}
+        self.results: Dict[RowKey, Dict[int, SeedResult]] = {}
+        self.errors: Dict[RowKey, Dict[int, str]] = {}
+
+    def add(self, row: Mapping[str, Any], path: Path) -> None:
+        key = (str(row["model"]), str(row["attack"]), str(row["defense"]))
+        known = self.templates.setdefault(key, dict(row))
+        expected = max(int(known["seeds_expected"]), int(row["seeds_expected"]))
+        if not known.get("seeds"):  # a row with no finished seed has no method figures to keep
+            known = self.templates[key] = dict(row)
+        elif row.get("seeds"):
+            _check_same_method(known, row, key, path)
+        known["seeds_expected"] = expected
+        pooled = self.results.setdefault(key, {})
+        for seed, res in seed_results(row).items():
+            if seed in pooled and not pooled[seed].agrees_with(res):
+                raise ValueError(
+                    f"{path}: {'/'.join(key)} seed {seed} differs from an earlier file "
+                    f"({dict(pooled[seed].values)} vs {dict(res.values)}); a merge only adds missing seeds"
+                )
+            pooled[seed] = res
+        self.errors.setdefault(key, {}).update(_row_errors(row))
+
+    def rows(self, grid_seeds: int) -> List[Row]:
+        """Every (model, attack) x defense, in order; an absent one as a row with no seed."""
+        pairs = list(dict.fromkeys((m, a) for m, a, _ in self.templates))
+        defenses = list(dict.fromkeys(d for _, _, d in self.templates))
+        defenses.sort(key=lambda d: d != NO_DEFENSE)  # stable: the no-defense row first
+        by_defense = {d: t for (_, _, d), t in self.templates.items()}
+        out = []
+        for model, attack in pairs:
+            for defense in defenses:
+                key = (model, attack, defense)
+                template = self.templates.get(key) or {**by_defense[defense], "model": model, "attack": attack}
+                results = self.results.get(key, {})
+                expected = max(int(template["seeds_expected"]), len(results), grid_seeds)
+                out.append(_rebuild({**template, "seeds_expected": expected}, results, self.errors.get(key, {})))
+        return out
 
 
 def _check_attacks_present(data: Mapping[str, Any], only: Optional[Collection[str]], path: Path) -> None:

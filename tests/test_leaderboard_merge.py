@@ -150,16 +150,16 @@ def test_rows_of_chosen_attacks_only_join_a_merge(tmp_path, merge_script, capsys
     """A kept two-attack leaderboard whose attack "b" was recomputed on retrained models: taking only "a"
     from it merges with the new "b" rows; taking everything is refused at b's no-defense row."""
 
-    def board(name, attacks, acc):
+    def board(name, attacks, acc, defense="awm", seeds=SEEDS):
         cells = []
         for attack in attacks:
-            for seed in SEEDS:
-                c = Cell("m", attack, "awm", seed, "baseline", tmp_path / name / f"{attack}{seed}", status="ok")
+            for seed in seeds:
+                c = Cell("m", attack, defense, seed, "baseline", tmp_path / name / f"{attack}{seed}", status="ok")
                 c.metrics = {"acc": 0.8, "asr": 0.05, "ra": 0.7, "der": 0.9, "n_pruned": 3, "wall_time": 1.0}
                 c.metrics["before"] = {"acc": acc, "asr": 1.0, "ra": 0.0}
                 cells.append(c)
-        rows = build_rows(cells, models=["m"], attacks=attacks, defenses=["awm"], seeds=SEEDS)
-        write_leaderboard(rows, tmp_path / name, title=name, notes=[], extra={"attacks": attacks, "seeds": SEEDS})
+        rows = build_rows(cells, models=["m"], attacks=attacks, defenses=[defense], seeds=seeds)
+        write_leaderboard(rows, tmp_path / name, title=name, notes=[], extra={"attacks": attacks, "seeds": seeds})
         return tmp_path / name / "leaderboard.json"
 
     kept, redone = board("kept", ["a", "b"], 0.9), board("redone", ["b"], 0.8)
@@ -174,6 +174,13 @@ def test_rows_of_chosen_attacks_only_join_a_merge(tmp_path, merge_script, capsys
         kept,
         None,
     )
+    # a one-seed cell of another defense, on b only: its row expects the grid's 3 seeds, and the
+    # defense's row on a is there, missing, as a grid shows a cell that did not run
+    one_cell = board("cell", ["b"], 0.8, defense="sau", seeds=[1])
+    rows = {(r.attack, r.defense): r for r in merge_leaderboards([kept, redone, one_cell], [["a"], None, None]).rows}
+    assert [(r.attack, r.defense) for r in rows.values()][:3] == [("a", "no defense"), ("a", "awm"), ("a", "sau")]
+    assert rows[("b", "sau")].status == "missing (1/3 seeds)" and rows[("a", "sau")].status == "missing (0/3 seeds)"
+    assert rows[("a", "sau")].kind == "baseline" and rows[("a", "sau")].metrics["acc"]["mean"] is None
     out = tmp_path / "merged"
     assert merge_script.main([f"{kept}:a", str(redone), "--out", str(out)]) == 0
     assert {r["attack"] for r in json.loads((out / "leaderboard.json").read_text())["rows"]} == {"a", "b"}
