@@ -31,9 +31,10 @@ from onp.plots import plot_der
 from onp.report import write_leaderboard
 
 
-def _seed_counts(path: Path) -> Dict[Tuple[str, str, str], int]:
+def _seed_counts(path: Path, attacks: Optional[List[str]]) -> Dict[Tuple[str, str, str], int]:
     rows = json.loads(path.read_text())["rows"]
-    return {(r["model"], r["attack"], r["defense"]): int(r["seeds_ok"]) for r in rows}
+    kept = [r for r in rows if attacks is None or r["attack"] in attacks]
+    return {(r["model"], r["attack"], r["defense"]): int(r["seeds_ok"]) for r in kept}
 
 
 def parse_source(text: str) -> Tuple[Path, Optional[List[str]]]:
@@ -60,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     paths = [path for path, _ in args.leaderboards]
     try:
-        before = _seed_counts(paths[0])
+        before = _seed_counts(paths[0], args.leaderboards[0][1])
         merged = merge_leaderboards(paths, [attacks for _, attacks in args.leaderboards])
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
