@@ -33,8 +33,8 @@
     does so when Stouffer's combination of that p-value with the class's trigger-size index is below
     ``margin_alpha`` (:func:`onp.backdoor_verdict.combined_pvalue`); that index is the most negative
     over ``combined_families`` (patch, blend and ``spectral``, which singles out SIG's sinusoid but
-    alone raised false alarms on clean models: docs/results.md §17a). Opt-in until the repair it
-    unlocks is measured.
+    alone raised false alarms on clean models: docs/results.md §17a). Opt-in: the default learned
+    repair behind it fails on the seven zoo models where it changes the verdict (§18d).
   - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
     Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
     is measured on the 15 zoo models.
