@@ -8,7 +8,11 @@ wall time per device) exactly as :func:`onp.report.build_rows` computes them fro
 The merge is a union, never an overwrite: a seed found in two files must carry the same values in
 both, else it is refused with the row and seed named. The ``no defense`` rows carry each backdoored
 model's test metrics, so a cell computed on a retrained model that differs from the one the first
-leaderboard used is caught there.
+leaderboard used is caught there. Where both files have a ``models.json`` beside them (``onp.compare``
+writes one, with each backdoored model's weights digest), the digests decide instead: equal digests
+are the same model, and ``no defense`` metrics that still differ were computed on another device (a
+GPU's test pass can differ from the CPU's by an image); the first file's are kept and a note says so.
+Different digests are refused.
 
 Typical use (``scripts/merge_leaderboards.py``)::
 
@@ -56,6 +60,8 @@ class MergedLeaderboard:
     title: str
     notes: List[str]
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: ``models.json`` entries of every file (``model/attack/s<seed>``: config, digest, test metrics)
+    models: Dict[str, Any] = field(default_factory=dict)
 
 
 def _device_of_each(row: Mapping[str, Any], walls: Sequence[Optional[float]]) -> List[Optional[str]]:
@@ -131,6 +137,26 @@ def _rebuild(template: Mapping[str, Any], results: Dict[int, SeedResult], errors
     return row
 
 
+def read_model_digests(path: Path) -> Dict[str, Any]:
+    """The ``models.json`` beside a leaderboard.json (``{}`` when there is none); a corrupt one is refused."""
+    models = Path(path).parent / "models.json"
+    if not models.exists():
+        return {}
+    try:
+        data = json.loads(models.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{models}: not a readable models.json ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{models}: not a models.json (not an object of model/attack/s<seed> entries)")
+    return data
+
+
+def _attack_of(model_key: str) -> str:
+    """``"resnet18/sig/s0"`` -> ``"sig"`` (``""`` for a key of another shape)."""
+    parts = model_key.split("/")
+    return parts[1] if len(parts) == 3 else ""
+
+
 def _read(path: Path) -> Dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
@@ -163,9 +189,12 @@ def merge_leaderboards(
     pooled = _Pool()
     for path, data, only in zip(paths, files, chosen):
         _check_attacks_present(data, only, path)
+        digests = {k: v for k, v in read_model_digests(path).items() if only is None or _attack_of(k) in only}
         for row in data["rows"]:
             if only is None or str(row["attack"]) in only:
-                pooled.add(row, path)
+                pooled.add(row, path, digests)
+        for key, entry in digests.items():
+            pooled.models.setdefault(key, entry)
     first = files[0]
     extra: Dict[str, Any] = {k: first[k] for k in ("models", "attacks", "defenses", "seeds") if k in first}
     rows = pooled.rows(len(first.get("seeds") or []))
@@ -173,7 +202,9 @@ def merge_leaderboards(
         present = list(dict.fromkeys(r.attack for r in rows))
         first_order = [a for a in extra["attacks"] if a in present]
         extra["attacks"] = first_order + [a for a in present if a not in first_order]
-    return MergedLeaderboard(rows, str(first.get("title", "Leaderboard")), list(first.get("notes") or []), extra)
+    notes = list(first.get("notes") or [])
+    notes += [n for n in pooled.notes if n not in notes]
+    return MergedLeaderboard(rows, str(first.get("title", "Leaderboard")), notes, extra, pooled.models)
 
 
 class _Pool:
@@ -183,8 +214,10 @@ class _Pool:
         self.templates: Dict[RowKey, Dict[str, Any]] = {}
         self.results: Dict[RowKey, Dict[int, SeedResult]] = {}
         self.errors: Dict[RowKey, Dict[int, str]] = {}
+        self.models: Dict[str, Any] = {}  # models.json entries, the first file's for each model
+        self.notes: List[str] = []
 
-    def add(self, row: Mapping[str, Any], path: Path) -> None:
+    def add(self, row: Mapping[str, Any], path: Path, digests: Mapping[str, Any]) -> None:
         key = (str(row["model"]), str(row["attack"]), str(row["defense"]))
         known = self.templates.setdefault(key, dict(row))
         expected = max(int(known["seeds_expected"]), int(row["seeds_expected"]))
@@ -196,12 +229,37 @@ class _Pool:
         pooled = self.results.setdefault(key, {})
         for seed, res in seed_results(row).items():
             if seed in pooled and not pooled[seed].agrees_with(res):
+                if row.get("kind") == "none" and self._same_model(key, seed, path, digests, pooled[seed], res):
+                    continue  # the same weights, tested on another device: the first file's figures stay
                 raise ValueError(
                     f"{path}: {'/'.join(key)} seed {seed} differs from an earlier file "
                     f"({dict(pooled[seed].values)} vs {dict(res.values)}); a merge only adds missing seeds"
                 )
             pooled[seed] = res
         self.errors.setdefault(key, {}).update(_row_errors(row))
+
+    def _same_model(
+        self, key: RowKey, seed: int, path: Path, digests: Mapping[str, Any], kept: SeedResult, new: SeedResult
+    ) -> bool:
+        """Whether two differing ``no defense`` seeds are one model by its weights digest (a note is
+        added); refuses outright when both digests are known and differ. ``False``: no digest to tell."""
+        name = f"{key[0]}/{key[1]}/s{seed}"
+        then = (self.models.get(name) or {}).get("digest")
+        now = (digests.get(name) or {}).get("digest")
+        if not then or not now:
+            return False
+        if then != now:
+            raise ValueError(
+                f"{path}: {name} is another model than an earlier file's (weights digest {now}, earlier {then}); "
+                "a merge never mixes two models: recompute the row on one of them"
+            )
+        acc = [100 * float(r.values.get("acc") or 0.0) for r in (kept, new)]
+        self.notes.append(
+            f"{name}: the same model (weights digest {then}) tested at {acc[0]:.2f}% ACC in one file and "
+            f"{acc[1]:.2f}% in {path} (another device's test pass); the first file's 'no defense' figures are kept, "
+            "and each cell's DER uses its own before-metrics"
+        )
+        return True
 
     def rows(self, grid_seeds: int) -> List[Row]:
         """Every (model, attack) x defense, in order; an absent one as a row with no seed."""

@@ -14,7 +14,12 @@ leaderboard some of whose attacks were recomputed whole on retrained models (res
     python scripts/merge_leaderboards.py docs/leaderboard-13/leaderboard.json:badnets,blend,wanet \\
         docs/leaderboard-16/leaderboard.json /work/m17/anp/*/leaderboard.json --out docs/leaderboard-17
 
-Writes ``leaderboard.md``, ``.csv``, ``.json`` and ``der_<model>.png`` into ``--out``; an existing
+A file's ``models.json`` (the backdoored models' weights digests, which ``onp.compare`` writes beside its
+leaderboard) is read when there is one: two files that tested the same model on different devices may
+differ in its ``no defense`` figures, and are merged with a note (§19a of docs/results.md).
+
+Writes ``leaderboard.md``, ``.csv``, ``.json``, ``models.json`` (when a file had one) and
+``der_<model>.png`` into ``--out``; an existing
 leaderboard there is replaced only with ``--overwrite``. Prints the rows whose seed count changed.
 """
 
@@ -26,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from onp.io import atomic_write_json
 from onp.leaderboard_merge import merge_leaderboards
 from onp.plots import plot_der
 from onp.report import write_leaderboard
@@ -68,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     write_leaderboard(merged.rows, args.out, title=merged.title, notes=merged.notes, extra=merged.extra)
+    if merged.models:  # the backdoored models' digests, so that a later merge into --out can check them
+        atomic_write_json(args.out / "models.json", merged.models)
     for model in dict.fromkeys(r.model for r in merged.rows):
         plot_der(merged.rows, args.out / f"der_{model}.png", model=model)
     for r in merged.rows:

@@ -184,3 +184,36 @@ def test_rows_of_chosen_attacks_only_join_a_merge(tmp_path, merge_script, capsys
     out = tmp_path / "merged"
     assert merge_script.main([f"{kept}:a", str(redone), "--out", str(out)]) == 0
     assert {r["attack"] for r in json.loads((out / "leaderboard.json").read_text())["rows"]} == {"a", "b"}
+
+
+def test_the_same_model_tested_on_another_device_merges_by_its_weights_digest(tmp_path, merge_script):
+    """Seed 1's backdoored model tested at another ACC in a second file (a GPU cell's test pass): with
+    both files' models.json naming the same digest it merges, the first file's figures kept and a note
+    written; a different digest is refused as another model; a corrupt models.json is named."""
+    first, _ = _board(tmp_path, "first", _cells(tmp_path, [0, 1]))
+    other = _cells(tmp_path, [1])
+    for c in other:
+        if c.metrics:
+            c.metrics["before"] = {"acc": 0.9009, "asr": 1.0, "ra": 0.0}
+    second, _ = _board(tmp_path, "second", other)
+
+    def digests(board, digest):
+        entries = {"m/a/s1": {"digest": digest}, "m/a/s0": {"digest": "d0"}}
+        (board.parent / "models.json").write_text(json.dumps(entries))
+
+    digests(first, "abc")
+    digests(second, "abc")
+    merged = merge_leaderboards([first, second])
+    base = next(r for r in merged.rows if r.defense == "no defense")
+    assert base.metrics["acc"]["values"] == pytest.approx([0.9, 0.901])  # seed 1: the first file's 0.901
+    assert any("m/a/s1: the same model (weights digest abc)" in n and "90.09%" in n for n in merged.notes)
+    assert merged.models == {"m/a/s1": {"digest": "abc"}, "m/a/s0": {"digest": "d0"}}
+    out = tmp_path / "merged"
+    assert merge_script.main([str(first), str(second), "--out", str(out)]) == 0
+    assert json.loads((out / "models.json").read_text())["m/a/s1"] == {"digest": "abc"}
+    digests(second, "xyz")
+    with pytest.raises(ValueError, match="m/a/s1 is another model than an earlier file's \\(weights digest xyz"):
+        merge_leaderboards([first, second])
+    (second.parent / "models.json").write_text("{not json")
+    with pytest.raises(ValueError, match="second/models.json: not a readable models.json"):
+        merge_leaderboards([first, second])
