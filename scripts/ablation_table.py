@@ -1,0 +1,115 @@
+"""Tabulate an ablation of ``onp.train`` arms on the same models (issue #17 §3), as Markdown.
+
+The runs live in one folder as ``<arm>-<attack>-s<seed>`` (each an ``onp.train`` run folder). For every
+model that all arms finished, one row gives each arm's defense-validation return (the model handed
+out, on the env's estimate: ``(ACC - ACC0) - lam * (ASR - ASR0)``), its test ASR, its test ACC drop and
+its DER; then one row per arm with the means per attack; then, for each ``--versus A:B`` pair, on how
+many models arm B beats arm A on defense-validation and then on test (DER)::
+
+    python scripts/ablation_table.py /work/m18/abl --arms bc bcppo cold rankedclp \\
+        --versus bc:bcppo cold:bcppo rankedclp:bcppo
+
+Values are read from each run's ``metrics.json`` (test figures with the real trigger: for reporting,
+never for a choice). A tie (equal to 1e-9) counts for neither arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+Model = Tuple[str, int]  # attack, seed
+Result = Dict[str, float]  # val_return, asr, drop, der (test figures in %, points and [0, 1])
+TIE = 1e-9
+
+
+def read_run(folder: Path) -> Optional[Result]:
+    """An ``onp.train`` run's figures, or ``None`` when it has not finished."""
+    path = folder / "metrics.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    return {
+        "val_return": float(m["val"]["return"]),
+        "asr": 100 * float(m["asr"]),
+        "drop": 100 * (float(m["before"]["acc"]) - float(m["acc"])),
+        "der": float(m["der"]),
+    }
+
+
+def collect(root: Path, arms: List[str]) -> Dict[Model, Dict[str, Result]]:
+    """Every model with a finished run of every arm."""
+    found: Dict[Model, Dict[str, Result]] = {}
+    for arm in arms:
+        for folder in sorted(root.glob(f"{arm}-*-s*")):
+            attack, _, seed = folder.name[len(arm) + 1 :].rpartition("-s")
+            result = read_run(folder) if folder.is_dir() and seed.isdigit() else None
+            if result is not None and "-" not in attack:
+                found.setdefault((attack, int(seed)), {})[arm] = result
+    return {k: v for k, v in sorted(found.items()) if all(a in v for a in arms)}
+
+
+def model_rows(results: Dict[Model, Dict[str, Result]], arms: List[str]) -> List[str]:
+    head = "| model | " + " | ".join(f"{a}: val return / test ASR / drop / DER" for a in arms) + " |"
+    lines = [head, "|" + "---|" * (len(arms) + 1)]
+    for (attack, seed), by_arm in results.items():
+        cells = [
+            f"{r['val_return']:+.3f} / {r['asr']:.2f}% / {r['drop']:.2f} / {r['der']:.3f}"
+            for r in (by_arm[a] for a in arms)
+        ]
+        lines.append(f"| {attack} s{seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def arm_means(results: Dict[Model, Dict[str, Result]], arms: List[str]) -> List[str]:
+    """Per arm: mean test ASR / drop (mean DER) per attack, and the mean DER over all models."""
+    attacks = list(dict.fromkeys(a for a, _ in results))
+    lines = ["| arm | " + " | ".join(attacks) + " | mean DER | models |", "|" + "---|" * (len(attacks) + 3)]
+    for arm in arms:
+        cells = []
+        for attack in attacks:
+            rs = [by_arm[arm] for (a, _), by_arm in results.items() if a == attack]
+            asr, drop, der = (statistics.fmean(r[k] for r in rs) for k in ("asr", "drop", "der"))
+            cells.append(f"{asr:.2f}% / {drop:.2f} ({der:.3f})")
+        mean_der = statistics.fmean(by_arm[arm]["der"] for by_arm in results.values())
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {mean_der:.3f} | {len(results)} |")
+    return lines
+
+
+def versus(results: Dict[Model, Dict[str, Result]], first: str, second: str) -> str:
+    """On how many models ``second`` beats ``first``: on defense-validation, then on test."""
+    val = sum(r[second]["val_return"] > r[first]["val_return"] + TIE for r in results.values())
+    val_worse = sum(r[second]["val_return"] < r[first]["val_return"] - TIE for r in results.values())
+    test = sum(r[second]["der"] > r[first]["der"] + TIE for r in results.values())
+    test_worse = sum(r[second]["der"] < r[first]["der"] - TIE for r in results.values())
+    n = len(results)
+    return (
+        f"* {second} against {first}: better on defense-validation on {val} of {n} models (worse on "
+        f"{val_worse}); better on test (DER) on {test} of {n} (worse on {test_worse})"
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("root", type=Path, help="folder of <arm>-<attack>-s<seed> run folders")
+    p.add_argument("--arms", nargs="+", required=True, help="the arms, in column order")
+    p.add_argument("--versus", nargs="*", default=[], help="A:B pairs: on how many models B beats A")
+    args = p.parse_args(argv)
+    pairs = [tuple(v.split(":", 1)) for v in args.versus]
+    unknown = sorted({a for pair in pairs for a in pair} - set(args.arms))
+    if any(len(pair) != 2 for pair in pairs) or unknown:
+        p.error(f"--versus takes A:B pairs of --arms ({', '.join(args.arms)}); got {' '.join(args.versus)}")
+    results = collect(args.root, args.arms)
+    if not results:
+        p.error(f"no model in {args.root} has a finished run of every arm ({', '.join(args.arms)})")
+    print("\n".join(model_rows(results, args.arms)), end="\n\n")
+    print("\n".join(arm_means(results, args.arms)), end="\n\n")
+    print("\n".join(versus(results, a, b) for a, b in pairs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""scripts/ablation_table.py: an ablation of onp.train arms tabulated from run folders (issue #17 §3)."""
+
+import json
+
+import pytest
+
+from .conftest import load_script
+
+
+@pytest.fixture
+def table():
+    yield from load_script("ablation_table")
+
+
+def _run(root, name, val_return, asr, acc, der):
+    folder = root / name
+    folder.mkdir(parents=True)
+    metrics = {"val": {"return": val_return}, "asr": asr, "acc": acc, "der": der, "before": {"acc": 0.9}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_the_table_counts_where_one_arm_beats_another_on_validation_and_on_test(tmp_path, table, capsys):
+    """Two models with both arms, one with one arm only (left out); ppo beats bc on validation on both
+    and on test on one, ties on the other; an unfinished run folder and a log file are ignored."""
+    _run(tmp_path, "bc-badnets-s0", 0.5, 0.10, 0.88, 0.90)
+    _run(tmp_path, "ppo-badnets-s0", 0.7, 0.02, 0.87, 0.95)
+    _run(tmp_path, "bc-sig-s1", 0.2, 0.60, 0.80, 0.60)
+    _run(tmp_path, "ppo-sig-s1", 0.3, 0.60, 0.80, 0.60)
+    _run(tmp_path, "bc-wanet-s2", 0.9, 0.01, 0.89, 0.99)  # no ppo run: not a row
+    (tmp_path / "ppo-wanet-s2").mkdir()  # unfinished
+    (tmp_path / "ppo-wanet-s2.log").write_text("")
+    results = table.collect(tmp_path, ["bc", "ppo"])
+    assert sorted(results) == [("badnets", 0), ("sig", 1)]
+    assert results[("badnets", 0)]["ppo"] == pytest.approx({"val_return": 0.7, "asr": 2.0, "drop": 3.0, "der": 0.95})
+    line = table.versus(results, "bc", "ppo")
+    assert "better on defense-validation on 2 of 2 models (worse on 0)" in line
+    assert "better on test (DER) on 1 of 2 (worse on 0)" in line
+    assert table.main([str(tmp_path), "--arms", "bc", "ppo", "--versus", "bc:ppo"]) == 0
+    out = capsys.readouterr().out
+    assert "| badnets s0 | +0.500 / 10.00% / 2.00 / 0.900 | +0.700 / 2.00% / 3.00 / 0.950 |" in out
+    assert "| ppo | 2.00% / 3.00 (0.950) | 60.00% / 10.00 (0.600) | 0.775 | 2 |" in out
+
+
+def test_bad_arguments_are_refused_with_the_valid_arms(tmp_path, table, capsys):
+    with pytest.raises(SystemExit):
+        table.main([str(tmp_path), "--arms", "bc", "ppo", "--versus", "bc:cold"])
+    assert "--versus takes A:B pairs of --arms (bc, ppo)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        table.main([str(tmp_path), "--arms", "bc"])
+    assert "has a finished run of every arm (bc)" in capsys.readouterr().err
