@@ -21,6 +21,13 @@ defense-train for a few epochs (the loop of the FT baseline, :func:`baselines.ft
 * the result judged again by the evidence rule (:class:`onp.evidence.EvidenceRule`). If the
   fine-tuned model fails it, the pruned model without fine-tuning is kept.
 
+``rollout.finetune.method: fst`` replaces the loop above by Feature Shift Tuning (Min et al., NeurIPS
+2023; :mod:`baselines.fst`, with the baseline's reference settings: head re-initialised, whole model
+trained with BatchNorm statistics updated, ``epochs`` epochs) on the pruned model, its pruned neurons
+held pruned after every step. As the FST baseline does, its last epoch is handed out (no epoch is
+chosen on the estimate, which misjudges FST's repairs both ways, docs/results.md §18d); the evidence
+rule still judges it, with the same fallback. No unlearning run is made.
+
 Fine-Pruning (Liu et al., RAID 2018) also fine-tunes after pruning; freezing the BN statistics,
 choosing the epoch by the estimated return and trying unlearning as a second candidate are onp's
 choices, measured in docs/results.md §11 and §12.
@@ -92,13 +99,18 @@ def finetune_pruned(
     t0 = time.perf_counter()
     target = env.target
     initial = {"acc": target.initial.acc, "asr": target.initial.asr}
-    train = functools.partial(_train_pruned, model, pruned, env, data, config, seed)
-    fraction, tuned, ft_info, records, candidates = _best_run(train, target.probe, config)
+    if config.method == "fst":
+        tuned, ft_info, records = _feature_shift_run(model, pruned, env, data, config, judgement, seed)
+        fraction, candidates = 0.0, [{"method": "fst", "best_epoch": ft_info["best_epoch"]}]
+    else:
+        train = functools.partial(_train_pruned, model, pruned, env, data, config, seed)
+        fraction, tuned, ft_info, records, candidates = _best_run(train, target.probe, config)
     best = int(ft_info["best_epoch"])
     after = {**records[best], "n_pruned": len(pruned)}
     new = rule.judge(initial, after, len(target.probe.images))
     history = [{**h, **r} for h, r in zip(ft_info["history"], records)]
     info: Dict[str, Any] = {
+        "method": config.method,
         "epochs": config.epochs,
         "best_epoch": best,
         "history": history,
@@ -114,7 +126,8 @@ def finetune_pruned(
         return FinetuneOutcome(model, judgement, info)
     if log is not None:
         log(
-            f"[onp] fine-tuned the pruned model for {config.epochs} epochs on defense-train; kept epoch {best}"
+            f"[onp] {'feature-shift-tuned' if config.method == 'fst' else 'fine-tuned'} the pruned model for "
+            f"{config.epochs} epochs on defense-train; kept epoch {best}"
             f"{f' of the run with {fraction:.0%} of each batch unlearning the trigger' if fraction else ''}: "
             f"val ACC {judgement.acc_after:.3f} -> {after['acc']:.3f}, estimated val ASR "
             f"{judgement.asr_after:.3f} -> {after['asr']:.3f} ({info['seconds']:.0f}s)"
@@ -185,7 +198,8 @@ def _train_pruned(
         return (ev.acc - acc0) - lam * (ev.asr - asr0)
 
     settings = config.to_dict()
-    del settings["unlearn"], settings["unlearn_estimated"]  # which fine-tunings run: not the loop's settings
+    for key in ("method", "unlearn", "unlearn_estimated"):  # which fine-tunings run: not the loop's settings
+        del settings[key]
     augment = None
     if unlearn > 0 and target.probe.stamp is not None:
         augment = _unlearning(target.probe.stamp, unlearn, data.train_x if config.augment else None)
@@ -204,6 +218,37 @@ def _train_pruned(
         score=val_return,
     )
     return tuned, info, records
+
+
+def _feature_shift_run(
+    model: nn.Module,
+    pruned: Sequence[int],
+    env: "NeuronPruningEnv",
+    data: "DefenseData",
+    config: FinetuneConfig,
+    judgement: "Judgement",
+    seed: int,
+) -> Tuple[nn.Module, Dict[str, Any], List[Dict[str, float]]]:
+    """FST (:func:`baselines.fst.feature_shift_tune`, reference settings, ``config.epochs`` epochs) on a copy
+    of the pruned ``model``, the pruned neurons held pruned; returns (its last epoch's model, the loop's
+    info with that epoch as ``best_epoch``, val ACC/ASR per epoch: the pruning's at 0, the last evaluated)."""
+    from baselines.base import PassCounter
+    from baselines.fst import FSTParams, classifier_head, feature_shift_tune
+
+    target, lam = env.target, float(env.lam)
+    tuned = copy.deepcopy(model)
+    keep_pruned = pruning_keeper(tuned, target.graph, pruned, target.masks.mode.name)
+    _, head = classifier_head(tuned, data.num_classes)
+    params = FSTParams(epochs=config.epochs, augment=config.augment)
+    info = feature_shift_tune(
+        tuned, head, data, params, seed=seed, augment=None, counter=PassCounter(), after_step=keep_pruned
+    )
+    tuned.eval()
+    last = target.evaluate_model(tuned)
+    records: List[Dict[str, float]] = [{"acc": judgement.acc_after, "asr": judgement.asr_after}]
+    records += [{} for _ in range(config.epochs - 1)] + [{"acc": last.acc, "asr": last.asr}]
+    score = (last.acc - target.initial.acc) - lam * (last.asr - target.initial.asr)
+    return tuned, {**info, "best_epoch": config.epochs, "best_score": score}, records
 
 
 class TriggerUnlearning:

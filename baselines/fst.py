@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -178,11 +178,19 @@ def _train_epoch(
     gen: torch.Generator,
     augment: Optional[Augment],
     counter: PassCounter,
+    after_step: Optional[Callable[[], None]] = None,
 ) -> Tuple[float, float]:
-    """One FST epoch in train mode, projecting the head back to norm ``norm`` after every step;
-    returns (mean CE, running train accuracy). The shift term comes from the gradient hook."""
+    """One FST epoch in train mode, projecting the head back to norm ``norm`` after every step (then
+    ``after_step``, if given); returns (mean CE, running train accuracy). The shift term comes from the
+    gradient hook."""
     idx = epoch_indices(len(data.train_y), images_per_epoch(len(data.train_y), p), gen)
     model.train()
+
+    def after() -> None:
+        project_norm(linear, norm)
+        if after_step is not None:
+            after_step()
+
     return run_epoch(
         model,
         data.train_x[idx],
@@ -192,7 +200,7 @@ def _train_epoch(
         gen=gen,
         counter=counter,
         augment=augment,
-        after_step=lambda: project_norm(linear, norm),
+        after_step=after,
     )
 
 
@@ -210,8 +218,11 @@ def feature_shift_tune(
     seed: int,
     augment: Optional[Augment],
     counter: PassCounter,
+    after_step: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Any]:
-    """Run FST on ``model`` in place (``linear`` is its head); returns the history and diagnostics."""
+    """Run FST on ``model`` in place (``linear`` is its head); returns the history and diagnostics.
+    ``after_step`` runs after every step's head projection (the learned defense's FST finisher holds
+    its pruned neurons pruned with it, :mod:`agents.finetune`)."""
     require_images("fst", len(data.train_y), p.batch_size)
     if p.checkpoint == "best_val" and not len(data.val_y):
         raise DefenseError(
@@ -234,7 +245,7 @@ def feature_shift_tune(
         for epoch in range(1, p.epochs + 1):
             row: Dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
             row["train_ce"], row["train_acc"] = _train_epoch(
-                model, linear, data, p, opt, norm=norm, gen=gen, augment=aug, counter=counter
+                model, linear, data, p, opt, norm=norm, gen=gen, augment=aug, counter=counter, after_step=after_step
             )
             sched.step()
             row["val_acc"] = _val_accuracy(model, data, counter)

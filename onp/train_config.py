@@ -175,6 +175,12 @@ class FinetuneConfig(TypedConfig):
     (0 = no fine-tuning) with the best defense-validation return is kept, and the evidence rule judges
     the result. ``epochs: 0`` turns it off. Chosen in docs/results.md §11 on defense data."""
 
+    method: Literal["ft", "fst"] = Field(
+        "ft",
+        description="ft: plain fine-tuning, the epoch with the best defense-val return kept (the keys below); "
+        "fst: Feature Shift Tuning (baselines.fst, its reference settings and last epoch) on the pruned model, "
+        "the pruned neurons held pruned (docs/results.md §19c)",
+    )
     epochs: int = Field(10, ge=0, le=1000, description="fine-tuning epochs over defense-train (0: off)")
     lr: float = Field(0.001, gt=0, le=10, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1)

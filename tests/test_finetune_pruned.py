@@ -178,3 +178,40 @@ def test_a_tie_between_fine_tunings_goes_to_the_first_listed(tiny_bundle, env, m
     for order in ([0.2, 0.0], [0.0, 0.2]):
         _, _, out = _run(tiny_bundle, env, [1, 4, 20, 33], FinetuneConfig(epochs=1, lr=0.01, unlearn=order))
         assert out.info["unlearn"] == order[0]
+
+
+def test_the_fst_finisher_tunes_the_whole_pruned_model_with_a_new_head_and_keeps_its_last_epoch(
+    tiny_bundle, env, target
+):
+    """``method: fst``: the pruned neurons stay pruned, the head is re-initialised and pushed away from the
+    original (cosine < 1), the BN statistics move (FST trains in train mode), the last epoch is handed out
+    and judged on the model handed out; the record says fst."""
+    from baselines.fst import classifier_head
+
+    pruned = [1, 4, 20, 33]
+    model, judgement, out = _run(tiny_bundle, env, pruned, FinetuneConfig(method="fst", epochs=2))
+    assert out.info["method"] == "fst" and out.info["best_epoch"] == 2 and out.info["unlearn"] == 0.0
+    assert [h["epoch"] for h in out.info["history"]] == [0, 1, 2]
+    assert out.info["history"][0]["acc"] == pytest.approx(judgement.acc_after)
+    assert out.info["history"][2]["cos_to_original"] < 0.99  # the head moved away from the original
+    ev = target.evaluate_model(out.model)
+    assert (out.judgement.acc_after, out.judgement.asr_after) == (ev.acc, ev.asr)
+    assert out.info["history"][2]["acc"] == ev.acc and out.val == {"acc": ev.acc, "asr": ev.asr}
+    tuned = dict(out.model.named_modules())
+    for node in pruned:
+        layer = target.graph.layers[int(target.graph.node_layer[node])]
+        assert tuned[layer.bn_name].weight[int(target.graph.node_channel[node])] == 0
+    stats_moved = any(
+        not torch.equal(tuned[name].running_mean, m.running_mean)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    )
+    assert stats_moved
+    _, head = classifier_head(out.model, tiny_bundle.defense_data.num_classes)
+    _, original = classifier_head(model, tiny_bundle.defense_data.num_classes)
+    assert float(head.weight.norm()) == pytest.approx(float(original.weight.norm()), rel=1e-4)  # FST's norm constraint
+
+
+def test_an_unknown_finisher_is_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match="'ft' or 'fst'"):
+        FinetuneConfig(method="sau")
