@@ -1,10 +1,11 @@
 """Tabulate an ablation of ``onp.train`` arms on the same models (issue #17 §3), as Markdown.
 
 The runs live in one folder as ``<arm>-<attack>-s<seed>`` (each an ``onp.train`` run folder). For every
-model that all arms finished, one row gives each arm's defense-validation return (the model handed
-out, on the env's estimate: ``(ACC - ACC0) - lam * (ASR - ASR0)``), its test ASR, its test ACC drop and
-its DER; then one row per arm with the means per attack; then, for each ``--versus A:B`` pair, on how
-many models arm B beats arm A on defense-validation and then on test (DER)::
+model that all arms finished, one row gives each arm's defense-validation returns on the env's estimate,
+``(ACC - ACC0) - lam * (ASR - ASR0)``: of the policy's episode (the pruning alone, what PPO maximises)
+and of the model handed out (after fine-tuning); then its test ASR, test ACC drop and DER. Then one row
+per arm with the means per attack; then, for each ``--versus A:B`` pair, on how many models arm B
+beats arm A on each defense-validation return and then on test (DER)::
 
     python scripts/ablation_table.py /work/m18/abl --arms bc bcppo cold rankedclp \\
         --versus bc:bcppo cold:bcppo rankedclp:bcppo
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 Model = Tuple[str, int]  # attack, seed
-Result = Dict[str, float]  # val_return, asr, drop, der (test figures in %, points and [0, 1])
+Result = Dict[str, float]  # episode_return, val_return, asr, drop, der (test: in %, points and [0, 1])
 TIE = 1e-9
 
 
@@ -32,12 +33,21 @@ def read_run(folder: Path) -> Optional[Result]:
     if not path.exists():
         return None
     m = json.loads(path.read_text())
+    val = m["val"]
+    lam = float(json.loads((folder / "config.json").read_text())["env"]["lam"])
     return {
-        "val_return": float(m["val"]["return"]),
+        "episode_return": (_pruned(val, "acc") - val["acc0"]) - lam * (_pruned(val, "asr") - val["asr0"]),
+        "val_return": float(val["return"]),
         "asr": 100 * float(m["asr"]),
         "drop": 100 * (float(m["before"]["acc"]) - float(m["acc"])),
         "der": float(m["der"]),
     }
+
+
+def _pruned(val: Dict[str, float], metric: str) -> float:
+    """The episode's val ``acc``/``asr`` before fine-tuning (without fine-tuning: the handed-out model's)."""
+    before = val.get(f"{metric}_pruned")
+    return float(val[metric] if before is None else before)
 
 
 def collect(root: Path, arms: List[str]) -> Dict[Model, Dict[str, Result]]:
@@ -53,11 +63,12 @@ def collect(root: Path, arms: List[str]) -> Dict[Model, Dict[str, Result]]:
 
 
 def model_rows(results: Dict[Model, Dict[str, Result]], arms: List[str]) -> List[str]:
-    head = "| model | " + " | ".join(f"{a}: val return / test ASR / drop / DER" for a in arms) + " |"
+    head = "| model | " + " | ".join(f"{a}: val returns (episode, handed out) / test ASR / drop / DER" for a in arms)
+    head += " |"
     lines = [head, "|" + "---|" * (len(arms) + 1)]
     for (attack, seed), by_arm in results.items():
         cells = [
-            f"{r['val_return']:+.3f} / {r['asr']:.2f}% / {r['drop']:.2f} / {r['der']:.3f}"
+            f"{r['episode_return']:+.3f}, {r['val_return']:+.3f} / {r['asr']:.2f}% / {r['drop']:.2f} / {r['der']:.3f}"
             for r in (by_arm[a] for a in arms)
         ]
         lines.append(f"| {attack} s{seed} | " + " | ".join(cells) + " |")
@@ -80,15 +91,17 @@ def arm_means(results: Dict[Model, Dict[str, Result]], arms: List[str]) -> List[
 
 
 def versus(results: Dict[Model, Dict[str, Result]], first: str, second: str) -> str:
-    """On how many models ``second`` beats ``first``: on defense-validation, then on test."""
-    val = sum(r[second]["val_return"] > r[first]["val_return"] + TIE for r in results.values())
-    val_worse = sum(r[second]["val_return"] < r[first]["val_return"] - TIE for r in results.values())
-    test = sum(r[second]["der"] > r[first]["der"] + TIE for r in results.values())
-    test_worse = sum(r[second]["der"] < r[first]["der"] - TIE for r in results.values())
-    n = len(results)
+    """On how many models ``second`` beats ``first``: on the defense-validation returns, then on test."""
+
+    def better_worse(key: str) -> str:
+        better = sum(r[second][key] > r[first][key] + TIE for r in results.values())
+        worse = sum(r[second][key] < r[first][key] - TIE for r in results.values())
+        return f"{better} of {len(results)} (worse on {worse})"
+
     return (
-        f"* {second} against {first}: better on defense-validation on {val} of {n} models (worse on "
-        f"{val_worse}); better on test (DER) on {test} of {n} (worse on {test_worse})"
+        f"* {second} against {first}: better on the episode's defense-val return on "
+        f"{better_worse('episode_return')}, on the handed-out model's on {better_worse('val_return')}; "
+        f"better on test (DER) on {better_worse('der')}"
     )
 
 

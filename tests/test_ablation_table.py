@@ -13,10 +13,13 @@ def table():
 
 
 def _run(root, name, val_return, asr, acc, der):
+    """A finished run; its episode (before fine-tuning) returns 0.1 less than the model handed out."""
     folder = root / name
     folder.mkdir(parents=True)
-    metrics = {"val": {"return": val_return}, "asr": asr, "acc": acc, "der": der, "before": {"acc": 0.9}}
+    val = {"return": val_return, "acc0": 0.9, "asr0": 1.0, "acc_pruned": 0.8, "asr_pruned": 1.0 - val_return}
+    metrics = {"val": val, "asr": asr, "acc": acc, "der": der, "before": {"acc": 0.9}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "config.json").write_text(json.dumps({"env": {"lam": 1.0}}))
 
 
 def test_the_table_counts_where_one_arm_beats_another_on_validation_and_on_test(tmp_path, table, capsys):
@@ -31,13 +34,16 @@ def test_the_table_counts_where_one_arm_beats_another_on_validation_and_on_test(
     (tmp_path / "ppo-wanet-s2.log").write_text("")
     results = table.collect(tmp_path, ["bc", "ppo"])
     assert sorted(results) == [("badnets", 0), ("sig", 1)]
-    assert results[("badnets", 0)]["ppo"] == pytest.approx({"val_return": 0.7, "asr": 2.0, "drop": 3.0, "der": 0.95})
+    assert results[("badnets", 0)]["ppo"] == pytest.approx(
+        {"episode_return": 0.6, "val_return": 0.7, "asr": 2.0, "drop": 3.0, "der": 0.95}
+    )
     line = table.versus(results, "bc", "ppo")
-    assert "better on defense-validation on 2 of 2 models (worse on 0)" in line
+    assert "better on the episode's defense-val return on 2 of 2 (worse on 0)" in line
+    assert "on the handed-out model's on 2 of 2 (worse on 0)" in line
     assert "better on test (DER) on 1 of 2 (worse on 0)" in line
     assert table.main([str(tmp_path), "--arms", "bc", "ppo", "--versus", "bc:ppo"]) == 0
     out = capsys.readouterr().out
-    assert "| badnets s0 | +0.500 / 10.00% / 2.00 / 0.900 | +0.700 / 2.00% / 3.00 / 0.950 |" in out
+    assert "| badnets s0 | +0.400, +0.500 / 10.00% / 2.00 / 0.900 | +0.600, +0.700 / 2.00% / 3.00 / 0.950 |" in out
     assert "| ppo | 2.00% / 3.00 (0.950) | 60.00% / 10.00 (0.600) | 0.775 | 2 |" in out
 
 
