@@ -37,7 +37,7 @@ def read_run(folder: Path) -> Optional[Result]:
     lam = float(json.loads((folder / "config.json").read_text())["env"]["lam"])
     return {
         "episode_return": (_pruned(val, "acc") - val["acc0"]) - lam * (_pruned(val, "asr") - val["asr0"]),
-        "val_return": float(val["return"]),
+        "val_return": (val["acc"] - val["acc0"]) - lam * (val["asr"] - val["asr0"]),
         "asr": 100 * float(m["asr"]),
         "drop": 100 * (float(m["before"]["acc"]) - float(m["acc"])),
         "der": float(m["der"]),

@@ -16,7 +16,8 @@ def _run(root, name, val_return, asr, acc, der):
     """A finished run; its episode (before fine-tuning) returns 0.1 less than the model handed out."""
     folder = root / name
     folder.mkdir(parents=True)
-    val = {"return": val_return, "acc0": 0.9, "asr0": 1.0, "acc_pruned": 0.8, "asr_pruned": 1.0 - val_return}
+    val = {"acc0": 0.9, "asr0": 1.0, "acc": 0.9, "asr": 1.0 - val_return}
+    val.update(acc_pruned=0.8, asr_pruned=1.0 - val_return)
     metrics = {"val": val, "asr": asr, "acc": acc, "der": der, "before": {"acc": 0.9}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "config.json").write_text(json.dumps({"env": {"lam": 1.0}}))
