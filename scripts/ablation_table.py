@@ -1,7 +1,8 @@
 """Tabulate an ablation of ``onp.train`` arms on the same models (issue #17 §3), as Markdown.
 
-The runs live in one folder as ``<arm>-<attack>-s<seed>`` (each an ``onp.train`` run folder). For every
-model that all arms finished, one row gives each arm's defense-validation returns on the env's estimate,
+The runs live in one folder as ``<arm>-<attack>-s<seed>`` (each an ``onp.train`` or ``onp.evaluate`` run
+folder, or a link to one). For every model that all arms finished, one row gives each arm's
+defense-validation returns on the env's estimate,
 ``(ACC - ACC0) - lam * (ASR - ASR0)``: of the policy's episode (the pruning alone, what PPO maximises)
 and of the model handed out (after fine-tuning); then its test ASR, test ACC drop and DER. Then one row
 per arm with the means per attack; then, for each ``--versus A:B`` pair, on how many models arm B
@@ -54,7 +55,9 @@ def read_run(folder: Path) -> Optional[Result]:
         return None
     m = json.loads(path.read_text())
     val = m["val"]
-    lam = float(json.loads((folder / "config.json").read_text())["env"]["lam"])
+    config = json.loads((folder / "config.json").read_text())
+    env = config.get("env") or (config.get("source_config") or {}).get("env") or {}  # onp.train, onp.evaluate
+    lam = float(env.get("lam", 1.0))
     return Result(
         asr=100 * float(m["asr"]),
         drop=100 * (float(m["before"]["acc"]) - float(m["acc"])),

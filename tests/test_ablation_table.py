@@ -20,7 +20,10 @@ def _run(root, name, val_return, asr, acc, der):
     val.update(acc_pruned=0.8, asr_pruned=1.0 - val_return)
     metrics = {"val": val, "asr": asr, "acc": acc, "der": der, "before": {"acc": 0.9}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    (folder / "config.json").write_text(json.dumps({"env": {"lam": 1.0}}))
+    config = {"env": {"lam": 1.0}}
+    if name.startswith("ppo-sig"):  # an onp.evaluate run folder: the env settings are its source run's
+        config = {"source_config": config}
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def test_the_table_counts_where_one_arm_beats_another_on_validation_and_on_test(tmp_path, table, capsys):
