@@ -105,7 +105,7 @@ def finetune_pruned(
     else:
         train = functools.partial(_train_pruned, model, pruned, env, data, config, seed)
         fraction, tuned, ft_info, records, candidates = _best_run(train, target.probe, config)
-    best = int(ft_info["best_epoch"])
+    best = int(ft_info["best_epoch"])  # fst: its last epoch; ft: the one with the best defense-val return
     after = {**records[best], "n_pruned": len(pruned)}
     new = rule.judge(initial, after, len(target.probe.images))
     history = [{**h, **r} for h, r in zip(ft_info["history"], records)]
@@ -125,14 +125,20 @@ def finetune_pruned(
         info["best_epoch"] = 0
         return FinetuneOutcome(model, judgement, info)
     if log is not None:
-        log(
-            f"[onp] {'feature-shift-tuned' if config.method == 'fst' else 'fine-tuned'} the pruned model for "
-            f"{config.epochs} epochs on defense-train; kept epoch {best}"
-            f"{f' of the run with {fraction:.0%} of each batch unlearning the trigger' if fraction else ''}: "
-            f"val ACC {judgement.acc_after:.3f} -> {after['acc']:.3f}, estimated val ASR "
-            f"{judgement.asr_after:.3f} -> {after['asr']:.3f} ({info['seconds']:.0f}s)"
-        )
+        log(_kept_line(config, info, judgement))
     return FinetuneOutcome(tuned.eval(), new, info)
+
+
+def _kept_line(config: FinetuneConfig, info: Dict[str, Any], judgement: "Judgement") -> str:
+    """The log line of a kept fine-tuning (``info``: :func:`finetune_pruned`'s record)."""
+    fraction, after = info["unlearn"], info["val_after"]
+    return (
+        f"[onp] {'feature-shift-tuned' if config.method == 'fst' else 'fine-tuned'} the pruned model for "
+        f"{config.epochs} epochs on defense-train; kept epoch {info['best_epoch']}"
+        f"{f' of the run with {fraction:.0%} of each batch unlearning the trigger' if fraction else ''}: "
+        f"val ACC {judgement.acc_after:.3f} -> {after['acc']:.3f}, estimated val ASR "
+        f"{judgement.asr_after:.3f} -> {after['asr']:.3f} ({info['seconds']:.0f}s)"
+    )
 
 
 def _best_run(

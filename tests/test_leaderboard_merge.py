@@ -77,14 +77,20 @@ def test_a_later_cell_clears_the_failure_of_its_seed(tmp_path):
     assert anp.status == "3/3" and anp.errors == [] and anp.metrics["asr"]["values"][-1] == pytest.approx(0.02)
 
 
-def test_a_seed_with_other_values_is_refused(tmp_path):
-    """The same seed with another backdoored model (other `before` metrics) is not merged."""
+def _boards_with_seed_1_tested_at(tmp_path, acc):
+    """Seeds 0-1 in one leaderboard, seed 1 again in a second whose backdoored model tests at ``acc``."""
     first, _ = _board(tmp_path, "first", _cells(tmp_path, [0, 1]))
     other = _cells(tmp_path, [1])
     for c in other:
         if c.metrics:
-            c.metrics["before"] = {"acc": 0.5, "asr": 1.0, "ra": 0.0}
+            c.metrics["before"] = {"acc": acc, "asr": 1.0, "ra": 0.0}
     second, _ = _board(tmp_path, "second", other)
+    return first, second
+
+
+def test_a_seed_with_other_values_is_refused(tmp_path):
+    """The same seed with another backdoored model (other `before` metrics) is not merged."""
+    first, second = _boards_with_seed_1_tested_at(tmp_path, 0.5)
     with pytest.raises(ValueError, match="m/a/no defense seed 1 differs"):
         merge_leaderboards([first, second])
 
@@ -190,12 +196,7 @@ def test_the_same_model_tested_on_another_device_merges_by_its_weights_digest(tm
     """Seed 1's backdoored model tested at another ACC in a second file (a GPU cell's test pass): with
     both files' models.json naming the same digest it merges, the first file's figures kept and a note
     written; a different digest is refused as another model; a corrupt models.json is named."""
-    first, _ = _board(tmp_path, "first", _cells(tmp_path, [0, 1]))
-    other = _cells(tmp_path, [1])
-    for c in other:
-        if c.metrics:
-            c.metrics["before"] = {"acc": 0.9009, "asr": 1.0, "ra": 0.0}
-    second, _ = _board(tmp_path, "second", other)
+    first, second = _boards_with_seed_1_tested_at(tmp_path, 0.9009)
 
     def digests(board, digest):
         entries = {"m/a/s1": {"digest": digest}, "m/a/s0": {"digest": "d0"}}
