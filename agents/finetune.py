@@ -101,7 +101,8 @@ def finetune_pruned(
     initial = {"acc": target.initial.acc, "asr": target.initial.asr}
     if config.method == "fst":
         tuned, ft_info, records = _feature_shift_run(model, pruned, env, data, config, judgement, seed)
-        fraction, candidates = 0.0, [{"method": "fst", "best_epoch": ft_info["best_epoch"]}]
+        fraction = 0.0
+        candidates = [{"method": "fst", "best_epoch": ft_info["best_epoch"], "best_return": ft_info["best_score"]}]
     else:
         train = functools.partial(_train_pruned, model, pruned, env, data, config, seed)
         fraction, tuned, ft_info, records, candidates = _best_run(train, target.probe, config)

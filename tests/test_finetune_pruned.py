@@ -193,6 +193,8 @@ def test_the_fst_finisher_tunes_the_whole_pruned_model_with_a_new_head_and_keeps
     assert out.info["method"] == "fst" and out.info["best_epoch"] == 2 and out.info["unlearn"] == 0.0
     assert [h["epoch"] for h in out.info["history"]] == [0, 1, 2]
     assert out.info["history"][0]["acc"] == pytest.approx(judgement.acc_after)
+    ret = (out.judgement.acc_after - target.initial.acc) - env.lam * (out.judgement.asr_after - target.initial.asr)
+    assert out.info["candidates"] == [{"method": "fst", "best_epoch": 2, "best_return": pytest.approx(ret)}]
     assert out.info["history"][2]["cos_to_original"] < 0.99  # the head moved away from the original
     ev = target.evaluate_model(out.model)
     assert (out.judgement.acc_after, out.judgement.asr_after) == (ev.acc, ev.asr)
