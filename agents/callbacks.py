@@ -69,23 +69,32 @@ class TrainState:
 
 
 def evaluate_policy_episode(model: MaskablePPO, eval_env: gym.Env, n_episodes: int = 1) -> Dict[str, Any]:
-    """Deterministic episodes of an SB3 model on a (non-vectorised) NeuronPruningEnv."""
+    """Deterministic episodes of an SB3 model on a (non-vectorised) NeuronPruningEnv; in multi-model
+    mode ``n_episodes`` on each model, the return, ACC, ASR and count averaged over the models
+    (``returns``: each model's mean return; ``pruned``: the first model's)."""
     base = cast("NeuronPruningEnv", eval_env.unwrapped)
 
     def act(obs: Dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
         return model.predict(obs, action_masks=mask, deterministic=True)[0]
 
-    results = [rollout(act, eval_env) for _ in range(max(1, n_episodes))]
-    last = results[-1]["info"]
-    return {
-        "mean_return": float(np.mean([r["return"] for r in results])),
-        "steps": sum(r["steps"] for r in results),
-        "acc": float(last["acc"]),
-        "asr": float(last["asr"]),
-        "n_pruned": int(last["n_pruned"]),
-        "pruned": list(last["pruned"]),
+    per_model = []
+    for i in range(len(base.targets)):
+        options = {"model_index": i} if len(base.targets) > 1 else None
+        per_model.append([rollout(act, eval_env, options=options) for _ in range(max(1, n_episodes))])
+    lasts = [runs[-1]["info"] for runs in per_model]
+    returns = [float(np.mean([r["return"] for r in runs])) for runs in per_model]
+    out = {
+        "mean_return": float(np.mean(returns)),
+        "steps": sum(r["steps"] for runs in per_model for r in runs),
+        "acc": float(np.mean([info["acc"] for info in lasts])),
+        "asr": float(np.mean([info["asr"] for info in lasts])),
+        "n_pruned": int(round(float(np.mean([info["n_pruned"] for info in lasts])))),
+        "pruned": list(lasts[0]["pruned"]),
         "num_nodes": base.num_nodes,
     }
+    if len(per_model) > 1:
+        out["returns"] = returns
+    return out
 
 
 class EvalCheckpointCallback(BaseCallback):
@@ -152,6 +161,8 @@ class EvalCheckpointCallback(BaseCallback):
             "n_pruned": res["n_pruned"],
             "wall_time": round(self._elapsed(), 2),
         }
+        if "returns" in res:  # multi-model mode: each model's return (mean_return is their mean)
+            point["returns"] = res["returns"]
         self.state.learning_curve.append(point)
         self.logger.record("eval/mean_return", res["mean_return"])
         self.logger.record("eval/acc", res["acc"])

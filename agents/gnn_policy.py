@@ -304,6 +304,9 @@ class GraphActionHead(nn.Module):
         return torch.cat([node_logits, self.stop(pooled)], dim=1)
 
 
+#: how the policy weights the neuron graph's edges (:class:`GNNMaskablePolicy`'s ``edge_weights``)
+EDGE_WEIGHTS = ("model", "uniform")
+
 #: SB3 policy arguments that :class:`GNNMaskablePolicy` fixes itself (present when SB3 rebuilds
 #: it from saved parameters)
 _FIXED_POLICY_ARGS = (
@@ -342,6 +345,8 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         conv: ``"gcn"``, ``"sage"`` or ``"gat"``; hidden: embedding width; layers: number of convs;
         heads: GAT heads; symmetric: also pass messages along reversed edges;
         head_hidden: width of the heads' hidden layer; clip: input feature clamp.
+        edge_weights: ``"model"`` (the given ``edge_weight``) or ``"uniform"`` (every edge 1: the
+            architecture's topology alone, the same for every model of it; a pooled policy's).
     """
 
     def __init__(
@@ -358,6 +363,7 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         symmetric: bool = True,
         head_hidden: int = 64,
         clip: float = 10.0,
+        edge_weights: str = "model",
         optimizer_class: Type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: Optional[Dict[str, Any]] = None,
         **unused: Any,
@@ -366,7 +372,10 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
             raise ValueError("GNNMaskablePolicy needs edge_index (pass policy_kwargs=policy_kwargs_for(env))")
         _check_spaces(observation_space, action_space)
         _check_unused(unused)
-        ei, ew = _as_edges(edge_index, edge_weight)
+        if edge_weights not in EDGE_WEIGHTS:
+            raise ValueError(f"unknown edge_weights {edge_weights!r}; valid choices: {', '.join(EDGE_WEIGHTS)}")
+        self.edge_weights = edge_weights
+        ei, ew = _as_edges(edge_index, self._weights(edge_weight))
         self.gnn_kwargs: Dict[str, Any] = dict(
             edge_index=ei,
             edge_weight=ew,
@@ -426,6 +435,7 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
                 optimizer_class=self.optimizer_class,
                 optimizer_kwargs=self.optimizer_kwargs,
                 head_hidden=self.head_hidden,
+                edge_weights=self.edge_weights,
                 **self.gnn_kwargs,
             )
         )
@@ -437,8 +447,13 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         return self.features_extractor  # type: ignore[return-value]
 
     def set_graph(self, edge_index: TensorLike, edge_weight: Optional[TensorLike] = None) -> None:
-        """Swap the topology (same number of nodes), e.g. to run on another model of the architecture."""
-        self.encoder.set_graph(edge_index, edge_weight)
+        """Swap the topology (same number of nodes), e.g. to run on another model of the architecture
+        (with ``edge_weights="uniform"`` the weights given are ignored)."""
+        self.encoder.set_graph(edge_index, self._weights(edge_weight))
+
+    def _weights(self, edge_weight: Optional[TensorLike]) -> Optional[TensorLike]:
+        """``edge_weight`` as this policy uses it: as given, or None (every edge 1) when uniform."""
+        return None if self.edge_weights == "uniform" else edge_weight
 
     # -- networks ---------------------------------------------------------------------------------
     def _encode(self, obs: PyTorchObs) -> Tuple[Tensor, Tensor]:

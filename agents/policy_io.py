@@ -29,7 +29,7 @@ from gymnasium import spaces
 
 from onp.io import CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
 
-from .gnn_policy import GNNMaskablePolicy, policy_kwargs_for
+from .gnn_policy import EDGE_WEIGHTS, GNNMaskablePolicy, policy_kwargs_for
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -106,7 +106,7 @@ def policy_metadata(policy: GNNMaskablePolicy) -> Dict[str, Any]:
     return {
         "format": POLICY_FORMAT,
         "policy": "GNNMaskablePolicy",
-        "arch": {**arch, "head_hidden": policy.head_hidden},
+        "arch": {**arch, "head_hidden": policy.head_hidden, "edge_weights": policy.edge_weights},
         "num_nodes": int(enc.num_nodes),
         "num_features": int(enc.in_features),
         "num_actions": int(cast(spaces.Discrete, policy.action_space).n),
@@ -135,13 +135,15 @@ def _check_sizes(meta: Dict[str, Any], env: gym.Env, where: Path) -> None:
 
 def _arch_kwargs(meta: Dict[str, Any], where: Path) -> Dict[str, Any]:
     arch = meta.get("arch")
-    allowed = set(ARCH_KEYS) | {"head_hidden"}
+    allowed = set(ARCH_KEYS) | {"head_hidden", "edge_weights"}
     if not isinstance(arch, dict) or set(arch) - allowed:
         raise CheckpointError(f"{where}: malformed 'arch' (expected keys among {sorted(allowed)})")
     for key, val in arch.items():
-        ok = isinstance(val, str) if key == "conv" else isinstance(val, (bool, int, float))
+        ok = isinstance(val, str) if key in ("conv", "edge_weights") else isinstance(val, (bool, int, float))
         if not ok:
             raise CheckpointError(f"{where}: arch.{key} has a value of the wrong type ({val!r})")
+    if arch.get("edge_weights", "model") not in EDGE_WEIGHTS:
+        raise CheckpointError(f"{where}: arch.edge_weights must be one of {', '.join(EDGE_WEIGHTS)}; got {arch['edge_weights']!r}")
     return dict(arch)
 
 

@@ -128,9 +128,9 @@ class PPOGNNAgent(BaseAgent):
         progress: bool = True,
         log: Callable[[str], None] = print,
     ) -> LearnResult:
-        bundle = _unwrapped(env).bundles[0]
+        bundles = _unwrapped(env).bundles
         out = train_ppo_gnn(
-            bundle, config, run_dir, eval_env=env, resume=resume, progress=progress, callbacks=callbacks, log=log
+            bundles if len(bundles) > 1 else bundles[0], config, run_dir, eval_env=env, resume=resume, progress=progress, callbacks=callbacks, log=log
         )
         state = out["state"]
         self.policy = load_policy(run_dir, env, device=self.device)
@@ -183,9 +183,11 @@ def demonstrate(
     *,
     skip_harmful: bool = False,
     max_previews: Optional[int] = None,
+    options: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """One episode of ``env`` that prunes along ``order`` (a node priority list): the demonstration
-    that :func:`behaviour_clone` imitates.
+    that :func:`behaviour_clone` imitates (``options``: of the env's reset, e.g. ``{"model_index": i}``
+    in multi-model mode).
 
     At each step the first still-valid node of ``order`` is taken. Where the env refuses it (it would
     break the ``delta`` accuracy constraint), the demonstrated action is STOP. With ``skip_harmful``,
@@ -202,7 +204,7 @@ def demonstrate(
     limit = 4 * base.budget if max_previews is None else int(max_previews)
     skipped = np.zeros(base.num_nodes + 1, dtype=bool)
     out: Dict[str, Any] = {"obs": [], "masks": [], "actions": [], "rewards": [], "previews": 0, "skipped": []}
-    obs, info = env.reset()
+    obs, info = env.reset(options=options)
     done = False
     while not done:
         mask = base.action_masks().copy()
@@ -272,44 +274,88 @@ def behaviour_clone(
     """Pretrain ``model.policy`` to follow ``order`` (a node priority list) in ``env``.
 
     The order is rolled out in ``env`` by :func:`demonstrate` (with ``skip_harmful`` and
-    ``max_previews``); each visited state's target is the action demonstrated there.
-    Loss: cross-entropy on the masked logits + ``value_coef`` * MSE of the value on the rollout's
-    returns-to-go. Returns diagnostics (losses, final imitation accuracy, env steps used, previews
-    included).
+    ``max_previews``); each visited state's target is the action demonstrated there
+    (:func:`clone_demonstrations`). Returns diagnostics (losses, final imitation accuracy, env steps
+    used, previews included).
     """
     t0 = time.perf_counter()
     demo = demonstrate(env, order, skip_harmful=skip_harmful, max_previews=max_previews)
-    info = demo["info"]
-    order_return = float(sum(demo["rewards"]))
-    policy = cast(GNNMaskablePolicy, model.policy)
-    tensors = _demonstration_tensors(policy, demo, gamma)
-    n = len(tensors)
-    losses = _clone_epochs(
-        policy, tensors, epochs=epochs, lr=lr, batch_size=batch_size, value_coef=value_coef, seed=seed
+    fit = clone_demonstrations(
+        model, [demo], epochs=epochs, lr=lr, batch_size=batch_size, value_coef=value_coef, gamma=gamma, seed=seed
     )
-    imitation = _imitation_accuracy(policy, tensors)
     out = {
-        "states": n,
-        "env_steps": n + demo["previews"],
-        "epochs": int(epochs),
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "imitation_accuracy": imitation,
-        "order_return": order_return,
-        "stopped_at_delta": bool(info.get("rejected")),
+        **fit,
+        **demonstration_record(demo),
         "skip_harmful": bool(skip_harmful),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log(
+        f"[onp] warm start: cloned {out['states']} steps of the order (val return {out['order_return']:+.4f}, "
+        f"ACC {out['order_val_acc']:.3f}, ASR {out['order_val_asr']:.3f}); {_fit_summary(out)}"
+    )
+    return out
+
+
+def _fit_summary(fit: Dict[str, Any]) -> str:
+    """``loss a -> b, imitation accuracy c`` of a :func:`clone_demonstrations` record."""
+    if fit["loss_first"] is None:
+        return f"no epochs, imitation accuracy {fit['imitation_accuracy']:.2f}"
+    return f"loss {fit['loss_first']:.3f} -> {fit['loss_last']:.3f}, imitation accuracy {fit['imitation_accuracy']:.2f}"
+
+
+def demonstration_record(demo: Dict[str, Any]) -> Dict[str, Any]:
+    """What ``train_state.json`` keeps of one :func:`demonstrate` rollout (its return, end state, previews)."""
+    info = demo["info"]
+    return {
+        "env_steps": len(demo["actions"]) + demo["previews"],
+        "order_return": float(sum(demo["rewards"])),
+        "stopped_at_delta": bool(info.get("rejected")),
         "previews": demo["previews"],
         "skipped": demo["skipped"],
         "order_val_acc": float(info["acc"]),
         "order_val_asr": float(info["asr"]),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
-    log(
-        f"[onp] warm start: cloned {n} steps of the order (val return {order_return:+.4f}, ACC {info['acc']:.3f}, "
-        f"ASR {info['asr']:.3f}); loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}, "
-        f"imitation accuracy {imitation:.2f}"
+
+
+def clone_demonstrations(
+    model: MaskablePPO,
+    demos: Sequence[Dict[str, Any]],
+    *,
+    epochs: int = 100,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    value_coef: float = 0.5,
+    gamma: float = 1.0,
+    seed: int = 0,
+) -> Dict[str, Any]:
+    """Fit ``model.policy`` to the states and actions of :func:`demonstrate` rollouts, pooled (one
+    rollout per model of a multi-model env, or one). Loss: cross-entropy on the masked logits +
+    ``value_coef`` * MSE of the value on each rollout's returns-to-go. Returns ``states``, ``epochs``,
+    the first and last epoch's loss and the final imitation accuracy over all states."""
+    policy = cast(GNNMaskablePolicy, model.policy)
+    tensors = _concat([_demonstration_tensors(policy, d, gamma) for d in demos])
+    losses = _clone_epochs(
+        policy, tensors, epochs=epochs, lr=lr, batch_size=batch_size, value_coef=value_coef, seed=seed
     )
-    return out
+    return {
+        "states": len(tensors),
+        "epochs": int(epochs),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "imitation_accuracy": _imitation_accuracy(policy, tensors),
+    }
+
+
+def _concat(demos: Sequence[_Demonstration]) -> _Demonstration:
+    """Several demonstrations' tensors as one."""
+    if len(demos) == 1:
+        return demos[0]
+    return _Demonstration(
+        {k: torch.cat([d.obs[k] for d in demos]) for k in demos[0].obs},
+        torch.cat([d.mask for d in demos]),
+        torch.cat([d.actions for d in demos]),
+        torch.cat([d.rtg for d in demos]),
+    )
 
 
 def _demonstration_tensors(policy: GNNMaskablePolicy, demo: Dict[str, Any], gamma: float) -> _Demonstration:
@@ -374,7 +420,7 @@ def _imitation_accuracy(policy: GNNMaskablePolicy, demo: _Demonstration) -> floa
 
 def _warm_start(
     model: MaskablePPO,
-    bundle: Union[BackdoorBundle, PruningSubject],
+    bundles: Sequence[Union[BackdoorBundle, PruningSubject]],
     eval_env: gym.Env,
     ws_cfg: Dict[str, Any],
     *,
@@ -382,31 +428,75 @@ def _warm_start(
     seed: int,
     log: Callable[[str], None],
 ) -> Dict[str, Any]:
-    """Warm start (c): fit the ``warm_start.baseline`` defense and clone its pruning order into
-    ``model``'s policy (:func:`behaviour_clone`); returns what ``train_state.json`` keeps of it."""
+    """Warm start (c): fit the ``warm_start.baseline`` defense on each model and clone its pruning
+    orders into ``model``'s policy (:func:`behaviour_clone`; with several models, one demonstration per
+    model in ``eval_env``'s multi-model mode, fitted together); returns what ``train_state.json`` keeps."""
+    if len(bundles) == 1:
+        t0 = time.perf_counter()
+        order = _baseline_order(bundles[0], eval_env, ws_cfg, seed=seed, index=0, log=log)
+        fit_seconds = time.perf_counter() - t0
+        info = behaviour_clone(model, eval_env, order, gamma=gamma, seed=seed, log=log, **_clone_args(ws_cfg))
+        return {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
+    t0 = time.perf_counter()
+    demos, records, fit_seconds = [], [], 0.0
+    for i, bundle in enumerate(bundles):
+        t_fit = time.perf_counter()
+        order = _baseline_order(bundle, eval_env, ws_cfg, seed=seed, index=i, log=log)
+        fit_seconds += time.perf_counter() - t_fit
+        demo = demonstrate(
+            eval_env,
+            order,
+            skip_harmful=bool(ws_cfg["skip_harmful"]),
+            max_previews=ws_cfg["max_previews"],
+            options={"model_index": i},
+        )
+        demos.append(demo)
+        records.append({"model": demo["info"]["model"], **demonstration_record(demo)})
+    clone = {k: ws_cfg[k] for k in ("epochs", "lr", "batch_size", "value_coef")}
+    fit = clone_demonstrations(model, demos, gamma=gamma, seed=seed, **clone)
+    log(f"[onp] warm start: cloned {fit['states']} steps of {len(demos)} models' orders; {_fit_summary(fit)}")
+    return {
+        "baseline": ws_cfg["baseline"],
+        "baseline_seconds": round(fit_seconds, 2),
+        **fit,
+        "env_steps": sum(r["env_steps"] for r in records),
+        "order_return": float(np.mean([r["order_return"] for r in records])),
+        "skip_harmful": bool(ws_cfg["skip_harmful"]),
+        "models": records,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _clone_args(ws_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`behaviour_clone`'s keyword arguments from the ``warm_start`` section."""
+    return {
+        "epochs": ws_cfg["epochs"],
+        "lr": ws_cfg["lr"],
+        "batch_size": ws_cfg["batch_size"],
+        "value_coef": ws_cfg["value_coef"],
+        "skip_harmful": bool(ws_cfg["skip_harmful"]),
+        "max_previews": ws_cfg["max_previews"],
+    }
+
+
+def _baseline_order(
+    bundle: Union[BackdoorBundle, PruningSubject],
+    eval_env: gym.Env,
+    ws_cfg: Dict[str, Any],
+    *,
+    seed: int,
+    index: int,
+    log: Callable[[str], None],
+) -> np.ndarray:
+    """The ``warm_start.baseline``'s pruning order (highest score first) on ``bundle``, the env's
+    model ``index``, fitted on its defense data."""
     from .heuristics import subject_scores
 
-    log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on the defense data to clone its pruning order")
-    t0 = time.perf_counter()
-    scores = subject_scores(
-        bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed, graph=_unwrapped(eval_env).graph
-    )
-    fit_seconds = time.perf_counter() - t0
-    info = behaviour_clone(
-        model,
-        eval_env,
-        np.argsort(-scores, kind="stable"),
-        epochs=ws_cfg["epochs"],
-        lr=ws_cfg["lr"],
-        batch_size=ws_cfg["batch_size"],
-        value_coef=ws_cfg["value_coef"],
-        gamma=gamma,
-        seed=seed,
-        skip_harmful=bool(ws_cfg["skip_harmful"]),
-        max_previews=ws_cfg["max_previews"],
-        log=log,
-    )
-    return {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
+    name = getattr(bundle, "name", None) or getattr(getattr(bundle, "path", None), "name", "the model")
+    log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on {name}'s defense data to clone its pruning order")
+    graph = _unwrapped(eval_env).targets[index].graph
+    scores = subject_scores(bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed, graph=graph)
+    return np.argsort(-scores, kind="stable")
 
 
 @dataclass
@@ -438,7 +528,7 @@ class _PPOSetup:
 
 
 def train_ppo_gnn(
-    bundle: Union[BackdoorBundle, PruningSubject],
+    bundle: Union[BackdoorBundle, PruningSubject, Sequence[Union[BackdoorBundle, PruningSubject]]],
     config: Dict[str, Any],
     run_dir: Path,
     *,
@@ -450,21 +540,27 @@ def train_ppo_gnn(
 ) -> Dict[str, Any]:
     """Train MaskablePPO + GNN on ``bundle`` as configured (see ``configs/train/default.yaml``).
 
+    ``bundle`` may be a list of models of one architecture (a pool): the envs sample one per episode,
+    the warm start clones each model's demonstration and every evaluation runs one episode per model
+    (the mean return picks the best policy).
+
     Returns ``{"eval_env", "policy_dir" (holds policy.pt + policy.json), "state" (TrainState), "timesteps",
     "train_seconds", "train_env_steps", "resumed_from"}``; the caller closes ``eval_env``.
     """
     run_dir = Path(run_dir)
     setup = _PPOSetup.of(config, run_dir, log)
     env_kwargs = env_kwargs_from_config(config["env"], config.get("cache_dir"))
-    factory = EnvFactory(bundle, env_kwargs, seed=setup.seed, threads=setup.ppo.get("env_threads"))
+    bundles = list(bundle) if isinstance(bundle, (list, tuple)) else [bundle]
+    source = bundles if len(bundles) > 1 else bundles[0]
+    factory = EnvFactory(source, env_kwargs, seed=setup.seed, threads=setup.ppo.get("env_threads"))
     if eval_env is None:  # the defense-validation env (deterministic episodes, the warm start's demonstration)
-        eval_env = EnvFactory(bundle, env_kwargs, seed=setup.seed, monitor=False)()
+        eval_env = EnvFactory(source, env_kwargs, seed=setup.seed, monitor=False)()
     vec_env = make_vec_env(factory, int(setup.ppo["n_envs"]), setup.ppo["vec_env"])
     total = int(setup.ppo["total_timesteps"])
     state = TrainState.load(run_dir) if resume else TrainState(run_dir)
     try:
         model, state, resumed_from = _model_to_train(
-            setup, vec_env, eval_env, bundle, state, resume=resume, total=total
+            setup, vec_env, eval_env, bundles, state, resume=resume, total=total
         )
         eval_cb, cbs = _callbacks(setup, eval_env, state, progress=progress, extra=callbacks)
         start_steps = int(model.num_timesteps)
@@ -494,7 +590,7 @@ def _model_to_train(
     setup: _PPOSetup,
     vec_env: VecEnv,
     eval_env: gym.Env,
-    bundle: Union[BackdoorBundle, PruningSubject],
+    bundles: Sequence[Union[BackdoorBundle, PruningSubject]],
     state: TrainState,
     *,
     resume: bool,
@@ -517,7 +613,7 @@ def _model_to_train(
         ws_cfg = setup.warm_start
         if ws_cfg.get("baseline"):
             state.warm_start = _warm_start(
-                model, bundle, eval_env, ws_cfg, gamma=float(setup.ppo["gamma"]), seed=setup.seed, log=log
+                model, bundles, eval_env, ws_cfg, gamma=float(setup.ppo["gamma"]), seed=setup.seed, log=log
             )
             state.eval_env_steps += state.warm_start["env_steps"]
     return model, state, resumed_from

@@ -24,7 +24,7 @@ class EnvFactory:
 
     Args:
         source: a zoo artifact directory (picklable; needed for subprocesses), or a bundle object
-            (in-process only).
+            (in-process only), or a list of them (the env's multi-model mode).
         env_kwargs: keyword arguments of :class:`envs.NeuronPruningEnv`.
         seed: the env's seed (reward-batch and probe choices); the same for every worker so all
             workers see the same reward batch.
@@ -45,11 +45,7 @@ class EnvFactory:
             torch.set_num_threads(int(self.threads))
         from envs import NeuronPruningEnv
 
-        source = self.source
-        if isinstance(source, (str, Path)):
-            from onp.zoo import open_bundle
-
-            source = open_bundle(source)
+        source = [_opened(s) for s in self.source] if isinstance(self.source, list) else _opened(self.source)
         env: gym.Env = NeuronPruningEnv(source, seed=self.seed, **self.env_kwargs)
         if self.monitor:
             from stable_baselines3.common.monitor import Monitor
@@ -59,17 +55,31 @@ class EnvFactory:
         return env
 
     def for_subprocess(self) -> "EnvFactory":
-        """A copy whose source is the artifact path (bundles are not sent to workers)."""
-        src = self.source
-        if not isinstance(src, (str, Path)):
-            path = getattr(src, "path", None)
-            if path is None:
-                raise ValueError(
-                    "SubprocVecEnv needs a model saved in the zoo (an artifact directory); "
-                    "use vec_env='dummy' for an in-memory model"
-                )
-            src = str(path)
-        return EnvFactory(str(src), dict(self.env_kwargs), self.seed, self.rank, self.threads, self.monitor)
+        """A copy whose source is the artifact path(s) (bundles are not sent to workers)."""
+        src = [_artifact_path(s) for s in self.source] if isinstance(self.source, list) else _artifact_path(self.source)
+        return EnvFactory(src, dict(self.env_kwargs), self.seed, self.rank, self.threads, self.monitor)
+
+
+def _opened(source: Any) -> Any:
+    """A bundle: ``source`` itself, or the zoo artifact directory it names opened."""
+    if isinstance(source, (str, Path)):
+        from onp.zoo import open_bundle
+
+        return open_bundle(source)
+    return source
+
+
+def _artifact_path(source: Any) -> str:
+    """The zoo artifact directory of ``source`` (a path, or a bundle saved in the zoo), else a clear error."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    path = getattr(source, "path", None)
+    if path is None:
+        raise ValueError(
+            "SubprocVecEnv needs a model saved in the zoo (an artifact directory); "
+            "use vec_env='dummy' for an in-memory model"
+        )
+    return str(path)
 
 
 def make_vec_env(

@@ -117,6 +117,8 @@ def default_run_dir(cfg: Dict[str, Any]) -> Path:
     label = agent_label(cfg["agent"])
     if cfg["warm_start"].get("baseline"):
         label += f"-bc-{cfg['warm_start']['baseline']}"
+    if cfg.get("pool"):
+        label += f"-pool{len(cfg['pool']) + 1}"
     attack = "clean" if b.get("clean") else b["attack"]
     return Path("runs") / "train" / f"{b['model']}-{attack}-{label}-s{cfg['seed']}"
 
@@ -331,7 +333,8 @@ def _train_into(
     progress = progress and not quiet
     seed = _seed_run(cfg)
     bundle = _load_bundle(cfg, log, progress)
-    env, agent = _build_env_and_agent(cfg, bundle, seed)
+    pool = _load_pool(cfg, log, progress)
+    env, agent = _build_env_and_agent(cfg, [bundle, *pool], seed)
     verdict = _backdoor_verdict(cfg, env, log)
     learns = bool(getattr(agent, "learns", False))
     t_learn0 = time.perf_counter()
@@ -376,12 +379,37 @@ def _seed_run(cfg: Dict[str, Any]) -> int:
     return seed
 
 
-def _build_env_and_agent(cfg: Dict[str, Any], bundle: "BackdoorBundle", seed: int) -> Tuple[Any, Any]:
-    """The env of the run (its reward batch is the defense-validation split) and the configured agent on it."""
+def _load_pool(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool) -> List["BackdoorBundle"]:
+    """The ``pool``'s models (trained first where not cached yet), for a policy trained on all of them."""
+    from .zoo import BackdoorConfig, load_bundle
+
+    if not cfg["pool"]:
+        return []
+    log(
+        f"[onp] pool: one policy trained on {len(cfg['pool']) + 1} models (this one and "
+        + ", ".join(f"{'clean' if b.get('clean') else b['attack']} s{b['seed']}" for b in cfg["pool"])
+        + "); the pruning and the report below are this model's"
+    )
+    return [
+        load_bundle(
+            BackdoorConfig.from_dict(b),
+            cache_dir=cfg.get("cache_dir"),
+            data_dir=cfg.get("data_dir"),
+            progress=progress,
+            device=cfg.get("device", "cpu"),
+        )
+        for b in cfg["pool"]
+    ]
+
+
+def _build_env_and_agent(cfg: Dict[str, Any], bundles: List["BackdoorBundle"], seed: int) -> Tuple[Any, Any]:
+    """The env of the run (its reward batch is the defense-validation split; with a ``pool``, one env over
+    all the models, the run's own first) and the configured agent on it."""
     from agents import accepts, build_agent, resolve_agent_factory
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
-    env = EnvFactory(bundle, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
+    source = bundles if len(bundles) > 1 else bundles[0]
+    env = EnvFactory(source, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
     factory, extra, _ = resolve_agent_factory(cfg["agent"])
     params = {**extra, **cfg["agent_params"]}
     if "seed" not in params and accepts(factory, "seed"):
@@ -468,7 +496,7 @@ def _choose_episode(
         "final": 0,
     }
     t_roll = time.perf_counter()
-    res = rollout(agent, env)
+    res = rollout(agent, env, options={"model_index": 0})  # the run's own model (the first of a pool)
     steps["final"] = res["steps"]
     base = cast("NeuronPruningEnv", env.unwrapped)
     rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
@@ -589,6 +617,7 @@ def _run_metrics(cfg: Dict[str, Any], bundle: "BackdoorBundle", ep: _Episode, te
         else "env steps per second",
         "data_source": bundle.meta.get("data_source"),
         "model_dir": str(bundle.path),
+        **({"pool": [t.name for t in base.targets]} if len(base.targets) > 1 else {}),
         **ep.train_info,
         "test_note": "ACC on the clean test set; ASR/RA with the attack's real trigger on non-target test images",
     }

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from typing_extensions import Self
 
 from .backdoor_verdict import DEFAULT_ANOMALY_THRESHOLD
@@ -42,6 +42,8 @@ __all__ = [
     "check_device",
 ]
 
+#: backdoor keys every model of a ``pool`` shares with ``backdoor`` (one architecture, one dataset)
+POOL_SHARED_KEYS = ("model", "width", "dataset")
 #: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
 NO_WARM_START = ("none", "null", "")
 
@@ -109,6 +111,12 @@ class PolicyConfig(TypedConfig):
     heads: int = Field(4, ge=1, le=64)
     symmetric: bool = True
     head_hidden: int = Field(64, ge=1, le=4096)
+    edge_weights: Literal["model", "uniform"] = Field(
+        "model",
+        description="model: the neuron graph's edges weighted by the model's kernel norms; uniform: every edge "
+        "weight 1, the architecture's topology alone (a pooled policy's: one graph for every model, each "
+        "model's weights reach the policy through the node features)",
+    )
 
 
 class PPOConfig(TypedConfig):
@@ -302,6 +310,14 @@ class TrainConfig(TypedConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    pool: List[Dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=256,
+        description="more backdoored models to train one policy on together with `backdoor` (each entry: "
+        "BackdoorConfig keys that differ from `backdoor`, e.g. {attack: blend, seed: 1}). The env samples one "
+        "model per episode; the warm start clones every model's demonstration; the defense-val evaluation "
+        "averages the return over all of them. The run's pruning and report are on `backdoor`",
+    )
     seed: int = Field(0, ge=0, description="the agent's seed (--seed also sets backdoor.seed)")
     config_name: ClassVar[str] = "training config"
 
@@ -316,6 +332,41 @@ class TrainConfig(TypedConfig):
     @classmethod
     def _backdoor(cls, v: Dict[str, Any]) -> Dict[str, Any]:
         return resolved_backdoor(v)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v: List[Dict[str, Any]], info: ValidationInfo) -> List[Dict[str, Any]]:
+        """Each entry merged onto ``backdoor`` and resolved; a repeated model is refused."""
+        primary = info.data.get("backdoor")
+        if primary is None:  # backdoor itself was refused; its error is reported
+            return v
+        seen = [primary]
+        out = []
+        for i, entry in enumerate(v):
+            changed = sorted(k for k in POOL_SHARED_KEYS if k in entry and entry[k] != primary.get(k))
+            if changed:
+                raise ValueError(f"pool[{i}] changes {', '.join(changed)}: a pool is models of one architecture and dataset")
+            params = {} if "attack" in entry and entry["attack"] != primary.get("attack") else primary["attack_params"]
+            try:
+                model = resolved_backdoor({**primary, "attack_params": params, **entry})
+            except ValueError as exc:
+                raise ValueError(f"pool[{i}]: {exc}") from None
+            if model in seen:
+                raise ValueError(f"pool[{i}] is the same model as {'backdoor' if model == primary else 'an earlier entry'}")
+            seen.append(model)
+            out.append(model)
+        return out
+
+    @model_validator(mode="after")
+    def _pool_needs_one_graph(self) -> Self:
+        if self.pool and self.policy.edge_weights != "uniform":
+            raise ValueError(
+                "a pooled policy acts on several models through one graph: set policy.edge_weights=uniform "
+                "(configs/train/pooled.yaml does)"
+            )
+        if self.pool and self.checkpoint:
+            raise ValueError("pool trains on zoo models: it cannot be combined with checkpoint")
+        return self
 
     @field_validator("agent_params")
     @classmethod
