@@ -215,11 +215,13 @@ def run_policy(
     log: Optional[Callable[[str], None]] = None,
     agent: Optional[str] = None,
     force: Optional[bool] = None,
+    finetune_method: Optional[str] = None,
 ) -> Dict[str, Any]:
     """One deterministic episode of the source run's policy in an env on ``bundle``'s model.
 
     ``force`` overrides the source run's ``rollout.force`` (keep the pruning even when the backdoor
-    verdict of a trigger-inverting estimator finds no backdoor).
+    verdict of a trigger-inverting estimator finds no backdoor); ``finetune_method`` its
+    ``rollout.finetune.method`` (``ft`` or ``fst``).
 
     ``agent`` is the ``--agent`` the user passed: an agent that the run's ``config.json`` names by a
     file or module path is imported only when the user names the same one explicitly (a run folder
@@ -245,7 +247,7 @@ def run_policy(
     try:
         act = _source_agent(source, bundle, env, seed=seed, device=device)
         res = rollout(act, env, seed=seed)
-        return _chosen_pruning(cfg, bundle, env, res, log, force=force)
+        return _chosen_pruning(cfg, bundle, env, res, log, force=force, finetune_method=finetune_method)
     finally:
         env.close()
 
@@ -285,13 +287,16 @@ def _chosen_pruning(
     log: Optional[Callable[[str], None]],
     *,
     force: Optional[bool] = None,
+    finetune_method: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """The episode of ``res`` that the source run's ``rollout`` config chooses (``force``: its
-    ``rollout.force`` overridden), applied to a fresh copy of the target model (:func:`run_policy`'s result)."""
+    """The episode of ``res`` that the source run's ``rollout`` config chooses (``force``,
+    ``finetune_method``: its ``rollout.force``, ``rollout.finetune.method`` overridden), applied to a fresh copy of the target model (:func:`run_policy`'s result)."""
     from agents import finetune_pruned, select_pruning
 
     base = cast("NeuronPruningEnv", env.unwrapped)
     ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
+    if finetune_method is not None:
+        ro.finetune.method = finetune_method  # type: ignore[assignment]  # checked by EvaluateConfig
     verdict = backdoor_verdict(base.target.probe.info, estimator=base.asr_estimator, threshold=ro.anomaly_threshold)
     if verdict is not None and log is not None:
         log(f"[onp] backdoor {verdict.summary()}")
@@ -584,6 +589,7 @@ def _evaluate_into(
             log=None if quiet else print,
             agent=cfg.agent,
             force=cfg.force,
+            finetune_method=cfg.finetune_method,
         )
     else:
         res = apply_pruned_set(source, bundle, prune_mode=cfg.prune_mode)

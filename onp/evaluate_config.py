@@ -40,6 +40,9 @@ class EvaluateConfig(TypedConfig):
         description="policy: keep the pruning even when the backdoor verdict finds no backdoor "
         "(default: the source run's rollout.force)",
     )
+    finetune_method: Optional[Literal["ft", "fst"]] = Field(
+        None, description="policy: the finisher after pruning (default: the source run's rollout.finetune.method)"
+    )
     device: Optional[str] = None
     deterministic: bool = False
     cache_dir: Optional[str] = Field(None, min_length=1)
@@ -63,6 +66,8 @@ class EvaluateConfig(TypedConfig):
             raise ValueError("prune_mode applies to pruned only (a policy prunes in its env's mask_mode)")
         if self.force is not None and self.pruned is not None:
             raise ValueError("force applies to policy only (a pruned set is applied as it is)")
+        if self.finetune_method is not None and self.pruned is not None:
+            raise ValueError("finetune_method applies to policy only (a pruned set is applied as it is)")
         return self
 
     @property

@@ -60,6 +60,7 @@ from .config import deep_update, load_yaml
 from .io import RunExistsError, atomic_write_json, is_onp_folder, read_json, run_folder
 from .masks import apply_pruning
 from .metrics import evaluate_backdoor, with_der
+from .registry import UnknownNameError
 from .rundir import RunResult, reproduce_line, write_run
 from .train_config import RolloutConfig, TrainConfig
 
@@ -106,7 +107,11 @@ def resolve_config(config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
 
     resolve_agent_factory(cfg["agent"])  # fail early on an unknown / malformed agent (ranked:<baseline> too)
     if cfg["warm_start"]["baseline"]:
-        baselines.DEFENSES.check(cfg["warm_start"]["baseline"])
+        try:
+            baselines.DEFENSES.check(cfg["warm_start"]["baseline"])
+        except UnknownNameError as exc:  # the same error, naming the key it came from
+            exc.args = (f"warm_start.baseline: {exc}",)
+            raise
     return cfg
 
 
