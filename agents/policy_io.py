@@ -143,7 +143,9 @@ def _arch_kwargs(meta: Dict[str, Any], where: Path) -> Dict[str, Any]:
         if not ok:
             raise CheckpointError(f"{where}: arch.{key} has a value of the wrong type ({val!r})")
     if arch.get("edge_weights", "model") not in EDGE_WEIGHTS:
-        raise CheckpointError(f"{where}: arch.edge_weights must be one of {', '.join(EDGE_WEIGHTS)}; got {arch['edge_weights']!r}")
+        raise CheckpointError(
+            f"{where}: arch.edge_weights must be one of {', '.join(EDGE_WEIGHTS)}; got {arch['edge_weights']!r}"
+        )
     return dict(arch)
 
 

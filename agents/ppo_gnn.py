@@ -130,7 +130,14 @@ class PPOGNNAgent(BaseAgent):
     ) -> LearnResult:
         bundles = _unwrapped(env).bundles
         out = train_ppo_gnn(
-            bundles if len(bundles) > 1 else bundles[0], config, run_dir, eval_env=env, resume=resume, progress=progress, callbacks=callbacks, log=log
+            bundles if len(bundles) > 1 else bundles[0],
+            config,
+            run_dir,
+            eval_env=env,
+            resume=resume,
+            progress=progress,
+            callbacks=callbacks,
+            log=log,
         )
         state = out["state"]
         self.policy = load_policy(run_dir, env, device=self.device)
@@ -493,7 +500,9 @@ def _baseline_order(
     from .heuristics import subject_scores
 
     name = getattr(bundle, "name", None) or getattr(getattr(bundle, "path", None), "name", "the model")
-    log(f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on {name}'s defense data to clone its pruning order")
+    log(
+        f"[onp] warm start: fitting baseline {ws_cfg['baseline']!r} on {name}'s defense data to clone its pruning order"
+    )
     graph = _unwrapped(eval_env).targets[index].graph
     scores = subject_scores(bundle, ws_cfg["baseline"], ws_cfg.get("params") or {}, seed=seed, graph=graph)
     return np.argsort(-scores, kind="stable")
@@ -550,7 +559,9 @@ def train_ppo_gnn(
     run_dir = Path(run_dir)
     setup = _PPOSetup.of(config, run_dir, log)
     env_kwargs = env_kwargs_from_config(config["env"], config.get("cache_dir"))
-    bundles = list(bundle) if isinstance(bundle, (list, tuple)) else [bundle]
+    bundles: List[Union[BackdoorBundle, PruningSubject]] = (
+        list(bundle) if isinstance(bundle, (list, tuple)) else [cast(Union["BackdoorBundle", "PruningSubject"], bundle)]
+    )
     source = bundles if len(bundles) > 1 else bundles[0]
     factory = EnvFactory(source, env_kwargs, seed=setup.seed, threads=setup.ppo.get("env_threads"))
     if eval_env is None:  # the defense-validation env (deterministic episodes, the warm start's demonstration)

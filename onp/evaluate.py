@@ -290,7 +290,8 @@ def _chosen_pruning(
     finetune_method: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The episode of ``res`` that the source run's ``rollout`` config chooses (``force``,
-    ``finetune_method``: its ``rollout.force``, ``rollout.finetune.method`` overridden), applied to a fresh copy of the target model (:func:`run_policy`'s result)."""
+    ``finetune_method``: its ``rollout.force``, ``rollout.finetune.method`` overridden), applied to a
+    fresh copy of the target model (:func:`run_policy`'s result)."""
     from agents import finetune_pruned, select_pruning
 
     base = cast("NeuronPruningEnv", env.unwrapped)

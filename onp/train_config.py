@@ -345,14 +345,18 @@ class TrainConfig(TypedConfig):
         for i, entry in enumerate(v):
             changed = sorted(k for k in POOL_SHARED_KEYS if k in entry and entry[k] != primary.get(k))
             if changed:
-                raise ValueError(f"pool[{i}] changes {', '.join(changed)}: a pool is models of one architecture and dataset")
+                raise ValueError(
+                    f"pool[{i}] changes {', '.join(changed)}: a pool is models of one architecture and dataset"
+                )
             params = {} if "attack" in entry and entry["attack"] != primary.get("attack") else primary["attack_params"]
             try:
                 model = resolved_backdoor({**primary, "attack_params": params, **entry})
             except ValueError as exc:
                 raise ValueError(f"pool[{i}]: {exc}") from None
             if model in seen:
-                raise ValueError(f"pool[{i}] is the same model as {'backdoor' if model == primary else 'an earlier entry'}")
+                raise ValueError(
+                    f"pool[{i}] is the same model as {'backdoor' if model == primary else 'an earlier entry'}"
+                )
             seen.append(model)
             out.append(model)
         return out

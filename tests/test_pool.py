@@ -20,7 +20,11 @@ UNIFORM = {"policy": {"edge_weights": "uniform"}}
 
 def test_pool_entries_are_the_keys_that_differ_from_backdoor():
     cfg = TrainConfig.from_dict(
-        {"backdoor": {"attack": "badnets", "attack_params": {"patch_size": 4}}, "pool": [{"seed": 1}, {"attack": "blend"}], **UNIFORM}
+        {
+            "backdoor": {"attack": "badnets", "attack_params": {"patch_size": 4}},
+            "pool": [{"seed": 1}, {"attack": "blend"}],
+            **UNIFORM,
+        }
     )
     same_attack, other_attack = cfg.pool
     assert same_attack["attack"] == "badnets" and same_attack["seed"] == 1 and same_attack["width"] == 16
@@ -82,13 +86,15 @@ def second_tiny_bundle(onp_cache):
 
 def test_evaluation_runs_one_episode_per_model(tiny_bundle, second_tiny_bundle):
     from agents.callbacks import evaluate_policy_episode
+    from agents.gnn_policy import policy_kwargs_for
     from agents.ppo_gnn import make_ppo
     from agents.vec_envs import EnvFactory, make_vec_env
-    from agents.gnn_policy import policy_kwargs_for
 
     factory = EnvFactory([tiny_bundle, second_tiny_bundle], {"budget": 4, "reward_batch": 40}, monitor=False)
     env = factory()
-    model = make_ppo(make_vec_env(factory), policy_kwargs_for(env, hidden=8, layers=1, head_hidden=8, edge_weights="uniform"))
+    model = make_ppo(
+        make_vec_env(factory), policy_kwargs_for(env, hidden=8, layers=1, head_hidden=8, edge_weights="uniform")
+    )
     res = evaluate_policy_episode(model, env)
     assert len(res["returns"]) == 2
     assert res["mean_return"] == pytest.approx(float(np.mean(res["returns"])))
@@ -96,7 +102,9 @@ def test_evaluation_runs_one_episode_per_model(tiny_bundle, second_tiny_bundle):
     from agents import rollout
 
     for i, ret in enumerate(res["returns"]):
-        own = rollout(lambda o, m: model.predict(o, action_masks=m, deterministic=True)[0], env, options={"model_index": i})
+        own = rollout(
+            lambda o, m: model.predict(o, action_masks=m, deterministic=True)[0], env, options={"model_index": i}
+        )
         assert own["info"]["model"] == env.targets[i].name
         assert own["return"] == pytest.approx(ret)
     env.close()
