@@ -346,7 +346,7 @@ class GNNMaskablePolicy(MaskableMultiInputActorCriticPolicy):
         heads: GAT heads; symmetric: also pass messages along reversed edges;
         head_hidden: width of the heads' hidden layer; clip: input feature clamp.
         edge_weights: ``"model"`` (the given ``edge_weight``) or ``"uniform"`` (every edge 1: the
-            architecture's topology alone, the same for every model of it; a pooled policy's).
+            architecture's topology alone, the same for every model of it; a multi-model policy's).
     """
 
     def __init__(

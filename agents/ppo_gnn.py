@@ -549,7 +549,7 @@ def train_ppo_gnn(
 ) -> Dict[str, Any]:
     """Train MaskablePPO + GNN on ``bundle`` as configured (see ``configs/train/default.yaml``).
 
-    ``bundle`` may be a list of models of one architecture (a pool): the envs sample one per episode,
+    ``bundle`` may be a list of models of one architecture (multi-model mode): the envs sample one per episode,
     the warm start clones each model's demonstration and every evaluation runs one episode per model
     (the mean return picks the best policy).
 

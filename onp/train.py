@@ -122,8 +122,8 @@ def default_run_dir(cfg: Dict[str, Any]) -> Path:
     label = agent_label(cfg["agent"])
     if cfg["warm_start"].get("baseline"):
         label += f"-bc-{cfg['warm_start']['baseline']}"
-    if cfg.get("pool"):
-        label += f"-pool{len(cfg['pool']) + 1}"
+    if cfg.get("multi_model"):
+        label += f"-multi{len(cfg['multi_model']) + 1}"
     attack = "clean" if b.get("clean") else b["attack"]
     return Path("runs") / "train" / f"{b['model']}-{attack}-{label}-s{cfg['seed']}"
 
@@ -338,8 +338,8 @@ def _train_into(
     progress = progress and not quiet
     seed = _seed_run(cfg)
     bundle = _load_bundle(cfg, log, progress)
-    pool = _load_pool(cfg, log, progress)
-    env, agent = _build_env_and_agent(cfg, [bundle, *pool], seed)
+    others = _load_multi_model(cfg, log, progress)
+    env, agent = _build_env_and_agent(cfg, [bundle, *others], seed)
     verdict = _backdoor_verdict(cfg, env, log)
     learns = bool(getattr(agent, "learns", False))
     t_learn0 = time.perf_counter()
@@ -384,15 +384,15 @@ def _seed_run(cfg: Dict[str, Any]) -> int:
     return seed
 
 
-def _load_pool(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool) -> List["BackdoorBundle"]:
-    """The ``pool``'s models (trained first where not cached yet), for a policy trained on all of them."""
+def _load_multi_model(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool) -> List["BackdoorBundle"]:
+    """The ``multi_model`` models (trained first where not cached yet), for a policy trained on all of them."""
     from .zoo import BackdoorConfig, load_bundle
 
-    if not cfg["pool"]:
+    if not cfg["multi_model"]:
         return []
     log(
-        f"[onp] pool: one policy trained on {len(cfg['pool']) + 1} models (this one and "
-        + ", ".join(f"{'clean' if b.get('clean') else b['attack']} s{b['seed']}" for b in cfg["pool"])
+        f"[onp] multi-model: one policy trained on {len(cfg['multi_model']) + 1} models (this one and "
+        + ", ".join(f"{'clean' if b.get('clean') else b['attack']} s{b['seed']}" for b in cfg["multi_model"])
         + "); the pruning and the report below are this model's"
     )
     return [
@@ -403,12 +403,12 @@ def _load_pool(cfg: Dict[str, Any], log: Callable[[str], None], progress: bool) 
             progress=progress,
             device=cfg.get("device", "cpu"),
         )
-        for b in cfg["pool"]
+        for b in cfg["multi_model"]
     ]
 
 
 def _build_env_and_agent(cfg: Dict[str, Any], bundles: List["BackdoorBundle"], seed: int) -> Tuple[Any, Any]:
-    """The env of the run (its reward batch is the defense-validation split; with a ``pool``, one env over
+    """The env of the run (its reward batch is the defense-validation split; with ``multi_model``, one env over
     all the models, the run's own first) and the configured agent on it."""
     from agents import accepts, build_agent, resolve_agent_factory
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
@@ -501,7 +501,7 @@ def _choose_episode(
         "final": 0,
     }
     t_roll = time.perf_counter()
-    res = rollout(agent, env, options={"model_index": 0})  # the run's own model (the first of a pool)
+    res = rollout(agent, env, options={"model_index": 0})  # the run's own model (the first of multi_model's)
     steps["final"] = res["steps"]
     base = cast("NeuronPruningEnv", env.unwrapped)
     rollout_cfg = RolloutConfig.from_dict(cfg["rollout"])
@@ -622,7 +622,7 @@ def _run_metrics(cfg: Dict[str, Any], bundle: "BackdoorBundle", ep: _Episode, te
         else "env steps per second",
         "data_source": bundle.meta.get("data_source"),
         "model_dir": str(bundle.path),
-        **({"pool": [t.name for t in base.targets]} if len(base.targets) > 1 else {}),
+        **({"multi_model": [t.name for t in base.targets]} if len(base.targets) > 1 else {}),
         **ep.train_info,
         "test_note": "ACC on the clean test set; ASR/RA with the attack's real trigger on non-target test images",
     }

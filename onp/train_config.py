@@ -42,8 +42,8 @@ __all__ = [
     "check_device",
 ]
 
-#: backdoor keys every model of a ``pool`` shares with ``backdoor`` (one architecture, one dataset)
-POOL_SHARED_KEYS = ("model", "width", "dataset")
+#: backdoor keys every model of ``multi_model`` shares with ``backdoor`` (one architecture, one dataset)
+MULTI_MODEL_SHARED_KEYS = ("model", "width", "dataset")
 #: values of ``warm_start.baseline`` (and ``--warm-start``) that mean a cold start
 NO_WARM_START = ("none", "null", "")
 
@@ -114,7 +114,7 @@ class PolicyConfig(TypedConfig):
     edge_weights: Literal["model", "uniform"] = Field(
         "model",
         description="model: the neuron graph's edges weighted by the model's kernel norms; uniform: every edge "
-        "weight 1, the architecture's topology alone (a pooled policy's: one graph for every model, each "
+        "weight 1, the architecture's topology alone (a multi-model policy's: one graph for every model, each "
         "model's weights reach the policy through the node features)",
     )
 
@@ -310,7 +310,7 @@ class TrainConfig(TypedConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    pool: List[Dict[str, Any]] = Field(
+    multi_model: List[Dict[str, Any]] = Field(
         default_factory=list,
         max_length=256,
         description="more backdoored models to train one policy on together with `backdoor` (each entry: "
@@ -333,9 +333,9 @@ class TrainConfig(TypedConfig):
     def _backdoor(cls, v: Dict[str, Any]) -> Dict[str, Any]:
         return resolved_backdoor(v)
 
-    @field_validator("pool")
+    @field_validator("multi_model")
     @classmethod
-    def _pool(cls, v: List[Dict[str, Any]], info: ValidationInfo) -> List[Dict[str, Any]]:
+    def _multi_model(cls, v: List[Dict[str, Any]], info: ValidationInfo) -> List[Dict[str, Any]]:
         """Each entry merged onto ``backdoor`` and resolved; a repeated model is refused."""
         primary = info.data.get("backdoor")
         if primary is None:  # backdoor itself was refused; its error is reported
@@ -343,33 +343,33 @@ class TrainConfig(TypedConfig):
         seen = [primary]
         out = []
         for i, entry in enumerate(v):
-            changed = sorted(k for k in POOL_SHARED_KEYS if k in entry and entry[k] != primary.get(k))
+            changed = sorted(k for k in MULTI_MODEL_SHARED_KEYS if k in entry and entry[k] != primary.get(k))
             if changed:
                 raise ValueError(
-                    f"pool[{i}] changes {', '.join(changed)}: a pool is models of one architecture and dataset"
+                    f"multi_model[{i}] changes {', '.join(changed)}: the models are of one architecture and dataset"
                 )
             params = {} if "attack" in entry and entry["attack"] != primary.get("attack") else primary["attack_params"]
             try:
                 model = resolved_backdoor({**primary, "attack_params": params, **entry})
             except ValueError as exc:
-                raise ValueError(f"pool[{i}]: {exc}") from None
+                raise ValueError(f"multi_model[{i}]: {exc}") from None
             if model in seen:
                 raise ValueError(
-                    f"pool[{i}] is the same model as {'backdoor' if model == primary else 'an earlier entry'}"
+                    f"multi_model[{i}] is the same model as {'backdoor' if model == primary else 'an earlier entry'}"
                 )
             seen.append(model)
             out.append(model)
         return out
 
     @model_validator(mode="after")
-    def _pool_needs_one_graph(self) -> Self:
-        if self.pool and self.policy.edge_weights != "uniform":
+    def _multi_model_needs_one_graph(self) -> Self:
+        if self.multi_model and self.policy.edge_weights != "uniform":
             raise ValueError(
-                "a pooled policy acts on several models through one graph: set policy.edge_weights=uniform "
-                "(configs/train/pooled.yaml does)"
+                "a multi-model policy acts on several models through one graph: set policy.edge_weights=uniform "
+                "(configs/train/multi_model.yaml does)"
             )
-        if self.pool and self.checkpoint:
-            raise ValueError("pool trains on zoo models: it cannot be combined with checkpoint")
+        if self.multi_model and self.checkpoint:
+            raise ValueError("multi_model trains on zoo models: it cannot be combined with checkpoint")
         return self
 
     @field_validator("agent_params")

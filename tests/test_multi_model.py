@@ -1,4 +1,4 @@
-"""One policy trained on several models (``TrainConfig.pool``, issue #17 §5): the config, the pooled
+"""One policy trained on several models (``TrainConfig.multi_model``, issue #17 §5): the config, the
 behaviour cloning, the defense-val evaluation over every model, and the policy applied to a model it
 never saw (``onp.evaluate``)."""
 
@@ -18,15 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 UNIFORM = {"policy": {"edge_weights": "uniform"}}
 
 
-def test_pool_entries_are_the_keys_that_differ_from_backdoor():
+def test_multi_model_entries_are_the_keys_that_differ_from_backdoor():
     cfg = TrainConfig.from_dict(
         {
             "backdoor": {"attack": "badnets", "attack_params": {"patch_size": 4}},
-            "pool": [{"seed": 1}, {"attack": "blend"}],
+            "multi_model": [{"seed": 1}, {"attack": "blend"}],
             **UNIFORM,
         }
     )
-    same_attack, other_attack = cfg.pool
+    same_attack, other_attack = cfg.multi_model
     assert same_attack["attack"] == "badnets" and same_attack["seed"] == 1 and same_attack["width"] == 16
     assert same_attack["attack_params"] == {"patch_size": 4}  # the same attack keeps its parameters
     assert other_attack["attack"] == "blend" and other_attack["seed"] == 0
@@ -36,25 +36,28 @@ def test_pool_entries_are_the_keys_that_differ_from_backdoor():
 @pytest.mark.parametrize(
     "data, words",
     [
-        ({"pool": [{"seed": 1}]}, "policy.edge_weights=uniform"),
-        ({"pool": [{"seed": 0}], **UNIFORM}, "pool[0] is the same model as backdoor"),
-        ({"pool": [{"seed": 1}, {"seed": 1}], **UNIFORM}, "pool[1] is the same model as an earlier entry"),
-        ({"pool": [{"width": 8}], **UNIFORM}, "pool[0] changes width"),
-        ({"pool": [{"attack": "nope"}], **UNIFORM}, "valid choices: badnets"),
-        ({"pool": [{"atack": "blend"}], **UNIFORM}, "unknown backdoor config key"),
-        ({"pool": [{"seed": 1}], "checkpoint": "runs/x", **UNIFORM}, "cannot be combined with checkpoint"),
+        ({"multi_model": [{"seed": 1}]}, "policy.edge_weights=uniform"),
+        ({"multi_model": [{"seed": 0}], **UNIFORM}, "multi_model[0] is the same model as backdoor"),
+        (
+            {"multi_model": [{"seed": 1}, {"seed": 1}], **UNIFORM},
+            "multi_model[1] is the same model as an earlier entry",
+        ),
+        ({"multi_model": [{"width": 8}], **UNIFORM}, "multi_model[0] changes width"),
+        ({"multi_model": [{"attack": "nope"}], **UNIFORM}, "valid choices: badnets"),
+        ({"multi_model": [{"atack": "blend"}], **UNIFORM}, "unknown backdoor config key"),
+        ({"multi_model": [{"seed": 1}], "checkpoint": "runs/x", **UNIFORM}, "cannot be combined with checkpoint"),
         ({"policy": {"edge_weights": "mean"}}, "policy.edge_weights"),
     ],
 )
-def test_bad_pools_are_refused_up_front(data, words):
+def test_bad_multi_model_lists_are_refused_up_front(data, words):
     with pytest.raises(ConfigError, match=None) as err:
         TrainConfig.from_dict(data)
     assert words in str(err.value)
 
 
-def test_pooled_profile_resolves_to_the_ten_seed_0_and_1_models():
-    cfg = TrainConfig.from_dict(load_yaml(ROOT / "configs" / "train" / "pooled.yaml"))
-    models = [(b["attack"], b["seed"]) for b in [cfg.backdoor, *cfg.pool]]
+def test_multi_model_profile_resolves_to_the_ten_seed_0_and_1_models():
+    cfg = TrainConfig.from_dict(load_yaml(ROOT / "configs" / "train" / "multi_model.yaml"))
+    models = [(b["attack"], b["seed"]) for b in [cfg.backdoor, *cfg.multi_model]]
     assert sorted(models) == sorted((a, s) for a in ("badnets", "blend", "sig", "trojan", "wanet") for s in (0, 1))
     assert cfg.env.asr_estimator != "trigger"  # the honest setting
     assert cfg.ppo.total_timesteps == 2560 * len(models)
@@ -110,7 +113,9 @@ def test_evaluation_runs_one_episode_per_model(tiny_bundle, second_tiny_bundle):
     env.close()
 
 
-def test_pooled_training_end_to_end_and_applied_to_a_new_model(tiny_bundle, second_tiny_bundle, onp_cache, tmp_path):
+def test_multi_model_training_end_to_end_and_applied_to_a_new_model(
+    tiny_bundle, second_tiny_bundle, onp_cache, tmp_path
+):
     from agents.policy_io import load_policy
     from envs import NeuronPruningEnv
     from onp.evaluate import run_evaluate
@@ -118,14 +123,14 @@ def test_pooled_training_end_to_end_and_applied_to_a_new_model(tiny_bundle, seco
     from onp.train import run_training
 
     cfg = load_yaml(ROOT / "configs" / "train" / "tiny.yaml")
-    cfg.update({"pool": [{"seed": 1}], **UNIFORM, "cache_dir": str(onp_cache)})
+    cfg.update({"multi_model": [{"seed": 1}], **UNIFORM, "cache_dir": str(onp_cache)})
     cfg["ppo"]["total_timesteps"] = 64
-    run = tmp_path / "pooled"
+    run = tmp_path / "multi"
     m = run_training(cfg, run, quiet=True).metrics
-    assert m["pool"] == [tiny_bundle.path.name, second_tiny_bundle.path.name]
+    assert m["multi_model"] == [tiny_bundle.path.name, second_tiny_bundle.path.name]
     assert m["model_dir"] == str(tiny_bundle.path)  # the run's pruning and report are backdoor's
     ws = json.loads((run / "train_state.json").read_text())["warm_start"]
-    assert [r["model"] for r in ws["models"]] == m["pool"]  # one demonstration per model, cloned together
+    assert [r["model"] for r in ws["models"]] == m["multi_model"]  # one demonstration per model, cloned together
     assert ws["env_steps"] == sum(r["env_steps"] for r in ws["models"])
     assert 0 < ws["states"] <= ws["env_steps"]
     curve = json.loads((run / "learning_curve.json").read_text())
@@ -135,7 +140,7 @@ def test_pooled_training_end_to_end_and_applied_to_a_new_model(tiny_bundle, seco
     env = NeuronPruningEnv(second_tiny_bundle, budget=8, reward_batch=80, delta=0.5)
     assert torch.all(load_policy(run, env).encoder.edge_weight == 1)  # the stored policy stays uniform
     env.close()
-    # zero-shot: the pooled policy on a model outside the pool
+    # zero-shot: the multi-model policy on a model it was not trained on
     out = run_evaluate(
         EvaluateConfig.from_dict(
             {"policy": str(run), "target": {"seed": 2}, "cache_dir": str(onp_cache), "finetune_method": "fst"}
@@ -144,7 +149,7 @@ def test_pooled_training_end_to_end_and_applied_to_a_new_model(tiny_bundle, seco
         quiet=True,
     ).metrics
     target = Path(out["target"]["model_dir"]).name
-    assert out["target"]["seed"] == 2 and target not in m["pool"]
+    assert out["target"]["seed"] == 2 and target not in m["multi_model"]
     assert out["source"]["run_dir"] == str(run) and 0 <= out["n_pruned"] <= 8
     assert out["finetune"]["method"] == "fst"  # the finisher overridden at evaluation (the run's is ft)
     with pytest.raises(ConfigError, match="finetune_method applies to policy only"):
