@@ -170,6 +170,11 @@ class DefendConfig(TypedConfig):
             taken += [f"env.{k}" for k in env if k in ENV_KEYS_FROM_DEFEND]
         if taken:
             raise ValueError(f"{', '.join(taken)} cannot be set here: they are keys of the defend config itself")
+        if v.get("multi_model"):
+            raise ValueError(
+                "multi_model cannot be set here: onp.defend trains on the one model you give it (a policy "
+                "for many zoo models is trained with onp.train --config configs/train/multi_model.yaml)"
+            )
         TrainConfig.from_dict(v)  # types, ranges, unknown keys (a ConfigError names the key)
         return v
 

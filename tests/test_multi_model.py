@@ -154,3 +154,21 @@ def test_multi_model_training_end_to_end_and_applied_to_a_new_model(
     assert out["finetune"]["method"] == "fst"  # the finisher overridden at evaluation (the run's is ft)
     with pytest.raises(ConfigError, match="finetune_method applies to policy only"):
         EvaluateConfig.from_dict({"pruned": str(run), "finetune_method": "fst"})
+
+
+def test_defend_refuses_multi_model(capsys):
+    from onp.cli_common import run_cli
+    from onp.defend import main
+
+    argv = [
+        "--arch",
+        "resnet18",
+        "--weights",
+        "w.pt",
+        "--clean-data",
+        "c.npz",
+        "--set",
+        'train.multi_model=[{"seed": 1}]',
+    ]
+    assert run_cli(main, argv) == 2
+    assert "multi_model cannot be set here" in capsys.readouterr().err
