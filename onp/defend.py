@@ -296,17 +296,14 @@ def _candidate(
 
 @RUNNERS.register("ppo-gnn")
 def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
-    """Learn a pruning policy on this model (MaskablePPO + GNN, ``onp.train``'s agent and settings), run
-    it once deterministically, keep its pruning by ``select_pruning`` and the evidence rule."""
-    from agents import build_agent, finetune_pruned, rollout, select_pruning
+    """Learn a pruning policy on this model (MaskablePPO + GNN, ``onp.train``'s agent and settings), or
+    load the trained one of ``policy``, run it once deterministically, keep its pruning by
+    ``select_pruning`` and the evidence rule."""
+    from agents import finetune_pruned, rollout, select_pruning
 
     t0 = time.perf_counter()
     cfg = s.train_cfg
-    work = s.work_dir / name
-    work.mkdir(parents=True, exist_ok=True)
-    s.log(f"[onp] {name}: learning a pruning policy ({cfg['ppo']['total_timesteps']} PPO env steps) in {work}")
-    agent = build_agent(name, s.env, seed=s.cfg.seed, device=s.cfg.device)
-    learned = agent.learn(s.env, cfg, work, progress=s.progress, log=s.log)
+    agent, timesteps = _ppo_gnn_agent(s, name)
     res = rollout(agent, s.env)
     rc = RolloutConfig.from_dict(cfg["rollout"])
     sel = select_pruning(
@@ -325,12 +322,30 @@ def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
         log=s.log,
     )
     info = {
-        "timesteps": int(learned.timesteps),
+        "timesteps": timesteps,
+        **({"policy": s.cfg.policy} if s.cfg.policy else {}),
         "episode_return": float(res["return"]),
         "fallback": sel["fallback"],
         "finetune": tuned.info,
     }
     return _candidate(s, name, tuned.model, pruned, tuned.judgement, t0, info)
+
+
+def _ppo_gnn_agent(s: _Session, name: str) -> Tuple[Any, int]:
+    """The ppo-gnn agent and its PPO env steps: the trained policy of ``policy`` (weights only, on this
+    model's graph; 0 steps), else one learned here."""
+    from agents import PPOGNNAgent, build_agent
+
+    if s.cfg.policy:
+        s.log(f"[onp] {name}: applying the trained policy of {s.cfg.policy} (no training)")
+        return PPOGNNAgent.load(Path(s.cfg.policy), s.env, device=s.cfg.device), 0
+    cfg = s.train_cfg
+    work = s.work_dir / name
+    work.mkdir(parents=True, exist_ok=True)
+    s.log(f"[onp] {name}: learning a pruning policy ({cfg['ppo']['total_timesteps']} PPO env steps) in {work}")
+    agent = build_agent(name, s.env, seed=s.cfg.seed, device=s.cfg.device)
+    learned = agent.learn(s.env, cfg, work, progress=s.progress, log=s.log)
+    return agent, int(learned.timesteps)
 
 
 def _run_baseline(s: _Session, name: str) -> _Candidate:
@@ -918,6 +933,12 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         help="synthesized-multi (default), synthesized, ...; 'trigger' needs the real trigger",
     )
     f.add_argument("--timesteps", type=int_at_least(0), default=None, help="ppo-gnn: PPO env steps")
+    f.add_argument(
+        "--policy",
+        type=path_arg,
+        default=None,
+        help="ppo-gnn: apply this trained policy (an onp.train run folder) instead of training one",
+    )
     f.add_argument("--budget", type=finite_float, default=None, help="ppo-gnn: most neurons pruned (fraction/count)")
     f.add_argument(
         "--set",
@@ -985,6 +1006,7 @@ FLAG_KEYS = {
     "asr_estimator": "asr_estimator",
     "timesteps": "train.ppo.total_timesteps",
     "budget": "train.env.budget",
+    "policy": "policy",
     "seed": "seed",
     "deterministic": "deterministic",
     "device": "device",

@@ -106,6 +106,12 @@ class DefendConfig(TypedConfig):
     )
     force: bool = Field(False, description="defend even when no backdoor is suspected")
     train: Dict[str, Any] = Field(default_factory=dict, description="onp.train config overrides (ppo-gnn)")
+    policy: Optional[str] = Field(
+        None,
+        min_length=1,
+        description="ppo-gnn: a trained policy (an onp.train run folder: policy.pt + policy.json) applied without "
+        "training, e.g. a multi-model policy (weights only; its env feature settings must be train.env's)",
+    )
 
     # trigger-aware test metrics (optional; never used to choose anything)
     attack: Optional[str] = Field(None, min_length=1, description="a registered attack: test ASR (trigger-aware)")
@@ -197,6 +203,11 @@ class DefendConfig(TypedConfig):
             raise ValueError("test_indices needs test_data (a dataset name)")
         if self.attack is None and self.attack_params:
             raise ValueError("attack_params needs attack")
+        uses_ppo_gnn = self.defense == "ppo-gnn" or (self.defense == "auto" and "ppo-gnn" in self.portfolio)
+        if self.policy is not None and not uses_ppo_gnn:
+            raise ValueError(
+                "policy is a ppo-gnn policy: it needs defense ppo-gnn (or auto with ppo-gnn in its portfolio)"
+            )
         self._check_known_trigger()
         return self
 

@@ -4,6 +4,7 @@ never saw (``onp.evaluate``)."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,20 +114,28 @@ def test_evaluation_runs_one_episode_per_model(tiny_bundle, second_tiny_bundle):
     env.close()
 
 
-def test_multi_model_training_end_to_end_and_applied_to_a_new_model(
-    tiny_bundle, second_tiny_bundle, onp_cache, tmp_path
-):
-    from agents.policy_io import load_policy
-    from envs import NeuronPruningEnv
-    from onp.evaluate import run_evaluate
-    from onp.evaluate_config import EvaluateConfig
+@pytest.fixture(scope="module")
+def multi_run(tiny_bundle, second_tiny_bundle, onp_cache, tmp_path_factory):
+    """A tiny policy trained on the two tiny models (configs/train/tiny.yaml, 64 PPO steps): its run folder
+    and metrics."""
     from onp.train import run_training
 
     cfg = load_yaml(ROOT / "configs" / "train" / "tiny.yaml")
     cfg.update({"multi_model": [{"seed": 1}], **UNIFORM, "cache_dir": str(onp_cache)})
     cfg["ppo"]["total_timesteps"] = 64
-    run = tmp_path / "multi"
-    m = run_training(cfg, run, quiet=True).metrics
+    run = tmp_path_factory.mktemp("multi") / "run"
+    return SimpleNamespace(path=run, metrics=run_training(cfg, run, quiet=True).metrics)
+
+
+def test_multi_model_training_end_to_end_and_applied_to_a_new_model(
+    multi_run, tiny_bundle, second_tiny_bundle, onp_cache, tmp_path
+):
+    from agents.policy_io import load_policy
+    from envs import NeuronPruningEnv
+    from onp.evaluate import run_evaluate
+    from onp.evaluate_config import EvaluateConfig
+
+    run, m = multi_run.path, multi_run.metrics
     assert m["multi_model"] == [tiny_bundle.path.name, second_tiny_bundle.path.name]
     assert m["model_dir"] == str(tiny_bundle.path)  # the run's pruning and report are backdoor's
     ws = json.loads((run / "train_state.json").read_text())["warm_start"]
@@ -154,6 +163,34 @@ def test_multi_model_training_end_to_end_and_applied_to_a_new_model(
     assert out["finetune"]["method"] == "fst"  # the finisher overridden at evaluation (the run's is ft)
     with pytest.raises(ConfigError, match="finetune_method applies to policy only"):
         EvaluateConfig.from_dict({"pruned": str(run), "finetune_method": "fst"})
+
+
+def test_defend_applies_a_trained_policy_without_training(multi_run, onp_cache, tmp_path, capsys):
+    import onp
+    from onp.cli_common import run_cli
+    from onp.defend import main
+    from onp.zoo import BackdoorConfig, load_bundle
+
+    received = load_bundle(BackdoorConfig(**{**TINY, "seed": 2}), cache_dir=onp_cache, progress=False)
+    x = (received.defense_data.all_x * 255).round().to(torch.uint8).numpy()
+    y = received.defense_data.all_y.numpy()
+    env = {"budget": 8, "reward_batch": 80, "delta": 0.5}  # the policy's env (configs/train/tiny.yaml)
+    fast = {"estimator_params": {"steps": 60}, "anomaly_threshold": 1.5, "torch_threads": 1, "force": True}
+    report = onp.defend(received.model, x, y, defense="ppo-gnn", policy=str(multi_run.path), train={"env": env}, **fast)
+    info = report.metrics["defense_info"]
+    assert info["timesteps"] == 0 and info["policy"] == str(multi_run.path)  # applied, not trained
+    assert len(report.pruned) <= 8 and report.outcome in ("removed", "reduced", "not removed", "no evidence")
+    # a folder without a policy is named; a policy with a defense that is not ppo-gnn is refused
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    torch.save(received.model.state_dict(), tmp_path / "w.pt")
+    flags = ["--arch", "small_cnn", "--width", "16", "--in-channels", "1", "--input-size", "28", "--weights"]
+    flags += [str(tmp_path / "w.pt"), "--clean-data", str(tmp_path / "clean.npz"), "--force", "--quiet"]
+    assert run_cli(main, flags + ["--policy", str(tmp_path), "--out", str(tmp_path / "a")]) == 2
+    assert "policy.json: not found" in capsys.readouterr().err
+    assert (
+        run_cli(main, flags + ["--policy", str(multi_run.path), "--defense", "fp", "--out", str(tmp_path / "b")]) == 2
+    )
+    assert "policy is a ppo-gnn policy" in capsys.readouterr().err
 
 
 def test_defend_refuses_multi_model(capsys):
