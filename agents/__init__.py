@@ -44,7 +44,7 @@ from .heuristics import (
     subject_scores,
 )
 from .policy_io import export_sb3_zip, load_policy, load_weights, save_policy, save_weights
-from .ppo_gnn import PPOGNNAgent, behaviour_clone, clone_demonstrations, demonstrate, train_ppo_gnn
+from .ppo_gnn import CloneSettings, PPOGNNAgent, behaviour_clone, clone_demonstrations, demonstrate, train_ppo_gnn
 
 __all__ = [
     "AGENTS",
@@ -79,6 +79,7 @@ __all__ = [
     "PPOGNNAgent",
     "behaviour_clone",
     "clone_demonstrations",
+    "CloneSettings",
     "demonstrate",
     "train_ppo_gnn",
     "export_sb3_zip",

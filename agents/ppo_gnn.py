@@ -287,9 +287,7 @@ def behaviour_clone(
     """
     t0 = time.perf_counter()
     demo = demonstrate(env, order, skip_harmful=skip_harmful, max_previews=max_previews)
-    fit = clone_demonstrations(
-        model, [demo], epochs=epochs, lr=lr, batch_size=batch_size, value_coef=value_coef, gamma=gamma, seed=seed
-    )
+    fit = clone_demonstrations(model, [demo], CloneSettings(epochs, lr, batch_size, value_coef, gamma, seed))
     out = {
         **fit,
         **demonstration_record(demo),
@@ -324,29 +322,33 @@ def demonstration_record(demo: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class CloneSettings:
+    """How :func:`clone_demonstrations` fits: Adam at ``lr`` for ``epochs`` passes in minibatches of
+    ``batch_size`` (shuffled by ``seed``), the value loss weighted by ``value_coef``, returns-to-go
+    discounted by ``gamma``."""
+
+    epochs: int = 100
+    lr: float = 3e-3
+    batch_size: int = 32
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    seed: int = 0
+
+
 def clone_demonstrations(
-    model: MaskablePPO,
-    demos: Sequence[Dict[str, Any]],
-    *,
-    epochs: int = 100,
-    lr: float = 3e-3,
-    batch_size: int = 32,
-    value_coef: float = 0.5,
-    gamma: float = 1.0,
-    seed: int = 0,
+    model: MaskablePPO, demos: Sequence[Dict[str, Any]], settings: CloneSettings = CloneSettings()
 ) -> Dict[str, Any]:
     """Fit ``model.policy`` to the states and actions of :func:`demonstrate` rollouts, pooled (one
     rollout per model of a multi-model env, or one). Loss: cross-entropy on the masked logits +
     ``value_coef`` * MSE of the value on each rollout's returns-to-go. Returns ``states``, ``epochs``,
     the first and last epoch's loss and the final imitation accuracy over all states."""
     policy = cast(GNNMaskablePolicy, model.policy)
-    tensors = _concat([_demonstration_tensors(policy, d, gamma) for d in demos])
-    losses = _clone_epochs(
-        policy, tensors, epochs=epochs, lr=lr, batch_size=batch_size, value_coef=value_coef, seed=seed
-    )
+    tensors = _concat([_demonstration_tensors(policy, d, settings.gamma) for d in demos])
+    losses = _clone_epochs(policy, tensors, settings)
     return {
         "states": len(tensors),
-        "epochs": int(epochs),
+        "epochs": int(settings.epochs),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "imitation_accuracy": _imitation_accuracy(policy, tensors),
@@ -377,20 +379,12 @@ def _demonstration_tensors(policy: GNNMaskablePolicy, demo: Dict[str, Any], gamm
     return _Demonstration(obs_t, mask_t, act_t, rtg_t)
 
 
-def _clone_epochs(
-    policy: GNNMaskablePolicy,
-    demo: _Demonstration,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    value_coef: float,
-    seed: int,
-) -> List[float]:
+def _clone_epochs(policy: GNNMaskablePolicy, demo: _Demonstration, settings: CloneSettings) -> List[float]:
     """Adam on the masked cross-entropy + ``value_coef`` * the value MSE, minibatches shuffled by a
     generator seeded with ``seed``; returns each epoch's mean loss (the policy is left in eval mode)."""
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    epochs, batch_size, value_coef = settings.epochs, settings.batch_size, settings.value_coef
+    opt = torch.optim.Adam(policy.parameters(), lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed)
     n = len(demo)
     losses: List[float] = []
     policy.set_training_mode(True)
@@ -460,7 +454,7 @@ def _warm_start(
         demos.append(demo)
         records.append({"model": demo["info"]["model"], **demonstration_record(demo)})
     clone = {k: ws_cfg[k] for k in ("epochs", "lr", "batch_size", "value_coef")}
-    fit = clone_demonstrations(model, demos, gamma=gamma, seed=seed, **clone)
+    fit = clone_demonstrations(model, demos, CloneSettings(**clone, gamma=gamma, seed=seed))
     log(f"[onp] warm start: cloned {fit['states']} steps of {len(demos)} models' orders; {_fit_summary(fit)}")
     return {
         "baseline": ws_cfg["baseline"],
