@@ -24,7 +24,7 @@ CHANGED = {("baseline", 3): {"defense_seed": 0}}
 #: run-config keys added since, with the default every old command line resolves to: onp.baseline's
 #: protocol (delta, the rule those commands ran; issue #13 added paper); onp.evaluate's force (None:
 #: as the source run, which is what those commands did)
-ADDED = {"baseline": {"protocol": "delta", "device": "cpu"}, "evaluate": {"force": None}}
+ADDED = {"baseline": {"protocol": "delta", "device": "cpu"}, "evaluate": {"force": None, "finetune_method": None}}
 
 
 def _renamed(obj):
