@@ -209,3 +209,26 @@ def test_defend_refuses_multi_model(capsys):
     ]
     assert run_cli(main, argv) == 2
     assert "multi_model cannot be set here" in capsys.readouterr().err
+
+
+def test_the_shipped_multi_model_policy_is_intact_and_fits_resnet18_width_16():
+    """docs/policies/resnet18-w16-multi-model: its weights match policy.json's digest, and its sizes are
+    those of every ResNet-18 of width 16 (the README's fast path)."""
+    import hashlib
+
+    from agents.policy_io import POLICY_FORMAT
+    from onp.io import load_checkpoint
+
+    folder = ROOT / "docs" / "policies" / "resnet18-w16-multi-model"
+    meta = json.loads((folder / "policy.json").read_text())
+    assert meta["format"] == POLICY_FORMAT and meta["arch"]["edge_weights"] == "uniform"
+    assert meta["sha256"] == hashlib.sha256((folder / "policy.pt").read_bytes()).hexdigest()
+    model = TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))  # a valid training config
+    assert model.backdoor["model"] == "resnet18" and model.backdoor["width"] == 16 and len(model.multi_model) == 9
+    from onp.models import build_model
+
+    net = build_model("resnet18", num_classes=10, in_channels=1, width=16)
+    n = sum(m.num_features for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert meta["num_nodes"] == n and meta["num_actions"] == n + 1
+    state = load_checkpoint(folder / "policy.pt")  # weights only
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
