@@ -279,6 +279,19 @@ def _source_agent(source: Dict[str, Any], bundle: BackdoorBundle, env: Any, *, s
     return build_agent(cfg["agent"], env, **params)
 
 
+def _source_rollout(
+    cfg: Dict[str, Any], *, force: Optional[bool] = None, finetune_method: Optional[str] = None
+) -> RolloutConfig:
+    """The source run's ``rollout`` config (a run from before a key existed: its default), with ``force``
+    and ``finetune_method`` overriding its ``force`` and ``finetune.method`` when given."""
+    ro = RolloutConfig.from_dict(cfg.get("rollout") or {})
+    if force is not None:
+        ro.force = force
+    if finetune_method is not None:
+        ro.finetune.method = finetune_method  # type: ignore[assignment]  # checked by EvaluateConfig
+    return ro
+
+
 def _chosen_pruning(
     cfg: Dict[str, Any],
     bundle: BackdoorBundle,
@@ -295,9 +308,7 @@ def _chosen_pruning(
     from agents import finetune_pruned, select_pruning
 
     base = cast("NeuronPruningEnv", env.unwrapped)
-    ro = RolloutConfig.from_dict(cfg.get("rollout") or {})  # a run from before a key existed: its default
-    if finetune_method is not None:
-        ro.finetune.method = finetune_method  # type: ignore[assignment]  # checked by EvaluateConfig
+    ro = _source_rollout(cfg, force=force, finetune_method=finetune_method)
     verdict = backdoor_verdict(base.target.probe.info, estimator=base.asr_estimator, threshold=ro.anomaly_threshold)
     if verdict is not None and log is not None:
         log(f"[onp] backdoor {verdict.summary()}")
@@ -307,7 +318,7 @@ def _chosen_pruning(
         min_return=ro.min_return,
         evidence=ro.evidence_rule(base.delta),
         n_triggered=len(base.target.probe.images),
-        veto=no_backdoor_reason(verdict, force=ro.force if force is None else force, how_to_force="--force"),
+        veto=no_backdoor_reason(verdict, force=ro.force, how_to_force="--force"),
         log=log,
     )
     chosen = sel["info"]
