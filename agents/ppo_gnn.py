@@ -128,9 +128,8 @@ class PPOGNNAgent(BaseAgent):
         progress: bool = True,
         log: Callable[[str], None] = print,
     ) -> LearnResult:
-        bundles = _unwrapped(env).bundles
         out = train_ppo_gnn(
-            bundles if len(bundles) > 1 else bundles[0],
+            list(_unwrapped(env).bundles),
             config,
             run_dir,
             eval_env=env,
@@ -429,17 +428,11 @@ def _warm_start(
     seed: int,
     log: Callable[[str], None],
 ) -> Dict[str, Any]:
-    """Warm start (c): fit the ``warm_start.baseline`` defense on each model and clone its pruning
-    orders into ``model``'s policy (:func:`behaviour_clone`; with several models, one demonstration per
-    model in ``eval_env``'s multi-model mode, fitted together); returns what ``train_state.json`` keeps."""
-    if len(bundles) == 1:
-        t0 = time.perf_counter()
-        order = _baseline_order(bundles[0], eval_env, ws_cfg, seed=seed, index=0, log=log)
-        fit_seconds = time.perf_counter() - t0
-        info = behaviour_clone(model, eval_env, order, gamma=gamma, seed=seed, log=log, **_clone_args(ws_cfg))
-        return {"baseline": ws_cfg["baseline"], "baseline_seconds": round(fit_seconds, 2), **info}
-    t0 = time.perf_counter()
-    demos, records, fit_seconds = [], [], 0.0
+    """Warm start (c): fit the ``warm_start.baseline`` defense on each model, demonstrate its pruning
+    order on that model (:func:`demonstrate`; in ``eval_env``'s multi-model mode, one per model) and
+    clone the demonstrations into ``model``'s policy together (:func:`clone_demonstrations`); returns
+    what ``train_state.json`` keeps (with several models, each demonstration under ``models``)."""
+    demos, records, fit_seconds, t0 = [], [], 0.0, time.perf_counter()
     for i, bundle in enumerate(bundles):
         t_fit = time.perf_counter()
         order = _baseline_order(bundle, eval_env, ws_cfg, seed=seed, index=i, log=log)
@@ -453,30 +446,28 @@ def _warm_start(
         )
         demos.append(demo)
         records.append({"model": demo["info"]["model"], **demonstration_record(demo)})
-    clone = {k: ws_cfg[k] for k in ("epochs", "lr", "batch_size", "value_coef")}
-    fit = clone_demonstrations(model, demos, CloneSettings(**clone, gamma=gamma, seed=seed))
-    log(f"[onp] warm start: cloned {fit['states']} steps of {len(demos)} models' orders; {_fit_summary(fit)}")
-    return {
+    settings = CloneSettings(ws_cfg["epochs"], ws_cfg["lr"], ws_cfg["batch_size"], ws_cfg["value_coef"], gamma, seed)
+    fit = clone_demonstrations(model, demos, settings)
+    out = {
         "baseline": ws_cfg["baseline"],
         "baseline_seconds": round(fit_seconds, 2),
         **fit,
+        "skip_harmful": bool(ws_cfg["skip_harmful"]),
+        "seconds": round(time.perf_counter() - t0 - fit_seconds, 2),  # demonstrating and cloning
+    }
+    if len(records) == 1:
+        out.update({k: v for k, v in records[0].items() if k != "model"})
+        log(
+            f"[onp] warm start: cloned {out['states']} steps of the order (val return {out['order_return']:+.4f}, "
+            f"ACC {out['order_val_acc']:.3f}, ASR {out['order_val_asr']:.3f}); {_fit_summary(out)}"
+        )
+        return out
+    log(f"[onp] warm start: cloned {fit['states']} steps of {len(demos)} models' orders; {_fit_summary(fit)}")
+    return {
+        **out,
         "env_steps": sum(r["env_steps"] for r in records),
         "order_return": float(np.mean([r["order_return"] for r in records])),
-        "skip_harmful": bool(ws_cfg["skip_harmful"]),
         "models": records,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-
-
-def _clone_args(ws_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """:func:`behaviour_clone`'s keyword arguments from the ``warm_start`` section."""
-    return {
-        "epochs": ws_cfg["epochs"],
-        "lr": ws_cfg["lr"],
-        "batch_size": ws_cfg["batch_size"],
-        "value_coef": ws_cfg["value_coef"],
-        "skip_harmful": bool(ws_cfg["skip_harmful"]),
-        "max_previews": ws_cfg["max_previews"],
     }
 
 
@@ -556,10 +547,9 @@ def train_ppo_gnn(
     bundles: List[Union[BackdoorBundle, PruningSubject]] = (
         list(bundle) if isinstance(bundle, (list, tuple)) else [cast(Union["BackdoorBundle", "PruningSubject"], bundle)]
     )
-    source = bundles if len(bundles) > 1 else bundles[0]
-    factory = EnvFactory(source, env_kwargs, seed=setup.seed, threads=setup.ppo.get("env_threads"))
+    factory = EnvFactory(bundles, env_kwargs, seed=setup.seed, threads=setup.ppo.get("env_threads"))
     if eval_env is None:  # the defense-validation env (deterministic episodes, the warm start's demonstration)
-        eval_env = EnvFactory(source, env_kwargs, seed=setup.seed, monitor=False)()
+        eval_env = EnvFactory(bundles, env_kwargs, seed=setup.seed, monitor=False)()
     vec_env = make_vec_env(factory, int(setup.ppo["n_envs"]), setup.ppo["vec_env"])
     total = int(setup.ppo["total_timesteps"])
     state = TrainState.load(run_dir) if resume else TrainState(run_dir)

@@ -413,8 +413,7 @@ def _build_env_and_agent(cfg: Dict[str, Any], bundles: List["BackdoorBundle"], s
     from agents import accepts, build_agent, resolve_agent_factory
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
-    source = bundles if len(bundles) > 1 else bundles[0]
-    env = EnvFactory(source, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
+    env = EnvFactory(bundles, env_kwargs_from_config(cfg["env"], cfg.get("cache_dir")), seed=seed, monitor=False)()
     factory, extra, _ = resolve_agent_factory(cfg["agent"])
     params = {**extra, **cfg["agent_params"]}
     if "seed" not in params and accepts(factory, "seed"):
