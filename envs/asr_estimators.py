@@ -33,8 +33,10 @@
     does so when Stouffer's combination of that p-value with the class's trigger-size index is below
     ``margin_alpha`` (:func:`onp.backdoor_verdict.combined_pvalue`); that index is the most negative
     over ``combined_families`` (patch, blend and ``spectral``, which singles out SIG's sinusoid but
-    alone raised false alarms on clean models: docs/results.md §17a). Opt-in: the default learned
-    repair behind it fails on the seven zoo models where it changes the verdict (§18d).
+    alone raised false alarms on clean models: docs/results.md §17a); the trigger-size target stays
+    the target when its own evidence is the stronger (:func:`onp.backdoor_verdict.stronger_target`).
+    Opt-in: the default learned repair behind it fails on the seven zoo models where it changes the
+    verdict (§18d).
   - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
     Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
     is measured on the 15 zoo models.
@@ -56,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onp.backdoor_verdict import DETECTORS, combined_pvalue
+from onp.backdoor_verdict import DETECTORS, combined_pvalue, stronger_target
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, recorded_seconds
 from onp.models import model_digest
@@ -636,8 +638,9 @@ def synthesized_multi_probe(
     index, family_of_class, t = _most_anomalous(revs, min_success)
     margin = _margin_info(model, defense_data, detector, margin_alpha, seed, cache_dir, margin_steps, margin_images)
     pooled = _combined_info(model, defense_data, revs, detector, combined_families, min_success, settings)
-    if margin and _margin_names_target(detector, margin, pooled.get("combined_index", index.tolist()), margin_alpha):
-        t = int(margin["max_margin_target"])
+    if margin:
+        size = float(index[t]) if any(float(rev["success"][t]) >= min_success for rev in revs.values()) else None
+        t = _margin_target(detector, margin, pooled.get("combined_index", index.tolist()), margin_alpha, t, size)
     working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
     info = {**_per_class_info(revs, index, family_of_class, t), **pooled}
     if refine_steps:
@@ -681,14 +684,22 @@ def _combined_info(
     return {"combined_index": _most_anomalous(pooled, min_success)[0].tolist(), "combined_families": list(pooled)}
 
 
-def _margin_names_target(detector: str, margin: Dict[str, Any], index: Sequence[float], alpha: float) -> bool:
-    """Whether the max-margin class is the estimated target: always for ``max-margin``; for ``either``
-    when its p-value is below ``alpha``; for ``combined`` when its :func:`onp.backdoor_verdict.combined_pvalue`
-    (with that class's anomaly ``index``) is."""
-    p = float(margin["max_margin_pvalue"])
+def _margin_target(
+    detector: str, margin: Dict[str, Any], index: Sequence[float], alpha: float, size_target: int,
+    size_index: Optional[float],
+) -> int:  # fmt: skip
+    """The estimated target once the max-margin statistics exist: the max-margin class always for
+    ``max-margin``; for ``either`` when its p-value is below ``alpha``; for ``combined`` when its
+    :func:`onp.backdoor_verdict.combined_pvalue` (with that class's pooled anomaly ``index``) is, unless
+    the trigger-size target (``size_target``, with anomaly index ``size_index``; ``None`` when its
+    trigger does not work) has the stronger evidence (:func:`onp.backdoor_verdict.stronger_target`).
+    Else ``size_target``. The same rule as :meth:`onp.backdoor_verdict.Verdict.target_by`."""
+    p, t = float(margin["max_margin_pvalue"]), int(margin["max_margin_target"])
     if detector == "combined":
-        p = combined_pvalue(p, float(index[int(margin["max_margin_target"])]))
-    return detector == "max-margin" or p < alpha
+        p = combined_pvalue(p, float(index[t]))
+        if p < alpha and size_index is not None:
+            return stronger_target(t, p, size_target, size_index)
+    return t if detector == "max-margin" or p < alpha else size_target
 
 
 def _families_to_stamp(

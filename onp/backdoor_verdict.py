@@ -14,9 +14,10 @@ trigger's size, its MAD anomaly index and the fraction of images it flips (its p
 * ``combined``: when the trigger size says so, or when the max-margin class's evidence from both
   statistics together is significant (:func:`combined_pvalue`, Stouffer's method: its MM-BD p-value
   and its own trigger-size anomaly index read as a z-score, the most negative over the estimator's
-  ``combined_families``, which add the ``spectral`` family; the max-margin class is then the
-  target). Opt-in: chosen after looking at zoo models (docs/results.md §15e, §17a) and measured on
-  models no choice had seen (§16c, §17a).
+  ``combined_families``, which add the ``spectral`` family). The max-margin class is then the
+  target, unless the trigger size's own class is another one with stronger evidence
+  (:func:`stronger_target`). Opt-in: chosen after looking at zoo models (docs/results.md §15e, §17a)
+  and measured on models no choice had seen (§16c, §17a, §21).
 
 An estimator that inverts nothing (``trigger``, which knows the real trigger) gives no verdict (``None``).
 
@@ -39,6 +40,7 @@ __all__ = [
     "DETECTORS",
     "Verdict",
     "combined_pvalue",
+    "stronger_target",
     "backdoor_verdict",
     "no_backdoor_reason",
     "INVERSION_KEYS",
@@ -203,16 +205,22 @@ class Verdict:
 
     @property
     def rival_target(self) -> Optional[int]:
-        """The class the trigger-size statistic names on its own, when it suspects a backdoor there and the
-        max-margin evidence made another class the target (``either``, ``combined``); else ``None``.
+        """The class the other statistic names, when the two suspect different classes (``either``,
+        ``combined``; else ``None``): the trigger size's own class when the max-margin evidence made another
+        class the target, or the max-margin class when the trigger size's stronger evidence won
+        (:func:`stronger_target`).
 
-        The two statistics then disagree on the target, and the repair aims at the max-margin class: a
-        defender should know (``onp.defend``'s report says so). Which one to trust is not settled
-        (docs/results.md §17a: on WaNet s1 the trigger size's class was the real target)."""
-        if self.detector not in ("either", "combined") or not self._size_rule():
+        A defender should know (``onp.defend``'s report says so): on WaNet s1 the trigger size's class
+        was the real target, on SIG s6 the margin's (docs/results.md §18a)."""
+        if self.detector not in ("either", "combined") or not self.flagged_by(self.detector):
             return None
-        target, size_class = self.target_by(self.detector), self.size_target
-        return size_class if size_class != target else None
+        target = self.target_by(self.detector)
+        margin_moved = self.margin_flagged if self.detector == "either" else self.combined_flagged
+        if target == self.margin_class and self._size_rule() and self.size_target != target:
+            return self.size_target
+        if target != self.margin_class and margin_moved:
+            return self.margin_class
+        return None
 
     def evidence(self) -> str:
         """The figure behind the verdict, in words (both statistics' with ``either`` and ``combined``, and
@@ -227,6 +235,10 @@ class Verdict:
             rival = self.rival_target
             if rival is None:
                 return first
+            if rival == self.margin_class:
+                t = self.size_target
+                index = self.anomaly_indices[t]
+                return f"{first}; but the trigger size's evidence for class {t} is stronger (anomaly index {index:.2f})"
             index = self.anomaly_indices[rival]
             return f"{first}; but the trigger size alone names class {rival} (anomaly index {index:.2f})"
         return self._size_evidence()
@@ -262,12 +274,18 @@ class Verdict:
 
     def target_by(self, detector: str) -> int:
         """The class ``detector`` (:data:`DETECTORS`) names as the target on these statistics: the max-margin
-        class where that detector lets the margin decide (``max-margin`` always; ``either`` and
-        ``combined`` when their margin evidence is significant), else :attr:`size_target`."""
+        class where that detector lets the margin decide (``max-margin`` always; ``either`` when its
+        p-value is significant; ``combined`` when its pooled p-value is, unless :func:`stronger_target`
+        prefers the trigger size's own class), else :attr:`size_target`."""
         self.flagged_by(detector)  # refuses an unknown detector
         t = self.margin_class
         by_margin = {"max-margin": True, "either": self.margin_flagged, "combined": self.combined_flagged}
-        return t if t is not None and by_margin.get(detector, False) else self.size_target
+        if t is None or not by_margin.get(detector, False):
+            return self.size_target
+        s, pooled = self.size_target, self.combined_pvalue
+        if detector == "combined" and pooled is not None and self.success[s] >= self.min_success:
+            return stronger_target(t, pooled, s, self.anomaly_indices[s])
+        return t
 
     def to_dict(self) -> Dict[str, Any]:
         """The verdict as JSON-ready values (``onp.defend``'s ``report.json`` ``verdict``; ``onp.train`` /
@@ -304,6 +322,21 @@ def combined_pvalue(margin_pvalue: float, anomaly_index: float) -> float:
     z_margin = -normal.inv_cdf(min(max(float(margin_pvalue), 1e-300), 1.0 - 1e-16))
     z_size = -float(anomaly_index) if math.isfinite(anomaly_index) else 0.0
     return normal.cdf(-(z_margin + z_size) / math.sqrt(2.0))
+
+
+def stronger_target(margin_class: int, pooled_pvalue: float, size_class: int, size_index: float) -> int:
+    """The ``combined`` detector's target once its pooled part has flagged ``margin_class``: ``size_class``
+    (the trigger size's own class, whose trigger works) when its evidence is the stronger one,
+    ``-size_index > Phi^-1(1 - pooled_pvalue)``, else ``margin_class``.
+
+    Both are one-sided z-scores: the size index of the class with the most anomalously small working
+    trigger, and Stouffer's pooled evidence (:func:`combined_pvalue`) of the class with the largest
+    maximum margin. Written before the models that tested it were trained (docs/results.md §21: on
+    the 33 models recorded before, it moves WaNet s1's target to its real class and keeps SIG s6's)."""
+    if size_class == margin_class or not math.isfinite(size_index) or not math.isfinite(pooled_pvalue):
+        return margin_class
+    z_pooled = -NormalDist().inv_cdf(min(max(float(pooled_pvalue), 1e-300), 1.0 - 1e-16))
+    return size_class if -float(size_index) > z_pooled else margin_class
 
 
 def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: float) -> Optional[Verdict]:

@@ -246,11 +246,14 @@ def _rival_note(verdict: Verdict) -> List[str]:
     rival = verdict.rival_target
     if rival is None:
         return []
+    by_margin = rival == verdict.margin_class
+    other = "the maximum margin" if by_margin else "the trigger size alone"
+    detector = "max-margin" if by_margin else "trigger-size"
     return [
         "",
         f"**The statistics disagree on the target:** the repair aimed at class {verdict.estimated_target} "
-        f"(the maximum margin's), while the trigger size alone names class {rival}. If the repair does not "
-        "hold, defend again with `--set estimator_params.detector='\"trigger-size\"'` to aim at that class.",
+        f"(the stronger evidence), while {other} names class {rival}. If the repair does not hold, defend "
+        f"again with `--set estimator_params.detector='\"{detector}\"'` to aim at that class.",
     ]
 
 

@@ -3,13 +3,14 @@ detectors (onp.backdoor_verdict, the ``synthesized-multi`` estimator's ``detecto
 
 import json
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
 
 from envs.asr_estimators import build_probe
 from envs.max_margin import cached_max_margins, class_max_margins, margin_pvalue
-from onp.backdoor_verdict import Verdict, backdoor_verdict, combined_pvalue
+from onp.backdoor_verdict import Verdict, backdoor_verdict, combined_pvalue, stronger_target
 from onp.io import CheckpointError
 
 FAST = dict(steps=50, n_init=8)  # the tiny model's target stands out after 50 steps from 8 images
@@ -159,26 +160,48 @@ def test_every_detector_can_be_read_off_one_verdict_as_its_own_run_decides():
         assert {d: v.suspected for d, v in runs.items()} == decided
 
 
-def test_a_verdict_says_when_the_trigger_size_names_another_target_than_the_margin():
-    """WaNet s1 (docs/results.md §17a): the margin's class 0 passes the combined level (p 0.064, pooled
-    0.041) while the trigger size alone flags class 3 (index -2.61): the target is the margin's, and the
-    verdict names the other class; it names none when the classes agree or the size flags nothing."""
+def test_when_the_two_statistics_name_different_classes_the_stronger_evidence_is_the_target():
+    """WaNet s1 (docs/results.md §17a): the margin's class 0 passes the combined level (pooled p 0.037,
+    z 1.78) while the trigger size alone flags class 3 (index -2.61, z 2.61): class 3 is the target. SIG
+    s6: the margin's pooled evidence is the stronger, so its class stays the target. Either way the
+    verdict and the report name the other class; nothing is named when the classes agree or the size
+    flags nothing."""
     from onp.defense_report import _rival_note
 
-    info = _info("combined", 0.064, index0=-1.0)
-    info["anomaly_index"][3] = -2.61
-    split = backdoor_verdict(info, estimator="x", threshold=2.0)
-    assert split.suspected and split.combined_flagged and split.estimated_target == 0 and split.rival_target == 3
-    assert split.evidence().endswith("but the trigger size alone names class 3 (anomaly index -2.61)")
-    assert "class 3" in " ".join(_rival_note(split)) and "trigger-size" in " ".join(_rival_note(split))
-    either = backdoor_verdict({**info, "detector": "either", "max_margin_pvalue": 0.01}, estimator="x", threshold=2.0)
-    assert either.rival_target == 3 and "names class 3" in either.evidence()
-    size_only = backdoor_verdict({**info, "detector": "trigger-size"}, estimator="x", threshold=2.0)
+    wanet = _info("combined", 0.064, index0=-1.0)
+    wanet["anomaly_index"][3], wanet["estimated_target"] = -2.61, 3
+    split = backdoor_verdict(wanet, estimator="x", threshold=2.0)
+    assert split.suspected and split.combined_flagged and split.target_by("combined") == 3
+    assert split.rival_target == 0 and stronger_target(0, split.combined_pvalue or 1.0, 3, -2.61) == 3
+    assert split.evidence().endswith("but the trigger size's evidence for class 3 is stronger (anomaly index -2.61)")
+    note = " ".join(_rival_note(split))
+    assert "aimed at class 3" in note and "maximum margin names class 0" in note and '"max-margin"' in note
+
+    sig = {**_info("combined", 1e-6, index0=-3.0), "estimated_target": 0}
+    sig["anomaly_index"][3] = -2.61  # the size's own class is 0 here (-3.0); make class 3 the size's by its trigger
+    sig["success"][0] = 0.5
+    strong = backdoor_verdict(sig, estimator="x", threshold=2.0)
+    assert strong.size_target == 3 and strong.target_by("combined") == 0 and strong.rival_target == 3
+    assert strong.evidence().endswith("but the trigger size alone names class 3 (anomaly index -2.61)")
+    note = " ".join(_rival_note(strong))
+    assert "aimed at class 0" in note and "trigger size alone names class 3" in note and '"trigger-size"' in note
+    either = backdoor_verdict({**wanet, "detector": "either", "max_margin_pvalue": 0.01}, estimator="x", threshold=2.0)
+    assert either.target_by("either") == 0 and either.rival_target == 3 and "names class 3" in either.evidence()
+    size_only = backdoor_verdict({**wanet, "detector": "trigger-size"}, estimator="x", threshold=2.0)
     assert size_only.rival_target is None and "names class" not in size_only.evidence()
-    info["anomaly_index"][3] = -1.5  # the size flags nothing on its own
-    assert backdoor_verdict(info, estimator="x", threshold=2.0).rival_target is None
+    wanet["anomaly_index"][3] = -1.5  # weaker than the pooled evidence (z 1.78), and flags nothing on its own
+    weak = backdoor_verdict(wanet, estimator="x", threshold=2.0)
+    assert weak.target_by("combined") == 0 and weak.rival_target is None
     agree = backdoor_verdict(_info("combined", 0.064, index0=-2.61), estimator="x", threshold=2.0)
     assert agree.suspected and agree.rival_target is None and _rival_note(agree) == []
+
+
+def test_stronger_target_compares_the_two_one_sided_z_scores():
+    p = 1.0 - NormalDist().cdf(2.0)  # pooled z = 2.0
+    assert stronger_target(0, p, 3, -2.1) == 3 and stronger_target(0, p, 3, -1.9) == 0
+    assert stronger_target(0, 0.0, 3, -30.0) == 0  # p = 0 reads as z 37
+    assert stronger_target(4, p, 4, -9.0) == 4  # one class: nothing to choose
+    assert stronger_target(0, p, 3, float("-inf")) == 0 and stronger_target(0, math.nan, 3, -5.0) == 0
 
 
 def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
@@ -211,3 +234,20 @@ def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
     ):
         with pytest.raises(ValueError, match=match):
             build_probe("synthesized-multi", tiny_bundle.model, None, data, **{**params, **bad})
+
+
+def test_the_estimator_and_the_verdict_name_the_same_target():
+    """One rule in two places: the estimator's target (``_margin_target``, which chooses the trigger it
+    stamps) and the verdict's :meth:`Verdict.target_by`, over detectors and evidence strengths."""
+    from envs.asr_estimators import _margin_target
+
+    for detector in ("max-margin", "either", "combined"):
+        for p_margin in (1e-9, 0.01, 0.064, 0.3):
+            for index3 in (-4.0, -2.61, -1.5, -0.2):
+                info = _info(detector, p_margin, index0=-1.0)
+                info["anomaly_index"][3] = index3
+                verdict = backdoor_verdict(info, estimator="x", threshold=2.0)
+                size, index = verdict.size_target, info["anomaly_index"]
+                margin = {"max_margin_pvalue": p_margin, "max_margin_target": 0}
+                chosen = _margin_target(detector, margin, index, 0.05, size, index[size])
+                assert chosen == verdict.target_by(detector), (detector, p_margin, index3)
