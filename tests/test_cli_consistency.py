@@ -279,3 +279,17 @@ def test_method_the_old_word_for_defense_still_works():
     assert old == new and new.defense == "clp" and "method" not in new.to_dict()
     assert BaselineRunConfig.from_dict({"method": "anp"}).defense == "anp"  # a config.json written before
     assert DefendConfig.from_dict({"method": "clp"}).defense == "clp"
+
+
+def test_the_learned_repair_of_onp_defend_finishes_with_fst_unless_train_says_otherwise():
+    """``onp.defend``'s one departure from ``onp.train``'s defaults (``LEARNED_REPAIR_DEFAULTS``): FST
+    finishes the kept pruning; ``train`` overrides it and keeps its other finetune defaults."""
+    from onp.defend_config import DefendConfig
+    from onp.train_config import TrainConfig
+
+    assert TrainConfig().rollout.finetune.method == "ft"
+    assert DefendConfig().learned_config()["rollout"]["finetune"]["method"] == "fst"
+    plain = DefendConfig.from_dict({"train": {"rollout": {"finetune": {"method": "ft"}, "force": True}}})
+    resolved = plain.learned_config()["rollout"]
+    assert resolved["finetune"]["method"] == "ft" and resolved["force"] and resolved["finetune"]["epochs"] == 10
+    assert DefendConfig().learned_config()["rollout"]["finetune"]["method"] == "fst"  # the defaults were not touched

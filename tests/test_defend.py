@@ -170,10 +170,9 @@ def test_api_end_to_end_with_ppo_gnn(received):
     fresh.load_state_dict(report.model.state_dict())
     assert _bn_gammas(fresh, report.pruned_names) == [0.0] * len(report.pruned)
     assert _bn_gammas(received.model, report.pruned_names) != [0.0] * len(report.pruned)
-    # then fine-tuned on defense-train (rollout.finetune): the kept epoch has the best defense-val return
+    # then finished by Feature Shift Tuning (onp.defend's LEARNED_REPAIR_DEFAULTS): its last epoch or none
     ft = report.metrics["defense_info"]["finetune"]
-    returns = [h["score"] for h in ft["history"]]
-    assert ft["epochs"] == 10 and len(returns) == 11 and returns[ft["best_epoch"]] == max(returns)
+    assert ft["method"] == "fst" and ft["epochs"] == 10 and ft["best_epoch"] in (0, 10)
     convs = [k for k in before if k.endswith(".weight") and k.startswith("conv")]
     changed = [not torch.equal(fresh.state_dict()[k], before[k]) for k in convs]
     assert all(changed) if ft["best_epoch"] else not any(changed)  # epoch 0: only BN weights change
