@@ -35,8 +35,8 @@
     over ``combined_families`` (patch, blend and ``spectral``, which singles out SIG's sinusoid but
     alone raised false alarms on clean models: docs/results.md §17a); the trigger-size target stays
     the target when its own evidence is the stronger (:func:`onp.backdoor_verdict.stronger_target`).
-    Opt-in: the default learned repair behind it fails on the seven zoo models where it changes the
-    verdict (§18d).
+    Opt-in: the rule written to make it the default failed on the cost of the clean models' false
+    positives, which the trigger-size part gives both detectors (docs/results.md §21c).
   - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
     Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
     is measured on the 15 zoo models.
