@@ -172,7 +172,8 @@ def test_when_the_two_statistics_name_different_classes_the_stronger_evidence_is
     wanet["anomaly_index"][3], wanet["estimated_target"] = -2.61, 3
     split = backdoor_verdict(wanet, estimator="x", threshold=2.0)
     assert split.suspected and split.combined_flagged and split.target_by("combined") == 3
-    assert split.rival_target == 0 and stronger_target(0, split.combined_pvalue or 1.0, 3, -2.61) == 3
+    assert split.combined_pvalue is not None
+    assert split.rival_target == 0 and stronger_target(0, split.combined_pvalue, 3, -2.61) == 3
     assert split.evidence().endswith("but the trigger size's evidence for class 3 is stronger (anomaly index -2.61)")
     note = " ".join(_rival_note(split))
     assert "aimed at class 3" in note and "maximum margin names class 0" in note and '"max-margin"' in note
