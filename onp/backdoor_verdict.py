@@ -11,6 +11,12 @@ trigger's size, its MAD anomaly index and the fraction of images it flips (its p
 * ``max-margin``: when the largest per-class maximum margin has a p-value below the estimator's alpha
   (MM-BD, Wang et al., IEEE S&P 2024; :mod:`envs.max_margin`);
 * ``either``: when one of the two says so (the max-margin class is the target when it does);
+* ``latent-gap``: when a class's trigger-size anomaly index is at most ``-LATENT_GAP_CONFIRM`` and its
+  latent-gap index (:mod:`envs.latent_gap`: how far the images its trigger flips sit from the class's
+  real images in the model's penultimate features) at least ``LATENT_GAP_CONFIRM``, or its latent-gap
+  index alone at least ``LATENT_GAP_ALONE`` (:func:`latent_gap_target`). A small trigger whose images
+  look like the class's real ones (a clean model's natural universal patch) is not enough. Written
+  before the held-out models that tested it were trained (docs/results.md §22);
 * ``combined``: when the trigger size says so, or when the max-margin class's evidence from both
   statistics together is significant (:func:`combined_pvalue`, Stouffer's method: its MM-BD p-value
   and its own trigger-size anomaly index read as a z-score, the most negative over the estimator's
@@ -34,13 +40,16 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = [
     "DETECTORS",
     "Verdict",
     "combined_pvalue",
     "stronger_target",
+    "latent_gap_target",
+    "LATENT_GAP_CONFIRM",
+    "LATENT_GAP_ALONE",
     "backdoor_verdict",
     "no_backdoor_reason",
     "INVERSION_KEYS",
@@ -55,7 +64,15 @@ DEFAULT_ANOMALY_THRESHOLD = 2.0
 FORCE_HINT = "--force (rollout.force=true)"
 
 #: which statistic decides the verdict (a trigger-inverting estimator's ``detector``; see the module docstring)
-DETECTORS = ("trigger-size", "max-margin", "either", "combined")
+DETECTORS = ("trigger-size", "max-margin", "either", "combined", "latent-gap")
+
+#: ``latent-gap``: a class whose trigger-size index is <= -this and latent-gap index >= this is suspected
+#: (Neural Cleanse's threshold, for both statistics)
+LATENT_GAP_CONFIRM = 2.0
+
+#: ``latent-gap``: a class whose latent-gap index alone is at least this is suspected (above the largest
+#: latent-gap index of the ten clean zoo models measured before it was fixed, 5.10: docs/results.md §22)
+LATENT_GAP_ALONE = 6.0
 
 #: what a trigger-inverting estimator's probe ``info`` reports per class (a verdict needs all of them)
 INVERSION_KEYS = ("estimated_target", "anomaly_index", "trigger_size", "success")
@@ -93,6 +110,9 @@ class Verdict:
             with the max-margin p-value: the most negative anomaly index over the estimator's
             ``combined_families`` (which may add families to the ones behind ``anomaly_indices``);
             empty for other detectors, and ``anomaly_indices`` stands in.
+        latent_gaps, latent_gap_indices: with the ``latent-gap`` detector, per class, the latent gap
+            (:func:`envs.latent_gap.latent_gaps`) and its MAD anomaly index over the classes (positive:
+            larger than usual; NaN where it could not be measured); empty for other detectors.
 
     Derived (properties, also written by :meth:`to_dict`): ``combined_pvalue``; and the decision of
     every detector on the same statistics, :meth:`flagged_by`.
@@ -116,6 +136,8 @@ class Verdict:
     max_margin_seconds: Optional[float] = None
     min_success: float = 0.5
     combined_indices: List[float] = field(default_factory=list)
+    latent_gaps: List[float] = field(default_factory=list)
+    latent_gap_indices: List[float] = field(default_factory=list)
 
     @property
     def size_inconclusive(self) -> bool:
@@ -166,6 +188,8 @@ class Verdict:
             return margin_missing
         if self.detector in ("either", "combined"):
             return margin_missing and self.size_inconclusive
+        if self.detector == "latent-gap":
+            return self.size_inconclusive or not any(math.isfinite(g) for g in self.latent_gap_indices)
         return self.size_inconclusive
 
     def _size_evidence(self) -> str:
@@ -227,6 +251,8 @@ class Verdict:
         the trigger size's own class when it names another target: :attr:`rival_target`)."""
         if self.detector == "max-margin":
             return self._margin_evidence()
+        if self.detector == "latent-gap":
+            return self._gap_evidence()
         if self.detector in ("either", "combined"):
             first = self._margin_evidence() if self.detector == "either" else self._combined_evidence()
             moved = self.margin_flagged if self.detector == "either" else self.combined_flagged
@@ -249,6 +275,32 @@ class Verdict:
         return f"verdict: {what} ({self.evidence()})"
 
     @property
+    def gap_target(self) -> Optional[int]:
+        """The class the ``latent-gap`` rule suspects (:func:`latent_gap_target`), ``None`` when it suspects
+        none or the latent gaps were not computed."""
+        if not self.latent_gap_indices:
+            return None
+        working = [ok >= self.min_success for ok in self.success]
+        return latent_gap_target(self.anomaly_indices, self.latent_gap_indices, working)
+
+    def _gap_evidence(self) -> str:
+        if not self.latent_gap_indices:
+            return "inconclusive: no latent gaps were computed"
+        t = self.gap_target
+        c = self.size_target if t is None else t
+        s, g = self.anomaly_indices[c], self.latent_gap_indices[c]
+        what = (
+            f"class {c}: trigger-size anomaly index {s:.2f}, latent-gap index {g:.2f} (its trigger's images "
+            f"{'sit apart from' if g >= LATENT_GAP_CONFIRM else 'look like'} its real images in the model's features)"
+        )
+        if t is not None:
+            return what
+        return (
+            f"{what}; no class has both a trigger-size index <= -{LATENT_GAP_CONFIRM:g} and a latent-gap index "
+            f">= {LATENT_GAP_CONFIRM:g}, or a latent-gap index >= {LATENT_GAP_ALONE:g}"
+        )
+
+    @property
     def size_target(self) -> int:
         """The trigger-size statistic's own target: the most negative anomaly index among the classes whose
         trigger works (all classes when none does); ``estimated_target`` unless a max-margin detector moved it."""
@@ -267,7 +319,10 @@ class Verdict:
         that detector decides (the max-margin statistics are there only when this verdict's detector
         computed them; without them a max-margin rule flags nothing)."""
         size, margin, combined = self._size_rule(), self.margin_flagged, self.combined_flagged
-        rules = {"trigger-size": size, "max-margin": margin, "either": size or margin, "combined": size or combined}
+        rules = {
+            "trigger-size": size, "max-margin": margin, "either": size or margin, "combined": size or combined,
+            "latent-gap": self.gap_target is not None,
+        }  # fmt: skip
         if detector not in rules:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
         return rules[detector]
@@ -276,8 +331,12 @@ class Verdict:
         """The class ``detector`` (:data:`DETECTORS`) names as the target on these statistics: the max-margin
         class where that detector lets the margin decide (``max-margin`` always; ``either`` when its
         p-value is significant; ``combined`` when its pooled p-value is, unless :func:`stronger_target`
-        prefers the trigger size's own class), else :attr:`size_target`."""
+        prefers the trigger size's own class), else :attr:`size_target`; for ``latent-gap`` its
+        :attr:`gap_target` when there is one, else :attr:`size_target`."""
         self.flagged_by(detector)  # refuses an unknown detector
+        if detector == "latent-gap":
+            gap = self.gap_target
+            return self.size_target if gap is None else gap
         t = self.margin_class
         by_margin = {"max-margin": True, "either": self.margin_flagged, "combined": self.combined_flagged}
         if t is None or not by_margin.get(detector, False):
@@ -339,6 +398,28 @@ def stronger_target(margin_class: int, pooled_pvalue: float, size_class: int, si
     return size_class if -float(size_index) > z_pooled else margin_class
 
 
+def latent_gap_target(
+    size_indices: Sequence[float], gap_indices: Sequence[float], working: Sequence[bool]
+) -> Optional[int]:
+    """The ``latent-gap`` detector's rule: the class it suspects, or ``None``.
+
+    A class is a candidate when its trigger works (``working``) and either its trigger-size anomaly index is
+    at most ``-LATENT_GAP_CONFIRM`` and its latent-gap index at least ``LATENT_GAP_CONFIRM``, or its
+    latent-gap index alone is at least :data:`LATENT_GAP_ALONE`. The target is the candidate with the
+    largest ``gap index - size index`` (both read as one-sided evidence). A NaN index counts as no
+    evidence. The estimator (which trigger it stamps) and :meth:`Verdict.target_by` use this one rule."""
+    best: Optional[int] = None
+    best_score = -math.inf
+    for c, (s, g, ok) in enumerate(zip(size_indices, gap_indices, working)):
+        s = float(s) if math.isfinite(s) else 0.0
+        if not ok or not math.isfinite(g):
+            continue
+        if (s <= -LATENT_GAP_CONFIRM and g >= LATENT_GAP_CONFIRM) or g >= LATENT_GAP_ALONE:
+            if g - s > best_score:
+                best, best_score = c, g - s
+    return best
+
+
 def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: float) -> Optional[Verdict]:
     """The verdict from the trigger inversion an ASR estimator did (its probe's ``info``).
 
@@ -381,6 +462,8 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
         detector=detector,
         max_margin=[float(v) for v in info.get("max_margin", [])],
         combined_indices=[float(v) for v in info.get("combined_index", [])],
+        latent_gaps=[float(v) for v in info.get("latent_gap", [])],
+        latent_gap_indices=[float(v) for v in info.get("latent_gap_index", [])],
         **{key: None if value is None else float(value) for key, value in margin.items()},
     )
     suspected = verdict.flagged_by(detector)

@@ -15,7 +15,8 @@ skipped, so an interrupted run resumes. The models must be in the zoo cache alre
 
 ``--summary`` prints, from ``OUT/results.jsonl`` files, what every verdict detector decides on each
 model's recorded statistics (the max-margin ones exist when the run's detector computed them, e.g.
-``--extra --set 'estimator_params.detector="combined"'``), the target class it names, and on how many
+``--extra --set 'estimator_params.detector="combined"'``; the latent gaps with ``"latent-gap"``), the
+target class it names, and on how many
 models each is right (a backdoored model suspected with its real target, a clean one not; rows written
 before the real target was recorded count a suspicion as right whatever class it names):
 
@@ -84,7 +85,8 @@ def measure(bundle: BackdoorBundle, folder: Path, defense: str) -> Dict[str, Any
 def _decision(verdict: Verdict, detector: str, target: Optional[int]) -> str:
     """``target``: the real one (``None`` for a clean model, -1 when a row did not record it: then a
     suspicion counts as right whatever class it names)."""
-    if detector != "trigger-size" and verdict.max_margin_pvalue is None:
+    recorded = {"trigger-size": True, "latent-gap": bool(verdict.latent_gap_indices)}
+    if not recorded.get(detector, verdict.max_margin_pvalue is not None):
         return "n/a"
     if not verdict.flagged_by(detector):
         return "not suspected" + (" ✓" if target is None else " ✗")

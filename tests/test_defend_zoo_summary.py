@@ -27,6 +27,15 @@ def _row(attack, seed, pvalue, index0, detector="combined", target=0, index6=0.6
     return row if target is None or attack == "clean" else {**row, "target": target}
 
 
+def _gap_row():
+    info = _info("latent-gap", 0.5)
+    info = {k: v for k, v in info.items() if not k.startswith("max_margin")}
+    info["anomaly_index"][8], info["estimated_target"] = -3.47, 8
+    info.update(latent_gap=[0.1] * 10, latent_gap_index=[0.0] * 8 + [-0.36, 0.0])
+    verdict = backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0)
+    return {"attack": "clean", "seed": 12, "report": {"verdict": json.loads(json.dumps(verdict.to_dict()))}}
+
+
 def test_the_summary_counts_each_detector_right_on_backdoored_and_clean_models(defend_zoo, tmp_path, capsys):
     rows = [
         _row("sig", 3, 0.071, -1.06),  # combined flags it (p 0.037), neither statistic alone does
@@ -35,19 +44,22 @@ def test_the_summary_counts_each_detector_right_on_backdoored_and_clean_models(d
         _row("badnets", 3, 0.5, -3.0, detector="trigger-size"),  # no margins recorded: n/a for those rules
         _row("sig", 6, 0.3, -0.5, index6=-4.0),  # the trigger size flags class 6: the wrong target
         _row("sig", 7, 0.3, -0.5, index6=-4.0, target=None),  # the same, from a row without the real target
+        _gap_row(),  # a clean model's natural patch: the trigger size flags class 8, the latent gap does not
     ]
     table = defend_zoo.detector_table(rows)
     assert table[2].startswith("| sig s3 | 0, -1.06 | 0, 0.071 | 0.037 | not suspected ✗ | not suspected ✗ |")
-    assert table[2].endswith("| not suspected ✗ | suspected (0) ✓ |")
-    assert "| badnets s3 | 0, -3.00 | – | – | suspected (0) ✓ | n/a | n/a | n/a |" in table
+    assert table[2].endswith("| not suspected ✗ | suspected (0) ✓ | n/a |")  # no latent gaps recorded
+    assert "| badnets s3 | 0, -3.00 | – | – | suspected (0) ✓ | n/a | n/a | n/a | n/a |" in table
     wrong = "suspected (6) ✗"
-    assert table[6] == f"| sig s6 | 6, -4.00 | 0, 0.3 | 0.23 | {wrong} | not suspected ✗ | {wrong} | {wrong} |"
+    assert table[6] == f"| sig s6 | 6, -4.00 | 0, 0.3 | 0.23 | {wrong} | not suspected ✗ | {wrong} | {wrong} | n/a |"
     assert table[7].startswith("| sig s7 | 6, -4.00 | 0, 0.3 | 0.23 | suspected (6) ✓ |")
-    assert table[-4:] == [
-        "* `trigger-size`: right on 3 of 6",
+    assert table[8] == "| clean s12 | 8, -3.47 | – | – | suspected (8) ✗ | n/a | n/a | n/a | not suspected ✓ |"
+    assert table[-5:] == [
+        "* `trigger-size`: right on 3 of 7",
         "* `max-margin`: right on 2 of 5",
         "* `either`: right on 3 of 5",
         "* `combined`: right on 4 of 5",
+        "* `latent-gap`: right on 1 of 1",
     ]
     out = tmp_path / "vz"
     out.mkdir()

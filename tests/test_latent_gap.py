@@ -1,0 +1,115 @@
+"""The latent gap (envs.latent_gap) and the verdict's ``latent-gap`` detector (onp.backdoor_verdict)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from envs.asr_estimators import build_probe
+from envs.latent_gap import classifier_layer, latent_gaps, penultimate_features
+from onp.backdoor_verdict import LATENT_GAP_ALONE, Verdict, backdoor_verdict, latent_gap_target
+
+
+def _shortcut_model() -> nn.Module:
+    """Three pixels in, three features, two classes. Pixel 0 is class 0's real content (feature 0), pixel 1
+    class 1's (feature 1); pixel 2 is a planted trigger that reaches class 0 through a feature of its own
+    (feature 2), which no real class-0 image has."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3, bias=False), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(3))
+        model[2].weight.copy_(torch.tensor([[1.0, 0.0, 5.0], [0.0, 1.0, 0.0]]))
+    return model
+
+
+def _images():
+    x = torch.zeros(8, 3)
+    x[:4, 0] = 1.0  # class 0
+    x[4:, 1] = 1.0  # class 1
+    return x, torch.tensor([0] * 4 + [1] * 4)
+
+
+def test_a_planted_trigger_has_a_large_latent_gap_and_a_natural_one_none():
+    model, (x, y) = _shortcut_model(), _images()
+
+    def planted(c, images):  # the trigger pixel: class 0 through feature 2
+        out = images.clone()
+        out[:, 2] = 1.0
+        return out
+
+    def natural(c, images):  # images made to look like the class's real ones
+        out = torch.zeros_like(images)
+        out[:, c] = 2.0
+        return out
+
+    gap = latent_gaps(model, x, y, 2, planted)
+    assert gap[0] > 0.8  # the stamped class-1 images reach class 0 through feature 2: almost orthogonal
+    assert torch.allclose(latent_gaps(model, x, y, 2, natural), torch.zeros(2), atol=1e-6)
+    features, logits = penultimate_features(model, planted(0, x[4:]))
+    assert torch.equal(logits.argmax(1), torch.zeros(4, dtype=torch.long)) and features.shape == (4, 3)
+    only_class_0 = latent_gaps(model, x[:4], y[:4], 2, natural)  # no real class-1 image, no other class
+    assert math.isnan(float(only_class_0[1])) and math.isnan(float(only_class_0[0]))
+    with pytest.raises(ValueError, match="has no nn.Linear|none; use another verdict detector"):
+        classifier_layer(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_the_rule_needs_both_statistics_or_a_large_latent_gap():
+    working = [True] * 4
+    # a clean model's natural patch: a small trigger whose images look like the class's real ones
+    assert latent_gap_target([-3.47, 0.1, 0.2, 0.0], [-0.36, 0.5, 1.0, 0.2], working) is None
+    assert latent_gap_target([-2.0, 0.1, 0.2, 0.0], [2.0, 0.5, 1.0, 0.2], working) == 0  # both at the thresholds
+    assert latent_gap_target([-1.9, 0.1, 0.2, 0.0], [5.9, 0.5, 1.0, 0.2], working) is None
+    assert latent_gap_target([-0.2, 0.1, 0.2, 0.0], [LATENT_GAP_ALONE, 0.5, 1.0, 0.2], working) == 0  # the gap alone
+    # two candidates: the larger gap - size wins (SIG s6: class 6's small trigger, class 0's far larger gap)
+    assert latent_gap_target([-2.06, 0.1, -4.09, 0.0], [55.6, 0.5, 3.79, 0.2], working) == 0
+    assert latent_gap_target([-2.5, 0.1, -4.0, 0.0], [2.1, 0.5, 3.0, 0.2], working) == 2
+    assert latent_gap_target([-0.2, 0.1, 0.2, 0.0], [9.0, 0.5, 1.0, 0.2], [False, True, True, True]) is None
+    assert latent_gap_target([math.nan, 0.1, 0.2, 0.0], [7.0, math.nan, 1.0, 0.2], working) == 0
+
+
+def _info(gap_index, size_index=None):
+    k = len(gap_index)
+    size_index = size_index or [0.1 * i for i in range(k)]
+    working = [True] * k
+    return {
+        "estimated_target": latent_gap_target(size_index, gap_index, working) or 0,
+        "anomaly_index": size_index,
+        "trigger_size": [30.0] * k,
+        "success": [1.0] * k,
+        "min_success": 0.9,
+        "detector": "latent-gap",
+        "latent_gap": [0.1] * k,
+        "latent_gap_index": gap_index,
+    }
+
+
+def test_the_latent_gap_verdict_says_which_class_and_why_and_reads_back():
+    clean_fp = _info([-0.36, 0.5, 1.0], size_index=[-3.47, 0.3, 0.4])
+    v = backdoor_verdict(clean_fp, estimator="synthesized-multi", threshold=2.0)
+    assert not v.suspected and not v.inconclusive and v.flagged_by("trigger-size")  # the size alone would flag it
+    assert v.evidence().startswith("class 0: trigger-size anomaly index -3.47, latent-gap index -0.36")
+    assert "look like its real images" in v.evidence() and "or a latent-gap index >= 6" in v.evidence()
+    planted = backdoor_verdict(_info([0.2, 0.5, 17.0]), estimator="synthesized-multi", threshold=2.0)
+    assert planted.suspected and planted.target_by("latent-gap") == planted.estimated_target == 2
+    assert "sit apart from its real images" in planted.evidence()
+    again = Verdict.from_dict(json.loads(json.dumps(planted.to_dict())))
+    assert again == planted and again.latent_gap_indices == [0.2, 0.5, 17.0]
+    older = {k: v for k, v in planted.to_dict().items() if not k.startswith("latent_gap")}
+    assert not Verdict.from_dict({**older, "detector": "trigger-size"}).flagged_by("latent-gap")  # not recorded
+    nothing = backdoor_verdict({**_info([0.2, 0.5, 17.0]), "latent_gap_index": []}, estimator="x", threshold=2.0)
+    assert nothing.inconclusive and "no latent gaps were computed" in nothing.evidence()
+
+
+def test_the_estimator_stamps_the_class_the_latent_gap_verdict_names(tiny_bundle, tmp_path):
+    data, target = tiny_bundle.defense_data, int(tiny_bundle.attack.params()["target"])
+    probe = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20, cache_dir=tmp_path,
+                        detector="latent-gap")  # fmt: skip
+    info = probe.info
+    assert len(info["latent_gap"]) == len(info["latent_gap_index"]) == 10 and info["latent_gap_seconds"] > 0
+    assert max(range(10), key=info["latent_gap_index"].__getitem__) == target  # the planted target's gap is the largest
+    verdict = backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0)
+    assert verdict.estimated_target == verdict.target_by("latent-gap") == int(probe.target_labels[0])
+    assert "max_margin" not in info  # the latent gap needs no max-margin search
+    assert "latent_gap" not in build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20,
+                                           cache_dir=tmp_path).info  # fmt: skip
