@@ -37,11 +37,12 @@
     the target when its own evidence is the stronger (:func:`onp.backdoor_verdict.stronger_target`).
     Opt-in: the rule written to make it the default failed on the cost of the clean models' false
     positives, which the trigger-size part gives both detectors (docs/results.md §21c).
-    ``"latent-gap"`` confirms the trigger size with a second statistic of the same inverted triggers:
-    how far the images a class's trigger flips sit from that class's real images in the model's
-    penultimate features (:mod:`envs.latent_gap`; the rule: :func:`onp.backdoor_verdict.latent_gap_target`).
-    A clean model's natural universal patch has a small trigger whose images look like the class's real
-    ones; a planted trigger reaches the target through features of its own (docs/results.md §22).
+    ``"confirmed"`` asks a second statistic of the same inverted trigger to confirm a small one: how far
+    the images it flips sit from the class's real images in the model's penultimate features
+    (:mod:`envs.latent_gap`), or how compact its patch mask is (:mod:`envs.compactness`); a large latent
+    gap alone also suffices (the rule: :func:`onp.backdoor_verdict.confirmed_target`). A clean model's
+    natural universal patch is small, spread out, and its images look like the class's real ones; a
+    planted trigger is compact, or reaches the target through features of its own (docs/results.md §22).
   - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
     Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
     is measured on the 15 zoo models.
@@ -63,12 +64,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onp.backdoor_verdict import DETECTORS, combined_pvalue, latent_gap_target, stronger_target
+from onp.backdoor_verdict import DETECTORS, combined_pvalue, confirmed_target, stronger_target
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, recorded_seconds
 from onp.models import model_digest
 from onp.registry import Registry
 
+from .compactness import mask_compactness
 from .latent_gap import latent_gaps
 from .max_margin import DEFAULT_ALPHA, cached_max_margins, margin_pvalue
 from .trigger_families import TRIGGER_FAMILIES, TriggerFamily, trigger_family
@@ -647,11 +649,12 @@ def synthesized_multi_probe(
     if margin:
         size = float(index[t]) if any(float(rev["success"][t]) >= min_success for rev in revs.values()) else None
         t = _margin_target(detector, margin, pooled.get("combined_index", index.tolist()), margin_alpha, t, size)
-    gap = _gap_info(model, defense_data, revs, index, family_of_class, min_success) if detector == "latent-gap" else {}
-    if gap.get("latent_gap_target") is not None:
-        t = gap["latent_gap_target"]
+    confirm = {}
+    if detector == "confirmed":
+        confirm = _confirmation_info(model, defense_data, revs, index, family_of_class, min_success)
+        t = t if confirm["confirmed_target"] is None else confirm["confirmed_target"]
     working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
-    info = {**_per_class_info(revs, index, family_of_class, t), **pooled, **gap}
+    info = {**_per_class_info(revs, index, family_of_class, t), **pooled, **confirm}
     if refine_steps:
         refine = {**settings, "steps": refine_steps}
         revs, info["target_trigger"] = _refined_target(model, defense_data, revs, working[0], t, min_success, refine)
@@ -666,14 +669,15 @@ def synthesized_multi_probe(
     return ASRProbe("synthesized-multi", images, torch.full_like(y_true, t), y_true, False, info, stamp_most_anomalous)
 
 
-def _gap_info(
+def _confirmation_info(
     model: nn.Module, data: DefenseData, revs: Dict[str, Dict[str, torch.Tensor]], index: torch.Tensor,
     family_of_class: List[str], min_success: float,
 ) -> Dict[str, Any]:  # fmt: skip
-    """The ``latent-gap`` detector's statistics: per class the latent gap of its trigger (of the family it is
-    most anomalous in, as the target's) on the defense-validation images (:func:`envs.latent_gap.latent_gaps`),
-    its MAD anomaly index (:func:`anomaly_indices`), the class the detector suspects
-    (:func:`onp.backdoor_verdict.latent_gap_target`, ``None`` if none) and the seconds it took."""
+    """The ``confirmed`` detector's statistics: per class the latent gap of its trigger (of the family it is
+    most anomalous in, as the target's) on the defense-validation images (:func:`envs.latent_gap.latent_gaps`)
+    and the compactness of its ``patch`` mask (:func:`envs.compactness.mask_compactness`; none without the
+    ``patch`` family), each with its MAD anomaly index (:func:`anomaly_indices`); the class the detector
+    suspects (:func:`onp.backdoor_verdict.confirmed_target`, ``None`` if none) and the seconds it took."""
     t0 = time.perf_counter()
     shape = tuple(int(v) for v in data.val_x.shape[1:])
 
@@ -681,17 +685,26 @@ def _gap_info(
         return _stamper(family_of_class[c], revs[family_of_class[c]], c, shape)(x)
 
     gaps = latent_gaps(model, data.val_x, data.val_y, data.num_classes, stamp)
-    finite = torch.isfinite(gaps)
-    gap_index = torch.full_like(gaps, float("nan"))
-    if bool(finite.any()):
-        gap_index[finite] = anomaly_indices(gaps[finite])
+    compact = mask_compactness(revs["patch"]["mask"]) if "patch" in revs else torch.empty(0)
+    gap_index, compact_index = _finite_indices(gaps), _finite_indices(compact)
     working = [float(revs[f]["success"][c]) >= min_success for c, f in enumerate(family_of_class)]
     return {
         "latent_gap": gaps.tolist(),
         "latent_gap_index": gap_index.tolist(),
-        "latent_gap_target": latent_gap_target(index.tolist(), gap_index.tolist(), working),
-        "latent_gap_seconds": time.perf_counter() - t0,
+        "compactness": compact.tolist(),
+        "compactness_index": compact_index.tolist(),
+        "confirmed_target": confirmed_target(index.tolist(), gap_index.tolist(), compact_index.tolist(), working),
+        "confirmation_seconds": time.perf_counter() - t0,
     }
+
+
+def _finite_indices(values: torch.Tensor) -> torch.Tensor:
+    """:func:`anomaly_indices` over the finite entries of ``values``; NaN elsewhere."""
+    finite = torch.isfinite(values)
+    out = torch.full_like(values, float("nan"))
+    if bool(finite.any()):
+        out[finite] = anomaly_indices(values[finite])
+    return out
 
 
 def _inverted(
@@ -790,7 +803,7 @@ def _margin_info(
         raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
     if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
         raise ValueError(f"margin_alpha must be a number in (0, 1) (MM-BD's is 0.05); got {alpha!r}")
-    if detector in ("trigger-size", "latent-gap"):
+    if detector in ("trigger-size", "confirmed"):
         return {}
     found = cached_max_margins(
         model, data.num_classes, data.val_x.shape[1:], seed=seed, cache_dir=cache_dir, steps=steps, n_init=n_init

@@ -11,11 +11,13 @@ trigger's size, its MAD anomaly index and the fraction of images it flips (its p
 * ``max-margin``: when the largest per-class maximum margin has a p-value below the estimator's alpha
   (MM-BD, Wang et al., IEEE S&P 2024; :mod:`envs.max_margin`);
 * ``either``: when one of the two says so (the max-margin class is the target when it does);
-* ``latent-gap``: when a class's trigger-size anomaly index is at most ``-LATENT_GAP_CONFIRM`` and its
-  latent-gap index (:mod:`envs.latent_gap`: how far the images its trigger flips sit from the class's
-  real images in the model's penultimate features) at least ``LATENT_GAP_CONFIRM``, or its latent-gap
-  index alone at least ``LATENT_GAP_ALONE`` (:func:`latent_gap_target`). A small trigger whose images
-  look like the class's real ones (a clean model's natural universal patch) is not enough. Written
+* ``confirmed``: the trigger size, confirmed by a second statistic of the same class's trigger: when a
+  class's trigger-size anomaly index is at most ``-CONFIRM_THRESHOLD`` and either its latent-gap index
+  (:mod:`envs.latent_gap`: how far the images its trigger flips sit from the class's real images in the
+  model's penultimate features) or its patch mask's compactness index (:mod:`envs.compactness`) is at
+  least ``CONFIRM_THRESHOLD``; or when its latent-gap index alone is at least ``LATENT_GAP_ALONE``
+  (:func:`confirmed_target`). A small trigger whose images look like the class's real ones and whose
+  mask is spread out (a clean model's natural universal patch) is not enough. Each rule was written
   before the held-out models that tested it were trained (docs/results.md §22);
 * ``combined``: when the trigger size says so, or when the max-margin class's evidence from both
   statistics together is significant (:func:`combined_pvalue`, Stouffer's method: its MM-BD p-value
@@ -47,8 +49,8 @@ __all__ = [
     "Verdict",
     "combined_pvalue",
     "stronger_target",
-    "latent_gap_target",
-    "LATENT_GAP_CONFIRM",
+    "confirmed_target",
+    "CONFIRM_THRESHOLD",
     "LATENT_GAP_ALONE",
     "backdoor_verdict",
     "no_backdoor_reason",
@@ -64,13 +66,13 @@ DEFAULT_ANOMALY_THRESHOLD = 2.0
 FORCE_HINT = "--force (rollout.force=true)"
 
 #: which statistic decides the verdict (a trigger-inverting estimator's ``detector``; see the module docstring)
-DETECTORS = ("trigger-size", "max-margin", "either", "combined", "latent-gap")
+DETECTORS = ("trigger-size", "max-margin", "either", "combined", "confirmed")
 
-#: ``latent-gap``: a class whose trigger-size index is <= -this and latent-gap index >= this is suspected
-#: (Neural Cleanse's threshold, for both statistics)
-LATENT_GAP_CONFIRM = 2.0
+#: ``confirmed``: a class whose trigger-size index is <= -this and whose latent-gap or compactness index is
+#: >= this is suspected (Neural Cleanse's threshold, for every statistic)
+CONFIRM_THRESHOLD = 2.0
 
-#: ``latent-gap``: a class whose latent-gap index alone is at least this is suspected (above the largest
+#: ``confirmed``: a class whose latent-gap index alone is at least this is suspected (above the largest
 #: latent-gap index of the ten clean zoo models measured before it was fixed, 5.10: docs/results.md §22)
 LATENT_GAP_ALONE = 6.0
 
@@ -110,9 +112,12 @@ class Verdict:
             with the max-margin p-value: the most negative anomaly index over the estimator's
             ``combined_families`` (which may add families to the ones behind ``anomaly_indices``);
             empty for other detectors, and ``anomaly_indices`` stands in.
-        latent_gaps, latent_gap_indices: with the ``latent-gap`` detector, per class, the latent gap
+        latent_gaps, latent_gap_indices: with the ``confirmed`` detector, per class, the latent gap
             (:func:`envs.latent_gap.latent_gaps`) and its MAD anomaly index over the classes (positive:
             larger than usual; NaN where it could not be measured); empty for other detectors.
+        compactness, compactness_indices: with the ``confirmed`` detector, per class, the compactness of
+            its inverted patch mask (:func:`envs.compactness.mask_compactness`) and its MAD anomaly index
+            (positive: more compact than usual); empty when the estimator inverted no patch.
 
     Derived (properties, also written by :meth:`to_dict`): ``combined_pvalue``; and the decision of
     every detector on the same statistics, :meth:`flagged_by`.
@@ -138,6 +143,8 @@ class Verdict:
     combined_indices: List[float] = field(default_factory=list)
     latent_gaps: List[float] = field(default_factory=list)
     latent_gap_indices: List[float] = field(default_factory=list)
+    compactness: List[float] = field(default_factory=list)
+    compactness_indices: List[float] = field(default_factory=list)
 
     @property
     def size_inconclusive(self) -> bool:
@@ -188,7 +195,7 @@ class Verdict:
             return margin_missing
         if self.detector in ("either", "combined"):
             return margin_missing and self.size_inconclusive
-        if self.detector == "latent-gap":
+        if self.detector == "confirmed":
             return self.size_inconclusive or not any(math.isfinite(g) for g in self.latent_gap_indices)
         return self.size_inconclusive
 
@@ -251,8 +258,8 @@ class Verdict:
         the trigger size's own class when it names another target: :attr:`rival_target`)."""
         if self.detector == "max-margin":
             return self._margin_evidence()
-        if self.detector == "latent-gap":
-            return self._gap_evidence()
+        if self.detector == "confirmed":
+            return self._confirmed_evidence()
         if self.detector in ("either", "combined"):
             first = self._margin_evidence() if self.detector == "either" else self._combined_evidence()
             moved = self.margin_flagged if self.detector == "either" else self.combined_flagged
@@ -275,29 +282,28 @@ class Verdict:
         return f"verdict: {what} ({self.evidence()})"
 
     @property
-    def gap_target(self) -> Optional[int]:
-        """The class the ``latent-gap`` rule suspects (:func:`latent_gap_target`), ``None`` when it suspects
+    def confirmed_class(self) -> Optional[int]:
+        """The class the ``confirmed`` rule suspects (:func:`confirmed_target`), ``None`` when it suspects
         none or the latent gaps were not computed."""
         if not self.latent_gap_indices:
             return None
         working = [ok >= self.min_success for ok in self.success]
-        return latent_gap_target(self.anomaly_indices, self.latent_gap_indices, working)
+        return confirmed_target(self.anomaly_indices, self.latent_gap_indices, self.compactness_indices, working)
 
-    def _gap_evidence(self) -> str:
+    def _confirmed_evidence(self) -> str:
         if not self.latent_gap_indices:
             return "inconclusive: no latent gaps were computed"
-        t = self.gap_target
+        t = self.confirmed_class
         c = self.size_target if t is None else t
         s, g = self.anomaly_indices[c], self.latent_gap_indices[c]
-        what = (
-            f"class {c}: trigger-size anomaly index {s:.2f}, latent-gap index {g:.2f} (its trigger's images "
-            f"{'sit apart from' if g >= LATENT_GAP_CONFIRM else 'look like'} its real images in the model's features)"
-        )
+        k = f", compactness index {self.compactness_indices[c]:.2f}" if self.compactness_indices else ""
+        what = f"class {c}: trigger-size anomaly index {s:.2f}, latent-gap index {g:.2f}{k}"
         if t is not None:
             return what
+        x = CONFIRM_THRESHOLD
         return (
-            f"{what}; no class has both a trigger-size index <= -{LATENT_GAP_CONFIRM:g} and a latent-gap index "
-            f">= {LATENT_GAP_CONFIRM:g}, or a latent-gap index >= {LATENT_GAP_ALONE:g}"
+            f"{what}; no class has a trigger-size index <= -{x:g} confirmed by a latent-gap or compactness index "
+            f">= {x:g}, or a latent-gap index >= {LATENT_GAP_ALONE:g}"
         )
 
     @property
@@ -321,7 +327,7 @@ class Verdict:
         size, margin, combined = self._size_rule(), self.margin_flagged, self.combined_flagged
         rules = {
             "trigger-size": size, "max-margin": margin, "either": size or margin, "combined": size or combined,
-            "latent-gap": self.gap_target is not None,
+            "confirmed": self.confirmed_class is not None,
         }  # fmt: skip
         if detector not in rules:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
@@ -331,12 +337,12 @@ class Verdict:
         """The class ``detector`` (:data:`DETECTORS`) names as the target on these statistics: the max-margin
         class where that detector lets the margin decide (``max-margin`` always; ``either`` when its
         p-value is significant; ``combined`` when its pooled p-value is, unless :func:`stronger_target`
-        prefers the trigger size's own class), else :attr:`size_target`; for ``latent-gap`` its
-        :attr:`gap_target` when there is one, else :attr:`size_target`."""
+        prefers the trigger size's own class), else :attr:`size_target`; for ``confirmed`` its
+        :attr:`confirmed_class` when there is one, else :attr:`size_target`."""
         self.flagged_by(detector)  # refuses an unknown detector
-        if detector == "latent-gap":
-            gap = self.gap_target
-            return self.size_target if gap is None else gap
+        if detector == "confirmed":
+            confirmed = self.confirmed_class
+            return self.size_target if confirmed is None else confirmed
         t = self.margin_class
         by_margin = {"max-margin": True, "either": self.margin_flagged, "combined": self.combined_flagged}
         if t is None or not by_margin.get(detector, False):
@@ -398,23 +404,30 @@ def stronger_target(margin_class: int, pooled_pvalue: float, size_class: int, si
     return size_class if -float(size_index) > z_pooled else margin_class
 
 
-def latent_gap_target(
-    size_indices: Sequence[float], gap_indices: Sequence[float], working: Sequence[bool]
+def confirmed_target(
+    size_indices: Sequence[float],
+    gap_indices: Sequence[float],
+    compactness_indices: Sequence[float],
+    working: Sequence[bool],
 ) -> Optional[int]:
-    """The ``latent-gap`` detector's rule: the class it suspects, or ``None``.
+    """The ``confirmed`` detector's rule: the class it suspects, or ``None``.
 
     A class is a candidate when its trigger works (``working``) and either its trigger-size anomaly index is
-    at most ``-LATENT_GAP_CONFIRM`` and its latent-gap index at least ``LATENT_GAP_CONFIRM``, or its
-    latent-gap index alone is at least :data:`LATENT_GAP_ALONE`. The target is the candidate with the
-    largest ``gap index - size index`` (both read as one-sided evidence). A NaN index counts as no
+    at most ``-CONFIRM_THRESHOLD`` and its latent-gap or its compactness index is at least
+    :data:`CONFIRM_THRESHOLD`, or its latent-gap index alone is at least :data:`LATENT_GAP_ALONE`. The
+    target is the candidate with the largest ``gap index - size index`` (both read as one-sided
+    evidence). A NaN index, or a missing compactness index (empty: no patch inverted), counts as no
     evidence. The estimator (which trigger it stamps) and :meth:`Verdict.target_by` use this one rule."""
+    x = CONFIRM_THRESHOLD
     best: Optional[int] = None
     best_score = -math.inf
     for c, (s, g, ok) in enumerate(zip(size_indices, gap_indices, working)):
+        k = compactness_indices[c] if c < len(compactness_indices) else math.nan
         s = float(s) if math.isfinite(s) else 0.0
         if not ok or not math.isfinite(g):
             continue
-        if (s <= -LATENT_GAP_CONFIRM and g >= LATENT_GAP_CONFIRM) or g >= LATENT_GAP_ALONE:
+        confirmed = g >= x or (math.isfinite(k) and k >= x)
+        if (s <= -x and confirmed) or g >= LATENT_GAP_ALONE:
             if g - s > best_score:
                 best, best_score = c, g - s
     return best
@@ -464,6 +477,8 @@ def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: floa
         combined_indices=[float(v) for v in info.get("combined_index", [])],
         latent_gaps=[float(v) for v in info.get("latent_gap", [])],
         latent_gap_indices=[float(v) for v in info.get("latent_gap_index", [])],
+        compactness=[float(v) for v in info.get("compactness", [])],
+        compactness_indices=[float(v) for v in info.get("compactness_index", [])],
         **{key: None if value is None else float(value) for key, value in margin.items()},
     )
     suspected = verdict.flagged_by(detector)

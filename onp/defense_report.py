@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .backdoor_verdict import LATENT_GAP_ALONE, LATENT_GAP_CONFIRM, Verdict
+from .backdoor_verdict import CONFIRM_THRESHOLD, LATENT_GAP_ALONE, Verdict
 from .defend_config import DefendConfig
 from .evidence import Judgement
 from .io import atomic_write_bytes, atomic_write_text
@@ -202,7 +202,12 @@ def _test_rows(test: Optional[Mapping[str, Any]]) -> List[str]:
 def _inversion_table(verdict: Verdict) -> List[str]:
     """The per-class trigger inversion behind the verdict, as a Markdown table."""
     cost = verdict.inversion_seconds
-    margins, gaps = verdict.max_margin, verdict.latent_gap_indices
+    optional = {  # the columns a detector adds, shown when its statistics were computed
+        "max margin": verdict.max_margin,
+        "latent-gap index": verdict.latent_gap_indices,
+        "compactness index": verdict.compactness_indices,
+    }
+    extra = {name: values for name, values in optional.items() if values}
     lines = [
         "## Trigger inversion per class",
         "",
@@ -211,18 +216,15 @@ def _inversion_table(verdict: Verdict) -> List[str]:
             if cost
             else []
         ),
-        "| class | trigger family | trigger size | anomaly index | flips |"
-        + (" max margin |" if margins else "")
-        + (" latent-gap index |" if gaps else ""),
-        "|---|---|---|---|---|" + ("---|" if margins else "") + ("---|" if gaps else ""),
+        "| class | trigger family | trigger size | anomaly index | flips |" + "".join(f" {n} |" for n in extra),
+        "|---|---|---|---|---|" + "---|" * len(extra),
     ]
     families = verdict.trigger_families or ["patch"] * len(verdict.mask_l1)
     rows = zip(families, verdict.mask_l1, verdict.anomaly_indices, verdict.success)
     for c, (fam, size, a, ok) in enumerate(rows):
         mark = " (estimated target)" if c == verdict.estimated_target else ""
-        margin = f" {margins[c]:.2f} |" if margins else ""
-        gap = f" {gaps[c]:.2f} |" if gaps else ""
-        lines.append(f"| {c}{mark} | {fam} | {size:.2f} | {a:.2f} | {ok:.2f} |{margin}{gap}")
+        cells = "".join(f" {values[c]:.2f} |" for values in extra.values())
+        lines.append(f"| {c}{mark} | {fam} | {size:.2f} | {a:.2f} | {ok:.2f} |{cells}")
     return lines
 
 
@@ -231,12 +233,14 @@ def _verdict_rule(verdict: Verdict) -> str:
     size = f"the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's threshold is 2)"
     if verdict.detector == "trigger-size":
         return f"Suspected when {size}."
-    if verdict.detector == "latent-gap":
+    if verdict.detector == "confirmed":
+        x = CONFIRM_THRESHOLD
         return (
-            f"Suspected when a class's trigger-size anomaly index is <= -{LATENT_GAP_CONFIRM:g} and its latent-gap "
-            f"index >= {LATENT_GAP_CONFIRM:g}, or its latent-gap index alone is >= {LATENT_GAP_ALONE:g}. The latent "
-            "gap is 1 - cosine between the model's penultimate features of the images the class's trigger flips "
-            "and of the class's real images; its index is a MAD anomaly index over the classes."
+            f"Suspected when a class's trigger-size anomaly index is <= -{x:g} and its latent-gap or compactness "
+            f"index is >= {x:g}, or its latent-gap index alone is >= {LATENT_GAP_ALONE:g}. The latent gap is "
+            "1 - cosine between the model's penultimate features of the images the class's trigger flips and of "
+            "the class's real images; the compactness is the share of the class's patch mask inside its best "
+            "5 x 5 window (envs.compactness); each index is a MAD anomaly index over the classes."
         )
     margin = (
         f"the largest per-class maximum margin has a p-value < {verdict.max_margin_alpha or 0.05:g} under a gamma "

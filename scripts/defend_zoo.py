@@ -13,9 +13,11 @@ skipped, so an interrupted run resumes. The models must be in the zoo cache alre
 
     python scripts/defend_zoo.py --out runs/defend-zoo --defense clp --seeds 0 1 2
 
+``--target N`` picks the zoo models backdoored towards class N (the zoo's default is 0).
+
 ``--summary`` prints, from ``OUT/results.jsonl`` files, what every verdict detector decides on each
 model's recorded statistics (the max-margin ones exist when the run's detector computed them, e.g.
-``--extra --set 'estimator_params.detector="combined"'``; the latent gaps with ``"latent-gap"``), the
+``--extra --set 'estimator_params.detector="combined"'``; the latent gaps with ``"confirmed"``), the
 target class it names, and on how many
 models each is right (a backdoored model suspected with its real target, a clean one not; rows written
 before the real target was recorded count a suspicion as right whatever class it names):
@@ -85,7 +87,7 @@ def measure(bundle: BackdoorBundle, folder: Path, defense: str) -> Dict[str, Any
 def _decision(verdict: Verdict, detector: str, target: Optional[int]) -> str:
     """``target``: the real one (``None`` for a clean model, -1 when a row did not record it: then a
     suspicion counts as right whatever class it names)."""
-    recorded = {"trigger-size": True, "latent-gap": bool(verdict.latent_gap_indices)}
+    recorded = {"trigger-size": True, "confirmed": bool(verdict.latent_gap_indices)}
     if not recorded.get(detector, verdict.max_margin_pvalue is not None):
         return "n/a"
     if not verdict.flagged_by(detector):
@@ -126,6 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--defense", default="clp")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS) + ["clean"])
+    p.add_argument("--target", type=int, default=None, help="the backdoored models' target (default: the zoo's, 0)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more onp.defend flags")
     args = p.parse_args(argv)
     if args.summary:
@@ -143,7 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if (attack, seed, args.defense) in done:
                 continue
             clean = attack == "clean"
-            cfg = BackdoorConfig(attack="badnets" if clean else attack, clean=clean, seed=seed, data_source="full")
+            target = {} if clean or args.target is None else {"target": args.target}
+            attack_name = "badnets" if clean else attack
+            cfg = BackdoorConfig(attack=attack_name, clean=clean, seed=seed, data_source="full", **target)
             folder = args.out / f"{attack}-s{seed}"
             try:
                 bundle = load_bundle(cfg, train_if_missing=False, progress=False)

@@ -28,7 +28,7 @@ def _row(attack, seed, pvalue, index0, detector="combined", target=0, index6=0.6
 
 
 def _gap_row():
-    info = _info("latent-gap", 0.5)
+    info = _info("confirmed", 0.5)
     info = {k: v for k, v in info.items() if not k.startswith("max_margin")}
     info["anomaly_index"][8], info["estimated_target"] = -3.47, 8
     info.update(latent_gap=[0.1] * 10, latent_gap_index=[0.0] * 8 + [-0.36, 0.0])
@@ -59,7 +59,7 @@ def test_the_summary_counts_each_detector_right_on_backdoored_and_clean_models(d
         "* `max-margin`: right on 2 of 5",
         "* `either`: right on 3 of 5",
         "* `combined`: right on 4 of 5",
-        "* `latent-gap`: right on 1 of 1",
+        "* `confirmed`: right on 1 of 1",
     ]
     out = tmp_path / "vz"
     out.mkdir()

@@ -1,4 +1,5 @@
-"""The latent gap (envs.latent_gap) and the verdict's ``latent-gap`` detector (onp.backdoor_verdict)."""
+"""The latent gap (envs.latent_gap), the patch mask's compactness (envs.compactness) and the verdict's
+``confirmed`` detector (onp.backdoor_verdict)."""
 
 import json
 import math
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 from envs.asr_estimators import build_probe
+from envs.compactness import mask_compactness
 from envs.latent_gap import classifier_layer, latent_gaps, penultimate_features
-from onp.backdoor_verdict import LATENT_GAP_ALONE, Verdict, backdoor_verdict, latent_gap_target
+from onp.backdoor_verdict import LATENT_GAP_ALONE, Verdict, backdoor_verdict, confirmed_target
 
 
 def _shortcut_model() -> nn.Module:
@@ -54,62 +56,84 @@ def test_a_planted_trigger_has_a_large_latent_gap_and_a_natural_one_none():
         classifier_layer(nn.Sequential(nn.Conv2d(1, 2, 3)))
 
 
-def test_the_rule_needs_both_statistics_or_a_large_latent_gap():
-    working = [True] * 4
-    # a clean model's natural patch: a small trigger whose images look like the class's real ones
-    assert latent_gap_target([-3.47, 0.1, 0.2, 0.0], [-0.36, 0.5, 1.0, 0.2], working) is None
-    assert latent_gap_target([-2.0, 0.1, 0.2, 0.0], [2.0, 0.5, 1.0, 0.2], working) == 0  # both at the thresholds
-    assert latent_gap_target([-1.9, 0.1, 0.2, 0.0], [5.9, 0.5, 1.0, 0.2], working) is None
-    assert latent_gap_target([-0.2, 0.1, 0.2, 0.0], [LATENT_GAP_ALONE, 0.5, 1.0, 0.2], working) == 0  # the gap alone
+def test_a_planted_square_is_compact_and_a_spread_shape_is_not():
+    masks = torch.zeros(3, 1, 28, 28)
+    masks[0, 0, 24:27, 24:27] = 1.0  # BadNets' 3 x 3 square
+    masks[1, 0, 4:24, 6] = masks[1, 0, 4:24, 20] = masks[1, 0, 4, 6:21] = 0.5  # a spread outline
+    compact = mask_compactness(masks)
+    assert compact[0] == pytest.approx(1.0) and compact[1] < 0.2 and math.isnan(float(compact[2]))
+    assert mask_compactness(masks[:1], window=2)[0] == pytest.approx(4 / 9)
+    assert mask_compactness(torch.ones(1, 3, 3))[0] == pytest.approx(1.0)  # a window larger than the mask
+
+
+def _rule(size, gap, compact=(), working=None):
+    return confirmed_target(size, gap, list(compact), working or [True] * len(size))
+
+
+def test_a_small_trigger_counts_only_when_a_second_statistic_confirms_it():
+    # a clean model's natural patch: a small trigger, images like the class's real ones, a spread-out mask
+    assert _rule([-3.47, 0.1, 0.2, 0.0], [-0.36, 0.5, 1.0, 0.2], [-1.23, 0.0, 0.3, 0.1]) is None
+    assert _rule([-2.0, 0.1, 0.2, 0.0], [2.0, 0.5, 1.0, 0.2]) == 0  # the gap confirms, both at the thresholds
+    # BadNets with target 8: no latent gap, but a compact mask confirms the small trigger
+    assert _rule([0.0, 0.1, -3.59, 0.0], [3.1, 0.5, -2.03, 0.2], [0.0, 0.1, 9.45, 0.2]) == 2
+    assert _rule([0.0, 0.1, -1.9, 0.0], [3.1, 0.5, -2.03, 0.2], [0.0, 0.1, 9.45, 0.2]) is None  # not small
+    assert _rule([-1.9, 0.1, 0.2, 0.0], [5.9, 0.5, 1.0, 0.2]) is None
+    assert _rule([-0.2, 0.1, 0.2, 0.0], [LATENT_GAP_ALONE, 0.5, 1.0, 0.2]) == 0  # the gap alone
     # two candidates: the larger gap - size wins (SIG s6: class 6's small trigger, class 0's far larger gap)
-    assert latent_gap_target([-2.06, 0.1, -4.09, 0.0], [55.6, 0.5, 3.79, 0.2], working) == 0
-    assert latent_gap_target([-2.5, 0.1, -4.0, 0.0], [2.1, 0.5, 3.0, 0.2], working) == 2
-    assert latent_gap_target([-0.2, 0.1, 0.2, 0.0], [9.0, 0.5, 1.0, 0.2], [False, True, True, True]) is None
-    assert latent_gap_target([math.nan, 0.1, 0.2, 0.0], [7.0, math.nan, 1.0, 0.2], working) == 0
+    assert _rule([-2.06, 0.1, -4.09, 0.0], [55.6, 0.5, 3.79, 0.2]) == 0
+    assert _rule([-2.5, 0.1, -4.0, 0.0], [2.1, 0.5, 3.0, 0.2]) == 2
+    assert _rule([-0.2, 0.1, 0.2, 0.0], [9.0, 0.5, 1.0, 0.2], working=[False, True, True, True]) is None
+    assert _rule([math.nan, 0.1, 0.2, 0.0], [7.0, math.nan, 1.0, 0.2]) == 0
+    assert _rule([-3.0, 0.1], [0.0, 0.5], [math.nan, 0.0]) is None  # NaN compactness: no evidence
 
 
-def _info(gap_index, size_index=None):
+def _info(gap_index, size_index=None, compact_index=()):
     k = len(gap_index)
     size_index = size_index or [0.1 * i for i in range(k)]
     working = [True] * k
     return {
-        "estimated_target": latent_gap_target(size_index, gap_index, working) or 0,
+        "estimated_target": confirmed_target(size_index, gap_index, list(compact_index), working) or 0,
         "anomaly_index": size_index,
         "trigger_size": [30.0] * k,
         "success": [1.0] * k,
         "min_success": 0.9,
-        "detector": "latent-gap",
+        "detector": "confirmed",
         "latent_gap": [0.1] * k,
         "latent_gap_index": gap_index,
+        "compactness": [0.1] * len(compact_index),
+        "compactness_index": list(compact_index),
     }
 
 
-def test_the_latent_gap_verdict_says_which_class_and_why_and_reads_back():
-    clean_fp = _info([-0.36, 0.5, 1.0], size_index=[-3.47, 0.3, 0.4])
+def test_the_confirmed_verdict_says_which_class_and_why_and_reads_back():
+    clean_fp = _info([-0.36, 0.5, 1.0], size_index=[-3.47, 0.3, 0.4], compact_index=[-1.23, 0.0, 0.5])
     v = backdoor_verdict(clean_fp, estimator="synthesized-multi", threshold=2.0)
     assert not v.suspected and not v.inconclusive and v.flagged_by("trigger-size")  # the size alone would flag it
-    assert v.evidence().startswith("class 0: trigger-size anomaly index -3.47, latent-gap index -0.36")
-    assert "look like its real images" in v.evidence() and "or a latent-gap index >= 6" in v.evidence()
+    assert v.evidence().startswith(
+        "class 0: trigger-size anomaly index -3.47, latent-gap index -0.36, compactness index -1.23; no class"
+    )
+    assert "or a latent-gap index >= 6" in v.evidence()
     planted = backdoor_verdict(_info([0.2, 0.5, 17.0]), estimator="synthesized-multi", threshold=2.0)
-    assert planted.suspected and planted.target_by("latent-gap") == planted.estimated_target == 2
-    assert "sit apart from its real images" in planted.evidence()
+    assert planted.suspected and planted.target_by("confirmed") == planted.estimated_target == 2
+    assert planted.evidence() == "class 2: trigger-size anomaly index 0.20, latent-gap index 17.00"
     again = Verdict.from_dict(json.loads(json.dumps(planted.to_dict())))
     assert again == planted and again.latent_gap_indices == [0.2, 0.5, 17.0]
-    older = {k: v for k, v in planted.to_dict().items() if not k.startswith("latent_gap")}
-    assert not Verdict.from_dict({**older, "detector": "trigger-size"}).flagged_by("latent-gap")  # not recorded
+    older = {k: v for k, v in planted.to_dict().items() if not k.startswith(("latent_gap", "compactness"))}
+    assert not Verdict.from_dict({**older, "detector": "trigger-size"}).flagged_by("confirmed")  # not recorded
     nothing = backdoor_verdict({**_info([0.2, 0.5, 17.0]), "latent_gap_index": []}, estimator="x", threshold=2.0)
     assert nothing.inconclusive and "no latent gaps were computed" in nothing.evidence()
 
 
-def test_the_estimator_stamps_the_class_the_latent_gap_verdict_names(tiny_bundle, tmp_path):
+def test_the_estimator_stamps_the_class_the_confirmed_verdict_names(tiny_bundle, tmp_path):
     data, target = tiny_bundle.defense_data, int(tiny_bundle.attack.params()["target"])
     probe = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20, cache_dir=tmp_path,
-                        detector="latent-gap")  # fmt: skip
+                        detector="confirmed")  # fmt: skip
     info = probe.info
-    assert len(info["latent_gap"]) == len(info["latent_gap_index"]) == 10 and info["latent_gap_seconds"] > 0
+    assert len(info["latent_gap"]) == len(info["latent_gap_index"]) == 10 and info["confirmation_seconds"] > 0
+    assert len(info["compactness"]) == len(info["compactness_index"]) == 10
     assert max(range(10), key=info["latent_gap_index"].__getitem__) == target  # the planted target's gap is the largest
     verdict = backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0)
-    assert verdict.estimated_target == verdict.target_by("latent-gap") == int(probe.target_labels[0])
+    assert verdict.estimated_target == verdict.target_by("confirmed") == int(probe.target_labels[0])
     assert "max_margin" not in info  # the latent gap needs no max-margin search
     assert "latent_gap" not in build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20,
                                            cache_dir=tmp_path).info  # fmt: skip
