@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onp.backdoor_verdict import DETECTORS, combined_pvalue, confirmed_target, stronger_target
+from onp.backdoor_verdict import DEFAULT_DETECTOR, DETECTORS, combined_pvalue, confirmed_target, stronger_target
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, recorded_seconds
 from onp.models import model_digest
@@ -617,7 +617,7 @@ def synthesized_multi_probe(
     families: Sequence[str] = MULTI_FAMILIES,
     stamp: str = "most-anomalous",
     schedule: str = "fixed",
-    detector: str = "trigger-size",
+    detector: str = DEFAULT_DETECTOR,
     margin_alpha: float = DEFAULT_ALPHA,
     margin_steps: int = 300,
     margin_images: int = 30,

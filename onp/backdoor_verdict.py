@@ -50,6 +50,8 @@ __all__ = [
     "combined_pvalue",
     "stronger_target",
     "confirmed_target",
+    "check_detector_threshold",
+    "DEFAULT_DETECTOR",
     "CONFIRM_THRESHOLD",
     "LATENT_GAP_ALONE",
     "backdoor_verdict",
@@ -67,6 +69,9 @@ FORCE_HINT = "--force (rollout.force=true)"
 
 #: which statistic decides the verdict (a trigger-inverting estimator's ``detector``; see the module docstring)
 DETECTORS = ("trigger-size", "max-margin", "either", "combined", "confirmed")
+
+#: the ``synthesized-multi`` estimator's detector when its ``detector`` is not given
+DEFAULT_DETECTOR = "trigger-size"
 
 #: ``confirmed``: a class whose trigger-size index is <= -this and whose latent-gap or compactness index is
 #: >= this is suspected (Neural Cleanse's threshold, for every statistic)
@@ -431,6 +436,20 @@ def confirmed_target(
             if g - s > best_score:
                 best, best_score = c, g - s
     return best
+
+
+def check_detector_threshold(estimator: str, estimator_params: Mapping[str, Any], threshold: float) -> None:
+    """Refuse, before anything runs, an ``anomaly_threshold`` other than the default with the ``confirmed``
+    detector of ``synthesized-multi``: its thresholds are fixed (:data:`CONFIRM_THRESHOLD`,
+    :data:`LATENT_GAP_ALONE`), so another value would be silently ignored."""
+    detector = estimator_params.get("detector", DEFAULT_DETECTOR)
+    if estimator == "synthesized-multi" and detector == "confirmed" and threshold != DEFAULT_ANOMALY_THRESHOLD:
+        raise ValueError(
+            f"the confirmed detector's thresholds are fixed ({CONFIRM_THRESHOLD:g} and {LATENT_GAP_ALONE:g}); an "
+            f"anomaly threshold of {threshold:g} applies to the trigger-size rule only: set "
+            "estimator_params.detector to 'trigger-size' (or leave the threshold at "
+            f"{DEFAULT_ANOMALY_THRESHOLD:g})"
+        )
 
 
 def backdoor_verdict(info: Mapping[str, Any], *, estimator: str, threshold: float) -> Optional[Verdict]:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple,
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from .backdoor_verdict import DEFAULT_ANOMALY_THRESHOLD
+from .backdoor_verdict import DEFAULT_ANOMALY_THRESHOLD, check_detector_threshold
 from .config import check_finite, deep_update
 from .train_config import TrainConfig, TypedConfig, check_device
 
@@ -213,6 +213,7 @@ class DefendConfig(TypedConfig):
                 "policy is a ppo-gnn policy: it needs defense ppo-gnn (or auto with ppo-gnn in its portfolio)"
             )
         self._check_known_trigger()
+        check_detector_threshold(self.asr_estimator, self.estimator_params, self.anomaly_threshold)
         return self
 
     def _check_known_trigger(self) -> None:

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from typing_extensions import Self
 
-from .backdoor_verdict import DEFAULT_ANOMALY_THRESHOLD
+from .backdoor_verdict import DEFAULT_ANOMALY_THRESHOLD, check_detector_threshold
 from .config import ConfigError, check_finite, validation_message
 from .evidence import EvidenceRule
 
@@ -370,6 +370,7 @@ class TrainConfig(TypedConfig):
             )
         if self.multi_model and self.checkpoint:
             raise ValueError("multi_model trains on zoo models: it cannot be combined with checkpoint")
+        check_detector_threshold(self.env.asr_estimator, self.env.estimator_params, self.rollout.anomaly_threshold)
         return self
 
     @field_validator("agent_params")

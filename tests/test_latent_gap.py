@@ -137,3 +137,19 @@ def test_the_estimator_stamps_the_class_the_confirmed_verdict_names(tiny_bundle,
     assert "max_margin" not in info  # the latent gap needs no max-margin search
     assert "latent_gap" not in build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20,
                                            cache_dir=tmp_path).info  # fmt: skip
+
+
+def test_an_anomaly_threshold_the_confirmed_detector_would_ignore_is_refused_up_front():
+    from onp.config import ConfigError
+    from onp.defend_config import DefendConfig
+    from onp.train_config import TrainConfig
+
+    base = {"arch": "resnet18", "weights": "w.pt", "clean_data": "x.npz"}
+    confirmed = {"estimator_params": {"detector": "confirmed"}, "anomaly_threshold": 3.0}
+    with pytest.raises(ConfigError, match="the confirmed detector's thresholds are fixed"):
+        DefendConfig.from_dict({**base, **confirmed})
+    assert DefendConfig.from_dict({**base, "anomaly_threshold": 3.0}).anomaly_threshold == 3.0  # trigger-size
+    assert DefendConfig.from_dict({**base, **confirmed, "anomaly_threshold": 2.0}).anomaly_threshold == 2.0
+    env = {"asr_estimator": "synthesized-multi", "estimator_params": {"detector": "confirmed"}}
+    with pytest.raises(ConfigError, match="set estimator_params.detector to 'trigger-size'"):
+        TrainConfig.from_dict({"env": env, "rollout": {"anomaly_threshold": 2.5}})
