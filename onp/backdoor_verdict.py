@@ -71,7 +71,7 @@ FORCE_HINT = "--force (rollout.force=true)"
 DETECTORS = ("trigger-size", "max-margin", "either", "combined", "confirmed")
 
 #: the ``synthesized-multi`` estimator's detector when its ``detector`` is not given
-DEFAULT_DETECTOR = "trigger-size"
+DEFAULT_DETECTOR = "confirmed"
 
 #: ``confirmed``: a class whose trigger-size index is <= -this and whose latent-gap or compactness index is
 #: >= this is suspected (Neural Cleanse's threshold, for every statistic)

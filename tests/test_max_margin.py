@@ -224,9 +224,9 @@ def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
     assert combined["combined_index"][target] < -2.0 < combined["anomaly_index"][target]  # the spectral trigger's
     assert len(list((tmp_path / "synthesized").glob("*-spectral.pt"))) == 1  # inverted once, cached
     plain = build_probe("synthesized-multi", tiny_bundle.model, None, data, **params)
-    assert "max_margin" not in plain.info and plain.info["detector"] == "trigger-size"
+    assert "max_margin" not in plain.info and plain.info["detector"] == "confirmed"  # the default
     assert "combined_index" not in plain.info
-    detectors = "trigger-size, max-margin, either, combined"
+    detectors = "trigger-size, max-margin, either, combined, confirmed"
     for bad, match in (
         ({"detector": "vote"}, detectors),
         ({"margin_alpha": 1.5}, "(0, 1)"),

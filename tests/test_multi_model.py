@@ -175,7 +175,8 @@ def test_defend_applies_a_trained_policy_without_training(multi_run, onp_cache, 
     x = (received.defense_data.all_x * 255).round().to(torch.uint8).numpy()
     y = received.defense_data.all_y.numpy()
     env = {"budget": 8, "reward_batch": 80, "delta": 0.5}  # the policy's env (configs/train/tiny.yaml)
-    fast = {"estimator_params": {"steps": 60}, "anomaly_threshold": 1.5, "torch_threads": 1, "force": True}
+    fast = {"estimator_params": {"steps": 60, "detector": "trigger-size"}, "anomaly_threshold": 1.5, "torch_threads": 1}
+    fast["force"] = True
     report = onp.defend(received.model, x, y, defense="ppo-gnn", policy=str(multi_run.path), train={"env": env}, **fast)
     info = report.metrics["defense_info"]
     assert info["timesteps"] == 0 and info["policy"] == str(multi_run.path)  # applied, not trained
