@@ -11,8 +11,8 @@ in the model's own penultimate features (the input of its last ``nn.Linear``):
                     mean feature of the genuine class-c images)
 
 on the defense-validation images. Its MAD anomaly index over the classes (positive: a larger gap than the
-other classes') is the statistic of the ``latent-gap`` verdict detector
-(:func:`onp.backdoor_verdict.latent_gap_target`).
+other classes') confirms a small trigger in the ``confirmed`` verdict detector, or finds a target alone
+when it is large (:func:`onp.backdoor_verdict.confirmed_target`).
 
 It is the idea of activation clustering (Chen et al., "Detecting Backdoor Attacks on Deep Neural Networks
 by Activation Clustering", SafeAI 2019: poisoned training images form their own cluster in the last

@@ -4,7 +4,7 @@ A trigger-inverting ASR estimator (``synthesized``, ``synthesized-multi``; :mod:
 reverse-engineers one trigger per class from the defender's clean images and reports, per class, the
 trigger's size, its MAD anomaly index and the fraction of images it flips (its probe's ``info``).
 :func:`backdoor_verdict` turns those statistics into a :class:`Verdict`. The estimator's ``detector``
-(:data:`DETECTORS`) says which statistic decides:
+(:data:`DETECTORS`; default ``confirmed``, :data:`DEFAULT_DETECTOR`) says which statistic decides:
 
 * ``trigger-size``: *suspected* when the estimated target's trigger works and its anomaly index is at
   most ``-threshold`` (Neural Cleanse, Wang et al., IEEE S&P 2019);

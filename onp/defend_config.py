@@ -13,11 +13,15 @@ loaded.
 The backdoor verdict (docs/defend.md): before pruning, the ``synthesized-multi`` estimator
 reverse-engineers one trigger per class and trigger family (a patch and a whole-image blend) from the
 defense-train images (Neural Cleanse, Wang et al., IEEE S&P 2019) and takes the class whose trigger is
-the most anomalously small as the estimated target. The model is **suspected** when that class's
-anomaly index (the MAD index of the log trigger sizes, within the family) is at most
-``-anomaly_threshold`` (default 2: Neural Cleanse's threshold, on the small side). Otherwise nothing
-is pruned unless ``force``. ``asr_estimator="synthesized"`` gives the patch-only verdict of earlier
-versions.
+the most anomalously small as the estimated target. With the default detector (``confirmed``,
+:func:`onp.backdoor_verdict.confirmed_target`) the model is **suspected** when a class's anomaly index (the
+MAD index of the log trigger sizes, within the family) is at most -2 and a second statistic of its
+trigger confirms it (the latent gap of :mod:`envs.latent_gap` or the mask compactness of
+:mod:`envs.compactness`), or when its latent gap alone is large. With ``estimator_params.detector=
+"trigger-size"`` it is suspected when the estimated target's index is at most ``-anomaly_threshold``
+(default 2: Neural Cleanse's threshold, on the small side); the ``confirmed`` rule's thresholds are
+fixed, so another ``anomaly_threshold`` with it is refused. Otherwise nothing is pruned unless ``force``.
+``asr_estimator="synthesized"`` gives the patch-only verdict of earlier versions.
 """
 
 from __future__ import annotations
@@ -106,7 +110,10 @@ class DefendConfig(TypedConfig):
     asr_estimator: str = Field("synthesized-multi", min_length=1)
     estimator_params: Dict[str, Any] = Field(default_factory=dict, description="e.g. steps, l1_weight")
     anomaly_threshold: float = Field(
-        DEFAULT_ANOMALY_THRESHOLD, gt=0, le=100, description="suspected when the target's index <= -this"
+        DEFAULT_ANOMALY_THRESHOLD,
+        gt=0,
+        le=100,
+        description="detector trigger-size: suspected when the target's index <= -this (confirmed: fixed at 2)",
     )
     force: bool = Field(False, description="defend even when no backdoor is suspected")
     train: Dict[str, Any] = Field(default_factory=dict, description="onp.train config overrides (ppo-gnn)")
