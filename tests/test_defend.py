@@ -696,3 +696,23 @@ def test_cli_the_max_margin_detector_decides_and_is_reported(received, tmp_path,
     assert len(verdict["max_margin"]) == 10
     md = (out / "report.md").read_text()
     assert "| flips | max margin |" in md and "p-value < 0.05 under a gamma fit to the other classes' (MM-BD)" in md
+
+
+def test_cli_the_default_confirmed_detector_is_reported_and_a_threshold_it_ignores_is_refused(
+    received, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    clean = str(received.root / "clean.npz")
+    base = MODEL_FLAGS + ["--weights", str(received.root / "weights.pt"), "--clean-data", clean, "--defense", "clp"]
+    fast = ["--torch-threads", "1", "--quiet"] + _sets("", {"estimator_params": {"steps": 20}})
+    res = _cli(base + fast + ["--out", str(out)], capsys)
+    assert res.rc == 0, res.err
+    verdict = _strict_json(out / "report.json")["verdict"]
+    assert verdict["detector"] == "confirmed" and len(verdict["latent_gap_indices"]) == 10
+    assert len(verdict["compactness_indices"]) == 10 and "latent-gap index" in res.out
+    md = (out / "report.md").read_text()
+    assert "| flips | latent-gap index | compactness index |" in md
+    assert "its latent-gap or compactness index is >= 2" in md
+    refused = _cli(base + fast + ["--threshold", "3", "--out", str(tmp_path / "no")], capsys)
+    assert refused.rc != 0 and "the confirmed detector's thresholds are fixed" in refused.err
+    assert "Traceback" not in refused.err and not (tmp_path / "no").exists()
