@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onp.models import find_last_linear
+
 from .base import (
     Defense,
     DefenseError,
@@ -147,10 +149,10 @@ def lr_schedule(p: NGFParams) -> List[Dict[str, Any]]:
 
 def last_linear(model: nn.Module) -> Tuple[str, nn.Linear]:
     """The last ``nn.Linear`` in module order (the classifier)."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
+    found = find_last_linear(model)
+    if found is None:
         raise DefenseError(f"ngf fine-tunes the final nn.Linear classifier; {type(model).__name__} has none")
-    return found[-1]
+    return found
 
 
 def _with_ones(a: Tensor) -> Tensor:

@@ -27,18 +27,20 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor, nn
 
+from onp.models import find_last_linear
+
 __all__ = ["classifier_layer", "penultimate_features", "latent_gaps"]
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear:
     """The model's last ``nn.Linear`` in module order (its classifier); :class:`ValueError` if it has none."""
-    found = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not found:
+    found = find_last_linear(model)
+    if found is None:
         raise ValueError(
             f"the latent gap reads the input of the model's last nn.Linear, and {type(model).__name__} has none; "
             "use another verdict detector (estimator_params.detector, e.g. 'trigger-size')"
         )
-    return found[-1]
+    return found[1]
 
 
 @torch.no_grad()

@@ -10,8 +10,11 @@ re-exported: adding an architecture touches that one file (plus its test), never
 """
 
 from ..registry import import_submodules
-from .base import DEFAULT_WIDTH, MODELS, build_model, build_model_for, model_digest, register_model
+from .base import DEFAULT_WIDTH, MODELS, build_model, build_model_for, find_last_linear, model_digest, register_model
 from .normalize import Normalize
 
-__all__ = ["MODELS", "DEFAULT_WIDTH", "build_model", "build_model_for", "model_digest", "register_model", "Normalize"]
+__all__ = [
+    "MODELS", "DEFAULT_WIDTH", "build_model", "build_model_for", "find_last_linear", "model_digest", "register_model",
+    "Normalize",
+]  # fmt: skip
 __all__ += import_submodules(__name__, __path__, globals())

@@ -10,7 +10,7 @@ An architecture module registers its class with :func:`register_model`::
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Type, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
 from torch import nn
 
@@ -73,6 +73,13 @@ def build_model_for(name: str, spec: DatasetSpec, width: Optional[int] = None) -
     return build_model(
         name, num_classes=spec.num_classes, in_channels=spec.channels, width=width, mean=spec.mean, std=spec.std
     )
+
+
+def find_last_linear(model: nn.Module) -> Optional[Tuple[str, nn.Linear]]:
+    """The last ``nn.Linear`` in module order (a classifier's head) with its name, ``None`` if there is none.
+    The defenses that act on the head (FP, NGF, FST) and the latent gap of the backdoor verdict read it."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return found[-1] if found else None
 
 
 def model_digest(model: nn.Module) -> str:
