@@ -45,6 +45,9 @@
     gap alone also suffices (the rule: :func:`onp.backdoor_verdict.confirmed_target`). A clean model's
     natural universal patch is small, spread out, and its images look like the class's real ones; a
     planted trigger is compact, or reaches the target through features of its own (docs/results.md §22).
+    ``"confirmed-or-margin"`` adds MM-BD: when ``confirmed`` names no class, the max-margin class is the
+    target if its p-value is below the fixed :data:`onp.backdoor_verdict.CONFIRMED_MARGIN_ALPHA` (a
+    Trojan trigger raises its target's margin without leaving a small, confirmed trigger: §22h, §23).
   - ``refine_steps=0``: the target's trigger is not re-inverted alone (:func:`cached_target_inversion`,
     Neural Cleanse's adaptive schedule; about 300 steps are needed, docs/results.md §13b) until that
     is measured on the 15 zoo models.
@@ -66,7 +69,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onp.backdoor_verdict import DEFAULT_DETECTOR, DETECTORS, combined_pvalue, confirmed_target, stronger_target
+from onp.backdoor_verdict import (
+    CONFIRMED_MARGIN_ALPHA,
+    CONFIRMING_DETECTORS,
+    DEFAULT_DETECTOR,
+    DETECTORS,
+    combined_pvalue,
+    confirmed_target,
+    stronger_target,
+)
 from onp.data.defense import DefenseData
 from onp.io import CheckpointError, atomic_torch_save, atomic_write_json, cache_root, load_checkpoint, recorded_seconds
 from onp.models import model_digest
@@ -649,7 +660,7 @@ def synthesized_multi_probe(
     margin = _margin_info(model, defense_data, detector, margin_alpha, seed, cache_dir, margin_steps, margin_images)
     pooled = _combined_info(model, defense_data, revs, detector, combined_families, min_success, settings)
     confirm = _confirmation_info(model, defense_data, revs, index, family_of_class, min_success, detector)
-    t = _detector_target(detector, t, index, revs, min_success, (margin, pooled, confirm), margin_alpha)
+    t = _detector_target(detector, t, index, revs, min_success, (margin, pooled, confirm))
     working = _families_to_stamp(revs, t, family_of_class[t], min_success, stamp)
     info = {**_per_class_info(revs, index, family_of_class, t), **pooled, **confirm}
     if refine_steps:
@@ -668,7 +679,7 @@ def synthesized_multi_probe(
 
 def _detector_target(
     detector: str, t: int, index: torch.Tensor, revs: Dict[str, Dict[str, torch.Tensor]], min_success: float,
-    stats: Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]], alpha: float,
+    stats: Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]],
 ) -> int:  # fmt: skip
     """The estimated target once the detector's statistics (``stats``: the max-margin, combined and
     confirmation infos) exist: the ``confirmed`` rule's class when it names one, the max-margin rule's
@@ -679,6 +690,7 @@ def _detector_target(
     if not margin:
         return t
     size = float(index[t]) if any(float(rev["success"][t]) >= min_success for rev in revs.values()) else None
+    alpha = float(margin["max_margin_alpha"])  # the detector's level (confirmed-or-margin's is fixed)
     return _margin_target(detector, margin, pooled.get("combined_index", index.tolist()), alpha, t, size)
 
 
@@ -686,13 +698,13 @@ def _confirmation_info(
     model: nn.Module, data: DefenseData, revs: Dict[str, Dict[str, torch.Tensor]], index: torch.Tensor,
     family_of_class: List[str], min_success: float, detector: str,
 ) -> Dict[str, Any]:  # fmt: skip
-    """With the ``confirmed`` detector (else empty), its statistics: per class the latent gap of its trigger
-    (of the family it is most anomalous in, as the target's) on the defense-validation images
-    (:func:`envs.latent_gap.latent_gaps`)
-    and the compactness of its ``patch`` mask (:func:`envs.compactness.mask_compactness`; none without the
-    ``patch`` family), each with its MAD anomaly index (:func:`anomaly_indices`); the class the detector
-    suspects (:func:`onp.backdoor_verdict.confirmed_target`, ``None`` if none) and the seconds it took."""
-    if detector != "confirmed":
+    """With the ``confirmed`` and ``confirmed-or-margin`` detectors (else empty), their statistics: per class
+    the latent gap of its trigger (of the family it is most anomalous in, as the target's) on the
+    defense-validation images (:func:`envs.latent_gap.latent_gaps`) and the compactness of its ``patch``
+    mask (:func:`envs.compactness.mask_compactness`; none without the ``patch`` family), each with its MAD
+    anomaly index (:func:`anomaly_indices`); the class the ``confirmed`` rule suspects
+    (:func:`onp.backdoor_verdict.confirmed_target`, ``None`` if none) and the seconds it took."""
+    if detector not in CONFIRMING_DETECTORS:
         return {}
     t0 = time.perf_counter()
     shape = tuple(int(v) for v in data.val_x.shape[1:])
@@ -755,7 +767,8 @@ def _margin_target(
     size_index: Optional[float],
 ) -> int:  # fmt: skip
     """The estimated target once the max-margin statistics exist: the max-margin class always for
-    ``max-margin``; for ``either`` when its p-value is below ``alpha``; for ``combined`` when its
+    ``max-margin``; for ``either`` and ``confirmed-or-margin`` (whose confirmed class, if any, came first)
+    when its p-value is below ``alpha``; for ``combined`` when its
     :func:`onp.backdoor_verdict.combined_pvalue` (with that class's pooled anomaly ``index``) is, unless
     the trigger-size target (``size_target``, with anomaly index ``size_index``; ``None`` when its
     trigger does not work) has the stronger evidence (:func:`onp.backdoor_verdict.stronger_target`).
@@ -814,13 +827,16 @@ def _margin_info(
     model: nn.Module, data: DefenseData, detector: str, alpha: float, seed: int, cache_dir: Optional[Path],
     steps: int, n_init: int,
 ) -> Dict[str, Any]:  # fmt: skip
-    """The max-margin statistics of ``synthesized-multi``'s info (empty for the ``trigger-size`` detector)."""
+    """The max-margin statistics of ``synthesized-multi``'s info (empty for the ``trigger-size`` and
+    ``confirmed`` detectors); ``confirmed-or-margin`` compares the p-value with its fixed
+    :data:`onp.backdoor_verdict.CONFIRMED_MARGIN_ALPHA`, the others with ``alpha``."""
     if detector not in DETECTORS:
         raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
     if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
         raise ValueError(f"margin_alpha must be a number in (0, 1) (MM-BD's is 0.05); got {alpha!r}")
     if detector in ("trigger-size", "confirmed"):
         return {}
+    alpha = CONFIRMED_MARGIN_ALPHA if detector == "confirmed-or-margin" else alpha
     found = cached_max_margins(
         model, data.num_classes, data.val_x.shape[1:], seed=seed, cache_dir=cache_dir, steps=steps, n_init=n_init
     )

@@ -19,6 +19,9 @@ trigger's size, its MAD anomaly index and the fraction of images it flips (its p
   (:func:`confirmed_target`). A small trigger whose images look like the class's real ones and whose
   mask is spread out (a clean model's natural universal patch) is not enough. Each rule was written
   before the held-out models that tested it were trained (docs/results.md §22);
+* ``confirmed-or-margin``: when ``confirmed`` says so, or when MM-BD's max-margin p-value is below
+  :data:`CONFIRMED_MARGIN_ALPHA` (then the max-margin class is the target). A Trojan trigger raises
+  its target's margin without a small, confirmed trigger (docs/results.md §22h, §23);
 * ``combined``: when the trigger size says so, or when the max-margin class's evidence from both
   statistics together is significant (:func:`combined_pvalue`, Stouffer's method: its MM-BD p-value
   and its own trigger-size anomaly index read as a z-score, the most negative over the estimator's
@@ -54,6 +57,8 @@ __all__ = [
     "DEFAULT_DETECTOR",
     "CONFIRM_THRESHOLD",
     "LATENT_GAP_ALONE",
+    "CONFIRMED_MARGIN_ALPHA",
+    "CONFIRMING_DETECTORS",
     "backdoor_verdict",
     "no_backdoor_reason",
     "INVERSION_KEYS",
@@ -68,7 +73,10 @@ DEFAULT_ANOMALY_THRESHOLD = 2.0
 FORCE_HINT = "--force (rollout.force=true)"
 
 #: which statistic decides the verdict (a trigger-inverting estimator's ``detector``; see the module docstring)
-DETECTORS = ("trigger-size", "max-margin", "either", "combined", "confirmed")
+DETECTORS = ("trigger-size", "max-margin", "either", "combined", "confirmed", "confirmed-or-margin")
+
+#: the detectors that compute the latent gaps and the compactness (:func:`confirmed_target`)
+CONFIRMING_DETECTORS = ("confirmed", "confirmed-or-margin")
 
 #: the ``synthesized-multi`` estimator's detector when its ``detector`` is not given
 DEFAULT_DETECTOR = "confirmed"
@@ -80,6 +88,10 @@ CONFIRM_THRESHOLD = 2.0
 #: ``confirmed``: a class whose latent-gap index alone is at least this is suspected (above the largest
 #: latent-gap index of the ten clean zoo models measured before it was fixed, 5.10: docs/results.md §22)
 LATENT_GAP_ALONE = 6.0
+
+#: ``confirmed-or-margin``: MM-BD's level, fixed (about the geometric middle of the largest p-value of a
+#: backdoor only the margin caught, 2.5e-4, and the smallest clean model's, 0.055: docs/results.md §23)
+CONFIRMED_MARGIN_ALPHA = 0.005
 
 #: what a trigger-inverting estimator's probe ``info`` reports per class (a verdict needs all of them)
 INVERSION_KEYS = ("estimated_target", "anomaly_index", "trigger_size", "success")
@@ -200,8 +212,11 @@ class Verdict:
             return margin_missing
         if self.detector in ("either", "combined"):
             return margin_missing and self.size_inconclusive
+        confirm_missing = self.size_inconclusive or not any(math.isfinite(g) for g in self.latent_gap_indices)
         if self.detector == "confirmed":
-            return self.size_inconclusive or not any(math.isfinite(g) for g in self.latent_gap_indices)
+            return confirm_missing
+        if self.detector == "confirmed-or-margin":
+            return confirm_missing and margin_missing
         return self.size_inconclusive
 
     def _size_evidence(self) -> str:
@@ -247,7 +262,12 @@ class Verdict:
         (:func:`stronger_target`).
 
         A defender should know (``onp.defend``'s report says so): on WaNet s1 the trigger size's class
-        was the real target, on SIG s6 the margin's (docs/results.md §18a)."""
+        was the real target, on SIG s6 the margin's (docs/results.md §18a). With ``confirmed-or-margin``: the
+        max-margin class when the margin is significant for another class than the confirmed one."""
+        if self.detector == "confirmed-or-margin":
+            confirmed = self.confirmed_class
+            moved = confirmed is not None and self.margin_flagged and self.margin_class != confirmed
+            return self.margin_class if moved else None
         if self.detector not in ("either", "combined") or not self.flagged_by(self.detector):
             return None
         target = self.target_by(self.detector)
@@ -265,6 +285,8 @@ class Verdict:
             return self._margin_evidence()
         if self.detector == "confirmed":
             return self._confirmed_evidence()
+        if self.detector == "confirmed-or-margin":
+            return self._confirmed_or_margin_evidence()
         if self.detector in ("either", "combined"):
             first = self._margin_evidence() if self.detector == "either" else self._combined_evidence()
             moved = self.margin_flagged if self.detector == "either" else self.combined_flagged
@@ -311,6 +333,13 @@ class Verdict:
             f">= {x:g}, or a latent-gap index >= {LATENT_GAP_ALONE:g}"
         )
 
+    def _confirmed_or_margin_evidence(self) -> str:
+        confirmed, margin = self._confirmed_evidence(), self._margin_evidence()
+        if self.confirmed_class is None:
+            return f"{margin}; {confirmed}" if self.margin_flagged else f"{confirmed}; {margin}"
+        rival = self.rival_target
+        return confirmed if rival is None else f"{confirmed}; but the maximum margin names class {rival} ({margin})"
+
     @property
     def size_target(self) -> int:
         """The trigger-size statistic's own target: the most negative anomaly index among the classes whose
@@ -333,6 +362,7 @@ class Verdict:
         rules = {
             "trigger-size": size, "max-margin": margin, "either": size or margin, "combined": size or combined,
             "confirmed": self.confirmed_class is not None,
+            "confirmed-or-margin": self.confirmed_class is not None or margin,
         }  # fmt: skip
         if detector not in rules:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
@@ -343,13 +373,20 @@ class Verdict:
         class where that detector lets the margin decide (``max-margin`` always; ``either`` when its
         p-value is significant; ``combined`` when its pooled p-value is, unless :func:`stronger_target`
         prefers the trigger size's own class), else :attr:`size_target`; for ``confirmed`` its
-        :attr:`confirmed_class` when there is one, else :attr:`size_target`."""
+        :attr:`confirmed_class` when there is one, else :attr:`size_target`; for ``confirmed-or-margin`` its
+        :attr:`confirmed_class`, else the max-margin class when its p-value is significant, else
+        :attr:`size_target`."""
         self.flagged_by(detector)  # refuses an unknown detector
+        confirmed = self.confirmed_class if detector in CONFIRMING_DETECTORS else None
+        if confirmed is not None:
+            return confirmed
         if detector == "confirmed":
-            confirmed = self.confirmed_class
-            return self.size_target if confirmed is None else confirmed
+            return self.size_target
         t = self.margin_class
-        by_margin = {"max-margin": True, "either": self.margin_flagged, "combined": self.combined_flagged}
+        by_margin = {
+            "max-margin": True, "either": self.margin_flagged, "combined": self.combined_flagged,
+            "confirmed-or-margin": self.margin_flagged,
+        }  # fmt: skip
         if t is None or not by_margin.get(detector, False):
             return self.size_target
         s, pooled = self.size_target, self.combined_pvalue
@@ -440,15 +477,24 @@ def confirmed_target(
 
 def check_detector_threshold(estimator: str, estimator_params: Mapping[str, Any], threshold: float) -> None:
     """Refuse, before anything runs, an ``anomaly_threshold`` other than the default with the ``confirmed``
-    detector of ``synthesized-multi``: its thresholds are fixed (:data:`CONFIRM_THRESHOLD`,
-    :data:`LATENT_GAP_ALONE`), so another value would be silently ignored."""
+    and ``confirmed-or-margin`` detectors of ``synthesized-multi``, and a ``margin_alpha`` with the latter:
+    their thresholds are fixed (:data:`CONFIRM_THRESHOLD`, :data:`LATENT_GAP_ALONE`,
+    :data:`CONFIRMED_MARGIN_ALPHA`), so another value would be silently ignored."""
     detector = estimator_params.get("detector", DEFAULT_DETECTOR)
-    if estimator == "synthesized-multi" and detector == "confirmed" and threshold != DEFAULT_ANOMALY_THRESHOLD:
+    if estimator != "synthesized-multi" or detector not in CONFIRMING_DETECTORS:
+        return
+    if threshold != DEFAULT_ANOMALY_THRESHOLD:
         raise ValueError(
-            f"the confirmed detector's thresholds are fixed ({CONFIRM_THRESHOLD:g} and {LATENT_GAP_ALONE:g}); an "
+            f"the {detector} detector's thresholds are fixed ({CONFIRM_THRESHOLD:g} and {LATENT_GAP_ALONE:g}); an "
             f"anomaly threshold of {threshold:g} applies to the trigger-size rule only: set "
             "estimator_params.detector to 'trigger-size' (or leave the threshold at "
             f"{DEFAULT_ANOMALY_THRESHOLD:g})"
+        )
+    if detector == "confirmed-or-margin" and "margin_alpha" in estimator_params:
+        raise ValueError(
+            f"the confirmed-or-margin detector's max-margin level is fixed ({CONFIRMED_MARGIN_ALPHA:g}); "
+            "margin_alpha applies to the max-margin, either and combined detectors: drop it or set "
+            "estimator_params.detector to one of those"
         )
 
 

@@ -233,19 +233,20 @@ def _verdict_rule(verdict: Verdict) -> str:
     size = f"the estimated target's anomaly index is <= -{verdict.threshold:g} (Neural Cleanse's threshold is 2)"
     if verdict.detector == "trigger-size":
         return f"Suspected when {size}."
-    if verdict.detector == "confirmed":
-        x = CONFIRM_THRESHOLD
-        return (
-            f"Suspected when a class's trigger-size anomaly index is <= -{x:g} and its latent-gap or compactness "
-            f"index is >= {x:g}, or its latent-gap index alone is >= {LATENT_GAP_ALONE:g}. The latent gap is "
-            "1 - cosine between the model's penultimate features of the images the class's trigger flips and of "
-            "the class's real images; the compactness is the share of the class's patch mask inside its best "
-            "5 x 5 window (envs.compactness); each index is a MAD anomaly index over the classes."
-        )
     margin = (
         f"the largest per-class maximum margin has a p-value < {verdict.max_margin_alpha or 0.05:g} under a gamma "
         "fit to the other classes' (MM-BD)"
     )
+    if verdict.detector in ("confirmed", "confirmed-or-margin"):
+        x = CONFIRM_THRESHOLD
+        or_margin = f", or when {margin} (that class is then the target)" if verdict.detector != "confirmed" else ""
+        return (
+            f"Suspected when a class's trigger-size anomaly index is <= -{x:g} and its latent-gap or compactness "
+            f"index is >= {x:g}, or its latent-gap index alone is >= {LATENT_GAP_ALONE:g}{or_margin}. The latent "
+            "gap is 1 - cosine between the model's penultimate features of the images the class's trigger flips "
+            "and of the class's real images; the compactness is the share of the class's patch mask inside its "
+            "best 5 x 5 window (envs.compactness); each index is a MAD anomaly index over the classes."
+        )
     if verdict.detector == "combined":
         return (
             f"Suspected when {size}, or when the class with the largest maximum margin has a combined p-value "
@@ -263,10 +264,11 @@ def _rival_note(verdict: Verdict) -> List[str]:
     by_margin = rival == verdict.margin_class
     other = "the maximum margin" if by_margin else "the trigger size alone"
     detector = "max-margin" if by_margin else "trigger-size"
+    why = "the confirmed class comes first" if verdict.detector == "confirmed-or-margin" else "the stronger evidence"
     return [
         "",
         f"**The statistics disagree on the target:** the repair aimed at class {verdict.estimated_target} "
-        f"(the stronger evidence), while {other} names class {rival}. If the repair does not hold, defend "
+        f"({why}), while {other} names class {rival}. If the repair does not hold, defend "
         f"again with `--set estimator_params.detector='\"{detector}\"'` to aim at that class.",
     ]
 

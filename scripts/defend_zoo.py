@@ -17,10 +17,11 @@ skipped, so an interrupted run resumes. The models must be in the zoo cache alre
 
 ``--summary`` prints, from ``OUT/results.jsonl`` files, what every verdict detector decides on each
 model's recorded statistics (the max-margin ones exist when the run's detector computed them, e.g.
-``--extra --set 'estimator_params.detector="combined"'``; the latent gaps with ``"confirmed"``), the
-target class it names, and on how many
-models each is right (a backdoored model suspected with its real target, a clean one not; rows written
-before the real target was recorded count a suspicion as right whatever class it names):
+``--extra --set 'estimator_params.detector="combined"'``; the latent gaps with ``"confirmed"``; both with
+``"confirmed-or-margin"``), the target class it names, and on how many models each is right (a
+backdoored model suspected with its real target, a clean one not; rows written before the real target
+was recorded count a suspicion as right whatever class it names). The max-margin rules compare the
+p-value with the level the run recorded (``confirmed-or-margin``'s fixed 0.005, else ``margin_alpha``):
 
     python scripts/defend_zoo.py --summary runs/defend-zoo runs/defend-zoo-2
 """
@@ -87,7 +88,8 @@ def measure(bundle: BackdoorBundle, folder: Path, defense: str) -> Dict[str, Any
 def _decision(verdict: Verdict, detector: str, target: Optional[int]) -> str:
     """``target``: the real one (``None`` for a clean model, -1 when a row did not record it: then a
     suspicion counts as right whatever class it names)."""
-    recorded = {"trigger-size": True, "confirmed": bool(verdict.latent_gap_indices)}
+    gaps, margins = bool(verdict.latent_gap_indices), verdict.max_margin_pvalue is not None
+    recorded = {"trigger-size": True, "confirmed": gaps, "confirmed-or-margin": gaps and margins}
     if not recorded.get(detector, verdict.max_margin_pvalue is not None):
         return "n/a"
     if not verdict.flagged_by(detector):

@@ -159,3 +159,80 @@ def test_an_anomaly_threshold_the_confirmed_detector_would_ignore_is_refused_up_
     env = {"asr_estimator": "synthesized-multi", "estimator_params": {"detector": "confirmed"}}
     with pytest.raises(ConfigError, match="set estimator_params.detector to 'trigger-size'"):
         TrainConfig.from_dict({"env": env, "rollout": {"anomaly_threshold": 2.5}})
+
+
+def _with_margins(info, margins, alpha=0.005):
+    from envs.max_margin import margin_pvalue
+
+    _, p = margin_pvalue(torch.tensor(margins))
+    return {**info, "detector": "confirmed-or-margin", "max_margin": margins, "max_margin_pvalue": p,
+            "max_margin_alpha": alpha}  # fmt: skip
+
+
+def test_confirmed_or_margin_lets_a_significant_margin_name_the_target_confirmed_missed():
+    ordinary = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.15, 0.85, 1.0, 1.1]
+    unconfirmed = _info([0.1] * 10, size_index=[-0.5] + [0.1] * 9)  # a Trojan: nothing small, no gap
+    trojan = backdoor_verdict(_with_margins(unconfirmed, ordinary[:6] + [40.0] + ordinary[7:]),
+                              estimator="synthesized-multi", threshold=2.0)  # fmt: skip
+    assert trojan.max_margin_pvalue < 0.005 and not trojan.flagged_by("confirmed")
+    assert trojan.suspected and trojan.target_by("confirmed-or-margin") == 6 and trojan.rival_target is None
+    assert trojan.evidence().startswith("class 6's maximum margin 40.0")
+    assert "no class has a trigger-size index <= -2" in trojan.evidence()
+    # a p-value MM-BD's own 0.05 would flag, above the detector's fixed 0.005: not suspected
+    weak = backdoor_verdict(_with_margins(unconfirmed, ordinary[:6] + [1.32] + ordinary[7:]),
+                            estimator="synthesized-multi", threshold=2.0)  # fmt: skip
+    assert 0.005 <= weak.max_margin_pvalue < 0.05 and not weak.suspected
+    assert weak.target_by("confirmed-or-margin") == weak.size_target == 0
+    assert weak.evidence().startswith("class 0: trigger-size anomaly index") and "p = " in weak.evidence()
+    # both fire on different classes: the confirmed class is the target, the margin's class is named
+    both = backdoor_verdict(_with_margins(_info([0.2, 0.5, 17.0] + [0.1] * 7), ordinary[:6] + [40.0] + ordinary[7:]),
+                            estimator="synthesized-multi", threshold=2.0)  # fmt: skip
+    assert both.suspected and both.target_by("confirmed-or-margin") == 2 and both.rival_target == 6
+    assert "but the maximum margin names class 6" in both.evidence()
+    assert Verdict.from_dict(json.loads(json.dumps(both.to_dict()))) == both
+    no_margin = {**_with_margins(unconfirmed, ordinary), "max_margin": [], "max_margin_pvalue": None}
+    assert not backdoor_verdict(no_margin, estimator="x", threshold=2.0).inconclusive  # the confirmed part decides
+    neither = {**no_margin, "latent_gap_index": []}
+    assert backdoor_verdict(neither, estimator="x", threshold=2.0).inconclusive
+
+
+def test_the_estimator_stamps_the_max_margin_class_when_nothing_is_confirmed(tiny_bundle, tmp_path, monkeypatch):
+    import envs.asr_estimators as est
+
+    data = tiny_bundle.defense_data
+    ordinary = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.15, 0.85, 1.0, 1.1]
+    spread = torch.linspace(0.0, 0.09, 10)  # indices within +-1.5: nothing confirms a small trigger
+    monkeypatch.setattr(est, "latent_gaps", lambda *a, **k: spread.clone())
+    monkeypatch.setattr(est, "mask_compactness", lambda mask: spread.clone())
+
+    def margins(margin_class):
+        values = list(ordinary)
+        values[margin_class] = 40.0
+        found = {"margin": torch.tensor(values), "steps": torch.ones(10, dtype=torch.long), "seconds": 1.0}
+        return lambda *a, **k: found
+
+    for margin_class in (3, 7):
+        monkeypatch.setattr(est, "cached_max_margins", margins(margin_class))
+        probe = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20, cache_dir=tmp_path,
+                            detector="confirmed-or-margin")  # fmt: skip
+        verdict = backdoor_verdict(probe.info, estimator="synthesized-multi", threshold=2.0)
+        assert probe.info["max_margin_alpha"] == 0.005 and verdict.confirmed_class is None
+        assert int(probe.target_labels[0]) == verdict.estimated_target == margin_class
+        assert verdict.suspected and verdict.target_by("confirmed-or-margin") == margin_class
+
+
+def test_confirmed_or_margin_refuses_a_margin_alpha_it_would_ignore():
+    from onp.config import ConfigError
+    from onp.defend_config import DefendConfig
+
+    base = {"arch": "resnet18", "weights": "w.pt", "clean_data": "x.npz"}
+    params = {"detector": "confirmed-or-margin", "margin_alpha": 0.05}
+    with pytest.raises(ConfigError, match="max-margin level is fixed \\(0.005\\)"):
+        DefendConfig.from_dict({**base, "estimator_params": params})
+    with pytest.raises(ConfigError, match="the confirmed-or-margin detector's thresholds are fixed"):
+        DefendConfig.from_dict(
+            {**base, "estimator_params": {"detector": "confirmed-or-margin"}, "anomaly_threshold": 3.0}
+        )
+    ok = DefendConfig.from_dict({**base, "estimator_params": {"detector": "confirmed-or-margin"}})
+    assert ok.estimator_params["detector"] == "confirmed-or-margin"
+    assert DefendConfig.from_dict({**base, "estimator_params": {"detector": "either", "margin_alpha": 0.01}})

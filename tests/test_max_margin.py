@@ -226,7 +226,7 @@ def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
     plain = build_probe("synthesized-multi", tiny_bundle.model, None, data, **params)
     assert "max_margin" not in plain.info and plain.info["detector"] == "confirmed"  # the default
     assert "combined_index" not in plain.info
-    detectors = "trigger-size, max-margin, either, combined, confirmed"
+    detectors = "trigger-size, max-margin, either, combined, confirmed, confirmed-or-margin"
     for bad, match in (
         ({"detector": "vote"}, detectors),
         ({"margin_alpha": 1.5}, "(0, 1)"),
