@@ -23,8 +23,9 @@
     images says little about the class (a warp capped at ``max_shift`` pixels often stops there);
   - 100 steps of 32 images per class and family, a sixth of the single-family estimators' 150 steps
     of 128 images, so the two default families together cost a third of ``synthesized``;
-  - ``detector="confirmed"`` (the default since docs/results.md §22: right on 8 of 9 held-out models,
-    where the trigger size alone was right on 6 and flagged a clean one): described last below.
+  - ``detector="confirmed-or-margin"`` (the default since docs/results.md §23: right on 10 of 10
+    held-out models, where ``confirmed``, the default before, was right on 8; no clean model of 9
+    flagged): described last below, after ``confirmed``, its first part.
     ``"trigger-size"``: the target and the backdoor verdict come from the trigger sizes alone.
     ``"max-margin"`` takes the class with the largest maximum classification margin instead
     (:mod:`envs.max_margin`, MM-BD: ``margin_steps`` = 300 steps from ``margin_images`` = 30 random
@@ -39,7 +40,7 @@
     the target when its own evidence is the stronger (:func:`onp.backdoor_verdict.stronger_target`).
     Opt-in: the rule written to make it the default failed on the cost of the clean models' false
     positives, which the trigger-size part gives both detectors (docs/results.md §21c).
-    ``"confirmed"``, the default, asks a second statistic of the same inverted trigger to confirm a small one: how far
+    ``"confirmed"`` asks a second statistic of the same inverted trigger to confirm a small one: how far
     the images it flips sit from the class's real images in the model's penultimate features
     (:mod:`envs.latent_gap`), or how compact its patch mask is (:mod:`envs.compactness`); a large latent
     gap alone also suffices (the rule: :func:`onp.backdoor_verdict.confirmed_target`). A clean model's

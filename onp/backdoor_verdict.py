@@ -4,7 +4,7 @@ A trigger-inverting ASR estimator (``synthesized``, ``synthesized-multi``; :mod:
 reverse-engineers one trigger per class from the defender's clean images and reports, per class, the
 trigger's size, its MAD anomaly index and the fraction of images it flips (its probe's ``info``).
 :func:`backdoor_verdict` turns those statistics into a :class:`Verdict`. The estimator's ``detector``
-(:data:`DETECTORS`; default ``confirmed``, :data:`DEFAULT_DETECTOR`) says which statistic decides:
+(:data:`DETECTORS`; default ``confirmed-or-margin``, :data:`DEFAULT_DETECTOR`) says which statistic decides:
 
 * ``trigger-size``: *suspected* when the estimated target's trigger works and its anomaly index is at
   most ``-threshold`` (Neural Cleanse, Wang et al., IEEE S&P 2019);
@@ -79,7 +79,7 @@ DETECTORS = ("trigger-size", "max-margin", "either", "combined", "confirmed", "c
 CONFIRMING_DETECTORS = ("confirmed", "confirmed-or-margin")
 
 #: the ``synthesized-multi`` estimator's detector when its ``detector`` is not given
-DEFAULT_DETECTOR = "confirmed"
+DEFAULT_DETECTOR = "confirmed-or-margin"
 
 #: ``confirmed``: a class whose trigger-size index is <= -this and whose latent-gap or compactness index is
 #: >= this is suspected (Neural Cleanse's threshold, for every statistic)

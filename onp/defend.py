@@ -19,7 +19,8 @@ Steps (:func:`run_defense`): (1) split the clean images into defense-train and d
 defense-train (the ``synthesized-multi`` ASR estimator: a patch and a blend per class, cached on
 disk) and take each class's trigger-size anomaly index; the model is *suspected* when a class's index
 is at most -2 and its trigger's latent gap or mask compactness confirms it, or its latent gap alone is
-large (the default detector, ``confirmed``: :mod:`onp.backdoor_verdict`); (3) if not
+large, or else when MM-BD's maximum margin of a class is significant (p < 0.005; the default detector,
+``confirmed-or-margin``: :mod:`onp.backdoor_verdict`); (3) if not
 suspected and not ``force``, prune nothing ("no backdoor found"); else run the defense: ``ppo-gnn``
 (learn a pruning policy on this model, as ``onp.train`` does), a baseline (its own operating point
 on defense data), or ``auto`` (a portfolio; the best reward val ACC - estimated val ASR wins); (4)
@@ -926,7 +927,7 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         type=finite_float,
         default=None,
         help="with estimator_params.detector trigger-size: suspected when the estimated target's anomaly index "
-        "<= -threshold (default 2; the default detector, confirmed, has fixed thresholds and refuses another)",
+        "<= -threshold (default 2; the default detector, confirmed-or-margin, has fixed ones and refuses another)",
     )
     f.add_argument("--force", action="store_true", default=None, help="defend even when no backdoor is suspected")
     f.add_argument(

@@ -13,14 +13,16 @@ loaded.
 The backdoor verdict (docs/defend.md): before pruning, the ``synthesized-multi`` estimator
 reverse-engineers one trigger per class and trigger family (a patch and a whole-image blend) from the
 defense-train images (Neural Cleanse, Wang et al., IEEE S&P 2019) and takes the class whose trigger is
-the most anomalously small as the estimated target. With the default detector (``confirmed``,
-:func:`onp.backdoor_verdict.confirmed_target`) the model is **suspected** when a class's anomaly index (the
-MAD index of the log trigger sizes, within the family) is at most -2 and a second statistic of its
-trigger confirms it (the latent gap of :mod:`envs.latent_gap` or the mask compactness of
-:mod:`envs.compactness`), or when its latent gap alone is large. With ``estimator_params.detector=
-"trigger-size"`` it is suspected when the estimated target's index is at most ``-anomaly_threshold``
-(default 2: Neural Cleanse's threshold, on the small side); the ``confirmed`` rule's thresholds are
-fixed, so another ``anomaly_threshold`` with it is refused. Otherwise nothing is pruned unless ``force``.
+the most anomalously small as the estimated target. With the default detector (``confirmed-or-margin``)
+the model is **suspected** when a class's anomaly index (the MAD index of the log trigger sizes, within
+the family) is at most -2 and a second statistic of its trigger confirms it (the latent gap of
+:mod:`envs.latent_gap` or the mask compactness of :mod:`envs.compactness`), or when its latent gap
+alone is large (:func:`onp.backdoor_verdict.confirmed_target`); or else when the largest per-class
+maximum margin (MM-BD, :mod:`envs.max_margin`) has a p-value below 0.005, its class then the target.
+With ``estimator_params.detector="trigger-size"`` it is suspected when the estimated target's index is
+at most ``-anomaly_threshold`` (default 2: Neural Cleanse's threshold, on the small side); the
+``confirmed`` and ``confirmed-or-margin`` rules' thresholds are fixed, so another ``anomaly_threshold``
+with them is refused. Otherwise nothing is pruned unless ``force``.
 ``asr_estimator="synthesized"`` gives the patch-only verdict of earlier versions.
 """
 
@@ -113,7 +115,7 @@ class DefendConfig(TypedConfig):
         DEFAULT_ANOMALY_THRESHOLD,
         gt=0,
         le=100,
-        description="detector trigger-size: suspected when the target's index <= -this (confirmed: fixed at 2)",
+        description="detector trigger-size: suspected when the target's index <= -this (confirmed rules: fixed at 2)",
     )
     force: bool = Field(False, description="defend even when no backdoor is suspected")
     train: Dict[str, Any] = Field(default_factory=dict, description="onp.train config overrides (ppo-gnn)")

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .backdoor_verdict import CONFIRM_THRESHOLD, LATENT_GAP_ALONE, Verdict
+from .backdoor_verdict import CONFIRM_THRESHOLD, CONFIRMING_DETECTORS, LATENT_GAP_ALONE, Verdict
 from .defend_config import DefendConfig
 from .evidence import Judgement
 from .io import atomic_write_bytes, atomic_write_text
@@ -237,7 +237,7 @@ def _verdict_rule(verdict: Verdict) -> str:
         f"the largest per-class maximum margin has a p-value < {verdict.max_margin_alpha or 0.05:g} under a gamma "
         "fit to the other classes' (MM-BD)"
     )
-    if verdict.detector in ("confirmed", "confirmed-or-margin"):
+    if verdict.detector in CONFIRMING_DETECTORS:
         x = CONFIRM_THRESHOLD
         or_margin = f", or when {margin} (that class is then the target)" if verdict.detector != "confirmed" else ""
         return (

@@ -698,7 +698,7 @@ def test_cli_the_max_margin_detector_decides_and_is_reported(received, tmp_path,
     assert "| flips | max margin |" in md and "p-value < 0.05 under a gamma fit to the other classes' (MM-BD)" in md
 
 
-def test_cli_the_default_confirmed_detector_is_reported_and_a_threshold_it_ignores_is_refused(
+def test_cli_the_default_confirmed_or_margin_detector_is_reported_and_a_threshold_it_ignores_is_refused(
     received, tmp_path, capsys
 ):
     out = tmp_path / "run"
@@ -708,11 +708,12 @@ def test_cli_the_default_confirmed_detector_is_reported_and_a_threshold_it_ignor
     res = _cli(base + fast + ["--out", str(out)], capsys)
     assert res.rc == 0, res.err
     verdict = _strict_json(out / "report.json")["verdict"]
-    assert verdict["detector"] == "confirmed" and len(verdict["latent_gap_indices"]) == 10
+    assert verdict["detector"] == "confirmed-or-margin" and len(verdict["latent_gap_indices"]) == 10
+    assert len(verdict["max_margin"]) == 10 and verdict["max_margin_alpha"] == 0.005
     assert len(verdict["compactness_indices"]) == 10 and "latent-gap index" in res.out
     md = (out / "report.md").read_text()
-    assert "| flips | latent-gap index | compactness index |" in md
-    assert "its latent-gap or compactness index is >= 2" in md
+    assert "| flips | max margin | latent-gap index | compactness index |" in md
+    assert "its latent-gap or compactness index is >= 2" in md and "has a p-value < 0.005 under a gamma fit" in md
     refused = _cli(base + fast + ["--threshold", "3", "--out", str(tmp_path / "no")], capsys)
-    assert refused.rc != 0 and "the confirmed detector's thresholds are fixed" in refused.err
+    assert refused.rc != 0 and "the confirmed-or-margin detector's thresholds are fixed" in refused.err
     assert "Traceback" not in refused.err and not (tmp_path / "no").exists()

@@ -135,8 +135,9 @@ def test_the_estimator_stamps_the_class_the_confirmed_verdict_names(tiny_bundle,
     verdict = backdoor_verdict(info, estimator="synthesized-multi", threshold=2.0)
     assert verdict.estimated_target == verdict.target_by("confirmed") == int(probe.target_labels[0])
     assert "max_margin" not in info  # the latent gap needs no max-margin search
-    assert build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20, cache_dir=tmp_path).info[
-        "latent_gap_index"] == info["latent_gap_index"]  # confirmed is the default detector  # fmt: skip
+    default = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20, cache_dir=tmp_path,
+                          margin_steps=20, margin_images=4).info  # fmt: skip
+    assert default["detector"] == "confirmed-or-margin" and default["latent_gap_index"] == info["latent_gap_index"]
     size_only = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20, cache_dir=tmp_path,
                             detector="trigger-size")  # fmt: skip
     assert "latent_gap" not in size_only.info
@@ -151,8 +152,8 @@ def test_an_anomaly_threshold_the_confirmed_detector_would_ignore_is_refused_up_
     confirmed = {"estimator_params": {"detector": "confirmed"}, "anomaly_threshold": 3.0}
     with pytest.raises(ConfigError, match="the confirmed detector's thresholds are fixed"):
         DefendConfig.from_dict({**base, **confirmed})
-    with pytest.raises(ConfigError, match="the confirmed detector's thresholds are fixed"):
-        DefendConfig.from_dict({**base, "anomaly_threshold": 3.0})  # confirmed is the default detector
+    with pytest.raises(ConfigError, match="the confirmed-or-margin detector's thresholds are fixed"):
+        DefendConfig.from_dict({**base, "anomaly_threshold": 3.0})  # confirmed-or-margin is the default detector
     size = {"estimator_params": {"detector": "trigger-size"}, "anomaly_threshold": 3.0}
     assert DefendConfig.from_dict({**base, **size}).anomaly_threshold == 3.0
     assert DefendConfig.from_dict({**base, **confirmed, "anomaly_threshold": 2.0}).anomaly_threshold == 2.0

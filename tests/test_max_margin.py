@@ -224,7 +224,7 @@ def test_the_multi_estimator_takes_the_max_margin_target(tiny_bundle, tmp_path):
     assert combined["combined_index"][target] < -2.0 < combined["anomaly_index"][target]  # the spectral trigger's
     assert len(list((tmp_path / "synthesized").glob("*-spectral.pt"))) == 1  # inverted once, cached
     plain = build_probe("synthesized-multi", tiny_bundle.model, None, data, **params)
-    assert "max_margin" not in plain.info and plain.info["detector"] == "confirmed"  # the default
+    assert plain.info["detector"] == "confirmed-or-margin" and plain.info["max_margin_alpha"] == 0.005  # the default
     assert "combined_index" not in plain.info
     detectors = "trigger-size, max-margin, either, combined, confirmed, confirmed-or-margin"
     for bad, match in (

@@ -146,7 +146,7 @@ def test_multi_estimator_stamps_every_working_family_and_caches_each(tiny_bundle
     data = tiny_bundle.defense_data
     probe = build_probe(
         "synthesized-multi", tiny_bundle.model, None, data, steps=4, min_success=0.0, stamp="all-working",
-        cache_dir=tmp_path,
+        cache_dir=tmp_path, detector="trigger-size",  # the families' own statistic picks the target here
     )  # fmt: skip
     info, t = probe.info, probe.info["estimated_target"]
     assert probe.trigger_aware is False and probe.name == "synthesized-multi"
@@ -166,8 +166,9 @@ def test_multi_estimator_stamps_every_working_family_and_caches_each(tiny_bundle
     assert len(files) == 2 and sum(name.endswith("-blend.pt") for name in files) == 1
     assert len(rows) == 2 and list(info["family_slices"])[0] == info["family"]  # every family; the target's first
     again = build_probe(
-        "synthesized-multi", tiny_bundle.model, None, data, steps=4, min_success=0.0, cache_dir=tmp_path
-    )
+        "synthesized-multi", tiny_bundle.model, None, data, steps=4, min_success=0.0, cache_dir=tmp_path,
+        detector="trigger-size",
+    )  # fmt: skip
     assert list(again.info["family_slices"]) == [again.info["family"]]  # the default: the most anomalous family
     assert torch.equal(again.images, probe.images[: len(again.images)])  # from the cache: the same triggers
     others = data.val_x[data.val_y != t]
@@ -187,6 +188,7 @@ def test_the_patch_estimator_shares_its_cache_with_the_multi_estimator(tiny_bund
         batch_size=128,
         families=["patch"],
         cache_dir=tmp_path,
+        detector="trigger-size",  # no max-margin search: only the inversion cache is under test
     )
     single = build_probe("synthesized", tiny_bundle.model, None, data, steps=3, cache_dir=tmp_path)
     assert len(list((tmp_path / "synthesized").glob("*.pt"))) == 1
