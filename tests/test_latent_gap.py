@@ -206,9 +206,9 @@ def test_the_estimator_stamps_the_max_margin_class_when_nothing_is_confirmed(tin
     monkeypatch.setattr(est, "latent_gaps", lambda *a, **k: spread.clone())
     monkeypatch.setattr(est, "mask_compactness", lambda mask: spread.clone())
 
-    def margins(margin_class):
+    def margins(margin_class, value=40.0):
         values = list(ordinary)
-        values[margin_class] = 40.0
+        values[margin_class] = value
         found = {"margin": torch.tensor(values), "steps": torch.ones(10, dtype=torch.long), "seconds": 1.0}
         return lambda *a, **k: found
 
@@ -220,6 +220,14 @@ def test_the_estimator_stamps_the_max_margin_class_when_nothing_is_confirmed(tin
         assert probe.info["max_margin_alpha"] == 0.005 and verdict.confirmed_class is None
         assert int(probe.target_labels[0]) == verdict.estimated_target == margin_class
         assert verdict.suspected and verdict.target_by("confirmed-or-margin") == margin_class
+    # p = 0.023: significant at MM-BD's own 0.05, not at the detector's fixed 0.005, so the margin's class is
+    # neither stamped nor suspected (the estimator judges at the level the verdict does)
+    monkeypatch.setattr(est, "cached_max_margins", margins(3, value=1.32))
+    probe = build_probe("synthesized-multi", tiny_bundle.model, None, data, steps=20, cache_dir=tmp_path,
+                        detector="confirmed-or-margin")  # fmt: skip
+    verdict = backdoor_verdict(probe.info, estimator="synthesized-multi", threshold=2.0)
+    assert 0.005 <= probe.info["max_margin_pvalue"] < 0.05 and not verdict.margin_flagged
+    assert int(probe.target_labels[0]) == verdict.estimated_target == verdict.size_target != 3
 
 
 def test_confirmed_or_margin_refuses_a_margin_alpha_it_would_ignore():
