@@ -401,9 +401,10 @@ def select_pruning(
     pruning"). A ``veto`` (a reason, e.g. :func:`onp.backdoor_verdict.no_backdoor_reason`: the
     backdoor verdict found no backdoor) prunes nothing whatever the pruning. The return of the final
     state leaves out the charge of a prune the env refused (it was never made). Returns ``{"info",
-    "return", "fallback", "judgement"}``; ``fallback`` is ``None`` or
+    "return", "fallback", "judgement", "vetoed"}``; ``fallback`` is ``None`` or
     describes the rejected pruning; ``judgement`` is the :class:`~onp.evidence.Judgement` of what is
-    kept (its ``verdict``: removed / not removed / nothing pruned).
+    kept (its ``verdict``: removed / not removed / nothing pruned); ``vetoed``: whether a ``veto`` was
+    given (the model is not to be repaired at all, :func:`agents.finetune_pruned`'s ``finish_unpruned``).
     """
     chosen, ret = _selected_state(result, select)
     initial = result["infos"][0]
@@ -437,4 +438,10 @@ def select_pruning(
             )
         judgement = replace(judgement, keep=False, verdict="nothing pruned", reason=reason)
         chosen, ret = initial, 0.0
-    return {"info": chosen, "return": float(ret), "fallback": fallback, "judgement": judgement}
+    return {
+        "info": chosen,
+        "return": float(ret),
+        "fallback": fallback,
+        "judgement": judgement,
+        "vetoed": veto is not None,
+    }

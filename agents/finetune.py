@@ -26,7 +26,10 @@ defense-train for a few epochs (the loop of the FT baseline, :func:`baselines.ft
 trained with BatchNorm statistics updated, ``epochs`` epochs) on the pruned model, its pruned neurons
 held pruned after every step. As the FST baseline does, its last epoch is handed out (no epoch is
 chosen on the estimate, which misjudges FST's repairs both ways, docs/results.md §18d); the evidence
-rule still judges it, with the same fallback. No unlearning run is made.
+rule still judges it, with the same fallback. No unlearning run is made. When no pruning is kept (the
+rule rejected the policy's, or it pruned nothing) but a backdoor is suspected (``finish_unpruned``),
+FST runs on the unpruned model, as the FST baseline would, and is judged the same way: a pruning that
+fails "no evidence, no pruning" no longer stops the repair (docs/results.md §24a).
 
 Fine-Pruning (Liu et al., RAID 2018) also fine-tunes after pruning; freezing the BN statistics,
 choosing the epoch by the estimated return and trying unlearning as a second candidate are onp's
@@ -82,6 +85,7 @@ def finetune_pruned(
     judgement: "Judgement",
     seed: int,
     log: Optional[Callable[[str], None]] = None,
+    finish_unpruned: bool = False,
 ) -> FinetuneOutcome:
     """Fine-tune the pruned ``model`` (neurons ``pruned``, already written in by
     :func:`onp.masks.apply_pruning` in the env's mask mode) on ``data``'s defense-train images;
@@ -91,14 +95,20 @@ def finetune_pruned(
     ASR probe score each epoch, with its ``lam``. ``rollout`` is the run's rollout config: its
     ``finetune`` settings and its evidence rule (with the env's ``delta``). ``judgement`` is the kept
     pruning's. Nothing happens when fine-tuning is off (``rollout.finetune.epochs == 0``) or nothing
-    is pruned.
+    is pruned, except with ``finish_unpruned`` (the caller's backdoor verdict suspects a backdoor, or the
+    run is forced) and ``method: fst``: FST, a repair on its own, then runs on the unpruned ``model`` and
+    the evidence rule judges it against the unpruned model (docs/results.md §24a).
     """
     config, rule = rollout.finetune, rollout.evidence_rule(env.delta)
-    if config.epochs == 0 or not judgement.keep or not pruned:
+    target = env.target
+    initial = {"acc": target.initial.acc, "asr": target.initial.asr, "n_pruned": 0}
+    alone = finish_unpruned and config.method == "fst" and not pruned
+    if config.epochs == 0 or (not alone and (not judgement.keep or not pruned)):
         return FinetuneOutcome(model, judgement, {"epochs": 0, "note": _skip_note(config, judgement, pruned)})
     t0 = time.perf_counter()
-    target = env.target
-    initial = {"acc": target.initial.acc, "asr": target.initial.asr}
+    rejected = judgement  # what is handed back when the finisher's result is not kept
+    if alone:  # FST starts from the unpruned model: its figures are the starting point
+        judgement = rule.judge(initial, initial, len(target.probe.images))
     if config.method == "fst":
         tuned, ft_info, records = _feature_shift_run(model, pruned, env, data, config, judgement, seed)
         fraction = 0.0
@@ -108,7 +118,7 @@ def finetune_pruned(
         fraction, tuned, ft_info, records, candidates = _best_run(train, target.probe, config)
     best = int(ft_info["best_epoch"])  # fst: its last epoch; ft: the one with the best defense-val return
     after = {**records[best], "n_pruned": len(pruned)}
-    new = rule.judge(initial, after, len(target.probe.images))
+    new = rule.judge(initial, after, len(target.probe.images), repaired=alone)
     history = [{**h, **r} for h, r in zip(ft_info["history"], records)]
     info: Dict[str, Any] = {
         "method": config.method,
@@ -119,12 +129,13 @@ def finetune_pruned(
         "candidates": candidates,
         "val_before": {"acc": judgement.acc_after, "asr": judgement.asr_after},
         "val_after": {"acc": after["acc"], "asr": after["asr"]},
+        "unpruned": alone,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if best == 0 or not new.keep:  # no better than the pruning alone, or it fails the rule the pruning passed
         info["note"] = "no epoch raised the defense-val return" if best == 0 else f"not kept: {new.reason}"
         info["best_epoch"] = 0
-        return FinetuneOutcome(model, judgement, info)
+        return FinetuneOutcome(model, rejected, info)
     if log is not None:
         log(_kept_line(config, info, judgement))
     return FinetuneOutcome(tuned.eval(), new, info)
@@ -134,7 +145,8 @@ def _kept_line(config: FinetuneConfig, info: Dict[str, Any], judgement: "Judgeme
     """The log line of a kept fine-tuning (``info``: :func:`finetune_pruned`'s record)."""
     fraction, after = info["unlearn"], info["val_after"]
     return (
-        f"[onp] {'feature-shift-tuned' if config.method == 'fst' else 'fine-tuned'} the pruned model for "
+        f"[onp] {'feature-shift-tuned' if config.method == 'fst' else 'fine-tuned'} the "
+        f"{'unpruned model (no pruning was kept)' if info['unpruned'] else 'pruned model'} for "
         f"{config.epochs} epochs on defense-train; kept epoch {info['best_epoch']}"
         f"{f' of the run with {fraction:.0%} of each batch unlearning the trigger' if fraction else ''}: "
         f"val ACC {judgement.acc_after:.3f} -> {after['acc']:.3f}, estimated val ASR "

@@ -322,6 +322,7 @@ def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
         judgement=sel["judgement"],
         seed=s.cfg.seed,
         log=s.log,
+        finish_unpruned=True,  # only a suspected (or forced) model is defended
     )
     info = {
         "timesteps": timesteps,

@@ -336,6 +336,7 @@ def _chosen_pruning(
         judgement=sel["judgement"],
         seed=int(cfg.get("seed", 0)),
         log=log,
+        finish_unpruned=not sel["vetoed"],
     )
     return {
         "pruned": pruned,

@@ -108,9 +108,13 @@ class EvidenceRule:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a fraction in [0, 1]; got {value!r}")
 
-    def judge(self, before: Mapping[str, Any], after: Mapping[str, Any], n_triggered: int) -> Judgement:
+    def judge(
+        self, before: Mapping[str, Any], after: Mapping[str, Any], n_triggered: int, *, repaired: bool = False
+    ) -> Judgement:
         """Judge the pruning ``after`` (an env info: ``acc``, ``asr``, ``n_pruned``) against ``before``
-        (the unpruned state) on ``n_triggered`` triggered defense-validation images."""
+        (the unpruned state) on ``n_triggered`` triggered defense-validation images. ``repaired``: the
+        weights were changed otherwise too (a finisher), so a model with no neuron pruned is judged as well
+        (without it, pruning nothing is "nothing pruned" and kept as it is)."""
         acc0, acc1 = float(before["acc"]), float(after["acc"])
         asr0, asr1 = float(before["asr"]), float(after["asr"])
         n_pruned = int(after["n_pruned"])
@@ -118,7 +122,7 @@ class EvidenceRule:
         alpha = 1.0 if self.alpha is None else float(self.alpha)
         keep, verdict = True, "removed" if asr1 <= self.removed_asr else "not removed"
         reason = f"significant drop (p={p:.2g} <= alpha={alpha:g})"
-        if n_pruned == 0:
+        if n_pruned == 0 and not repaired:
             verdict, reason = "nothing pruned", "the policy pruned no neuron"
         elif self.alpha is not None and p > alpha:
             keep, verdict = False, "nothing pruned"
@@ -129,7 +133,8 @@ class EvidenceRule:
         elif acc0 - acc1 > self.max_acc_drop + 1e-12:
             keep, verdict = False, "nothing pruned"
             reason = (
-                f"no backdoor neurons found within the budget (the pruning costs {acc0 - acc1:.3f} of val ACC "
+                f"no backdoor neurons found within the budget (the {'repair' if repaired else 'pruning'} costs "
+                f"{acc0 - acc1:.3f} of val ACC "
                 f"> {self.max_acc_drop:g} allowed)"
             )
         return Judgement(

@@ -552,6 +552,7 @@ def _finetune(
         judgement=ep.sel["judgement"],
         seed=seed,
         log=log,
+        finish_unpruned=not ep.sel["vetoed"],
     )
     ep.finetune, ep.final_val = out.info, out.val
     ep.sel["judgement"] = out.judgement

@@ -59,6 +59,7 @@ def test_a_veto_replaces_even_a_significant_pruning_by_nothing():
     assert sel["judgement"].verdict == "nothing pruned" and sel["judgement"].reason == "no backdoor found (test)"
     assert sel["fallback"]["rejected_n_pruned"] == 1 and sel["fallback"]["rejected_asr"] == 0.02
     assert "no backdoor found (test)" in logs[0]
+    assert sel["vetoed"] is True and select_pruning(res, evidence=rule, n_triggered=250)["vetoed"] is False
 
 
 def test_the_gate_settings_are_checked():
@@ -80,15 +81,20 @@ def _inverting_probe(model, attack, defense_data, *, seed=0, cache_dir=None, ind
     return ASRProbe("inverting-test", p.images, p.target_labels, p.true_labels, trigger_aware=False, info=info)
 
 
-def _train(out, *, index, force=False, epochs=0):
+def _train(out, *, index, force=False, epochs=0, delta=None, **rollout):
     from onp.train import run_training
 
     cfg = {
         "backdoor": TINY,
         "agent": "ranked:clp",
-        "env": {"budget": 0.1, "asr_estimator": "inverting-test", "estimator_params": {"index": index}},
+        "env": {
+            "budget": 0.1,
+            "asr_estimator": "inverting-test",
+            "estimator_params": {"index": index},
+            **({"delta": delta} if delta is not None else {}),
+        },
         "ppo": {"total_timesteps": 0},
-        "rollout": {"force": force, "finetune": {"epochs": epochs}},
+        "rollout": {"force": force, "finetune": {"epochs": epochs}, **rollout},
     }
     return run_training(cfg, out, progress=False, quiet=True)
 
@@ -126,6 +132,33 @@ def test_no_backdoor_suspected_means_nothing_pruned_and_force_defends_anyway(tin
         quiet=True,
     )
     assert forced_eval["n_pruned"] == forced["n_pruned"]
+
+
+def test_the_fst_finisher_repairs_a_suspected_model_whose_pruning_is_rejected_and_leaves_a_clean_one(
+    tiny_bundle, tmp_path
+):
+    """With ``rollout.finetune.method: fst``, a rejected pruning (here: a ``min_return`` no pruning reaches)
+    on a model the verdict suspects is replaced by FST on the unpruned model, in onp.train and onp.evaluate;
+    a model the verdict clears gets nothing, FST included."""
+    from onp.evaluate import run_evaluate
+
+    # FST costs the undertrained tiny model much accuracy: any cost is allowed here (delta 1)
+    fst = {"delta": 1.0, "min_return": 1.0, "finetune": {"method": "fst", "epochs": 1}}
+    suspected = _train(tmp_path / "suspected", index=-3.0, **fst)
+    cleared = _train(tmp_path / "cleared", index=-0.5, **fst)
+    for run in (suspected, cleared):  # the pruning is rejected either way; what follows differs
+        assert run["n_pruned"] == 0 and run["val"]["fallback"]["rejected_n_pruned"] > 0
+    ft = suspected["finetune"]
+    assert ft["method"] == "fst" and ft["unpruned"] is True and ft["best_epoch"] == 1 and suspected["n_pruned"] == 0
+    assert suspected["verdict"] in ("removed", "not removed") and suspected["evidence"]["n_pruned"] == 0
+    assert suspected["acc"] != pytest.approx(suspected["before"]["acc"])  # the handed-out model was trained
+    assert cleared["finetune"]["epochs"] == 0 and cleared["verdict"] == "nothing pruned"
+    assert cleared["acc"] == pytest.approx(cleared["before"]["acc"])  # the cleared model is the original
+    for name, run in (("suspected", suspected), ("cleared", cleared)):
+        evaluated = run_evaluate(
+            {"policy": str(tmp_path / name), "checkpoint": str(tiny_bundle.path)}, tmp_path / f"eval-{name}", quiet=True
+        )
+        assert evaluated["n_pruned"] == 0 and evaluated["finetune"].get("unpruned", False) is (run is suspected)
 
 
 def test_force_is_for_policies_only():

@@ -58,6 +58,12 @@ def test_rule_keeps_only_significant_and_affordable_prunings():
     j = rule.judge(before, _info(0.80, 0.0, 12), 250)  # removes it, but costs 10 points > 5 allowed
     assert not j.keep and "ACC" in j.reason
     assert rule.judge(before, before, 250).verdict == "nothing pruned"
+    # a repair that pruned nothing but changed the weights (the FST finisher alone) is judged all the same
+    fixed = rule.judge(before, _info(0.89, 0.02, 0), 250, repaired=True)
+    assert fixed.keep and fixed.verdict == "removed" and fixed.n_pruned == 0
+    costly = rule.judge(before, _info(0.5, 0.02, 0), 250, repaired=True)
+    assert not costly.keep and "the repair costs" in costly.reason
+    assert not rule.judge(before, _info(0.90, 1.0, 0), 250, repaired=True).keep  # no significant drop
     assert set(VERDICTS) == {"removed", "not removed", "nothing pruned"}
     assert json.loads(json.dumps(j.to_dict()))["n_triggered"] == 250
     off = EvidenceRule(alpha=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -212,6 +213,72 @@ def test_the_fst_finisher_tunes_the_whole_pruned_model_with_a_new_head_and_keeps
     _, head = classifier_head(out.model, tiny_bundle.defense_data.num_classes)
     _, original = classifier_head(model, tiny_bundle.defense_data.num_classes)
     assert float(head.weight.norm()) == pytest.approx(float(original.weight.norm()), rel=1e-4)  # FST's norm constraint
+
+
+def _rejected(tiny_bundle, target, pruned):
+    """The unpruned model and the judgement ``select_pruning`` hands on when it rejects ``pruned``."""
+    _, judgement = _pruned(tiny_bundle, target, pruned)
+    rejected = dataclasses.replace(judgement, keep=False, verdict="nothing pruned", reason="rejected (test)")
+    return copy.deepcopy(tiny_bundle.model).eval(), rejected
+
+
+def _finish(tiny_bundle, env, model, judgement, config, **kwargs):
+    return finetune_pruned(
+        model,
+        [],
+        env=env,
+        data=tiny_bundle.defense_data,
+        rollout=RolloutConfig(evidence_alpha=None, finetune=config),
+        judgement=judgement,
+        seed=0,
+        **kwargs,
+    )
+
+
+def test_a_rejected_pruning_of_a_suspected_model_is_replaced_by_fst_on_the_unpruned_model(tiny_bundle, env, target):
+    """``finish_unpruned`` with ``method: fst``: FST runs on the unpruned model, starts from and is judged
+    against its figures (not the rejected pruning's), and its last epoch is handed out with 0 neurons pruned."""
+    model, rejected = _rejected(tiny_bundle, target, [1, 4, 20, 33])
+    before = copy.deepcopy(model.state_dict())
+    out = _finish(tiny_bundle, env, model, rejected, FinetuneConfig(method="fst", epochs=2), finish_unpruned=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is not modified
+    assert out.info["unpruned"] is True and out.info["best_epoch"] == 2 and out.model is not model
+    assert out.info["history"][0]["acc"] == pytest.approx(target.initial.acc)  # epoch 0: the unpruned model
+    assert out.info["val_before"] == {"acc": target.initial.acc, "asr": target.initial.asr}
+    ev = target.evaluate_model(out.model)
+    j = out.judgement
+    assert j.keep and j.n_pruned == 0 and j.verdict in ("removed", "not removed")
+    assert (j.acc_before, j.asr_before, j.acc_after, j.asr_after) == (
+        target.initial.acc,
+        target.initial.asr,
+        ev.acc,
+        ev.asr,
+    )
+
+
+def test_without_a_suspected_backdoor_or_with_plain_fine_tuning_a_rejected_pruning_stays_unrepaired(
+    tiny_bundle, env, target
+):
+    model, rejected = _rejected(tiny_bundle, target, [2, 7])
+    for config, suspected in ((FinetuneConfig(method="fst", epochs=1), False), (FinetuneConfig(epochs=1), True)):
+        out = _finish(tiny_bundle, env, model, rejected, config, finish_unpruned=suspected)
+        assert out.model is model and out.judgement is rejected and "nothing is pruned" in out.info["note"]
+
+
+def test_an_fst_repair_the_rule_refuses_hands_back_the_rejected_pruning(tiny_bundle, env, target, monkeypatch):
+    class Refusing(EvidenceRule):
+        def judge(self, before, after, n_triggered, *, repaired=False):
+            j = super().judge(before, after, n_triggered, repaired=repaired)
+            return dataclasses.replace(j, keep=False, reason="refused (test)") if repaired else j
+
+    monkeypatch.setattr(RolloutConfig, "evidence_rule", lambda self, delta: Refusing(alpha=None, max_acc_drop=1.0))
+    model, rejected = _rejected(tiny_bundle, target, [2, 7])
+    out = _finish(tiny_bundle, env, model, rejected, FinetuneConfig(method="fst", epochs=1), finish_unpruned=True)
+    assert out.model is model and out.judgement is rejected
+    assert (
+        out.info["unpruned"] is True and out.info["note"] == "not kept: refused (test)" and out.info["best_epoch"] == 0
+    )
+    assert out.val is None
 
 
 def test_an_unknown_finisher_is_refused_with_the_valid_ones():
