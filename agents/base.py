@@ -380,6 +380,18 @@ def _selected_state(result: Dict[str, Any], select: str) -> Tuple[Dict[str, Any]
     return chosen, ret
 
 
+def pruning_order(result: Dict[str, Any]) -> List[int]:
+    """The neurons a :func:`rollout` pruned, in the order it pruned them (a step that pruned several, e.g.
+    a coupling group, adds them in increasing id; a step that pruned none, e.g. STOP, adds nothing)."""
+    order: List[int] = []
+    seen: set = set()
+    for info in result["infos"]:
+        new = sorted(int(i) for i in info.get("pruned", ()) if int(i) not in seen)
+        order += new
+        seen.update(new)
+    return order
+
+
 def select_pruning(
     result: Dict[str, Any],
     *,

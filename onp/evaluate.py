@@ -41,7 +41,7 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast
 
 from .backdoor_verdict import backdoor_verdict, no_backdoor_reason
 from .cli_common import (
@@ -230,6 +230,43 @@ def run_policy(
     Returns ``{"pruned", "pruned_names", "model", "mask_mode", "finetune", "val", "judgement",
     "backdoor_verdict", "asr_estimator", "trigger_aware", "env_steps", "num_neurons", "agent"}``."""
     from agents import rollout
+
+    with _source_env(source, bundle, seed=seed, cache_dir=cache_dir, agent=agent) as (env, seed_used):
+        act = _source_agent(source, bundle, env, seed=seed_used, device=device)
+        res = rollout(act, env, seed=seed_used)
+        return _chosen_pruning(source["config"], bundle, env, res, log, force=force, finetune_method=finetune_method)
+
+
+def policy_episode(
+    source: Dict[str, Any],
+    bundle: BackdoorBundle,
+    *,
+    seed: Optional[int] = None,
+    device: str = "cpu",
+    cache_dir: Optional[Path] = None,
+    agent: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The source run's policy's deterministic episode on ``bundle``'s model, as :func:`run_policy` runs it,
+    without choosing or applying a pruning: :func:`agents.rollout`'s record (``agents.pruning_order`` of it
+    is the order the policy pruned in). ``agent``: as in :func:`run_policy`."""
+    from agents import rollout
+
+    with _source_env(source, bundle, seed=seed, cache_dir=cache_dir, agent=agent) as (env, seed_used):
+        return rollout(_source_agent(source, bundle, env, seed=seed_used, device=device), env, seed=seed_used)
+
+
+@contextlib.contextmanager
+def _source_env(
+    source: Dict[str, Any],
+    bundle: BackdoorBundle,
+    *,
+    seed: Optional[int],
+    cache_dir: Optional[Path],
+    agent: Optional[str],
+) -> Iterator[Tuple[Any, int]]:
+    """The env the source run's policy acts in on ``bundle``'s model (its ``env`` config; checked: an
+    onp.train run, the same architecture, an agent named in the run only when ``agent`` names it too),
+    and the seed; closed afterwards."""
     from agents.base import check_agent_source
     from agents.vec_envs import EnvFactory, env_kwargs_from_config
 
@@ -241,13 +278,11 @@ def run_policy(
         )
     check_architecture(source["backdoor"], bundle.config, what="policy")
     check_agent_source(cfg["agent"], agent, where=run_dir / "config.json")
-    seed = int(cfg.get("seed", 0) if seed is None else seed)
+    seed_used = int(cfg.get("seed", 0) if seed is None else seed)
     env_kwargs = env_kwargs_from_config(cfg["env"], cache_dir if cache_dir is not None else cfg.get("cache_dir"))
-    env = EnvFactory(bundle, env_kwargs, seed=seed, monitor=False)()
+    env = EnvFactory(bundle, env_kwargs, seed=seed_used, monitor=False)()
     try:
-        act = _source_agent(source, bundle, env, seed=seed, device=device)
-        res = rollout(act, env, seed=seed)
-        return _chosen_pruning(cfg, bundle, env, res, log, force=force, finetune_method=finetune_method)
+        yield env, seed_used
     finally:
         env.close()
 

@@ -28,6 +28,12 @@ skipped. ``--summary`` prints the markdown table of a results file.
 with other parameters are other rows (``synthesized-multi[detector=combined]`` in the summary). A
 model counts as flagged when the backdoor verdict on the probe's statistics suspects it
 (:func:`onp.backdoor_verdict.backdoor_verdict`, the probe's own detector).
+
+``--policy RUN`` tracks a learned policy's order too (order ``policy``): the neurons the policy of an
+onp.train run folder (or a shipped one, ``docs/policies/...``) prunes on each model in one
+deterministic episode of its own env (its estimator and seed), in the order it prunes them; its grid
+stops at the episode's length. ``--probe-seed N`` builds every probe and order with seed N instead of
+the model's seed (e.g. 0, the seed ``onp.defend`` uses, so its cached inversions are reused).
 """
 
 from __future__ import annotations
@@ -256,10 +262,12 @@ def study_model(
     cache_dir: Optional[Path] = None,
     probe_params: Optional[Dict[str, Any]] = None,
     scores_dir: Optional[Path] = None,
+    policy: Optional[Path] = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> Dict[str, Any]:
     """The study's record of one model and one estimator (see the module docstring). ``scores_dir``:
-    where the orders' scores are cached (:func:`order_scores`); ``log`` gets a line per phase."""
+    where the orders' scores are cached (:func:`order_scores`); ``policy``: an onp.train run folder whose
+    policy's order is tracked too (:func:`policy_order`); ``log`` gets a line per phase."""
     t_start = time.perf_counter()
     probe, timing = timed_probe(estimator, bundle, seed=seed, cache_dir=cache_dir, params=dict(probe_params or {}))
     log(f"  probe {timing['seconds']:.1f} s{' (cached)' if timing['cached'] else ''}")
@@ -290,8 +298,28 @@ def study_model(
         record["orders"][method] = {**timing, **track_order(model, scores, grid, evaluator, start)}
         took = f"{timing['scores_seconds']:.1f} s{' (cached)' if timing['scores_cached'] else ''}"
         log(f"  {method}: scores {took}, evaluations {record['orders'][method]['eval_seconds']:.1f} s")
+    if policy is not None:
+        order, timing = policy_order(bundle, policy, cache_dir)
+        scores = np.full(neuron_layout(model).num_neurons, -1.0)
+        scores[order] = np.arange(len(order), 0, -1, dtype=float)  # the first pruned scores highest
+        ks = sorted({k for k in grid if 0 < k < len(order)} | ({len(order)} if order else set()))
+        tracked = track_order(model, scores, ks, evaluator, start)
+        record["orders"]["policy"] = {**timing, "n_pruned": len(order), "order": order, **tracked}
+        log(f"  policy: episode {timing['episode_seconds']:.1f} s, {len(order)} neurons")
     record["seconds"] = time.perf_counter() - t_start
     return record
+
+
+def policy_order(bundle: BackdoorBundle, run_dir: Path, cache_dir: Optional[Path]) -> Tuple[List[int], Dict[str, Any]]:
+    """The neurons the policy of the onp.train run ``run_dir`` prunes on the bundle's model, in its order:
+    one deterministic episode in the run's own env (its estimator and seed, :func:`onp.evaluate.policy_episode`),
+    with the seconds it took."""
+    from agents import pruning_order
+    from onp.evaluate import policy_episode, read_source
+
+    t0 = time.perf_counter()
+    res = policy_episode(read_source(run_dir, "policy"), bundle, cache_dir=cache_dir)
+    return pruning_order(res), {"policy": str(run_dir), "episode_seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,17 +407,19 @@ def run_study(args: argparse.Namespace) -> int:
         for estimator in todo:
             print(f"{label} s{cfg.seed} {estimator} ({bundle.path.name})", flush=True)
             row: Dict[str, Any] = {**common, "estimator": estimator, "model_dir": str(bundle.path)}
+            row["probe_seed"] = cfg.seed if args.probe_seed is None else args.probe_seed
             row.update(
                 study_model(
                     bundle,
                     estimator,
-                    seed=cfg.seed,
+                    seed=cfg.seed if args.probe_seed is None else args.probe_seed,
                     orders=args.orders,
                     grid=args.grid,
                     test_images=args.test_images,
                     cache_dir=args.cache_dir,
                     probe_params=params,
                     scores_dir=args.out / "scores",
+                    policy=args.policy,
                     log=lambda msg: print(msg, flush=True),
                 )
             )
@@ -457,7 +487,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--attacks", nargs="*", default=list(ATTACKS))
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--clean-seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--orders", nargs="+", default=list(ORDERS))
+    p.add_argument("--orders", nargs="*", default=list(ORDERS))
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="an onp.train run folder (or a shipped policy, docs/policies/...): its policy's pruning order is "
+        "tracked too (order 'policy', its own episode's length)",
+    )
+    p.add_argument(
+        "--probe-seed", type=int, default=None, help="the estimator's and orders' seed (default: the model's seed)"
+    )
     p.add_argument("--grid", type=int, nargs="+", default=list(GRID), help="numbers of pruned neurons (k > 0)")
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--model", default="resnet18")

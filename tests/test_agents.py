@@ -17,6 +17,7 @@ from agents import (
     available_agents,
     build_agent,
     policy_kwargs_for,
+    pruning_order,
     resolve_agent_factory,
     rollout,
     select_pruning,
@@ -192,7 +193,10 @@ def test_greedy_gamma_order_and_ranked_baseline(env, tiny_bundle):
     ranked = build_agent("ranked:magnitude", env)
     assert ranked.scores.shape == (env.num_nodes,)
     top = [i for i in np.argsort(-ranked.scores, kind="stable") if prunable[i]][: env.budget]
-    assert rollout(ranked, env)["actions"] == top
+    ranked_res = rollout(ranked, env)
+    assert ranked_res["actions"] == top
+    assert pruning_order(ranked_res) == top and pruning_order(res) == expected  # the order, not the sorted set
+    assert top != sorted(top)
 
 
 def test_greedy_activation_scores(env):

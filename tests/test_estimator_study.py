@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from .conftest import load_script
+from .conftest import TINY, load_script
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,39 @@ def test_study_model_on_the_tiny_model(study, tiny_bundle, onp_cache, tmp_path):
     row = {"attack": "badnets", "seed": 0, **record}
     table = study.summarize([row])
     assert f"| badnets | synthesized | 1 | {int(record['target_correct'])} of 1 |" in table
+
+
+def test_a_policys_order_is_tracked_up_to_its_episodes_length(study, tiny_bundle, onp_cache, tmp_path):
+    """``policy=``: the order an onp.train run's agent prunes in, here ``ranked:clp`` (CLP's order over the
+    neurons the env lets it prune, up to the budget), tracked up to the episode's end."""
+    from agents import pruning_order
+    from onp.evaluate import policy_episode, read_source
+    from onp.train import run_training
+
+    env = {"budget": 0.1, "delta": 1.0, "asr_estimator": "synthesized", "estimator_params": {"steps": 10}}
+    cfg = {"backdoor": TINY, "agent": "ranked:clp", "env": env, "ppo": {"total_timesteps": 0}}
+    cfg["cache_dir"] = str(onp_cache)
+    run_training(cfg, tmp_path / "run", progress=False, quiet=True)
+    record = study.study_model(
+        tiny_bundle,
+        "synthesized",
+        seed=0,
+        orders=["clp"],
+        grid=[1, 2, 4, 10_000],
+        test_images=300,
+        cache_dir=onp_cache,
+        probe_params={"steps": 10},
+        scores_dir=tmp_path / "scores",
+        policy=tmp_path / "run",
+    )
+    policy, clp = record["orders"]["policy"], record["orders"]["clp"]
+    n = policy["n_pruned"]
+    assert 4 < n < 10_000 and policy["policy"] == str(tmp_path / "run") and policy["episode_seconds"] > 0
+    assert [p["k"] for p in policy["points"]] == [0, 1, 2, 4, n]
+    episode = policy_episode(read_source(tmp_path / "run", "policy"), tiny_bundle, cache_dir=onp_cache)
+    assert policy["order"] == pruning_order(episode) == episode["actions"][:n]  # in the order pruned
+    assert policy["points"][1] == clp["points"][1]  # CLP's first neuron is the policy's first
+    json.dumps(record, allow_nan=False)
 
 
 def test_probe_parameters_make_their_own_rows_and_the_verdict_flags(study):
