@@ -43,18 +43,24 @@ def _pruned(tiny_bundle, target, pruned):
     return model, judgement
 
 
-def _run(tiny_bundle, env, pruned, config):
-    model, judgement = _pruned(tiny_bundle, env.target, pruned)
-    before = copy.deepcopy(model.state_dict())
-    out = finetune_pruned(
+def _finish(tiny_bundle, env, model, judgement, config, pruned=(), **kwargs):
+    """``finetune_pruned`` on ``model`` (``pruned`` written in) with RULE's settings."""
+    return finetune_pruned(
         model,
-        pruned,
+        list(pruned),
         env=env,
         data=tiny_bundle.defense_data,
         rollout=RolloutConfig(evidence_alpha=None, finetune=config),
         judgement=judgement,
         seed=0,
+        **kwargs,
     )
+
+
+def _run(tiny_bundle, env, pruned, config):
+    model, judgement = _pruned(tiny_bundle, env.target, pruned)
+    before = copy.deepcopy(model.state_dict())
+    out = _finish(tiny_bundle, env, model, judgement, config, pruned)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is not modified
     return model, judgement, out
 
@@ -220,19 +226,6 @@ def _rejected(tiny_bundle, target, pruned):
     _, judgement = _pruned(tiny_bundle, target, pruned)
     rejected = dataclasses.replace(judgement, keep=False, verdict="nothing pruned", reason="rejected (test)")
     return copy.deepcopy(tiny_bundle.model).eval(), rejected
-
-
-def _finish(tiny_bundle, env, model, judgement, config, **kwargs):
-    return finetune_pruned(
-        model,
-        [],
-        env=env,
-        data=tiny_bundle.defense_data,
-        rollout=RolloutConfig(evidence_alpha=None, finetune=config),
-        judgement=judgement,
-        seed=0,
-        **kwargs,
-    )
 
 
 def test_a_rejected_pruning_of_a_suspected_model_is_replaced_by_fst_on_the_unpruned_model(tiny_bundle, env, target):
