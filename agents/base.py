@@ -392,6 +392,18 @@ def pruning_order(result: Dict[str, Any]) -> List[int]:
     return order
 
 
+def _rejected_record(chosen: Dict[str, Any], ret: float, p_value: float, reason: str) -> Dict[str, Any]:
+    """``select_pruning``'s ``fallback``: why the chosen pruning was rejected, and its figures."""
+    return {
+        "reason": reason,
+        "rejected_n_pruned": int(chosen["n_pruned"]),
+        "rejected_acc": float(chosen["acc"]),
+        "rejected_asr": float(chosen["asr"]),
+        "rejected_return": float(ret),
+        "rejected_p_value": p_value,
+    }
+
+
 def select_pruning(
     result: Dict[str, Any],
     *,
@@ -434,14 +446,7 @@ def select_pruning(
         )
     fallback = None
     if reason is not None:
-        fallback = {
-            "reason": reason,
-            "rejected_n_pruned": int(chosen["n_pruned"]),
-            "rejected_acc": float(chosen["acc"]),
-            "rejected_asr": float(chosen["asr"]),
-            "rejected_return": float(ret),
-            "rejected_p_value": judgement.p_value,
-        }
+        fallback = _rejected_record(chosen, ret, judgement.p_value, reason)
         if log is not None:
             log(
                 f"[onp] the policy's pruning of {int(chosen['n_pruned'])} neurons (defense-val return {ret:+.4f}, "

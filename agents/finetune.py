@@ -107,24 +107,17 @@ def finetune_pruned(
         return FinetuneOutcome(model, judgement, {"epochs": 0, "note": _skip_note(config, judgement, pruned)})
     t0 = time.perf_counter()
     rejected = judgement  # what is handed back when the finisher's result is not kept
-    if alone:  # FST starts from the unpruned model: its figures are the starting point
+    if alone:  # FST starts from the unpruned model, whose figures are the starting point
         judgement = rule.judge(initial, initial, len(target.probe.images))
-    if config.method == "fst":
-        tuned, ft_info, records = _feature_shift_run(model, pruned, env, data, config, judgement, seed)
-        fraction = 0.0
-        candidates = [{"method": "fst", "best_epoch": ft_info["best_epoch"], "best_return": ft_info["best_score"]}]
-    else:
-        train = functools.partial(_train_pruned, model, pruned, env, data, config, seed)
-        fraction, tuned, ft_info, records, candidates = _best_run(train, target.probe, config)
+    fraction, tuned, ft_info, records, candidates = _finisher_run(model, pruned, env, data, config, judgement, seed)
     best = int(ft_info["best_epoch"])  # fst: its last epoch; ft: the one with the best defense-val return
     after = {**records[best], "n_pruned": len(pruned)}
     new = rule.judge(initial, after, len(target.probe.images), repaired=alone)
-    history = [{**h, **r} for h, r in zip(ft_info["history"], records)]
     info: Dict[str, Any] = {
         "method": config.method,
         "epochs": config.epochs,
         "best_epoch": best,
-        "history": history,
+        "history": [{**h, **r} for h, r in zip(ft_info["history"], records)],
         "unlearn": fraction,
         "candidates": candidates,
         "val_before": {"acc": judgement.acc_after, "asr": judgement.asr_after},
@@ -139,6 +132,30 @@ def finetune_pruned(
     if log is not None:
         log(_kept_line(config, info, judgement))
     return FinetuneOutcome(tuned.eval(), new, info)
+
+
+def _finisher_run(
+    model: nn.Module,
+    pruned: Sequence[int],
+    env: "NeuronPruningEnv",
+    data: "DefenseData",
+    config: FinetuneConfig,
+    judgement: "Judgement",
+    seed: int,
+) -> Tuple[float, nn.Module, Dict[str, Any], List[Dict[str, float]], List[Dict[str, Any]]]:
+    """The finisher of ``config.method`` on ``model``: (unlearned fraction, the model to hand out, the
+    loop's info, val ACC/ASR per epoch, every candidate run's summary)."""
+    if config.method == "fst":
+        tuned, info, records = _feature_shift_run(model, pruned, env, data, config, judgement, seed)
+        return (
+            0.0,
+            tuned,
+            info,
+            records,
+            [{"method": "fst", "best_epoch": info["best_epoch"], "best_return": info["best_score"]}],
+        )
+    train = functools.partial(_train_pruned, model, pruned, env, data, config, seed)
+    return _best_run(train, env.target.probe, config)
 
 
 def _kept_line(config: FinetuneConfig, info: Dict[str, Any], judgement: "Judgement") -> str:

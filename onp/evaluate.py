@@ -356,12 +356,9 @@ def _chosen_pruning(
         veto=no_backdoor_reason(verdict, force=ro.force, how_to_force="--force"),
         log=log,
     )
-    chosen = sel["info"]
-    pruned = [int(i) for i in chosen["pruned"]]
-    g = base.graph
-    names = g.neuron_names(pruned)
+    pruned = [int(i) for i in sel["info"]["pruned"]]
     mask_mode = cfg["env"].get("mask_mode", "gamma")
-    model = apply_pruning(bundle.fresh_model(), g, pruned, mask_mode).eval()
+    model = apply_pruning(bundle.fresh_model(), base.graph, pruned, mask_mode).eval()
     tuned = finetune_pruned(
         model,
         pruned,
@@ -375,7 +372,7 @@ def _chosen_pruning(
     )
     return {
         "pruned": pruned,
-        "pruned_names": names,
+        "pruned_names": base.graph.neuron_names(pruned),
         "model": tuned.model,
         "mask_mode": mask_mode,
         "finetune": tuned.info,
