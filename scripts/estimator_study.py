@@ -406,13 +406,14 @@ def run_study(args: argparse.Namespace) -> int:
             continue
         for estimator in todo:
             print(f"{label} s{cfg.seed} {estimator} ({bundle.path.name})", flush=True)
+            probe_seed = cfg.seed if args.probe_seed is None else args.probe_seed
             row: Dict[str, Any] = {**common, "estimator": estimator, "model_dir": str(bundle.path)}
-            row["probe_seed"] = cfg.seed if args.probe_seed is None else args.probe_seed
+            row["probe_seed"] = probe_seed
             row.update(
                 study_model(
                     bundle,
                     estimator,
-                    seed=cfg.seed if args.probe_seed is None else args.probe_seed,
+                    seed=probe_seed,
                     orders=args.orders,
                     grid=args.grid,
                     test_images=args.test_images,
