@@ -24,12 +24,15 @@ defense-train for a few epochs (the loop of the FT baseline, :func:`baselines.ft
 ``rollout.finetune.method: fst`` replaces the loop above by Feature Shift Tuning (Min et al., NeurIPS
 2023; :mod:`baselines.fst`, with the baseline's reference settings: head re-initialised, whole model
 trained with BatchNorm statistics updated, ``epochs`` epochs) on the pruned model, its pruned neurons
-held pruned after every step. As the FST baseline does, its last epoch is handed out (no epoch is
-chosen on the estimate, which misjudges FST's repairs both ways, docs/results.md §18d); the evidence
-rule still judges it, with the same fallback. No unlearning run is made. When no pruning is kept (the
-rule rejected the policy's, or it pruned nothing) but a backdoor is suspected (``finish_unpruned``),
-FST runs on the unpruned model, as the FST baseline would, and is judged the same way: a pruning that
-fails "no evidence, no pruning" no longer stops the repair (docs/results.md §24a).
+held pruned after every step, with the augmentation the FST baseline gets beside it: in ``onp.train``
+and ``onp.evaluate`` the dataset's (``Augment.for_spec``, as in ``onp.baseline`` and ``onp.compare``), in
+``onp.defend`` pad-and-crop (as its baselines; docs/results.md §25a). As the FST baseline does, its last
+epoch is handed out (no epoch is chosen on the estimate, which misjudges FST's repairs both ways,
+docs/results.md §18d); the evidence rule still judges it, with the same fallback. No unlearning run is
+made. When no pruning is kept (the rule rejected the policy's, or it pruned nothing) but a backdoor is
+suspected (``finish_unpruned``), FST runs on the unpruned model, as the FST baseline would, and is
+judged the same way: a pruning that fails "no evidence, no pruning" no longer stops the repair
+(docs/results.md §24a).
 
 Fine-Pruning (Liu et al., RAID 2018) also fine-tunes after pruning; freezing the BN statistics,
 choosing the epoch by the estimated return and trying unlearning as a second candidate are onp's
@@ -52,6 +55,7 @@ from onp.train_config import FinetuneConfig, RolloutConfig
 
 if TYPE_CHECKING:
     from envs import NeuronPruningEnv
+    from onp.data.augment import Augment
     from onp.data.defense import DefenseData
     from onp.evidence import Judgement
 
@@ -86,6 +90,7 @@ def finetune_pruned(
     seed: int,
     log: Optional[Callable[[str], None]] = None,
     finish_unpruned: bool = False,
+    augment: Optional["Augment"] = None,
 ) -> FinetuneOutcome:
     """Fine-tune the pruned ``model`` (neurons ``pruned``, already written in by
     :func:`onp.masks.apply_pruning` in the env's mask mode) on ``data``'s defense-train images;
@@ -97,7 +102,9 @@ def finetune_pruned(
     pruning's. Nothing happens when fine-tuning is off (``rollout.finetune.epochs == 0``) or nothing
     is pruned, except with ``finish_unpruned`` (the caller's backdoor verdict suspects a backdoor, or the
     run is forced) and ``method: fst``: FST, a repair on its own, then runs on the unpruned ``model`` and
-    the evidence rule judges it against the unpruned model (docs/results.md §24a).
+    the evidence rule judges it against the unpruned model (docs/results.md §24a). ``augment``: the FST
+    finisher's augmentation, the one the FST baseline gets beside it (None: pad-and-crop, no flips);
+    the FT loop keeps its own pad-and-crop.
     """
     config, rule = rollout.finetune, rollout.evidence_rule(env.delta)
     target = env.target
@@ -109,7 +116,8 @@ def finetune_pruned(
     rejected = judgement  # what is handed back when the finisher's result is not kept
     if alone:  # FST starts from the unpruned model, whose figures are the starting point
         judgement = rule.judge(initial, initial, len(target.probe.images))
-    fraction, tuned, ft_info, records, candidates = _finisher_run(model, pruned, env, data, config, judgement, seed)
+    finisher = _finisher_run(model, pruned, env, data, config, judgement, seed, augment)
+    fraction, tuned, ft_info, records, candidates = finisher
     best = int(ft_info["best_epoch"])  # fst: its last epoch; ft: the one with the best defense-val return
     after = {**records[best], "n_pruned": len(pruned)}
     new = rule.judge(initial, after, len(target.probe.images), repaired=alone)
@@ -142,11 +150,12 @@ def _finisher_run(
     config: FinetuneConfig,
     judgement: "Judgement",
     seed: int,
+    augment: Optional["Augment"],
 ) -> Tuple[float, nn.Module, Dict[str, Any], List[Dict[str, float]], List[Dict[str, Any]]]:
     """The finisher of ``config.method`` on ``model``: (unlearned fraction, the model to hand out, the
-    loop's info, val ACC/ASR per epoch, every candidate run's summary)."""
+    loop's info, val ACC/ASR per epoch, every candidate run's summary). ``augment``: FST's only."""
     if config.method == "fst":
-        tuned, info, records = _feature_shift_run(model, pruned, env, data, config, judgement, seed)
+        tuned, info, records = _feature_shift_run(model, pruned, env, data, config, judgement, seed, augment)
         return (
             0.0,
             tuned,
@@ -264,10 +273,12 @@ def _feature_shift_run(
     config: FinetuneConfig,
     judgement: "Judgement",
     seed: int,
+    augment: Optional["Augment"],
 ) -> Tuple[nn.Module, Dict[str, Any], List[Dict[str, float]]]:
-    """FST (:func:`baselines.fst.feature_shift_tune`, reference settings, ``config.epochs`` epochs) on a copy
-    of the pruned ``model``, the pruned neurons held pruned; returns (its last epoch's model, the loop's
-    info with that epoch as ``best_epoch``, val ACC/ASR per epoch: the pruning's at 0, the last evaluated)."""
+    """FST (:func:`baselines.fst.feature_shift_tune`, reference settings, ``config.epochs`` epochs, ``augment``
+    or else pad-and-crop) on a copy of the pruned ``model``, the pruned neurons held pruned; returns (its
+    last epoch's model, the loop's info with that epoch as ``best_epoch``, val ACC/ASR per epoch: the
+    pruning's at 0, the last evaluated)."""
     from baselines.base import PassCounter
     from baselines.fst import FSTParams, classifier_head, feature_shift_tune
 
@@ -277,7 +288,7 @@ def _feature_shift_run(
     _, head = classifier_head(tuned, data.num_classes)
     params = FSTParams(epochs=config.epochs, augment=config.augment)
     info = feature_shift_tune(
-        tuned, head, data, params, seed=seed, augment=None, counter=PassCounter(), after_step=keep_pruned
+        tuned, head, data, params, seed=seed, augment=augment, counter=PassCounter(), after_step=keep_pruned
     )
     tuned.eval()
     last = target.evaluate_model(tuned)

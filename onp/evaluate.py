@@ -59,6 +59,7 @@ from .cli_common import (
     set_overrides,
 )
 from .config import deep_update
+from .data.augment import Augment
 from .evaluate_config import EvaluateConfig
 from .graph import neuron_layout
 from .io import CheckpointError, cache_root, read_json, run_folder
@@ -369,6 +370,7 @@ def _chosen_pruning(
         seed=int(cfg.get("seed", 0)),
         log=log,
         finish_unpruned=not sel["vetoed"],
+        augment=Augment.for_spec(bundle.spec),  # the FST finisher's: the FST baseline's (onp.baseline)
     )
     return {
         "pruned": pruned,

@@ -57,6 +57,7 @@ from .cli_common import (
     set_overrides,
 )
 from .config import deep_update, load_yaml
+from .data.augment import Augment
 from .io import RunExistsError, atomic_write_json, is_onp_folder, read_json, run_folder
 from .masks import apply_pruning
 from .metrics import evaluate_backdoor, with_der
@@ -553,6 +554,7 @@ def _finetune(
         seed=seed,
         log=log,
         finish_unpruned=not ep.sel["vetoed"],
+        augment=Augment.for_spec(bundle.spec),  # the FST finisher's: the FST baseline's (onp.baseline)
     )
     ep.finetune, ep.final_val = out.info, out.val
     ep.sel["judgement"] = out.judgement

@@ -140,7 +140,10 @@ def test_the_fst_finisher_repairs_a_suspected_model_whose_pruning_is_rejected_an
     """With ``rollout.finetune.method: fst``, a rejected pruning (here: a ``min_return`` no pruning reaches)
     on a model the verdict suspects is replaced by FST on the unpruned model, in onp.train and onp.evaluate;
     a model the verdict clears gets nothing, FST included."""
+    from baselines import build_defense
+    from onp.data.augment import Augment
     from onp.evaluate import run_evaluate
+    from onp.metrics import evaluate_backdoor
 
     # FST costs the undertrained tiny model much accuracy: any cost is allowed here (delta 1)
     fst = {"delta": 1.0, "min_return": 1.0, "finetune": {"method": "fst", "epochs": 1}}
@@ -154,11 +157,19 @@ def test_the_fst_finisher_repairs_a_suspected_model_whose_pruning_is_rejected_an
     assert suspected["acc"] != pytest.approx(suspected["before"]["acc"])  # the handed-out model was trained
     assert cleared["finetune"]["epochs"] == 0 and cleared["verdict"] == "nothing pruned"
     assert cleared["acc"] == pytest.approx(cleared["before"]["acc"])  # the cleared model is the original
+    # the repair is the FST baseline's, as onp.baseline runs it (the dataset's augmentation, the run's seed)
+    baseline = build_defense("fst", epochs=1).fit(
+        tiny_bundle.fresh_model(), tiny_bundle.defense_data, seed=0, augment=Augment.for_spec(tiny_bundle.spec)
+    )
+    reference = evaluate_backdoor(baseline.model, tiny_bundle.test_x, tiny_bundle.test_y, tiny_bundle.attack)
+    assert suspected["acc"] == pytest.approx(reference["acc"], abs=1e-6)
+    assert suspected["asr"] == pytest.approx(reference["asr"], abs=1e-6)
     for name, run in (("suspected", suspected), ("cleared", cleared)):
         evaluated = run_evaluate(
             {"policy": str(tmp_path / name), "checkpoint": str(tiny_bundle.path)}, tmp_path / f"eval-{name}", quiet=True
         )
         assert evaluated["n_pruned"] == 0 and evaluated["finetune"].get("unpruned", False) is (run is suspected)
+        assert evaluated["acc"] == pytest.approx(run["acc"], abs=1e-6)  # onp.evaluate finishes it the same way
 
 
 def test_force_is_for_policies_only():

@@ -277,3 +277,23 @@ def test_an_fst_repair_the_rule_refuses_hands_back_the_rejected_pruning(tiny_bun
 def test_an_unknown_finisher_is_refused_with_the_valid_ones():
     with pytest.raises(ValueError, match="'ft' or 'fst'"):
         FinetuneConfig(method="sau")
+
+
+def test_the_fst_finisher_is_the_fst_baseline_with_the_augmentation_it_is_given(tiny_bundle, env, target):
+    """On the unpruned model, the FST finisher hands out exactly the FST baseline's model when both get the
+    same augmentation and seed (the dataset's, as onp.train/onp.evaluate pass it and onp.baseline gives the
+    baseline); with pad-and-crop only (no augmentation passed) the weights differ (docs/results.md §25a)."""
+    from baselines import build_defense
+    from onp.data.augment import Augment
+
+    flips = Augment.for_spec(tiny_bundle.spec)
+    assert flips.hflip  # Fashion-MNIST: flips are the dataset's augmentation
+    model, rejected = _rejected(tiny_bundle, target, [2, 7])
+    config = FinetuneConfig(method="fst", epochs=2)
+    given = _finish(tiny_bundle, env, model, rejected, config, finish_unpruned=True, augment=flips)
+    default = _finish(tiny_bundle, env, model, rejected, config, finish_unpruned=True)
+    baseline = build_defense("fst", epochs=2).fit(copy.deepcopy(model), tiny_bundle.defense_data, seed=0, augment=flips)
+    assert given.info["unpruned"] is True and given.model is not model
+    tuned, reference, other = given.model.state_dict(), baseline.model.state_dict(), default.model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in tuned.items())
+    assert not all(torch.equal(v, other[k]) for k, v in tuned.items())
