@@ -108,6 +108,7 @@ if TYPE_CHECKING:
     from envs import ASRProbe, NeuronPruningEnv
     from envs.target import PruningTarget
 
+    from .data.augment import Augment
     from .foreign_weights import WeightsFile
 
 __all__ = [
@@ -209,6 +210,13 @@ class _Session:
     @property
     def target(self) -> PruningTarget:
         return self.base.target
+
+    @property
+    def augment(self) -> "Augment":
+        """The defenses' training augmentation: pad-and-crop, flips only with ``hflip`` (the user's word)."""
+        from baselines.base import default_augment
+
+        return default_augment(self.data.train_x, hflip=self.cfg.hflip)
 
     @property
     def n_triggered(self) -> int:
@@ -323,6 +331,7 @@ def _run_ppo_gnn(s: _Session, name: str) -> _Candidate:
         seed=s.cfg.seed,
         log=s.log,
         finish_unpruned=True,  # only a suspected (or forced) model is defended
+        augment=s.augment,  # the FST finisher's: the one the baselines get here
     )
     info = {
         "timesteps": timesteps,
@@ -358,7 +367,7 @@ def _run_baseline(s: _Session, name: str) -> _Candidate:
     t0 = time.perf_counter()
     params = s.cfg.params if name == s.cfg.defense else {}
     s.log(f"[onp] {name}: fitting the baseline on {len(s.data.train_y)} defense-train images")
-    result = _baselines().build_defense(name, **params).fit(s.model, s.data, seed=s.cfg.seed)
+    result = _baselines().build_defense(name, **params).fit(s.model, s.data, seed=s.cfg.seed, augment=s.augment)
     prunes = result.pruned is not None
     pruned = [int(i) for i in result.pruned] if result.pruned is not None else []
     after = _val_metrics(result.model, s.target)
@@ -892,6 +901,13 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--indices", type=path_arg, default=None, help="with a dataset name: its train-split indices")
     d.add_argument("--val-fraction", type=fraction, default=None, help="share for defense-validation (default 0.5)")
+    d.add_argument(
+        "--hflip",
+        action="store_true",
+        default=None,
+        help="horizontal flips keep your labels (clothes, most photos; not digits or signs): the defenses' "
+        "training flips images too, as onp.baseline and onp.compare do for such a dataset (default: no flips)",
+    )
     d.add_argument("--test-data", default=None, help="optional held-out images (same formats): test ACC")
     d.add_argument("--test-indices", type=path_arg, default=None)
     d.add_argument(
@@ -995,6 +1011,7 @@ FLAG_KEYS = {
     "clean_data": "clean_data",
     "indices": "indices",
     "val_fraction": "val_fraction",
+    "hflip": "hflip",
     "test_data": "test_data",
     "test_indices": "test_indices",
     "attack": "attack",

@@ -97,6 +97,11 @@ class DefendConfig(TypedConfig):
     data_dir: Optional[str] = Field(None, min_length=1)
     data_source: Literal["auto", "full", "sample"] = "auto"
     val_fraction: float = Field(0.5, gt=0, lt=1, description="share of the clean images for defense-validation")
+    hflip: bool = Field(
+        False,
+        description="horizontal flips keep your labels (clothes, most photos; not digits, text or traffic signs): "
+        "the defenses' training then flips images too, as onp.baseline and onp.compare do on such a dataset",
+    )
 
     # the defense
     defense: str = Field(

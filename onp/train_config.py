@@ -186,8 +186,9 @@ class FinetuneConfig(TypedConfig):
     method: Literal["ft", "fst"] = Field(
         "ft",
         description="ft: plain fine-tuning, the epoch with the best defense-val return kept (the keys below); "
-        "fst: Feature Shift Tuning (baselines.fst, its reference settings and last epoch) on the pruned model, "
-        "the pruned neurons held pruned (docs/results.md §19c); when no pruning is kept but a backdoor is "
+        "fst: Feature Shift Tuning (baselines.fst, its reference settings and last epoch, the augmentation the "
+        "FST baseline gets beside it) on the pruned model, the pruned neurons held pruned (docs/results.md §19c, "
+        "§25a); when no pruning is kept but a backdoor is "
         "suspected, on the unpruned model (§24a)",
     )
     epochs: int = Field(10, ge=0, le=1000, description="fine-tuning epochs over defense-train (0: off)")

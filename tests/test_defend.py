@@ -251,6 +251,28 @@ def test_auto_keeps_the_best_reward_of_its_portfolio(received):
     assert val["acc_after"] - val["asr_after"] == pytest.approx(best["reward"])
 
 
+def test_hflip_is_the_users_word_for_the_training_of_every_defense(received, monkeypatch):
+    """Without ``hflip`` the defenses train with pad-and-crop only (onp.defend cannot know whether flips keep
+    the user's labels); with it, with flips too, in the FST baseline and in the learned repair's FST finisher
+    alike: the augmentation onp.baseline and onp.compare give on a flip-safe dataset (results.md §25a)."""
+    import baselines.fst as fst
+
+    seen: List[Any] = []
+    real = fst.feature_shift_tune
+
+    def spy(*args: Any, augment: Any, **kwargs: Any) -> Any:
+        seen.append(augment)
+        return real(*args, augment=augment, **kwargs)
+
+    monkeypatch.setattr(fst, "feature_shift_tune", spy)
+    onp.defend(received.model, received.x, received.y, defense="fst", **FAST)
+    onp.defend(received.model, received.x, received.y, defense="fst", hflip=True, **FAST)
+    assert [(a.padding, a.hflip) for a in seen] == [(4, False), (4, True)]
+    learned = onp.defend(received.model, received.x, received.y, train=TINY_TRAIN, hflip=True, **FAST)
+    assert learned.metrics["defense_info"]["finetune"]["method"] == "fst"
+    assert len(seen) == 3 and (seen[2].padding, seen[2].hflip) == (4, True)
+
+
 def test_the_recovered_trigger_is_fitted_exactly():
     from onp.defend import _fit_stamp
 
@@ -436,10 +458,12 @@ def test_cli_force_on_a_clean_model(received, clean_model, tmp_path, capsys):
     assert _strict_json(tmp_path / "plain" / "report.json")["outcome"] == "nothing pruned"
     repaired = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
     assert all(torch.equal(repaired[k], v) for k, v in clean_model.state_dict().items())  # returned unchanged
-    res = _cli(args + ["--out", str(tmp_path / "forced"), "--force"], capsys)
+    res = _cli(args + ["--out", str(tmp_path / "forced"), "--force", "--hflip"], capsys)
     assert res.rc == 0, res.err
     report = _strict_json(tmp_path / "forced" / "report.json")
     assert report["metrics"]["forced"] and report["metrics"]["chosen_defense"] == "fp"
+    assert _strict_json(tmp_path / "forced" / "config.json")["hflip"] is True
+    assert _strict_json(tmp_path / "plain" / "config.json")["hflip"] is False
 
 
 def test_cli_list_defenses(capsys):
