@@ -102,9 +102,8 @@ def finetune_pruned(
     pruning's. Nothing happens when fine-tuning is off (``rollout.finetune.epochs == 0``) or nothing
     is pruned, except with ``finish_unpruned`` (the caller's backdoor verdict suspects a backdoor, or the
     run is forced) and ``method: fst``: FST, a repair on its own, then runs on the unpruned ``model`` and
-    the evidence rule judges it against the unpruned model (docs/results.md §24a). ``augment``: the FST
-    finisher's augmentation, the one the FST baseline gets beside it (None: pad-and-crop, no flips);
-    the FT loop keeps its own pad-and-crop.
+    the evidence rule judges it against the unpruned model (docs/results.md §24a). ``augment``: FST's, the
+    one the FST baseline gets beside it (None: pad-and-crop); the FT loop keeps its own pad-and-crop.
     """
     config, rule = rollout.finetune, rollout.evidence_rule(env.delta)
     target = env.target
